@@ -1,0 +1,21 @@
+"""beam_dl: Apache Beam transforms, handlers and training for JAX/Flax models.
+
+The public PTransforms live in the top-level `transforms` package and are
+re-exported here, so `from beam_dl import ClassifyImages` and
+`from transforms import ClassifyImages` give the same object.
+"""
+__version__ = '0.1.0'
+
+
+def __getattr__(name):
+  """Lazy re-export, so `import beam_dl.checkpoints` stays light."""
+  if name == 'JaxModelHandler':
+    from beam_dl.handler import JaxModelHandler
+
+    return JaxModelHandler
+  if not name.startswith('_'):
+    import transforms
+
+    if name in transforms.__all__:
+      return getattr(transforms, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,1 @@
+"""Decoders: encoded bytes and records in, numpy arrays out (no Beam here)."""

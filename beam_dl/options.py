@@ -1,0 +1,56 @@
+"""Pipeline option groups shared by beam_dl pipelines.
+
+Beam registers every *direct* `PipelineOptions` subclass in one argparse
+parser, so: each flag is defined once, here, for all pipelines (two classes
+adding `--input` collide as soon as both modules are imported); option groups
+subclass `PipelineOptions` directly; and no flag is `required=True` (that
+would make every Beam job need it). Pipelines call `require()` instead,
+which fails before the job starts with a clear message.
+"""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+class OptionsError(ValueError):
+  """A missing or invalid pipeline option, named with what to pass."""
+
+
+class IOOptions(PipelineOptions):
+  """Where a pipeline reads and writes."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--input', default=None, help='Input file pattern (format depends on the pipeline).')
+    parser.add_argument(
+        '--input_format',
+        default='auto',
+        help="Input format; 'auto' infers it from the pattern (pipelines list their formats).",
+    )
+    parser.add_argument('--output', default=None, help='Output path prefix for JSON-lines results and dead letters.')
+
+
+class InferenceOptions(PipelineOptions):
+  """How RunInference loads, batches and computes; shared by scoring pipelines."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument('--model_dir', default=None, help='A model directory written by beam_dl (spec.json + variables).')
+    parser.add_argument('--max_batch_size', type=int, default=256, help='Largest batch per model call (default 256).')
+    parser.add_argument(
+        '--precision', choices=['float32', 'bfloat16'], default='float32', help='Compute precision (default float32).'
+    )
+    parser.add_argument(
+        '--device', choices=['cpu', 'gpu', 'tpu'], default=None, help="JAX backend (default: JAX's default)."
+    )
+
+  def handler_kwargs(self) -> dict:
+    return {'max_batch_size': self.max_batch_size, 'precision': self.precision, 'device': self.device}
+
+
+def require(options: PipelineOptions, *names: str) -> None:
+  """Raises OptionsError naming every flag in `names` that was not given."""
+  values = options.get_all_options()
+  missing = [f'--{n}' for n in names if values.get(n) in (None, '')]
+  if missing:
+    raise OptionsError(f"missing required option(s): {', '.join(missing)}")

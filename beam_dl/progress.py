@@ -1,0 +1,57 @@
+"""Progress lines with rate and ETA for long loops (training, benchmarks)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+_log = logging.getLogger('beam_dl')
+
+
+class Progress:
+  """Logs `done/total`, items per second and ETA every `every` seconds.
+
+  `clock` is injectable so tests can drive time.
+  """
+
+  def __init__(
+      self,
+      total: int,
+      *,
+      name: str = 'progress',
+      unit: str = 'steps',
+      every_secs: float = 5.0,
+      clock: Callable[[], float] = time.monotonic,
+      log: Callable[[str], None] | None = None,
+  ):
+    self._total = total
+    self._name = name
+    self._unit = unit
+    self._every = every_secs
+    self._clock = clock
+    self._log = log or _log.info
+    self._start = clock()
+    self._last = float('-inf')
+    self.done = 0
+
+  def update(self, n: int = 1, **extra) -> None:
+    self.done += n
+    now = self._clock()
+    if now - self._last >= self._every or self.done >= self._total:
+      self._last = now
+      self._log(self.line(now, **extra))
+
+  def line(self, now: float | None = None, **extra) -> str:
+    now = self._clock() if now is None else now
+    elapsed = max(now - self._start, 1e-9)
+    rate = self.done / elapsed
+    eta = (self._total - self.done) / rate if rate > 0 else float('inf')
+    fields = ''.join(f' {k}={v:.4g}' if isinstance(v, float) else f' {k}={v}' for k, v in extra.items())
+    return (
+        f'{self._name}: {self.done}/{self._total} {self._unit} '
+        f'{rate:.1f} {self._unit}/s eta {eta:.0f}s{fields}'
+    )
+
+  @property
+  def rate(self) -> float:
+    return self.done / max(self._clock() - self._start, 1e-9)

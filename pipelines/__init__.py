@@ -1,0 +1,1 @@
+"""Runnable beam_dl pipelines: `python -m pipelines.<name> --help`."""

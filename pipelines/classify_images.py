@@ -1,0 +1,70 @@
+"""Classify images with a Flax CNN: read -> decode -> RunInference -> JSON lines.
+
+    python -m pipelines.classify_images \
+        --input 'images/*.png' --model_dir model --output out/predictions \
+        [--runner DirectRunner ...any Beam option]
+
+Writes `<output>-SSSSS-of-NNNNN.jsonl` ({"key", "label", "score", "scores"})
+and `<output>-failed-SSSSS-of-NNNNN.jsonl` ({"key", "stage", "reason"}):
+every input lands in exactly one of them.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require
+from transforms.images import ReadImageExamples, ReadImageFiles
+from transforms.inference import ClassifyImages
+from transforms.io import WriteJsonLines
+
+INPUT_FORMATS = ('auto', 'files', 'tfrecord')
+
+
+def input_format(pattern: str, declared: str = 'auto') -> str:
+  """'tfrecord' or 'files': as declared, else from the pattern's extension.
+
+  --input is a glob of image files, or of TFRecord files of tf.train.Example
+  with image/encoded (+ optional image/key).
+  """
+  if declared not in INPUT_FORMATS:
+    raise OptionsError(f'--input_format must be one of {INPUT_FORMATS}, got {declared!r}')
+  if declared != 'auto':
+    return declared
+  return 'tfrecord' if re.search(r'\.tfr(ecords?)?\b', pattern) else 'files'
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions):
+  """Adds the classification steps to `pipeline`; returns (predictions, failed)."""
+  require(options, 'input', 'model_dir', 'output')
+  io, inference = options.view_as(IOOptions), options.view_as(InferenceOptions)
+  failures = []
+  if input_format(io.input, io.input_format) == 'tfrecord':
+    read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
+    images, failures = read.images, [read.failed]
+  else:
+    images = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input)
+  outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, **inference.handler_kwargs())
+  failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
+  outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
+  failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  return outputs.predictions, failed
+
+
+def run(argv=None):
+  """Runs the pipeline to completion; returns Beam's PipelineResult (metrics)."""
+  options = PipelineOptions(argv)
+  pipeline = beam.Pipeline(options=options)
+  build(pipeline, options)
+  result = pipeline.run()
+  result.wait_until_finish()
+  return result
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.INFO)
+  run(sys.argv[1:])
