@@ -8,12 +8,16 @@ __version__ = '0.1.0'
 
 
 def __getattr__(name):
-  """Lazy re-export, so `import beam_dl.checkpoints` stays light."""
+  """Lazy re-export, so `import beam_dl.checkpoints` stays light.
+
+  Only CamelCase names (classes) are looked up: lowercase names are
+  submodules, which the import system must load itself.
+  """
   if name == 'JaxModelHandler':
     from beam_dl.handler import JaxModelHandler
 
     return JaxModelHandler
-  if not name.startswith('_'):
+  if name[:1].isupper():
     import transforms
 
     if name in transforms.__all__:

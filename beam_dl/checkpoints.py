@@ -158,7 +158,7 @@ def load(model_dir: str) -> tuple[ModelSpec, Any]:
       except Exception as e:
         raise CheckpointError(f'{msgpack_path}: cannot decode: {e}') from e
   else:
-    raise CheckpointError(f'{model_dir!r} has {SPEC_FILE} but no {ORBAX_DIR}/ or {MSGPACK_FILE}')
+    raise CheckpointError(f'{model_dir!r} has {SPEC_FILE} but no variables ({ORBAX_DIR}/ or {MSGPACK_FILE})')
   return spec, _to_numpy(variables)
 
 

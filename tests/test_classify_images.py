@@ -1,0 +1,129 @@
+"""The flagship pipeline over real image bytes: predictions and dead letters."""
+import glob
+import json
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_dl.handler import JaxModelHandler
+from beam_dl.io.images import ImageSpec, decode_image
+from pipelines import classify_images
+from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
+from transforms import ClassifyImages
+
+GRAY = ImageSpec(8, 8, channels=1)
+
+
+@pytest.fixture(scope='module')
+def inputs():
+  """(key, bytes) of good images in several encodings and modes, and bad ones."""
+  images, labels = digits_uint8()
+  picks = images[-6:]
+  rgba = np.dstack([np.stack([picks[3]] * 3, -1), np.full((8, 8), 255, np.uint8)])
+  good = {
+      'png_gray': encode(picks[0], 'PNG'),
+      'jpeg_gray': encode(picks[1], 'JPEG', quality=95),
+      'png_rgb': encode(np.stack([picks[2]] * 3, -1), 'PNG'),
+      'png_rgba': encode(rgba, 'PNG'),
+      'jpeg_rgb': encode(np.stack([picks[4]] * 3, -1), 'JPEG', quality=95),
+      'bmp_gray': encode(picks[5], 'BMP'),
+  }
+  bad = {'truncated.jpg': truncated_jpeg(), 'text.jpg': TEXT_NAMED_JPG, 'empty.png': b''}
+  return good, bad
+
+
+def direct_labels(model_dir, good):
+  """What the model says for each good input, computed without Beam."""
+  handler = JaxModelHandler(model_dir)
+  model = handler.load_model()
+  keys = sorted(good)
+  outputs = model.predict([decode_image(good[k], GRAY) for k in keys])
+  return {k: int(np.argmax(o)) for k, o in zip(keys, outputs)}
+
+
+def test_classify_images_predictions_and_dead_letters(digits_model_dir, inputs):
+  good, bad = inputs
+  expected = direct_labels(digits_model_dir, good)
+  with TestPipeline() as p:
+    outputs = (
+        p
+        | beam.Create(sorted({**good, **bad}.items()))
+        | ClassifyImages(digits_model_dir, max_batch_size=4)
+    )
+    assert_that(
+        outputs.predictions | 'KeyLabel' >> beam.Map(lambda r: (r['key'], r['label'])),
+        equal_to(sorted(expected.items())),
+        label='Predictions',
+    )
+    assert_that(
+        outputs.predictions | 'ScoresValid' >> beam.Map(
+            lambda r: abs(sum(r['scores']) - 1) < 1e-4 and abs(r['score'] - max(r['scores'])) < 1e-5 and len(r['scores']) == 10
+        ),
+        equal_to([True] * len(good)),
+        label='Scores',
+    )
+    assert_that(
+        outputs.failed | 'KeyStageKind' >> beam.Map(lambda r: (r['key'], r['stage'], r['reason'].split(' ')[0])),
+        equal_to([
+            ('empty.png', 'decode', 'empty'),
+            ('text.jpg', 'decode', 'not'),
+            ('truncated.jpg', 'decode', 'corrupt'),
+        ]),
+        label='DeadLetters',
+    )
+
+
+def read_jsonl(pattern):
+  return [json.loads(line) for path in sorted(glob.glob(pattern)) for line in open(path)]
+
+
+def test_pipeline_from_files_every_input_lands_once(digits_model_dir, inputs, tmp_path):
+  good, bad = inputs
+  for name, data in {**{f'{k}.img': v for k, v in good.items()}, **bad}.items():
+    (tmp_path / 'in' / name).parent.mkdir(exist_ok=True)
+    (tmp_path / 'in' / name).write_bytes(data)
+  out = str(tmp_path / 'out' / 'pred')
+  classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}'])
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  keys = [r['key'] for r in predictions + failed]
+  assert sorted(keys) == sorted(str(p) for p in (tmp_path / 'in').iterdir())  # all, once each
+  assert {r['key'].rsplit('/', 1)[1] for r in failed} == set(bad)
+  assert all(set(r) == {'key', 'label', 'score', 'scores', 'label_name'} for r in predictions)
+
+
+def test_pipeline_from_tfrecord_examples(digits_model_dir, inputs, tmp_path):
+  good, _ = inputs
+  path = str(tmp_path / 'images.tfrecord')
+  with tf.io.TFRecordWriter(path) as writer:
+    for key, data in sorted(good.items()):
+      features = {
+          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+          'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    writer.write(b'not a protobuf at all \xff\xfe')  # a corrupt record
+    writer.write(tf.train.Example().SerializeToString())  # an Example without the image
+  out = str(tmp_path / 'pred')
+  classify_images.run([f'--input={path}', f'--model_dir={digits_model_dir}', f'--output={out}'])
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  assert {r['key']: r['label'] for r in predictions} == direct_labels(digits_model_dir, good)
+  assert sorted(r['stage'] for r in failed) == ['parse', 'parse']
+  assert any('image/encoded' in r['reason'] for r in failed)
+
+
+def test_missing_options_fail_before_the_job_starts():
+  with pytest.raises(ValueError, match='--input.*--model_dir.*--output'):
+    classify_images.run([])
+
+
+def test_trained_model_is_accurate_on_these_digits(digits_model_dir, inputs):
+  """The shared test model is real: it recognises most clean digits."""
+  _, labels = digits_uint8()
+  good, _ = inputs
+  predicted = direct_labels(digits_model_dir, good)
+  truth = dict(zip(['png_gray', 'jpeg_gray', 'png_rgb', 'png_rgba', 'jpeg_rgb', 'bmp_gray'], labels[-6:]))
+  assert sum(predicted[k] == truth[k] for k in truth) >= 5
