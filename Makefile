@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install benchmarks clean
+.PHONY: demo test install clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,6 @@ demo: install
 # The whole test suite.
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
-
-benchmarks: install
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

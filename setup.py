@@ -17,6 +17,7 @@ REQUIRED = [
     'orbax-checkpoint>=0.12,<0.13',
     'pillow>=11',
     'numpy>=2,<2.5',
+    'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
 ]
 EXTRAS = {
     # The demo and tests use real data shipped by these packages.
@@ -28,6 +29,10 @@ EXTRAS = {
         'scikit-learn>=1.5',
         'statsmodels>=0.14',
         'scikit-image>=0.24',
+        # Serving a jax2tf export through Beam's own TF handler, whose module
+        # imports tensorflow_hub; that imports pkg_resources, gone in setuptools 81.
+        'tensorflow-hub>=0.16,<0.17',
+        'setuptools<81',
     ],
 }
 

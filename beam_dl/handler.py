@@ -2,7 +2,12 @@
 
 Loads `beam_dl.checkpoints` model directories (orbax or msgpack; never
 pickle), compiles the forward pass once per padded batch shape, and returns
-one `PredictionResult` per example with the padding stripped.
+one `PredictionResult` per example with the padding stripped. Beyond Beam's
+contract (keyed, pre/post-processing, dead letters, inference_args, env_vars,
+resource hints, shared models, side-input model refresh) it serves on one
+device or shards over a mesh (`beam_dl.inference_devices`), splits a batch
+that runs out of device memory (`beam_dl.inference_oom`), and keeps the last
+good model serving when a refresh points at a checkpoint that won't load.
 
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     handler = KeyedModelHandler(JaxModelHandler('gs://bucket/model'))
@@ -13,6 +18,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import os
+import threading
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -20,10 +28,24 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_dl import checkpoints
+from beam_dl.inference_devices import Placement, round_buckets
+from beam_dl.inference_oom import call_with_oom_split
 
 METRICS_NAMESPACE = 'BeamDL_Jax'
+# Set before the JAX backend starts in each worker: without it every SDK
+# worker process on a GPU host grabs 75% of the device memory up front.
+DEFAULT_ENV_VARS = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 _log = logging.getLogger(__name__)
+# Models loaded in this process, by (model_dir, how it is served): two steps
+# serving the same model (e.g. RunInferenceWithDeadLetters' batched and
+# one-by-one steps) hold one copy. Weak: a model lives while a step uses it.
+_LOADED: 'weakref.WeakValueDictionary[tuple, LoadedModel]' = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+# The model directory last served in this process, by the handler's original
+# model_dir: a refresh that fails falls back to it, also in a DoFn instance
+# that has not served anything yet (runners re-create DoFns per bundle).
+_SERVING: dict[str, str] = {}
 
 
 def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -47,12 +69,32 @@ def length_bucket_for(length: int, buckets: Sequence[int]) -> int:
   return -(-length // buckets[-1]) * buckets[-1]
 
 
+def model_dir_for(path: str) -> str:
+  """The model directory for a path a model watcher reports.
+
+  `WatchFilePattern` emits file paths, so a refresh may name the directory
+  itself, its spec.json, its variables.msgpack or a file inside its orbax
+  variables/ directory; all mean the same model directory.
+  """
+  path = path.rstrip('/')
+  base = os.path.basename(path)
+  if base in (checkpoints.SPEC_FILE, checkpoints.MSGPACK_FILE, checkpoints.ORBAX_DIR):
+    return os.path.dirname(path)
+  marker = f'/{checkpoints.ORBAX_DIR}/'
+  if marker in path:
+    return path[: path.rindex(marker)]
+  return path
+
+
 @dataclasses.dataclass
 class LoadedModel:
   """A model ready to serve: module, device-resident variables, jitted forward.
 
   `compiles` counts traces of the forward pass: one per distinct padded
-  shape, so it stays bounded by the number of buckets.
+  shape, so it stays bounded by the number of buckets. `padded_slots` /
+  `total_slots` count padding rows (rows x steps for sequences) for the
+  padding metrics. Callers reach these through `stats()` and `model_id()`,
+  which also work when the model lives in another process (large_model).
   """
 
   spec: checkpoints.ModelSpec
@@ -63,6 +105,9 @@ class LoadedModel:
   length_buckets: tuple[int, ...]
   num_bytes: int
   compiles: int = 0
+  placement: Optional[Placement] = None
+  padded_slots: int = 0
+  total_slots: int = 0
 
   def predict(self, examples: Sequence[np.ndarray]) -> np.ndarray:
     """Outputs for `examples` in order: chunks of at most the largest bucket,
@@ -73,8 +118,20 @@ class LoadedModel:
     for start in range(0, len(examples), largest):
       chunk = examples[start : start + largest]
       inputs = self._assemble(chunk)
+      if self.placement is not None:
+        inputs = self.placement.put_batch(inputs)
       pending.append((len(chunk), self.forward(self.variables, *inputs)))
+    if len(pending) == 1:
+      n, out = pending[0]
+      return np.asarray(out)[:n]
     return np.concatenate([np.asarray(out)[:n] for n, out in pending], axis=0)
+
+  def stats(self) -> tuple[int, int, int]:
+    """(compiles, padded_slots, total_slots) so far."""
+    return self.compiles, self.padded_slots, self.total_slots
+
+  def model_id(self) -> str:
+    return self.model_dir
 
   def _assemble(self, chunk: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
     """One padded host array (+ mask for sequences), filled without stacking."""
@@ -87,6 +144,8 @@ class LoadedModel:
         if example.shape != expected:
           raise ValueError(f'example {i} has shape {example.shape}, model expects {expected}')
         batch[i] = example
+      self.padded_slots += rows - len(chunk)
+      self.total_slots += rows
       return (batch,)
     feature_shape = tuple(self.spec.input_shape[1:])
     length = length_bucket_for(max(len(e) for e in chunk), self.length_buckets)
@@ -99,6 +158,8 @@ class LoadedModel:
         )
       batch[i, : len(example)] = example
       mask[i, : len(example)] = True
+    self.padded_slots += rows * length - int(sum(len(e) for e in chunk))
+    self.total_slots += rows * length
     return batch, mask
 
 
@@ -110,6 +171,13 @@ def default_inference_fn(
   """The model's outputs for a batch, one row per example."""
   del inference_args
   return model.predict(batch)
+
+
+def example_inputs(spec: checkpoints.ModelSpec) -> tuple[np.ndarray, ...]:
+  """A one-example model input (after normalize): shapes for `jax.eval_shape`."""
+  if spec.is_sequence:
+    return np.zeros((1, 1, *spec.input_shape[1:]), np.float32), np.ones((1, 1), bool)
+  return (np.zeros((1, *spec.input_shape), np.float32),)
 
 
 class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
@@ -125,10 +193,25 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     length_buckets: padded sequence lengths for sequence models.
     precision: 'float32' or 'bfloat16' compute (parameters stay float32).
     device: 'cpu', 'gpu' or 'tpu'; default is JAX's default backend.
+    data_parallel: split every batch over all devices of the backend
+      (variables replicated; buckets rounded up to a multiple of the device
+      count).
+    model_parallelism: > 1 splits wide parameters over a 'model' mesh axis
+      of this size (the rest of the devices split the batch).
+    split_on_oom: on an XLA RESOURCE_EXHAUSTED error, retry the batch as two
+      halves, recursively (counted as 'oom_splits').
+    memory_fraction: XLA_PYTHON_CLIENT_MEM_FRACTION for each worker process,
+      for several processes sharing one GPU; by default JAX allocates on
+      demand (XLA_PYTHON_CLIENT_PREALLOCATE=false).
+    resource_hints: Beam resource hints for the RunInference step, e.g.
+      {'min_ram': '16GB', 'accelerator': 'type:nvidia-l4;count:1;install-nvidia-driver'}.
     inference_fn: (LoadedModel, examples, inference_args) -> outputs array;
-      swap it to post-process on device or call another method.
+      swap it to post-process on device or call another method. It receives
+      `inference_args`; the default takes none.
     min_batch_size, max_batch_duration_secs, large_model, model_copies,
-      env_vars: as in Beam's ModelHandler.
+      env_vars, batch_length_fn, batch_bucket_boundaries: as in Beam's
+      ModelHandler (max_batch_weight is refused: it crashes Beam 2.77's
+      BatchElements).
   """
 
   def __init__(
@@ -142,6 +225,11 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
       precision: str = 'float32',
       device: Optional[str] = None,
+      data_parallel: bool = False,
+      model_parallelism: int = 1,
+      split_on_oom: bool = True,
+      memory_fraction: Optional[float] = None,
+      resource_hints: Optional[Mapping[str, Any]] = None,
       inference_fn: Callable[..., np.ndarray] = default_inference_fn,
       large_model: bool = False,
       model_copies: Optional[int] = None,
@@ -151,42 +239,118 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
     if device not in (None, 'cpu', 'gpu', 'tpu'):
       raise ValueError(f"device must be None, 'cpu', 'gpu' or 'tpu', got {device!r}")
+    if model_parallelism < 1:
+      raise ValueError(f'model_parallelism must be >= 1, got {model_parallelism}')
+    if memory_fraction is not None and not 0 < memory_fraction <= 1:
+      raise ValueError(f'memory_fraction must be in (0, 1], got {memory_fraction}')
+    if kwargs.get('max_batch_weight') is not None:
+      raise ValueError('max_batch_weight is not supported: it crashes BatchElements in Beam 2.77')
     buckets = tuple(sorted(batch_buckets or power_of_two_buckets(max_batch_size)))
     if buckets[-1] != max_batch_size:
       raise ValueError(f'largest batch bucket {buckets[-1]} must equal max_batch_size {max_batch_size}')
+    user_env = dict(kwargs.pop('env_vars', None) or {})
     super().__init__(
         min_batch_size=min_batch_size,
         max_batch_size=max_batch_size,
         max_batch_duration_secs=max_batch_duration_secs,
         large_model=large_model,
         model_copies=model_copies,
+        env_vars=user_env,
         **kwargs,
     )
+    self._default_env = dict(DEFAULT_ENV_VARS)
+    if memory_fraction is not None:
+      self._default_env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = str(memory_fraction)
     self._model_dir = model_dir
     self._batch_buckets = buckets
     self._length_buckets = tuple(sorted(length_buckets))
     self._precision = precision
     self._device = device
+    self._data_parallel = data_parallel
+    self._model_parallelism = model_parallelism
+    self._split_on_oom = split_on_oom
+    self._resource_hints = dict(resource_hints or {})
     self._inference_fn = inference_fn
+    self._initial_dir = model_dir
+    self._last_good: Optional[LoadedModel] = None  # in-process only, never pickled
     self._compiles = Metrics.counter(METRICS_NAMESPACE, 'jit_compiles')
+    self._oom_splits = Metrics.counter(METRICS_NAMESPACE, 'oom_splits')
+    self._padded_slots = Metrics.counter(METRICS_NAMESPACE, 'padded_slots')
+    self._total_slots = Metrics.counter(METRICS_NAMESPACE, 'input_slots')
+    self._padding_percent = Metrics.distribution(METRICS_NAMESPACE, 'padding_percent')
+    self._load_failures = Metrics.counter(METRICS_NAMESPACE, 'model_load_failures')
+    self._loads = Metrics.counter(METRICS_NAMESPACE, 'model_loads')
+    # Loads mostly happen in DoFn.setup, outside any bundle, where metrics are
+    # dropped: count them here and report them with the next batch.
+    self._unreported_loads = 0
+    self._unreported_load_failures = 0
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_last_good'] = None  # device arrays stay in the process that loaded them
+    return state
+
+  def set_environment_vars(self):
+    """JAX memory defaults unless the environment already says otherwise,
+    then the user's env_vars (which always win). Runs in DoFn.setup, before
+    this process first touches a JAX backend."""
+    self._set_default_env()
+    super().set_environment_vars()
+
+  def _set_default_env(self):
+    for name, value in self._default_env.items():
+      os.environ.setdefault(name, value)
 
   def load_model(self) -> LoadedModel:
+    """Loads the current model_dir. If that fails after a refresh (a broken
+    or half-written checkpoint), logs the error, counts
+    'model_load_failures' and serves the last model this process served for
+    this handler (or the constructor's model_dir) instead of failing."""
+    self._set_default_env()  # also when wrapped (Keyed...), whose setup skips ours
+    try:
+      model = self._load(self._model_dir)
+    except Exception as e:
+      fallback = _SERVING.get(self._initial_dir, self._initial_dir)
+      if fallback == self._model_dir:
+        raise  # nothing else to serve: the job must not start with a broken model
+      self._unreported_load_failures += 1
+      _log.error('cannot load refreshed model %s, still serving %s: %s', self._model_dir, fallback, e)
+      if self._last_good is not None and self._last_good.model_dir == fallback:
+        return self._last_good
+      model = self._load(fallback)
+    self._last_good = model
+    _SERVING[self._initial_dir] = model.model_dir
+    return model
+
+  def _load(self, model_dir: str) -> LoadedModel:
+    """The model in model_dir, from this process's cache when another step
+    already serves it the same way."""
+    key = (model_dir, self._precision, self._device, self._data_parallel, self._model_parallelism,
+           self._batch_buckets, self._length_buckets)
+    with _LOADED_LOCK:
+      model = _LOADED.get(key)
+      if model is None:
+        model = _LOADED[key] = self._load_uncached(model_dir)
+    return model
+
+  def _load_uncached(self, model_dir: str) -> LoadedModel:
     import jax
     import jax.numpy as jnp
 
-    spec, variables = checkpoints.load(self._model_dir)
+    spec, variables = checkpoints.load(model_dir)
     overrides = {'dtype': jnp.bfloat16} if self._precision == 'bfloat16' else {}
     module = spec.build(**overrides)
-    device = jax.devices(self._device)[0] if self._device else jax.devices()[0]
-    variables = jax.device_put(variables, device)
+    placement = Placement.create(self._device, self._data_parallel, self._model_parallelism)
+    variables = placement.put_variables(variables, module, example_inputs(spec))
     model = LoadedModel(
         spec=spec,
-        model_dir=self._model_dir,
+        model_dir=model_dir,
         variables=variables,
         forward=None,
-        batch_buckets=self._batch_buckets,
+        batch_buckets=round_buckets(self._batch_buckets, placement.data_size),
         length_buckets=self._length_buckets,
         num_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(variables)),
+        placement=placement if placement.mesh is not None else None,
     )
 
     def forward(variables, x, *rest):
@@ -194,7 +358,8 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       return module.apply(variables, spec.normalize(x), *rest)
 
     model.forward = jax.jit(forward)  # runs where its committed inputs live
-    _log.info('loaded %s (%s, %.1f MB) on %s', self._model_dir, spec.name, model.num_bytes / 1e6, device)
+    self._unreported_loads += 1
+    _log.info('loaded %s (%s, %.1f MB) on %s', model_dir, spec.name, model.num_bytes / 1e6, placement.describe())
     return model
 
   def run_inference(
@@ -203,14 +368,33 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       model: LoadedModel,
       inference_args: Optional[Mapping[str, Any]] = None,
   ) -> Iterable[PredictionResult]:
-    compiles_before = model.compiles
-    outputs = self._inference_fn(model, batch, inference_args)
-    if model.compiles > compiles_before:
-      self._compiles.inc(model.compiles - compiles_before)
-    return [
-        PredictionResult(example, output, model.model_dir)
-        for example, output in zip(batch, outputs)
-    ]
+    self._report_loads()
+    compiles_before, padded_before, total_before = model.stats()
+
+    def infer(examples):
+      return self._inference_fn(model, examples, inference_args)
+
+    if self._split_on_oom:
+      outputs = call_with_oom_split(infer, batch, on_split=lambda size: self._oom_splits.inc())
+    else:
+      outputs = infer(batch)
+    compiles, padded, total = model.stats()
+    if compiles > compiles_before:
+      self._compiles.inc(compiles - compiles_before)
+    if total > total_before:
+      self._padded_slots.inc(padded - padded_before)
+      self._total_slots.inc(total - total_before)
+      self._padding_percent.update(round(100 * (padded - padded_before) / (total - total_before)))
+    model_id = model.model_id()
+    return [PredictionResult(example, output, model_id) for example, output in zip(batch, outputs)]
+
+  def _report_loads(self):
+    if self._unreported_loads:
+      self._loads.inc(self._unreported_loads)
+      self._unreported_loads = 0
+    if self._unreported_load_failures:
+      self._load_failures.inc(self._unreported_load_failures)
+      self._unreported_load_failures = 0
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
     """Array bytes, not pickled size: Beam's default pickles every batch."""
@@ -219,9 +403,22 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   def get_metrics_namespace(self) -> str:
     return METRICS_NAMESPACE
 
+  def get_resource_hints(self) -> dict:
+    return dict(self._resource_hints)
+
+  def validate_inference_args(self, inference_args: Optional[dict[str, Any]]):
+    """inference_args go to `inference_fn`; the default one takes none, so
+    passing some without a custom inference_fn is a mistake caught here."""
+    if inference_args and self._inference_fn is default_inference_fn:
+      raise ValueError(
+          f'inference_args {sorted(inference_args)} given, but the default inference_fn takes none; '
+          'pass inference_fn=fn(model, batch, inference_args)'
+      )
+
   def update_model_path(self, model_path: Optional[str] = None):
+    """Points the next load at `model_path` (a model dir or a file in one)."""
     if model_path:
-      self._model_dir = model_path
+      self._model_dir = model_dir_for(model_path)
 
   @property
   def model_dir(self) -> str:

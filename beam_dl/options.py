@@ -9,11 +9,31 @@ which fails before the job starts with a clear message.
 """
 from __future__ import annotations
 
+import argparse
+import re
+from typing import Iterable
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 
 class OptionsError(ValueError):
   """A missing or invalid pipeline option, named with what to pass."""
+
+
+def positive_int(text: str) -> int:
+  """argparse `type=` for counts and sizes: 1 or more, else a clear error.
+
+  argparse reports it as "argument --max_batch_size: expected a positive
+  integer, got '0'" before the job starts (Dataflow templates check the same
+  with the regex in pipelines/templates/*.json).
+  """
+  try:
+    value = int(text)
+  except (TypeError, ValueError):
+    value = 0
+  if value < 1 or str(text).strip() != str(value):
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+  return value
 
 
 class IOOptions(PipelineOptions):
@@ -36,7 +56,7 @@ class InferenceOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument('--model_dir', default=None, help='A model directory written by beam_dl (spec.json + variables).')
-    parser.add_argument('--max_batch_size', type=int, default=256, help='Largest batch per model call (default 256).')
+    parser.add_argument('--max_batch_size', type=positive_int, default=256, help='Largest batch per model call (default 256).')
     parser.add_argument(
         '--precision', choices=['float32', 'bfloat16'], default='float32', help='Compute precision (default float32).'
     )
@@ -54,3 +74,28 @@ def require(options: PipelineOptions, *names: str) -> None:
   missing = [f'--{n}' for n in names if values.get(n) in (None, '')]
   if missing:
     raise OptionsError(f"missing required option(s): {', '.join(missing)}")
+
+
+def check_choice(options: PipelineOptions, name: str, choices: Iterable[str]) -> str:
+  """The value of --name if it is one of `choices`, else OptionsError listing them.
+
+  For flags whose choices depend on another flag (argparse `choices=` can't
+  express that); returns None unchanged when the flag was not given.
+  """
+  value = options.get_all_options().get(name)
+  allowed = tuple(choices)
+  if value is not None and value not in allowed:
+    raise OptionsError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+  return value
+
+
+def check_pattern(options: PipelineOptions, name: str, pattern: str, expected: str) -> str:
+  """The value of --name if it fully matches regex `pattern`, else OptionsError.
+
+  `expected` says in words what a valid value looks like (e.g. "a gs:// path")
+  and goes into the message. Returns None unchanged when the flag was not given.
+  """
+  value = options.get_all_options().get(name)
+  if value is not None and not re.fullmatch(pattern, str(value)):
+    raise OptionsError(f'--{name} must be {expected}; got {value!r}')
+  return value

@@ -1,14 +1,61 @@
-"""beam_dl's public PTransforms."""
-from transforms.images import DecodeImages, ReadImageExamples, ReadImageFiles
-from transforms.inference import ClassifyImages, InferenceOutputs, RunInferenceWithDeadLetters
-from transforms.io import WriteJsonLines
+"""beam_dl's public PTransforms, by area.
 
-__all__ = [
-    'ClassifyImages',
-    'DecodeImages',
-    'InferenceOutputs',
-    'ReadImageExamples',
-    'ReadImageFiles',
-    'RunInferenceWithDeadLetters',
-    'WriteJsonLines',
-]
+Names resolve lazily (PEP 562), so `from transforms import DecodeImages`
+doesn't import tf.Transform or the windowing code.
+"""
+import importlib
+
+_EXPORTS = {
+    # Images: read, decode, normalise.
+    'ReadImageFiles': 'images',
+    'ReadImageExamples': 'images',
+    'DecodeImages': 'images',
+    'NormalizeImages': 'images',
+    # Inference.
+    'RunInferenceWithDeadLetters': 'inference',
+    'ClassifyImages': 'inference',
+    'InferenceOutputs': 'inference',
+    # Sequences and events.
+    'ReadSequenceExamples': 'sequences',
+    'ParseSequenceExamples': 'sequences',
+    'ReadEvents': 'sequences',
+    'ParseEvents': 'sequences',
+    'AssembleSequences': 'sequences',
+    'HashIds': 'sequences',
+    'LookupIds': 'sequences',
+    'ComputeVocabulary': 'sequences',
+    'BucketByLength': 'sequences',
+    'PadSequences': 'sequences',
+    'ChunkSequences': 'sequences',
+    # Event-time windows: features, RNN sequences, spectrograms.
+    'EventTimestamps': 'windowing',
+    'WindowedFeatures': 'windowing',
+    'WindowedSequences': 'windowing',
+    'WindowedSpectrograms': 'windowing',
+    'WindowedOutputs': 'windowing',
+    # Writing training data.
+    'WriteImageExamples': 'tfrecords',
+    'WriteSequenceExamples': 'tfrecords',
+    'WriteJsonLines': 'io',
+    # tf.Transform: analyse once, apply in training and serving.
+    'CanonicalImageFiles': 'preprocessing',
+    'CanonicalImageRecords': 'preprocessing',
+    'CanonicalSequences': 'preprocessing',
+    'AnalyzeAndTransform': 'preprocessing',
+    'WriteTransformedExamples': 'preprocessing',
+    'ExtractStats': 'preprocessing',
+    'ApplySavedTransform': 'preprocessing',
+    'TransformImagesForInference': 'preprocessing',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'transforms.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return __all__

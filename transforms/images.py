@@ -4,45 +4,67 @@
   ReadImageExamples(pattern)   -> (key, encoded bytes) from TFRecords of
                                   tf.train.Example, plus `.failed`
   DecodeImages(spec)           -> `.decoded` (key, uint8 HWC array), `.failed`
+  NormalizeImages(mean, std)   -> (key, float32 (x/255 - mean)/std)
+
+Elements may carry metadata after the bytes, (key, bytes, meta); every step
+keeps it: (key, array, meta). `with_metadata=True` on the readers produces
+such triples with the source path/file and label.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
-from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image
+from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, normalize, rng_for_key
 
 _NAMESPACE = 'beam_dl.images'
 
 
 class ReadImageFiles(beam.PTransform):
-  """Reads every file matching `file_pattern` as (path, bytes)."""
+  """Reads every file matching `file_pattern` as (path, bytes).
 
-  def __init__(self, file_pattern: str):
+  With `with_metadata=True` elements are (path, bytes, {'path', 'label'}),
+  the label from `label_fn(path)` (e.g. the parent folder's class index) or
+  None.
+  """
+
+  def __init__(self, file_pattern: str, with_metadata: bool = False,
+               label_fn: Callable[[str], Any] | None = None):
     super().__init__()
     self._file_pattern = file_pattern
+    self._with_metadata = with_metadata or label_fn is not None
+    self._label_fn = label_fn
 
   def expand(self, pbegin):
-    return (
+    files = (
         pbegin
         | 'MatchFiles' >> fileio.MatchFiles(self._file_pattern)
         | 'ReadMatches' >> fileio.ReadMatches()
-        | 'ToKeyedBytes'
-        >> beam.Map(lambda f: (f.metadata.path, f.read())).with_output_types(tuple[str, bytes])
     )
+    if not self._with_metadata:
+      return files | 'ToKeyedBytes' >> beam.Map(
+          lambda f: (f.metadata.path, f.read())).with_output_types(tuple[str, bytes])
+    label_fn = self._label_fn
+    return files | 'ToKeyedBytesWithMetadata' >> beam.Map(
+        lambda f: (f.metadata.path, f.read(),
+                   {'path': f.metadata.path,
+                    'label': label_fn(f.metadata.path) if label_fn else None})
+    ).with_output_types(tuple[str, bytes, dict])
 
 
 class _ParseImageExampleFn(beam.DoFn):
   """(filename, serialized tf.train.Example) -> (key, encoded image bytes)."""
 
-  def __init__(self, image_feature: str, key_feature: str):
+  def __init__(self, image_feature: str, key_feature: str, label_feature: str | None = None):
     self._image_feature = image_feature
     self._key_feature = key_feature
+    self._label_feature = label_feature
     self._failed = Metrics.counter(_NAMESPACE, 'examples_failed')
 
   def setup(self):
@@ -72,7 +94,12 @@ class _ParseImageExampleFn(beam.DoFn):
           dead_letter(key, 'parse', f'expected 1 bytes value in feature {self._image_feature!r}, found {len(encoded)}'),
       )
       return
-    yield key, encoded[0]
+    if self._label_feature is None:
+      yield key, encoded[0]
+      return
+    labels = (features[self._label_feature].int64_list.value
+              if self._label_feature in features else [])
+    yield key, encoded[0], {'source': filename, 'label': int(labels[0]) if labels else None}
 
 
 class ReadImageExamples(beam.PTransform):
@@ -80,7 +107,8 @@ class ReadImageExamples(beam.PTransform):
 
   The key is the `key_feature` value, or `<file>@sha1:<digest>` of the record
   when absent. Records that are not Examples or lack the image feature go to
-  `.failed`.
+  `.failed`. With `with_metadata=True` elements are (key, bytes,
+  {'source': file, 'label': int from `label_feature` or None}).
   """
 
   def __init__(
@@ -88,11 +116,14 @@ class ReadImageExamples(beam.PTransform):
       file_pattern: str,
       image_feature: str = 'image/encoded',
       key_feature: str = 'image/key',
+      with_metadata: bool = False,
+      label_feature: str = 'image/class/label',
   ):
     super().__init__()
     self._file_pattern = file_pattern
     self._image_feature = image_feature
     self._key_feature = key_feature
+    self._label_feature = label_feature if with_metadata else None
 
   def expand(self, pbegin):
     return (
@@ -100,7 +131,8 @@ class ReadImageExamples(beam.PTransform):
         | 'Pattern' >> beam.Create([self._file_pattern])
         | 'ReadRecords' >> beam.io.ReadAllFromTFRecord(with_filename=True)
         | 'ParseExamples'
-        >> beam.ParDo(_ParseImageExampleFn(self._image_feature, self._key_feature)).with_outputs(
+        >> beam.ParDo(_ParseImageExampleFn(self._image_feature, self._key_feature,
+                                         self._label_feature)).with_outputs(
             FAILED, main='images'
         )
     )
@@ -115,23 +147,27 @@ class _DecodeImageFn(beam.DoFn):
     self._failed = Metrics.counter(_NAMESPACE, 'failed')
     self._bytes = Metrics.distribution(_NAMESPACE, 'encoded_bytes')
 
-  def process(self, element: tuple[str, bytes]) -> Iterable:
-    key, data = element
+  def process(self, element: tuple) -> Iterable:
+    key, data, *meta = element
     self._bytes.update(len(data))
+    # Random crops are seeded per (seed, key): reproducible whatever the bundling.
+    rng = rng_for_key(key, self._spec.seed) if self._spec.crop == 'random' else None
     try:
-      array = decode_image(data, self._spec)
+      array = decode_image(data, self._spec, rng)
     except ImageDecodeError as e:
       self._failed.inc()
       Metrics.counter(_NAMESPACE, f'failed_{e.kind}').inc()
       yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'decode', str(e)))
       return
     self._decoded.inc()
-    yield key, array
-
+    yield (key, array, *meta)
 
 
 class DecodeImages(beam.PTransform):
   """Decodes (key, encoded bytes) to (key, uint8 [H, W, C]) per `spec`.
+
+  (key, bytes, meta...) elements keep whatever follows the bytes:
+  (key, array, meta...).
 
   Returns a tuple with `.decoded` and `.failed` (dead letters with key and
   reason); every input lands in exactly one of them.
@@ -147,4 +183,23 @@ class DecodeImages(beam.PTransform):
     )
 
 
-__all__ = ['DecodeImages', 'ImageSpec', 'ReadImageExamples', 'ReadImageFiles']
+class NormalizeImages(beam.PTransform):
+  """(key, uint8 array, meta...) -> (key, float32 (x * scale - mean) / std, meta...).
+
+  Optional: for serving with the JAX handler prefer uint8 and the model
+  spec's input_scale/input_offset, which apply inside jit.
+  """
+
+  def __init__(self, mean: Sequence[float] | float = 0.0, std: Sequence[float] | float = 1.0,
+               scale: float = 1 / 255):
+    super().__init__()
+    normalize(np.zeros((1, 1, 1), np.uint8), mean, std, scale)  # validate early
+    self._args = (mean, std, scale)
+
+  def expand(self, pcoll):
+    mean, std, scale = self._args
+    return pcoll | 'Normalize' >> beam.Map(
+        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:]))
+
+
+__all__ = ['DecodeImages', 'ImageSpec', 'NormalizeImages', 'ReadImageExamples', 'ReadImageFiles']

@@ -1,0 +1,110 @@
+"""Raw inputs -> canonical raw examples (`schemas`), with a reason when they can't.
+
+Pure functions over one record each, so the Beam DoFns in
+`transforms.preprocessing` only route their results and failures.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+
+from beam_dl.io import examples
+from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image
+from beam_dl.io.sequences import SequenceRecord
+from beam_dl.preprocessing import schemas
+
+LABEL_IN_NAME = re.compile(r'_label(\d+)\.')
+
+
+class CanonicalError(ValueError):
+  """A raw record that cannot become a canonical raw example; `stage` names the step."""
+
+  def __init__(self, message: str, stage: str = 'parse'):
+    super().__init__(message)
+    self.stage = stage
+
+
+def image_spec_for(shape) -> ImageSpec:
+  height, width, channels = shape
+  return ImageSpec(height=height, width=width, channels=channels)
+
+
+def label_from_name(path: str, pattern: re.Pattern = LABEL_IN_NAME) -> int | None:
+  """The class in a file name like digit_0001_label7.png (pipelines.demo), or None."""
+  match = pattern.search(path)
+  return int(match.group(1)) if match else None
+
+
+def image_file_to_raw(path: str, data: bytes, image_spec: ImageSpec) -> bytes:
+  """An encoded image file -> canonical raw example keyed by its path."""
+  try:
+    image = decode_image(data, image_spec)
+  except ImageDecodeError as e:
+    raise CanonicalError(str(e), 'decode') from None
+  return examples.encode_image_example(path, image, label_from_name(path))
+
+
+def image_record_to_raw(record: bytes, image_spec: ImageSpec, fallback_key: str) -> bytes:
+  """A tf.train.Example with decoded `image/raw` + `image/shape`, or encoded
+  `image/encoded` (+ `image/class/label`, `image/key`) -> canonical raw example."""
+  import tensorflow as tf
+
+  try:
+    features = tf.train.Example.FromString(record).features.feature
+  except Exception as e:  # protobuf's DecodeError is a bare Exception subclass
+    raise CanonicalError(f'not a tf.train.Example: {type(e).__name__}') from None
+
+  def values(name, kind):
+    if name not in features:
+      return []
+    return list(getattr(features[name], kind).value)
+
+  keys = values(schemas.KEY, 'bytes_list') or values('image/key', 'bytes_list')
+  key = keys[0].decode('utf-8', 'replace') if keys else fallback_key
+  labels = values(schemas.LABEL, 'int64_list') or values('image/class/label', 'int64_list')
+  label = labels[0] if labels else None
+  expected = (image_spec.height, image_spec.width, image_spec.channels)
+  raw = values(schemas.IMAGE_RAW, 'bytes_list')
+  if raw:
+    shape = tuple(values(schemas.IMAGE_SHAPE, 'int64_list'))
+    if shape != expected:
+      raise CanonicalError(f'image/shape {shape} is not the configured {expected}')
+    if len(raw[0]) != int(np.prod(expected)):
+      raise CanonicalError(f'image/raw has {len(raw[0])} bytes, shape {expected} needs {int(np.prod(expected))}')
+    image = np.frombuffer(raw[0], np.uint8).reshape(expected)
+  else:
+    encoded = values('image/encoded', 'bytes_list')
+    if len(encoded) != 1:
+      raise CanonicalError(f'expected image/raw or one image/encoded value, found {len(encoded)} image/encoded')
+    try:
+      image = decode_image(encoded[0], image_spec)
+    except ImageDecodeError as e:
+      raise CanonicalError(str(e), 'decode') from None
+  return examples.encode_image_example(key, image, label)
+
+
+def record_key(filename: str, record: bytes) -> str:
+  """`<file>@sha1:<digest>`: a stable key for a record without one."""
+  return f'{filename}@sha1:{hashlib.sha1(record).hexdigest()[:16]}'
+
+
+def sequence_to_raw(record: SequenceRecord, num_values: int, with_ids: bool) -> bytes:
+  """A `SequenceRecord` -> canonical raw sequence example, checked against the config."""
+  values = np.asarray(record.values)
+  if values.ndim != 2 or values.shape[1] != num_values:
+    raise CanonicalError(f'values have shape {values.shape}, expected [T, {num_values}]', 'canonical')
+  if len(values) == 0:
+    raise CanonicalError('empty sequence (0 steps)', 'canonical')
+  if not np.all(np.isfinite(values)):
+    raise CanonicalError('values are not all finite', 'canonical')
+  has_ids = bool(record.meta and record.meta.get('raw_ids') is not None) or record.ids is not None
+  if with_ids and not has_ids:
+    raise CanonicalError('sequence has no ids but the preprocessing expects them', 'canonical')
+  try:
+    if with_ids:
+      return schemas.sequence_record_example(record)
+    return schemas.sequence_raw_example(record.key, values, None, record.label)
+  except ValueError as e:
+    raise CanonicalError(str(e), 'canonical') from None

@@ -1,0 +1,191 @@
+"""`train_and_evaluate(config, workdir)`: the training loop.
+
+Builds the sharding strategy, restores the latest orbax checkpoint if there
+is one (a killed run resumes where its last checkpoint left off and, because
+batch k and the dropout key of step k depend only on the seed, ends exactly
+where an uninterrupted run ends), streams batches from the tf.data pipeline
+to the devices, logs step rate / ETA / input wait, evaluates, checkpoints,
+and finally exports the model for serving with `beam_dl.checkpoints.save`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+import beam_dl.models  # noqa: F401  (before checkpoints: registers models)
+import beam_dl.checkpoints as checkpoints
+from beam_dl.training import checkpointing, input_pipeline, losses
+from beam_dl.training.config import TrainConfig
+from beam_dl.training.sharding import maybe_initialize_distributed
+from beam_dl.training.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = 'model'
+CHECKPOINT_DIR = 'checkpoints'
+SUMMARY_FILE = 'summary.json'
+
+# hook(step, state, metrics) runs after every step; metrics are host floats
+# on logging steps and None otherwise. Tests use it to simulate a crash.
+Hook = Callable[[int, Any, dict | None], None]
+
+
+def _local_batch(global_batch: int, data_size: int) -> int:
+  if global_batch % data_size:
+    raise ValueError(f'batch size {global_batch} is not divisible by {data_size} data shards')
+  if global_batch % jax.process_count():
+    raise ValueError(f'batch size {global_batch} is not divisible by {jax.process_count()} processes')
+  return global_batch // jax.process_count()
+
+
+def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.ModelSpec:
+  """The serving spec: registry name + kwargs + how inputs are fed."""
+  sequence = cfg.data.kind == 'sequences'
+  task = cfg.task if not sequence else f'sequence_{cfg.task}'
+  return checkpoints.ModelSpec(
+      name=cfg.model,
+      kwargs=dict(cfg.model_kwargs),
+      input_shape=(None, int(cfg.data.shape[-1])) if sequence else tuple(int(d) for d in cfg.data.shape),
+      input_dtype='float32' if sequence else cfg.input_dtype,
+      input_scale=cfg.input_scale,
+      input_offset=cfg.input_offset,
+      labels=list(cfg.labels) if cfg.labels else None,
+      task=task,
+      extra={'config': _jsonable(cfg.to_dict()), 'metrics': metrics or {}},
+  )
+
+
+def _jsonable(obj):
+  return json.loads(json.dumps(obj, default=str))
+
+
+def evaluate(cfg: TrainConfig, strategy, state) -> dict:
+  """One pass over the eval files; padded examples carry weight 0."""
+  batch_size = _local_batch(cfg.eval_batch_size, strategy.data_size)
+  ds = input_pipeline.make_dataset(
+      cfg.data, cfg.data.eval_files, batch_size, train=False,
+      use_ids=bool(cfg.model_kwargs.get('vocab_size')),
+  )
+  totals = None
+  for batch in ds.as_numpy_iterator():
+    sums = strategy.eval_sums(state, strategy.put(input_pipeline.pad_batch(batch, batch_size)))
+    totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
+  return losses.finalize(jax.device_get(totals)) if totals is not None else {}
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] = (),
+                       devices=None) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+  maybe_initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  strategy = make_strategy(cfg, devices)
+  local_batch = _local_batch(cfg.batch_size, strategy.data_size)
+  mngr = checkpointing.manager(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      every=cfg.checkpoint_every or cfg.num_steps, keep=cfg.keep_checkpoints,
+  )
+  restored = checkpointing.restore_latest(mngr, strategy.restore_target())
+  if restored is not None:
+    state = strategy.from_checkpoint(restored)
+    start = int(restored.step)
+    log.info('resumed from checkpoint at step %d', start)
+  else:
+    state, start = strategy.create_state(), 0
+  if hasattr(strategy, 'shard_shapes') and start == 0:
+    log.debug('state shard shapes: %s', strategy.shard_shapes())
+
+  ds = input_pipeline.make_dataset(
+      cfg.data, cfg.data.train_files, local_batch, train=True, seed=cfg.seed,
+      skip_batches=start, use_ids=bool(cfg.model_kwargs.get('vocab_size')),
+  )
+  batches = input_pipeline.prefetch_to_mesh(ds.as_numpy_iterator(), strategy.put, cfg.data.prefetch)
+  hooks = list(hooks)
+  history, pending, evals = [], [], []
+  t_start = time.perf_counter()
+  t_steady, steady_from = None, start  # rates exclude the first (compiling) step
+  wait = 0.0
+  step = start
+  try:
+    while step < cfg.num_steps:
+      t0 = time.perf_counter()
+      batch = next(batches)
+      wait += time.perf_counter() - t0
+      state, metrics = strategy.train_step(state, batch)
+      pending.append(metrics)
+      step += 1
+      if t_steady is None:
+        jax.block_until_ready(metrics)
+        t_steady, steady_from, wait = time.perf_counter(), step, 0.0
+        log.info('first step (compilation included) took %.1fs', t_steady - t_start)
+      host = None
+      if step % max(cfg.log_every, 1) == 0 or step == cfg.num_steps:
+        host = _mean(jax.device_get(pending))
+        pending = []
+        now = time.perf_counter()
+        rate = (step - steady_from) / max(now - t_steady, 1e-9)
+        history.append({'step': step, **host})
+        log.info(
+            'step %d/%d  %s  %.1f steps/s  %.0f ex/s  input wait %.0f%%  ETA %.0fs',
+            step, cfg.num_steps, _fmt(host), rate, rate * cfg.batch_size,
+            100 * wait / max(now - t_steady, 1e-9), (cfg.num_steps - step) / max(rate, 1e-9),
+        )
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+        ev = evaluate(cfg, strategy, state)
+        evals.append({'step': step, **ev})
+        log.info('eval at step %d: %s', step, _fmt(ev))
+      checkpointing.save(mngr, step, strategy.to_checkpoint(state))
+      for hook in hooks:
+        hook(step, state, host)
+    if mngr.latest_step() != step:
+      checkpointing.save(mngr, step, strategy.to_checkpoint(state), force=True)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+  wall = time.perf_counter() - t_start
+  steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
+  steady_steps = step - steady_from
+  final_eval = evaluate(cfg, strategy, state) if cfg.data.eval_files else {}
+  evals.append({'step': step, **final_eval})
+  log.info('final eval at step %d: %s', step, _fmt(final_eval))
+  model_dir = os.path.join(workdir, MODEL_DIR)
+  variables = strategy.host_variables(state)
+  if jax.process_index() == 0:
+    checkpoints.save(model_dir, model_spec(cfg, final_eval), variables)
+  steps_run = step - start
+  summary = {
+      'steps': step,
+      'resumed_from': start,
+      'train': history[-1] if history else {},
+      'eval': final_eval,
+      'eval_history': evals,
+      'wall_s': round(wall, 3),
+      'compile_s': round(wall - steady, 3),
+      'steps_per_s': round(steady_steps / steady, 3) if steady_steps and steady else None,
+      'examples_per_s': round(steady_steps * cfg.batch_size / steady, 1) if steady_steps and steady else None,
+      'input_wait_fraction': round(wait / steady, 4) if steady else None,
+      'model_dir': model_dir,
+      'sharding': dataclasses.asdict(cfg.sharding),
+      'devices': strategy.data_size,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(_jsonable(summary), f, indent=2)
+  log.info('done: %d steps in %.1fs (%.1f steps/s after compilation); eval %s; model at %s',
+           steps_run, wall, summary['steps_per_s'] or 0, _fmt(final_eval), model_dir)
+  summary['history'] = history
+  return summary
+
+
+def _mean(metrics: list[dict]) -> dict:
+  return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def _fmt(metrics: dict) -> str:
+  return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in metrics.items())

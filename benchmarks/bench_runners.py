@@ -1,0 +1,110 @@
+"""classify_images throughput on every runner that executes here, side by side.
+
+    .venv/bin/python -m benchmarks.bench_runners --images 2000
+
+Writes N real digit images (scikit-learn digits, PNG and JPEG, cycled to N
+files) plus the 2 broken files, trains the small CNN once (100 steps), then
+runs `python -m pipelines.classify_images` unchanged on each runner of
+tests/runner_matrix.py that runs here (Flink/Spark too when their jar or
+endpoint is set), one after another on the same inputs. Each run is a fresh
+process, as a user would start it: wall seconds include interpreter start,
+imports and job submission, which is exactly the per-job overhead a runner
+adds. Also checks every runner wrote the same predictions and dead letters.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from tests import runner_matrix as rm
+
+
+def write_inputs(directory: str, count: int) -> str:
+  """`count` digit images cycled from all 1,797 digits, plus the 2 broken files."""
+  from pipelines import demo
+
+  x_train, x_test, y_train, y_test = demo.digit_images(seed=0)
+  images = np.concatenate([x_train, x_test])
+  labels = np.concatenate([y_train, y_test])
+  index = np.arange(count) % len(images)
+  folder = os.path.join(directory, 'images')
+  demo.write_images(folder, images[index], labels[index])
+  demo.write_broken_inputs(folder)
+  train = demo.write_images(os.path.join(directory, 'train'), x_train[:300], y_train[:300])
+  demo.train_model(train, os.path.join(directory, 'model'), steps=rm.CLASSIFY_STEPS)
+  return folder
+
+
+def import_seconds() -> float:
+  """Interpreter start + importing the pipeline: the floor under every run."""
+  log = os.path.join(tempfile.gettempdir(), 'bench_runners_import.log')
+  return rm.run_pipeline('pipelines.classify_images', ['--help'], log).seconds
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--images', type=int, default=2000)
+  parser.add_argument('--workdir', default=None, help='Default: a new temporary directory.')
+  parser.add_argument('--runners', default=','.join(rm.RUNNERS), help='Comma-separated names from runner_matrix.')
+  args = parser.parse_args(argv)
+
+  workdir = args.workdir or tempfile.mkdtemp(prefix='bench_runners_')
+  start = time.perf_counter()
+  write_inputs(workdir, args.images)
+  print(f'wrote {args.images} images + 2 broken files and trained the model in {time.perf_counter() - start:.1f} s')
+  floor = import_seconds()
+  print(f'interpreter start + pipeline imports: {floor:.1f} s')
+
+  names = [n for n in args.runners.split(',') if n]
+  rows, reference = [], None
+  for i, name in enumerate(names):
+    runner = rm.RUNNERS[name]
+    reason = runner.unavailable()
+    if reason:
+      print(f'[{i + 1}/{len(names)}] {name}: skipped ({reason})')
+      continue
+    out_dir = os.path.join(workdir, 'out', name)
+    os.makedirs(out_dir, exist_ok=True)
+    with rm.services_for(runner.needs, workdir) as services:
+      argv = rm.classify_images_argv(workdir, out_dir) + runner.flags(services)
+      outcome = rm.run_pipeline('pipelines.classify_images', argv, os.path.join(out_dir, 'run.log'), timeout_s=600)
+    if outcome.returncode != 0:
+      print(f'[{i + 1}/{len(names)}] {name}: FAILED (exit {outcome.returncode}); log {out_dir}/run.log')
+      continue
+    canonical = rm.read_classify_images(out_dir)
+    same = True
+    if reference is None:
+      reference = canonical
+    else:
+      try:
+        rm.compare_classify_images(canonical, reference)
+      except AssertionError:
+        same = False
+    row = {
+        'runner': name,
+        'seconds': outcome.seconds,
+        'images_per_second': args.images / outcome.seconds,
+        'beyond_imports': outcome.seconds - floor,
+        'predictions': len(canonical['predictions']),
+        'dead_letters': len(canonical['failed']),
+        'same_as_first': same,
+    }
+    rows.append(row)
+    elapsed = time.perf_counter() - start
+    print(f'[{i + 1}/{len(names)}] {name}: {row["seconds"]:.1f} s, {row["images_per_second"]:.0f} images/s '
+          f'({elapsed:.0f} s so far)', flush=True)
+
+  print(f'\nclassify_images, {args.images} images + 2 broken, one fresh process per run, 2-core machine')
+  print(f'{"runner":<20} {"wall s":>7} {"img/s":>7} {"s beyond imports":>17} {"predictions":>11} {"dead":>5} same')
+  for r in rows:
+    print(f'{r["runner"]:<20} {r["seconds"]:>7.1f} {r["images_per_second"]:>7.0f} {r["beyond_imports"]:>17.1f} '
+          f'{r["predictions"]:>11} {r["dead_letters"]:>5} {"yes" if r["same_as_first"] else "NO"}')
+  return rows
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,97 @@
+"""Train a Flax model from a config file: `python -m pipelines.train`.
+
+    python -m pipelines.train --config pipelines/configs/digits_cnn.py:runlocal \
+        --workdir /tmp/digits
+
+`--config PATH[:VARIANT]` names a python file whose `get_config(variant)`
+returns a `beam_dl.training.TrainConfig`; if the file also defines
+`prepare(config, data_dir)`, it is called first to write the example data
+set (TFRecords in the shared format) and may return an updated config.
+`--set key=value` overrides fields (dotted for nested, values parsed as
+python literals), e.g. `--set num_steps=50 --set sharding.mode=fsdp`.
+
+The run resumes from `WORKDIR/checkpoints` if present, logs step rate / ETA
+/ input wait, evaluates, and exports the served model to `WORKDIR/model`
+(`beam_dl.checkpoints`); the summary is printed and written to
+`WORKDIR/summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+
+def load_config_module(path: str):
+  """Imports a config file by path (configs are files, not a package)."""
+  name = 'beam_dl_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def apply_override(config, assignment: str):
+  """Returns `config` with one dotted `key=value` assignment applied."""
+  key, sep, raw = assignment.partition('=')
+  if not sep:
+    raise ValueError(f'--set expects key=value, got {assignment!r}')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # bare strings: --set sharding.mode=fsdp
+  head, _, rest = key.partition('.')
+  if not hasattr(config, head):
+    raise ValueError(f'unknown config field {head!r}')
+  if rest:
+    current = getattr(config, head)
+    if isinstance(current, dict):
+      return dataclasses.replace(config, **{head: {**current, rest: value}})
+    return dataclasses.replace(config, **{head: apply_override(current, f'{rest}={raw}')})
+  return dataclasses.replace(config, **{head: value})
+
+
+def resolve_config(spec: str, data_dir: str, overrides=()):
+  path, _, variant = spec.partition(':')
+  module = load_config_module(path)
+  config = module.get_config(variant or None)
+  for assignment in overrides:
+    config = apply_override(config, assignment)
+  if hasattr(module, 'prepare'):
+    config = module.prepare(config, data_dir) or config
+  return config
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', required=True, help='path/to/config.py[:variant]')
+  parser.add_argument('--workdir', required=True, help='checkpoints, exported model, summary')
+  parser.add_argument('--data_dir', default=None, help='where prepare() writes data (default WORKDIR/data)')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
+  parser.add_argument('--log_level', default='INFO')
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
+  from beam_dl.training import train_and_evaluate  # heavy imports after arg parsing
+
+  config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
+  summary = train_and_evaluate(config, args.workdir)
+  summary.pop('history', None)
+  json.dump(summary, sys.stdout, indent=2, default=str)
+  print()
+  return summary
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,710 @@
+"""The runner matrix: which pipelines run on which runners, and how.
+
+Two registries, so that adding a pipeline or a runner is ONE entry:
+
+  PIPELINES  name -> PipelineCase: how to write its small inputs (once per
+             session), the argv that runs it (`python -m <module> ...`, no
+             runner flags), how to read its outputs into a canonical,
+             runner-independent form, and how to compare two of those
+             (equal records; floats to the last written decimal).
+  RUNNERS    name -> RunnerCase: the Beam flags that select the runner, the
+             local services it needs (a portable job service, an EXTERNAL
+             worker pool) and when it is unavailable (and why).
+
+Every cell runs the pipeline module unchanged, as a user would
+(`python -m pipelines.X <argv> <runner flags>`), in a fresh process bounded
+by a timeout. Also here: building a pipeline's graph without running it, and
+a fresh worker process that unpickles and runs DoFns. Shared by
+tests/test_runners.py, test_portability.py, test_templates.py and
+benchmarks/bench_runners.py; plain functions, no pytest in here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+RUN_TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------- processes
+
+
+def subprocess_env() -> dict[str, str]:
+  """The environment for pipeline, job-service and worker-pool processes.
+
+  The repository root is on PYTHONPATH (workers unpickle DoFns by module
+  reference: `transforms.images._DecodeImageFn` must import there), and the
+  virtualenv's bin/ is first on PATH: an EXTERNAL worker pool starts workers
+  with a bare `python`, which must be this environment's.
+  """
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH', '')) if p)
+  env['PATH'] = os.pathsep.join((os.path.dirname(PYTHON), env.get('PATH', '')))
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # One CPU device per worker: the suite's 8 fake devices only slow workers.
+  env['XLA_FLAGS'] = ''
+  return env
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+  """Returns once localhost:port accepts connections; raises if the process died."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise RuntimeError(f'{process.args!r} exited with {process.returncode} before serving port {port}')
+    with contextlib.suppress(OSError), socket.create_connection(('localhost', port), timeout=1):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'nothing listening on localhost:{port} after {timeout_s} s')
+
+
+@contextlib.contextmanager
+def background_service(args: Sequence[str], port: int, log_path: str) -> Iterator[int]:
+  """Runs `python -m ...args` until the block exits; yields its port.
+
+  The process gets its own process group, and the whole group (the service
+  and any workers it started) is terminated, then killed, on exit.
+  """
+  with open(log_path, 'ab') as log:
+    process = subprocess.Popen(
+        [PYTHON, '-m', *args], env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+  try:
+    wait_for_port(port, process)
+    yield port
+  finally:
+    stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:
+  with contextlib.suppress(ProcessLookupError):
+    os.killpg(process.pid, signal.SIGTERM)
+  try:
+    process.wait(grace_s)
+  except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def job_service(log_dir: str) -> Iterator[str]:
+  """Beam's local portable job service (Runner API), yields 'localhost:PORT'."""
+  port = free_port()
+  args = ['apache_beam.runners.portability.local_job_service_main', f'--port={port}']
+  with background_service(args, port, os.path.join(log_dir, 'job_service.log')):
+    yield f'localhost:{port}'
+
+
+@contextlib.contextmanager
+def worker_pool(log_dir: str) -> Iterator[str]:
+  """An EXTERNAL SDK worker pool (what a Beam SDK container runs), yields 'localhost:PORT'."""
+  port = free_port()
+  args = ['apache_beam.runners.worker.worker_pool_main', f'--service_port={port}']
+  with background_service(args, port, os.path.join(log_dir, 'worker_pool.log')):
+    yield f'localhost:{port}'
+
+
+@dataclasses.dataclass
+class RunOutcome:
+  returncode: int
+  seconds: float
+  log: str
+
+
+def run_pipeline(module: str, argv: Sequence[str], log_path: str, timeout_s: float = RUN_TIMEOUT_S) -> RunOutcome:
+  """`python -m module argv` in a fresh process group, bounded by timeout_s.
+
+  A job whose workers died can wait forever on a portable runner, so a run
+  past the timeout is killed with its process group and reported as such.
+  """
+  start = time.monotonic()
+  with open(log_path, 'wb') as log:
+    process = subprocess.Popen(
+        [PYTHON, '-m', module, *argv], env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+      returncode = process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+      stop_process_group(process, grace_s=2)
+      returncode = -9
+  with open(log_path, errors='replace') as f:
+    text = f.read()
+  if returncode == -9:
+    text += f'\n[runner_matrix] killed after {timeout_s} s\n'
+  return RunOutcome(returncode, time.monotonic() - start, text)
+
+
+# ------------------------------------------------------------------- runners
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerCase:
+  """How to select one runner from the command line.
+
+  Attributes:
+    flags: (services) -> Beam flags; `services` maps 'job_endpoint' and
+      'worker_pool' to the local services' addresses when `needs` asks.
+    needs: local services to start first: 'job_service', 'worker_pool'.
+    unavailable: () -> None when the runner can run here, else the reason.
+    local: True for runners that execute on this machine without a user's
+      jar or endpoint (run by CI and the benchmark).
+  """
+
+  flags: Callable[[Mapping[str, str]], list[str]]
+  needs: tuple[str, ...] = ()
+  unavailable: Callable[[], str | None] = lambda: None
+  local: bool = True
+
+
+def _env_runner(kind: str) -> RunnerCase:
+  """Flink or Spark from the user's job-server jar or a running job endpoint.
+
+  BEAM_<KIND>_JOB_SERVER_JAR: Beam starts the job server from the jar (Flink
+  in embedded mode `[local]` / Spark `local[2]` unless BEAM_<KIND>_MASTER is
+  set). BEAM_<KIND>_JOB_ENDPOINT: host:port of a job server already running.
+  Workers are LOOPBACK (in the submitting process), so no container is needed.
+  """
+  upper = kind.upper()
+  jar_var, endpoint_var, master_var = (f'BEAM_{upper}_JOB_SERVER_JAR', f'BEAM_{upper}_JOB_ENDPOINT', f'BEAM_{upper}_MASTER')
+
+  def flags(services):
+    del services
+    if os.environ.get(endpoint_var):
+      return ['--runner=PortableRunner', f'--job_endpoint={os.environ[endpoint_var]}', '--environment_type=LOOPBACK']
+    master = os.environ.get(master_var)
+    if kind == 'flink':
+      master_flag = f'--flink_master={master or "[local]"}'
+    else:
+      master_flag = f'--spark_master_url={master or "local[2]"}'
+    return [f'--runner={kind.capitalize()}Runner', f'--{kind}_job_server_jar={os.environ[jar_var]}', master_flag,
+            '--environment_type=LOOPBACK']
+
+  def unavailable():
+    if os.environ.get(endpoint_var):
+      return None
+    jar = os.environ.get(jar_var)
+    if not jar:
+      return (f'{kind.capitalize()}Runner needs Beam\'s {kind} job-server jar (Maven, not reachable offline): '
+              f'set {jar_var}=/path/to/beam-runners-{kind}-...-job-server-2.77.0.jar or {endpoint_var}=host:port')
+    if not os.path.exists(jar):
+      return f'{jar_var}={jar} does not exist'
+    return None
+
+  return RunnerCase(flags=flags, unavailable=unavailable, local=False)
+
+
+RUNNERS: dict[str, RunnerCase] = {
+    'direct': RunnerCase(lambda s: ['--runner=DirectRunner']),
+    'fnapi_multiprocess': RunnerCase(
+        lambda s: ['--runner=DirectRunner', '--direct_num_workers=2', '--direct_running_mode=multi_processing']
+    ),
+    'portable_loopback': RunnerCase(
+        lambda s: ['--runner=PortableRunner', f'--job_endpoint={s["job_endpoint"]}', '--environment_type=LOOPBACK'],
+        needs=('job_service',),
+    ),
+    'portable_external': RunnerCase(
+        lambda s: [
+            '--runner=PortableRunner',
+            f'--job_endpoint={s["job_endpoint"]}',
+            '--environment_type=EXTERNAL',
+            f'--environment_config={s["worker_pool"]}',
+        ],
+        needs=('job_service', 'worker_pool'),
+    ),
+    'flink': _env_runner('flink'),
+    'spark': _env_runner('spark'),
+}
+REFERENCE_RUNNER = 'direct'
+
+
+@contextlib.contextmanager
+def services_for(needs: Sequence[str], log_dir: str) -> Iterator[dict[str, str]]:
+  """Starts the local services in `needs`; yields their addresses."""
+  with contextlib.ExitStack() as stack:
+    services = {}
+    if 'job_service' in needs or 'worker_pool' in needs:
+      services['job_endpoint'] = stack.enter_context(job_service(log_dir))
+    if 'worker_pool' in needs:
+      services['worker_pool'] = stack.enter_context(worker_pool(log_dir))
+    yield services
+
+
+# ----------------------------------------------------------------- pipelines
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineCase:
+  """One pipeline in the matrix.
+
+  Attributes:
+    module: run as `python -m module`.
+    prepare: (data_dir) -> None; writes inputs (and a model) once per session.
+    argv: (data_dir, out_dir) -> the pipeline's own flags (no runner flags).
+    read: (out_dir) -> canonical outputs, equal across runners.
+    check: (canonical) -> None; asserts the reference run is right in itself.
+    compare: (canonical, reference) -> None; asserts a run matches the
+      reference run (default: equal).
+    xfail: runner name -> concrete reason, for cells known not to work.
+    ci_runners: the local runners a quick run covers for this pipeline
+      (None: all). Every cell runs by default (the full matrix fits CI's
+      time); with BEAM_DL_QUICK_MATRIX=1 the others are skipped with
+      `ci_skip_reason`.
+    template: the Flex Template metadata file in pipelines/templates/.
+    template_optional: flag -> why: flags the pipeline requires only in some
+      modes, so optional in the template.
+    template_omit: flag -> why: pipeline flags the template leaves out.
+  """
+
+  module: str
+  prepare: Callable[[str], None]
+  argv: Callable[[str, str], list[str]]
+  read: Callable[[str], Any]
+  check: Callable[[Any], None] = lambda canonical: None
+  compare: Callable[[Any, Any], None] = lambda canonical, reference: _assert_equal(canonical, reference)
+  xfail: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  ci_runners: tuple[str, ...] | None = None
+  ci_skip_reason: str = ''
+  template: str | None = None
+  template_optional: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  template_omit: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _assert_equal(canonical: Any, reference: Any) -> None:
+  assert canonical == reference
+
+
+def read_jsonl(pattern: str) -> list[dict]:
+  records = []
+  for path in sorted(glob.glob(pattern)):
+    with open(path) as f:
+      records.extend(json.loads(line) for line in f if line.strip())
+  return records
+
+
+# classify_images: 30 real digit images (PNG and JPEG) + 2 broken files, a
+# SmallCNN trained for 100 steps on 300 other digits.
+
+CLASSIFY_IMAGES = 30
+CLASSIFY_TRAIN = 300
+CLASSIFY_STEPS = 100
+
+
+def prepare_classify_images(data_dir: str) -> None:
+  from pipelines import demo
+
+  x_train, x_test, y_train, y_test = demo.digit_images(seed=0)
+  train = demo.write_images(os.path.join(data_dir, 'train'), x_train[:CLASSIFY_TRAIN], y_train[:CLASSIFY_TRAIN])
+  images = os.path.join(data_dir, 'images')
+  demo.write_images(images, x_test[:CLASSIFY_IMAGES], y_test[:CLASSIFY_IMAGES])
+  demo.write_broken_inputs(images)
+  demo.train_model(train, os.path.join(data_dir, 'model'), steps=CLASSIFY_STEPS)
+
+
+def classify_images_argv(data_dir: str, out_dir: str) -> list[str]:
+  return [
+      f'--input={os.path.join(data_dir, "images", "*")}',
+      f'--model_dir={os.path.join(data_dir, "model")}',
+      f'--output={os.path.join(out_dir, "predictions")}',
+  ]
+
+
+def read_classify_images(out_dir: str) -> dict:
+  """{'predictions': {file: (label, scores)}, 'failed': sorted [(file, stage, reason)]}."""
+  prefix = os.path.join(out_dir, 'predictions')
+  predictions = {
+      os.path.basename(r['key']): (r['label'], tuple(r['scores']))
+      for r in read_jsonl(prefix + '-[0-9]*.jsonl')
+  }
+  failed = sorted(
+      (os.path.basename(r['key']) if r['key'] else None, r['stage'], r['reason'])
+      for r in read_jsonl(prefix + '-failed-*.jsonl')
+  )
+  return {'predictions': predictions, 'failed': failed}
+
+
+def check_classify_images(canonical: dict) -> None:
+  predictions, failed = canonical['predictions'], canonical['failed']
+  assert len(predictions) == CLASSIFY_IMAGES, sorted(predictions)
+  assert [(f, stage) for f, stage, _ in failed] == [
+      ('broken_not_an_image.jpg', 'decode'), ('broken_truncated.jpg', 'decode')
+  ], failed
+  labelled = {f: int(f.split('_label')[1].split('.')[0]) for f in predictions}
+  correct = sum(predictions[f][0] == y for f, y in labelled.items())
+  # 100 steps on 300 digits: well above chance (10%) if the model ran.
+  assert correct / len(labelled) > 0.5, (correct, len(labelled))
+
+
+def compare_classify_images(canonical: dict, reference: dict) -> None:
+  """Same files, labels and dead letters; scores equal to the 6 decimals written.
+
+  One unit of the last written decimal is allowed: runners cut batches
+  differently, and another padded batch shape may change XLA's last bits.
+  """
+  import numpy as np
+
+  assert canonical['failed'] == reference['failed']
+  assert sorted(canonical['predictions']) == sorted(reference['predictions'])
+  for name, (label, scores) in reference['predictions'].items():
+    got_label, got_scores = canonical['predictions'][name]
+    assert got_label == label, (name, got_label, label)
+    np.testing.assert_allclose(got_scores, scores, rtol=0, atol=2e-6, err_msg=name)
+
+
+# score_sequences: the first 150 weekly Mauna Loa CO2 readings (statsmodels)
+# as JSON-lines events with missing readings and 2 malformed lines; an LSTM
+# forecaster trained for 100 steps; 12-week sliding windows.
+
+SEQUENCE_EVENTS = 150
+WEEK = 7 * 24 * 3600.0
+
+
+def prepare_score_sequences(data_dir: str) -> None:
+  from pipelines import score_sequences_demo as demo
+
+  times, values = demo.load_series()
+  with open(os.path.join(data_dir, 'events.jsonl'), 'w', encoding='utf-8') as f:
+    for t, v in zip(times[:SEQUENCE_EVENTS], values[:SEQUENCE_EVENTS]):
+      f.write(json.dumps({'key': demo.KEY, 'time': t, 'co2': None if v != v else round(float(v), 2)}) + '\n')
+    f.write('{"key": "mauna_loa", "time": 1.0e9, "co2": 3\n')
+    f.write('{"key": "mauna_loa", "ti\n')
+  demo.train_model(os.path.join(data_dir, 'model'), values, steps=100)
+
+
+def score_sequences_argv(data_dir: str, out_dir: str) -> list[str]:
+  from pipelines import score_sequences_demo as demo
+
+  return [
+      f'--input={os.path.join(data_dir, "events.jsonl")}', f'--model_dir={os.path.join(data_dir, "model")}',
+      f'--output={os.path.join(out_dir, "scores")}', '--event_value_fields=co2', '--window=sliding',
+      f'--window_size={demo.SEQ_LEN * WEEK}', f'--window_period={WEEK}', f'--seq_len={demo.SEQ_LEN}',
+      f'--min_length={demo.MIN_LENGTH}', '--forecast',
+  ]
+
+
+SCORE_FIELDS = ('outputs', 'prediction', 'target', 'score')
+
+
+def read_score_sequences(out_dir: str) -> dict:
+  """{'scores': {(key, window, pane): (length, last_time, numbers)}, 'failed': sorted [(key, stage, reason)]}.
+
+  `latency_s` (wall clock at output) differs run to run and is left out.
+  """
+  prefix = os.path.join(out_dir, 'scores')
+  scores = {}
+  for r in read_jsonl(prefix + '-[0-9]*.jsonl'):
+    numbers = []
+    for field in SCORE_FIELDS:
+      value = r.get(field)
+      numbers.extend(value if isinstance(value, list) else [value])
+    scores[(r['key'], r['window_start'], r['window_end'], r['pane'], r['pane_index'])] = (
+        r['length'], r['last_time'], tuple(numbers))
+  failed = sorted((str(r.get('key')), r['stage'], r['reason']) for r in read_jsonl(prefix + '-failed-*.jsonl'))
+  return {'scores': scores, 'failed': failed}
+
+
+def check_score_sequences(canonical: dict) -> None:
+  scores, failed = canonical['scores'], canonical['failed']
+  assert len(scores) > 50, len(scores)
+  assert sum(reason.startswith('bad JSON') for _, _, reason in failed) == 2, failed  # the 2 malformed lines
+  assert {stage for _, stage, _ in failed} >= {'parse_event', 'sequence'}, failed  # + missing readings, short windows
+  errors = [numbers[-1] for _, _, numbers in scores.values()]
+  assert all(e is not None and e >= 0 for e in errors)
+
+
+def compare_score_sequences(canonical: dict, reference: dict) -> None:
+  import numpy as np
+
+  assert canonical['failed'] == reference['failed']
+  assert sorted(canonical['scores']) == sorted(reference['scores'])
+  for window, (length, last_time, numbers) in reference['scores'].items():
+    got_length, got_last, got_numbers = canonical['scores'][window]
+    assert (got_length, got_last) == (length, last_time), window
+    np.testing.assert_allclose(np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4,
+                               err_msg=str(window))
+
+
+# preprocess: tf.Transform over 30 real digit images + the 2 broken files.
+
+PREPROCESS_IMAGES = 30
+
+
+def prepare_preprocess(data_dir: str) -> None:
+  from pipelines import demo
+
+  x_train, _, y_train, _ = demo.digit_images(seed=0)
+  images = os.path.join(data_dir, 'images')
+  demo.write_images(images, x_train[:PREPROCESS_IMAGES], y_train[:PREPROCESS_IMAGES])
+  demo.write_broken_inputs(images)
+
+
+def preprocess_argv(data_dir: str, out_dir: str) -> list[str]:
+  return [
+      f'--input={os.path.join(data_dir, "images", "*")}', f'--transform_dir={os.path.join(out_dir, "transform")}',
+      f'--output={os.path.join(out_dir, "train")}', '--preprocess_image_shape=8,8,1',
+  ]
+
+
+def read_preprocess(out_dir: str) -> dict:
+  """{'records': {file: {feature: values}}, 'stats': {...}, 'failed': sorted [(file, stage, reason)]}."""
+  import numpy as np
+
+  from beam_dl.preprocessing import reader, stats
+
+  transform_dir = os.path.join(out_dir, 'transform')
+  records = reader.read_all(transform_dir, os.path.join(out_dir, 'train') + '-*.tfrecord')
+  return {
+      'records': {os.path.basename(k): {n: _plain(v) for n, v in r.items()} for k, r in records.items()},
+      'stats': stats.load(transform_dir),
+      'failed': sorted((os.path.basename(r['key'] or ''), r['stage'], r['reason'])
+                       for r in read_jsonl(os.path.join(out_dir, 'train') + '-failed-*.jsonl')),
+  }
+
+
+def _plain(values) -> list:
+  """A feature's values as a list of floats, or of str for bytes features."""
+  import numpy as np
+
+  flat = np.ravel(values)
+  if flat.dtype.kind in 'SOU':
+    return [x.decode('utf-8', 'replace') if isinstance(x, bytes) else str(x) for x in flat.tolist()]
+  return [float(x) for x in flat]
+
+
+def _assert_close(got, want, message: str) -> None:
+  import numpy as np
+
+  if want and all(isinstance(v, str) for v in want):
+    assert got == want, message
+  else:
+    np.testing.assert_allclose(np.ravel(np.asarray(got, float)), np.ravel(np.asarray(want, float)),
+                               rtol=1e-5, atol=1e-5, err_msg=message)
+
+
+def check_preprocess(canonical: dict) -> None:
+  assert len(canonical['records']) == PREPROCESS_IMAGES, sorted(canonical['records'])
+  assert [(f, stage) for f, stage, _ in canonical['failed']] == [
+      ('broken_not_an_image.jpg', 'decode'), ('broken_truncated.jpg', 'decode')], canonical['failed']
+  assert canonical['stats'], 'no analysed statistics'
+
+
+def compare_preprocess(canonical: dict, reference: dict) -> None:
+  assert canonical['failed'] == reference['failed']
+  assert sorted(canonical['records']) == sorted(reference['records'])
+  for name, features in reference['records'].items():
+    assert sorted(canonical['records'][name]) == sorted(features), name
+    for feature, values in features.items():
+      _assert_close(canonical['records'][name][feature], values, f'{name} {feature}')
+  assert sorted(canonical['stats']) == sorted(reference['stats'])
+  for stat, value in reference['stats'].items():
+    _assert_close(_plain(canonical['stats'][stat]), _plain(value), stat)
+
+
+PIPELINES: dict[str, PipelineCase] = {
+    'classify_images': PipelineCase(
+        module='pipelines.classify_images',
+        prepare=prepare_classify_images,
+        argv=classify_images_argv,
+        read=read_classify_images,
+        check=check_classify_images,
+        compare=compare_classify_images,
+        template='classify_images.json',
+    ),
+    'score_sequences': PipelineCase(
+        module='pipelines.score_sequences',
+        prepare=prepare_score_sequences,
+        argv=score_sequences_argv,
+        read=read_score_sequences,
+        check=check_score_sequences,
+        compare=compare_score_sequences,
+        template='score_sequences.json',
+        ci_runners=('direct', 'portable_loopback', 'portable_external'),
+        ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: the multi-process FnApiRunner is covered by classify_images; '
+                        'unset it to run this cell'),
+        template_optional={'input': 'not needed when reading Pub/Sub or Kafka (--streaming)'},
+        template_omit={
+            'input_format': 'score_sequences reads JSON lines only and ignores it',
+            'forecast': ('a store_true flag: the Flex Template launcher passes --forecast=<value>, which argparse '
+                         'refuses; launch forecast scoring with the python command in docs/runners.md'),
+        },
+    ),
+    'preprocess': PipelineCase(
+        module='pipelines.preprocess',
+        prepare=prepare_preprocess,
+        argv=preprocess_argv,
+        read=read_preprocess,
+        check=check_preprocess,
+        compare=compare_preprocess,
+        template='preprocess.json',
+        ci_runners=('direct', 'portable_external'),
+        ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: tf.Transform takes 25-55 s per runner on 2 cores, so a quick '
+                        'run covers Direct and the portable EXTERNAL worker pool; unset it for every runner'),
+        template_omit={
+            'preprocess_with_ids': ('a store_true flag: the Flex Template launcher passes --preprocess_with_ids='
+                                    '<value>, which argparse refuses'),
+        },
+    ),
+}
+
+
+def prepared_data(root: str, pipeline: str) -> str:
+  """`root/<pipeline>` with the pipeline's inputs, prepared once and reused."""
+  path = os.path.join(root, pipeline)
+  done = os.path.join(path, '.prepared')
+  if not os.path.exists(done):
+    os.makedirs(path, exist_ok=True)
+    PIPELINES[pipeline].prepare(path)
+    open(done, 'w').close()
+  return path
+
+
+def pipeline_exists(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
+# ------------------------------------------------------------ pipeline graphs
+
+PROJECT_PACKAGES = ('beam_dl', 'transforms', 'pipelines')
+
+
+def build_graph(pipeline: str, argv: Sequence[str]):
+  """The pipeline's Beam graph, built (not run) from `argv` by its `build()`."""
+  import importlib
+
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  module = importlib.import_module(PIPELINES[pipeline].module)
+  options = PipelineOptions(list(argv))
+  graph = beam.Pipeline(options=options)
+  module.build(graph, options)
+  return graph
+
+
+def applied_transforms(graph) -> list:
+  """Every AppliedPTransform in `graph`, composites and leaves, in order."""
+  import apache_beam as beam
+
+  nodes = []
+
+  class _Collect(beam.pipeline.PipelineVisitor):
+
+    def visit_transform(self, node):
+      nodes.append(node)
+
+    def enter_composite_transform(self, node):
+      if node.full_label:
+        nodes.append(node)
+
+  graph.visit(_Collect())
+  return nodes
+
+
+def graph_fns(graph) -> list[tuple[str, Any]]:
+  """(label, DoFn or CombineFn) of every ParDo/Combine in `graph`."""
+  return [(n.full_label, n.transform.fn) for n in applied_transforms(graph) if getattr(n.transform, 'fn', None) is not None]
+
+
+def is_project_object(obj: Any) -> bool:
+  """Defined in beam_dl/transforms/pipelines: a class of ours, or Map(our function)."""
+  wrapped = getattr(obj, '_fn', None)  # CallableWrapperDoFn around Map/FlatMap callables
+  for candidate in (type(obj), wrapped):
+    module = getattr(candidate, '__module__', '') or ''
+    if module.split('.')[0] in PROJECT_PACKAGES:
+      return True
+  return False
+
+
+# ----------------------------------------------------- a fresh worker process
+
+
+def _pickler(library: str):
+  from apache_beam.internal import cloudpickle_pickler, dill_pickler
+
+  return {'cloudpickle': cloudpickle_pickler, 'dill': dill_pickler}[library]
+
+
+def run_in_fresh_process(library: str, fns: Sequence[tuple[str, Any]], probes: Mapping[str, Sequence[Any]],
+                         handlers: Sequence[tuple[Any, Sequence[Any]]], work_dir: str, timeout_s: float = 180) -> dict:
+  """Pickles `fns` and `handlers` with Beam's `library` pickler here, and in a
+  new interpreter (as an SDK worker would) unpickles them, runs setup() and
+  teardown() of every fn, feeds each `probes[label]` element to fn.process,
+  and loads each handler's model and runs inference on its examples.
+
+  Returns {'setup': [labels], 'outputs': {label: [[(tag, value), ...] per
+  element]}, 'inference': [[outputs] per handler]}.
+  """
+  import pickle
+
+  pickler = _pickler(library)
+  request = {
+      'library': library,
+      'fns': [(label, pickler.dumps(fn)) for label, fn in fns],
+      'probes': dict(probes),
+      'handlers': [(pickler.dumps(handler), list(examples)) for handler, examples in handlers],
+  }
+  request_path, response_path = os.path.join(work_dir, 'request.pkl'), os.path.join(work_dir, 'response.pkl')
+  with open(request_path, 'wb') as f:
+    pickle.dump(request, f)
+  code = f'from tests.runner_matrix import fresh_worker_main; fresh_worker_main({request_path!r}, {response_path!r})'
+  done = subprocess.run([PYTHON, '-c', code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout_s)
+  assert done.returncode == 0, f'fresh worker failed:\n{done.stderr[-4000:]}'
+  with open(response_path, 'rb') as f:
+    return pickle.load(f)
+
+
+def fresh_worker_main(request_path: str, response_path: str) -> None:
+  """The worker side of `run_in_fresh_process` (nothing of ours imported yet)."""
+  import pickle
+
+  import apache_beam as beam
+  import numpy as np
+
+  with open(request_path, 'rb') as f:
+    request = pickle.load(f)
+  pickler = _pickler(request['library'])
+  response = {'setup': [], 'outputs': {}, 'inference': []}
+  for label, payload in request['fns']:
+    fn = pickler.loads(payload)
+    if isinstance(fn, beam.DoFn):
+      fn.setup()
+      for element in request['probes'].get(label, ()):
+        outputs = []
+        for out in fn.process(element) or ():
+          tagged = isinstance(out, beam.pvalue.TaggedOutput)
+          outputs.append((out.tag, out.value) if tagged else (None, out))
+        response['outputs'].setdefault(label, []).append(outputs)
+      fn.teardown()
+    else:  # CombineFn
+      fn.setup()
+      fn.teardown()
+    response['setup'].append(label)
+  for payload, examples in request['handlers']:
+    handler = pickler.loads(payload)
+    model = handler.load_model()
+    results = handler.run_inference(examples, model)
+    response['inference'].append([np.asarray(r.inference) for r in results])
+  with open(response_path, 'wb') as f:
+    pickle.dump(response, f)

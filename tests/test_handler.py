@@ -1,0 +1,248 @@
+"""JaxModelHandler without a pipeline: formats, precision, devices, OOM, refresh.
+
+Models are tiny Flax modules with seeded random weights, saved through
+beam_dl.checkpoints; expected outputs come from `module.apply` directly.
+"""
+import os
+import pickle
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from beam_dl import checkpoints
+from beam_dl.handler import (
+    JaxModelHandler,
+    default_inference_fn,
+    model_dir_for,
+)
+from beam_dl.inference_oom import call_with_oom_split, is_resource_exhausted
+
+CNN_SPEC = checkpoints.ModelSpec(
+    name='small_cnn',
+    kwargs={'num_classes': 10, 'features': [8, 16], 'hidden': 32},
+    input_shape=(8, 8, 1),
+    input_dtype='uint8',
+    input_scale=1 / 255,
+)
+RNN_SPEC = checkpoints.ModelSpec(
+    name='rnn',
+    kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3, 'pooling': 'mean'},
+    input_shape=(None, 4),
+    input_dtype='float32',
+    task='sequence_classification',
+)
+
+
+def save_model(path, spec, seed=0, fmt='orbax'):
+  """A model dir with seeded random weights; returns (dir, variables)."""
+  module = spec.build()
+  if spec.is_sequence:
+    inputs = (jnp.zeros((1, 2, spec.input_shape[1])), jnp.ones((1, 2), bool))
+  else:
+    inputs = (jnp.zeros((1, *spec.input_shape)),)
+  variables = nn.meta.unbox(module.init(jax.random.key(seed), *inputs))
+  return checkpoints.save(str(path), spec, variables, fmt=fmt), variables
+
+
+def images(n, seed=0):
+  return list(np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8))
+
+
+def reference(spec, variables, examples):
+  x = np.stack(examples)
+  return np.asarray(spec.build().apply(variables, spec.normalize(x)))
+
+
+@pytest.mark.parametrize('fmt', ['orbax', 'msgpack'])
+def test_loads_orbax_and_msgpack_and_matches_apply(tmp_path, fmt):
+  model_dir, variables = save_model(tmp_path / fmt, CNN_SPEC, fmt=fmt)
+  handler = JaxModelHandler(model_dir, max_batch_size=8)
+  model = handler.load_model()
+  examples = images(11)
+  results = handler.run_inference(examples, model)
+  assert [r.model_id for r in results] == [model_dir] * 11
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  assert all(r.example is e for r, e in zip(results, examples))
+
+
+def test_never_unpickles_a_model_file(tmp_path):
+  """A directory holding only a pickle is refused, and the pickle never runs."""
+  model_dir, _ = save_model(tmp_path / 'm', CNN_SPEC, fmt='msgpack')
+  os.remove(os.path.join(model_dir, checkpoints.MSGPACK_FILE))
+  marker = tmp_path / 'pwned'
+
+  class Exploit:
+    def __reduce__(self):
+      return (open, (str(marker), 'w'))
+
+  with open(os.path.join(model_dir, 'model.pkl'), 'wb') as f:
+    pickle.dump(Exploit(), f)
+  with pytest.raises(checkpoints.CheckpointError):
+    JaxModelHandler(model_dir).load_model()
+  assert not marker.exists()
+
+
+def test_bfloat16_outputs_close_to_float32(tmp_path):
+  model_dir, _ = save_model(tmp_path / 'm', CNN_SPEC)
+  examples = images(16)
+  f32 = JaxModelHandler(model_dir, max_batch_size=16)
+  bf16 = JaxModelHandler(model_dir, max_batch_size=16, precision='bfloat16')
+  out32 = np.stack([r.inference for r in f32.run_inference(examples, f32.load_model())])
+  out16 = np.stack([r.inference for r in bf16.run_inference(examples, bf16.load_model())])
+  assert out16.dtype == np.float32
+  assert not np.array_equal(out16, out32)  # really computed in bf16
+  np.testing.assert_allclose(out16, out32, atol=0.05 * np.abs(out32).max())
+
+
+def test_data_parallel_over_eight_devices(tmp_path):
+  assert jax.device_count() == 8
+  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  handler = JaxModelHandler(model_dir, max_batch_size=16, batch_buckets=[1, 4, 16], data_parallel=True)
+  model = handler.load_model()
+  assert model.batch_buckets == (8, 16)  # rounded up to multiples of the device count
+  kernel = model.variables['params']['Dense_0']['kernel']
+  assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
+  examples = images(21)
+  results = handler.run_inference(examples, model)
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  # the batch really is split: the compiled forward's input is sharded over 'data'
+  batch = model.placement.put_batch(model._assemble(examples[:16]))[0]
+  assert batch.sharding.spec[0] == 'data' and batch.addressable_shards[0].data.shape[0] == 2
+
+
+def test_model_parallel_shards_wide_params(tmp_path):
+  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  handler = JaxModelHandler(model_dir, max_batch_size=8, model_parallelism=2)
+  model = handler.load_model()
+  kernel = model.variables['params']['Dense_0']['kernel']  # logical ('embed', 'mlp')
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+  assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2)
+  examples = images(5)
+  results = handler.run_inference(examples, model)
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+
+
+def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
+  model_dir, variables = save_model(tmp_path / 'rnn', RNN_SPEC, fmt='msgpack')
+  handler = JaxModelHandler(model_dir, max_batch_size=4, length_buckets=(8, 16))
+  model = handler.load_model()
+  rng = np.random.default_rng(0)
+  lengths = rng.choice([2, 5, 11, 16], size=16)
+  sequences = [rng.normal(size=(length, 4)).astype(np.float32) for length in lengths]
+  outputs = []
+  for start in range(0, len(sequences), 4):  # batches as BatchElements would hand them over
+    outputs += [r.inference for r in handler.run_inference(sequences[start : start + 4], model)]
+  apply = jax.jit(RNN_SPEC.build().apply)
+  for seq, out in zip(sequences, outputs):  # same as the unpadded sequence alone
+    alone = apply(variables, seq[None], np.ones((1, len(seq)), bool))
+    np.testing.assert_allclose(out, np.asarray(alone)[0], atol=1e-5)
+  assert model.compiles <= 2  # two length buckets x one (full) batch bucket
+  _, padded, total = model.stats()
+  assert padded == total - sum(len(s) for s in sequences) > 0
+
+
+def resource_exhausted(n):
+  return jax.errors.JaxRuntimeError(
+      f'RESOURCE_EXHAUSTED: Out of memory while trying to allocate {n * 1 << 20} bytes.'
+  )
+
+
+def test_oom_splits_batch_in_halves_down_to_one(tmp_path):
+  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  calls = []
+
+  def fits_four(model, batch, inference_args):
+    calls.append(len(batch))
+    if len(batch) > 4:
+      raise resource_exhausted(len(batch))
+    return default_inference_fn(model, batch, inference_args)
+
+  handler = JaxModelHandler(model_dir, max_batch_size=16, inference_fn=fits_four)
+  examples = images(13)
+  results = handler.run_inference(examples, handler.load_model())
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  assert calls == [13, 6, 3, 3, 7, 3, 4]
+
+
+def test_oom_on_a_single_example_raises_and_other_errors_are_not_split():
+  def always_oom(batch):
+    raise resource_exhausted(len(batch))
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match='RESOURCE_EXHAUSTED'):
+    call_with_oom_split(always_oom, [1, 2, 3])
+  calls = []
+
+  def broken(batch):
+    calls.append(len(batch))
+    raise ValueError('bad input')
+
+  with pytest.raises(ValueError):
+    call_with_oom_split(broken, [1, 2, 3])
+  assert calls == [3]
+  assert is_resource_exhausted(resource_exhausted(1)) and not is_resource_exhausted(ValueError('x'))
+
+
+def test_refresh_to_broken_checkpoint_keeps_serving_last_good_model(tmp_path):
+  good, _ = save_model(tmp_path / 'good', CNN_SPEC)
+  other, other_vars = save_model(tmp_path / 'other', CNN_SPEC, seed=1, fmt='msgpack')
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  (broken / checkpoints.SPEC_FILE).write_text(CNN_SPEC.to_json())
+  (broken / checkpoints.MSGPACK_FILE).write_bytes(b'\x00 not msgpack')
+  handler = JaxModelHandler(good, max_batch_size=4)
+  first = handler.load_model()
+  handler.update_model_path(str(broken / checkpoints.MSGPACK_FILE))  # as WatchFilePattern reports it
+  assert handler.model_dir == str(broken)
+  assert handler.load_model() is first
+  # after pickling (a fresh worker) it reloads the last good directory instead
+  restored = pickle.loads(pickle.dumps(handler))
+  assert restored.load_model().model_id() == good
+  handler.update_model_path(os.path.join(other, checkpoints.SPEC_FILE))
+  refreshed = handler.load_model()
+  examples = images(3)
+  results = handler.run_inference(examples, refreshed)
+  assert {r.model_id for r in results} == {other}
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, other_vars, examples), atol=1e-5)
+
+
+def test_initial_load_failure_raises(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError):
+    JaxModelHandler(str(tmp_path / 'missing')).load_model()
+
+
+def test_model_dir_for_watched_paths():
+  assert model_dir_for('gs://b/models/v2/spec.json') == 'gs://b/models/v2'
+  assert model_dir_for('/m/v2/variables.msgpack') == '/m/v2'
+  assert model_dir_for('/m/v2/variables/_CHECKPOINT_METADATA') == '/m/v2'
+  assert model_dir_for('/m/v2/') == '/m/v2'
+
+
+def test_env_var_defaults_do_not_override_the_environment(monkeypatch):
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE', raising=False)
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
+  monkeypatch.delenv('BEAM_DL_TEST_FLAG', raising=False)
+  handler = JaxModelHandler('unused', memory_fraction=0.2, env_vars={'BEAM_DL_TEST_FLAG': '1'})
+  handler.set_environment_vars()
+  assert os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'false'
+  assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.5'  # the environment wins over defaults
+  assert os.environ['BEAM_DL_TEST_FLAG'] == '1'  # explicit env_vars always apply
+
+
+def test_constructor_validates_arguments():
+  with pytest.raises(ValueError, match='max_batch_weight'):
+    JaxModelHandler('m', max_batch_weight=10, element_size_fn=len)
+  with pytest.raises(ValueError, match='model_parallelism'):
+    JaxModelHandler('m', model_parallelism=0)
+  with pytest.raises(ValueError, match='inference_args'):
+    JaxModelHandler('m').validate_inference_args({'temperature': 2.0})
+  handler = JaxModelHandler(
+      'm', max_batch_size=32, min_batch_size=4, max_batch_duration_secs=5,
+      batch_length_fn=len, batch_bucket_boundaries=[16, 64],
+  )
+  assert handler.batch_elements_kwargs() == {
+      'min_batch_size': 4, 'max_batch_size': 32, 'max_batch_duration_secs': 5,
+      'length_fn': len, 'bucket_boundaries': [16, 64],
+  }

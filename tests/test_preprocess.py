@@ -1,0 +1,343 @@
+"""tf.Transform preprocessing: analysers vs numpy, training records vs serving.
+
+One preprocessing pipeline per kind (real digit images with two broken
+files; JSON-lines events with bad lines), shared by the tests of that kind:
+tf.Transform pipelines take ~15 s each on 2 cores.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_dl.io import examples
+from beam_dl.io.images import decode_image
+from beam_dl.preprocessing import canonical, reader, schemas
+from beam_dl.preprocessing import stats as stats_lib
+from pipelines import demo, preprocess
+from transforms import preprocessing as pp
+
+NUM_IMAGES = 120
+
+
+def read_jsonl(pattern):
+  return [json.loads(line) for path in sorted(glob.glob(pattern)) for line in open(path) if line.strip()]
+
+
+@pytest.fixture(scope='module')
+def images_run(tmp_path_factory):
+  """Preprocesses NUM_IMAGES real digit files (+2 broken) with z-score scaling."""
+  root = tmp_path_factory.mktemp('images')
+  x, _, y, _ = demo.digit_images()
+  paths = demo.write_images(str(root / 'images'), x[:NUM_IMAGES], y[:NUM_IMAGES])
+  demo.write_broken_inputs(str(root / 'images'))
+  transform_dir, output = str(root / 'transform'), str(root / 'out' / 'train')
+  _, analysed = preprocess.run([
+      f'--input={root}/images/*', f'--transform_dir={transform_dir}', f'--output={output}',
+      '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner',
+  ])
+  pixels = {p: decode_image(open(p, 'rb').read(), canonical.image_spec_for((8, 8, 1))) for p in paths}
+  return dict(root=root, paths=paths, transform_dir=transform_dir, output=output, analysed=analysed, pixels=pixels)
+
+
+def test_image_dead_letters_and_outputs(images_run):
+  failed = read_jsonl(images_run['output'] + '-failed-*.jsonl')
+  assert sorted(os.path.basename(f['key']) for f in failed) == ['broken_not_an_image.jpg', 'broken_truncated.jpg']
+  assert {f['stage'] for f in failed} == {'decode'}
+  assert os.path.isdir(os.path.join(images_run['transform_dir'], 'transform_fn'))
+  assert not os.path.exists(os.path.join(images_run['transform_dir'], 'tmp'))
+  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  assert sorted(records) == sorted(images_run['paths'])
+  assert all(not name.startswith(stats_lib.PREFIX) for r in records.values() for name in r)
+
+
+def test_image_analysers_match_numpy(images_run):
+  all_pixels = np.stack(list(images_run['pixels'].values())).astype(np.float64)
+  analysed = images_run['analysed']
+  np.testing.assert_allclose(analysed['image/mean'], [all_pixels.mean()], rtol=1e-5)
+  np.testing.assert_allclose(analysed['image/var'], [all_pixels.var()], rtol=1e-4)
+  assert analysed['image/min'] == [all_pixels.min()] and analysed['image/max'] == [all_pixels.max()]
+  assert stats_lib.load(images_run['transform_dir']) == analysed
+
+
+def test_image_training_records_are_z_scores_with_labels(images_run):
+  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  mean, std = images_run['analysed']['image/mean'][0], np.sqrt(images_run['analysed']['image/var'][0])
+  for path, pixels in images_run['pixels'].items():
+    np.testing.assert_allclose(records[path]['image'], (pixels.reshape(-1) - mean) / std, rtol=1e-5, atol=1e-5)
+    assert records[path]['label'] == canonical.label_from_name(path)
+  batch = next(reader.iterate_batches(images_run['transform_dir'], images_run['output'] + '-*.tfrecord', 16))
+  assert batch['image'].shape == (16, 8, 8, 1) and batch['image'].dtype == np.float32
+
+
+def test_serving_pipeline_gives_the_training_features(images_run):
+  """The same image file through the serving transform == its training record."""
+  from beam_dl import tft_jax
+
+  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  expected = [(p, records[p]['image'].reshape(8, 8, 1)) for p in images_run['paths']]
+  served = {}
+
+  def matches(actual):
+    served.update(dict(actual))
+    assert sorted(served) == sorted(p for p, _ in expected)
+    for path, image in expected:
+      np.testing.assert_allclose(served[path], image, rtol=0, atol=1e-6)
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    files = p | beam.Create([(path, open(path, 'rb').read()) for path in images_run['paths']])
+    files = (files, p | 'Broken' >> beam.Create([('bad.png', b'not an image')])) | beam.Flatten()
+    out = files | pp.TransformImagesForInference(images_run['transform_dir'], batch_size=32)
+    assert_that(out.inputs, matches)
+    assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('bad.png', 'decode')]), label='Failed')
+
+  # The JAX equivalent from the analysed statistics, and the folded ModelSpec.
+  raw = np.stack([images_run['pixels'][p] for p, _ in expected])
+  want = np.stack([image for _, image in expected])
+  np.testing.assert_allclose(np.asarray(tft_jax.image_fn(images_run['transform_dir'])(raw)), want, rtol=0, atol=1e-6)
+  from beam_dl.checkpoints import ModelSpec
+
+  spec = tft_jax.fold_into_spec(ModelSpec('small_cnn', input_shape=(8, 8, 1)), images_run['transform_dir'])
+  np.testing.assert_allclose(np.asarray(spec.normalize(raw)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_saved_transform_dead_letters_bad_records(images_run):
+  good = examples.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
+  wrong_size = examples.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
+  with TestPipeline(runner='FnApiRunner') as p:
+    out = p | beam.Create([('ok', good), ('small', wrong_size), ('junk', b'\x00junk')]) | pp.ApplySavedTransform(
+        images_run['transform_dir'])
+    assert_that(out.transformed | beam.Map(lambda kv: (kv[0], int(kv[1]['label']))), equal_to([('ok', 3)]))
+    assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])),
+                equal_to([('small', 'transform'), ('junk', 'transform')]), label='Failed')
+
+
+def test_model_trained_on_records_serves_through_transform_and_folded_spec(images_run, tmp_path):
+  """Train on the transformed records; serve (a) raw files -> saved transform
+  graph -> JaxModelHandler and (b) raw uint8 -> the same weights with the
+  scaler folded into the ModelSpec. Both give the training-side logits."""
+  from beam_dl import checkpoints, tft_jax
+  from beam_dl.handler import JaxModelHandler
+  from beam_dl.training.quick import fit_arrays
+  from transforms.inference import RunInferenceWithDeadLetters
+
+  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  paths = sorted(records)
+  x = np.stack([records[p]['image'].reshape(8, 8, 1) for p in paths])
+  y = np.array([records[p]['label'] for p in paths])
+  spec = checkpoints.ModelSpec(
+      'small_cnn', {'num_classes': 10, 'features': [8, 16], 'hidden': 32}, input_shape=(8, 8, 1))
+  variables, losses = fit_arrays(spec, (x,), y, steps=60, learning_rate=3e-3)
+  assert np.mean(losses[-10:]) < np.mean(losses[:10])
+  transformed_dir = checkpoints.save(str(tmp_path / 'on_transformed'), spec, variables, fmt='msgpack')
+  folded_dir = checkpoints.save(
+      str(tmp_path / 'folded'), tft_jax.fold_into_spec(spec, images_run['transform_dir']), variables, fmt='msgpack')
+
+  import jax
+  want = dict(zip(paths, np.asarray(jax.jit(lambda v, a: spec.build().apply(v, a))(variables, x))))
+  raw = [(p, images_run['pixels'][p]) for p in paths]
+
+  def close_to_training(actual):
+    actual = dict(actual)
+    assert sorted(actual) == paths
+    for path in paths:
+      np.testing.assert_allclose(actual[path], want[path], rtol=1e-4, atol=1e-4)
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    files = p | 'Files' >> beam.Create([(path, open(path, 'rb').read()) for path in paths])
+    inputs = files | pp.TransformImagesForInference(images_run['transform_dir'])
+    graph = inputs.inputs | 'ViaGraph' >> RunInferenceWithDeadLetters(JaxModelHandler(transformed_dir, max_batch_size=64))
+    folded = (p | 'Raw' >> beam.Create(raw)) | 'ViaFolded' >> RunInferenceWithDeadLetters(
+        JaxModelHandler(folded_dir, max_batch_size=64))
+    logits = lambda kv: (kv[0], np.asarray(kv[1].inference))
+    assert_that(graph.predictions | 'GraphLogits' >> beam.Map(logits), close_to_training, label='Graph')
+    assert_that(folded.predictions | 'FoldedLogits' >> beam.Map(logits), close_to_training, label='Folded')
+
+
+def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
+  import io
+
+  import tensorflow as tf
+  from PIL import Image
+
+  spec = canonical.image_spec_for((8, 8, 1))
+  image = (np.arange(64, dtype=np.uint8) * 3).reshape(8, 8, 1)
+  png = io.BytesIO()
+  Image.fromarray(image[..., 0], mode='L').save(png, 'PNG')
+  feature = lambda **kw: tf.train.Feature(**kw)
+  encoded = tf.train.Example(features=tf.train.Features(feature={
+      'image/encoded': feature(bytes_list=tf.train.BytesList(value=[png.getvalue()])),
+      'image/class/label': feature(int64_list=tf.train.Int64List(value=[7])),
+      'image/key': feature(bytes_list=tf.train.BytesList(value=[b'k7'])),
+  })).SerializeToString()
+  decoded = examples.encode_image_example('k7', image, 7)
+  for record in (encoded, decoded):
+    parsed = tf.io.parse_example([canonical.image_record_to_raw(record, spec, 'fallback')], schemas.image_feature_spec())
+    assert parsed['key'].numpy()[0] == b'k7' and parsed['label'].numpy()[0] == 7
+    assert np.array_equal(np.frombuffer(parsed['image/raw'].numpy()[0], np.uint8).reshape(8, 8, 1), image)
+  bad = {
+      'wrong shape': examples.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
+      'not an example': b'\xff\x00garbage',
+      'no image': tf.train.Example().SerializeToString(),
+  }
+  for name, record in bad.items():
+    with pytest.raises(canonical.CanonicalError):
+      canonical.image_record_to_raw(record, spec, 'fallback')
+
+
+# ------------------------------------------------------------------ sequences
+
+ITEMS = ['apple', 'banana', 'cherry', 'date', 'elder', 'fig']
+
+
+def write_events(path: str, seed: int = 0) -> dict:
+  """JSON-lines events of 30 users (1-12 events each), plus 2 bad lines.
+
+  Item frequencies are made distinct so the vocabulary order is unambiguous.
+  Returns {user: [events in time order]}.
+  """
+  rng = np.random.default_rng(seed)
+  users = {}
+  lines = []
+  weights = np.array([32, 16, 8, 4, 2, 1], float)
+  for u in range(30):
+    n = int(rng.integers(1, 13))
+    times = np.sort(rng.choice(1000, n, replace=False)).astype(float)
+    events = [
+        {'user': f'u{u:02d}', 'ts': t, 'amount': float(np.round(rng.gamma(2.0, 10.0), 3)),
+         'duration': float(np.round(rng.normal(5, 2), 3)), 'item': str(rng.choice(ITEMS, p=weights / weights.sum())),
+         'label': int(u % 3)}
+        for t in times
+    ]
+    users[f'u{u:02d}'] = events
+    lines.extend(json.dumps(e) for e in events)
+  rng.shuffle(lines)
+  lines += ['{not json', json.dumps({'user': 'u99', 'ts': 1.0, 'amount': 'lots', 'duration': 1, 'item': 'x'})]
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return users
+
+
+@pytest.fixture(scope='module')
+def sequences_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('events')
+  users = write_events(str(root / 'events.jsonl'))
+  # Make item counts distinct (ties would make the vocabulary order arbitrary).
+  counts = collections.Counter(e['item'] for events in users.values() for e in events)
+  assert len(set(counts.values())) == len(counts), counts
+  transform_dir, output = str(root / 'transform'), str(root / 'out' / 'train')
+  _, analysed = preprocess.run([
+      f'--input={root}/events.jsonl', f'--transform_dir={transform_dir}', f'--output={output}',
+      '--preprocess_kind=sequences', '--preprocess_value_fields=amount,duration', '--preprocess_key_field=user',
+      '--preprocess_time_field=ts', '--preprocess_id_field=item', '--preprocess_label_field=label',
+      '--preprocess_length_buckets=3', '--runner=FnApiRunner',
+  ])
+  return dict(users=users, counts=counts, transform_dir=transform_dir, output=output, analysed=analysed)
+
+
+def test_sequence_analysers_match_numpy(sequences_run):
+  users, analysed = sequences_run['users'], sequences_run['analysed']
+  for i, field in enumerate(['amount', 'duration']):
+    column = np.array([e[field] for events in users.values() for e in events], np.float64)
+    np.testing.assert_allclose(analysed[f'values_{i}/mean'], [column.mean()], rtol=1e-5)
+    np.testing.assert_allclose(analysed[f'values_{i}/var'], [column.var()], rtol=1e-4)
+    np.testing.assert_allclose(analysed[f'values_{i}/min'], [column.min()], rtol=1e-6)
+    np.testing.assert_allclose(analysed[f'values_{i}/max'], [column.max()], rtol=1e-6)
+  by_frequency = [item for item, _ in sequences_run['counts'].most_common()]
+  assert analysed['vocabulary/item/top'] == by_frequency
+  assert analysed['vocabulary/item/size'] == [len(by_frequency)]
+  lengths = np.array([len(e) for e in users.values()], float)
+  boundaries = np.array(analysed['length/boundaries'])
+  assert len(boundaries) == 2 and np.all(np.diff(boundaries) >= 0)
+  # Approximate quantiles (epsilon 0.01): each boundary within one rank step of numpy's.
+  for q, b in zip([1 / 3, 2 / 3], boundaries):
+    assert np.quantile(lengths, q - 0.04, method='lower') <= b <= np.quantile(lengths, q + 0.04, method='higher')
+
+
+def test_sequence_records_and_serving_agree(sequences_run):
+  users, analysed = sequences_run['users'], sequences_run['analysed']
+  records = reader.read_all(sequences_run['transform_dir'], sequences_run['output'] + '-*.tfrecord')
+  assert sorted(records) == sorted(users)
+  vocab = {item: i for i, item in enumerate(analysed['vocabulary/item/top'])}
+  boundaries = np.array(analysed['length/boundaries'], np.float32)
+  for user, events in users.items():
+    row = records[user]
+    for i, field in enumerate(['amount', 'duration']):
+      raw = np.array([e[field] for e in events], np.float32)
+      mean, var = analysed[f'values_{i}/mean'][0], analysed[f'values_{i}/var'][0]
+      np.testing.assert_allclose(row[f'values_{i}'], (raw - mean) / np.sqrt(var), rtol=1e-5, atol=1e-5)
+    assert row['ids'].tolist() == [vocab[e['item']] for e in events]
+    assert row['label'] == events[-1]['label']
+    assert row['length_bucket'] == np.searchsorted(boundaries, np.float32(len(events)), side='right')
+  failed = read_jsonl(sequences_run['output'] + '-failed-*.jsonl')
+  assert len(failed) == 2 and {f['stage'] for f in failed} == {'parse_event'}
+
+  # Serving: the same events -> canonical raw example -> saved graph.
+  raw = [
+      (user, schemas.sequence_raw_example(
+          user, [[e['amount'], e['duration']] for e in events], [e['item'] for e in events], events[-1]['label']))
+      for user, events in users.items()
+  ]
+  served = {}
+
+  def matches(actual):
+    served.update(dict(actual))
+    assert sorted(served) == sorted(users)
+    for user, row in records.items():
+      for name in ('values_0', 'values_1', 'ids', 'length_bucket', 'label'):
+        np.testing.assert_allclose(served[user][name], row[name], rtol=0, atol=1e-6, err_msg=f'{user} {name}')
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    out = p | beam.Create(raw) | pp.ApplySavedTransform(sequences_run['transform_dir'], batch_size=8)
+    assert_that(out.transformed, matches)
+
+  batch = next(reader.iterate_batches(sequences_run['transform_dir'], sequences_run['output'] + '-*.tfrecord', 8))
+  assert batch['values'].shape[0] == 8 and batch['values'].shape[2] == 2
+  assert (batch['mask'].sum(axis=1) == batch['length']).all()
+
+
+def test_sequence_examples_with_min_max_scaling(tmp_path):
+  """TFRecords of SequenceExample -> scale_to_0_1 values, matching numpy and JAX."""
+  import tensorflow as tf
+
+  from beam_dl import tft_jax
+  from beam_dl.io.sequences import SequenceRecord, encode_sequence_example
+
+  rng = np.random.default_rng(1)
+  sequences = {}
+  with tf.io.TFRecordWriter(str(tmp_path / 'seq.tfrecord')) as writer:
+    for s in range(12):
+      length = int(rng.integers(2, 9))
+      record = SequenceRecord(
+          key=f's{s}', values=rng.normal(size=(length, 2)).astype(np.float32) * [1, 50],
+          ids=rng.integers(0, 4, size=length).astype(np.int64), label=s % 2)
+      sequences[record.key] = record
+      writer.write(encode_sequence_example(record))
+    writer.write(b'not a sequence example')
+  transform_dir, output = str(tmp_path / 'transform'), str(tmp_path / 'out' / 'seq')
+  _, analysed = preprocess.run([
+      f'--input={tmp_path}/seq.tfrecord', f'--transform_dir={transform_dir}', f'--output={output}',
+      '--preprocess_kind=sequences', '--preprocess_num_values=2', '--preprocess_with_ids',
+      '--preprocess_scaling=0_1', '--runner=FnApiRunner',
+  ])
+  records = reader.read_all(transform_dir, output + '-*.tfrecord')
+  assert sorted(records) == sorted(sequences)
+  assert len(read_jsonl(output + '-failed-*.jsonl')) == 1
+  all_values = np.concatenate([r.values for r in sequences.values()])
+  for i in range(2):
+    low, high = all_values[:, i].min(), all_values[:, i].max()
+    assert analysed[f'values_{i}/min'] == [pytest.approx(low)] and analysed[f'values_{i}/max'] == [pytest.approx(high)]
+    scale = tft_jax.scaler(transform_dir, f'values_{i}')
+    for key, record in sequences.items():
+      np.testing.assert_allclose(records[key][f'values_{i}'], (record.values[:, i] - low) / (high - low), atol=1e-6)
+      np.testing.assert_allclose(np.asarray(scale(record.values[:, i])), records[key][f'values_{i}'], rtol=0, atol=1e-7)
+  vocab = {token: i for i, token in enumerate(analysed['vocabulary/item/top'])}
+  for key, record in sequences.items():
+    assert records[key]['ids'].tolist() == [vocab[str(i)] for i in record.ids]

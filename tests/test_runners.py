@@ -1,0 +1,151 @@
+"""Every pipeline runs unchanged on every runner that executes here.
+
+The matrix is tests/runner_matrix.py: PIPELINES x RUNNERS. Each cell runs
+`python -m pipelines.X <flags> <runner flags>` in a fresh process, bounded by
+a timeout, and compares its outputs, in canonical form, with the
+DirectRunner's (same predictions, same dead letters). The DirectRunner's own
+outputs are checked for correctness. Local runners: DirectRunner, the
+FnApiRunner with 2 worker processes, the PortableRunner against Beam's local
+job service (the Runner/Fn API that Flink and Spark job servers speak) with
+LOOPBACK workers and with an EXTERNAL worker pool. FlinkRunner and
+SparkRunner run where BEAM_FLINK_JOB_SERVER_JAR / BEAM_SPARK_JOB_SERVER_JAR
+(or BEAM_*_JOB_ENDPOINT) is set, and are skipped with that reason otherwise.
+
+Inputs (and a small trained model) are written once per session; the job
+service and worker pool are started once, on first use, and killed at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from tests import runner_matrix as rm
+
+pytestmark = pytest.mark.runner
+
+
+class _Session:
+  """Per-session state: prepared inputs, started services, reference outputs."""
+
+  def __init__(self, root: str, data_root: str):
+    self.root = root
+    self.data_root = data_root
+    self.stack = contextlib.ExitStack()
+    self.services: dict[str, str] = {}
+    self.references: dict[str, object] = {}
+
+  def data_dir(self, pipeline: str) -> str:
+    return rm.prepared_data(self.data_root, pipeline)
+
+  def services_for(self, needs) -> dict[str, str]:
+    if ('job_service' in needs or 'worker_pool' in needs) and 'job_endpoint' not in self.services:
+      self.services['job_endpoint'] = self.stack.enter_context(rm.job_service(self.root))
+    if 'worker_pool' in needs and 'worker_pool' not in self.services:
+      self.services['worker_pool'] = self.stack.enter_context(rm.worker_pool(self.root))
+    return self.services
+
+  def run(self, pipeline: str, runner: str):
+    """Runs one cell; returns its canonical outputs (asserting it succeeded)."""
+    case, runner_case = rm.PIPELINES[pipeline], rm.RUNNERS[runner]
+    out_dir = os.path.join(self.root, 'out', pipeline, runner)
+    os.makedirs(out_dir)
+    argv = case.argv(self.data_dir(pipeline), out_dir) + runner_case.flags(self.services_for(runner_case.needs))
+    outcome = rm.run_pipeline(case.module, argv, os.path.join(out_dir, 'run.log'))
+    assert outcome.returncode == 0, f'{pipeline} on {runner} exited {outcome.returncode}:\n{outcome.log[-4000:]}'
+    return case.read(out_dir)
+
+  def reference(self, pipeline: str):
+    if pipeline not in self.references:
+      canonical = self.run(pipeline, rm.REFERENCE_RUNNER)
+      rm.PIPELINES[pipeline].check(canonical)
+      self.references[pipeline] = canonical
+    return self.references[pipeline]
+
+
+@pytest.fixture(scope='session')
+def matrix(tmp_path_factory):
+  data_root = str(tmp_path_factory.getbasetemp() / 'matrix_data')
+  session = _Session(str(tmp_path_factory.mktemp('runner_matrix')), data_root)
+  with session.stack:
+    yield session
+
+
+def _cells():
+  for pipeline, case in rm.PIPELINES.items():
+    for runner in rm.RUNNERS:
+      marks = []
+      if runner in case.xfail:
+        marks.append(pytest.mark.xfail(reason=case.xfail[runner], strict=True))
+      if not rm.pipeline_exists(case.module):
+        marks.append(pytest.mark.skip(reason=f'{case.module} is not in this tree'))
+      elif (case.ci_runners is not None and runner not in case.ci_runners and rm.RUNNERS[runner].local
+            and os.environ.get('BEAM_DL_QUICK_MATRIX')):
+        marks.append(pytest.mark.skip(reason=case.ci_skip_reason))
+      yield pytest.param(pipeline, runner, id=f'{pipeline}-{runner}', marks=marks)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize('pipeline,runner', list(_cells()))
+def test_pipeline_on_runner(matrix, pipeline, runner):
+  reason = rm.RUNNERS[runner].unavailable()
+  if reason:
+    pytest.skip(reason)
+  reference = matrix.reference(pipeline)  # checked for correctness on first use
+  if runner == rm.REFERENCE_RUNNER:
+    return
+  rm.PIPELINES[pipeline].compare(matrix.run(pipeline, runner), reference)
+
+
+def test_flink_and_spark_flags_come_from_the_environment(monkeypatch):
+  """The Flink/Spark cells pass the user's jar or endpoint through unchanged."""
+  monkeypatch.delenv('BEAM_FLINK_JOB_ENDPOINT', raising=False)
+  monkeypatch.delenv('BEAM_FLINK_MASTER', raising=False)
+  monkeypatch.delenv('BEAM_FLINK_JOB_SERVER_JAR', raising=False)
+  assert 'BEAM_FLINK_JOB_SERVER_JAR' in rm.RUNNERS['flink'].unavailable()
+  monkeypatch.setenv('BEAM_FLINK_JOB_SERVER_JAR', '/nonexistent/flink.jar')
+  assert 'does not exist' in rm.RUNNERS['flink'].unavailable()
+  assert rm.RUNNERS['flink'].flags({}) == [
+      '--runner=FlinkRunner', '--flink_job_server_jar=/nonexistent/flink.jar', '--flink_master=[local]',
+      '--environment_type=LOOPBACK',
+  ]
+  monkeypatch.setenv('BEAM_SPARK_JOB_ENDPOINT', 'localhost:8099')
+  assert rm.RUNNERS['spark'].unavailable() is None
+  assert rm.RUNNERS['spark'].flags({}) == [
+      '--runner=PortableRunner', '--job_endpoint=localhost:8099', '--environment_type=LOOPBACK'
+  ]
+
+
+def test_a_dead_worker_pool_fails_within_the_timeout(tmp_path):
+  """A portable job whose worker pool is not there fails (or is killed at the
+  timeout): it never hangs the suite, and never reports success."""
+  (tmp_path / 'words.txt').write_text('to be or not to be\n')
+  with rm.job_service(str(tmp_path)) as endpoint:
+    outcome = rm.run_pipeline(
+        'apache_beam.examples.wordcount',
+        [f'--input={tmp_path}/words.txt', f'--output={tmp_path}/out', '--runner=PortableRunner', f'--job_endpoint={endpoint}',
+         '--environment_type=EXTERNAL', f'--environment_config=localhost:{rm.free_port()}'],
+        str(tmp_path / 'run.log'),
+        timeout_s=20,
+    )
+  assert outcome.returncode != 0
+
+
+def test_every_beam_pipeline_is_in_the_matrix():
+  """A module in pipelines/ with `build(pipeline, options)` is a Beam pipeline: it needs a matrix entry."""
+  import importlib
+  import inspect
+  import pkgutil
+
+  import pipelines
+
+  beam_pipelines = set()
+  for info in pkgutil.iter_modules(pipelines.__path__, prefix='pipelines.'):
+    module = importlib.import_module(info.name)
+    build = getattr(module, 'build', None)
+    if callable(build) and list(inspect.signature(build).parameters)[:2] == ['pipeline', 'options']:
+      beam_pipelines.add(info.name)
+  assert 'pipelines.classify_images' in beam_pipelines
+  registered = {case.module for case in rm.PIPELINES.values()}
+  assert beam_pipelines <= registered, f'add to tests/runner_matrix.PIPELINES: {sorted(beam_pipelines - registered)}'
