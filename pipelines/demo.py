@@ -29,6 +29,7 @@ from PIL import Image
 from beam_dl import checkpoints
 from beam_dl.io.images import ImageSpec, decode_image
 from beam_dl.training.quick import fit_arrays
+from beam_dl.jsonl import read_jsonl
 
 _log = logging.getLogger('beam_dl.demo')
 LABEL_IN_NAME = re.compile(r'_label(\d+)\.')
@@ -87,14 +88,6 @@ def train_model(train_paths: list[str], model_dir: str, steps: int, seed: int = 
   variables, losses = fit_arrays(spec, (x,), y, steps=steps, batch_size=64, learning_rate=2e-3, seed=seed)
   _log.info('trained %d steps: loss %.3f -> %.3f', steps, np.mean(losses[:10]), np.mean(losses[-10:]))
   return checkpoints.save(model_dir, spec, variables)
-
-
-def read_jsonl(pattern: str) -> list[dict]:
-  records = []
-  for path in sorted(glob.glob(pattern)):
-    with open(path) as f:
-      records.extend(json.loads(line) for line in f if line.strip())
-  return records
 
 
 def summarize(predictions: list[dict], failed: list[dict], num_inputs: int, seconds: float) -> dict:

@@ -20,7 +20,6 @@ Real data that ships with statsmodels (weekly atmospheric CO2, 1958-2001,
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import numpy as np
 
 from beam_dl import checkpoints
 from beam_dl.checkpoints import ModelSpec
+from beam_dl.jsonl import read_jsonl
 
 WEEK = 7 * 24 * 3600.0
 SEQ_LEN = 12
@@ -95,14 +95,6 @@ def train_model(model_dir: str, values: np.ndarray, steps: int = 400, seed: int 
                                  batch_size=128, learning_rate=3e-3, seed=seed)
   checkpoints.save(model_dir, spec, variables, fmt='msgpack')
   return {'windows': len(x), 'first_loss': losses[0], 'final_loss': float(np.mean(losses[-20:]))}
-
-
-def read_jsonl(pattern: str) -> list[dict]:
-  records = []
-  for path in sorted(glob.glob(pattern)):
-    with open(path, encoding='utf-8') as f:
-      records.extend(json.loads(line) for line in f if line.strip())
-  return records
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import importlib.util
 import json
 import os
@@ -32,6 +31,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from beam_dl.jsonl import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -295,14 +296,6 @@ def _assert_equal(canonical: Any, reference: Any) -> None:
   assert canonical == reference
 
 
-def read_jsonl(pattern: str) -> list[dict]:
-  records = []
-  for path in sorted(glob.glob(pattern)):
-    with open(path) as f:
-      records.extend(json.loads(line) for line in f if line.strip())
-  return records
-
-
 # classify_images: 30 real digit images (PNG and JPEG) + 2 broken files, a
 # SmallCNN trained for 100 steps on 300 other digits.
 
@@ -468,7 +461,6 @@ def preprocess_argv(data_dir: str, out_dir: str) -> list[str]:
 
 def read_preprocess(out_dir: str) -> dict:
   """{'records': {file: {feature: values}}, 'stats': {...}, 'failed': sorted [(file, stage, reason)]}."""
-  import numpy as np
 
   from beam_dl.preprocessing import reader, stats
 

@@ -1,6 +1,4 @@
 """The flagship pipeline over real image bytes: predictions and dead letters."""
-import glob
-import json
 
 import apache_beam as beam
 import numpy as np
@@ -9,6 +7,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl.jsonl import read_jsonl
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec, decode_image
 from pipelines import classify_images
@@ -75,10 +74,6 @@ def test_classify_images_predictions_and_dead_letters(digits_model_dir, inputs):
         ]),
         label='DeadLetters',
     )
-
-
-def read_jsonl(pattern):
-  return [json.loads(line) for path in sorted(glob.glob(pattern)) for line in open(path)]
 
 
 def test_pipeline_from_files_every_input_lands_once(digits_model_dir, inputs, tmp_path):

@@ -7,7 +7,6 @@ tf.Transform pipelines take ~15 s each on 2 cores.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import os
 
@@ -17,6 +16,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl.jsonl import read_jsonl
 from beam_dl.io import examples
 from beam_dl.io.images import decode_image
 from beam_dl.preprocessing import canonical, reader, schemas
@@ -25,10 +25,6 @@ from pipelines import demo, preprocess
 from transforms import preprocessing as pp
 
 NUM_IMAGES = 120
-
-
-def read_jsonl(pattern):
-  return [json.loads(line) for path in sorted(glob.glob(pattern)) for line in open(path) if line.strip()]
 
 
 @pytest.fixture(scope='module')
