@@ -20,6 +20,23 @@ class OptionsError(ValueError):
   """A missing or invalid pipeline option, named with what to pass."""
 
 
+SWITCH_VALUES = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+
+
+def switch(text: str) -> bool:
+  """argparse `type=` for on/off flags that also take a value.
+
+  Use with `nargs='?', const=True, default=False`: `--forecast` and
+  `--forecast=true` turn it on, `--forecast=false` off. A Flex Template
+  launcher passes every parameter as `--name=value`, which a store_true flag
+  refuses, so on/off flags of templated pipelines are switches.
+  """
+  try:
+    return SWITCH_VALUES[str(text).strip().lower()]
+  except KeyError:
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}') from None
+
+
 def positive_int(text: str) -> int:
   """argparse `type=` for counts and sizes: 1 or more, else a clear error.
 

@@ -34,7 +34,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.options import IOOptions, OptionsError, require
+from beam_dl.options import IOOptions, OptionsError, require, switch
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns, stats
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -60,7 +60,9 @@ class PreprocessOptions(PipelineOptions):
     parser.add_argument('--preprocess_key_field', default='key', help='Sequence key field of events.')
     parser.add_argument('--preprocess_time_field', default='time', help='Event time field of events.')
     parser.add_argument('--preprocess_label_field', default=None, help='Label field of events.')
-    parser.add_argument('--preprocess_with_ids', action='store_true', help='SequenceExample inputs carry ids.')
+    parser.add_argument(
+        '--preprocess_with_ids', type=switch, nargs='?', const=True, default=False,
+        help='SequenceExample inputs carry ids (--preprocess_with_ids or =true|false).')
     parser.add_argument('--preprocess_length_buckets', type=int, default=4)
     parser.add_argument('--preprocess_shards', type=int, default=0, help='Output shards (0: runner decides).')
 

@@ -55,7 +55,7 @@ from beam_dl.deadletter import dead_letter
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.events import EventSpec
-from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require
+from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require, switch
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines
 from transforms.sequences import ParseEvents
@@ -88,8 +88,9 @@ class ScoreSequencesOptions(PipelineOptions):
     add('--seq_len', type=int, default=32, help='Events per sequence: the last N of the window.')
     add('--min_length', type=int, default=None,
         help='Windows with fewer events are dead letters, not scored (default 1; 2 with --forecast).')
-    add('--forecast', action='store_true',
-        help='Model predicts the last event from the ones before; score = mean |error|.')
+    add('--forecast', type=switch, nargs='?', const=True, default=False,
+        help='Model predicts the last event from the ones before; score = mean |error| '
+             '(--forecast or --forecast=true|false).')
     add('--poll_interval_secs', type=float, default=1.0, help='Streaming from files: seconds between matches.')
     add('--stop_after_secs', type=float, default=None,
         help='Streaming from files: stop watching after this many seconds (bounded runs, tests).')
@@ -326,7 +327,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   external = opts.input_topic or opts.input_subscription or opts.kafka_topic
   require(options, 'model_dir', 'output', *(() if external else ('input',)))
   if external and not streaming:
-    raise OptionsError('--input_topic/--input_subscription/--kafka_topic need --streaming')
+    # Pub/Sub and Kafka are unbounded: they imply streaming. Turned on here
+    # because a Flex Template can't pass Beam's store_true --streaming.
+    options.view_as(StandardOptions).streaming = streaming = True
+    logging.getLogger(__name__).info('streaming mode turned on for the unbounded source')
   spec = checkpoints.load_spec(inference.model_dir)
   fields = tuple(f.strip() for f in opts.event_value_fields.split(',') if f.strip())
   if not spec.is_sequence or tuple(spec.input_shape[1:]) != (len(fields),):

@@ -537,8 +537,6 @@ PIPELINES: dict[str, PipelineCase] = {
         template_optional={'input': 'not needed when reading Pub/Sub or Kafka (--streaming)'},
         template_omit={
             'input_format': 'score_sequences reads JSON lines only and ignores it',
-            'forecast': ('a store_true flag: the Flex Template launcher passes --forecast=<value>, which argparse '
-                         'refuses; launch forecast scoring with the python command in docs/runners.md'),
         },
     ),
     'preprocess': PipelineCase(
@@ -552,10 +550,6 @@ PIPELINES: dict[str, PipelineCase] = {
         ci_runners=('direct', 'portable_external'),
         ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: tf.Transform takes 25-55 s per runner on 2 cores, so a quick '
                         'run covers Direct and the portable EXTERNAL worker pool; unset it for every runner'),
-        template_omit={
-            'preprocess_with_ids': ('a store_true flag: the Flex Template launcher passes --preprocess_with_ids='
-                                    '<value>, which argparse refuses'),
-        },
     ),
 }
 

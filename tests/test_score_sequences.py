@@ -10,6 +10,7 @@ import os
 import threading
 import time
 
+import apache_beam as beam
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +131,18 @@ def test_streaming_watched_directory_picks_up_new_files(tmp_path, model_dir):
   assert [f['stage'] for f in failed] == ['parse_event', 'parse_event']
   summary = score_sequences.latency_summary(result)
   assert summary['files_matched'] == 2 and summary['scored'] == len(scores)
+
+
+def test_pubsub_source_turns_streaming_on(model_dir, tmp_path):
+  """An unbounded source implies streaming: no --streaming needed (Flex Templates can't pass it)."""
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+  options = PipelineOptions([
+      f'--model_dir={model_dir}', f'--output={tmp_path}/scores', '--event_value_fields=co2',
+      '--input_subscription=projects/my-project/subscriptions/events'])
+  pipeline = beam.Pipeline(options=options)
+  score_sequences.build(pipeline, options)
+  assert options.view_as(StandardOptions).streaming
+  labels = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
+  assert any('ReadFromPubSub' in label for label in labels), sorted(labels)
+

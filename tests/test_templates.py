@@ -158,6 +158,18 @@ def test_option_validation_helpers():
   assert options_lib.check_pattern(options, 'output', r'/.+', 'absolute') == '/tmp/x'
 
 
+def test_on_off_flags_take_the_values_a_flex_template_passes():
+  from pipelines import score_sequences  # noqa: F401  (registers --forecast)
+
+  def forecast(*argv):
+    return PipelineOptions(list(argv)).get_all_options()['forecast']
+
+  assert (forecast(), forecast('--forecast'), forecast('--forecast=true'), forecast('--forecast=false')) == (
+      False, True, True, False)
+  with pytest.raises(argparse.ArgumentTypeError, match="expected true or false, got 'maybe'"):
+    options_lib.switch('maybe')
+
+
 def _step_names(pipeline_proto) -> set[str]:
   return {t.unique_name for t in pipeline_proto.components.transforms.values()}
 
