@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from benchmarks.bench_inference import MODELS, build_model, make_images, raw_loop
+from benchmarks.bench_inference import MODELS, _Images, build_model, make_images, raw_loop
 
 
 def torch_small_cnn(features, hidden, num_classes, channels, size):
@@ -68,21 +68,15 @@ def flax_to_torch_state(params) -> dict:
   return state
 
 
-class _TorchImages:
+class _TorchImages(_Images):
   """Same images as bench_inference._Images, as zero-copy torch tensors."""
-
-  def __init__(self, num, shape):
-    self._num, self._shape, self._images = num, tuple(shape), None
 
   def __call__(self, start_and_size):
     import torch
 
-    if self._images is None:
-      self._images = make_images(self._num, self._shape)
-    start, size = start_and_size
     # one tensor per example over its own bytes (a view of one big tensor
     # would carry the whole storage whenever it is pickled)
-    return [torch.from_numpy(x) for x in self._images[start : start + size]]
+    return [torch.from_numpy(x) for x in super().__call__(start_and_size)]
 
 
 def run_pipeline(handler, elements_fn, num, batch, runner) -> float:
@@ -117,7 +111,6 @@ def main(argv=None):
 
   from beam_dl import checkpoints
   from beam_dl.handler import JaxModelHandler
-  from benchmarks.bench_inference import _Images
 
   torch.set_num_threads(os.cpu_count())
   kwargs, size, channels = MODELS['small_cnn']

@@ -34,8 +34,7 @@ def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inferen
   """Beam's failed-inference record (batch, error info) -> one record per input."""
   batch, error = failure
   reason = _error_reason(error)
-  elements = batch if isinstance(batch, (list, tuple)) and not _is_keyed(batch) else [batch]
-  for element in elements:
+  for element in _elements(batch):
     key = element[0] if _is_keyed(element) else None
     yield dead_letter(key, stage, reason)
 
@@ -43,9 +42,13 @@ def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inferen
 def failed_batch_elements(failure: tuple[Any, Any]) -> Iterable[list]:
   """A failed batch's elements, each as its own one-element batch to retry."""
   batch, _ = failure
-  elements = batch if isinstance(batch, (list, tuple)) and not _is_keyed(batch) else [batch]
-  for element in elements:
+  for element in _elements(batch):
     yield [element]
+
+
+def _elements(batch: Any) -> list:
+  """The elements Beam's DLQ reports as failed: a batch's list, or one element."""
+  return batch if isinstance(batch, (list, tuple)) and not _is_keyed(batch) else [batch]
 
 
 def _is_keyed(element: Any) -> bool:

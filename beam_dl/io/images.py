@@ -174,7 +174,7 @@ def rng_for_bytes(data: bytes, seed: int) -> np.random.Generator:
 
 def rng_for_key(key: str, seed: int) -> np.random.Generator:
   """A generator for one image's random crop: reproducible per (seed, key)."""
-  return np.random.default_rng([seed, zlib.crc32(str(key).encode('utf-8'))])
+  return rng_for_bytes(str(key).encode('utf-8'), seed)
 
 
 def _needed_size(spec: ImageSpec, width: int, height: int) -> tuple[int, int] | None:
