@@ -1,0 +1,129 @@
+"""Command lines of beam_dl pipelines: --help, unknown flags, input checks, exit codes.
+
+Beam's `PipelineOptions(argv)` accepts anything: `--help` shows nothing of a
+pipeline's own flags, a misspelled flag is only logged ("Discarding
+unparseable args") and the job runs without it, and a glob that matches
+nothing runs to an empty output with exit code 0. A pipeline's `run()` goes
+through `parse_options()` and `main()` here instead, so that:
+
+- `--help` lists the pipeline's own option groups with their help, and says
+  that every Beam option (--runner, ...) is accepted too;
+- a flag that no option class defines is refused before the job starts, with
+  the closest known flag as a suggestion (as Beam's own validation words it);
+- `require_matches()` refuses an input pattern that matches no file;
+- an `OptionsError` ends the process with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_dl.options import OptionsError
+
+_log = logging.getLogger('beam_dl')
+BEAM_OPTIONS_NOTE = (
+    'Every Apache Beam pipeline option is accepted as well (--runner, --direct_num_workers, '
+    '--temp_location, ...): see '
+    'https://beam.apache.org/documentation/programming-guide/#configuring-pipeline-options'
+)
+
+
+def help_parser(prog: str, description: str, groups: Sequence[type]) -> argparse.ArgumentParser:
+  """An argparse parser holding only `groups`' flags, for --help."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=description, epilog=BEAM_OPTIONS_NOTE,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  seen = set()
+  for group in groups:
+    section = parser.add_argument_group(group.__name__, (group.__doc__ or '').strip().splitlines()[0])
+    # Option groups add flags to whatever parser they are handed; give each a
+    # view that skips flags an earlier group already showed.
+    group._add_argparse_args(_UniqueFlags(section, seen))  # pylint: disable=protected-access
+  return parser
+
+
+class _UniqueFlags:
+  """An argument group that ignores a flag added twice (shared option groups)."""
+
+  def __init__(self, group, seen: set):
+    self._group, self._seen = group, seen
+
+  def add_argument(self, *names, **kwargs):
+    if any(name in self._seen for name in names):
+      return None
+    self._seen.update(names)
+    return self._group.add_argument(*names, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._group, name)
+
+
+def beam_parser() -> argparse.ArgumentParser:
+  """Beam's parser with the flags of every registered PipelineOptions class."""
+  from apache_beam.options.pipeline_options import _BeamArgumentParser  # pylint: disable=import-outside-toplevel
+
+  parser = _BeamArgumentParser(allow_abbrev=False)
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
+def check_known_flags(argv: Sequence[str]) -> None:
+  """OptionsError naming each `--flag` in argv that no option class defines,
+  with the closest known flag as a suggestion."""
+  parser = beam_parser()
+  _, unknown = parser.parse_known_args(list(argv))
+  flags = [arg.split('=', 1)[0] for arg in unknown if arg.startswith('--')]
+  if not flags:
+    return
+  known = [name for action in parser._actions for name in action.option_strings]  # pylint: disable=protected-access
+  hints = []
+  for flag in flags:
+    close = difflib.get_close_matches(flag, known, n=1)
+    hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+  raise OptionsError(f"unknown option(s): {', '.join(hints)}; see --help")
+
+
+def parse_options(
+    argv: Optional[Sequence[str]],
+    groups: Sequence[type],
+    *,
+    prog: str,
+    description: str,
+) -> PipelineOptions:
+  """PipelineOptions for `argv`, after --help and the unknown-flag check."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if '-h' in argv or '--help' in argv:
+    help_parser(prog, description, groups).print_help()
+    raise SystemExit(0)
+  check_known_flags(argv)
+  return PipelineOptions(argv)
+
+
+def require_matches(pattern: str, flag: str = 'input') -> int:
+  """The number of files matching `pattern`; OptionsError when it is none."""
+  try:
+    matched = FileSystems.match([pattern])[0].metadata_list
+  except Exception as e:  # a bad scheme, an unreachable bucket, a malformed glob
+    raise OptionsError(f'--{flag} {pattern!r}: {e}') from None
+  if not matched:
+    raise OptionsError(f'--{flag} {pattern!r} matches no file')
+  return len(matched)
+
+
+def main(run: Callable[[Sequence[str]], object], argv: Optional[Sequence[str]] = None) -> None:
+  """Runs `run(argv)` as a command: INFO logs from beam_dl, Beam's chatter at
+  WARNING, and an OptionsError as one line on stderr with exit code 2."""
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('beam_dl').setLevel(logging.INFO)
+  try:
+    run(list(sys.argv[1:] if argv is None else argv))
+  except OptionsError as e:
+    print(f'error: {e}', file=sys.stderr)
+    raise SystemExit(2) from None

@@ -1,0 +1,52 @@
+"""The pipelines' command-line contract: --help, unknown flags, empty globs, exit codes."""
+import contextlib
+import io
+
+import pytest
+
+from beam_dl import cli
+from beam_dl.options import InferenceOptions, IOOptions, OptionsError
+
+GROUPS = [IOOptions, InferenceOptions]
+
+
+def test_help_lists_the_pipelines_own_flags_and_exits_0():
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+    cli.parse_options(['--input', 'x', '--help'], GROUPS, prog='python -m pipelines.x', description='Does x.')
+  assert exit_info.value.code == 0
+  text = out.getvalue()
+  for flag in ('--input', '--output', '--model_dir', '--max_batch_size', '--precision'):
+    assert flag in text
+  assert 'Does x.' in text and '--runner' in text
+
+
+def test_misspelled_flag_is_refused_with_a_suggestion():
+  with pytest.raises(OptionsError, match=r"--modle_dir \(did you mean --model_dir\?\)"):
+    cli.parse_options(['--input', 'x', '--modle_dir', 'm'], GROUPS, prog='p', description='d')
+
+
+def test_beam_flags_and_own_flags_parse():
+  options = cli.parse_options(
+      ['--input=x', '--model_dir', 'm', '--runner', 'DirectRunner', '--direct_num_workers=2'],
+      GROUPS, prog='p', description='d')
+  values = options.get_all_options()
+  assert (values['input'], values['model_dir'], values['direct_num_workers']) == ('x', 'm', 2)
+
+
+def test_require_matches_counts_files_and_refuses_an_empty_glob(tmp_path):
+  (tmp_path / 'a.png').write_bytes(b'x')
+  (tmp_path / 'b.png').write_bytes(b'y')
+  assert cli.require_matches(str(tmp_path / '*.png')) == 2
+  with pytest.raises(OptionsError, match='matches no file'):
+    cli.require_matches(str(tmp_path / '*.jpg'))
+
+
+def test_main_turns_an_options_error_into_one_line_and_exit_2(capsys):
+  def run(argv):
+    raise OptionsError(f'--input {argv[1]!r} matches no file')
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(run, ['--input', 'nothing/*'])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip() == "error: --input 'nothing/*' matches no file"
