@@ -1,0 +1,162 @@
+"""MLflow model registry against a real `mlflow server` the tests start.
+
+pipelines.train logs a run and registers version 1 of "digits" with alias
+"champion"; the conftest digits model becomes version 2. Then: the run's
+params, metric curves and artifacts are on the server; `models:/` URIs
+(by version and by alias) serve through the handler and classify_images
+exactly like the local directories they came from, downloaded once per
+process; and the alias watcher turns alias moves into ModelMetadata that
+RunInference follows.
+"""
+import os
+
+os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
+
+import apache_beam as beam  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelMetadata, RunInference  # noqa: E402
+from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
+from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
+from apache_beam.utils.timestamp import Timestamp  # noqa: E402
+
+from beam_dl import checkpoints, registry_mlflow  # noqa: E402
+from beam_dl.handler import JaxModelHandler  # noqa: E402
+from beam_dl.jsonl import read_jsonl  # noqa: E402
+from pipelines import classify_images  # noqa: E402
+from pipelines import train as train_cli  # noqa: E402
+from tests import services  # noqa: E402
+from tests.imaging import digits_uint8, encode  # noqa: E402
+
+mlflow = pytest.importorskip('mlflow')
+pytestmark = pytest.mark.slow  # a real server start, one training run
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+  with services.mlflow_server(str(tmp_path_factory.mktemp('mlflow_server'))) as uri:
+    yield uri
+
+
+@pytest.fixture(scope='module')
+def registered(server, tmp_path_factory, digits_model_dir):
+  """{'workdir', 'summary', 'v2_dir'}: v1 from pipelines.train (alias
+  champion), v2 = the conftest digits model logged by log_training_run."""
+  workdir = str(tmp_path_factory.mktemp('train'))
+  summary = train_cli.main([
+      '--config', 'pipelines/configs/digits_cnn.py:runlocal', '--workdir', workdir,
+      '--set', 'num_steps=40', '--set', 'log_every=10', '--set', 'checkpoint_every=40', '--log_level', 'WARNING',
+      '--mlflow_tracking_uri', server, '--mlflow_model_name', 'digits', '--mlflow_alias', 'champion',
+      '--mlflow_experiment', 'beam_dl_tests',
+  ])  # fmt: skip
+  v2 = registry_mlflow.log_training_run(
+      digits_model_dir, params={'source': 'conftest'}, model_name='digits', tracking_uri=server
+  )
+  assert v2.uri == 'models:/digits/2'
+  return {'workdir': workdir, 'summary': summary, 'v2_dir': digits_model_dir}
+
+
+def client(uri):
+  return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_train_logs_params_metrics_artifacts_and_registers_a_version(server, registered):
+  summary = registered['summary']
+  assert summary['mlflow']['model_uri'] == 'models:/digits/1'
+  c = client(server)
+  run = c.get_run(summary['mlflow']['run_id'])
+  assert run.info.status == 'FINISHED'
+  assert c.get_experiment(run.info.experiment_id).name == 'beam_dl_tests'
+  assert run.data.params['config.num_steps'] == '40'
+  assert run.data.params['config.model'] == 'small_cnn'
+  assert run.data.params['config.data.kind'] == 'images'
+  loss = c.get_metric_history(run.info.run_id, 'loss')
+  assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [10, 20, 30, 40]
+  assert run.data.metrics['eval_accuracy'] == pytest.approx(summary['eval']['accuracy'])
+  names = {a.path for a in c.list_artifacts(run.info.run_id, 'model')}
+  assert {'model/spec.json', 'model/variables'} <= names
+  version = c.get_model_version('digits', '1')
+  assert version.run_id == run.info.run_id and version.source.endswith('/model')
+  assert c.get_model_version_by_alias('digits', 'champion').version == '1'
+
+
+def test_registry_uris_load_the_registered_bytes_once_per_process(server, registered, monkeypatch):
+  monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
+  local_spec, local_vars = checkpoints.load(os.path.join(registered['workdir'], 'model'))
+  spec, variables = checkpoints.load('models:/digits@champion')
+  assert spec == local_spec
+  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(local_vars)):
+    np.testing.assert_array_equal(a, b)
+  # The alias and its version share one download; the handler serves it.
+  assert registry_mlflow.local_model_dir('models:/digits@champion') == registry_mlflow.local_model_dir('models:/digits/1')
+  model = JaxModelHandler('models:/digits/2').load_model()
+  assert model.spec == checkpoints.load_spec(registered['v2_dir'])
+
+
+def test_bad_registry_uris_fail_with_the_reason(server, registered):
+  with pytest.raises(registry_mlflow.RegistryError, match='not models:/'):
+    registry_mlflow.parse('models:/digits')
+  with pytest.raises(registry_mlflow.RegistryError, match='nobody'):
+    registry_mlflow.local_model_dir('models:/digits@nobody', tracking_uri=server)
+
+
+def test_classify_images_serves_a_registry_alias(server, registered, tmp_path, monkeypatch):
+  monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
+  images, _ = digits_uint8()
+  for i, image in enumerate(images[-8:]):
+    (tmp_path / f'{i}.png').write_bytes(encode(image, 'PNG'))
+  outputs = {}
+  for name, model_dir in (('registry', 'models:/digits@champion'), ('local', os.path.join(registered['workdir'], 'model'))):
+    out = str(tmp_path / name / 'pred')
+    classify_images.run([f'--input={tmp_path}/*.png', f'--model_dir={model_dir}', f'--output={out}'])
+    assert read_jsonl(out + '-failed-*.jsonl') == []
+    outputs[name] = {r['key']: (r['label'], round(r['score'], 5)) for r in read_jsonl(out + '-[0-9]*.jsonl')}
+  assert len(outputs['registry']) == 8 and outputs['registry'] == outputs['local']
+
+
+def test_alias_moves_become_model_metadata(server, registered):
+  """Each tick moves the alias (a real registry call) before the watcher
+  polls: v1, v1, v2, v2 -> exactly one ModelMetadata per move."""
+
+  def promote(tick):
+    registry_mlflow.set_alias('digits', 'canary', '1' if tick < 2 else '2', tracking_uri=server)
+    return tick
+
+  with TestPipeline('FnApiRunner') as p:
+    moves = (
+        p
+        | beam.Create([0, 1, 2, 3], reshuffle=False)
+        | 'Promote' >> beam.Map(promote)
+        | registry_mlflow.AliasMoves('digits', 'canary', tracking_uri=server)
+    )
+    assert_that(
+        moves,
+        equal_to([
+            ModelMetadata('models:/digits/1', 'models:/digits@canary'),
+            ModelMetadata('models:/digits/2', 'models:/digits@canary'),
+        ]),
+    )
+
+
+def test_run_inference_follows_the_alias_watcher(server, registered, monkeypatch):
+  """The handler starts on version 1; the watcher reports the alias at
+  version 2 and RunInference serves version 2's weights."""
+  monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
+  registry_mlflow.set_alias('digits', 'production', 2, tracking_uri=server)
+  images, _ = digits_uint8()
+  examples = [(f'd{i}', images[i][..., None]) for i in range(4)]
+  v2 = JaxModelHandler(registered['v2_dir']).load_model()
+  want = dict(zip([k for k, _ in examples], np.argmax(v2.predict([x for _, x in examples]), -1)))
+  now = Timestamp.now()
+  with TestPipeline('FnApiRunner') as p:
+    watch = p | registry_mlflow.WatchModelAlias(
+        'digits', 'production', interval=0.5, tracking_uri=server, start_timestamp=now, stop_timestamp=now + 1
+    )
+    served = (
+        p
+        | beam.Create(examples)
+        | RunInference(KeyedModelHandler(JaxModelHandler('models:/digits/1')), model_metadata_pcoll=watch)
+        | beam.Map(lambda kv: (kv[0], kv[1].model_id, int(np.argmax(kv[1].inference))))
+    )
+    assert_that(served, equal_to([(k, 'models:/digits/2', want[k]) for k in want]))
