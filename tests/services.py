@@ -87,7 +87,11 @@ def mlflow_server(workdir: str, timeout_s: float = 240):
   yields its tracking URI (http://127.0.0.1:PORT)."""
   os.makedirs(workdir, exist_ok=True)
   port = free_port()
-  env = {**os.environ, 'MLFLOW_DISABLE_TELEMETRY': 'true', 'DO_NOT_TRACK': 'true'}
+  # No telemetry; no job-executor subprocesses (huey), which the registry never uses.
+  env = {
+      **os.environ, 'MLFLOW_DISABLE_TELEMETRY': 'true', 'DO_NOT_TRACK': 'true',
+      'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false',
+  }  # fmt: skip
   cmd = [
       sys.executable, '-m', 'mlflow', 'server',
       '--backend-store-uri', f"sqlite:///{os.path.join(workdir, 'mlflow.db')}",
