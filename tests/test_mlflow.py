@@ -23,6 +23,7 @@ from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
 from beam_dl import checkpoints, registry_mlflow  # noqa: E402
 from beam_dl.handler import JaxModelHandler  # noqa: E402
+from beam_dl.io.images import ImageSpec, decode_image  # noqa: E402
 from beam_dl.jsonl import read_jsonl  # noqa: E402
 from pipelines import classify_images  # noqa: E402
 from pipelines import train as train_cli  # noqa: E402
@@ -104,15 +105,23 @@ def test_bad_registry_uris_fail_with_the_reason(server, registered):
 def test_classify_images_serves_a_registry_alias(server, registered, tmp_path, monkeypatch):
   monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
   images, _ = digits_uint8()
-  for i, image in enumerate(images[-8:]):
-    (tmp_path / f'{i}.png').write_bytes(encode(image, 'PNG'))
-  outputs = {}
-  for name, model_dir in (('registry', 'models:/digits@champion'), ('local', os.path.join(registered['workdir'], 'model'))):
-    out = str(tmp_path / name / 'pred')
-    classify_images.run([f'--input={tmp_path}/*.png', f'--model_dir={model_dir}', f'--output={out}'])
-    assert read_jsonl(out + '-failed-*.jsonl') == []
-    outputs[name] = {r['key']: (r['label'], round(r['score'], 5)) for r in read_jsonl(out + '-[0-9]*.jsonl')}
-  assert len(outputs['registry']) == 8 and outputs['registry'] == outputs['local']
+  pngs = {str(tmp_path / f'{i}.png'): encode(image, 'PNG') for i, image in enumerate(images[-8:])}
+  for path, data in pngs.items():
+    with open(path, 'wb') as f:
+      f.write(data)
+  out = str(tmp_path / 'out' / 'pred')
+  classify_images.run([f'--input={tmp_path}/*.png', '--model_dir=models:/digits@champion', f'--output={out}'])
+  assert read_jsonl(out + '-failed-*.jsonl') == []
+  served = {r['key']: (r['label'], r['scores']) for r in read_jsonl(out + '-[0-9]*.jsonl')}
+  # The same bytes through the locally exported model, without Beam or MLflow.
+  local = JaxModelHandler(os.path.join(registered['workdir'], 'model')).load_model()
+  keys = sorted(pngs)
+  scores = local.predict([decode_image(pngs[k], ImageSpec(8, 8, channels=1)) for k in keys])
+  assert sorted(served) == keys
+  for key, row in zip(keys, scores):
+    label, served_scores = served[key]
+    assert label == int(np.argmax(row))
+    np.testing.assert_allclose(served_scores, jax.nn.softmax(row), atol=1e-5)
 
 
 def test_alias_moves_become_model_metadata(server, registered):
