@@ -243,20 +243,29 @@ def alias_lookup(tick: Any, name: str, alias: str, tracking_uri: Optional[str]) 
   return f'{SCHEME}{name}@{alias}', (float(tick), version_uri(name, version))
 
 
+def after_poll(last: Optional[tuple[float, str]], tick: float, uri: str) -> tuple[tuple[float, str], bool]:
+  """(new state, whether to emit) for one poll of an alias.
+
+  The state is the newest (tick, version URI) seen. A poll older than it is
+  stale (runners may deliver polls out of order) and changes nothing; a
+  newer one is emitted if its version differs (or nothing was seen yet).
+  """
+  if last is not None and tick < last[0]:
+    return last, False
+  return (tick, uri), last is None or uri != last[1]
+
+
 class _EmitOnMove(beam.DoFn):
-  """Per alias, passes on a version URI only when it differs from the last
-  one passed on; a poll older than the newest one seen is ignored (runners
-  may deliver polls out of order)."""
+  """Per alias, passes on a version URI only when the alias moved
+  (`after_poll`), so the output is a singleton side input per move."""
 
   LAST = ReadModifyWriteStateSpec('last', beam.coders.PickleCoder())
 
   def process(self, element, last=beam.DoFn.StateParam(LAST)):
     alias_uri, (tick, uri) = element
-    previous = last.read()
-    if previous is not None and tick < previous[0]:
-      return  # a stale poll
-    last.write((tick, uri))
-    if previous is None or uri != previous[1]:
+    state, emit = after_poll(last.read(), tick, uri)
+    last.write(state)
+    if emit:
       yield ModelMetadata(model_id=uri, model_name=alias_uri)
 
 

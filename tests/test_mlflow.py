@@ -31,7 +31,7 @@ from tests import services  # noqa: E402
 from tests.imaging import digits_uint8, encode  # noqa: E402
 
 mlflow = pytest.importorskip('mlflow')
-pytestmark = pytest.mark.slow  # a real server start, one training run
+SLOW = pytest.mark.slow  # a real server start, one training run
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +62,7 @@ def client(uri):
   return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@SLOW
 def test_train_logs_params_metrics_artifacts_and_registers_a_version(server, registered):
   summary = registered['summary']
   assert summary['mlflow']['model_uri'] == 'models:/digits/1'
@@ -82,6 +83,7 @@ def test_train_logs_params_metrics_artifacts_and_registers_a_version(server, reg
   assert c.get_model_version_by_alias('digits', 'champion').version == '1'
 
 
+@SLOW
 def test_registry_uris_load_the_registered_bytes_once_per_process(server, registered, monkeypatch):
   monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
   local_spec, local_vars = checkpoints.load(os.path.join(registered['workdir'], 'model'))
@@ -95,13 +97,30 @@ def test_registry_uris_load_the_registered_bytes_once_per_process(server, regist
   assert model.spec == checkpoints.load_spec(registered['v2_dir'])
 
 
-def test_bad_registry_uris_fail_with_the_reason(server, registered):
-  with pytest.raises(registry_mlflow.RegistryError, match='not models:/'):
-    registry_mlflow.parse('models:/digits')
+def test_registry_uris_parse():
+  assert registry_mlflow.parse('models:/digits/12') == registry_mlflow.ModelRef('digits', version='12')
+  assert registry_mlflow.parse('models:/digits@champion').uri == 'models:/digits@champion'
+  for bad in ('models:/digits', 'models:/digits/v2', 'models:/a/1/extra', 'runs:/abc/model'):
+    with pytest.raises(registry_mlflow.RegistryError, match='not models:/'):
+      registry_mlflow.parse(bad)
+  assert not registry_mlflow.is_registry_uri('/models/digits')
+
+
+def test_alias_polls_emit_only_moves_and_ignore_stale_ones():
+  state, emitted = None, []
+  for tick, uri in ((1, 'v1'), (2, 'v1'), (4, 'v2'), (3, 'v1'), (5, 'v2'), (6, 'v1')):
+    state, emit = registry_mlflow.after_poll(state, tick, uri)
+    emitted += [uri] if emit else []
+  assert emitted == ['v1', 'v2', 'v1'] and state == (6, 'v1')
+
+
+@SLOW
+def test_unknown_alias_fails_with_the_reason(server, registered):
   with pytest.raises(registry_mlflow.RegistryError, match='nobody'):
     registry_mlflow.local_model_dir('models:/digits@nobody', tracking_uri=server)
 
 
+@SLOW
 def test_classify_images_serves_a_registry_alias(server, registered, tmp_path, monkeypatch):
   monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
   images, _ = digits_uint8()
@@ -124,6 +143,7 @@ def test_classify_images_serves_a_registry_alias(server, registered, tmp_path, m
     np.testing.assert_allclose(served_scores, jax.nn.softmax(row), atol=1e-5)
 
 
+@SLOW
 def test_alias_moves_become_model_metadata(server, registered):
   """Each tick moves the alias (a real registry call) before the watcher
   polls: v1, v1, v2, v2 -> exactly one ModelMetadata per move."""
@@ -148,6 +168,7 @@ def test_alias_moves_become_model_metadata(server, registered):
     )
 
 
+@SLOW
 def test_run_inference_follows_the_alias_watcher(server, registered, monkeypatch):
   """The handler starts on version 1; the watcher reports the alias at
   version 2 and RunInference serves version 2's weights."""
