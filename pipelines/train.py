@@ -116,11 +116,13 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
-  from beam_dl.training import train_and_evaluate  # heavy imports after arg parsing
+  import jax  # heavy imports after arg parsing
+
+  from beam_dl.training import train_and_evaluate
 
   config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
   summary = train_and_evaluate(config, args.workdir)
-  if args.mlflow_tracking_uri or args.mlflow_model_name:
+  if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
     summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)
   json.dump(summary, sys.stdout, indent=2, default=str)
