@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean hdfs
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,13 @@ demo: install
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Jars for the one-node HDFS that tests/test_hdfs.py starts (Hadoop's
+# hadoop-client-minicluster from Maven Central, cached in ~/.m2) -> hadoop/lib.
+hdfs: hadoop/lib/.fetched
+
+hadoop/lib/.fetched: hadoop/pom.xml
+	mvn -q -B -f hadoop/pom.xml dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib

@@ -20,6 +20,10 @@ REQUIRED = [
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
 ]
 EXTRAS = {
+    # Model registry (beam_dl.registry_mlflow) and the tracking server its tests start.
+    'mlflow': ['mlflow>=3.17,<3.18'],
+    # Beam's hdfs:// filesystem talks WebHDFS through this client.
+    'hdfs': ['hdfs>=2.7,<3'],
     # The demo and tests use real data shipped by these packages.
     'data': ['scikit-learn>=1.5', 'statsmodels>=0.14', 'scikit-image>=0.24'],
     'test': [
@@ -33,6 +37,8 @@ EXTRAS = {
         # imports tensorflow_hub; that imports pkg_resources, gone in setuptools 81.
         'tensorflow-hub>=0.16,<0.17',
         'setuptools<81',
+        'mlflow>=3.17,<3.18',
+        'hdfs>=2.7,<3',
     ],
 }
 

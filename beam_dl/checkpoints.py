@@ -10,7 +10,9 @@ A model directory holds two things:
 
 Nothing is ever unpickled: the module is rebuilt from the registry by name,
 and the variables are plain arrays. Paths may be local or any filesystem Beam
-knows (gs://...) for spec.json; orbax handles gs:// itself.
+knows (gs://...) for spec.json; orbax handles gs:// itself. A model registry
+URI (`models:/<name>/<version>`, `models:/<name>@<alias>`) loads the
+registered version's directory (`resolve`, beam_dl.registry_mlflow).
 """
 from __future__ import annotations
 
@@ -100,6 +102,17 @@ def _join(model_dir: str, name: str) -> str:
   return FileSystems.join(model_dir, name)
 
 
+def resolve(model_dir: str) -> str:
+  """A local directory for a registry URI (`models:/<name>/<version>` or
+  `models:/<name>@<alias>`, downloaded once per process by
+  `beam_dl.registry_mlflow`); any other path unchanged."""
+  if model_dir.startswith('models:/'):
+    from beam_dl import registry_mlflow  # imports mlflow only for registry URIs
+
+    return registry_mlflow.local_model_dir(model_dir)
+  return model_dir
+
+
 def _abs(path: str) -> str:
   return path if '://' in path else os.path.abspath(path)
 
@@ -128,6 +141,7 @@ def save(model_dir: str, spec: ModelSpec, variables: Any, *, fmt: str = 'orbax')
 
 
 def load_spec(model_dir: str) -> ModelSpec:
+  model_dir = resolve(model_dir)
   path = _join(model_dir, SPEC_FILE)
   if not FileSystems.exists(path):
     raise CheckpointError(f'{model_dir!r} is not a beam_dl model directory: no {SPEC_FILE}')
@@ -140,6 +154,7 @@ def load_spec(model_dir: str) -> ModelSpec:
 
 def load(model_dir: str) -> tuple[ModelSpec, Any]:
   """Returns (spec, variables as numpy arrays) from a model directory."""
+  model_dir = resolve(model_dir)
   spec = load_spec(model_dir)
   msgpack_path = _join(model_dir, MSGPACK_FILE)
   orbax_path = _join(model_dir, ORBAX_DIR)

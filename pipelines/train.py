@@ -14,6 +14,13 @@ The run resumes from `WORKDIR/checkpoints` if present, logs step rate / ETA
 / input wait, evaluates, and exports the served model to `WORKDIR/model`
 (`beam_dl.checkpoints`); the summary is printed and written to
 `WORKDIR/summary.json`.
+
+With `--mlflow_tracking_uri` (or `--mlflow_model_name`) the run is also
+logged to MLflow: config as params, loss/metric curves, the exported model
+directory as the `model` artifact, registered as the next version of
+`--mlflow_model_name` with each `--mlflow_alias` pointed at it
+(`beam_dl.registry_mlflow`). Without a server, a local store works:
+`--mlflow_tracking_uri sqlite:///mlflow.db`.
 """
 from __future__ import annotations
 
@@ -76,17 +83,47 @@ def parse_args(argv=None):
   parser.add_argument('--data_dir', default=None, help='where prepare() writes data (default WORKDIR/data)')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
   parser.add_argument('--log_level', default='INFO')
+  parser.add_argument(
+      '--mlflow_tracking_uri', default=None,
+      help='log the run to MLflow here (http://host:port, sqlite:///mlflow.db; default MLFLOW_TRACKING_URI)',
+  )
+  parser.add_argument('--mlflow_model_name', default=None, help='register the exported model under this name')
+  parser.add_argument('--mlflow_alias', action='append', default=[], help='point this alias at the new version')
+  parser.add_argument('--mlflow_experiment', default=None, help='MLflow experiment name (default: Default)')
   return parser.parse_args(argv)
+
+
+def log_to_mlflow(args, config, summary) -> dict:
+  """Logs the finished run to MLflow; returns {'run_id', 'model_uri'}."""
+  from beam_dl import registry_mlflow
+
+  registered = registry_mlflow.log_training_run(
+      summary['model_dir'],
+      params={'config': dataclasses.asdict(config), 'config_file': args.config},
+      history=summary.get('history', ()),
+      eval_history=summary.get('eval_history', ()),
+      summary={k: v for k, v in summary.items() if k in ('wall_s', 'compile_s', 'steps_per_s', 'examples_per_s')},
+      model_name=args.mlflow_model_name,
+      aliases=args.mlflow_alias,
+      experiment=args.mlflow_experiment,
+      tracking_uri=args.mlflow_tracking_uri,
+  )
+  logging.info('MLflow run %s; model %s', registered.run_id, registered.uri)
+  return {'run_id': registered.run_id, 'model_uri': registered.uri}
 
 
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
-  from beam_dl.training import train_and_evaluate  # heavy imports after arg parsing
+  import jax  # heavy imports after arg parsing
+
+  from beam_dl.training import train_and_evaluate
 
   config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
   summary = train_and_evaluate(config, args.workdir)
+  if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
+    summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)
   json.dump(summary, sys.stdout, indent=2, default=str)
   print()

@@ -1,0 +1,157 @@
+"""Real services the tests start and stop: an MLflow tracking server, a one-node HDFS.
+
+Each is a context manager that starts the service as a subprocess in its own
+process group on 127.0.0.1 with free ports, polls it ready with a deadline
+(raising with the log tail if it dies or never answers), and always kills
+the whole group on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HADOOP_LIB = os.path.join(ROOT, 'hadoop', 'lib')
+JAVA_OPENS = [
+    '--add-opens=java.base/java.lang=ALL-UNNAMED',
+    '--add-opens=java.base/java.nio=ALL-UNNAMED',
+    '--add-opens=java.base/sun.nio.ch=ALL-UNNAMED',
+    '--add-opens=java.base/java.util=ALL-UNNAMED',
+]
+
+
+class ServiceError(RuntimeError):
+  """A service that exited or did not become ready in time."""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _tail(path: str, n: int = 3000) -> str:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()[-n:].decode('utf-8', 'replace')
+  except OSError:
+    return ''
+
+
+def _http_ok(url: str) -> bool:
+  try:
+    with urllib.request.urlopen(url, timeout=2) as r:
+      return r.status == 200
+  except OSError:
+    return False
+
+
+@contextlib.contextmanager
+def _process(cmd, *, log_path, cwd, env=None, ready, timeout_s):
+  """Runs `cmd`, waits until `ready()` (polling, bounded by timeout_s), yields
+  the Popen, and kills the process group on exit."""
+  with open(log_path, 'wb') as log:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+      if proc.poll() is not None:
+        raise ServiceError(f'{cmd[0]} exited with {proc.returncode}:\n{_tail(log_path)}')
+      if time.monotonic() > deadline:
+        raise ServiceError(f'{cmd[0]} not ready after {timeout_s}s:\n{_tail(log_path)}')
+      time.sleep(0.5)
+    yield proc
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGTERM)
+    try:
+      proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: str, timeout_s: float = 240):
+  """`mlflow server` with a sqlite backend and proxied artifacts under workdir;
+  yields its tracking URI (http://127.0.0.1:PORT)."""
+  os.makedirs(workdir, exist_ok=True)
+  port = free_port()
+  # No telemetry; no job-executor subprocesses (huey), which the registry never uses.
+  env = {
+      **os.environ, 'MLFLOW_DISABLE_TELEMETRY': 'true', 'DO_NOT_TRACK': 'true',
+      'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false',
+  }  # fmt: skip
+  cmd = [
+      sys.executable, '-m', 'mlflow', 'server',
+      '--backend-store-uri', f"sqlite:///{os.path.join(workdir, 'mlflow.db')}",
+      '--artifacts-destination', os.path.join(workdir, 'artifacts'),
+      '--host', '127.0.0.1', '--port', str(port), '--workers', '1',
+  ]  # fmt: skip
+  uri = f'http://127.0.0.1:{port}'
+  with _process(
+      cmd, log_path=os.path.join(workdir, 'server.log'), cwd=workdir, env=env,
+      ready=lambda: _http_ok(f'{uri}/health'), timeout_s=timeout_s,
+  ):  # fmt: skip
+    yield uri
+
+
+def hadoop_jars() -> list[str]:
+  """The minicluster jars `make hdfs` copies into hadoop/lib ([] if absent)."""
+  return sorted(glob.glob(os.path.join(HADOOP_LIB, '*.jar')))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hdfs:
+  """A running HDFS: Beam's --hdfs_* options reach it over WebHDFS."""
+
+  host: str
+  http_port: int
+  namenode_port: int
+  user: str = 'beam'
+
+  @property
+  def beam_args(self) -> list[str]:
+    return [f'--hdfs_host={self.host}', f'--hdfs_port={self.http_port}', f'--hdfs_user={self.user}']
+
+
+@contextlib.contextmanager
+def hdfs_cluster(workdir: str, timeout_s: float = 240):
+  """One NameNode + one DataNode (Hadoop's MiniDFSClusterManager from
+  hadoop-client-minicluster) with storage under workdir; yields an Hdfs."""
+  jars = hadoop_jars()
+  if not jars:
+    raise ServiceError(f'no jars in {HADOOP_LIB}: run `make hdfs`')
+  os.makedirs(workdir, exist_ok=True)
+  http_port = free_port()
+  details = os.path.join(workdir, 'details.json')
+  cmd = [
+      'java', '-Xmx768m', *JAVA_OPENS, '-cp', os.pathsep.join(jars),
+      'org.apache.hadoop.test.MiniDFSClusterManager',
+      '-format', '-datanodes', '1', '-nnport', '0', '-httpport', str(http_port),
+      '-writeDetails', details,
+      '-D', 'dfs.permissions.enabled=false',
+      '-D', 'dfs.namenode.rpc-address=127.0.0.1:0',
+      '-D', 'dfs.datanode.address=127.0.0.1:0',
+      '-D', 'dfs.datanode.http.address=127.0.0.1:0',
+      '-D', 'dfs.datanode.ipc.address=127.0.0.1:0',
+      '-D', f"hadoop.tmp.dir={os.path.join(workdir, 'tmp')}",
+  ]  # fmt: skip
+  url = f'http://127.0.0.1:{http_port}/webhdfs/v1/?op=GETFILESTATUS&user.name=beam'
+  with _process(
+      cmd, log_path=os.path.join(workdir, 'hdfs.log'), cwd=workdir,
+      ready=lambda: os.path.exists(details) and _http_ok(url), timeout_s=timeout_s,
+  ):  # fmt: skip
+    with open(details) as f:
+      namenode_port = json.load(f)['namenode_port']
+    yield Hdfs('127.0.0.1', http_port, namenode_port)
