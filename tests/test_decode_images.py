@@ -195,7 +195,8 @@ def test_read_and_decode_files_pipeline_with_dead_letters(tmp_path, photo):
     read = p | image_transforms.ReadImageFiles(
         os.path.join(tmp_path, '*'), with_metadata=True,
         label_fn=lambda path: int(os.path.basename(path) < 'c'))
-    out = read | image_transforms.DecodeImages(spec)
+    out = read.images | image_transforms.DecodeImages(spec)
+    assert_that(read.failed, equal_to([]), label='read_failed')
     assert_that(out.decoded | beam.Map(
         lambda e: (os.path.basename(e[0]), e[1].shape, e[2]['label'],
                    os.path.basename(e[2]['path']))),
