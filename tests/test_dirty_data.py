@@ -317,3 +317,20 @@ def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
       (None, 'parse_event', 'not valid UTF-8'),
       ('other', 'parse_event', "field 'time' = -1e+300 is outside Beam's timestamp range "
        '[-9.22337e+12, 9.22337e+12] seconds (milli- or microseconds sent as seconds?)')], key=repr)
+
+
+def test_read_sequence_examples_keeps_records_around_damage_and_keys_bad_ones(tmp_path):
+  from beam_dl.io import sequences as seq_lib
+  from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+
+  spec = SequenceSpec(num_features=2)
+  records = [SequenceRecord(f'r{i}', np.full((i + 1, 2), i, np.float32), np.arange(i + 1)) for i in range(4)]
+  wide = SequenceRecord('wide', np.zeros((2, 3), np.float32), np.arange(2))  # 3 values a step, not 2
+  path = str(tmp_path / 'seq.tfrecord')
+  offsets = write_tfrecord(path, [seq_lib.encode_sequence_example(r) for r in records[:2] + [wide] + records[2:]])
+  flip_data_byte(path, offsets[1])
+  with TestPipeline(runner='FnApiRunner') as p:
+    read = p | seq_transforms.ReadSequenceExamples(path, spec)
+    assert_that(read.parsed | beam.Map(lambda r: r.key), equal_to(['r0', 'r2', 'r3']), label='parsed')
+    assert_that(read.failed | beam.Map(lambda d: (d['key'], d['stage'])),
+                equal_to([(f'{path}@{offsets[1]}', 'read'), ('wide', 'parse')]), label='failed')

@@ -59,12 +59,27 @@ class _ParseRecordsFn(beam.DoFn):
         failed += 1
         Metrics.counter(NAMESPACE, 'parse_failed_' + _reason_kind(str(result))).inc()
         yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            None, 'parse', str(result), size=len(raw)))
+            _own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
       else:
         yield result
     self._parsed.inc(len(results) - failed)
     if failed:
       self._failed.inc(failed)
+
+
+def _own_key(raw: bytes, spec: SequenceSpec, fmt: str) -> str | None:
+  """The key feature of a record that failed to parse, when it can still be read."""
+  import tensorflow as tf  # on workers only: already loaded by the parser
+
+  proto = tf.train.SequenceExample if fmt == 'sequence_example' else tf.train.Example
+  try:
+    message = proto.FromString(raw)
+  except Exception:  # protobuf's DecodeError: not a record at all, no key to read
+    return None
+  features = (message.context if fmt == 'sequence_example' else message.features).feature
+  if spec.key_feature not in features or not features[spec.key_feature].bytes_list.value:
+    return None
+  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'replace')
 
 
 def _reason_kind(reason: str) -> str:

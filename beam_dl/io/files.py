@@ -69,6 +69,8 @@ def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
   """
   if not _is_local(pattern):
     return []
+  if pattern.endswith(os.sep):  # as FileSystem.match: a directory means its entries
+    pattern += '*'
   prefix = re.match(r'^[^[*?]*', pattern).group(0)
   if prefix == pattern:  # no glob: Beam's match stats the path itself
     return []
