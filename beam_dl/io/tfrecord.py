@@ -31,6 +31,8 @@ _HEADER = 12  # uint64 length + uint32 masked crc of it
 _FOOTER = 4  # uint32 masked crc of the data
 _MASK_DELTA = 0xA282EAD8
 _CHUNK = 1 << 20  # data is read in chunks, so a corrupt huge length can't allocate it all
+_LENGTH = struct.Struct('<Q')
+_CRC = struct.Struct('<I')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,13 @@ def encode_record(data: bytes) -> bytes:
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
   """Up to `n` bytes (fewer only at end of stream), read in bounded chunks."""
-  parts, left = [], n
+  if n <= _CHUNK:
+    first = stream.read(n)
+    if len(first) == n or not first:
+      return first
+    parts, left = [first], n - len(first)
+  else:
+    parts, left = [], n
   while left > 0:
     part = stream.read(min(left, _CHUNK))
     if not part:
@@ -85,18 +93,18 @@ def read_records(stream: BinaryIO) -> Iterator[bytes | Damage]:
       yield Damage(offset, f'truncated: {len(header)} of the {_HEADER} header bytes '
                    'present, file ends mid-header', False)
       return
-    length_bytes, length_crc = header[:8], struct.unpack('<I', header[8:])[0]
+    length_bytes, (length_crc,) = header[:8], _CRC.unpack_from(header, 8)
     if masked_crc32c(length_bytes) != length_crc:
       yield Damage(offset, 'corrupt length header (length CRC mismatch); '
                    'the rest of the file cannot be framed', False)
       return
-    length = struct.unpack('<Q', length_bytes)[0]
+    (length,) = _LENGTH.unpack(length_bytes)
     body = _read_exactly(stream, length + _FOOTER)
     if len(body) < length + _FOOTER:
       yield Damage(offset, f'truncated: record of {length} bytes, only '
                    f'{len(body)} of its {length + _FOOTER} data+CRC bytes present', False)
       return
-    data, data_crc = body[:length], struct.unpack('<I', body[length:])[0]
+    data, (data_crc,) = body[:length], _CRC.unpack_from(body, length)
     if masked_crc32c(data) != data_crc:
       yield Damage(offset, f'corrupt record of {length} bytes (data CRC mismatch); skipped, '
                    'the records after it were read', True)
