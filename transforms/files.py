@@ -57,5 +57,5 @@ class MatchReadableFiles(beam.PTransform):
              | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
     failed = (pbegin
               | 'Pattern' >> beam.Create([self._pattern])
-              | 'UnlistedMatches' >> beam.FlatMap(_unlisted))
+              | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(dict))
     return ReadableFiles(files, failed)

@@ -77,8 +77,10 @@ class ReadImageFiles(beam.PTransform):
 
   def expand(self, pbegin) -> ImageInputs:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._file_pattern)
+    keyed = tuple[str, bytes, dict] if self._with_metadata else tuple[str, bytes]
     read = matched.files | 'ReadFiles' >> beam.ParDo(
-        _ReadImageFileFn(self._with_metadata, self._label_fn)).with_outputs(FAILED, main='images')
+        _ReadImageFileFn(self._with_metadata, self._label_fn)).with_output_types(
+            keyed, **{FAILED: dict}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
 

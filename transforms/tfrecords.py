@@ -99,8 +99,8 @@ class ReadTFRecords(beam.PTransform):
 
   def expand(self, pbegin) -> TFRecords:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._pattern, self._compression)
-    read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_outputs(
-        FAILED, main='records')
+    read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_output_types(
+        tuple[str, bytes], **{FAILED: dict}).with_outputs(FAILED, main='records')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return TFRecords(read.records, failed)
 
