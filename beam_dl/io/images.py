@@ -165,8 +165,13 @@ def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
       else:
         if spec.reduced_decode and img.format == 'JPEG':
           _draft(img, spec)
-        img.load()
-        img = ImageOps.exif_transpose(img)
+        try:
+          img.load()
+          img = ImageOps.exif_transpose(img)
+        except OSError as e:
+          if not is_tiff:
+            raise
+          img = _decode_tiff(data, spec, pillow_error=e)  # tifffile may read what Pillow can't
       array = _finish(img, data, spec, rng)
   except UnidentifiedImageError:
     if not is_tiff:
@@ -177,6 +182,9 @@ def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     if isinstance(e, ImageDecodeError):
       raise
+    if 'not available' in str(e) or 'unsupported' in str(e).lower():
+      # Recognised, but this Pillow build can't decode it (e.g. "decoder jpeg2k not available").
+      raise ImageDecodeError(f'unsupported image encoding: {e}', 'unsupported') from None
     raise ImageDecodeError(f'corrupt or truncated image: {e}') from None
   return array[..., None] if spec.channels == 1 else array
 
@@ -206,7 +214,8 @@ def _check_pixels(width: int, height: int, spec: ImageSpec) -> None:
         f'{width}x{height} = {pixels} pixels, over max_pixels={spec.max_pixels}', 'too_many_pixels')
 
 
-def _decode_tiff(data: bytes, spec: ImageSpec, fallback: Image.Image | None = None) -> Image.Image:
+def _decode_tiff(data: bytes, spec: ImageSpec, fallback: Image.Image | None = None,
+                 pillow_error: OSError | None = None) -> Image.Image:
   """The first page of a TIFF, via tifffile, as an 8-bit Pillow image.
 
   For what Pillow opens only as 32-bit 'I'/'F' or 16-bit 'I;16' (whose
@@ -216,7 +225,9 @@ def _decode_tiff(data: bytes, spec: ImageSpec, fallback: Image.Image | None = No
   Pillow's first frame elsewhere. When tifffile cannot decode it (a
   compression that needs the optional imagecodecs package, such as LZW) but
   Pillow could open it, Pillow's own pixels are used (`fallback`); else the
-  error names what is unsupported.
+  error names what is unsupported. After Pillow failed to load an 8-bit TIFF
+  (`pillow_error`), Pillow's reason stands unless it lacked the decoder:
+  a compression it has a decoder for and still failed on is corrupt data.
   """
   import tifffile
 
@@ -231,16 +242,18 @@ def _decode_tiff(data: bytes, spec: ImageSpec, fallback: Image.Image | None = No
     if fallback is not None:
       fallback.load()
       return Image.fromarray(to_uint8(np.asarray(fallback), spec.depth_scaling))
-    raise ImageDecodeError(_tiff_reason(e), 'unsupported') from None
+    if pillow_error is not None and 'not available' not in str(pillow_error):
+      raise ImageDecodeError(f'corrupt or truncated image: {pillow_error}') from None
+    raise ImageDecodeError(*_tiff_reason(e)) from None
   return Image.fromarray(_samples_last(to_uint8(array, spec.depth_scaling), axes))
 
 
-def _tiff_reason(error: Exception) -> str:
-  """A TIFF tifffile can't decode -> a reason naming what is unsupported."""
+def _tiff_reason(error: Exception) -> tuple[str, str]:
+  """(reason, kind) for a TIFF tifffile can't decode: unsupported, or corrupt."""
   message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if 'COMPRESSION' in message.upper() or 'imagecodecs' in message:
-    return f'unsupported TIFF compression: {message}'
-  return f'unsupported TIFF: {type(error).__name__}: {message}'
+    return f'unsupported TIFF compression: {message}', 'unsupported'
+  return f'corrupt or truncated TIFF: {type(error).__name__}: {message}', 'corrupt'
 
 
 def _samples_last(array: np.ndarray, axes: str) -> np.ndarray:
