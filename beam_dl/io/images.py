@@ -148,9 +148,14 @@ def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
   seeded from `spec.seed` and the bytes, so a given image always gets the same
   crop (see `rng_for_key` to seed per key instead).
 
+  TIFFs whose samples are deeper than 8 bits, signed or float decode through
+  tifffile and `to_uint8` (see `ImageSpec.depth_scaling`).
+
   Raises:
-    ImageDecodeError: empty, oversized, unrecognised, truncated or corrupt
-      input, with a message naming the cause.
+    ImageDecodeError: empty, oversized, unrecognised, unsupported (recognised,
+      but an encoding this build can't decode, e.g. a TIFF compression that
+      needs imagecodecs), truncated or corrupt input, with a message naming
+      the cause.
   """
   if not data:
     raise ImageDecodeError('empty input (0 bytes)', 'empty')
