@@ -79,7 +79,7 @@ def _own_key(raw: bytes, spec: SequenceSpec, fmt: str) -> str | None:
   features = (message.context if fmt == 'sequence_example' else message.features).feature
   if spec.key_feature not in features or not features[spec.key_feature].bytes_list.value:
     return None
-  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'replace')
+  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'backslashreplace')
 
 
 def _reason_kind(reason: str) -> str:
