@@ -18,6 +18,8 @@ REQUIRED = [
     'pillow>=11',
     'numpy>=2,<2.5',
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
+    'tifffile>=2024.8',  # 16-bit, float and multi-page TIFFs (beam_dl.io.images)
+    'google-crc32c>=1.5',  # TFRecord framing checks (beam_dl.io.tfrecord); also via apache-beam[gcp]
 ]
 EXTRAS = {
     # Model registry (beam_dl.registry_mlflow) and the tracking server its tests start.

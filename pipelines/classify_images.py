@@ -42,12 +42,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   """Adds the classification steps to `pipeline`; returns (predictions, failed)."""
   require(options, 'input', 'model_dir', 'output')
   io, inference = options.view_as(IOOptions), options.view_as(InferenceOptions)
-  failures = []
   if input_format(io.input, io.input_format) == 'tfrecord':
     read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
-    images, failures = read.images, [read.failed]
   else:
-    images = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input)
+    read = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input)
+  images, failures = read.images, [read.failed]
   outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, **inference.handler_kwargs())
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)

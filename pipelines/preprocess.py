@@ -32,6 +32,7 @@ import sys
 import time
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl.options import IOOptions, OptionsError, require, switch
@@ -110,16 +111,14 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
     from transforms.images import ReadImageFiles
 
     files = pipeline | 'ReadImageFiles' >> ReadImageFiles(pattern)
-    raw = files | 'Canonical' >> pp.CanonicalImageFiles(config.image_shape)
-    return raw.raw, [raw.failed]
+    raw = files.images | 'Canonical' >> pp.CanonicalImageFiles(config.image_shape)
+    return raw.raw, [files.failed, raw.failed]
   if fmt == 'tfrecord':
-    records = (
-        pipeline
-        | 'Pattern' >> beam.Create([pattern])
-        | 'ReadRecords' >> beam.io.ReadAllFromTFRecord(with_filename=True)
-    )
-    raw = records | 'Canonical' >> pp.CanonicalImageRecords(config.image_shape)
-    return raw.raw, [raw.failed]
+    from transforms.tfrecords import ReadTFRecords
+
+    records = pipeline | 'ReadRecords' >> ReadTFRecords(pattern)
+    raw = records.records | 'Canonical' >> pp.CanonicalImageRecords(config.image_shape)
+    return raw.raw, [records.failed, raw.failed]
   from transforms import sequences as seq
 
   if fmt == 'json':
@@ -132,8 +131,7 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
         id_field=opts.preprocess_id_field,
         label_field=opts.preprocess_label_field,
     )
-    lines = pipeline | 'ReadEvents' >> beam.io.ReadFromText(pattern)
-    events = lines | 'ParseEvents' >> seq.ParseEvents(spec)
+    events = pipeline | 'ReadEvents' >> seq.ReadEvents(pattern, spec)
     assembled = events.events | 'AssembleSequences' >> seq.AssembleSequences()
     sequences, failures = assembled.sequences, [events.failed, assembled.failed]
   else:
@@ -183,9 +181,16 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
       | 'ExtractStats' >> pp.ExtractStats()
       | 'WriteStats' >> beam.Map(lambda s: stats.write(transform_dir, s))
   )
-  failed = failures | 'AllFailures' >> beam.Flatten()
+  failed = (failures | 'AllFailures' >> beam.Flatten()
+            | 'CountDeadLetters' >> beam.Map(_count_dead_letter))
   failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
   return config
+
+
+def _count_dead_letter(record: dict) -> dict:
+  """Counts every dead letter written (of all stages: read, parse, decode...)."""
+  Metrics.counter(pp.NAMESPACE, 'dead_letters').inc()
+  return record
 
 
 def report(transform_dir: str, config: PreprocessConfig) -> dict:
@@ -221,7 +226,7 @@ def run(argv=None):
     _log.info('%s = %d', name, value)
   _log.info(
       'preprocessed %d examples (%d dead letters) in %.1f s: %.1f examples/s',
-      totals['transformed_examples'], totals['raw_failed'], seconds, totals['transformed_examples'] / seconds,
+      totals['transformed_examples'], totals['dead_letters'], seconds, totals['transformed_examples'] / seconds,
   )
   transform_dir = options.view_as(PreprocessOptions).transform_dir
   temp_dir = beam.io.filesystems.FileSystems.join(transform_dir, 'tmp')

@@ -44,7 +44,7 @@ from typing import Callable
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.coders import BooleanCoder
+from apache_beam.coders import BooleanCoder, BytesCoder
 from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
@@ -117,8 +117,9 @@ def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
 # -- reading ------------------------------------------------------------------
 
 
-def _lines_of(readable_file) -> list[str]:
-  return readable_file.read_utf8().splitlines()
+def _lines_of(readable_file) -> list[bytes]:
+  # Bytes: ParseEvents decodes each line, so bad UTF-8 is one dead letter, not a crash.
+  return readable_file.read().splitlines()
 
 
 class FirstSightingFn(beam.DoFn):
@@ -165,7 +166,7 @@ class ReadEventLines(beam.PTransform):
                   topics=[opts.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy)
               | 'KafkaValues' >> beam.Map(lambda kv: kv[1].decode('utf-8', errors='replace')))
     if not self._streaming:
-      return pbegin | 'ReadText' >> beam.io.ReadFromText(self._io.input)
+      return pbegin | 'ReadText' >> beam.io.ReadFromText(self._io.input, coder=BytesCoder())
     stop = (Timestamp.of(self._clock() + opts.stop_after_secs) if opts.stop_after_secs
             else MAX_TIMESTAMP)
     return (pbegin

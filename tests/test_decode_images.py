@@ -195,7 +195,8 @@ def test_read_and_decode_files_pipeline_with_dead_letters(tmp_path, photo):
     read = p | image_transforms.ReadImageFiles(
         os.path.join(tmp_path, '*'), with_metadata=True,
         label_fn=lambda path: int(os.path.basename(path) < 'c'))
-    out = read | image_transforms.DecodeImages(spec)
+    out = read.images | image_transforms.DecodeImages(spec)
+    assert_that(read.failed, equal_to([]), label='read_failed')
     assert_that(out.decoded | beam.Map(
         lambda e: (os.path.basename(e[0]), e[1].shape, e[2]['label'],
                    os.path.basename(e[2]['path']))),
@@ -248,3 +249,69 @@ def test_image_examples_with_labels_decode_and_write_for_training(tmp_path, phot
   records = [r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(prefix + '-*'))]
   got = {k: (a.shape, label) for k, a, label in examples.decode_image_examples(records)}
   assert got == {'cat': ((32, 32, 3), 3), 'unlabelled': ((32, 32, 3), -1)}
+
+
+# -- TIFFs as scientific, industrial and medical imaging write them (tifffile) --
+
+def _tiff(array, **kwargs) -> bytes:
+  import tifffile
+
+  buffer = io.BytesIO()
+  tifffile.imwrite(buffer, array, **kwargs)
+  return buffer.getvalue()
+
+
+_RAMP16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 256 + 255).astype(np.uint16)
+
+
+@pytest.mark.parametrize('name, blob, spec, expected', [
+    # uint16 by the dtype range: the top 8 bits, as 16-bit PNGs.
+    ('uint16', _tiff(_RAMP16), ImageSpec(channels=1), (_RAMP16 >> 8).astype(np.uint8)),
+    # 12-bit data in uint16 stretched per image.
+    ('uint16 minmax', _tiff(np.array([[0, 1024], [2048, 4095]], np.uint16)),
+     ImageSpec(channels=1, depth_scaling='minmax'), np.array([[0, 64], [128, 255]], np.uint8)),
+    ('int16', _tiff(np.array([[-32768, 0], [255, 32767]], np.int16)), ImageSpec(channels=1),
+     np.array([[0, 128], [128, 255]], np.uint8)),
+    ('uint32', _tiff(np.array([[0, 2**32 - 1]], np.uint32)), ImageSpec(channels=1),
+     np.array([[0, 255]], np.uint8)),
+    ('float32 in [0, 1]', _tiff(np.array([[0, 0.5], [1, np.nan]], np.float32)), ImageSpec(channels=1),
+     np.array([[0, 128], [255, 0]], np.uint8)),
+    ('float32 wide range', _tiff(np.array([[-100, 0], [140, 300]], np.float32)), ImageSpec(channels=1),
+     np.array([[0, 64], [153, 255]], np.uint8)),
+    ('float64 (Pillow cannot open)', _tiff(np.full((2, 2), 0.25)), ImageSpec(channels=1),
+     np.full((2, 2), 64, np.uint8)),
+    ('multi-page: the first page', _tiff(np.stack([np.full((4, 4), v, np.uint16) for v in (512, 60000, 9)]),
+                                         photometric='minisblack'),
+     ImageSpec(channels=1), np.full((4, 4), 2, np.uint8)),
+    ('planar 16-bit RGB', _tiff(np.stack([np.full((3, 3), v, np.uint16) for v in (65535, 0, 32768)]),
+                                photometric='rgb', planarconfig='separate'),
+     ImageSpec(channels=3), np.broadcast_to(np.array([255, 0, 128], np.uint8), (3, 3, 3))),
+])
+def test_deep_tiffs_decode_to_uint8(name, blob, spec, expected):
+  got = decode_image(blob, spec)
+  np.testing.assert_array_equal(got[..., 0] if spec.channels == 1 else got, expected, err_msg=name)
+
+
+def test_tiff_with_unsupported_compression_says_so():
+  import tifffile
+
+  blob = bytearray(_tiff(np.zeros((8, 8), np.uint16)))
+  with tifffile.TiffFile(io.BytesIO(bytes(blob))) as t:
+    at = t.pages.first.tags['Compression'].valueoffset
+  blob[at:at + 2] = (34712).to_bytes(2, 'little')  # JPEG 2000: needs imagecodecs
+  with pytest.raises(ImageDecodeError, match='unsupported TIFF compression.*JPEG2000') as err:
+    decode_image(bytes(blob), ImageSpec(channels=1))
+  assert err.value.kind == 'unsupported'
+
+
+def test_lzw_16bit_tiff_that_only_pillow_decodes_uses_the_dtype_range():
+  """tifffile needs imagecodecs for LZW; Pillow decodes it, with the same scaling."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(buffer, 'TIFF', compression='tiff_lzw')
+  np.testing.assert_array_equal(decode_image(buffer.getvalue(), ImageSpec(channels=1)),
+                                np.full((4, 4, 1), 40000 >> 8, np.uint8))
+
+
+def test_depth_scaling_is_validated():
+  with pytest.raises(ValueError, match='depth_scaling'):
+    ImageSpec(depth_scaling='log')

@@ -33,7 +33,8 @@ _EXPORTS = {
     'WindowedSequences': 'windowing',
     'WindowedSpectrograms': 'windowing',
     'WindowedOutputs': 'windowing',
-    # Writing training data.
+    # TFRecords: damage-tolerant reading; writing training data.
+    'ReadTFRecords': 'tfrecords',
     'WriteImageExamples': 'tfrecords',
     'WriteSequenceExamples': 'tfrecords',
     'WriteJsonLines': 'io',

@@ -1,6 +1,6 @@
 """Public PTransforms that read and decode images.
 
-  ReadImageFiles(pattern)      -> (path, encoded bytes)
+  ReadImageFiles(pattern)      -> (path, encoded bytes), plus `.failed`
   ReadImageExamples(pattern)   -> (key, encoded bytes) from TFRecords of
                                   tf.train.Example, plus `.failed`
   DecodeImages(spec)           -> `.decoded` (key, uint8 HWC array), `.failed`
@@ -13,17 +13,47 @@ such triples with the source path/file and label.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.io import files as files_lib
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, normalize, rng_for_key
 
+from transforms.files import MatchReadableFiles, unreadable_dead_letter
+from transforms.tfrecords import ReadTFRecords
+
 _NAMESPACE = 'beam_dl.images'
+
+
+class ImageInputs(NamedTuple):
+  """A reader's outputs: (key, encoded bytes[, meta]) and dead letters."""
+
+  images: beam.PCollection
+  failed: beam.PCollection
+
+
+class _ReadImageFileFn(beam.DoFn):
+  """fileio.ReadableFile -> (path, bytes[, meta]); unreadable files -> FAILED."""
+
+  def __init__(self, with_metadata: bool, label_fn: Callable[[str], Any] | None):
+    self._with_metadata = with_metadata
+    self._label_fn = label_fn
+
+  def process(self, readable) -> Iterable:
+    path = readable.metadata.path
+    try:
+      data = files_lib.read_all(readable)
+    except files_lib.FileReadError as e:
+      yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
+      return
+    if not self._with_metadata:
+      yield path, data
+      return
+    yield path, data, {'path': path, 'label': self._label_fn(path) if self._label_fn else None}
 
 
 class ReadImageFiles(beam.PTransform):
@@ -32,6 +62,10 @@ class ReadImageFiles(beam.PTransform):
   With `with_metadata=True` elements are (path, bytes, {'path', 'label'}),
   the label from `label_fn(path)` (e.g. the parent folder's class index) or
   None.
+
+  Returns `.images` and `.failed`: each match that can't be read (a
+  directory or dangling symlink matching the glob, a FIFO, an I/O error such
+  as EIO or EACCES) is one dead letter (key = path, stage 'read').
   """
 
   def __init__(self, file_pattern: str, with_metadata: bool = False,
@@ -41,21 +75,14 @@ class ReadImageFiles(beam.PTransform):
     self._with_metadata = with_metadata or label_fn is not None
     self._label_fn = label_fn
 
-  def expand(self, pbegin):
-    files = (
-        pbegin
-        | 'MatchFiles' >> fileio.MatchFiles(self._file_pattern)
-        | 'ReadMatches' >> fileio.ReadMatches()
-    )
-    if not self._with_metadata:
-      return files | 'ToKeyedBytes' >> beam.Map(
-          lambda f: (f.metadata.path, f.read())).with_output_types(tuple[str, bytes])
-    label_fn = self._label_fn
-    return files | 'ToKeyedBytesWithMetadata' >> beam.Map(
-        lambda f: (f.metadata.path, f.read(),
-                   {'path': f.metadata.path,
-                    'label': label_fn(f.metadata.path) if label_fn else None})
-    ).with_output_types(tuple[str, bytes, dict])
+  def expand(self, pbegin) -> ImageInputs:
+    matched = pbegin | 'Match' >> MatchReadableFiles(self._file_pattern)
+    keyed = tuple[str, bytes, dict] if self._with_metadata else tuple[str, bytes]
+    read = matched.files | 'ReadFiles' >> beam.ParDo(
+        _ReadImageFileFn(self._with_metadata, self._label_fn)).with_output_types(
+            keyed, **{FAILED: dict}).with_outputs(FAILED, main='images')
+    failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
+    return ImageInputs(read.images, failed)
 
 
 class _ParseImageExampleFn(beam.DoFn):
@@ -106,7 +133,8 @@ class ReadImageExamples(beam.PTransform):
   """Reads (key, encoded image) from TFRecord files of tf.train.Example.
 
   The key is the `key_feature` value, or `<file>@sha1:<digest>` of the record
-  when absent. Records that are not Examples or lack the image feature go to
+  when absent. Records that are not Examples or lack the image feature, and
+  damaged TFRecord frames and unreadable files (see `ReadTFRecords`), go to
   `.failed`. With `with_metadata=True` elements are (key, bytes,
   {'source': file, 'label': int from `label_feature` or None}).
   """
@@ -125,17 +153,13 @@ class ReadImageExamples(beam.PTransform):
     self._key_feature = key_feature
     self._label_feature = label_feature if with_metadata else None
 
-  def expand(self, pbegin):
-    return (
-        pbegin
-        | 'Pattern' >> beam.Create([self._file_pattern])
-        | 'ReadRecords' >> beam.io.ReadAllFromTFRecord(with_filename=True)
-        | 'ParseExamples'
-        >> beam.ParDo(_ParseImageExampleFn(self._image_feature, self._key_feature,
-                                         self._label_feature)).with_outputs(
-            FAILED, main='images'
-        )
-    )
+  def expand(self, pbegin) -> ImageInputs:
+    read = pbegin | 'ReadRecords' >> ReadTFRecords(self._file_pattern)
+    parsed = read.records | 'ParseExamples' >> beam.ParDo(
+        _ParseImageExampleFn(self._image_feature, self._key_feature,
+                             self._label_feature)).with_outputs(FAILED, main='images')
+    failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
+    return ImageInputs(parsed.images, failed)
 
 
 class _DecodeImageFn(beam.DoFn):

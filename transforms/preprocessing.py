@@ -46,7 +46,8 @@ class _CanonicalFn(beam.DoFn):
       raw = self._to_raw(element)
     except canonical.CanonicalError as e:
       self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(self._key_of(element), e.stage, str(e)))
+      key = e.key if e.key is not None else self._key_of(element)
+      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, e.stage, str(e)))
       return
     self._ok.inc()
     yield raw

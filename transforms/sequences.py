@@ -18,9 +18,10 @@ in the 'beam_dl.sequences' namespace.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Mapping, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter
@@ -31,6 +32,7 @@ from beam_dl.io import vocab as vocab_lib
 from beam_dl.io.events import Event, EventSpec
 from beam_dl.io.padding import PaddedBatch
 from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from transforms.tfrecords import ReadTFRecords
 
 NAMESPACE = 'beam_dl.sequences'
 _RECORD_PREVIEW = 200
@@ -57,12 +59,27 @@ class _ParseRecordsFn(beam.DoFn):
         failed += 1
         Metrics.counter(NAMESPACE, 'parse_failed_' + _reason_kind(str(result))).inc()
         yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            None, 'parse', str(result), size=len(raw)))
+            _own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
       else:
         yield result
     self._parsed.inc(len(results) - failed)
     if failed:
       self._failed.inc(failed)
+
+
+def _own_key(raw: bytes, spec: SequenceSpec, fmt: str) -> str | None:
+  """The key feature of a record that failed to parse, when it can still be read."""
+  import tensorflow as tf  # on workers only: already loaded by the parser
+
+  proto = tf.train.SequenceExample if fmt == 'sequence_example' else tf.train.Example
+  try:
+    message = proto.FromString(raw)
+  except Exception:  # protobuf's DecodeError: not a record at all, no key to read
+    return None
+  features = (message.context if fmt == 'sequence_example' else message.features).feature
+  if spec.key_feature not in features or not features[spec.key_feature].bytes_list.value:
+    return None
+  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'backslashreplace')
 
 
 def _reason_kind(reason: str) -> str:
@@ -107,7 +124,8 @@ class ParseSequenceExamples(beam.PTransform):
 class ReadSequenceExamples(beam.PTransform):
   """TFRecord files of SequenceExample (or list-feature Example) -> `SequenceRecord`.
 
-  Returns `.parsed` and `.failed` like `ParseSequenceExamples`.
+  Returns `.parsed` and `.failed` like `ParseSequenceExamples`; `.failed`
+  also holds damaged TFRecord frames and unreadable files (`ReadTFRecords`).
   """
 
   def __init__(self, file_pattern: str, spec: SequenceSpec = SequenceSpec(),
@@ -118,10 +136,19 @@ class ReadSequenceExamples(beam.PTransform):
     self._compression = compression_type
 
   def expand(self, pbegin):
-    return (pbegin
-            | 'ReadTFRecord' >> beam.io.ReadFromTFRecord(
-                self._pattern, compression_type=self._compression)
-            | 'ParseSequenceExamples' >> self._parse)
+    read = pbegin | 'ReadTFRecord' >> ReadTFRecords(self._pattern, self._compression)
+    parsed = (read.records
+              | 'DropFilenames' >> beam.Values()
+              | 'ParseSequenceExamples' >> self._parse)
+    failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
+    return ParsedSequences(parsed.parsed, failed)
+
+
+class ParsedSequences(NamedTuple):
+  """ReadSequenceExamples' outputs: `SequenceRecord`s and dead letters."""
+
+  parsed: beam.PCollection
+  failed: beam.PCollection
 
 
 class _ParseEventFn(beam.DoFn):
@@ -140,9 +167,9 @@ class _ParseEventFn(beam.DoFn):
       event = self._parse(line, self._spec)
     except events_lib.EventParseError as err:
       self._bad.inc()
-      preview = line if isinstance(line, str) else line.decode('utf-8', 'replace')
+      preview = line if isinstance(line, str) else line.decode('utf-8', 'backslashreplace')
       yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          None, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
+          err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
       return
     self._ok.inc()
     yield beam.window.TimestampedValue(event, event.time) if self._with_timestamps else event
@@ -151,8 +178,11 @@ class _ParseEventFn(beam.DoFn):
 class ParseEvents(beam.PTransform):
   """Text lines (JSON objects or CSV rows) -> `Event`.
 
-  Returns a tuple with `.events` and `.failed` (bad JSON, bad CSV row, missing
-  or non-numeric fields; each dead letter keeps a preview of the line).
+  Lines may be str or bytes (bytes are decoded as UTF-8 here, so a line that
+  is not UTF-8 is a dead letter rather than a reader crash). Returns a tuple
+  with `.events` and `.failed` (bad UTF-8, bad JSON, bad CSV row, missing or
+  non-numeric fields, an event time outside Beam's timestamp range; each dead
+  letter keeps a preview of the line, and the record's key once it was read).
   `with_timestamps=True` gives each event its event time (seconds since the
   epoch) as the element timestamp, for windowing (e.g. session windows before
   `AssembleSequences`).
@@ -175,7 +205,8 @@ class ParseEvents(beam.PTransform):
 class ReadEvents(beam.PTransform):
   """Text files of events (JSON lines, or CSV with `skip_header_lines`) -> `Event`.
 
-  `ReadFromText` then `ParseEvents`; returns `.events` and `.failed`.
+  `ReadFromText` (as bytes: decoding is ParseEvents' job, per line) then
+  `ParseEvents`; returns `.events` and `.failed`.
   """
 
   def __init__(self, file_pattern: str, spec: EventSpec, fmt: str = 'json',
@@ -186,8 +217,8 @@ class ReadEvents(beam.PTransform):
 
   def expand(self, pbegin):
     return (pbegin
-            | 'ReadText' >> beam.io.ReadFromText(self._pattern,
-                                                 skip_header_lines=self._skip)
+            | 'ReadText' >> beam.io.ReadFromText(self._pattern, skip_header_lines=self._skip,
+                                                 coder=coders.BytesCoder())
             | 'ParseEvents' >> self._parse)
 
 

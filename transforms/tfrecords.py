@@ -1,7 +1,15 @@
-"""Write prepared examples as sharded TFRecord files for the training input pipeline.
+"""TFRecord files: read every record that survives damage; write prepared examples.
 
+  p | ReadTFRecords('in/*.tfrecord')  -> `.records` (filename, bytes), `.failed`
   decoded.decoded | WriteImageExamples('out/train', labels=...)  -> out/train-00000-of-00004.tfrecord
   seqs | WriteSequenceExamples('out/seq')
+
+`ReadTFRecords` is the TFRecord reader of every beam_dl pipeline
+(`ReadImageExamples`, `ReadSequenceExamples`, `pipelines.preprocess`): it
+frames each file with `beam_dl.io.tfrecord.read_records`, so a corrupt or
+truncated record is one dead letter naming the file and byte offset, and
+the good records before (and, where the framing survives, after) it still
+come through, where Beam's `ReadFromTFRecord` fails the job.
 
 Formats are the shared on-disk ones: image tf.train.Example (`image/raw`,
 `image/shape`, `label`, `key`) and sequence tf.train.SequenceExample (context
@@ -10,17 +18,91 @@ the written file names (what `WriteToTFRecord` returns).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import CompressionTypes
 from apache_beam.metrics import Metrics
 
+from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.io import examples as examples_lib
+from beam_dl.io import files as files_lib
+from beam_dl.io import tfrecord as tfrecord_lib
 from beam_dl.io import sequences as seq_lib
 from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from transforms.files import MatchReadableFiles, unreadable_dead_letter
 
 NAMESPACE = 'beam_dl.tfrecords'
 SUFFIX = '.tfrecord'
+
+
+class _ReadRecordsFn(beam.DoFn):
+  """fileio.ReadableFile -> (filename, record) per good record; damage -> FAILED."""
+
+  def __init__(self, compression_type: str):
+    self._compression = compression_type
+    self._records = Metrics.counter(NAMESPACE, 'records_read')
+    self._damaged = Metrics.counter(NAMESPACE, 'damaged_frames')
+
+  def process(self, readable) -> Iterable:
+    path = readable.metadata.path
+    compression = (CompressionTypes.detect_compression_type(path)
+                   if self._compression == CompressionTypes.AUTO else self._compression)
+    where = 'byte' if compression == CompressionTypes.UNCOMPRESSED else f'{compression}-decompressed byte'
+    read = 0
+    try:
+      with files_lib.open_regular(readable) as stream:
+        for item in tfrecord_lib.read_records(stream):
+          if isinstance(item, tfrecord_lib.Damage):
+            self._damaged.inc()
+            yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+                f'{path}@{item.offset}', 'read',
+                f'TFRecord {path} at {where} {item.offset}: {item.reason}',
+                file=path, offset=item.offset))
+          else:
+            read += 1
+            yield path, item
+    except files_lib.FileReadError as e:
+      yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
+    except files_lib.READ_ERRORS as e:  # the stream itself broke (EIO, bad gzip)
+      self._damaged.inc()
+      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+          path, 'read', f'TFRecord {path}: read failed after {read} records: {describe(e)}',
+          file=path))
+    finally:
+      self._records.inc(read)
+
+
+class TFRecords(NamedTuple):
+  """ReadTFRecords' outputs: (filename, record bytes) and dead letters."""
+
+  records: beam.PCollection
+  failed: beam.PCollection
+
+
+class ReadTFRecords(beam.PTransform):
+  """TFRecord files matching `file_pattern` -> `.records` (filename, bytes), `.failed`.
+
+  One file per element after the match (splittable per file, not within
+  one). `.failed` holds one dead letter (stage 'read', key
+  '<file>@<offset>', with `file` and `offset`; in a compressed file the
+  offset is into the decompressed stream) per damaged frame, and one per
+  match that can't be read at all (a directory, a dangling symlink, a FIFO,
+  an I/O error; key = the path). `compression_type` as Beam's ('auto' picks
+  gzip/bzip2 by extension).
+  """
+
+  def __init__(self, file_pattern: str, compression_type: str = CompressionTypes.AUTO):
+    super().__init__()
+    self._pattern = file_pattern
+    self._compression = compression_type
+
+  def expand(self, pbegin) -> TFRecords:
+    matched = pbegin | 'Match' >> MatchReadableFiles(self._pattern, self._compression)
+    read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_output_types(
+        tuple[str, bytes], **{FAILED: dict}).with_outputs(FAILED, main='records')
+    failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
+    return TFRecords(read.records, failed)
 
 
 def _image_parts(element: Any) -> tuple[str, Any, int | None]:

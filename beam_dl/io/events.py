@@ -15,12 +15,27 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
+from beam_dl.io.examples import int64_label
 from beam_dl.io.sequences import SequenceRecord
+
+# Event times must be Beam timestamps (int64 microseconds, at most the global
+# window's end): beyond them windowing or encoding fails and takes the job down.
+MIN_EVENT_TIME = MIN_TIMESTAMP.micros / 1e6
+MAX_EVENT_TIME = GlobalWindow().max_timestamp().micros / 1e6
 
 
 class EventParseError(ValueError):
-  """A line that is not a valid event; the message is the reason."""
+  """A line that is not a valid event; the message is the reason.
+
+  `key` is the record's key when it was read before the error, else None.
+  """
+
+  def __init__(self, message: str, key: str | None = None):
+    super().__init__(message)
+    self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +90,35 @@ def _number(record: Mapping[str, Any], field: str) -> float:
   return value
 
 
+def _event_time(record: Mapping[str, Any], field: str) -> float:
+  """The event time in seconds, checked to be a Beam timestamp."""
+  time = _number(record, field)
+  if not MIN_EVENT_TIME <= time <= MAX_EVENT_TIME:
+    raise EventParseError(
+        f'field {field!r} = {record[field]!r} is outside Beam\'s timestamp range '
+        f'[{MIN_EVENT_TIME:.6g}, {MAX_EVENT_TIME:.6g}] seconds (milli- or microseconds '
+        'sent as seconds?)')
+  return time
+
+
 def event_from_mapping(record: Mapping[str, Any], spec: EventSpec) -> Event:
-  """An `Event` from one decoded record (dict of field -> value)."""
+  """An `Event` from one decoded record (dict of field -> value).
+
+  Errors after the key is read carry it (`EventParseError.key`).
+  """
   if not isinstance(record, Mapping):
     raise EventParseError(f'expected an object, got {type(record).__name__}')
   key = record.get(spec.key_field)
-  if key in (None, ''):
-    raise EventParseError(f'missing field {spec.key_field!r}')
+  if key in (None, '') or isinstance(key, (dict, list)):
+    raise EventParseError(f'missing field {spec.key_field!r}' if key in (None, '')
+                          else f'field {spec.key_field!r} must be a scalar, got {key!r}')
+  try:
+    return _event(record, str(key), spec)
+  except EventParseError as err:
+    raise EventParseError(str(err), str(key)) from None
+
+
+def _event(record: Mapping[str, Any], key: str, spec: EventSpec) -> Event:
   event_id = None
   if spec.id_field:
     event_id = record.get(spec.id_field)
@@ -90,18 +127,31 @@ def event_from_mapping(record: Mapping[str, Any], spec: EventSpec) -> Event:
     event_id = str(event_id)
   label = record.get(spec.label_field) if spec.label_field else None
   return Event(
-      key=str(key),
-      time=_number(record, spec.time_field),
+      key=key,
+      time=_event_time(record, spec.time_field),
       values=tuple(_number(record, f) for f in spec.value_fields),
       id=event_id,
       label=None if label == '' else label)
 
 
-def parse_json_event(line: str | bytes, spec: EventSpec) -> Event:
-  """One JSON line -> `Event`; bad JSON or fields raise `EventParseError`."""
+def _text(line: str | bytes) -> str:
+  """A line as text; bytes must be UTF-8 (never silently replaced)."""
+  if isinstance(line, str):
+    return line
   try:
-    record = json.loads(line)
-  except (ValueError, UnicodeDecodeError) as err:
+    return line.decode('utf-8')
+  except UnicodeDecodeError as err:
+    raise EventParseError(
+        f'not valid UTF-8: {err.reason} at byte {err.start} ({line[err.start:err.start + 4]!r})'
+    ) from None
+
+
+def parse_json_event(line: str | bytes, spec: EventSpec) -> Event:
+  """One JSON line -> `Event`; bad UTF-8, JSON or fields raise `EventParseError`."""
+  text = _text(line)
+  try:
+    record = json.loads(text)
+  except ValueError as err:
     raise EventParseError(f'bad JSON: {err}') from None
   return event_from_mapping(record, spec)
 
@@ -110,11 +160,7 @@ def parse_csv_event(line: str | bytes, spec: EventSpec) -> Event:
   """One CSV row (columns `spec.csv_columns`) -> `Event`."""
   if not spec.csv_columns:
     raise ValueError('parse_csv_event needs spec.csv_columns')
-  if isinstance(line, bytes):
-    try:
-      line = line.decode('utf-8')
-    except UnicodeDecodeError as err:
-      raise EventParseError(f'bad CSV row: not UTF-8 ({err})') from None
+  line = _text(line)
   try:
     rows = list(csv.reader([line], delimiter=spec.csv_delimiter, strict=True))
   except csv.Error as err:
@@ -134,7 +180,8 @@ def assemble_sequence(key: str, events: Iterable[Event],
   Values are [T, F] float32; ids, when the events carry them, are kept as a
   string array in `meta['raw_ids']` until a vocabulary or hashing turns them
   into `ids`. The label is the last non-empty event label (mapped through
-  `label_map` when given, else cast to int).
+  `label_map` when given, else cast to int); a label that is not an integer
+  or does not fit int64 raises ValueError.
   """
   ordered = sorted(events, key=lambda e: e.time)
   width = len(ordered[0].values) if ordered else 0
@@ -145,5 +192,5 @@ def assemble_sequence(key: str, events: Iterable[Event],
   labels = [e.label for e in ordered if e.label is not None]
   label = None
   if labels:
-    label = label_map[labels[-1]] if label_map is not None else int(labels[-1])
+    label = int64_label(label_map[labels[-1]] if label_map is not None else labels[-1])
   return SequenceRecord(key=key, values=values, label=label, meta=meta)

@@ -13,6 +13,24 @@ import numpy as np
 from beam_dl.io.sequences import _tf
 
 RAW, SHAPE, LABEL, KEY = 'image/raw', 'image/shape', 'label', 'key'
+_INT64 = np.iinfo(np.int64)
+
+
+def int64_label(label) -> int:
+  """A class label as an int that an int64 feature can hold, else ValueError.
+
+  Integral floats (3.0, as JSON may carry them) are accepted; 2**63, 1e30,
+  3.5, 'cat' are refused with a reason instead of failing in protobuf.
+  """
+  try:
+    value = int(label)
+  except (TypeError, ValueError, OverflowError):
+    raise ValueError(f'label {label!r} is not an integer') from None
+  if isinstance(label, float) and value != label:
+    raise ValueError(f'label {label!r} is not an integer')
+  if not _INT64.min <= value <= _INT64.max:
+    raise ValueError(f'label {label!r} does not fit int64')
+  return value
 
 
 def encode_image_example(key: str, image: np.ndarray, label: int | None = None) -> bytes:
@@ -30,7 +48,7 @@ def encode_image_example(key: str, image: np.ndarray, label: int | None = None) 
           value=[np.ascontiguousarray(image).tobytes()])),
       SHAPE: tf.train.Feature(int64_list=tf.train.Int64List(value=list(image.shape))),
       LABEL: tf.train.Feature(int64_list=tf.train.Int64List(
-          value=[-1 if label is None else int(label)])),
+          value=[-1 if label is None else int64_label(label)])),
       KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(key).encode('utf-8')])),
   }
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()

@@ -19,11 +19,16 @@ LABEL_IN_NAME = re.compile(r'_label(\d+)\.')
 
 
 class CanonicalError(ValueError):
-  """A raw record that cannot become a canonical raw example; `stage` names the step."""
+  """A raw record that cannot become a canonical raw example; `stage` names the step.
 
-  def __init__(self, message: str, stage: str = 'parse'):
+  `key` is the record's own key when it could be read (e.g. a TFRecord's
+  `key`/`image/key` feature), else None.
+  """
+
+  def __init__(self, message: str, stage: str = 'parse', key: str | None = None):
     super().__init__(message)
     self.stage = stage
+    self.key = key
 
 
 def image_spec_for(shape) -> ImageSpec:
@@ -42,8 +47,16 @@ def image_file_to_raw(path: str, data: bytes, image_spec: ImageSpec) -> bytes:
   try:
     image = decode_image(data, image_spec)
   except ImageDecodeError as e:
-    raise CanonicalError(str(e), 'decode') from None
-  return examples.encode_image_example(path, image, label_from_name(path))
+    raise CanonicalError(str(e), 'decode', path) from None
+  return _encode_image(path, image, label_from_name(path))
+
+
+def _encode_image(key: str, image: np.ndarray, label) -> bytes:
+  """The canonical raw image example; a label that int64 can't hold -> CanonicalError."""
+  try:
+    return examples.encode_image_example(key, image, label)
+  except ValueError as e:
+    raise CanonicalError(str(e), 'canonical', key) from None
 
 
 def image_record_to_raw(record: bytes, image_spec: ImageSpec, fallback_key: str) -> bytes:
@@ -64,7 +77,15 @@ def image_record_to_raw(record: bytes, image_spec: ImageSpec, fallback_key: str)
   keys = values(schemas.KEY, 'bytes_list') or values('image/key', 'bytes_list')
   key = keys[0].decode('utf-8', 'replace') if keys else fallback_key
   labels = values(schemas.LABEL, 'int64_list') or values('image/class/label', 'int64_list')
-  label = labels[0] if labels else None
+  try:
+    image = _record_image(values, image_spec)
+  except CanonicalError as e:  # the record's own key from here on, not the file hash
+    raise CanonicalError(str(e), e.stage, key) from None
+  return _encode_image(key, image, labels[0] if labels else None)
+
+
+def _record_image(values, image_spec: ImageSpec) -> np.ndarray:
+  """The uint8 image of a parsed image Example (`values(name, kind)` reads features)."""
   expected = (image_spec.height, image_spec.width, image_spec.channels)
   raw = values(schemas.IMAGE_RAW, 'bytes_list')
   if raw:
@@ -82,7 +103,7 @@ def image_record_to_raw(record: bytes, image_spec: ImageSpec, fallback_key: str)
       image = decode_image(encoded[0], image_spec)
     except ImageDecodeError as e:
       raise CanonicalError(str(e), 'decode') from None
-  return examples.encode_image_example(key, image, label)
+  return image
 
 
 def record_key(filename: str, record: bytes) -> str:

@@ -1,0 +1,116 @@
+"""Input files that match a glob but cannot be read, found and named.
+
+Beam's file matching skips some matches without a word: on the local
+filesystem `FileSystems.match` lists with `os.walk`, so a directory whose name
+matches the glob is never listed, and a dangling symlink is dropped because
+its size can't be read. A FIFO is listed and then blocks forever when opened.
+These helpers give each such entry a reason, so readers can report it as a
+dead letter (stage 'read') instead of losing it or hanging:
+
+  unlisted_entries(pattern)  -> [(path, reason)] Beam's match skipped
+  open_regular(readable)     -> the opened file, or FileReadError(reason)
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import zlib
+from typing import BinaryIO
+
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+
+from beam_dl.deadletter import describe
+
+_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+          (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+          (stat.S_ISBLK, 'a block device'))
+
+
+# What reading an opened file can raise: I/O errors (EIO), and a damaged or
+# truncated compressed stream (zlib.error, EOFError from gzip/bz2).
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class FileReadError(IOError):
+  """A matched path whose bytes cannot be read; the message is the reason."""
+
+
+def _is_local(path: str) -> bool:
+  return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def not_regular_reason(path: str) -> str | None:
+  """Why a local `path` is not a readable regular file, or None if it is one."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    if os.path.islink(path):
+      return f'dangling symlink (points to {os.readlink(path)!r}, which does not exist)'
+    return 'file vanished after it was matched'
+  except OSError as e:
+    return f'cannot stat: {describe(e)}'
+  for test, kind in _KINDS:
+    if test(mode):
+      return f'not a regular file: {kind}'
+  return None
+
+
+def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
+  """(path, reason) of each local entry matching `pattern` that Beam's match skips.
+
+  Replays `FileSystem.match`'s listing (the walk under the pattern's fixed
+  prefix) for the entries it leaves out, directories and entries whose size
+  can't be read, and filters them with Beam's own `match_files`, so "matches
+  the glob" means exactly what it means to `fileio.MatchFiles`. Other
+  filesystems (object stores) have no such entries: [].
+  """
+  if not _is_local(pattern):
+    return []
+  if pattern.endswith(os.sep):  # as FileSystem.match: a directory means its entries
+    pattern += '*'
+  prefix = re.match(r'^[^[*?]*', pattern).group(0)
+  if prefix == pattern:  # no glob: Beam's match stats the path itself
+    return []
+  fs = FileSystems.get_filesystem(pattern)
+  root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+  if not os.path.isdir(root or '.'):
+    return []
+  skipped = []
+  for dirpath, dirnames, filenames in os.walk(root or '.'):
+    skipped += [FileMetadata(os.path.join(dirpath, d), 0) for d in dirnames]
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      try:
+        os.path.getsize(path)
+      except OSError:  # what Beam's listing drops silently
+        skipped.append(FileMetadata(path, 0))
+  return sorted((m.path, not_regular_reason(m.path) or 'not listed by the file match')
+                for m in fs.match_files(skipped, pattern))
+
+
+def open_regular(readable) -> BinaryIO:
+  """Opens a `fileio.ReadableFile` as bytes, refusing what is not a regular file.
+
+  Raises FileReadError (never blocks on a FIFO) with the reason.
+  """
+  path = readable.metadata.path
+  if _is_local(path):
+    reason = not_regular_reason(path)
+    if reason:
+      raise FileReadError(reason)
+  try:
+    return readable.open(mime_type='application/octet-stream')
+  except OSError as e:
+    raise FileReadError(f'cannot open: {describe(e)}') from None
+
+
+def read_all(readable) -> bytes:
+  """The whole content of a `fileio.ReadableFile`, or FileReadError(reason)."""
+  with open_regular(readable) as f:
+    try:
+      return f.read()
+    except READ_ERRORS as e:  # EIO, a permission the open did not check, a bad gzip
+      raise FileReadError(f'read failed: {describe(e)}') from None
