@@ -27,3 +27,13 @@ test: install
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+
+# Kafka broker jars (org.apache.kafka:kafka_2.13, KRaft) for tests/test_kafka.py, the
+# streaming latency benchmark and `python -m beam_dl.services.kafka`: Maven Central
+# -> ~/.m2 -> .cache/kafka/lib (ignored). Needs Java 17+ and mvn.
+KAFKA_LIB ?= .cache/kafka/lib
+kafka-jars: $(KAFKA_LIB)/.fetched
+$(KAFKA_LIB)/.fetched: services/kafka/pom.xml
+	mvn -q -B -f services/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	touch $@
+.PHONY: kafka-jars

@@ -22,6 +22,8 @@ REQUIRED = [
 EXTRAS = {
     # The demo and tests use real data shipped by these packages.
     'data': ['scikit-learn>=1.5', 'statsmodels>=0.14', 'scikit-image>=0.24'],
+    # score_sequences --kafka_* with the Python reader/writer (beam_dl.io.kafka).
+    'kafka': ['confluent-kafka>=2.16,<3'],
     'test': [
         'pytest>=8',
         'pytest-timeout>=2.3',
@@ -33,6 +35,7 @@ EXTRAS = {
         # imports tensorflow_hub; that imports pkg_resources, gone in setuptools 81.
         'tensorflow-hub>=0.16,<0.17',
         'setuptools<81',
+        'confluent-kafka>=2.16,<3',  # tests/test_kafka.py, against the broker from `make kafka-jars`
     ],
 }
 
