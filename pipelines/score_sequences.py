@@ -9,9 +9,14 @@
     python -m pipelines.score_sequences --streaming --input 'incoming/*.jsonl' \
         --stop_after_secs 60 --model_dir model --output out/scores ...
 
-    # streaming on Dataflow from Pub/Sub (or Kafka: --kafka_bootstrap_servers/--kafka_topic)
+    # streaming on Dataflow from Pub/Sub
     python -m pipelines.score_sequences --streaming --input_subscription \
         projects/P/subscriptions/S --runner DataflowRunner ...
+
+    # Kafka in, Kafka out (docs/streaming.md: a local broker, Prism, your Flink cluster)
+    python -m pipelines.score_sequences --kafka_bootstrap 127.0.0.1:9092 --kafka_topic events \
+        --kafka_output_topic scores --model_dir model --runner PrismRunner \
+        --prism_location .cache/prism/prism ...
 
 Events are JSON objects, one a line: {"key": "sensor-1", "time": <seconds
 since the epoch>, "<value field>": <number>, ...}. Per key and event-time
@@ -24,7 +29,8 @@ Outputs `<output>-*.jsonl`: {"key", "window_start", "window_end", "pane",
 "pane_index", "length", "last_time", "outputs", ["prediction", "target",
 "score",] "latency_s"}; `<output>-failed-*.jsonl`: dead letters (malformed
 events, windows too short to score, failed inference) and late events
-(stage "late"). `latency_s` is output time minus the arrival time of the
+(stage "late"); with `--kafka_output_topic` the same records go to Kafka
+topics instead of or beside the files. `latency_s` is output time minus the arrival time of the
 newest event in the window; its p50/p99 are logged and exported as the
 gauges `latency_p50_ms`/`latency_p99_ms` (plus the distribution
 `latency_ms`) in the 'beam_dl.score_sequences' metrics namespace.
@@ -157,11 +163,11 @@ class FirstSightingFn(beam.DoFn):
 class ReadEventLines(beam.PTransform):
   """Text lines of events from files (batch or watched), Pub/Sub or Kafka.
 
-  The watched-directory read ends with a Reshuffle, a stage boundary, and
-  that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
+  The watched-directory and Kafka reads end with a Reshuffle, a stage
+  boundary, and that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
   DirectRunner runs this pipeline on) takes the input watermark of the stage
-  holding the file watch's splittable DoFn from the Impulse before it, which
-  is done at once: +inf. Without a boundary the FnApiRunner fuses the
+  holding a splittable DoFn source (the file watch, the Kafka reader) from
+  the Impulse before it, which is done at once: +inf. Without a boundary the FnApiRunner fuses the
   downstream stateful `LateDataGate` into that stage, so the gate's
   event-time timers fired right after the first file was read; the gate
   took every window of those keys as closed and sent each later event of

@@ -11,6 +11,8 @@ or as a dead letter (malformed, window too short). Scores equal the batch
 pipeline's over the same events written to a file.
 """
 import json
+import os
+import threading
 import time
 
 import numpy as np
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.skipif(
     not kafka_service.jars_available(),
     reason=f'no Kafka jars in {kafka_service.kafka_lib()}: run `make kafka-jars` (CI does)')
 
+PRISM = os.environ.get('PRISM_BIN', os.path.join(kafka_service.ROOT, '.cache', 'prism', 'prism'))
 WINDOW = 60.0
 KEYS = ('k0', 'k1', 'k2')
 MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}']
@@ -128,3 +131,61 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
     assert s['length'] == b['length']
     np.testing.assert_allclose(s['outputs'], b['outputs'], rtol=1e-5, atol=1e-6)
     assert s['score'] == pytest.approx(b['score'], rel=1e-5, abs=1e-6)
+
+
+def _wait_for(broker, topic, predicate, deadline_s=180.0):
+  """Polls `topic` until a record satisfies `predicate` (bounded); returns it or None."""
+  from confluent_kafka import Consumer
+  consumer = Consumer({'bootstrap.servers': broker.bootstrap, 'group.id': f'wait-{topic}-{time.time()}',
+                       'auto.offset.reset': 'earliest', 'log_level': 0})
+  consumer.subscribe([topic])
+  deadline = time.monotonic() + deadline_s
+  try:
+    while time.monotonic() < deadline:
+      message = consumer.poll(0.2)
+      if message is not None and not message.error() and predicate(json.loads(message.value())):
+        return json.loads(message.value())
+  finally:
+    consumer.close()
+  return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(PRISM), reason=f'no Prism binary at {PRISM}: run `make prism` (CI does)')
+def test_kafka_late_events_on_prism_go_to_late(broker, co2_lstm_dir):
+  """On Prism the watermark follows the record times: events behind a closed window are `late`.
+
+  The window [1200, 1260) gets on-time events, an event at t=1400 moves the
+  watermark past it, and once its ON_TIME pane is on the output topic (so
+  the window is closed) two events for it arrive: both must be `late` dead
+  letters, everything else scored.
+  """
+  broker.create_topic('live')
+  broker.create_topic('live-scores')
+  broker.create_topic('live-scores-failed')
+  on_time = [{'key': key, 'time': 1200.0 + 5 * i, 'co2': 330.0 + i} for key in ('k0', 'k1') for i in range(4)]
+  ahead = [{'key': 'k0', 'time': 1400.0, 'co2': 333.0}, {'key': 'k1', 'time': 1401.0, 'co2': 334.0}]
+  late = [{'key': 'k0', 'time': 1210.5, 'co2': 399.0}, {'key': 'k1', 'time': 1255.0, 'co2': 399.0}]
+  _produce(broker, 'live', on_time + ahead, [])
+  closed = {}
+
+  def send_late_once_closed():  # beside the pipeline: Prism's job server must start on the main thread
+    closed['pane'] = _wait_for(broker, 'live-scores', lambda r: r['key'] == 'k1' and r['window_start'] == 1200.0
+                               and r['pane'] == 'ON_TIME')
+    _produce(broker, 'live', late, [])
+
+  sender = threading.Thread(target=send_late_once_closed)
+  sender.start()
+  score_sequences.run([
+      '--streaming', '--runner', 'PrismRunner', '--prism_location', PRISM,
+      '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'live', '--kafka_output_topic', 'live-scores',
+      '--kafka_stop_after_idle_secs', '20', *_flags(co2_lstm_dir)])
+  sender.join()
+  assert closed['pane'] is not None, 'window [1200, 1260) never closed'
+  scores, failed = _consume_all(broker, 'live-scores'), _consume_all(broker, 'live-scores-failed')
+  assert sorted((f['key'], f['event_time']) for f in failed if f['stage'] == 'late') == [
+      ('k0', 1210.5), ('k1', 1255.0)]
+  final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
+  assert final[('k0', 1200.0)]['length'] == 4 and final[('k1', 1200.0)]['length'] == 4  # late ones not in
+  assert not [s for s in scores if s['window_start'] == 1200.0 and s['length'] > 4]
+  assert {f['stage'] for f in failed} <= {'late', 'sequence'}  # the lone t=1400 events: too short to score
