@@ -175,7 +175,8 @@ def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags:
       time.sleep(0.1)
   finally:
     stop.set()
-    os.killpg(pipeline.pid, signal.SIGKILL)
+    if pipeline.poll() is None:
+      os.killpg(pipeline.pid, signal.SIGKILL)
     pipeline.wait(30)
     consumer.join(10)
   timed = [(t, r) for t, r in received if r.get('key') != 'probe' and r.get('last_time', 0) >= t0]
