@@ -35,3 +35,22 @@ hadoop/lib/.fetched: hadoop/pom.xml
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib
+
+# Kafka broker jars (org.apache.kafka:kafka_2.13, KRaft) for tests/test_kafka.py, the
+# streaming latency benchmark and `python -m beam_dl.services.kafka`: Maven Central
+# -> ~/.m2 -> .cache/kafka/lib (ignored). Needs Java 17+ and mvn.
+KAFKA_LIB ?= .cache/kafka/lib
+kafka-jars: $(KAFKA_LIB)/.fetched
+$(KAFKA_LIB)/.fetched: services/kafka/pom.xml
+	mvn -q -B -f services/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	touch $@
+.PHONY: kafka-jars
+
+# Prism, Beam's local portable runner (real watermarks and streaming), built with Go for
+# tests/test_kafka.py's late-data test and the Kafka latency benchmark (--runner PrismRunner
+# --prism_location .cache/prism/prism). Its automatic download is not reachable offline.
+BEAM_VERSION ?= 2.77.0
+prism: .cache/prism/prism
+.cache/prism/prism:
+	GOBIN=$(CURDIR)/.cache/prism go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+.PHONY: prism

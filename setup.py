@@ -28,6 +28,8 @@ EXTRAS = {
     'hdfs': ['hdfs>=2.7,<3'],
     # The demo and tests use real data shipped by these packages.
     'data': ['scikit-learn>=1.5', 'statsmodels>=0.14', 'scikit-image>=0.24'],
+    # score_sequences --kafka_* with the Python reader/writer (beam_dl.io.kafka).
+    'kafka': ['confluent-kafka>=2.16,<3'],
     'test': [
         'pytest>=8',
         'pytest-timeout>=2.3',
@@ -41,6 +43,7 @@ EXTRAS = {
         'setuptools<81',
         'mlflow>=3.17,<3.18',
         'hdfs>=2.7,<3',
+        'confluent-kafka>=2.16,<3',  # tests/test_kafka.py, against the broker from `make kafka-jars`
     ],
 }
 

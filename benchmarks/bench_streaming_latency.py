@@ -1,6 +1,20 @@
-"""Streaming scoring latency on the local runner: p50/p99 at a measured input rate.
+"""Streaming scoring latency: p50/p99 at a measured input rate (TestStream), or Kafka end to end.
 
     .venv/bin/python -m benchmarks.bench_streaming_latency [--ticks 40] [--per_tick 10 100]
+    make kafka-jars && .venv/bin/python -m benchmarks.bench_streaming_latency --kafka \
+        [--rates 200 1000 5000] [--seconds 60] [-- <runner flags for score_sequences>]
+
+Kafka mode (`--kafka`): a broker from `beam_dl.services.kafka`; for each
+rate a producer sends events {"key", "time" = now, "value"} over 100 keys
+at that steady rate for `--seconds`, with the record time = event time;
+`pipelines.score_sequences --kafka_*` runs in its own process (streaming,
+the Python Kafka reader, the runner flags after `--`: default the
+DirectRunner) and writes scores to a topic that a consumer reads. Latency
+of a score = the time the consumer received it minus the `last_time` of
+its pane (the produce time of the newest event it covers): produce ->
+score, end to end. A rate is held when the last event's score arrives
+within 2 s of its produce time. Before timing, one probe event must come
+back scored (the pipeline is up and compiled).
 
 The scoring path of `pipelines.score_sequences` (WindowedSequences with an
 EARLY pane per event -> RunInference with a small Flax LSTM -> score records)
@@ -18,7 +32,13 @@ latency. The model is trained for a few steps on the CO2 series
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 import apache_beam as beam
@@ -33,6 +53,7 @@ from pipelines import score_sequences, score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.windowing import WindowedSequences
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENCIES: list[float] = []  # the DirectRunner runs in this process
 
 
@@ -73,11 +94,133 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
           'warm_p50': np.percentile(warm, 50), 'warm_p99': np.percentile(warm, 99)}
 
 
+# -- Kafka end to end -------------------------------------------------------------
+
+
+def _consume_scores(servers: str, topic: str, stop: threading.Event, into: list):
+  """(receive time, record) for each score on `topic` until `stop` is set."""
+  from confluent_kafka import Consumer  # pylint: disable=g-import-not-at-top
+  consumer = Consumer({'bootstrap.servers': servers, 'group.id': f'bench-{topic}', 'log_level': 0,
+                       'auto.offset.reset': 'earliest', 'fetch.wait.max.ms': 5})
+  consumer.subscribe([topic])
+  try:
+    while not stop.is_set():
+      for message in consumer.consume(1000, timeout=0.05):
+        if not message.error():
+          into.append((time.time(), json.loads(message.value())))
+  finally:
+    consumer.close()
+
+
+def _produce_steady(producer, topic: str, rate: float, seconds: float, keys: int = 100) -> tuple[int, float]:
+  """Events at `rate`/s for `seconds` (paced every 5 ms); returns (count, time of the last)."""
+  rng = np.random.default_rng(0)
+  start = time.time()
+  sent, last = 0, start
+  while True:
+    now = time.time()
+    if now - start >= seconds:
+      break
+    due = int((now - start) * rate)
+    while sent < due:
+      t = time.time()
+      event = {'key': f'k{sent % keys}', 'time': t, 'value': float(330 + rng.normal())}
+      producer.produce(topic, json.dumps(event).encode(), timestamp=int(t * 1000))
+      sent, last = sent + 1, t
+    producer.poll(0)
+    time.sleep(0.005)
+  producer.flush(30)
+  return sent, last
+
+
+def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags: list[str],
+              startup_timeout_s: float = 300.0) -> dict:
+  """One rate, end to end through Kafka; returns latency percentiles (ms) and whether it held."""
+  from confluent_kafka import Producer  # pylint: disable=g-import-not-at-top
+  topic, out = f'events-{int(rate)}', f'scores-{int(rate)}'
+  for name in (topic, out, f'{out}-failed'):
+    broker.create_topic(name)
+  cmd = [sys.executable, '-m', 'pipelines.score_sequences', '--streaming', '--kafka_bootstrap', broker.bootstrap,
+         '--kafka_topic', topic, '--kafka_output_topic', out, '--kafka_stop_after_idle_secs', '5',
+         '--model_dir', model_dir, '--event_value_fields', 'value', '--window', 'fixed', '--window_size', '10',
+         '--seq_len', '16', '--max_batch_size', '64', *runner_flags]
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])}
+  received: list = []
+  stop = threading.Event()
+  consumer = threading.Thread(target=_consume_scores, args=(broker.bootstrap, out, stop, received), daemon=True)
+  consumer.start()
+  log = tempfile.NamedTemporaryFile(prefix=f'bench_kafka_{int(rate)}_', suffix='.log', delete=False)
+  pipeline = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 1, 'log_level': 0})
+  try:
+    probe_t = time.time()  # the pipeline is up once a probe event comes back scored
+    producer.produce(topic, json.dumps({'key': 'probe', 'time': probe_t, 'value': 330.0}).encode(),
+                     timestamp=int(probe_t * 1000))
+    producer.flush(30)
+    deadline = time.time() + startup_timeout_s
+    while not any(r.get('key') == 'probe' for _, r in list(received)):
+      if time.time() > deadline or pipeline.poll() is not None:
+        probe = None
+        break
+      time.sleep(0.1)
+    else:
+      probe = time.time() - probe_t
+    t0 = time.time()
+    sent, last_sent = _produce_steady(producer, topic, rate, seconds)
+    produce_s = time.time() - t0
+    deadline = time.time() + max(60.0, seconds)  # drain: until the last event's pane arrives
+    while time.time() < deadline and pipeline.poll() is None:
+      if any(r.get('last_time', 0) >= last_sent - 1e-3 for _, r in list(received)[-2000:]):
+        break
+      time.sleep(0.1)
+  finally:
+    stop.set()
+    if pipeline.poll() is None:
+      os.killpg(pipeline.pid, signal.SIGKILL)
+    pipeline.wait(30)
+    consumer.join(10)
+  timed = [(t, r) for t, r in received if r.get('key') != 'probe' and r.get('last_time', 0) >= t0]
+  lat = np.array([t - r['last_time'] for t, r in timed]) * 1000
+  done = [t for t, r in timed if r['last_time'] >= last_sent - 1e-3]
+  tail_ms = (min(done) - last_sent) * 1000 if done else float('inf')
+  return {'rate': rate, 'sent': sent, 'produce_s': produce_s, 'achieved': sent / produce_s, 'scores': len(lat),
+          'probe_s': probe, 'p50': np.percentile(lat, 50) if len(lat) else float('nan'),
+          'p99': np.percentile(lat, 99) if len(lat) else float('nan'), 'max': lat.max() if len(lat) else float('nan'),
+          'last_event_ms': tail_ms, 'held': tail_ms <= 2000, 'log': log.name}
+
+
+def main_kafka(args, runner_flags: list[str]):
+  from beam_dl.services.kafka import KafkaBroker  # pylint: disable=g-import-not-at-top
+  model_dir = tempfile.mkdtemp(prefix='latency_model_')
+  _, values = demo.load_series()
+  demo.train_model(model_dir, values[:400], steps=20)
+  print(f'Kafka -> score_sequences ({" ".join(runner_flags) or "DirectRunner"}) -> Kafka; '
+        f'{args.seconds:g} s per rate; latency = consumer receive time - produce time of the newest event '
+        'in the scored pane')
+  print(f'{"target/s":>8s} {"sent":>7s} {"sent/s":>7s} {"scores":>7s} {"probe s":>7s} '
+        f'{"p50 ms":>8s} {"p99 ms":>8s} {"max ms":>8s} {"last ev ms":>10s} held', flush=True)
+  with KafkaBroker(heap_mb=1024) as broker:
+    for rate in args.rates:
+      r = run_kafka(broker, model_dir, rate, args.seconds, runner_flags)
+      probe = f'{r["probe_s"]:7.1f}' if r['probe_s'] is not None else '   none'
+      print(f'{rate:8.0f} {r["sent"]:7d} {r["achieved"]:7.0f} {r["scores"]:7d} {probe} {r["p50"]:8.1f} '
+            f'{r["p99"]:8.1f} {r["max"]:8.1f} {r["last_event_ms"]:10.0f} {"yes" if r["held"] else "no"}'
+            f'   (pipeline log: {r["log"]})', flush=True)
+
+
 def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  runner_flags = argv[argv.index('--') + 1:] if '--' in argv else []
+  argv = argv[:argv.index('--')] if '--' in argv else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--ticks', type=int, default=40)
   parser.add_argument('--per_tick', type=int, nargs='+', default=[10, 100])
+  parser.add_argument('--kafka', action='store_true', help='Kafka end to end instead of TestStream.')
+  parser.add_argument('--rates', type=float, nargs='+', default=[200, 1000, 5000])
+  parser.add_argument('--seconds', type=float, default=60.0)
   args = parser.parse_args(argv)
+  if args.kafka:
+    return main_kafka(args, runner_flags)
   model_dir = tempfile.mkdtemp(prefix='latency_model_')
   _, values = demo.load_series()
   demo.train_model(model_dir, values[:400], steps=20)

@@ -9,9 +9,14 @@
     python -m pipelines.score_sequences --streaming --input 'incoming/*.jsonl' \
         --stop_after_secs 60 --model_dir model --output out/scores ...
 
-    # streaming on Dataflow from Pub/Sub (or Kafka: --kafka_bootstrap_servers/--kafka_topic)
+    # streaming on Dataflow from Pub/Sub
     python -m pipelines.score_sequences --streaming --input_subscription \
         projects/P/subscriptions/S --runner DataflowRunner ...
+
+    # Kafka in, Kafka out (docs/streaming.md: a local broker, Prism, your Flink cluster)
+    python -m pipelines.score_sequences --kafka_bootstrap 127.0.0.1:9092 --kafka_topic events \
+        --kafka_output_topic scores --model_dir model --runner PrismRunner \
+        --prism_location .cache/prism/prism ...
 
 Events are JSON objects, one a line: {"key": "sensor-1", "time": <seconds
 since the epoch>, "<value field>": <number>, ...}. Per key and event-time
@@ -24,7 +29,8 @@ Outputs `<output>-*.jsonl`: {"key", "window_start", "window_end", "pane",
 "pane_index", "length", "last_time", "outputs", ["prediction", "target",
 "score",] "latency_s"}; `<output>-failed-*.jsonl`: dead letters (malformed
 events, windows too short to score, failed inference) and late events
-(stage "late"). `latency_s` is output time minus the arrival time of the
+(stage "late"); with `--kafka_output_topic` the same records go to Kafka
+topics instead of or beside the files. `latency_s` is output time minus the arrival time of the
 newest event in the window; its p50/p99 are logged and exported as the
 gauges `latency_p50_ms`/`latency_p99_ms` (plus the distribution
 `latency_ms`) in the 'beam_dl.score_sequences' metrics namespace.
@@ -54,6 +60,7 @@ from beam_dl import checkpoints
 from beam_dl.deadletter import dead_letter
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
+from beam_dl.io.kafka import ReadKafkaValues, WriteKafkaJson
 from beam_dl.io.events import EventSpec
 from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require, switch
 from transforms.inference import RunInferenceWithDeadLetters
@@ -98,8 +105,20 @@ class ScoreSequencesOptions(PipelineOptions):
     add('--input_topic', default=None, help='Pub/Sub topic to read events from (streaming).')
     add('--input_subscription', default=None, help='Pub/Sub subscription to read events from (streaming).')
     add('--timestamp_attribute', default=None, help='Pub/Sub attribute holding event timestamps.')
-    add('--kafka_bootstrap_servers', default=None, help='Kafka bootstrap servers (cross-language ReadFromKafka).')
-    add('--kafka_topic', default=None, help='Kafka topic to read events from.')
+    add('--kafka_bootstrap_servers', '--kafka_bootstrap', dest='kafka_bootstrap_servers', default=None,
+        help='Kafka bootstrap servers, host:port[,host:port] (streaming).')
+    add('--kafka_topic', default=None, help='Kafka topic to read events from (record time = event time).')
+    add('--kafka_output_topic', default=None,
+        help='Kafka topic to write score records to (JSON, keyed by event key); dead letters go to '
+             '--kafka_failed_topic. With it, --output is optional.')
+    add('--kafka_failed_topic', default=None,
+        help='Kafka topic for dead letters and late events (default <kafka_output_topic>-failed).')
+    add('--kafka_reader', choices=['python', 'xlang'], default='python',
+        help='python: beam_dl.io.kafka (confluent-kafka, runs on any runner that runs Python SDFs); '
+             "xlang: Beam's cross-language KafkaIO (needs Java and its expansion service).")
+    add('--kafka_stop_after_idle_secs', type=float, default=None,
+        help='Kafka (python reader): end the read once a partition has had no record for this long '
+             '(bounded runs: tests, benchmarks).')
 
 
 def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
@@ -143,7 +162,21 @@ class FirstSightingFn(beam.DoFn):
 
 
 class ReadEventLines(beam.PTransform):
-  """Text lines of events from files (batch or watched), Pub/Sub or Kafka."""
+  """Text lines of events from files (batch or watched), Pub/Sub or Kafka.
+
+  The watched-directory and Kafka reads end with a Reshuffle, a stage
+  boundary, and that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
+  DirectRunner runs this pipeline on) takes the input watermark of the stage
+  holding a splittable DoFn source (the file watch, the Kafka reader) from
+  the Impulse before it, which is done at once: +inf. Without a boundary the FnApiRunner fuses the
+  downstream stateful `LateDataGate` into that stage, so the gate's
+  event-time timers fired right after the first file was read; the gate
+  took every window of those keys as closed and sent each later event of
+  them to `late`. After the boundary the gate's input watermark is the
+  watch's output watermark, held while the watch still polls. Runners with
+  per-element watermarks (Flink, Dataflow, Prism) were not affected; for
+  them the Reshuffle is one extra shuffle of the raw lines.
+  """
 
   def __init__(self, opts: ScoreSequencesOptions, io: IOOptions, streaming: bool,
                clock: Callable[[], float] = time.time):
@@ -159,12 +192,7 @@ class ReadEventLines(beam.PTransform):
                   timestamp_attribute=opts.timestamp_attribute)
               | 'DecodeMessages' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
     if opts.kafka_bootstrap_servers or opts.kafka_topic:
-      from apache_beam.io.kafka import ReadFromKafka  # cross-language: needs Java and the expansion service
-      return (pbegin
-              | 'ReadFromKafka' >> ReadFromKafka(
-                  consumer_config={'bootstrap.servers': opts.kafka_bootstrap_servers},
-                  topics=[opts.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy)
-              | 'KafkaValues' >> beam.Map(lambda kv: kv[1].decode('utf-8', errors='replace')))
+      return pbegin | 'ReadFromKafka' >> _read_kafka(opts) | 'EndSourceStage' >> beam.Reshuffle()
     if not self._streaming:
       return pbegin | 'ReadText' >> beam.io.ReadFromText(self._io.input, coder=BytesCoder())
     stop = (Timestamp.of(self._clock() + opts.stop_after_secs) if opts.stop_after_secs
@@ -176,7 +204,20 @@ class ReadEventLines(beam.PTransform):
             | 'KeyByPath' >> beam.Map(lambda m: (m.path, m))
             | 'NewFilesOnly' >> beam.ParDo(FirstSightingFn())
             | 'ReadMatches' >> fileio.ReadMatches()
-            | 'SplitLines' >> beam.FlatMap(_lines_of))
+            | 'SplitLines' >> beam.FlatMap(_lines_of)
+            | 'EndSourceStage' >> beam.Reshuffle())
+
+
+def _read_kafka(opts: ScoreSequencesOptions) -> beam.PTransform:
+  """Kafka record values as text, stamped with the record time (the producer's event time)."""
+  if opts.kafka_reader == 'xlang':
+    from apache_beam.io.kafka import ReadFromKafka  # cross-language: needs Java and the expansion service
+    return (ReadFromKafka(consumer_config={'bootstrap.servers': opts.kafka_bootstrap_servers},
+                          topics=[opts.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy)
+            | 'KafkaValues' >> beam.Map(lambda kv: kv[1].decode('utf-8', errors='replace')))
+  return (ReadKafkaValues(opts.kafka_bootstrap_servers, opts.kafka_topic,
+                          stop_after_idle_s=opts.kafka_stop_after_idle_secs)
+          | 'DecodeValues' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
 
 
 # -- sequences -> model inputs -------------------------------------------------
@@ -326,7 +367,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   inference = options.view_as(InferenceOptions)
   streaming = options.view_as(StandardOptions).streaming
   external = opts.input_topic or opts.input_subscription or opts.kafka_topic
-  require(options, 'model_dir', 'output', *(() if external else ('input',)))
+  require(options, 'model_dir', *(() if opts.kafka_output_topic else ('output',)),
+          *(() if external else ('input',)))
+  if opts.kafka_topic or opts.kafka_output_topic:
+    require(options, 'kafka_bootstrap_servers')
   if external and not streaming:
     # Pub/Sub and Kafka are unbounded: they imply streaming. Turned on here
     # because a Flex Template can't pass Beam's store_true --streaming.
@@ -360,10 +404,14 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   failed = ([pcoll | f'Global{name}Failures' >> beam.WindowInto(beam.window.GlobalWindows())
              for name, pcoll in failures.items()]
             | 'AllFailures' >> beam.Flatten())
-  if streaming:
+  if opts.kafka_output_topic:
+    scores | 'ScoresToKafka' >> WriteKafkaJson(opts.kafka_bootstrap_servers, opts.kafka_output_topic)
+    failed | 'FailuresToKafka' >> WriteKafkaJson(
+        opts.kafka_bootstrap_servers, opts.kafka_failed_topic or f'{opts.kafka_output_topic}-failed')
+  if streaming and io.output:
     scores | 'WriteScores' >> _WriteStreamingJsonLines(io.output, opts.write_frequency_secs)
     failed | 'WriteFailures' >> _WriteStreamingJsonLines(f'{io.output}-failed', opts.write_frequency_secs)
-  else:
+  elif io.output:
     scores = scores | 'GlobalScores' >> beam.WindowInto(beam.window.GlobalWindows())
     scores | 'WriteScores' >> WriteJsonLines(io.output)
     failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')

@@ -35,3 +35,18 @@ def digits_model_dir(tmp_path_factory):
   )
   variables, _ = fit_arrays(spec, (x_train[..., None],), y_train, steps=250, learning_rate=3e-3)
   return checkpoints.save(str(tmp_path_factory.mktemp('digits') / 'model'), spec, variables)
+
+
+@pytest.fixture(scope='session')
+def co2_lstm_dir(tmp_path_factory):
+  """A one-feature LSTM forecaster trained for a few steps on the CO2 series.
+
+  For streaming tests that check plumbing (every event scored, scores equal
+  to batch), not accuracy.
+  """
+  from pipelines import score_sequences_demo as demo
+
+  path = str(tmp_path_factory.mktemp('co2_lstm'))
+  _, values = demo.load_series()
+  demo.train_model(path, values[:120], steps=5)
+  return path

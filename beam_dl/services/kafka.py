@@ -1,0 +1,196 @@
+"""A single-node Kafka broker (KRaft: broker and controller in one JVM) on 127.0.0.1.
+
+    make kafka-jars                      # once: Maven Central -> .cache/kafka/lib
+    python -m beam_dl.services.kafka     # prints the bootstrap address, runs until Ctrl-C
+
+    with KafkaBroker() as broker:        # tests and benchmarks
+      broker.create_topic('events')
+      ... broker.bootstrap ...           # '127.0.0.1:<free port>'
+
+The broker formats a fresh storage directory (`kafka.tools.StorageTool`),
+starts `kafka.Kafka` in its own process group, polls it ready with a
+deadline (raising with the log tail if it exits or never answers) and kills
+the whole group on exit. Jars come from `services/kafka/pom.xml`
+(org.apache.kafka:kafka_2.13); `KAFKA_LIB` overrides their folder.
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
+
+
+class BrokerError(RuntimeError):
+  """The broker's jars are missing, or it exited or never answered in time."""
+
+
+def kafka_lib() -> str:
+  return os.environ.get('KAFKA_LIB', DEFAULT_LIB)
+
+
+def jars_available() -> bool:
+  return bool(glob.glob(os.path.join(kafka_lib(), 'kafka_2.13-*.jar')))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+  try:
+    with socket.create_connection(('127.0.0.1', port), timeout=1):
+      return True
+  except OSError:
+    return False
+
+
+def _tail(path: str, n: int = 3000) -> str:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()[-n:].decode('utf-8', 'replace')
+  except OSError:
+    return ''
+
+
+def server_properties(port: int, controller_port: int, log_dir: str) -> str:
+  """KRaft settings for one node that is both broker and controller, replication 1."""
+  return '\n'.join([
+      'process.roles=broker,controller',
+      'node.id=1',
+      f'controller.quorum.voters=1@127.0.0.1:{controller_port}',
+      f'listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}',
+      f'advertised.listeners=PLAINTEXT://127.0.0.1:{port}',
+      'controller.listener.names=CONTROLLER',
+      'inter.broker.listener.name=PLAINTEXT',
+      'listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT',
+      f'log.dirs={log_dir}',
+      'num.partitions=1',
+      'offsets.topic.replication.factor=1',
+      'transaction.state.log.replication.factor=1',
+      'transaction.state.log.min.isr=1',
+      'share.coordinator.state.topic.replication.factor=1',
+      'share.coordinator.state.topic.min.isr=1',
+      'group.initial.rebalance.delay.ms=0',
+      'auto.create.topics.enable=false',
+      '',
+  ])
+
+
+class KafkaBroker:
+  """Context manager: a fresh single-node broker; `bootstrap` is its address."""
+
+  def __init__(self, workdir: str | None = None, *, heap_mb: int = 512, start_timeout_s: float = 90.0):
+    if not jars_available():
+      raise BrokerError(f'no Kafka jars in {kafka_lib()}: run `make kafka-jars`')
+    self._own_dir = workdir is None
+    self.workdir = workdir or tempfile.mkdtemp(prefix='kafka_')
+    self._heap_mb = heap_mb
+    self._timeout = start_timeout_s
+    self.port = free_port()
+    self.bootstrap = f'127.0.0.1:{self.port}'
+    self.log_path = os.path.join(self.workdir, 'broker.log')
+    self._proc: subprocess.Popen | None = None
+
+  def _java(self, main: str, *args: str) -> list[str]:
+    return ['java', f'-Xmx{self._heap_mb}m', '-Xms128m', '-XX:+UseSerialGC', '-XX:TieredStopAtLevel=1',
+            '-cp', os.path.join(kafka_lib(), '*'), main, *args]
+
+  def start(self) -> 'KafkaBroker':
+    config = os.path.join(self.workdir, 'server.properties')
+    with open(config, 'w', encoding='utf-8') as f:
+      f.write(server_properties(self.port, free_port(), os.path.join(self.workdir, 'data')))
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b'=').decode()
+    fmt = subprocess.run(self._java('kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', config),
+                         capture_output=True, text=True, timeout=120, check=False)
+    if fmt.returncode:
+      raise BrokerError(f'formatting Kafka storage failed: {fmt.stdout[-2000:]}{fmt.stderr[-2000:]}')
+    with open(self.log_path, 'ab') as log:
+      self._proc = subprocess.Popen(self._java('kafka.Kafka', config), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
+    try:
+      self._wait_ready()
+    except BaseException:
+      self.stop()
+      raise
+    return self
+
+  def _wait_ready(self):
+    from confluent_kafka.admin import AdminClient  # pylint: disable=g-import-not-at-top
+    deadline = time.monotonic() + self._timeout
+    admin = None
+    while time.monotonic() < deadline:
+      if self._proc.poll() is not None:
+        raise BrokerError(f'Kafka exited with {self._proc.returncode}:\n{_tail(self.log_path)}')
+      if admin is None and _listening(self.port):  # no client until the port answers: no retry noise
+        admin = AdminClient({'bootstrap.servers': self.bootstrap, 'log_level': 0})
+      if admin is not None:
+        try:
+          if admin.list_topics(timeout=2).brokers:
+            return
+        except Exception:  # KafkaException until the broker has registered with its controller
+          pass
+      time.sleep(0.2)
+    raise BrokerError(f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{_tail(self.log_path)}')
+
+  def create_topic(self, name: str, partitions: int = 1, timeout_s: float = 30.0):
+    """Creates `name` and waits (bounded) until its partitions have leaders."""
+    from confluent_kafka.admin import AdminClient, NewTopic  # pylint: disable=g-import-not-at-top
+    admin = AdminClient({'bootstrap.servers': self.bootstrap})
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      topic = admin.list_topics(name, timeout=2).topics.get(name)
+      if topic and not topic.error and len(topic.partitions) == partitions and all(
+          p.leader >= 0 for p in topic.partitions.values()):
+        return
+      time.sleep(0.1)
+    raise BrokerError(f'topic {name} has no leader after {timeout_s:g} s')
+
+  def stop(self):
+    """Kills the broker's process group (TERM, then KILL after 10 s); removes its own workdir."""
+    proc, self._proc = self._proc, None
+    if proc is not None and proc.poll() is None:
+      for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+          os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+          break
+        try:
+          proc.wait(timeout=wait)
+          break
+        except subprocess.TimeoutExpired:
+          continue
+    if self._own_dir:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc):
+    self.stop()
+
+
+def main():
+  with KafkaBroker() as broker:
+    print(broker.bootstrap, flush=True)
+    try:
+      signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+      pass
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,191 @@
+"""score_sequences against a real Kafka broker: events in, scores and dead letters out.
+
+The broker is the project's own (`beam_dl.services.kafka`, jars from
+`make kafka-jars`), started once for this module on a free port. Events go
+in with their event time as the Kafka record time; the pipeline runs in
+streaming mode on the DirectRunner with the Python Kafka reader (bounded
+for the test: it ends once the topic has been idle) and writes JSON records
+to an output topic and a dead-letter topic. Every event is accounted for:
+in the final pane of its window (the scored sequence holds all of them),
+or as a dead letter (malformed, window too short). Scores equal the batch
+pipeline's over the same events written to a file.
+"""
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from beam_dl.jsonl import read_jsonl
+from beam_dl.services import kafka as kafka_service
+from pipelines import score_sequences
+
+pytestmark = pytest.mark.skipif(
+    not kafka_service.jars_available(),
+    reason=f'no Kafka jars in {kafka_service.kafka_lib()}: run `make kafka-jars` (CI does)')
+
+PRISM = os.environ.get('PRISM_BIN', os.path.join(kafka_service.ROOT, '.cache', 'prism', 'prism'))
+WINDOW = 60.0
+KEYS = ('k0', 'k1', 'k2')
+MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}']
+
+
+def _events():
+  """Three keys over two 60 s windows, shuffled out of time order; one key with a lone event."""
+  rng = np.random.default_rng(7)
+  events = []
+  for k, key in enumerate(KEYS):
+    for i in range(10 + 3 * k):
+      events.append({'key': key, 'time': 1200.0 + round(float(rng.uniform(0, 2 * WINDOW)), 3),
+                     'co2': round(330.0 + k + float(rng.normal()), 3)})
+  events.append({'key': 'lonely', 'time': 1250.0, 'co2': 340.0})
+  order = rng.permutation(len(events))
+  return [events[i] for i in order]
+
+
+@pytest.fixture(scope='module')
+def broker():
+  with kafka_service.KafkaBroker() as b:
+    yield b
+
+
+def _produce(broker, topic, events, malformed):
+  from confluent_kafka import Producer
+  producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 5})
+  for event in events:
+    producer.produce(topic, json.dumps(event).encode(), key=event['key'].encode(),
+                     timestamp=int(round(event['time'] * 1000)))
+  for line in malformed:
+    producer.produce(topic, line, timestamp=1_230_000)
+  assert producer.flush(30) == 0
+
+
+def _consume_all(broker, topic, idle_s=3.0, deadline_s=60.0):
+  """Every message on `topic` (JSON), read until it has been idle for `idle_s` (bounded)."""
+  from confluent_kafka import Consumer
+  consumer = Consumer({'bootstrap.servers': broker.bootstrap, 'group.id': f'check-{topic}',
+                       'auto.offset.reset': 'earliest', 'log_level': 0})
+  consumer.subscribe([topic])
+  records, deadline, last = [], time.monotonic() + deadline_s, time.monotonic()
+  try:
+    while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+      message = consumer.poll(0.2)
+      if message is not None and not message.error():
+        records.append(json.loads(message.value()))
+        last = time.monotonic()
+  finally:
+    consumer.close()
+  return records
+
+
+def _flags(model_dir):
+  return ['--model_dir', model_dir, '--event_value_fields', 'co2', '--window', 'fixed',
+          '--window_size', str(WINDOW), '--seq_len', '64', '--min_length', '2', '--forecast']
+
+
+@pytest.mark.slow
+def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_path):
+  model_dir = co2_lstm_dir
+  events = _events()
+  broker.create_topic('events')
+  broker.create_topic('scores')
+  broker.create_topic('scores-failed')
+  _produce(broker, 'events', events, MALFORMED)
+
+  score_sequences.run([
+      '--streaming', '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'events',
+      '--kafka_output_topic', 'scores', '--kafka_stop_after_idle_secs', '3', *_flags(model_dir)])
+  scores, failed = _consume_all(broker, 'scores'), _consume_all(broker, 'scores-failed')
+
+  # every event: in its window's final pane, or a dead letter
+  per_window = {}
+  for e in events:
+    start = WINDOW * (e['time'] // WINDOW)
+    per_window.setdefault((e['key'], start), []).append(e)
+  final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
+  short = {(f['key'], f['window_start']) for f in failed if f['stage'] == 'sequence'}
+  assert set(final) | short == set(per_window)
+  for (key, start), window_events in per_window.items():
+    if (key, start) in short:
+      assert len(window_events) < 2
+      continue
+    record = final[(key, start)]
+    assert record['length'] == len(window_events)
+    assert record['last_time'] == pytest.approx(max(e['time'] for e in window_events), abs=1e-3)
+    newest = max(window_events, key=lambda e: e['time'])
+    assert record['target'] == pytest.approx([newest['co2']], abs=1e-4)
+  assert sorted(f['stage'] for f in failed if f['stage'] == 'parse_event') == ['parse_event'] * len(MALFORMED)
+  assert not [f for f in failed if f['stage'] not in ('parse_event', 'sequence')], failed
+
+  # the same events through the batch pipeline: the same scores
+  lines = tmp_path / 'events.jsonl'
+  lines.write_text(''.join(json.dumps(e) + '\n' for e in events))
+  out = str(tmp_path / 'batch' / 'scores')
+  score_sequences.run(['--input', str(lines), '--output', out, *_flags(model_dir)])
+  batch = read_jsonl(f'{out}-0*')
+  assert {(b['key'], b['window_start']) for b in batch} == set(final)
+  for b in batch:
+    s = final[(b['key'], b['window_start'])]
+    assert s['length'] == b['length']
+    np.testing.assert_allclose(s['outputs'], b['outputs'], rtol=1e-5, atol=1e-6)
+    assert s['score'] == pytest.approx(b['score'], rel=1e-5, abs=1e-6)
+
+
+def _wait_for(broker, topic, predicate, deadline_s=180.0):
+  """Polls `topic` until a record satisfies `predicate` (bounded); returns it or None."""
+  from confluent_kafka import Consumer
+  consumer = Consumer({'bootstrap.servers': broker.bootstrap, 'group.id': f'wait-{topic}-{time.time()}',
+                       'auto.offset.reset': 'earliest', 'log_level': 0})
+  consumer.subscribe([topic])
+  deadline = time.monotonic() + deadline_s
+  try:
+    while time.monotonic() < deadline:
+      message = consumer.poll(0.2)
+      if message is not None and not message.error() and predicate(json.loads(message.value())):
+        return json.loads(message.value())
+  finally:
+    consumer.close()
+  return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(PRISM), reason=f'no Prism binary at {PRISM}: run `make prism` (CI does)')
+def test_kafka_late_events_on_prism_go_to_late(broker, co2_lstm_dir):
+  """On Prism the watermark follows the record times: events behind a closed window are `late`.
+
+  The window [1200, 1260) gets on-time events, an event at t=1400 moves the
+  watermark past it, and once its ON_TIME pane is on the output topic (so
+  the window is closed) two events for it arrive: both must be `late` dead
+  letters, everything else scored.
+  """
+  broker.create_topic('live')
+  broker.create_topic('live-scores')
+  broker.create_topic('live-scores-failed')
+  on_time = [{'key': key, 'time': 1200.0 + 5 * i, 'co2': 330.0 + i} for key in ('k0', 'k1') for i in range(4)]
+  ahead = [{'key': 'k0', 'time': 1400.0, 'co2': 333.0}, {'key': 'k1', 'time': 1401.0, 'co2': 334.0}]
+  late = [{'key': 'k0', 'time': 1210.5, 'co2': 399.0}, {'key': 'k1', 'time': 1255.0, 'co2': 399.0}]
+  _produce(broker, 'live', on_time + ahead, [])
+  closed = {}
+
+  def send_late_once_closed():  # beside the pipeline: Prism's job server must start on the main thread
+    closed['pane'] = _wait_for(broker, 'live-scores', lambda r: r['key'] == 'k1' and r['window_start'] == 1200.0
+                               and r['pane'] == 'ON_TIME')
+    _produce(broker, 'live', late, [])
+
+  sender = threading.Thread(target=send_late_once_closed)
+  sender.start()
+  score_sequences.run([
+      '--streaming', '--runner', 'PrismRunner', '--prism_location', PRISM,
+      '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'live', '--kafka_output_topic', 'live-scores',
+      '--kafka_stop_after_idle_secs', '20', *_flags(co2_lstm_dir)])
+  sender.join()
+  assert closed['pane'] is not None, 'window [1200, 1260) never closed'
+  scores, failed = _consume_all(broker, 'live-scores'), _consume_all(broker, 'live-scores-failed')
+  assert sorted((f['key'], f['event_time']) for f in failed if f['stage'] == 'late') == [
+      ('k0', 1210.5), ('k1', 1255.0)]
+  final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
+  assert final[('k0', 1200.0)]['length'] == 4 and final[('k1', 1200.0)]['length'] == 4  # late ones not in
+  assert not [s for s in scores if s['window_start'] == 1200.0 and s['length'] > 4]
+  assert {f['stage'] for f in failed} <= {'late', 'sequence'}  # the lone t=1400 events: too short to score
