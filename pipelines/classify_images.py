@@ -23,6 +23,7 @@ from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
 from transforms.inference import ClassifyImages
 from transforms.io import WriteJsonLines
+from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
 
@@ -54,6 +55,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
   failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'CountDeadLetters' >> CountDeadLetters()
   if drift_enabled(options):
     classify_images_drift(options, images, outputs.predictions, inference.model_dir, io.output)
   return outputs.predictions, failed

@@ -60,6 +60,7 @@ from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require, 
 from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines
+from transforms.metrics import CountDeadLetters
 from transforms.sequences import ParseEvents
 from transforms.windowing import EventTimestamps, WindowedSequences
 
@@ -368,6 +369,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     scores = scores | 'GlobalScores' >> beam.WindowInto(beam.window.GlobalWindows())
     scores | 'WriteScores' >> WriteJsonLines(io.output)
     failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'CountDeadLetters' >> CountDeadLetters()
   if drift_enabled(options):
     window = writer = None  # batch: one drift report for the run (or --drift_window_size)
     if streaming:
