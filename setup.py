@@ -18,10 +18,14 @@ REQUIRED = [
     'pillow>=11',
     'numpy>=2,<2.5',
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
+    'prometheus-client>=0.20',  # pipelines' --metrics_port / --metrics_pushgateway (beam_dl.metrics_export)
+    'tensorboard>=2.21,<2.22',  # tf.summary's writer for training summaries (TF 2.21 no longer pulls it in)
 ]
 EXTRAS = {
     # The demo and tests use real data shipped by these packages.
     'data': ['scikit-learn>=1.5', 'statsmodels>=0.14', 'scikit-image>=0.24'],
+    # pipelines.train --plot: a PNG of the training curves.
+    'plots': ['matplotlib>=3.8'],
     'test': [
         'pytest>=8',
         'pytest-timeout>=2.3',
@@ -29,6 +33,7 @@ EXTRAS = {
         'scikit-learn>=1.5',
         'statsmodels>=0.14',
         'scikit-image>=0.24',
+        'matplotlib>=3.8',
         # Serving a jax2tf export through Beam's own TF handler, whose module
         # imports tensorflow_hub; that imports pkg_resources, gone in setuptools 81.
         'tensorflow-hub>=0.16,<0.17',

@@ -189,3 +189,48 @@ def test_score_sequences_pushes_and_serves_latency_drift_and_alerts(tmp_path):
   emitted = set(samples) | {f.name for f in text_string_to_metric_families(text)}
   missing = _dashboard_metric_names() - emitted
   assert missing <= {'beam_dl_images_decoded_total'}, missing
+
+
+PUSHGATEWAY = os.environ.get('BEAM_DL_PUSHGATEWAY', os.path.expanduser('~/.cache/beam_dl/bin/pushgateway'))
+
+
+@pytest.fixture
+def pushgateway(tmp_path):
+  """A real Prometheus Pushgateway on 127.0.0.1 (`make pushgateway` builds it)."""
+  import subprocess
+
+  if not os.path.exists(PUSHGATEWAY):
+    pytest.skip(f'no Pushgateway at {PUSHGATEWAY}: run `make pushgateway` (or set BEAM_DL_PUSHGATEWAY)')
+  port = _free_port()
+  log = open(tmp_path / 'pushgateway.log', 'w')
+  proc = subprocess.Popen([PUSHGATEWAY, f'--web.listen-address=127.0.0.1:{port}'], stdout=log, stderr=log)
+  try:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      try:
+        urllib.request.urlopen(f'http://127.0.0.1:{port}/-/ready', timeout=5).read()
+        break
+      except (urllib.error.URLError, ConnectionError):
+        assert proc.poll() is None, (tmp_path / 'pushgateway.log').read_text()
+        time.sleep(0.1)  # poll interval of the bounded readiness wait
+    yield f'127.0.0.1:{port}'
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.slow
+def test_classify_images_pushes_final_metrics_to_a_pushgateway(pushgateway, digits_model_dir, tmp_path):
+  from pipelines import classify_images, demo
+
+  _, x_test, _, _ = demo.digit_images()
+  classify_images.run(['--input', _write_inputs(tmp_path / 'in', x_test[:20]), '--output', str(tmp_path / 'pred'),
+                       '--model_dir', digits_model_dir, '--runner', 'FnApiRunner',
+                       '--metrics_pushgateway', pushgateway, '--metrics_job', 'digits_test'])
+  with urllib.request.urlopen(f'http://{pushgateway}/metrics', timeout=10) as response:
+    samples = _samples(response.read().decode('utf-8'))
+  decoded = [(l, v) for l, v in samples['beam_dl_images_decoded_total'] if l.get('job') == 'digits_test']
+  assert sum(v for _, v in decoded) == 20
+  dead = {(l['stage'], l['reason']): v for l, v in samples['beam_dl_deadletters_dead_letters_total']}
+  assert dead == {('decode', 'not_a_recognised_image'): 2.0}
