@@ -4,10 +4,12 @@
 
 With `--metrics_port P` the run serves `http://<address>:P/metrics` while the
 job runs: a background thread reads `PipelineResult.metrics()` every
-`--metrics_poll_secs` (runners whose `run()` returns while the job runs:
-streaming on the DirectRunner, Flink, Spark, Dataflow), and the final values
-are set when the job ends (the FnApiRunner runs a batch job inside `run()`,
-so there the endpoint shows the final values). `--metrics_linger_secs`
+`--metrics_poll_secs` (live values on runners whose `run()` returns while the
+job runs: Dataflow, Flink and Spark job servers, the BundleBasedDirectRunner),
+and the final values are set when the job ends. Locally the DirectRunner
+hands batch jobs, and streaming ones over files, to the FnApiRunner, which
+runs the whole job inside `run()` and reports metrics only at the end (so
+does Beam's local job service): there the endpoint shows the final values. `--metrics_linger_secs`
 keeps serving after the end until one scrape has read the final values.
 With `--metrics_pushgateway host:port` the final values are pushed to a
 Prometheus Pushgateway, the usual way to collect batch jobs.
