@@ -252,17 +252,13 @@ def run_pipeline(pipeline, options, name: str | None = None):
     result = pipeline.run()
     result.wait_until_finish()
     return result
-  name = name or (sys.modules['__main__'].__spec__.name if getattr(sys.modules['__main__'], '__spec__', None)
-                  else 'beam_dl')
-  with MetricsExporter(name, opts.metrics_port, opts.metrics_address, opts.metrics_poll_secs,
+  with MetricsExporter(name or 'beam_dl', opts.metrics_port, opts.metrics_address, opts.metrics_poll_secs,
                        opts.metrics_pushgateway, opts.metrics_job) as exporter:
     started = time.monotonic()
     result = pipeline.run()
     exporter.watch(result)
-    try:
-      result.wait_until_finish()
-    finally:
-      exporter.finish(result)
+    result.wait_until_finish()  # a failed job raises here; the endpoint closes with it
+    exporter.finish(result)
     _log.info('job finished after %.1fs; final metrics exported', time.monotonic() - started)
     exporter.linger(opts.metrics_linger_secs)
   return result

@@ -146,7 +146,7 @@ def _run(fn, argv, errors):
 
 
 @pytest.mark.slow
-def test_score_sequences_pushes_and_serves_latency_drift_and_alerts(tmp_path):
+def test_score_sequences_serves_latency_drift_and_alerts(tmp_path):
   """The streaming-side metrics of the dashboard, from a batch score_sequences run on CO2."""
   from pipelines import score_sequences, score_sequences_demo as demo
 

@@ -186,7 +186,9 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
                  default_window: tuple[float, float | None] | None = None, writer=None):
   """Adds drift steps to a pipeline over the named feature PCollections.
 
-  --write_drift_profile PATH: the features build a reference profile.
+  --write_drift_profile PATH: the features build a reference profile
+  (a batch run over reference data: the profile is written when the input
+  ends, so an unbounded stream never writes it).
   --drift_profile PATH: ComputeDrift, writing `<output>-drift-*.jsonl`
   (reports) and `<output>-alerts-*.jsonl`. `default_window`
   (size, period) is used when --drift_window_size is not given (streaming
