@@ -228,7 +228,7 @@ def test_classify_images_drift_flags_on_real_digits(digits_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_score_sequences_streaming_drift_and_live_metrics(tmp_path):
+def test_score_sequences_streaming_drift_per_window(tmp_path):
   """Streaming over a watched directory: drift per scoring window, written by the streaming writer."""
   import threading
   import time
