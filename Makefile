@@ -54,3 +54,11 @@ prism: .cache/prism/prism
 .cache/prism/prism:
 	GOBIN=$(CURDIR)/.cache/prism go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
 .PHONY: prism
+
+# A Prometheus Pushgateway for tests/test_metrics_export.py, built with Go from the
+# versions pinned in tools/pushgateway (go.mod/go.sum), cached outside the repo.
+TOOLS_BIN ?= $(HOME)/.cache/beam_dl/bin
+.PHONY: pushgateway
+pushgateway: $(TOOLS_BIN)/pushgateway
+$(TOOLS_BIN)/pushgateway: tools/pushgateway/go.mod tools/pushgateway/go.sum
+	cd tools/pushgateway && go build -o $(TOOLS_BIN)/pushgateway github.com/prometheus/pushgateway

@@ -20,6 +20,8 @@ REQUIRED = [
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
     'tifffile>=2024.8',  # 16-bit, float and multi-page TIFFs (beam_dl.io.images)
     'google-crc32c>=1.5',  # TFRecord framing checks (beam_dl.io.tfrecord); also via apache-beam[gcp]
+    'prometheus-client>=0.20',  # pipelines' --metrics_port / --metrics_pushgateway (beam_dl.metrics_export)
+    'tensorboard>=2.21,<2.22',  # tf.summary's writer for training summaries (TF 2.21 no longer pulls it in)
 ]
 EXTRAS = {
     # Model registry (beam_dl.registry_mlflow) and the tracking server its tests start.
@@ -30,6 +32,8 @@ EXTRAS = {
     'data': ['scikit-learn>=1.5', 'statsmodels>=0.14', 'scikit-image>=0.24'],
     # score_sequences --kafka_* with the Python reader/writer (beam_dl.io.kafka).
     'kafka': ['confluent-kafka>=2.16,<3'],
+    # pipelines.train --plot: a PNG of the training curves.
+    'plots': ['matplotlib>=3.8'],
     'test': [
         'pytest>=8',
         'pytest-timeout>=2.3',
@@ -37,6 +41,7 @@ EXTRAS = {
         'scikit-learn>=1.5',
         'statsmodels>=0.14',
         'scikit-image>=0.24',
+        'matplotlib>=3.8',
         # Serving a jax2tf export through Beam's own TF handler, whose module
         # imports tensorflow_hub; that imports pkg_resources, gone in setuptools 81.
         'tensorflow-hub>=0.16,<0.17',

@@ -116,3 +116,47 @@ def check_pattern(options: PipelineOptions, name: str, pattern: str, expected: s
   if value is not None and not re.fullmatch(pattern, str(value)):
     raise OptionsError(f'--{name} must be {expected}; got {value!r}')
   return value
+
+
+class DriftOptions(PipelineOptions):
+  """Data drift against a reference profile (`transforms.drift`), for scoring pipelines."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    add = parser.add_argument
+    add('--drift_profile', default=None,
+        help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
+             'Jensen-Shannon per feature and prediction; writes <output>-drift-*.jsonl and '
+             '<output>-alerts-*.jsonl.')
+    add('--write_drift_profile', default=None,
+        help='Build a reference profile from this run (e.g. over training or held-out data) and '
+             'write it to this path, from the same features the comparison uses.')
+    add('--drift_window_size', type=float, default=None,
+        help='Drift window, seconds of event time (default: the whole run in batch; the scoring '
+             'window in streaming).')
+    add('--drift_window_period', type=float, default=None, help='Sliding drift window step, seconds.')
+    add('--drift_warn_psi', type=float, default=0.1, help="PSI from which a feature is 'moderate' (default 0.1).")
+    add('--drift_alert_psi', type=float, default=0.25,
+        help="PSI from which a feature is 'significant' and alerts (default 0.25).")
+    add('--drift_bins', type=positive_int, default=10, help='Quantile bins per feature of a written profile.')
+    add('--drift_min_count', type=positive_int, default=20,
+        help='Features with fewer values in a window are not judged (default 20).')
+
+
+class MetricsOptions(PipelineOptions):
+  """Exporting a run's Beam metrics to Prometheus (`beam_dl.metrics_export`)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    add = parser.add_argument
+    add('--metrics_port', type=int, default=None,
+        help='Serve the Beam metrics in Prometheus text format on this port (0: any free port) '
+             'while the job runs.')
+    add('--metrics_address', default='127.0.0.1', help='Address the metrics endpoint binds (default 127.0.0.1).')
+    add('--metrics_poll_secs', type=float, default=5.0, help='Seconds between reads of the running job\'s metrics.')
+    add('--metrics_linger_secs', type=float, default=0.0,
+        help='After the job ends, keep serving until the final values were scraped once, '
+             'or this many seconds passed.')
+    add('--metrics_pushgateway', default=None,
+        help='Push the final metrics to this Prometheus Pushgateway (host:port) when the job ends.')
+    add('--metrics_job', default=None, help='Pushgateway job name (default: the pipeline module).')

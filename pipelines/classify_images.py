@@ -17,10 +17,13 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_dl.metrics_export import run_pipeline
 from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require
+from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
 from transforms.inference import ClassifyImages
 from transforms.io import WriteJsonLines
+from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
 
@@ -51,6 +54,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
   failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'CountDeadLetters' >> CountDeadLetters()
+  if drift_enabled(options):
+    classify_images_drift(options, images, outputs.predictions, inference.model_dir, io.output)
   return outputs.predictions, failed
 
 
@@ -59,9 +65,7 @@ def run(argv=None):
   options = PipelineOptions(argv)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options)
-  result = pipeline.run()
-  result.wait_until_finish()
-  return result
+  return run_pipeline(pipeline, options, 'classify_images')
 
 
 if __name__ == '__main__':

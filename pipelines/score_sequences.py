@@ -62,9 +62,12 @@ from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.kafka import ReadKafkaValues, WriteKafkaJson
 from beam_dl.io.events import EventSpec
+from beam_dl.metrics_export import run_pipeline
 from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require, switch
+from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines
+from transforms.metrics import CountDeadLetters
 from transforms.sequences import ParseEvents
 from transforms.windowing import EventTimestamps, WindowedSequences
 
@@ -415,6 +418,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     scores = scores | 'GlobalScores' >> beam.WindowInto(beam.window.GlobalWindows())
     scores | 'WriteScores' >> WriteJsonLines(io.output)
     failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'CountDeadLetters' >> CountDeadLetters()
+  if drift_enabled(options):
+    window = writer = None  # batch: one drift report for the run (or --drift_window_size)
+    if streaming:
+      window = (opts.window_size, opts.window_period if opts.window == 'sliding' else None)
+      writer = lambda prefix: _WriteStreamingJsonLines(prefix, opts.write_frequency_secs)
+    score_sequences_drift(options, events, scores, fields, io.output, window, writer)
   return scores, failed
 
 
@@ -445,8 +455,7 @@ def run(argv=None, clock: Callable[[], float] = time.time):
   options = PipelineOptions(argv)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options, clock)
-  result = pipeline.run()
-  result.wait_until_finish()
+  result = run_pipeline(pipeline, options, 'score_sequences')
   try:
     _log.info('score_sequences metrics: %s', latency_summary(result))
   except Exception as err:  # metrics are best-effort on some runners

@@ -13,7 +13,9 @@ python literals), e.g. `--set num_steps=50 --set sharding.mode=fsdp`.
 The run resumes from `WORKDIR/checkpoints` if present, logs step rate / ETA
 / input wait, evaluates, and exports the served model to `WORKDIR/model`
 (`beam_dl.checkpoints`); the summary is printed and written to
-`WORKDIR/summary.json`.
+`WORKDIR/summary.json`. TensorBoard summaries (loss, metrics, learning rate,
+throughput) go to `WORKDIR/tensorboard` (`--tensorboard_dir`, `none` for
+none); `--plot curves.png` also draws them to a PNG at the end.
 
 With `--mlflow_tracking_uri` (or `--mlflow_model_name`) the run is also
 logged to MLflow: config as params, loss/metric curves, the exported model
@@ -82,6 +84,9 @@ def parse_args(argv=None):
   parser.add_argument('--workdir', required=True, help='checkpoints, exported model, summary')
   parser.add_argument('--data_dir', default=None, help='where prepare() writes data (default WORKDIR/data)')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
+  parser.add_argument('--tensorboard_dir', default='tensorboard',
+                      help="TensorBoard summaries, relative to WORKDIR (default tensorboard; 'none': off)")
+  parser.add_argument('--plot', default=None, metavar='PNG', help='write a PNG of the training curves at the end')
   parser.add_argument('--log_level', default='INFO')
   parser.add_argument(
       '--mlflow_tracking_uri', default=None,
@@ -121,10 +126,15 @@ def main(argv=None):
   from beam_dl.training import train_and_evaluate
 
   config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
-  summary = train_and_evaluate(config, args.workdir)
+  tensorboard = None if args.tensorboard_dir.lower() == 'none' else args.tensorboard_dir
+  summary = train_and_evaluate(config, args.workdir, summary_dir=tensorboard)
   if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
     summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)
+  if args.plot and summary.get('tensorboard_dir'):
+    from beam_dl.training.summaries import plot_curves
+
+    summary['plot'] = plot_curves(summary['tensorboard_dir'], args.plot)
   json.dump(summary, sys.stdout, indent=2, default=str)
   print()
   return summary

@@ -47,6 +47,10 @@ _EXPORTS = {
     'ExtractStats': 'preprocessing',
     'ApplySavedTransform': 'preprocessing',
     'TransformImagesForInference': 'preprocessing',
+    # Operating models: drift against a reference profile, metrics for Prometheus.
+    'ComputeDrift': 'drift',
+    'BuildDriftProfile': 'drift',
+    'CountDeadLetters': 'metrics',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,13 +24,16 @@ import beam_dl.checkpoints as checkpoints
 from beam_dl.training import checkpointing, input_pipeline, losses
 from beam_dl.training.config import TrainConfig
 from beam_dl.training.sharding import maybe_initialize_distributed
+from beam_dl.training.state import make_schedule
 from beam_dl.training.strategies import make_strategy
+from beam_dl.training.summaries import SummaryWriter
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = 'model'
 CHECKPOINT_DIR = 'checkpoints'
 SUMMARY_FILE = 'summary.json'
+TENSORBOARD_DIR = 'tensorboard'
 
 # hook(step, state, metrics) runs after every step; metrics are host floats
 # on logging steps and None otherwise. Tests use it to simulate a crash.
@@ -81,10 +84,18 @@ def evaluate(cfg: TrainConfig, strategy, state) -> dict:
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] = (),
-                       devices=None) -> dict:
-  """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+                       devices=None, summary_dir: str | None = TENSORBOARD_DIR) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+  TensorBoard summaries (train loss and metrics, learning rate, steps/s,
+  examples/s, input wait; eval metrics) go to `summary_dir` (relative to
+  `workdir`; None: none), written by process 0.
+  """
   maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
+  writer = (SummaryWriter(os.path.join(workdir, summary_dir))
+            if summary_dir is not None and jax.process_index() == 0 else None)
+  schedule = make_schedule(cfg)
   strategy = make_strategy(cfg, devices)
   local_batch = _local_batch(cfg.batch_size, strategy.data_size)
   mngr = checkpointing.manager(
@@ -131,6 +142,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
         now = time.perf_counter()
         rate = (step - steady_from) / max(now - t_steady, 1e-9)
         history.append({'step': step, **host})
+        if writer is not None:
+          writer.scalars('train', step, {
+              **host, 'learning_rate': float(schedule(max(step - 1, 0) // max(cfg.grad_accum_steps, 1))),
+              'steps_per_sec': rate, 'examples_per_sec': rate * cfg.batch_size,
+              'input_wait_fraction': wait / max(now - t_steady, 1e-9)})
         log.info(
             'step %d/%d  %s  %.1f steps/s  %.0f ex/s  input wait %.0f%%  ETA %.0fs',
             step, cfg.num_steps, _fmt(host), rate, rate * cfg.batch_size,
@@ -139,6 +155,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         ev = evaluate(cfg, strategy, state)
         evals.append({'step': step, **ev})
+        if writer is not None:
+          writer.scalars('eval', step, ev)
         log.info('eval at step %d: %s', step, _fmt(ev))
       checkpointing.save(mngr, step, strategy.to_checkpoint(state))
       for hook in hooks:
@@ -148,11 +166,16 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    if writer is not None:
+      writer.flush()
   wall = time.perf_counter() - t_start
   steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
   steady_steps = step - steady_from
   final_eval = evaluate(cfg, strategy, state) if cfg.data.eval_files else {}
   evals.append({'step': step, **final_eval})
+  if writer is not None:
+    writer.scalars('eval', step, final_eval)
+    writer.close()
   log.info('final eval at step %d: %s', step, _fmt(final_eval))
   model_dir = os.path.join(workdir, MODEL_DIR)
   variables = strategy.host_variables(state)
@@ -173,6 +196,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
       'model_dir': model_dir,
       'sharding': dataclasses.asdict(cfg.sharding),
       'devices': strategy.data_size,
+      'tensorboard_dir': writer.logdir if writer is not None else None,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
