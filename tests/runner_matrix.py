@@ -734,6 +734,9 @@ PIPELINES: dict[str, PipelineCase] = {
         check=check_score_sequences,
         compare=compare_score_sequences,
         template='score_sequences.json',
+        xfail={'prism': ('Prism v2.77.0 panics in batch mode: "assignment to entry in nil map" in '
+                         'aggregateStageKind.buildEventTimeBundle (engine/elementmanager.go:2107) at watermark +inf '
+                         '(a Prism bug; the streaming case runs on Prism)')},
         ci_runners=('direct', 'portable_loopback', 'portable_external'),
         ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: the multi-process FnApiRunner is covered by classify_images; '
                         'unset it to run this cell'),
