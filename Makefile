@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean hdfs
+.PHONY: demo test install clean hdfs runners
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,25 @@ hadoop/lib/.fetched: hadoop/pom.xml
 	mvn -q -B -f hadoop/pom.xml dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
 	touch $@
 
+# Beam's real runners for the runner matrix (tests/test_runners.py), into
+# .runners/ (git-ignored): Flink 1.19 and Spark 3 job servers assembled by
+# Maven from Beam's runner artifacts (runners/pom.xml: a launcher jar named as
+# Beam's, plus its -lib/ classpath), and Prism built with Go. Cached: Maven's
+# ~/.m2, Go's module and build caches; rebuilt only when the poms change.
+RUNNERS_DIR ?= .runners
+PRISM_VERSION ?= v2.77.0
+
+runners: $(RUNNERS_DIR)/.job-servers $(RUNNERS_DIR)/prism
+	@ls -1 $(abspath $(RUNNERS_DIR))/*job-server*.jar $(abspath $(RUNNERS_DIR))/prism
+
+$(RUNNERS_DIR)/.job-servers: runners/pom.xml runners/flink/pom.xml runners/spark/pom.xml
+	mvn -B -q -f runners/pom.xml package -Drunners.dir=$(abspath $(RUNNERS_DIR))
+	touch $@
+
+$(RUNNERS_DIR)/prism:
+	mkdir -p $(RUNNERS_DIR)
+	GOBIN=$(abspath $(RUNNERS_DIR)) go install github.com/apache/beam/sdks/v2/go/cmd/prism@$(PRISM_VERSION)
+
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib
 
@@ -46,14 +65,6 @@ $(KAFKA_LIB)/.fetched: services/kafka/pom.xml
 	touch $@
 .PHONY: kafka-jars
 
-# Prism, Beam's local portable runner (real watermarks and streaming), built with Go for
-# tests/test_kafka.py's late-data test and the Kafka latency benchmark (--runner PrismRunner
-# --prism_location .cache/prism/prism). Its automatic download is not reachable offline.
-BEAM_VERSION ?= 2.77.0
-prism: .cache/prism/prism
-.cache/prism/prism:
-	GOBIN=$(CURDIR)/.cache/prism go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
-.PHONY: prism
 
 # A Prometheus Pushgateway for tests/test_metrics_export.py, built with Go from the
 # versions pinned in tools/pushgateway (go.mod/go.sum), cached outside the repo.

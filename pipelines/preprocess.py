@@ -221,7 +221,9 @@ def run(argv=None):
   counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(pp.NAMESPACE))['counters']
   totals = collections.Counter()
   for counter in counters:
-    totals[counter.key.metric.name] += counter.committed
+    # `result`: committed, or attempted where the runner reports no committed
+    # values (Beam's portable Spark runner gives committed=None).
+    totals[counter.key.metric.name] += counter.result or 0
   for name, value in sorted(totals.items()):
     _log.info('%s = %d', name, value)
   _log.info(

@@ -16,7 +16,7 @@
     # Kafka in, Kafka out (docs/streaming.md: a local broker, Prism, your Flink cluster)
     python -m pipelines.score_sequences --kafka_bootstrap 127.0.0.1:9092 --kafka_topic events \
         --kafka_output_topic scores --model_dir model --runner PrismRunner \
-        --prism_location .cache/prism/prism ...
+        --prism_location .runners/prism ...
 
 Events are JSON objects, one a line: {"key": "sensor-1", "time": <seconds
 since the epoch>, "<value field>": <number>, ...}. Per key and event-time

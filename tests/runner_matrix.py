@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
@@ -79,22 +80,27 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -
 
 
 @contextlib.contextmanager
-def background_service(args: Sequence[str], port: int, log_path: str) -> Iterator[int]:
-  """Runs `python -m ...args` until the block exits; yields its port.
+def background_process(command: Sequence[str], port: int, log_path: str, timeout_s: float = 60) -> Iterator[int]:
+  """Runs `command` until the block exits; yields `port` once it is served.
 
   The process gets its own process group, and the whole group (the service
   and any workers it started) is terminated, then killed, on exit.
   """
   with open(log_path, 'ab') as log:
     process = subprocess.Popen(
-        [PYTHON, '-m', *args], env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        list(command), env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
   try:
-    wait_for_port(port, process)
+    wait_for_port(port, process, timeout_s)
     yield port
   finally:
     stop_process_group(process)
+
+
+def background_service(args: Sequence[str], port: int, log_path: str) -> contextlib.AbstractContextManager[int]:
+  """`python -m ...args` as a `background_process`."""
+  return background_process([PYTHON, '-m', *args], port, log_path)
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:
@@ -167,10 +173,12 @@ class RunnerCase:
   Attributes:
     flags: (services) -> Beam flags; `services` maps 'job_endpoint' and
       'worker_pool' to the local services' addresses when `needs` asks.
-    needs: local services to start first: 'job_service', 'worker_pool'.
+    needs: local services to start first: 'job_service', 'worker_pool',
+      'flink_job_server', 'spark_job_server'.
     unavailable: () -> None when the runner can run here, else the reason.
-    local: True for runners that execute on this machine without a user's
-      jar or endpoint (run by CI and the benchmark).
+    local: True for runners that execute with the Python SDK alone; False
+      for those that need Beam's jars or binary (`make runners`) or an
+      endpoint, and are skipped with the reason `unavailable` gives without them.
   """
 
   flags: Callable[[Mapping[str, str]], list[str]]
@@ -179,41 +187,107 @@ class RunnerCase:
   local: bool = True
 
 
-def _env_runner(kind: str) -> RunnerCase:
-  """Flink or Spark from the user's job-server jar or a running job endpoint.
+# Beam's runners built by `make runners` (runners/pom.xml, Go's prism).
+RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(REPO, '.runners'))
+JOB_SERVER_JARS = {'flink': '*flink*job-server*.jar', 'spark': '*spark*job-server*.jar'}
+JOB_SERVER_START_S = 180  # a JVM starting Flink or Spark on 2 loaded cores
 
-  BEAM_<KIND>_JOB_SERVER_JAR: Beam starts the job server from the jar (Flink
-  in embedded mode `[local]` / Spark `local[2]` unless BEAM_<KIND>_MASTER is
-  set). BEAM_<KIND>_JOB_ENDPOINT: host:port of a job server already running.
-  Workers are LOOPBACK (in the submitting process), so no container is needed.
+
+def job_server_jar(kind: str) -> str | None:
+  """The Flink or Spark job-server jar: BEAM_<KIND>_JOB_SERVER_JAR, else the
+  newest one `make runners` put in .runners/, else None."""
+  jar = os.environ.get(f'BEAM_{kind.upper()}_JOB_SERVER_JAR')
+  if jar:
+    return jar
+  found = sorted(glob.glob(os.path.join(RUNNERS_DIR, JOB_SERVER_JARS[kind])))
+  return found[-1] if found else None
+
+
+def prism_binary() -> str | None:
+  """Beam's Prism runner: BEAM_PRISM_LOCATION, else .runners/prism, else None."""
+  path = os.environ.get('BEAM_PRISM_LOCATION') or os.path.join(RUNNERS_DIR, 'prism')
+  return path if os.path.exists(path) else None
+
+
+def job_server_command(kind: str, jar: str, port: int, work_dir: str, master: str | None = None) -> list[str]:
+  """The command Beam's FlinkRunner/SparkRunner run for their job server
+  (`java -jar JAR` + the flags of flink_runner.py/spark_runner.py), on `port`.
+
+  Artifact and expansion ports are 0 (any free port); staged artifacts go
+  under work_dir. Spark on Java 17 needs the --add-opens Beam's SparkRunner
+  adds; Spark reads `spark.*` JVM properties into its SparkConf.
+  """
+  java = ['java']
+  if kind == 'flink':
+    master_flags = ['--flink-master', master or '[local]']
+  else:
+    from apache_beam.runners.portability.spark_runner import SPARK_JAR_JOB_SERVER_JVM_ARGS
+
+    java += [*SPARK_JAR_JOB_SERVER_JVM_ARGS, '-Dspark.ui.enabled=false']  # no web UI on 0.0.0.0:4040
+    master_flags = ['--spark-master-url', master or 'local[2]']
+  return [*java, '-jar', jar, *master_flags, '--artifacts-dir', os.path.join(work_dir, f'{kind}_artifacts'),
+          '--job-port', str(port), '--artifact-port', '0', '--expansion-port', '0']
+
+
+@contextlib.contextmanager
+def job_server(kind: str, log_dir: str, jar: str | None = None, master: str | None = None) -> Iterator[str]:
+  """Beam's Flink or Spark job server from its jar, until the block exits;
+  yields 'localhost:PORT' for `--job_endpoint`.
+
+  One job server serves many jobs: sharing it saves a JVM and Flink/Spark
+  start per pipeline (what `--runner=FlinkRunner --flink_job_server_jar`
+  does on every run). `master`: Flink's `[local]` / Spark's `local[2]` by
+  default; a pipeline's own --flink_master / --spark_master_url wins.
+  """
+  jar = jar or job_server_jar(kind)
+  if not jar or not os.path.exists(jar):
+    raise FileNotFoundError(f'no {kind} job-server jar ({jar}): run `make runners`')
+  port = free_port()
+  command = job_server_command(kind, jar, port, log_dir, master)
+  with background_process(command, port, os.path.join(log_dir, f'{kind}_job_server.log'), JOB_SERVER_START_S):
+    yield f'localhost:{port}'
+
+
+def _job_server_runner(kind: str) -> RunnerCase:
+  """FlinkRunner (`--flink_master=[local]`) or SparkRunner (`local[2]`) on
+  Beam's job server, LOOPBACK workers (in the submitting process, no container).
+
+  The job server is the one `make runners` built (or BEAM_<KIND>_JOB_SERVER_JAR),
+  started once per session and shared by every cell; BEAM_<KIND>_JOB_ENDPOINT
+  points at a job server already running instead. BEAM_<KIND>_MASTER picks
+  a cluster instead of the embedded Flink / local Spark.
   """
   upper = kind.upper()
-  jar_var, endpoint_var, master_var = (f'BEAM_{upper}_JOB_SERVER_JAR', f'BEAM_{upper}_JOB_ENDPOINT', f'BEAM_{upper}_MASTER')
+  endpoint_var, master_var = f'BEAM_{upper}_JOB_ENDPOINT', f'BEAM_{upper}_MASTER'
 
   def flags(services):
-    del services
-    if os.environ.get(endpoint_var):
-      return ['--runner=PortableRunner', f'--job_endpoint={os.environ[endpoint_var]}', '--environment_type=LOOPBACK']
+    endpoint = os.environ.get(endpoint_var) or services[f'{kind}_job_server']
     master = os.environ.get(master_var)
     if kind == 'flink':
       master_flag = f'--flink_master={master or "[local]"}'
     else:
       master_flag = f'--spark_master_url={master or "local[2]"}'
-    return [f'--runner={kind.capitalize()}Runner', f'--{kind}_job_server_jar={os.environ[jar_var]}', master_flag,
+    return [f'--runner={kind.capitalize()}Runner', master_flag, f'--job_endpoint={endpoint}',
             '--environment_type=LOOPBACK']
 
   def unavailable():
     if os.environ.get(endpoint_var):
       return None
-    jar = os.environ.get(jar_var)
+    jar = job_server_jar(kind)
     if not jar:
-      return (f'{kind.capitalize()}Runner needs Beam\'s {kind} job-server jar (Maven, not reachable offline): '
-              f'set {jar_var}=/path/to/beam-runners-{kind}-...-job-server-2.77.0.jar or {endpoint_var}=host:port')
+      return (f'{kind.capitalize()}Runner needs Beam\'s {kind} job server: run `make runners` (builds '
+              f'{RUNNERS_DIR}/{JOB_SERVER_JARS[kind]}), or set BEAM_{upper}_JOB_SERVER_JAR or {endpoint_var}')
     if not os.path.exists(jar):
-      return f'{jar_var}={jar} does not exist'
+      return f'{jar} does not exist'
     return None
 
-  return RunnerCase(flags=flags, unavailable=unavailable, local=False)
+  return RunnerCase(flags=flags, needs=(f'{kind}_job_server',), unavailable=unavailable, local=False)
+
+
+def _prism_unavailable() -> str | None:
+  if prism_binary():
+    return None
+  return f'PrismRunner needs Beam\'s prism binary: run `make runners` (builds {RUNNERS_DIR}/prism) or set BEAM_PRISM_LOCATION'
 
 
 RUNNERS: dict[str, RunnerCase] = {
@@ -234,10 +308,40 @@ RUNNERS: dict[str, RunnerCase] = {
         ],
         needs=('job_service', 'worker_pool'),
     ),
-    'flink': _env_runner('flink'),
-    'spark': _env_runner('spark'),
+    'flink': _job_server_runner('flink'),
+    'spark': _job_server_runner('spark'),
+    'prism': RunnerCase(
+        lambda s: ['--runner=PrismRunner', f'--prism_location={prism_binary()}', '--environment_type=LOOPBACK'],
+        unavailable=_prism_unavailable, local=False,
+    ),
 }
 REFERENCE_RUNNER = 'direct'
+
+
+def service_plan(needs: Sequence[str]) -> list[str]:
+  """The local services to start, in order, for a runner's `needs`.
+
+  A worker pool needs the job service; a Flink/Spark job server is not
+  started when BEAM_<KIND>_JOB_ENDPOINT names one already running.
+  """
+  plan = []
+  if 'job_service' in needs or 'worker_pool' in needs:
+    plan.append('job_service')
+  if 'worker_pool' in needs:
+    plan.append('worker_pool')
+  for kind in ('flink', 'spark'):
+    if f'{kind}_job_server' in needs and not os.environ.get(f'BEAM_{kind.upper()}_JOB_ENDPOINT'):
+      plan.append(f'{kind}_job_server')
+  return plan
+
+
+def start_service(name: str, log_dir: str) -> tuple[str, contextlib.AbstractContextManager[str]]:
+  """(key in the runners' `services` mapping, context manager yielding its address)."""
+  if name == 'job_service':
+    return 'job_endpoint', job_service(log_dir)
+  if name == 'worker_pool':
+    return 'worker_pool', worker_pool(log_dir)
+  return name, job_server(name.split('_')[0], log_dir)
 
 
 @contextlib.contextmanager
@@ -245,10 +349,9 @@ def services_for(needs: Sequence[str], log_dir: str) -> Iterator[dict[str, str]]
   """Starts the local services in `needs`; yields their addresses."""
   with contextlib.ExitStack() as stack:
     services = {}
-    if 'job_service' in needs or 'worker_pool' in needs:
-      services['job_endpoint'] = stack.enter_context(job_service(log_dir))
-    if 'worker_pool' in needs:
-      services['worker_pool'] = stack.enter_context(worker_pool(log_dir))
+    for name in service_plan(needs):
+      key, service = start_service(name, log_dir)
+      services[key] = stack.enter_context(service)
     yield services
 
 
@@ -272,6 +375,8 @@ class PipelineCase:
       (None: all). Every cell runs by default (the full matrix fits CI's
       time); with BEAM_DL_QUICK_MATRIX=1 the others are skipped with
       `ci_skip_reason`.
+    runners: the only runners this case runs on (None: all); the others are
+      skipped with `runners_skip_reason`.
     template: the Flex Template metadata file in pipelines/templates/.
     template_optional: flag -> why: flags the pipeline requires only in some
       modes, so optional in the template.
@@ -287,6 +392,8 @@ class PipelineCase:
   xfail: Mapping[str, str] = dataclasses.field(default_factory=dict)
   ci_runners: tuple[str, ...] | None = None
   ci_skip_reason: str = ''
+  runners: tuple[str, ...] | None = None
+  runners_skip_reason: str = ''
   template: str | None = None
   template_optional: Mapping[str, str] = dataclasses.field(default_factory=dict)
   template_omit: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -426,16 +533,112 @@ def check_score_sequences(canonical: dict) -> None:
   assert all(e is not None and e >= 0 for e in errors)
 
 
+def _batch_pane(window: tuple) -> tuple:
+  """A batch window's key with Flink's pane timing read as ON_TIME.
+
+  In batch, each window fires once. Beam's Flink runner (batch translation)
+  emits that pane as PaneInfo.NO_FIRING: first and last, index 0, timing
+  UNKNOWN, where Direct, Spark and Prism say ON_TIME. Same pane, other label.
+  """
+  key, start, end, pane, index = window
+  return (key, start, end, 'ON_TIME' if (pane, index) == ('UNKNOWN', 0) else pane, index)
+
+
 def compare_score_sequences(canonical: dict, reference: dict) -> None:
   import numpy as np
 
   assert canonical['failed'] == reference['failed']
-  assert sorted(canonical['scores']) == sorted(reference['scores'])
+  scores = {_batch_pane(window): value for window, value in canonical['scores'].items()}
+  assert sorted(scores) == sorted(reference['scores'])
   for window, (length, last_time, numbers) in reference['scores'].items():
-    got_length, got_last, got_numbers = canonical['scores'][window]
+    got_length, got_last, got_numbers = scores[window]
     assert (got_length, got_last) == (length, last_time), window
     np.testing.assert_allclose(np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4,
                                err_msg=str(window))
+
+
+# score_sequences in streaming mode: a bounded watched directory (2 files,
+# 2 keys of 5 readings + a malformed line each, there before the job starts,
+# watched for a few seconds), a score per event (EARLY panes) and a final
+# ON_TIME pane per key. Streaming takes timestamps from the source (file read
+# time), so window bounds and `last_time` follow the wall clock and are left
+# out; one fixed window of 10^9 s holds every read time of this era.
+
+STREAMING_SERIES = {'s1': [330.0, 331.0, 333.5, 332.0, 334.0], 's2': [350.0, 351.0, 349.0, 352.0, 353.0]}
+
+
+def prepare_score_sequences_streaming(data_dir: str) -> None:
+  prepared_data(os.path.dirname(data_dir), 'score_sequences')  # its model
+  watched = os.path.join(data_dir, 'incoming')
+  os.makedirs(watched)
+  for i, (key, series) in enumerate(STREAMING_SERIES.items()):
+    with open(os.path.join(watched, f'events{i}.jsonl'), 'w', encoding='utf-8') as f:
+      for step, value in enumerate(series):
+        f.write(json.dumps({'key': key, 'time': 1000.0 + step, 'co2': value}) + '\n')
+      f.write('not json\n')
+
+
+def score_sequences_streaming_argv(data_dir: str, out_dir: str) -> list[str]:
+  return [
+      '--streaming', f'--input={os.path.join(data_dir, "incoming", "*.jsonl")}',
+      f'--model_dir={os.path.join(os.path.dirname(data_dir), "score_sequences", "model")}',
+      f'--output={os.path.join(out_dir, "scores")}', '--event_value_fields=co2', '--window=fixed',
+      '--window_size=1000000000', '--seq_len=8', '--forecast', '--stop_after_secs=4', '--poll_interval_secs=1',
+      '--write_frequency_secs=2',
+  ]
+
+
+def read_score_sequences_streaming(out_dir: str) -> dict:
+  """{'final': {key: (length, numbers)} of ON_TIME panes, 'panes': sorted pane kinds,
+  'early': {key: sorted EARLY lengths}, 'failed': sorted [(key, stage, reason)],
+  'short': the same for EARLY panes too short to score (stage 'sequence')}."""
+  prefix = os.path.join(out_dir, 'scores')
+  final, early, panes = {}, {}, set()
+  for r in read_jsonl(prefix + '-[0-9]*.jsonl'):
+    panes.add(r['pane'])
+    numbers = []
+    for field in SCORE_FIELDS:
+      value = r.get(field)
+      numbers.extend(value if isinstance(value, list) else [value])
+    if r['pane'] == 'ON_TIME':
+      assert r['key'] not in final, f'two ON_TIME panes for {r["key"]}'
+      final[r['key']] = (r['length'], tuple(numbers))
+    else:
+      early.setdefault(r['key'], []).append(r['length'])
+  failed, short = [], []
+  for r in read_jsonl(prefix + '-failed-*.jsonl'):
+    (short if r['stage'] == 'sequence' else failed).append((str(r.get('key')), r['stage'], r['reason']))
+  return {'final': final, 'panes': sorted(panes), 'early': {k: sorted(v) for k, v in early.items()},
+          'failed': sorted(failed), 'short': sorted(short)}
+
+
+def check_score_sequences_streaming(canonical: dict) -> None:
+  """One final pane per key over all 5 readings; the 2 malformed lines dead-lettered."""
+  assert sorted(canonical['final']) == sorted(STREAMING_SERIES), canonical['final']
+  for key, series in STREAMING_SERIES.items():
+    length, numbers = canonical['final'][key]
+    assert length == len(series), (key, length)
+    assert series[-1] in numbers, (key, numbers)  # the forecast target: the last reading
+  assert set(canonical['panes']) <= {'EARLY', 'ON_TIME'}, canonical['panes']
+  assert all(0 < n <= 5 for lengths in canonical['early'].values() for n in lengths), canonical['early']
+  assert [stage for _, stage, _ in canonical['failed']] == ['parse_event', 'parse_event'], canonical['failed']
+  # An EARLY pane of 1 event cannot be forecast (--forecast needs 2): a dead letter, never a score.
+  assert all('has 1 event(s)' in reason for _, _, reason in canonical['short']), canonical['short']
+
+
+def compare_score_sequences_streaming(canonical: dict, reference: dict) -> None:
+  """Same final scores and dead letters. EARLY panes (and the dead letters of
+  EARLY panes too short to score) are left out: which fire depends on how the
+  runner bundles the input (see docs/runners.md)."""
+  import numpy as np
+
+  check_score_sequences_streaming(canonical)
+  assert canonical['failed'] == reference['failed']
+  for key, (length, numbers) in reference['final'].items():
+    got_length, got_numbers = canonical['final'][key]
+    assert got_length == length, key
+    np.testing.assert_allclose(np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4,
+                               err_msg=key)
 
 
 # preprocess: tf.Transform over 30 real digit images + the 2 broken files.
@@ -531,6 +734,9 @@ PIPELINES: dict[str, PipelineCase] = {
         check=check_score_sequences,
         compare=compare_score_sequences,
         template='score_sequences.json',
+        xfail={'prism': ('Prism v2.77.0 panics in batch mode: "assignment to entry in nil map" in '
+                         'aggregateStageKind.buildEventTimeBundle (engine/elementmanager.go:2107) at watermark +inf '
+                         '(a Prism bug; the streaming case runs on Prism)')},
         ci_runners=('direct', 'portable_loopback', 'portable_external'),
         ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: the multi-process FnApiRunner is covered by classify_images; '
                         'unset it to run this cell'),
@@ -538,6 +744,18 @@ PIPELINES: dict[str, PipelineCase] = {
         template_omit={
             'input_format': 'score_sequences reads JSON lines only and ignores it',
         },
+    ),
+    'score_sequences_streaming': PipelineCase(
+        module='pipelines.score_sequences',
+        prepare=prepare_score_sequences_streaming,
+        argv=score_sequences_streaming_argv,
+        read=read_score_sequences_streaming,
+        check=check_score_sequences_streaming,
+        compare=compare_score_sequences_streaming,
+        runners=('direct', 'flink', 'prism'),
+        runners_skip_reason=('streaming runs on Direct, Flink and Prism; Beam\'s local job service and the '
+                             'multi-process FnApiRunner are batch runners, and the portable Spark runner\'s '
+                             'streaming is limited (docs/runners.md)'),
     ),
     'preprocess': PipelineCase(
         module='pipelines.preprocess',

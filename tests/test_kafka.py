@@ -21,12 +21,13 @@ import pytest
 from beam_dl.jsonl import read_jsonl
 from beam_dl.services import kafka as kafka_service
 from pipelines import score_sequences
+from tests import runner_matrix
 
 pytestmark = pytest.mark.skipif(
     not kafka_service.jars_available(),
     reason=f'no Kafka jars in {kafka_service.kafka_lib()}: run `make kafka-jars` (CI does)')
 
-PRISM = os.environ.get('PRISM_BIN', os.path.join(kafka_service.ROOT, '.cache', 'prism', 'prism'))
+PRISM = runner_matrix.prism_binary() or os.path.join(runner_matrix.RUNNERS_DIR, 'prism')
 WINDOW = 60.0
 KEYS = ('k0', 'k1', 'k2')
 MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}']
@@ -151,7 +152,7 @@ def _wait_for(broker, topic, predicate, deadline_s=180.0):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(PRISM), reason=f'no Prism binary at {PRISM}: run `make prism` (CI does)')
+@pytest.mark.skipif(not os.path.exists(PRISM), reason=f'no Prism binary at {PRISM}: run `make runners` (CI does)')
 def test_kafka_late_events_on_prism_go_to_late(broker, co2_lstm_dir):
   """On Prism the watermark follows the record times: events behind a closed window are `late`.
 

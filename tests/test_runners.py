@@ -12,7 +12,8 @@ SparkRunner run where BEAM_FLINK_JOB_SERVER_JAR / BEAM_SPARK_JOB_SERVER_JAR
 (or BEAM_*_JOB_ENDPOINT) is set, and are skipped with that reason otherwise.
 
 Inputs (and a small trained model) are written once per session; the job
-service and worker pool are started once, on first use, and killed at the end.
+service, worker pool and job servers are started once, on first use, and
+killed at the end. `-m 'not runner'` leaves the whole matrix out.
 """
 from __future__ import annotations
 
@@ -34,16 +35,19 @@ class _Session:
     self.data_root = data_root
     self.stack = contextlib.ExitStack()
     self.services: dict[str, str] = {}
+    self.started: set[str] = set()
     self.references: dict[str, object] = {}
 
   def data_dir(self, pipeline: str) -> str:
     return rm.prepared_data(self.data_root, pipeline)
 
   def services_for(self, needs) -> dict[str, str]:
-    if ('job_service' in needs or 'worker_pool' in needs) and 'job_endpoint' not in self.services:
-      self.services['job_endpoint'] = self.stack.enter_context(rm.job_service(self.root))
-    if 'worker_pool' in needs and 'worker_pool' not in self.services:
-      self.services['worker_pool'] = self.stack.enter_context(rm.worker_pool(self.root))
+    """Starts each service on first use; every later cell shares it."""
+    for name in rm.service_plan(needs):
+      if name not in self.started:
+        key, service = rm.start_service(name, self.root)
+        self.services[key] = self.stack.enter_context(service)
+        self.started.add(name)
     return self.services
 
   def run(self, pipeline: str, runner: str):
@@ -53,6 +57,7 @@ class _Session:
     os.makedirs(out_dir)
     argv = case.argv(self.data_dir(pipeline), out_dir) + runner_case.flags(self.services_for(runner_case.needs))
     outcome = rm.run_pipeline(case.module, argv, os.path.join(out_dir, 'run.log'))
+    print(f'{pipeline} on {runner}: {outcome.seconds:.1f} s')  # each cell's wall time, with -s or -rA
     assert outcome.returncode == 0, f'{pipeline} on {runner} exited {outcome.returncode}:\n{outcome.log[-4000:]}'
     return case.read(out_dir)
 
@@ -78,7 +83,9 @@ def _cells():
       marks = []
       if runner in case.xfail:
         marks.append(pytest.mark.xfail(reason=case.xfail[runner], strict=True))
-      if not rm.pipeline_exists(case.module):
+      if case.runners is not None and runner not in case.runners:
+        marks.append(pytest.mark.skip(reason=case.runners_skip_reason))
+      elif not rm.pipeline_exists(case.module):
         marks.append(pytest.mark.skip(reason=f'{case.module} is not in this tree'))
       elif (case.ci_runners is not None and runner not in case.ci_runners and rm.RUNNERS[runner].local
             and os.environ.get('BEAM_DL_QUICK_MATRIX')):
@@ -98,22 +105,36 @@ def test_pipeline_on_runner(matrix, pipeline, runner):
   rm.PIPELINES[pipeline].compare(matrix.run(pipeline, runner), reference)
 
 
-def test_flink_and_spark_flags_come_from_the_environment(monkeypatch):
-  """The Flink/Spark cells pass the user's jar or endpoint through unchanged."""
-  monkeypatch.delenv('BEAM_FLINK_JOB_ENDPOINT', raising=False)
-  monkeypatch.delenv('BEAM_FLINK_MASTER', raising=False)
-  monkeypatch.delenv('BEAM_FLINK_JOB_SERVER_JAR', raising=False)
-  assert 'BEAM_FLINK_JOB_SERVER_JAR' in rm.RUNNERS['flink'].unavailable()
-  monkeypatch.setenv('BEAM_FLINK_JOB_SERVER_JAR', '/nonexistent/flink.jar')
-  assert 'does not exist' in rm.RUNNERS['flink'].unavailable()
-  assert rm.RUNNERS['flink'].flags({}) == [
-      '--runner=FlinkRunner', '--flink_job_server_jar=/nonexistent/flink.jar', '--flink_master=[local]',
-      '--environment_type=LOOPBACK',
+def test_flink_spark_and_prism_come_from_make_runners_or_the_environment(monkeypatch, tmp_path):
+  """The Flink/Spark cells run on the job-server jar `make runners` built (or
+  the user's jar), shared through --job_endpoint, or on the user's endpoint;
+  Prism on the built binary; without them they skip and say how to get them."""
+  for var in ('JOB_ENDPOINT', 'MASTER', 'JOB_SERVER_JAR'):
+    for kind in ('FLINK', 'SPARK'):
+      monkeypatch.delenv(f'BEAM_{kind}_{var}', raising=False)
+  monkeypatch.delenv('BEAM_PRISM_LOCATION', raising=False)
+  monkeypatch.setattr(rm, 'RUNNERS_DIR', str(tmp_path))
+  assert 'make runners' in rm.RUNNERS['flink'].unavailable()
+  assert 'make runners' in rm.RUNNERS['prism'].unavailable()
+  jar = tmp_path / 'beam-runners-flink-1.19-job-server-2.62.0.jar'
+  jar.write_bytes(b'')
+  (tmp_path / 'prism').write_bytes(b'')
+  assert rm.RUNNERS['flink'].unavailable() is None and rm.job_server_jar('flink') == str(jar)
+  assert rm.RUNNERS['prism'].unavailable() is None
+  assert rm.service_plan(rm.RUNNERS['flink'].needs) == ['flink_job_server']
+  assert rm.RUNNERS['flink'].flags({'flink_job_server': 'localhost:1234'}) == [
+      '--runner=FlinkRunner', '--flink_master=[local]', '--job_endpoint=localhost:1234', '--environment_type=LOOPBACK',
   ]
-  monkeypatch.setenv('BEAM_SPARK_JOB_ENDPOINT', 'localhost:8099')
+  assert rm.job_server_command('flink', str(jar), 1234, '/w')[:5] == ['java', '-jar', str(jar), '--flink-master', '[local]']
+  monkeypatch.setenv('BEAM_SPARK_JOB_SERVER_JAR', '/nonexistent/spark.jar')
+  assert 'does not exist' in rm.RUNNERS['spark'].unavailable()
+  monkeypatch.setenv('BEAM_SPARK_JOB_ENDPOINT', 'cluster:8099')
+  monkeypatch.setenv('BEAM_SPARK_MASTER', 'spark://cluster:7077')
   assert rm.RUNNERS['spark'].unavailable() is None
+  assert rm.service_plan(rm.RUNNERS['spark'].needs) == []
   assert rm.RUNNERS['spark'].flags({}) == [
-      '--runner=PortableRunner', '--job_endpoint=localhost:8099', '--environment_type=LOOPBACK'
+      '--runner=SparkRunner', '--spark_master_url=spark://cluster:7077', '--job_endpoint=cluster:8099',
+      '--environment_type=LOOPBACK',
   ]
 
 

@@ -6,8 +6,20 @@ import json
 import apache_beam as beam
 
 
+# What Beam's pre_finalize deletes as stale output of an earlier run. Beam
+# derives `<prefix>-*-of-NNNNN.jsonl` from the shard template, and that glob
+# also matches the dead letters a pipeline writes beside its output,
+# `<prefix>-failed-00000-of-NNNNN.jsonl`: on a runner that finalizes the
+# dead-letter write first (Prism does, at random) they were deleted.
+EXACT_SHARD_GLOB = '-' + '[0-9]' * 5 + '-of-%(num_shards)05d'
+
+
 class WriteJsonLines(beam.PTransform):
-  """Writes dicts as JSON lines to `<prefix>-SSSSS-of-NNNNN.jsonl`."""
+  """Writes dicts as JSON lines to `<prefix>-SSSSS-of-NNNNN.jsonl`.
+
+  Replacing a previous run's shards deletes only `<prefix>-<5 digits>-of-N`,
+  never other files that share the prefix (see EXACT_SHARD_GLOB).
+  """
 
   def __init__(self, file_path_prefix: str, num_shards: int = 0):
     super().__init__()
@@ -15,14 +27,11 @@ class WriteJsonLines(beam.PTransform):
     self._num_shards = num_shards
 
   def expand(self, records):
+    write = beam.io.WriteToText(
+        self._prefix, file_name_suffix='.jsonl', num_shards=self._num_shards, shard_name_template='-SSSSS-of-NNNNN')
+    write._sink.shard_name_glob_format = EXACT_SHARD_GLOB  # as WriteToText.expand itself sets it when unbounded
     return (
         records
         | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-        | 'WriteText'
-        >> beam.io.WriteToText(
-            self._prefix,
-            file_name_suffix='.jsonl',
-            num_shards=self._num_shards,
-            shard_name_template='-SSSSS-of-NNNNN',
-        )
+        | 'WriteText' >> write
     )
