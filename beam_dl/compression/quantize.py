@@ -165,6 +165,13 @@ def check_variables(spec, variables: Any, source: str) -> None:
   expected = stored_layout(spec)
   got = _flat(variables)
   declared = f'spec.json declares quantization {dict(spec.quantization)}'
+  for name in sorted(got):
+    parts = sorted(k for k in expected if k.startswith(name + '/'))
+    if parts:
+      raise QuantizationError(
+          f'{source}: field "{name}" is a plain {np.asarray(got[name]).dtype} array, expected the '
+          f'quantized fields {parts} ({declared})'
+      )
   missing = sorted(set(expected) - set(got))
   if missing:
     raise QuantizationError(f'{source}: field "{missing[0]}" is missing ({declared}); '
@@ -213,6 +220,7 @@ def _calibration_stats(spec, variables, batches: Iterable[Sequence[np.ndarray]])
       {**spec.quantization, 'activations': 'static'}, training=False)))
   # Not jitted: qwix updates its statistics inside a custom_vjp, which leaks
   # tracers under jit; calibration is a handful of batches.
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)  # qwix finds weights by identity
   stats, seen = {}, 0
   for batch in batches:
     args = (spec.normalize(jnp.asarray(batch[0])),) + tuple(jnp.asarray(a) for a in batch[1:])
