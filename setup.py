@@ -18,6 +18,7 @@ REQUIRED = [
     'pillow>=11',
     'numpy>=2,<2.5',
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
+    'qwix>=0.1.8,<0.2',  # int8 quantization (beam_dl.compression); needed to serve quantized dirs
 ]
 EXTRAS = {
     # The demo and tests use real data shipped by these packages.
