@@ -26,7 +26,7 @@ import optax
 
 class PruningState(NamedTuple):
   count: jax.Array
-  masks: Any  # bool per prunable leaf, None elsewhere
+  masks: Any  # bool like each prunable leaf; a scalar True for the others
 
 
 def _prunable(x) -> bool:
@@ -55,8 +55,10 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
   every = max(int(every), 1)
 
   def init(params):
+    # Scalars (not None) for unpruned leaves keep the state tree shaped like
+    # params, which the sharded strategies map their shardings over.
     masks = jax.tree_util.tree_map(
-        lambda p: jnp.ones(jnp.shape(p), bool) if _prunable(p) else None, params)
+        lambda p: jnp.ones(jnp.shape(p) if _prunable(p) else (), bool), params)
     return PruningState(count=jnp.zeros([], jnp.int32), masks=masks)
 
   def update(updates, state, params=None):
@@ -67,18 +69,16 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
     rate = 100.0 * schedule(count)
 
     def new_mask(u, p, m):
-      if m is None:
-        return None
+      if m.ndim == 0:
+        return m
       return jax.lax.cond(
           due & (rate > 0),
           lambda: get_sparsity_mask_unstructured(p + u, m, rate) & m,
           lambda: m,
       )
 
-    masks = jax.tree_util.tree_map(new_mask, updates, params, state.masks, is_leaf=lambda x: x is None)
-    updates = jax.tree_util.tree_map(
-        lambda u, p, m: u if m is None else jnp.where(m, u, -p), updates, params, masks,
-        is_leaf=lambda x: x is None)
+    masks = jax.tree_util.tree_map(new_mask, updates, params, state.masks)
+    updates = jax.tree_util.tree_map(lambda u, p, m: jnp.where(m, u, -p), updates, params, masks)
     return updates, PruningState(count=count + 1, masks=masks)
 
   return optax.GradientTransformation(init, update)
