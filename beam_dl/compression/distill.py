@@ -6,7 +6,10 @@ before the batch is sharded, so every sharding strategy (jit mesh, pmap)
 sees it as one more batch field. `distillation_loss` mixes the student's
 ordinary per-example loss with the soft loss:
 
-  classification  T^2 * CE(softmax(teacher / T), softmax(student / T))
+  classification  T^2 * KL(softmax(teacher / T) || softmax(student / T))
+                  (the cross-entropy's gradient, without the teacher's
+                  entropy, so the soft loss reaches 0 when the student
+                  matches the teacher)
   regression      MSE(student, teacher)
 
   loss = (1 - weight) * hard + weight * soft
@@ -25,8 +28,9 @@ def soft_loss(student, teacher, *, task: str, temperature: float):
   """Per-example loss of the student against the teacher's outputs."""
   teacher = jax.lax.stop_gradient(teacher)
   if task == 'classification':
-    targets = jax.nn.softmax(teacher / temperature, axis=-1)
-    return optax.softmax_cross_entropy(student / temperature, targets) * temperature**2
+    log_student = jax.nn.log_softmax(student / temperature, axis=-1)
+    log_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    return optax.losses.kl_divergence_with_log_targets(log_student, log_teacher) * temperature**2
   return jnp.mean(optax.squared_error(student, teacher.reshape(student.shape)), axis=-1)
 
 
