@@ -212,6 +212,24 @@ def restore_variables(spec, variables: Any, source: str) -> Any:
   return dequantize(serialization.to_state_dict(variables))
 
 
+def _qwix_covers(spec, activations: str) -> bool:
+  """True when qwix's PTQ wraps the model and turns every kernel (params
+  leaf with ndim >= 2) into int8. False for the scanned RNNs: Flax refuses
+  params created inside `nn.scan`, and `OptimizedLSTMCell`'s kernels reach
+  its matmul concatenated, so qwix would leave them float."""
+  probe = dataclasses.replace(spec, quantization={'method': 'qwix_ptq', 'activations': activations})
+  try:
+    quantized = _flat(_abstract_qwix(probe))
+  except ValueError as e:  # e.g. broadcasted variable has a data dependency on the scan body
+    log.info('qwix PTQ cannot wrap %s: %s', spec.name, e)
+    return False
+  kernels = [k for k, v in _flat(_abstract_float(spec)).items() if k.startswith('params/') and len(v.shape) >= 2]
+  left = [k for k in kernels if f'{k}/array/qvalue' not in quantized]
+  if left:
+    log.info('qwix PTQ leaves %d kernels of %s float (%s...)', len(left), spec.name, left[0])
+  return not left
+
+
 def _calibration_stats(spec, variables, batches: Iterable[Sequence[np.ndarray]]) -> tuple[Any, int]:
   """qwix's running activation statistics over calibration batches."""
   import qwix
@@ -253,12 +271,7 @@ def quantize(spec, variables: Any, *, method: str = 'auto', activations: str = '
     raise ValueError(f'activations must be one of {ACTIVATIONS}, got {activations!r}')
   library = f'qwix {qwix.__version__}'
   if method == 'auto':
-    method = 'qwix_ptq'
-    try:
-      _abstract_qwix(dataclasses.replace(spec, quantization={'method': 'qwix_ptq', 'activations': 'dynamic'}))
-    except ValueError as e:  # e.g. flax: broadcasted variable has a data dependency on the scan body
-      log.info('qwix PTQ cannot wrap %s (%s): storing int8 weights only', spec.name, e)
-      method = 'weight_only'
+    method = 'qwix_ptq' if _qwix_covers(spec, activations) else 'weight_only'
   if method == 'weight_only':
     qspec = dataclasses.replace(spec, quantization={
         'method': 'weight_only', 'weight_dtype': 'int8', 'activations': 'none', 'library': library})
