@@ -54,6 +54,9 @@ class ModelSpec:
     labels: optional class names, index-aligned with the model's outputs.
     task: 'classification' | 'regression' | 'sequence_classification' | ...
     extra: free-form metadata (training config, metrics) kept for reference.
+    quantization: None for a float model, else how its variables are
+      quantized (`beam_dl.compression.quantize`): `build` wraps the module
+      and `load` checks and restores the variables to match.
   """
 
   name: str
@@ -65,9 +68,19 @@ class ModelSpec:
   labels: Sequence[str] | None = None
   task: str = 'classification'
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  quantization: Mapping[str, Any] | None = None
 
   def build(self, **overrides) -> nn.Module:
     """The Flax module this spec names; `overrides` replace kwargs (e.g. dtype)."""
+    module = self.build_float(**overrides)
+    if self.quantization:
+      from beam_dl.compression import quantize  # qwix only for quantized models
+
+      module = quantize.wrap_module(module, self.quantization)
+    return module
+
+  def build_float(self, **overrides) -> nn.Module:
+    """The registered module without any quantization wrapper."""
     return models.build(self.name, **{**self.kwargs, **overrides})
 
   def normalize(self, x):
@@ -174,6 +187,12 @@ def load(model_dir: str) -> tuple[ModelSpec, Any]:
         raise CheckpointError(f'{msgpack_path}: cannot decode: {e}') from e
   else:
     raise CheckpointError(f'{model_dir!r} has {SPEC_FILE} but no variables ({ORBAX_DIR}/ or {MSGPACK_FILE})')
+  if spec.quantization:
+    from beam_dl.compression import quantize
+
+    quantize.check_metadata(spec.quantization, _join(model_dir, SPEC_FILE))
+    source = orbax_path if FileSystems.exists(orbax_path) else msgpack_path
+    variables = quantize.restore_variables(spec, _to_numpy(variables), source)
   return spec, _to_numpy(variables)
 
 

@@ -100,6 +100,35 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class CompressionConfig:
+  """Compression while training (`beam_dl.compression`); all off by default.
+
+  Attributes:
+    qat: 'int8' trains with qwix fake quantization (int8 weights and
+      activations, straight-through gradients) and also exports
+      WORKDIR/model_int8, the post-training-quantized model dir.
+    prune_sparsity: final fraction of zero weights in every kernel (0: off;
+      e.g. 0.5-0.9).
+    prune_start_step / prune_end_step: the cubic sparsity ramp; end 0 means
+      75% of num_steps.
+    prune_every: steps between mask updates.
+    teacher_dir: a trained model dir: the student learns from its softened
+      outputs plus the labels.
+    distill_temperature: softmax temperature for the teacher and student.
+    distill_weight: weight of the soft loss (1 - weight on the labels).
+  """
+
+  qat: str = ''
+  prune_sparsity: float = 0.0
+  prune_start_step: int = 0
+  prune_end_step: int = 0
+  prune_every: int = 10
+  teacher_dir: str = ''
+  distill_temperature: float = 2.0
+  distill_weight: float = 0.5
+
+
+@dataclasses.dataclass
 class TrainConfig:
   """One experiment: model, data, optimisation, sharding, checkpointing.
 
@@ -116,6 +145,7 @@ class TrainConfig:
   input_scale: float = 1.0
   input_offset: float = 0.0
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+  compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
 
   batch_size: int = 64  # global batch per step (per micro-step with grad_accum)
   eval_batch_size: int = 256

@@ -56,6 +56,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {cfg.optimizer!r}")
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  if cfg.compression.prune_sparsity:
+    from beam_dl.compression import pruning
+
+    c = cfg.compression
+    updates = max(cfg.num_steps // cfg.grad_accum_steps, 1)
+    end = c.prune_end_step or max(int(0.75 * updates), c.prune_start_step + 1)
+    tx = optax.chain(tx, pruning.magnitude_pruning(c.prune_sparsity, c.prune_start_step, end, c.prune_every))
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return tx

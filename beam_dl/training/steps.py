@@ -5,18 +5,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from beam_dl.compression import distill
 from beam_dl.training import losses
 from beam_dl.training.config import TrainConfig
 from beam_dl.training.state import TrainState, forward
 
 
 def per_example_loss(cfg: TrainConfig, outputs, batch):
+  """The task loss; mixed with the teacher's soft loss when the batch
+  carries teacher outputs (distillation; eval batches never do)."""
   if cfg.task == 'classification':
-    return losses.classification_loss(
+    hard = losses.classification_loss(
         outputs, batch['label'], num_classes=outputs.shape[-1],
         label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
     )
-  return losses.regression_loss(outputs, batch['target'])
+  else:
+    hard = losses.regression_loss(outputs, batch['target'])
+  if distill.TEACHER_KEY not in batch:
+    return hard
+  return distill.distillation_loss(
+      hard, outputs, batch[distill.TEACHER_KEY], task=cfg.task,
+      temperature=cfg.compression.distill_temperature, weight=cfg.compression.distill_weight,
+  )
 
 
 def train_step(cfg: TrainConfig, state: TrainState, batch: dict, axis_name: str | None = None):

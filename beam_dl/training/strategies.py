@@ -25,6 +25,17 @@ from beam_dl.training import losses, sharding, state as state_lib, steps
 from beam_dl.training.config import TrainConfig
 
 
+def training_model(cfg: TrainConfig) -> nn.Module:
+  """The configured module; with `compression.qat`, wrapped for
+  quantization-aware training (same parameter tree)."""
+  model = build_model(cfg.model, **cfg.model_kwargs)
+  if cfg.compression.qat:
+    from beam_dl.compression import quantize
+
+    model = quantize.qat_module(model, cfg.compression.qat)
+  return model
+
+
 class MeshStrategy:
   """jit + Mesh + NamedSharding for params, optimizer state and batches."""
 
@@ -32,7 +43,7 @@ class MeshStrategy:
     self.cfg = cfg
     self.mesh = sharding.make_mesh(cfg.sharding, devices)
     self.rules = cfg.sharding.logical_rules()
-    self.model = build_model(cfg.model, **cfg.model_kwargs)
+    self.model = training_model(cfg)
     self.tx = state_lib.make_optimizer(cfg)
     init_boxed = state_lib.make_init_fn(cfg, self.model, self.tx, boxed=True)
     self._init = state_lib.make_init_fn(cfg, self.model, self.tx, boxed=False)
@@ -125,7 +136,7 @@ class PmapStrategy:
     self.cfg = cfg
     self.devices = list(jax.local_devices() if devices is None else devices)
     self.data_size = len(self.devices)
-    self.model = build_model(cfg.model, **cfg.model_kwargs)
+    self.model = training_model(cfg)
     self.tx = state_lib.make_optimizer(cfg)
     self._init = state_lib.make_init_fn(cfg, self.model, self.tx, boxed=False)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key(cfg.seed))

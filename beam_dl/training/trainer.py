@@ -31,6 +31,7 @@ from beam_dl.training.summaries import SummaryWriter
 log = logging.getLogger(__name__)
 
 MODEL_DIR = 'model'
+QUANTIZED_MODEL_DIR = 'model_int8'  # with compression.qat
 CHECKPOINT_DIR = 'checkpoints'
 SUMMARY_FILE = 'summary.json'
 TENSORBOARD_DIR = 'tensorboard'
@@ -116,7 +117,14 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
       cfg.data, cfg.data.train_files, local_batch, train=True, seed=cfg.seed,
       skip_batches=start, use_ids=bool(cfg.model_kwargs.get('vocab_size')),
   )
-  batches = input_pipeline.prefetch_to_mesh(ds.as_numpy_iterator(), strategy.put, cfg.data.prefetch)
+  host_batches = ds.as_numpy_iterator()
+  if cfg.compression.teacher_dir:
+    from beam_dl.compression import distill
+
+    teacher = distill.Teacher(cfg.compression.teacher_dir)
+    log.info('distilling from %s (%.2f MB of variables)', teacher.model_dir, teacher.num_bytes / 1e6)
+    host_batches = map(teacher.add_outputs, host_batches)
+  batches = input_pipeline.prefetch_to_mesh(host_batches, strategy.put, cfg.data.prefetch)
   hooks = list(hooks)
   history, pending, evals = [], [], []
   t_start = time.perf_counter()
@@ -179,8 +187,18 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   log.info('final eval at step %d: %s', step, _fmt(final_eval))
   model_dir = os.path.join(workdir, MODEL_DIR)
   variables = strategy.host_variables(state)
+  compressed = {}
+  if cfg.compression.prune_sparsity:
+    from beam_dl.compression import pruning
+
+    compressed['pruning'] = pruning.sparsity_report(variables['params'])
+    log.info('sparsity reached: %.4f (target %.4f)', compressed['pruning']['sparsity'],
+             cfg.compression.prune_sparsity)
   if jax.process_index() == 0:
-    checkpoints.save(model_dir, model_spec(cfg, final_eval), variables)
+    spec = model_spec(cfg, {**final_eval, **compressed})
+    checkpoints.save(model_dir, spec, variables)
+    if cfg.compression.qat:
+      compressed['quantized_model_dir'] = _export_quantized(cfg, spec, variables, workdir)
   steps_run = step - start
   summary = {
       'steps': step,
@@ -197,6 +215,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
       'sharding': dataclasses.asdict(cfg.sharding),
       'devices': strategy.data_size,
       'tensorboard_dir': writer.logdir if writer is not None else None,
+      **compressed,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
@@ -205,6 +224,17 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
            steps_run, wall, summary['steps_per_s'] or 0, _fmt(final_eval), model_dir)
   summary['history'] = history
   return summary
+
+
+def _export_quantized(cfg: TrainConfig, spec, variables, workdir: str) -> str:
+  """After quantization-aware training: WORKDIR/model_int8, calibrated on
+  a few training batches."""
+  from beam_dl.compression import calibration as calib, quantize
+
+  calibration = calib.calibration_batches(
+      cfg.data, cfg.data.train_files, 256, use_ids=bool(cfg.model_kwargs.get('vocab_size')))
+  qspec, qvars = quantize.quantize(spec, variables, calibration=calibration)
+  return checkpoints.save(os.path.join(workdir, QUANTIZED_MODEL_DIR), qspec, qvars)
 
 
 def _mean(metrics: list[dict]) -> dict:
