@@ -50,6 +50,13 @@ def _maybe_flush(self) -> None:
     self.flush()
 
 
+# Beam's own methods, and the fixed ones (tests run the stream with each).
+BEAM_METHODS = {name: _STREAM.__dict__[name] for name in ('_schedule_periodic_flush', 'maybe_flush') if name in _STREAM.__dict__}
+if 'maybe_flush' not in BEAM_METHODS:
+  BEAM_METHODS['maybe_flush'] = data_plane.SizeBasedBufferingClosableOutputStream.maybe_flush
+FIXED_METHODS = {'_schedule_periodic_flush': _schedule_periodic_flush, 'maybe_flush': _maybe_flush}
+
+
 def apply() -> bool:
   """Installs the fix once; True if installed (now or before).
 
@@ -63,8 +70,8 @@ def apply() -> bool:
   if not all(hasattr(_STREAM, name) for name in expected):
     _log.warning('beam_dl: %s changed; time-based flush fix not applied', _STREAM.__qualname__)
     return False
-  _STREAM._schedule_periodic_flush = _schedule_periodic_flush
-  _STREAM.maybe_flush = _maybe_flush
+  for name, method in FIXED_METHODS.items():
+    setattr(_STREAM, name, method)
   _STREAM._beam_dl_fixed = True
   return True
 

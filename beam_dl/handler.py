@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -46,6 +47,14 @@ _log = logging.getLogger(__name__)
 # changes after loading, so any number of threads may call it.
 _LOADED: 'weakref.WeakValueDictionary[tuple, LoadedModel]' = weakref.WeakValueDictionary()
 _LOADED_LOCK = threading.Lock()
+# The model directory each handler (by its id, shared by all its unpickled
+# copies) last loaded in this process. Runners re-create DoFns -- and so
+# fresh handler copies -- per bundle; a refresh that fails in a fresh copy
+# must still fall back to the model the step was serving, not to the
+# constructor's. Beam's `shared.Shared` cannot hold it: its objects live only
+# while referenced, and nothing references a directory name between bundles.
+_LAST_GOOD: dict[str, str] = {}
+_LAST_GOOD_LOCK = threading.Lock()
 # Per thread: where a running predict() reports its counts (see ServeCounts).
 _COUNTING = threading.local()
 
@@ -313,6 +322,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._resource_hints = dict(resource_hints or {})
     self._inference_fn = inference_fn
     self._initial_dir = model_dir
+    self._id = uuid.uuid4().hex  # pickled: every copy of this handler shares _LAST_GOOD[_id]
     self._compiles = Metrics.counter(METRICS_NAMESPACE, 'jit_compiles')
     self._oom_splits = Metrics.counter(METRICS_NAMESPACE, 'oom_splits')
     self._padded_slots = Metrics.counter(METRICS_NAMESPACE, 'padded_slots')
@@ -323,12 +333,11 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._init_process_state()
 
   def _init_process_state(self):
-    """State that belongs to this handler in this process, never pickled:
-    the model it serves last (a failed refresh falls back to it) and load
-    counts not yet reported. Loads mostly happen in DoFn.setup, outside any
-    bundle, where metrics are dropped, so they are reported with the next
-    batch. A lock, because Beam may load (setup, side-input refresh) and
-    infer from different threads."""
+    """State of this copy in this process, never pickled: load counts not
+    yet reported (loads mostly happen in DoFn.setup, outside any bundle,
+    where metrics are dropped, so they are reported with the next batch),
+    and the model it served last. A lock, because Beam may load (setup,
+    side-input refresh) and infer from different threads."""
     self._lock = threading.Lock()
     self._last_good: Optional[LoadedModel] = None
     self._unreported_loads = 0
@@ -358,25 +367,27 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   def load_model(self) -> LoadedModel:
     """Loads the current model_dir. If that fails after a refresh (a broken,
     half-written or mismatched checkpoint), logs the error, counts
-    'model_load_failures' and keeps serving the last model this handler
-    served (in a fresh worker: the constructor's model_dir) instead of
-    failing. A model that failed to load never becomes the last good one."""
+    'model_load_failures' and keeps serving the last model this step loaded
+    in this process (in a fresh worker: the constructor's model_dir) instead
+    of failing. A model that failed to load never becomes the last good one."""
     self._set_default_env()  # also when wrapped (Keyed...), whose setup skips ours
     model_dir = self._model_dir
     try:
       model = self._load(model_dir)
     except Exception as e:
-      with self._lock:
-        last_good = self._last_good
-      fallback = last_good.model_dir if last_good is not None else self._initial_dir
+      with _LAST_GOOD_LOCK:
+        fallback = _LAST_GOOD.get(self._id, self._initial_dir)
       if fallback == model_dir:
         raise  # nothing else to serve: the job must not start with a broken model
       with self._lock:
         self._unreported_load_failures += 1
+        last_good = self._last_good
       _log.error('cannot load refreshed model %s, still serving %s: %s', model_dir, fallback, e)
-      model = last_good if last_good is not None else self._load(fallback)
+      model = last_good if last_good is not None and last_good.model_dir == fallback else self._load(fallback)
     with self._lock:
       self._last_good = model
+    with _LAST_GOOD_LOCK:
+      _LAST_GOOD[self._id] = model.model_dir
     return model
 
   def _load(self, model_dir: str) -> LoadedModel:

@@ -109,7 +109,7 @@ def test_data_parallel_over_eight_devices(tmp_path):
   results = handler.run_inference(examples, model)
   np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
   # the batch really is split: the compiled forward's input is sharded over 'data'
-  batch = model.placement.put_batch(model._assemble(examples[:16]))[0]
+  batch = model.placement.put_batch(model._assemble(examples[:16])[0])[0]
   assert batch.sharding.spec[0] == 'data' and batch.addressable_shards[0].data.shape[0] == 2
 
 
