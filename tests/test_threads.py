@@ -5,6 +5,8 @@ import concurrent.futures
 import glob
 import json
 import os
+import resource
+import sys
 import threading
 import time
 
@@ -140,3 +142,95 @@ def test_handler_load_state_is_exact_across_threads(model_dir, tmp_path):
   assert handler._unreported_load_failures == 32 and handler._unreported_loads == 1
   handler._report_loads()
   assert handler._unreported_load_failures == handler._unreported_loads == 0
+
+
+class _Model:
+  """What SlowHandler 'loads' (weak-referenceable, as Beam's Shared needs)."""
+
+
+class SlowHandler(ModelHandler):
+  """A stateless model that takes ~1 ms per image, releasing the GIL as real
+  compute does: logits are the image's pixel histogram over 10 bins."""
+
+  def load_model(self):
+    return _Model()
+
+  def run_inference(self, batch, model, inference_args=None):
+    time.sleep(0.001 * len(batch))  # stands in for device compute, not a wait
+    return [PredictionResult(x, np.histogram(x, bins=10, range=(0, 256))[0].astype(np.float32)) for x in batch]
+
+
+def classify_folders(tmp_path, model_dir, name, beam_args):
+  """Runs the flagship pipeline (classify_images.build) with SlowHandler;
+  returns ({key: prediction record}, [dead letters])."""
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from pipelines import classify_images
+  from transforms import inference
+
+  out = str(tmp_path / name / 'pred')
+  options = PipelineOptions([f'--input={tmp_path}/images/*/*.png', f'--model_dir={model_dir}', f'--output={out}', *beam_args])
+  real = inference.JaxModelHandler
+  inference.JaxModelHandler = lambda *args, **kwargs: SlowHandler()
+  try:
+    with beam.Pipeline(options=options) as pipeline:
+      classify_images.build(pipeline, options)
+  finally:
+    inference.JaxModelHandler = real
+  records = {}
+  for path in glob.glob(out + '-[0-9]*.jsonl'):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        assert record['key'] not in records, f'{record["key"]} predicted twice'
+        records[record['key']] = record
+  failed = []
+  for path in glob.glob(out + '-failed-*.jsonl'):
+    with open(path) as f:
+      failed += [json.loads(line) for line in f]
+  return records, failed
+
+
+def _data_bytes() -> int:
+  """This process's data segment + private mappings now (what RLIMIT_DATA limits)."""
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmData:'))
+
+
+@pytest.mark.slow
+def test_flagship_pipeline_on_many_threads_matches_one_thread(tmp_path, monkeypatch):
+  """classify_images over 2,400 images in 12 folders, four worker threads
+  (multi_threading) against one: every key once, with the same record, no
+  dead letter. The embedded SDK harness flushes outputs from a timer thread
+  every 1 s; here every 1 ms, and threads switch every 10 us, so that a race
+  between that flush and the bundle's own writes (it lost, tore and garbled
+  elements before beam_dl's fix) shows up in every run rather than now and
+  then."""
+  from PIL import Image
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+  rng = np.random.default_rng(0)
+  for folder in range(12):
+    os.makedirs(tmp_path / 'images' / f'f{folder:02d}')
+    for i in range(200):
+      Image.fromarray(rng.integers(0, 256, (6, 6), np.uint8)).save(tmp_path / 'images' / f'f{folder:02d}' / f'{i:03d}.png')
+  spec_dir = tmp_path / 'model'
+  spec_dir.mkdir()
+  (spec_dir / checkpoints.SPEC_FILE).write_text(SPEC.to_json())  # ClassifyImages reads the input size from it
+
+  one, one_failed = classify_folders(tmp_path, str(spec_dir), 'one', ['--direct_num_workers=1'])
+  assert len(one) == 2400 and one_failed == []
+  monkeypatch.setattr(worker_handlers, 'DATA_BUFFER_TIME_LIMIT_MS', 1)
+  switch_interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-5)  # threads take turns 500x as often: interleavings a busy worker sees
+  data_limit = resource.getrlimit(resource.RLIMIT_DATA)
+  # Torn elements decode as garbage lengths (tens of GB): fail with MemoryError, not the OOM killer.
+  resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + (4 << 30), data_limit[1]))
+  try:
+    many, many_failed = classify_folders(
+        tmp_path, str(spec_dir), 'many', ['--direct_num_workers=4', '--direct_running_mode=multi_threading'])
+  finally:
+    resource.setrlimit(resource.RLIMIT_DATA, data_limit)
+    sys.setswitchinterval(switch_interval)
+  assert many_failed == []
+  assert sorted(set(one) - set(many)) == [] and sorted(set(many) - set(one)) == []
+  assert many == one
