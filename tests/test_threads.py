@@ -234,3 +234,16 @@ def test_flagship_pipeline_on_many_threads_matches_one_thread(tmp_path, monkeypa
   assert many_failed == []
   assert sorted(set(one) - set(many)) == [] and sorted(set(many) - set(one)) == []
   assert many == one
+
+
+def test_importing_beam_dl_applies_the_fix():
+  """A fresh process that only imports a beam_dl transform (as an SDK worker
+  unpickling its DoFns does) runs with the fixed stream."""
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import transforms.io; from apache_beam.runners.worker import data_plane; '
+          'print(getattr(data_plane.TimeBasedBufferingClosableOutputStream, "_beam_dl_fixed", False))')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+  done = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert done.stdout.strip() == 'True', done.stderr

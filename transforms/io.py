@@ -5,6 +5,8 @@ import json
 
 import apache_beam as beam
 
+import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
+
 
 class WriteJsonLines(beam.PTransform):
   """Writes dicts as JSON lines to `<prefix>-SSSSS-of-NNNNN.jsonl`."""
