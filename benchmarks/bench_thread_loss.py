@@ -70,7 +70,8 @@ def main() -> None:
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = args.flush_ms
   if args.switch_us:
     sys.setswitchinterval(args.switch_us / 1e6)
-  inputs = write_images(os.path.join(args.workdir, 'images'), args.folders, args.per)
+  write_images(os.path.join(args.workdir, 'images'), args.folders, args.per)
+  inputs = glob.glob(f'{args.workdir}/images/*/*.png')  # what the pipeline reads
   model_dir = os.path.join(args.workdir, 'model')
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, checkpoints.SPEC_FILE), 'w') as f:
