@@ -6,6 +6,11 @@ re-exported here, so `from beam_dl import ClassifyImages` and
 """
 __version__ = '0.1.0'
 
+# Every process that runs beam_dl code (launcher, SDK workers unpickling its
+# DoFns) gets the fix for Beam's time-based output flush, which loses and
+# tears elements with several worker threads (see beam_dl/beam_fixes.py).
+from beam_dl import beam_fixes as _beam_fixes  # noqa: E402,F401
+
 
 def __getattr__(name):
   """Lazy re-export, so `import beam_dl.checkpoints` stays light.

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping, Sequence
 
@@ -102,13 +104,77 @@ class ModelSpec:
 
   @classmethod
   def from_json(cls, text: str) -> 'ModelSpec':
-    raw = json.loads(text)
+    """The spec in `text`, every field checked (`validate_spec`); raises
+    CheckpointError naming the first bad field."""
+    try:
+      raw = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f'not JSON: {e}') from None
+    if not isinstance(raw, dict):
+      raise CheckpointError(f'expected a JSON object, got {type(raw).__name__}')
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - known
     if unknown:
-      raise CheckpointError(f'unknown fields in {SPEC_FILE}: {sorted(unknown)}')
-    raw['input_shape'] = tuple(raw.get('input_shape', ()))
-    return cls(**raw)
+      raise CheckpointError(f'unknown fields {sorted(unknown)}')
+    if 'name' not in raw:
+      raise CheckpointError("field 'name': missing")
+    if isinstance(raw.get('input_shape'), list):
+      raw['input_shape'] = tuple(raw['input_shape'])
+    spec = cls(**raw)
+    validate_spec(spec)
+    return spec
+
+
+def _field_error(field: str, problem: str) -> CheckpointError:
+  return CheckpointError(f'field {field!r}: {problem}')
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_spec(spec: ModelSpec) -> None:
+  """Checks every field of `spec` the way serving will use it; raises
+  CheckpointError("field 'x': ...") for the first that is wrong.
+
+  A bad spec must fail a job before it starts: left to serving, a wrong
+  dtype or shape dead-letters every input, and wrong labels crash
+  formatting after the model ran.
+  """
+  if not isinstance(spec.name, str) or spec.name not in models.names():
+    raise _field_error('name', f'{spec.name!r} is not a registered model; registered: {models.names()}')
+  if not isinstance(spec.kwargs, Mapping):
+    raise _field_error('kwargs', f'expected an object of constructor arguments, got {spec.kwargs!r}')
+  shape = spec.input_shape
+  if not isinstance(shape, (list, tuple)) or not shape:
+    raise _field_error('input_shape', f'expected a non-empty list of positive integers, got {shape!r}')
+  for i, size in enumerate(shape):
+    variable_length = i == 0 and size is None and len(shape) > 1  # sequences [T, F...]
+    if not variable_length and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+      raise _field_error('input_shape', f'expected positive integers (null only first, for sequences), got {list(shape)!r}')
+  try:
+    np.dtype(spec.input_dtype)
+    if not isinstance(spec.input_dtype, str):
+      raise TypeError(spec.input_dtype)
+  except TypeError:
+    raise _field_error('input_dtype', f'{spec.input_dtype!r} is not a numpy dtype name') from None
+  for field in ('input_scale', 'input_offset'):
+    if not _is_number(getattr(spec, field)):
+      raise _field_error(field, f'expected a finite number, got {getattr(spec, field)!r}')
+  if spec.labels is not None:
+    if not isinstance(spec.labels, (list, tuple)) or not all(isinstance(l, str) for l in spec.labels):
+      raise _field_error('labels', f'expected a list of strings or null, got {spec.labels!r}')
+    num_classes = spec.kwargs.get('num_classes')
+    if isinstance(num_classes, int) and len(spec.labels) != num_classes:
+      raise _field_error('labels', f'{len(spec.labels)} labels for num_classes={num_classes}')
+  if not isinstance(spec.task, str):
+    raise _field_error('task', f'expected a string, got {spec.task!r}')
+  if not isinstance(spec.extra, Mapping):
+    raise _field_error('extra', f'expected an object, got {spec.extra!r}')
+  try:
+    spec.build()
+  except Exception as e:  # a dataclass module raises TypeError for an unknown argument
+    raise _field_error('kwargs', f'not accepted by {spec.name}: {type(e).__name__}: {e}') from None
 
 
 def _join(model_dir: str, name: str) -> str:
@@ -159,10 +225,11 @@ def load_spec(model_dir: str) -> ModelSpec:
   if not FileSystems.exists(path):
     raise CheckpointError(f'{model_dir!r} is not a beam_dl model directory: no {SPEC_FILE}')
   with FileSystems.open(path) as f:
-    try:
-      return ModelSpec.from_json(f.read().decode('utf-8'))
-    except (json.JSONDecodeError, TypeError) as e:
-      raise CheckpointError(f'{path}: unreadable spec: {e}') from e
+    data = f.read()
+  try:
+    return ModelSpec.from_json(data.decode('utf-8'))
+  except (CheckpointError, UnicodeDecodeError, TypeError) as e:
+    raise CheckpointError(f'{path}: {e}') from None
 
 
 def load(model_dir: str) -> tuple[ModelSpec, Any]:
@@ -193,7 +260,54 @@ def load(model_dir: str) -> tuple[ModelSpec, Any]:
     quantize.check_metadata(spec.quantization, _join(model_dir, SPEC_FILE))
     source = orbax_path if FileSystems.exists(orbax_path) else msgpack_path
     variables = quantize.restore_variables(spec, _to_numpy(variables), source)
-  return spec, _to_numpy(variables)
+  variables = _to_numpy(variables)
+  problems = variable_mismatches(spec, variables)
+  if problems:
+    shown = '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else '')
+    raise CheckpointError(f'{model_dir}: variables do not match {SPEC_FILE} ({spec.name}): {shown}')
+  return spec, variables
+
+
+def example_inputs(spec: ModelSpec) -> tuple[np.ndarray, ...]:
+  """A one-example model input (after normalize): shapes for `jax.eval_shape`."""
+  if spec.is_sequence:
+    return np.zeros((1, 1, *spec.input_shape[1:]), np.float32), np.ones((1, 1), bool)
+  return (np.zeros((1, *spec.input_shape), np.float32),)
+
+
+def expected_variables(spec: ModelSpec) -> Any:
+  """The variables `spec`'s module makes, as shapes only (`jax.eval_shape`
+  of init: nothing is computed or allocated)."""
+  module = spec.build()
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(spec)))
+  return nn.meta.unbox(abstract)
+
+
+def variable_mismatches(spec: ModelSpec, variables: Any) -> list[str]:
+  """What differs between restored `variables` and what the spec's module
+  expects: missing arrays, unexpected arrays, wrong shapes. Empty if they fit.
+
+  Checked at load, before serving: a checkpoint from another model or a
+  different config otherwise fails every batch (each input dead-lettered)
+  or, worse, serves wrong outputs from broadcasting shapes.
+  """
+  def by_path(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+  try:
+    want = by_path(expected_variables(spec))
+  except Exception as e:  # kwargs the module accepts but cannot build with
+    return [f'{spec.name}{dict(spec.kwargs)} cannot be built: {type(e).__name__}: {e}']
+  have = by_path(variables)
+  problems = [f'missing {p} {tuple(want[p].shape)}' for p in sorted(set(want) - set(have))]
+  problems += [f'unexpected {p} {tuple(np.shape(have[p]))}' for p in sorted(set(have) - set(want))]
+  problems += [
+      f'{p} has shape {tuple(np.shape(have[p]))}, expected {tuple(want[p].shape)}'
+      for p in sorted(set(want) & set(have))
+      if tuple(np.shape(have[p])) != tuple(want[p].shape)
+  ]
+  return problems
 
 
 def _to_numpy(tree):

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -38,14 +39,24 @@ DEFAULT_ENV_VARS = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 _log = logging.getLogger(__name__)
 # Models loaded in this process, by (model_dir, how it is served): two steps
-# serving the same model (e.g. RunInferenceWithDeadLetters' batched and
-# one-by-one steps) hold one copy. Weak: a model lives while a step uses it.
+# serving the same model (RunInferenceWithDeadLetters' batched and one-by-one
+# steps) hold one copy on the device. Beam's `shared.Shared` cannot do this:
+# it keys a model by the step's own handle, and `model_identifier` only
+# shares `large_model` models (across processes). Weak: a model lives while
+# a step uses it. Only immutable models live here: nothing in a LoadedModel
+# changes after loading, so any number of threads may call it.
 _LOADED: 'weakref.WeakValueDictionary[tuple, LoadedModel]' = weakref.WeakValueDictionary()
 _LOADED_LOCK = threading.Lock()
-# The model directory last served in this process, by the handler's original
-# model_dir: a refresh that fails falls back to it, also in a DoFn instance
-# that has not served anything yet (runners re-create DoFns per bundle).
-_SERVING: dict[str, str] = {}
+# The model directory each handler (by its id, shared by all its unpickled
+# copies) last loaded in this process. Runners re-create DoFns -- and so
+# fresh handler copies -- per bundle; a refresh that fails in a fresh copy
+# must still fall back to the model the step was serving, not to the
+# constructor's. Beam's `shared.Shared` cannot hold it: its objects live only
+# while referenced, and nothing references a directory name between bundles.
+_LAST_GOOD: dict[str, str] = {}
+_LAST_GOOD_LOCK = threading.Lock()
+# Per thread: where a running predict() reports its counts (see ServeCounts).
+_COUNTING = threading.local()
 
 
 def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -87,14 +98,58 @@ def model_dir_for(path: str) -> str:
 
 
 @dataclasses.dataclass
+class ServeCounts:
+  """What serving some examples cost: forward-pass traces (`compiles`, one
+  per new padded shape) and padded / total input slots (rows, or rows x
+  steps for sequences).
+
+  Returned by `LoadedModel.predict_counted` for the examples of that call
+  only, never accumulated on the shared model: many threads call one model,
+  and a running total read before and after a call would mix their counts.
+  """
+
+  compiles: int = 0
+  padded_slots: int = 0
+  total_slots: int = 0
+
+  def add(self, other: 'ServeCounts') -> None:
+    self.compiles += other.compiles
+    self.padded_slots += other.padded_slots
+    self.total_slots += other.total_slots
+
+
+class _Counting:
+  """Collects the counts of every predict() this thread runs inside the block
+  (a custom inference_fn may call predict several times, or not at all)."""
+
+  def __init__(self):
+    self.counts = ServeCounts()
+
+  def __enter__(self) -> ServeCounts:
+    stack = _COUNTING.__dict__.setdefault('stack', [])
+    stack.append(self.counts)
+    return self.counts
+
+  def __exit__(self, *exc):
+    _COUNTING.stack.pop()
+
+
+def _report(counts: ServeCounts) -> None:
+  """Adds `counts` to the innermost collector of this thread, if any."""
+  stack = _COUNTING.__dict__.get('stack')
+  if stack:
+    stack[-1].add(counts)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoadedModel:
   """A model ready to serve: module, device-resident variables, jitted forward.
 
-  `compiles` counts traces of the forward pass: one per distinct padded
-  shape, so it stays bounded by the number of buckets. `padded_slots` /
-  `total_slots` count padding rows (rows x steps for sequences) for the
-  padding metrics. Callers reach these through `stats()` and `model_id()`,
-  which also work when the model lives in another process (large_model).
+  Immutable once loaded, so one copy serves every thread of the process
+  (Beam runs many bundles at once in one SDK worker). Counts come back from
+  each call (`predict_counted`), not from the model. `model_id()` and
+  `predict_counted` also work when the model lives in another process
+  (large_model).
   """
 
   spec: checkpoints.ModelSpec
@@ -104,37 +159,43 @@ class LoadedModel:
   batch_buckets: tuple[int, ...]
   length_buckets: tuple[int, ...]
   num_bytes: int
-  compiles: int = 0
   placement: Optional[Placement] = None
-  padded_slots: int = 0
-  total_slots: int = 0
 
   def predict(self, examples: Sequence[np.ndarray]) -> np.ndarray:
-    """Outputs for `examples` in order: chunks of at most the largest bucket,
-    each padded up to its bucket; every chunk is dispatched before any
-    result is read, so host batch assembly overlaps device compute."""
+    """Outputs for `examples` in order (see `predict_counted`); the counts go
+    to the caller's collector (the handler's run_inference)."""
+    outputs, counts = self.predict_counted(examples)
+    _report(counts)
+    return outputs
+
+  def predict_counted(self, examples: Sequence[np.ndarray]) -> tuple[np.ndarray, ServeCounts]:
+    """(outputs for `examples` in order, what this call cost).
+
+    Chunks of at most the largest bucket, each padded up to its bucket;
+    every chunk is dispatched before any result is read, so host batch
+    assembly overlaps device compute. Safe to call from many threads.
+    """
     largest = self.batch_buckets[-1]
     pending = []
-    for start in range(0, len(examples), largest):
-      chunk = examples[start : start + largest]
-      inputs = self._assemble(chunk)
-      if self.placement is not None:
-        inputs = self.placement.put_batch(inputs)
-      pending.append((len(chunk), self.forward(self.variables, *inputs)))
+    with _Counting() as counts:  # traces of `forward` report here
+      for start in range(0, len(examples), largest):
+        chunk = examples[start : start + largest]
+        inputs, padded, total = self._assemble(chunk)
+        counts.add(ServeCounts(padded_slots=padded, total_slots=total))
+        if self.placement is not None:
+          inputs = self.placement.put_batch(inputs)
+        pending.append((len(chunk), self.forward(self.variables, *inputs)))
     if len(pending) == 1:
       n, out = pending[0]
-      return np.asarray(out)[:n]
-    return np.concatenate([np.asarray(out)[:n] for n, out in pending], axis=0)
-
-  def stats(self) -> tuple[int, int, int]:
-    """(compiles, padded_slots, total_slots) so far."""
-    return self.compiles, self.padded_slots, self.total_slots
+      return np.asarray(out)[:n], counts
+    return np.concatenate([np.asarray(out)[:n] for n, out in pending], axis=0), counts
 
   def model_id(self) -> str:
     return self.model_dir
 
-  def _assemble(self, chunk: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """One padded host array (+ mask for sequences), filled without stacking."""
+  def _assemble(self, chunk: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], int, int]:
+    """(one padded host array (+ mask for sequences), padded slots, total
+    slots), filled without stacking."""
     rows = bucket_for(len(chunk), self.batch_buckets)
     dtype = np.dtype(self.spec.input_dtype)
     if not self.spec.is_sequence:
@@ -144,9 +205,7 @@ class LoadedModel:
         if example.shape != expected:
           raise ValueError(f'example {i} has shape {example.shape}, model expects {expected}')
         batch[i] = example
-      self.padded_slots += rows - len(chunk)
-      self.total_slots += rows
-      return (batch,)
+      return (batch,), rows - len(chunk), rows
     feature_shape = tuple(self.spec.input_shape[1:])
     length = length_bucket_for(max(len(e) for e in chunk), self.length_buckets)
     batch = np.zeros((rows, length, *feature_shape), dtype)
@@ -158,9 +217,7 @@ class LoadedModel:
         )
       batch[i, : len(example)] = example
       mask[i, : len(example)] = True
-    self.padded_slots += rows * length - int(sum(len(e) for e in chunk))
-    self.total_slots += rows * length
-    return batch, mask
+    return (batch, mask), rows * length - int(sum(len(e) for e in chunk)), rows * length
 
 
 def default_inference_fn(
@@ -171,13 +228,6 @@ def default_inference_fn(
   """The model's outputs for a batch, one row per example."""
   del inference_args
   return model.predict(batch)
-
-
-def example_inputs(spec: checkpoints.ModelSpec) -> tuple[np.ndarray, ...]:
-  """A one-example model input (after normalize): shapes for `jax.eval_shape`."""
-  if spec.is_sequence:
-    return np.zeros((1, 1, *spec.input_shape[1:]), np.float32), np.ones((1, 1), bool)
-  return (np.zeros((1, *spec.input_shape), np.float32),)
 
 
 class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
@@ -272,7 +322,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._resource_hints = dict(resource_hints or {})
     self._inference_fn = inference_fn
     self._initial_dir = model_dir
-    self._last_good: Optional[LoadedModel] = None  # in-process only, never pickled
+    self._id = uuid.uuid4().hex  # pickled: every copy of this handler shares _LAST_GOOD[_id]
     self._compiles = Metrics.counter(METRICS_NAMESPACE, 'jit_compiles')
     self._oom_splits = Metrics.counter(METRICS_NAMESPACE, 'oom_splits')
     self._padded_slots = Metrics.counter(METRICS_NAMESPACE, 'padded_slots')
@@ -280,15 +330,28 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._padding_percent = Metrics.distribution(METRICS_NAMESPACE, 'padding_percent')
     self._load_failures = Metrics.counter(METRICS_NAMESPACE, 'model_load_failures')
     self._loads = Metrics.counter(METRICS_NAMESPACE, 'model_loads')
-    # Loads mostly happen in DoFn.setup, outside any bundle, where metrics are
-    # dropped: count them here and report them with the next batch.
+    self._init_process_state()
+
+  def _init_process_state(self):
+    """State of this copy in this process, never pickled: load counts not
+    yet reported (loads mostly happen in DoFn.setup, outside any bundle,
+    where metrics are dropped, so they are reported with the next batch),
+    and the model it served last. A lock, because Beam may load (setup,
+    side-input refresh) and infer from different threads."""
+    self._lock = threading.Lock()
+    self._last_good: Optional[LoadedModel] = None
     self._unreported_loads = 0
     self._unreported_load_failures = 0
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state['_last_good'] = None  # device arrays stay in the process that loaded them
+    for name in ('_lock', '_last_good', '_unreported_loads', '_unreported_load_failures'):
+      state.pop(name)  # device arrays and locks stay in the process that made them
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_process_state()
 
   def set_environment_vars(self):
     """JAX memory defaults unless the environment already says otherwise,
@@ -302,24 +365,29 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       os.environ.setdefault(name, value)
 
   def load_model(self) -> LoadedModel:
-    """Loads the current model_dir. If that fails after a refresh (a broken
-    or half-written checkpoint), logs the error, counts
-    'model_load_failures' and serves the last model this process served for
-    this handler (or the constructor's model_dir) instead of failing."""
+    """Loads the current model_dir. If that fails after a refresh (a broken,
+    half-written or mismatched checkpoint), logs the error, counts
+    'model_load_failures' and keeps serving the last model this step loaded
+    in this process (in a fresh worker: the constructor's model_dir) instead
+    of failing. A model that failed to load never becomes the last good one."""
     self._set_default_env()  # also when wrapped (Keyed...), whose setup skips ours
+    model_dir = self._model_dir
     try:
-      model = self._load(self._model_dir)
+      model = self._load(model_dir)
     except Exception as e:
-      fallback = _SERVING.get(self._initial_dir, self._initial_dir)
-      if fallback == self._model_dir:
+      with _LAST_GOOD_LOCK:
+        fallback = _LAST_GOOD.get(self._id, self._initial_dir)
+      if fallback == model_dir:
         raise  # nothing else to serve: the job must not start with a broken model
-      self._unreported_load_failures += 1
-      _log.error('cannot load refreshed model %s, still serving %s: %s', self._model_dir, fallback, e)
-      if self._last_good is not None and self._last_good.model_dir == fallback:
-        return self._last_good
-      model = self._load(fallback)
-    self._last_good = model
-    _SERVING[self._initial_dir] = model.model_dir
+      with self._lock:
+        self._unreported_load_failures += 1
+        last_good = self._last_good
+      _log.error('cannot load refreshed model %s, still serving %s: %s', model_dir, fallback, e)
+      model = last_good if last_good is not None and last_good.model_dir == fallback else self._load(fallback)
+    with self._lock:
+      self._last_good = model
+    with _LAST_GOOD_LOCK:
+      _LAST_GOOD[self._id] = model.model_dir
     return model
 
   def _load(self, model_dir: str) -> LoadedModel:
@@ -331,6 +399,8 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       model = _LOADED.get(key)
       if model is None:
         model = _LOADED[key] = self._load_uncached(model_dir)
+        with self._lock:
+          self._unreported_loads += 1
     return model
 
   def _load_uncached(self, model_dir: str) -> LoadedModel:
@@ -341,24 +411,22 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     overrides = {'dtype': jnp.bfloat16} if self._precision == 'bfloat16' else {}
     module = spec.build(**overrides)
     placement = Placement.create(self._device, self._data_parallel, self._model_parallelism)
-    variables = placement.put_variables(variables, module, example_inputs(spec))
+    variables = placement.put_variables(variables, module, checkpoints.example_inputs(spec))
+
+    def forward(variables, x, *rest):
+      _report(ServeCounts(compiles=1))  # Python side effect: runs once per trace
+      return module.apply(variables, spec.normalize(x), *rest)
+
     model = LoadedModel(
         spec=spec,
         model_dir=model_dir,
         variables=variables,
-        forward=None,
+        forward=jax.jit(forward),  # runs where its committed inputs live
         batch_buckets=round_buckets(self._batch_buckets, placement.data_size),
         length_buckets=self._length_buckets,
         num_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(variables)),
         placement=placement if placement.mesh is not None else None,
     )
-
-    def forward(variables, x, *rest):
-      model.compiles += 1  # Python side effect: runs once per trace/compile
-      return module.apply(variables, spec.normalize(x), *rest)
-
-    model.forward = jax.jit(forward)  # runs where its committed inputs live
-    self._unreported_loads += 1
     _log.info('loaded %s (%s, %.1f MB) on %s', model_dir, spec.name, model.num_bytes / 1e6, placement.describe())
     return model
 
@@ -368,33 +436,45 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       model: LoadedModel,
       inference_args: Optional[Mapping[str, Any]] = None,
   ) -> Iterable[PredictionResult]:
+    """One PredictionResult per example, in order. Metrics count exactly
+    this call's compiles and padding (returned by the model, not read from
+    totals that other threads move)."""
     self._report_loads()
-    compiles_before, padded_before, total_before = model.stats()
+    counts = ServeCounts()
 
     def infer(examples):
-      return self._inference_fn(model, examples, inference_args)
+      if self._inference_fn is default_inference_fn:
+        outputs, used = model.predict_counted(examples)  # also through a large_model proxy
+        counts.add(used)
+        return outputs
+      with _Counting() as used:
+        outputs = self._inference_fn(model, examples, inference_args)
+      counts.add(used)
+      return outputs
 
     if self._split_on_oom:
       outputs = call_with_oom_split(infer, batch, on_split=lambda size: self._oom_splits.inc())
     else:
       outputs = infer(batch)
-    compiles, padded, total = model.stats()
-    if compiles > compiles_before:
-      self._compiles.inc(compiles - compiles_before)
-    if total > total_before:
-      self._padded_slots.inc(padded - padded_before)
-      self._total_slots.inc(total - total_before)
-      self._padding_percent.update(round(100 * (padded - padded_before) / (total - total_before)))
+    if len(outputs) != len(batch):  # zip would silently drop the rest
+      raise ValueError(f'inference_fn returned {len(outputs)} outputs for {len(batch)} examples')
+    if counts.compiles:
+      self._compiles.inc(counts.compiles)
+    if counts.total_slots:
+      self._padded_slots.inc(counts.padded_slots)
+      self._total_slots.inc(counts.total_slots)
+      self._padding_percent.update(round(100 * counts.padded_slots / counts.total_slots))
     model_id = model.model_id()
     return [PredictionResult(example, output, model_id) for example, output in zip(batch, outputs)]
 
   def _report_loads(self):
-    if self._unreported_loads:
-      self._loads.inc(self._unreported_loads)
-      self._unreported_loads = 0
-    if self._unreported_load_failures:
-      self._load_failures.inc(self._unreported_load_failures)
-      self._unreported_load_failures = 0
+    with self._lock:
+      loads, failures = self._unreported_loads, self._unreported_load_failures
+      self._unreported_loads = self._unreported_load_failures = 0
+    if loads:
+      self._loads.inc(loads)
+    if failures:
+      self._load_failures.inc(failures)
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
     """Array bytes, not pickled size: Beam's default pickles every batch."""

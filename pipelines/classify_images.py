@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl.metrics_export import run_pipeline
+from beam_dl.checkpoints import CheckpointError
 from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require
 from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
@@ -70,4 +71,7 @@ def run(argv=None):
 
 if __name__ == '__main__':
   logging.getLogger().setLevel(logging.INFO)
-  run(sys.argv[1:])
+  try:
+    run(sys.argv[1:])
+  except (OptionsError, CheckpointError) as e:  # before the job starts: one line, no traceback
+    sys.exit(f'classify_images: error: {e}')

@@ -50,3 +50,65 @@ def test_corrupt_msgpack_and_unknown_spec_fields(tmp_path):
 def test_unknown_model_name_lists_registered_models():
   with pytest.raises(ValueError, match='small_cnn'):
     ModelSpec('no_such_model').build()
+
+
+def spec_json(**changes):
+  return json.dumps(json.loads(SPEC.to_json()) | changes)
+
+
+@pytest.mark.parametrize('changes, field', [
+    ({'name': 'no_such_model'}, 'name'),
+    ({'input_shape': [8, 0, 1]}, 'input_shape'),
+    ({'input_shape': [8, '8', 1]}, 'input_shape'),
+    ({'input_shape': []}, 'input_shape'),
+    ({'input_dtype': 'uint9'}, 'input_dtype'),
+    ({'input_dtype': 7}, 'input_dtype'),
+    ({'input_scale': 'a lot'}, 'input_scale'),
+    ({'input_offset': None}, 'input_offset'),
+    ({'labels': ['a', 'b']}, 'labels'),  # 2 labels, num_classes 4
+    ({'labels': [1, 2, 3, 4]}, 'labels'),
+    ({'kwargs': {'num_classes': 4, 'no_such_argument': 1}}, 'kwargs'),
+    ({'kwargs': [4]}, 'kwargs'),
+])
+def test_bad_spec_fields_are_named(tmp_path, changes, field):
+  (tmp_path / 'spec.json').write_text(spec_json(**changes))
+  with pytest.raises(CheckpointError) as error:
+    checkpoints.load_spec(str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(str(tmp_path / 'spec.json')) and f"field '{field}'" in message
+
+
+def test_spec_that_is_not_a_json_object(tmp_path):
+  for text, says in (('{"name": ', 'not JSON'), ('[1, 2]', 'JSON object'), ('{}', "field 'name'")):
+    (tmp_path / 'spec.json').write_text(text)
+    with pytest.raises(CheckpointError, match=says):
+      checkpoints.load_spec(str(tmp_path))
+
+
+def test_good_specs_pass_validation():
+  checkpoints.validate_spec(SPEC)
+  checkpoints.validate_spec(ModelSpec('small_cnn', {'num_classes': 2}, [8, 8, 1], labels=['no', 'yes']))
+  checkpoints.validate_spec(ModelSpec('rnn', {'cell': 'gru', 'num_outputs': 2}, (None, 3), labels=['a', 'b']))
+
+
+def other_variables(**kwargs):
+  spec = ModelSpec('small_cnn', {'num_classes': 4, 'features': [4], 'hidden': 8} | kwargs, (8, 8, 1))
+  return nn.meta.unbox(spec.build().init(jax.random.key(0), np.zeros((1, 8, 8, 1))))
+
+
+@pytest.mark.parametrize('fmt', ['orbax', 'msgpack'])
+def test_variables_that_do_not_match_the_spec_fail_to_load(tmp_path, fmt):
+  good = other_variables()
+  wrong_shape = other_variables(hidden=16)  # same arrays, other shapes
+  missing = {'params': {k: v for k, v in good['params'].items() if k != 'Dense_1'}}
+  extra = {'params': {**good['params'], 'Surplus': {'kernel': np.zeros((2, 2), np.float32)}}}
+  for name, variables, says in (
+      ('wrong_shape', wrong_shape, r"\['params'\]\['Dense_0'\]\['kernel'\] has shape \(\d+, 16\), expected \(\d+, 8\)"),
+      ('missing', missing, r"missing \['params'\]\['Dense_1'\]\['kernel'\]"),
+      ('extra', extra, r"unexpected \['params'\]\['Surplus'\]\['kernel'\] \(2, 2\)"),
+  ):
+    model_dir = str(tmp_path / name)
+    checkpoints.save(model_dir, SPEC, variables, fmt=fmt)
+    with pytest.raises(CheckpointError, match='variables do not match spec.json') as error:
+      checkpoints.load(model_dir)
+    assert error.match(says)

@@ -122,3 +122,32 @@ def test_trained_model_is_accurate_on_these_digits(digits_model_dir, inputs):
   predicted = direct_labels(digits_model_dir, good)
   truth = dict(zip(['png_gray', 'jpeg_gray', 'png_rgb', 'png_rgba', 'jpeg_rgb', 'bmp_gray'], labels[-6:]))
   assert sum(predicted[k] == truth[k] for k in truth) >= 5
+
+
+@pytest.mark.parametrize('field, value', [('input_dtype', 'uint9'), ('labels', ['only one'])])
+def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path, field, value):
+  """A model dir with a bad spec.json: exit status 1 and one line naming the
+  file and the field; no job runs, no output is written."""
+  import json
+  import os
+  import shutil
+  import subprocess
+  import sys
+
+  model_dir = tmp_path / 'model'
+  shutil.copytree(digits_model_dir, model_dir)
+  spec = json.loads((model_dir / 'spec.json').read_text())
+  spec[field] = value
+  (model_dir / 'spec.json').write_text(json.dumps(spec))
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'a.png').write_bytes(b'not read')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+  done = subprocess.run(
+      [sys.executable, '-m', 'pipelines.classify_images', f'--input={tmp_path}/in/*',
+       f'--model_dir={model_dir}', f'--output={tmp_path}/out/pred'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'classify_images: error: {model_dir}/spec.json: field {field!r}')
+  assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()

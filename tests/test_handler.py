@@ -109,7 +109,7 @@ def test_data_parallel_over_eight_devices(tmp_path):
   results = handler.run_inference(examples, model)
   np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
   # the batch really is split: the compiled forward's input is sharded over 'data'
-  batch = model.placement.put_batch(model._assemble(examples[:16]))[0]
+  batch = model.placement.put_batch(model._assemble(examples[:16])[0])[0]
   assert batch.sharding.spec[0] == 'data' and batch.addressable_shards[0].data.shape[0] == 2
 
 
@@ -132,15 +132,17 @@ def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
   rng = np.random.default_rng(0)
   lengths = rng.choice([2, 5, 11, 16], size=16)
   sequences = [rng.normal(size=(length, 4)).astype(np.float32) for length in lengths]
-  outputs = []
+  outputs, counts = [], []
   for start in range(0, len(sequences), 4):  # batches as BatchElements would hand them over
-    outputs += [r.inference for r in handler.run_inference(sequences[start : start + 4], model)]
+    out, used = model.predict_counted(sequences[start : start + 4])
+    outputs += list(out)
+    counts.append(used)
   apply = jax.jit(RNN_SPEC.build().apply)
   for seq, out in zip(sequences, outputs):  # same as the unpadded sequence alone
     alone = apply(variables, seq[None], np.ones((1, len(seq)), bool))
     np.testing.assert_allclose(out, np.asarray(alone)[0], atol=1e-5)
-  assert model.compiles <= 2  # two length buckets x one (full) batch bucket
-  _, padded, total = model.stats()
+  assert sum(c.compiles for c in counts) <= 2  # two length buckets x one (full) batch bucket
+  padded, total = sum(c.padded_slots for c in counts), sum(c.total_slots for c in counts)
   assert padded == total - sum(len(s) for s in sequences) > 0
 
 

@@ -49,11 +49,17 @@ def test_batches_larger_than_max_are_chunked_in_order(model_dir):
 
 
 def test_compiles_bounded_by_buckets_when_batch_sizes_vary(model_dir):
-  handler = JaxModelHandler(model_dir, max_batch_size=16)
-  model = handler.load_model()
-  for n in [1, 2, 3, 5, 7, 9, 13, 16, 17, 31, 40, 4, 6, 1]:
-    handler.run_inference(images(n, seed=n), model)
-  assert model.compiles == len(power_of_two_buckets(16)) == 5
+  model = JaxModelHandler(model_dir, max_batch_size=16).load_model()
+  sizes = [1, 2, 3, 5, 7, 9, 13, 16, 17, 31, 40, 4, 6, 1]
+  first = [model.predict_counted(images(n, seed=n))[1] for n in sizes]
+  again = [model.predict_counted(images(n, seed=n))[1] for n in sizes]
+  assert sum(c.compiles for c in first) == len(power_of_two_buckets(16)) == 5
+  assert sum(c.compiles for c in again) == 0
+  # padding counted per call: 3 -> bucket 4, 17 -> 16 + 1, 40 -> 16 + 16 + 8
+  by_size = dict(zip(sizes, again))
+  assert (by_size[3].padded_slots, by_size[3].total_slots) == (1, 4)
+  assert (by_size[17].padded_slots, by_size[17].total_slots) == (0, 17)
+  assert (by_size[40].padded_slots, by_size[40].total_slots) == (0, 40)
 
 
 def test_wrong_shape_raises_clear_error(model_dir):

@@ -162,3 +162,66 @@ def test_streaming_refresh_with_test_stream(models):
         | beam.Map(served_by(weights))
     )
     assert_that(served, equal_to([('first', 'b'), ('second', 'b')]))
+
+
+def test_streaming_refresh_with_dead_letters(models):
+  """RunInferenceWithDeadLetters in streaming with a ModelMetadata side input
+  (TestStream) finishes: the first window is served by B, the second by A,
+  and an element of the wrong shape becomes a dead letter. (In streaming a
+  failed batch is dead-lettered whole, so the bad element comes alone.)"""
+  dirs, weights = models
+  options = TestPipeline().get_pipeline_options()
+  options.view_as(StandardOptions).streaming = True
+  stream = (
+      TestStream(output_tags=['side', 'main'])
+      .add_elements([window.TimestampedValue(ModelMetadata(dirs['b'], 'b'), 1)], tag='side')
+      .add_elements([window.TimestampedValue(('first', image(1)), 5)], tag='main')
+      .add_elements([window.TimestampedValue(('bad', np.zeros((3, 3, 1), np.uint8)), 6)], tag='main')
+      .advance_watermark_to(10, tag='side')
+      .advance_watermark_to(10, tag='main')
+      .add_elements([window.TimestampedValue(ModelMetadata(dirs['a'], 'a'), 11)], tag='side')
+      .add_elements([window.TimestampedValue(('second', image(2)), 15)], tag='main')
+      .advance_watermark_to_infinity(tag='side')
+      .advance_watermark_to_infinity(tag='main')
+  )
+  with beam.Pipeline(runner='DirectRunner', options=options) as pipeline:
+    streams = pipeline | stream
+    metadata = streams['side'] | 'SideWindows' >> beam.WindowInto(window.FixedWindows(10))
+    outputs = (
+        streams['main']
+        | 'MainWindows' >> beam.WindowInto(window.FixedWindows(10))
+        | RunInferenceWithDeadLetters(JaxModelHandler(dirs['a'], max_batch_size=4), model_metadata_pcoll=metadata)
+    )
+    served = outputs.predictions | beam.Map(served_by(weights))
+    assert_that(served, equal_to([('first', 'b'), ('second', 'a')]), label='served')
+    assert_that(
+        outputs.failed | beam.Map(lambda r: (r['key'], r['stage'], 'shape' in r['reason'])),
+        equal_to([('bad', 'inference', True)]),
+        label='dead_letters',
+    )
+
+
+def test_refresh_to_mismatched_variables_keeps_the_last_good_model(models, tmp_path):
+  """A model dir whose variables don't fit its spec (another config's
+  arrays) is a failed load: the last good model keeps serving, and the
+  mismatched one never becomes the last good model."""
+  dirs, weights = models
+  other = checkpoints.ModelSpec(**{**SPEC.__dict__, 'kwargs': {'num_classes': 4, 'features': [4], 'hidden': 16}})
+  mismatched = checkpoints.save(
+      str(tmp_path / 'mismatched'), SPEC,
+      nn.meta.unbox(other.build().init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))), fmt='msgpack')
+  handler = JaxModelHandler(dirs['a'], max_batch_size=4)
+  assert handler.load_model().model_dir == dirs['a']
+  handler.update_model_path(dirs['b'])
+  assert handler.load_model().model_dir == dirs['b']
+  for _ in range(2):  # the second time it must still fall back to B, not to itself
+    handler.update_model_path(os.path.join(mismatched, checkpoints.MSGPACK_FILE))
+    served = handler.load_model()
+    assert served.model_dir == dirs['b']
+    results = handler.run_inference([image(1)], served)
+    np.testing.assert_allclose(
+        results[0].inference, np.asarray(SPEC.build().apply(weights[dirs['b']], SPEC.normalize(image(1)[None]))[0]),
+        atol=1e-5)
+  assert handler._unreported_load_failures == 0  # reported with the batches above
+  with pytest.raises(checkpoints.CheckpointError, match='variables do not match'):
+    JaxModelHandler(mismatched).load_model()  # nothing to fall back to: a clear error

@@ -120,7 +120,8 @@ class RunInferenceWithDeadLetters(beam.PTransform):
     inference_args: passed to the handler's run_inference.
     model_identifier: Shared tag for the loaded model; both steps use it so
       the model is loaded once per process (default: unique per transform).
-    retry_elements: False sends failed batches straight to dead letters.
+    retry_elements: False sends failed batches straight to dead letters
+      (also the case in streaming with model_metadata_pcoll; see expand).
   """
 
   def __init__(
@@ -154,7 +155,11 @@ class RunInferenceWithDeadLetters(beam.PTransform):
         failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(failed_batch_to_dead_letters, 'postprocess')
         for i, failed in enumerate(dlq.failed_postprocessing)
     ]
-    if not self._retry:
+    if not self._retry or (self._metadata is not None and _is_streaming(keyed_examples.pipeline)):
+      # A second RunInference on the same ModelMetadata side input never
+      # finishes on Beam 2.77's streaming DirectRunner (its side-input wait
+      # is never released), so in streaming with refresh a failed batch is
+      # dead-lettered whole: every element still lands once, with its reason.
       failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(failed_batch_to_dead_letters))
       return InferenceOutputs(main, _merge(failures, keyed_examples.pipeline))
     base = _unwrap(self._handler)  # elements of failed batches are already pre-processed
@@ -177,6 +182,12 @@ class RunInferenceWithDeadLetters(beam.PTransform):
     ]
     predictions = (main, retried.ok) | 'MergePredictions' >> beam.Flatten()
     return InferenceOutputs(predictions, _merge(failures, keyed_examples.pipeline))
+
+
+def _is_streaming(pipeline) -> bool:
+  from apache_beam.options.pipeline_options import StandardOptions
+
+  return bool(pipeline.options and pipeline.options.view_as(StandardOptions).streaming)
 
 
 def _merge(failures, pipeline):

@@ -5,6 +5,8 @@ import json
 
 import apache_beam as beam
 
+import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
+
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam
 # derives `<prefix>-*-of-NNNNN.jsonl` from the shard template, and that glob

@@ -7,9 +7,14 @@ The served model is exported separately (`beam_dl.checkpoints.save`).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import orbax.checkpoint as ocp
+
+from beam_dl.checkpoints import CheckpointError
+
+_log = logging.getLogger(__name__)
 
 
 def manager(directory: str, *, every: int, keep: int) -> ocp.CheckpointManager:
@@ -35,10 +40,41 @@ def save(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) 
   return mngr.save(step, args=ocp.args.StandardSave(_as_tree(state)), force=force)
 
 
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+  """Renames damaged step directories to `<step>.damaged` (kept for a look,
+  no longer a step), so the resumed run can save those steps again."""
+  for step in steps:
+    path = mngr.directory / str(step)
+    if path.exists():
+      path.rename(mngr.directory / f'{step}.damaged')
+  mngr.reload()
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target_state):
-  """The latest saved state laid out like `target_state` (abstract), or None."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  tree = mngr.restore(step, args=ocp.args.StandardRestore(_as_tree(target_state)))
-  return target_state.replace(**tree)
+  """The newest saved state that restores, laid out like `target_state`
+  (abstract), or None when nothing was saved.
+
+  A damaged checkpoint (a file cut short by a killed upload, a missing
+  array, shapes of another config) is skipped with a warning naming its step
+  and why, and the next older one is tried: resuming a little earlier beats
+  not resuming. If none restores, CheckpointError names the directory and
+  each step with its reason.
+  """
+  skipped = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      tree = mngr.restore(step, args=ocp.args.StandardRestore(_as_tree(target_state)))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else ""}'[:300]
+      _log.warning('checkpoint step %d in %s cannot be restored, skipping it: %s', step, mngr.directory, reason)
+      skipped.append((step, reason))
+      continue
+    if skipped:
+      _set_aside(mngr, [s for s, _ in skipped])
+      _log.warning('resuming from step %d in %s; skipped damaged step(s) %s (kept as <step>.damaged)',
+                   step, mngr.directory, [s for s, _ in skipped])
+    return target_state.replace(**tree)
+  if skipped:
+    raise CheckpointError(f'{mngr.directory}: no checkpoint can be restored: '
+                          + '; '.join(f'step {s}: {r}' for s, r in skipped))
+  return None
