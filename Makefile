@@ -27,3 +27,17 @@ test: install
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+
+# Wheels for benchmarks/gpu_suite.sh on the accelerator machine (Python 3.12,
+# jax/flax/numpy/pillow present, no apache-beam): apache-beam 2.77 and its
+# dependencies for cp312 manylinux into the ignored .whl/, minus what that
+# machine already has (numpy, the jax stack) so they are not shadowed.
+GPU_WHEEL_PLATFORMS := --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64
+.PHONY: gpu-wheels
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q -d .whl --python-version 3.12 --implementation cp --only-binary=:all: \
+		$(GPU_WHEEL_PLATFORMS) apache-beam==2.77.0
+	rm -f .whl/numpy-*.whl .whl/jax-*.whl .whl/jaxlib-*.whl .whl/ml_dtypes-*.whl .whl/opt_einsum-*.whl .whl/scipy-*.whl
+	du -sh .whl

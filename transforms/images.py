@@ -50,6 +50,9 @@ class ReadImageFiles(beam.PTransform):
     files = (
         pbegin
         | 'MatchFiles' >> fileio.MatchFiles(self._file_pattern)
+        # Without it the whole read is one bundle from one Impulse: workers
+        # beyond the first get nothing (--direct_num_workers, Dataflow).
+        | 'SpreadFiles' >> beam.Reshuffle()
         | 'ReadMatches' >> fileio.ReadMatches()
     )
     if not self._with_metadata:
