@@ -67,6 +67,16 @@ class IOOptions(PipelineOptions):
     parser.add_argument('--output', default=None, help='Output path prefix for JSON-lines results and dead letters.')
 
 
+class ProgressOptions(PipelineOptions):
+  """Progress lines for long local runs."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--progress_every_secs', type=float, default=0,
+        help='Log inputs read so far and their rate every this many seconds (0: off).')
+
+
 class InferenceOptions(PipelineOptions):
   """How RunInference loads, batches and computes; shared by scoring pipelines."""
 

@@ -183,9 +183,11 @@ def _merge(failures, pipeline):
   return tuple(failures) | 'MergeDeadLetters' >> beam.Flatten(pipeline=pipeline)
 
 
-def without_example(result: beam_inference.PredictionResult) -> beam_inference.PredictionResult:
-  """The result with its input dropped (formatting needs only the outputs)."""
-  return result._replace(example=None)
+def without_example(keyed_result: tuple) -> tuple:
+  """(key, PredictionResult) with the result's input dropped (formatting
+  needs only the outputs)."""
+  key, result = keyed_result
+  return key, result._replace(example=None)
 
 
 class ClassifyImages(beam.PTransform):
@@ -212,7 +214,7 @@ class ClassifyImages(beam.PTransform):
     decoded = keyed_bytes | 'DecodeImages' >> DecodeImages(self._image_spec)
     # Results cross a stage boundary (the retry branch's Flatten) that the
     # local runner holds whole: without the input image they are ~100x smaller.
-    handler = self._handler.with_postprocess_fn(without_example)
+    handler = _keyed(self._handler).with_postprocess_fn(without_example)
     inferred = decoded.decoded | 'Infer' >> RunInferenceWithDeadLetters(handler)
     labels = self._labels
     predictions = inferred.predictions | 'FormatPredictions' >> beam.MapTuple(
