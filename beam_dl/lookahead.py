@@ -20,34 +20,42 @@ from typing import Any, Callable, Iterator
 
 
 class Lookahead:
-  """`submit(arg, context)` queues fn(arg) on `threads` threads and returns the
-  (context, outcome) pairs that are more than `depth` submissions old, in
-  submission order; `drain()` returns the rest. An outcome is the result, or
-  the exception fn raised (returned, not raised, so the caller decides).
+  """`submit(arg, context, cost)` queues fn(arg) on `threads` threads and
+  returns the (context, outcome) pairs that are more than `depth` submissions
+  old, or beyond `max_cost` summed over what is pending (e.g. input bytes:
+  a few huge photos must not pile up), in submission order; `drain()`
+  returns the rest. An outcome is the result, or the exception fn raised
+  (returned, not raised, so the caller decides).
 
   depth=0 runs fn inline: no threads, each submit returns its own pair.
   """
 
-  def __init__(self, fn: Callable[[Any], Any], depth: int, threads: int = 1):
+  def __init__(self, fn: Callable[[Any], Any], depth: int, threads: int = 1,
+               max_cost: float = float('inf')):
     if depth < 0 or threads < 1:
       raise ValueError(f'depth must be >= 0 and threads >= 1, got depth={depth}, threads={threads}')
-    self._fn, self._depth = fn, depth
+    self._fn, self._depth, self._max_cost = fn, depth, max_cost
     self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix='lookahead') if depth else None
     self._pending: collections.deque = collections.deque()
+    self._cost = 0.0
 
-  def submit(self, arg: Any, context: Any = None) -> Iterator[tuple[Any, Any]]:
+  def submit(self, arg: Any, context: Any = None, cost: float = 0.0) -> Iterator[tuple[Any, Any]]:
     if self._pool is None:
       yield context, self._call(arg)
       return
-    self._pending.append((context, self._pool.submit(self._call, arg)))
-    while len(self._pending) > self._depth:
-      context, future = self._pending.popleft()
-      yield context, future.result()
+    self._pending.append((context, cost, self._pool.submit(self._call, arg)))
+    self._cost += cost
+    while len(self._pending) > self._depth or (self._cost > self._max_cost and len(self._pending) > 1):
+      yield self._pop()
 
   def drain(self) -> Iterator[tuple[Any, Any]]:
     while self._pending:
-      context, future = self._pending.popleft()
-      yield context, future.result()
+      yield self._pop()
+
+  def _pop(self) -> tuple[Any, Any]:
+    context, cost, future = self._pending.popleft()
+    self._cost -= cost
+    return context, future.result()
 
   def close(self):
     if self._pool is not None:

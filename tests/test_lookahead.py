@@ -34,6 +34,18 @@ def test_lookahead_keeps_order_and_returns_exceptions(depth):
   assert isinstance(out[3][1], ValueError)
 
 
+def test_lookahead_bounds_pending_cost():
+  ahead = Lookahead(lambda x: x, depth=100, max_cost=10)
+  out = []
+  for i in range(6):
+    out.extend(ahead.submit(i, i, cost=4))
+    pending = i + 1 - len(out)
+    assert pending * 4 <= 10, pending  # never more than max_cost pending (one item may exceed it alone)
+  out.extend(ahead.drain())
+  ahead.close()
+  assert [c for c, _ in out] == list(range(6))
+
+
 def test_lookahead_rejects_bad_arguments():
   with pytest.raises(ValueError):
     Lookahead(abs, -1)

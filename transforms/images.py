@@ -29,6 +29,8 @@ _NAMESPACE = 'beam_dl.images'
 # Elements decoded ahead of the outputs: two batches of the default 128, so
 # the next batch decodes while the model runs the current one.
 DECODE_AHEAD = 256
+# ...and at most this many encoded bytes pending (large photos).
+DECODE_AHEAD_BYTES = 64 << 20
 
 
 class ReadImageFiles(beam.PTransform):
@@ -164,7 +166,8 @@ class _DecodeImageFn(beam.DoFn):
 
   def setup(self):
     spec = self._spec
-    self._lookahead = Lookahead(lambda data_rng: decode_image(data_rng[0], spec, data_rng[1]), self._ahead)
+    self._lookahead = Lookahead(lambda data_rng: decode_image(data_rng[0], spec, data_rng[1]), self._ahead,
+                                max_cost=DECODE_AHEAD_BYTES)
 
   def teardown(self):
     self._lookahead.close()
@@ -175,7 +178,7 @@ class _DecodeImageFn(beam.DoFn):
     self._bytes.update(len(data))
     # Random crops are seeded per (seed, key): reproducible whatever the bundling.
     rng = rng_for_key(key, self._spec.seed) if self._spec.crop == 'random' else None
-    for context, outcome in self._lookahead.submit((data, rng), (key, meta, window, timestamp)):
+    for context, outcome in self._lookahead.submit((data, rng), (key, meta, window, timestamp), len(data)):
       yield self._output(context, outcome)
 
   def finish_bundle(self) -> Iterable:
@@ -207,7 +210,8 @@ class DecodeImages(beam.PTransform):
   reason); every input lands in exactly one of them.
 
   `ahead` (default 256): decode on a background thread up to this many
-  elements ahead, so decoding overlaps the model downstream (0: inline).
+  elements (and 64 MB of encoded input) ahead, so decoding overlaps the
+  model downstream (0: inline).
   """
 
   def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD):
