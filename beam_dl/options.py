@@ -67,6 +67,16 @@ class IOOptions(PipelineOptions):
     parser.add_argument('--output', default=None, help='Output path prefix for JSON-lines results and dead letters.')
 
 
+class ProgressOptions(PipelineOptions):
+  """Progress lines for long local runs."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--progress_every_secs', type=float, default=0,
+        help='Log inputs read so far and their rate every this many seconds (0: off).')
+
+
 class InferenceOptions(PipelineOptions):
   """How RunInference loads, batches and computes; shared by scoring pipelines."""
 
@@ -75,6 +85,11 @@ class InferenceOptions(PipelineOptions):
     parser.add_argument('--model_dir', default=None, help='A model directory written by beam_dl (spec.json + variables).')
     parser.add_argument('--max_batch_size', type=positive_int, default=256, help='Largest batch per model call (default 256).')
     parser.add_argument(
+        '--min_batch_size', type=positive_int, default=None,
+        help='Smallest batch BatchElements forms before a bundle ends (default: --max_batch_size, full '
+        "batches; Beam's adaptive sizing starts at 1 and, fooled by compile times, stays small).",
+    )
+    parser.add_argument(
         '--precision', choices=['float32', 'bfloat16'], default='float32', help='Compute precision (default float32).'
     )
     parser.add_argument(
@@ -82,7 +97,12 @@ class InferenceOptions(PipelineOptions):
     )
 
   def handler_kwargs(self) -> dict:
-    return {'max_batch_size': self.max_batch_size, 'precision': self.precision, 'device': self.device}
+    return {
+        'max_batch_size': self.max_batch_size,
+        'min_batch_size': self.min_batch_size,  # None: the handler's default, full batches
+        'precision': self.precision,
+        'device': self.device,
+    }
 
 
 def require(options: PipelineOptions, *names: str) -> None:

@@ -55,3 +55,32 @@ class Progress:
   @property
   def rate(self) -> float:
     return self.done / max(self._clock() - self._start, 1e-9)
+
+
+class CountProgressFn:
+  """A pass-through `beam.Map` callable that logs how many elements this
+  process has seen and at what rate, every `every_secs` (to stderr, which
+  the local runner shows), so a long local run says how far it is.
+
+  Beam gives each thread its own copy of a step's callable, so the count
+  needs no lock; with several workers each logs its own count (tagged with
+  its pid).
+  """
+
+  def __init__(self, name: str, every_secs: float, total: int = 0):
+    self._name, self._every, self._total = name, every_secs, total
+    self._progress = None
+
+  def __call__(self, element):
+    if self._progress is None:
+      import os
+      import sys
+
+      name = f'{self._name}[pid {os.getpid()}]'
+      self._progress = Progress(self._total, name=name, unit='elements', every_secs=self._every,
+                                log=lambda line: print(line, file=sys.stderr, flush=True))
+    self._progress.update()
+    return element
+
+  def __getstate__(self):
+    return {'_name': self._name, '_every': self._every, '_total': self._total, '_progress': None}

@@ -4,8 +4,11 @@
 
 Synthetic events (keys x 2 features, event times uniform over one hour) go
 through `WindowedFeatures` (60 s fixed windows: count, sum, mean, std, min,
-max, last, rate) on the FnApiRunner with one worker (one core), with and
-without the late-data gate, and through `WindowedSequences` (last 16 events).
+max, last, rate) on the FnApiRunner with one worker (one core): the batch
+path (numpy per key block, what batch pipelines get), the streaming path
+with and without the late-data gate (the gate also with the SDK worker in a
+subprocess, where Beam's state cache, and its objsize sizing, is off), and
+through `WindowedSequences` (last 16 events).
 Beside it: the same features computed with numpy over sorted arrays
 (`np.lexsort` + `ufunc.reduceat`), the floor any Python-element pipeline pays
 for. A generate-and-count pipeline shows Beam's own per-element cost.
@@ -68,8 +71,14 @@ def numpy_features(keys: np.ndarray, times: np.ndarray, values: np.ndarray) -> i
   return len(starts)
 
 
-def run_beam(total: int, keys: int, build) -> tuple[float, int]:
-  options = PipelineOptions(['--runner=FnApiRunner', '--direct_num_workers=1'])
+IN_PROCESS = ['--runner=FnApiRunner', '--direct_num_workers=1']
+# One SDK worker in a subprocess: its state cache is off by default
+# (--max_cache_memory_usage_mb=0), so user state is not sized with objsize.
+SUBPROCESS = IN_PROCESS + ['--direct_running_mode=multi_processing']
+
+
+def run_beam(total: int, keys: int, build, flags=None) -> tuple[float, int]:
+  options = PipelineOptions(flags or IN_PROCESS)
   start = time.perf_counter()
   with beam.Pipeline(options=options) as p:
     events = (p | beam.Create(range(total // CHUNK))
@@ -91,11 +100,18 @@ def main(argv=None):
   args = parser.parse_args(argv)
   total = args.events // CHUNK * CHUNK
   spec = WindowSpec('fixed', size=WINDOW)
-  cases = {
-      'generate + count only (Beam overhead)': lambda e: e,
-      'WindowedFeatures, no late gate': lambda e: (e | WindowedFeatures(spec, route_late=False)).records,
-      'WindowedFeatures, late gate + state': lambda e: (e | WindowedFeatures(spec)).records,
-      'WindowedSequences (last 16), no gate': lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records,
+  streaming_path = dict(batch_path=False)
+  cases = {  # name: (build, runner flags)
+      'generate + count only (Beam overhead)': (lambda e: e, None),
+      'WindowedFeatures, batch path (default)': (lambda e: (e | WindowedFeatures(spec)).records, None),
+      'WindowedFeatures, streaming path, no gate': (
+          lambda e: (e | WindowedFeatures(spec, route_late=False, **streaming_path)).records, None),
+      'WindowedFeatures, streaming path, late gate + state': (
+          lambda e: (e | WindowedFeatures(spec, **streaming_path)).records, None),
+      '  same, SDK worker in a subprocess': (
+          lambda e: (e | WindowedFeatures(spec, **streaming_path)).records, SUBPROCESS),
+      'WindowedSequences (last 16), no gate': (
+          lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records, None),
   }
   k, t, v = arrays(total, args.keys)
   best = min(_timed(numpy_features, k, t, v) for _ in range(args.repeats))
@@ -105,9 +121,9 @@ def main(argv=None):
   print(f'{"pipeline":42s} {"events":>8s} {"seconds":>8s} {"events/s/core":>14s} {"outputs":>8s}')
   print(f'{"numpy (lexsort + reduceat), same features":42s} {total:8d} {best:8.3f} {total / best:14,.0f} '
         f'{n_windows:8d}')
-  for name, build in cases.items():
-    n = min(total, args.gate_events // CHUNK * CHUNK) if 'gate + state' in name else total
-    runs = [run_beam(n, args.keys, build) for _ in range(args.repeats)]
+  for name, (build, flags) in cases.items():
+    n = min(total, args.gate_events // CHUNK * CHUNK) if 'gate + state' in name or 'same,' in name else total
+    runs = [run_beam(n, args.keys, build, flags) for _ in range(args.repeats)]
     seconds, outputs = min(runs)
     print(f'{name:42s} {n:8d} {seconds:8.3f} {n / seconds:14,.0f} {outputs:8d}', flush=True)
 

@@ -17,9 +17,10 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.metrics_export import run_pipeline
 from beam_dl.checkpoints import CheckpointError
-from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require
+from beam_dl.metrics_export import run_pipeline
+from beam_dl.options import InferenceOptions, IOOptions, OptionsError, ProgressOptions, require
+from beam_dl.progress import CountProgressFn
 from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
 from transforms.inference import ClassifyImages
@@ -51,6 +52,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   else:
     read = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input)
   images, failures = read.images, [read.failed]
+  every = options.view_as(ProgressOptions).progress_every_secs
+  if every > 0:
+    images = images | 'Progress' >> beam.Map(CountProgressFn('classify_images: read', every))
   outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, **inference.handler_kwargs())
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)

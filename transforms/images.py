@@ -18,15 +18,22 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.io import files as files_lib
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, normalize, rng_for_key
+from beam_dl.lookahead import Lookahead
 
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
 from transforms.tfrecords import ReadTFRecords
 
 _NAMESPACE = 'beam_dl.images'
+# Elements decoded ahead of the outputs: two batches of the default 128, so
+# the next batch decodes while the model runs the current one.
+DECODE_AHEAD = 256
+# ...and at most this many encoded bytes pending (large photos).
+DECODE_AHEAD_BYTES = 64 << 20
 
 
 class ImageInputs(NamedTuple):
@@ -163,28 +170,55 @@ class ReadImageExamples(beam.PTransform):
 
 
 class _DecodeImageFn(beam.DoFn):
-  """(key, bytes) -> (key, array); undecodable inputs -> FAILED with reason."""
+  """(key, bytes) -> (key, array); undecodable inputs -> FAILED with reason.
 
-  def __init__(self, spec: ImageSpec):
+  With `ahead` > 0 the decodes run on a thread (beam_dl.lookahead) up to
+  `ahead` elements ahead of the outputs, overlapping with the model's forward
+  pass downstream in the same fused stage; outputs keep their order, window
+  and timestamp, and the last ones are emitted in finish_bundle.
+  """
+
+  def __init__(self, spec: ImageSpec, ahead: int = 0):
     self._spec = spec
+    self._ahead = ahead
     self._decoded = Metrics.counter(_NAMESPACE, 'decoded')
     self._failed = Metrics.counter(_NAMESPACE, 'failed')
     self._bytes = Metrics.distribution(_NAMESPACE, 'encoded_bytes')
 
-  def process(self, element: tuple) -> Iterable:
+  def setup(self):
+    spec = self._spec
+    self._lookahead = Lookahead(lambda data_rng: decode_image(data_rng[0], spec, data_rng[1]), self._ahead,
+                                max_cost=DECODE_AHEAD_BYTES)
+
+  def teardown(self):
+    self._lookahead.close()
+
+  def process(self, element: tuple, window=beam.DoFn.WindowParam,
+              timestamp=beam.DoFn.TimestampParam) -> Iterable:
     key, data, *meta = element
     self._bytes.update(len(data))
     # Random crops are seeded per (seed, key): reproducible whatever the bundling.
     rng = rng_for_key(key, self._spec.seed) if self._spec.crop == 'random' else None
-    try:
-      array = decode_image(data, self._spec, rng)
-    except ImageDecodeError as e:
+    for context, outcome in self._lookahead.submit((data, rng), (key, meta, window, timestamp), len(data)):
+      yield self._output(context, outcome)
+
+  def finish_bundle(self) -> Iterable:
+    for context, outcome in self._lookahead.drain():
+      yield self._output(context, outcome)
+
+  def _output(self, context, outcome):
+    """The element for one decode outcome, in its own window (emitted later
+    than its input, it must not take the current element's)."""
+    key, meta, window, timestamp = context
+    if isinstance(outcome, ImageDecodeError):
       self._failed.inc()
-      Metrics.counter(_NAMESPACE, f'failed_{e.kind}').inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'decode', str(e)))
-      return
+      Metrics.counter(_NAMESPACE, f'failed_{outcome.kind}').inc()
+      return beam.pvalue.TaggedOutput(
+          FAILED, WindowedValue(dead_letter(key, 'decode', str(outcome)), timestamp, [window]))
+    if isinstance(outcome, Exception):
+      raise outcome
     self._decoded.inc()
-    yield (key, array, *meta)
+    return WindowedValue((key, outcome, *meta), timestamp, [window])
 
 
 class DecodeImages(beam.PTransform):
@@ -195,14 +229,19 @@ class DecodeImages(beam.PTransform):
 
   Returns a tuple with `.decoded` and `.failed` (dead letters with key and
   reason); every input lands in exactly one of them.
+
+  `ahead` (default 256): decode on a background thread up to this many
+  elements (and 64 MB of encoded input) ahead, so decoding overlaps the
+  model downstream (0: inline).
   """
 
-  def __init__(self, spec: ImageSpec = ImageSpec()):
+  def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD):
     super().__init__()
     self._spec = spec
+    self._ahead = ahead
 
   def expand(self, pcoll):
-    return pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec)).with_outputs(
+    return pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_outputs(
         FAILED, main='decoded'
     )
 

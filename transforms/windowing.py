@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import apache_beam as beam
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
+from beam_dl.features import batch_windows
 from beam_dl.features.aggregates import WindowStatsFn, features_record
 from beam_dl.features.lastn import LastNFn
 from beam_dl.features.late import LATE, LateDataGate
@@ -122,16 +123,23 @@ class WindowedFeatures(beam.PTransform):
     route_late: send late events to `.late` (a stateful gate per key); off
       for batch, where nothing is late, to save its cost.
     clock: arrival-time source (seconds), injectable for tests.
+    batch_path: compute per key block with numpy
+      (`beam_dl.features.batch_windows`, ~3x faster, no late gate: nothing
+      is late in batch); None picks it when `batch_windows.applies`.
   """
 
   def __init__(self, spec: WindowSpec, *, route_late: bool = True,
-               clock: Callable[[], float] = time.time):
+               clock: Callable[[], float] = time.time, batch_path: bool | None = None):
     super().__init__()
     self._spec = spec
     self._route_late = route_late
     self._clock = clock
+    self._batch_path = batch_path
 
   def expand(self, events) -> WindowedOutputs:
+    if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
+      records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(self._spec)
+      return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]))
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
         windowed

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from beam_dl import checkpoints
 from beam_dl.checkpoints import CheckpointError
 
 METHODS = ('qwix_ptq', 'weight_only')
@@ -114,21 +115,15 @@ def qat_module(module: nn.Module, weight_dtype: str = 'int8') -> nn.Module:
   return qwix.quantize_model(module, qwix.QtProvider(rules))
 
 
-def _example_inputs(spec) -> tuple:
-  from beam_dl.handler import example_inputs
-
-  return example_inputs(spec)
-
-
 def _abstract_float(spec) -> Any:
   module = spec.build_float()
-  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(spec)))
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *checkpoints.example_inputs(spec)))
 
 
 def _abstract_qwix(spec) -> Any:
   """The qwix PTQ variable tree (WithAux/QArray leaves, shapes only)."""
   module = spec.build()
-  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(spec)))
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *checkpoints.example_inputs(spec)))
 
 
 def _weight_only_layout(float_tree: Any) -> Any:
