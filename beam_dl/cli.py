@@ -117,13 +117,17 @@ def require_matches(pattern: str, flag: str = 'input') -> int:
   return len(matched)
 
 
-def main(run: Callable[[Sequence[str]], object], argv: Optional[Sequence[str]] = None) -> None:
-  """Runs `run(argv)` as a command: INFO logs from beam_dl, Beam's chatter at
-  WARNING, and an OptionsError as one line on stderr with exit code 2."""
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None) -> None:
+  """Runs `run(argv)` as the command `name`: INFO logs from beam_dl, Beam's
+  chatter at WARNING, and a configuration error found before the job starts
+  (OptionsError, a model directory that won't load: CheckpointError) as one
+  line `name: error: ...` on stderr with exit code 2, as argparse does."""
+  from beam_dl.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
+
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('beam_dl').setLevel(logging.INFO)
   try:
     run(list(sys.argv[1:] if argv is None else argv))
-  except OptionsError as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (OptionsError, CheckpointError) as e:
+    print(f'{name}: error: {e}', file=sys.stderr)
     raise SystemExit(2) from None

@@ -17,9 +17,10 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.checkpoints import CheckpointError
+from beam_dl import cli
 from beam_dl.metrics_export import run_pipeline
-from beam_dl.options import InferenceOptions, IOOptions, OptionsError, ProgressOptions, require
+from beam_dl.options import (DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError,
+                             ProgressOptions, require)
 from beam_dl.progress import CountProgressFn
 from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
@@ -28,6 +29,8 @@ from transforms.io import WriteJsonLines
 from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
+# The flags `--help` lists (every Beam option is accepted as well).
+OPTION_GROUPS = (IOOptions, InferenceOptions, ProgressOptions, DriftOptions, MetricsOptions)
 
 
 def input_format(pattern: str, declared: str = 'auto') -> str:
@@ -47,6 +50,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   """Adds the classification steps to `pipeline`; returns (predictions, failed)."""
   require(options, 'input', 'model_dir', 'output')
   io, inference = options.view_as(IOOptions), options.view_as(InferenceOptions)
+  cli.require_matches(io.input)
   if input_format(io.input, io.input_format) == 'tfrecord':
     read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
   else:
@@ -67,15 +71,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
 
 def run(argv=None):
   """Runs the pipeline to completion; returns Beam's PipelineResult (metrics)."""
-  options = PipelineOptions(argv)
+  options = cli.parse_options(argv, OPTION_GROUPS, prog='python -m pipelines.classify_images', description=__doc__)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options)
   return run_pipeline(pipeline, options, 'classify_images')
 
 
 if __name__ == '__main__':
-  logging.getLogger().setLevel(logging.INFO)
-  try:
-    run(sys.argv[1:])
-  except (OptionsError, CheckpointError) as e:  # before the job starts: one line, no traceback
-    sys.exit(f'classify_images: error: {e}')
+  cli.main(run, 'classify_images')

@@ -35,6 +35,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_dl import cli
 from beam_dl.options import IOOptions, OptionsError, require, switch
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns, stats
@@ -161,6 +162,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
   """Adds the preprocessing steps to `pipeline`; returns the config it wrote."""
   require(options, 'input', 'output', 'transform_dir')
   io, opts = options.view_as(IOOptions), options.view_as(PreprocessOptions)
+  cli.require_matches(io.input)
   fmt = input_format(opts.preprocess_kind, io.input, io.input_format)
   config = make_config(opts, fmt)
   transform_dir = opts.transform_dir
@@ -211,7 +213,8 @@ def report(transform_dir: str, config: PreprocessConfig) -> dict:
 
 def run(argv=None):
   """Runs the pipeline to completion; returns (PipelineResult, analysed stats)."""
-  options = PipelineOptions(argv)
+  options = cli.parse_options(argv, (IOOptions, PreprocessOptions), prog='python -m pipelines.preprocess',
+                              description=__doc__)
   pipeline = beam.Pipeline(options=options)
   config = build(pipeline, options)
   start = time.perf_counter()
@@ -237,7 +240,10 @@ def run(argv=None):
   return result, report(transform_dir, config)
 
 
-if __name__ == '__main__':
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s %(message)s')
-  _, analysed = run(sys.argv[1:])
+def _main(argv):
+  _, analysed = run(argv)
   print(json.dumps(analysed, indent=2, sort_keys=True))
+
+
+if __name__ == '__main__':
+  cli.main(_main, 'preprocess')

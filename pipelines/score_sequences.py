@@ -56,14 +56,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from beam_dl import checkpoints
+from beam_dl import checkpoints, cli
 from beam_dl.deadletter import dead_letter
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.kafka import ReadKafkaValues, WriteKafkaJson
 from beam_dl.io.events import EventSpec
 from beam_dl.metrics_export import run_pipeline
-from beam_dl.options import InferenceOptions, IOOptions, OptionsError, require, switch
+from beam_dl.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
 from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines
@@ -379,6 +379,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     # because a Flex Template can't pass Beam's store_true --streaming.
     options.view_as(StandardOptions).streaming = streaming = True
     logging.getLogger(__name__).info('streaming mode turned on for the unbounded source')
+  if not streaming and not external:
+    cli.require_matches(io.input)
   spec = checkpoints.load_spec(inference.model_dir)
   fields = tuple(f.strip() for f in opts.event_value_fields.split(',') if f.strip())
   if not spec.is_sequence or tuple(spec.input_shape[1:]) != (len(fields),):
@@ -452,7 +454,9 @@ def latency_summary(result) -> dict:
 
 def run(argv=None, clock: Callable[[], float] = time.time):
   """Runs the pipeline to completion; returns Beam's PipelineResult."""
-  options = PipelineOptions(argv)
+  options = cli.parse_options(
+      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions),
+      prog='python -m pipelines.score_sequences', description=__doc__)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options, clock)
   result = run_pipeline(pipeline, options, 'score_sequences')
@@ -464,5 +468,4 @@ def run(argv=None, clock: Callable[[], float] = time.time):
 
 
 if __name__ == '__main__':
-  logging.getLogger().setLevel(logging.INFO)
-  run(sys.argv[1:])
+  cli.main(run, 'score_sequences')

@@ -126,7 +126,7 @@ def test_trained_model_is_accurate_on_these_digits(digits_model_dir, inputs):
 
 @pytest.mark.parametrize('field, value', [('input_dtype', 'uint9'), ('labels', ['only one'])])
 def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path, field, value):
-  """A model dir with a bad spec.json: exit status 1 and one line naming the
+  """A model dir with a bad spec.json: exit status 2 and one line naming the
   file and the field; no job runs, no output is written."""
   import json
   import os
@@ -147,7 +147,7 @@ def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path,
       [sys.executable, '-m', 'pipelines.classify_images', f'--input={tmp_path}/in/*',
        f'--model_dir={model_dir}', f'--output={tmp_path}/out/pred'],
       cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 1
+  assert done.returncode == 2
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith(f'classify_images: error: {model_dir}/spec.json: field {field!r}')
   assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()

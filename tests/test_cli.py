@@ -47,6 +47,6 @@ def test_main_turns_an_options_error_into_one_line_and_exit_2(capsys):
     raise OptionsError(f'--input {argv[1]!r} matches no file')
 
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(run, ['--input', 'nothing/*'])
+    cli.main(run, 'classify_images', ['--input', 'nothing/*'])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err.strip() == "error: --input 'nothing/*' matches no file"
+  assert capsys.readouterr().err.strip() == "classify_images: error: --input 'nothing/*' matches no file"
