@@ -853,11 +853,11 @@ def run_in_fresh_process(library: str, fns: Sequence[tuple[str, Any]], probes: M
                          handlers: Sequence[tuple[Any, Sequence[Any]]], work_dir: str, timeout_s: float = 180) -> dict:
   """Pickles `fns` and `handlers` with Beam's `library` pickler here, and in a
   new interpreter (as an SDK worker would) unpickles them, runs setup() and
-  teardown() of every fn, feeds each `probes[label]` element to fn.process,
+  teardown() of every fn, feeds `probes[label]` to the fn as one bundle,
   and loads each handler's model and runs inference on its examples.
 
-  Returns {'setup': [labels], 'outputs': {label: [[(tag, value), ...] per
-  element]}, 'inference': [[outputs] per handler]}.
+  Returns {'setup': [labels], 'outputs': {label: [(tag, value), ...] of one
+  bundle of the probes (`run_bundle`)}, 'inference': [[outputs] per handler]}.
   """
   import pickle
 
@@ -879,6 +879,36 @@ def run_in_fresh_process(library: str, fns: Sequence[tuple[str, Any]], probes: M
     return pickle.load(f)
 
 
+def run_bundle(fn, elements: Sequence[Any]) -> list[tuple[Any, Any]]:
+  """(tag, value) for every output of one bundle of `elements` through a set-up
+  DoFn, in order: process() per element, then finish_bundle() (a DoFn that
+  works ahead, like DecodeImages, emits its last outputs there). Windowed
+  values are unwrapped; the main output's tag is None."""
+  import inspect
+
+  from apache_beam.transforms.window import GlobalWindow
+  from apache_beam.utils.timestamp import MIN_TIMESTAMP
+  from apache_beam.utils.windowed_value import WindowedValue
+
+  def unwrap(value):
+    return value.value if isinstance(value, WindowedValue) else value
+
+  # What a runner passes for DoFn.WindowParam / TimestampParam, in the global window.
+  params = inspect.signature(fn.process).parameters
+  context = {name: value for name, value in (('window', GlobalWindow()), ('timestamp', MIN_TIMESTAMP))
+             if name in params}
+  outputs = []
+  fn.start_bundle()
+  for element in elements:
+    outputs.extend(fn.process(element, **context) or ())
+  outputs.extend(fn.finish_bundle() or ())
+  tagged = []
+  for out in outputs:
+    out = unwrap(out)
+    tagged.append((out.tag, unwrap(out.value)) if hasattr(out, 'tag') and hasattr(out, 'value') else (None, out))
+  return tagged
+
+
 def fresh_worker_main(request_path: str, response_path: str) -> None:
   """The worker side of `run_in_fresh_process` (nothing of ours imported yet)."""
   import pickle
@@ -894,12 +924,8 @@ def fresh_worker_main(request_path: str, response_path: str) -> None:
     fn = pickler.loads(payload)
     if isinstance(fn, beam.DoFn):
       fn.setup()
-      for element in request['probes'].get(label, ()):
-        outputs = []
-        for out in fn.process(element) or ():
-          tagged = isinstance(out, beam.pvalue.TaggedOutput)
-          outputs.append((out.tag, out.value) if tagged else (None, out))
-        response['outputs'].setdefault(label, []).append(outputs)
+      if label in request['probes']:
+        response['outputs'][label] = run_bundle(fn, request['probes'][label])
       fn.teardown()
     else:  # CombineFn
       fn.setup()
