@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean hdfs runners
+.PHONY: demo test test-quick services install clean hdfs runners kafka-jars pushgateway
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,20 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m pipelines.demo --workdir $(WORKDIR)
 
-# The whole test suite.
-test: install
+# What the tests start, fetched or built from the project's own files (Maven
+# poms, pinned Go modules; cached in ~/.m2 and Go's caches): Beam's Flink and
+# Spark job servers and Prism, the Kafka broker, the HDFS mini-cluster, a
+# Prometheus Pushgateway.
+services: runners kafka-jars hdfs pushgateway
+
+# The whole test suite (CI runs this), real runners and services included.
+test: install services
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The quick tier for local iteration: no end-to-end runs over ~20 s, no
+# real-runner cells, nothing to fetch (tests needing a service skip).
+test-quick: install
+	$(PY) -m pytest tests -m 'not slow and not runner' $(PYTEST_ARGS)
 
 # Jars for the one-node HDFS that tests/test_hdfs.py starts (Hadoop's
 # hadoop-client-minicluster from Maven Central, cached in ~/.m2) -> hadoop/lib.
@@ -53,7 +64,7 @@ $(RUNNERS_DIR)/prism:
 	GOBIN=$(abspath $(RUNNERS_DIR)) go install github.com/apache/beam/sdks/v2/go/cmd/prism@$(PRISM_VERSION)
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib .runners .cache
 
 # Kafka broker jars (org.apache.kafka:kafka_2.13, KRaft) for tests/test_kafka.py, the
 # streaming latency benchmark and `python -m beam_dl.services.kafka`: Maven Central
@@ -63,13 +74,11 @@ kafka-jars: $(KAFKA_LIB)/.fetched
 $(KAFKA_LIB)/.fetched: services/kafka/pom.xml
 	mvn -q -B -f services/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
 	touch $@
-.PHONY: kafka-jars
 
 
 # A Prometheus Pushgateway for tests/test_metrics_export.py, built with Go from the
 # versions pinned in tools/pushgateway (go.mod/go.sum), cached outside the repo.
 TOOLS_BIN ?= $(HOME)/.cache/beam_dl/bin
-.PHONY: pushgateway
 pushgateway: $(TOOLS_BIN)/pushgateway
 $(TOOLS_BIN)/pushgateway: tools/pushgateway/go.mod tools/pushgateway/go.sum
 	cd tools/pushgateway && go build -o $(TOOLS_BIN)/pushgateway github.com/prometheus/pushgateway
