@@ -716,6 +716,13 @@ def compare_preprocess(canonical: dict, reference: dict) -> None:
     _assert_close(_plain(canonical['stats'][stat]), _plain(value), stat)
 
 
+METRICS_TEMPLATE_OMIT = {
+    name: 'a Prometheus endpoint or Pushgateway for local runs; Dataflow reports metrics to Cloud Monitoring'
+    for name in ('metrics_port', 'metrics_address', 'metrics_poll_secs', 'metrics_linger_secs',
+                 'metrics_pushgateway', 'metrics_job')
+}
+
+
 PIPELINES: dict[str, PipelineCase] = {
     'classify_images': PipelineCase(
         module='pipelines.classify_images',
@@ -725,6 +732,7 @@ PIPELINES: dict[str, PipelineCase] = {
         check=check_classify_images,
         compare=compare_classify_images,
         template='classify_images.json',
+        template_omit=METRICS_TEMPLATE_OMIT,
     ),
     'score_sequences': PipelineCase(
         module='pipelines.score_sequences',
@@ -743,6 +751,7 @@ PIPELINES: dict[str, PipelineCase] = {
         template_optional={'input': 'not needed when reading Pub/Sub or Kafka (--streaming)'},
         template_omit={
             'input_format': 'score_sequences reads JSON lines only and ignores it',
+            **METRICS_TEMPLATE_OMIT,
         },
     ),
     'score_sequences_streaming': PipelineCase(
