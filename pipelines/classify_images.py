@@ -10,9 +10,7 @@ every input lands in exactly one of them.
 """
 from __future__ import annotations
 
-import logging
 import re
-import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions

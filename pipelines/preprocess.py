@@ -28,7 +28,6 @@ import collections
 import json
 import logging
 import re
-import sys
 import time
 
 import apache_beam as beam

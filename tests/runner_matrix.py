@@ -26,14 +26,13 @@ import glob
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from beam_dl.jsonl import read_jsonl
+from beam_dl.services.process import free_port, port_open, service_process, stop_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -61,57 +60,18 @@ def subprocess_env() -> dict[str, str]:
   return env
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
-  """Returns once localhost:port accepts connections; raises if the process died."""
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if process.poll() is not None:
-      raise RuntimeError(f'{process.args!r} exited with {process.returncode} before serving port {port}')
-    with contextlib.suppress(OSError), socket.create_connection(('localhost', port), timeout=1):
-      return
-    time.sleep(0.2)
-  raise TimeoutError(f'nothing listening on localhost:{port} after {timeout_s} s')
-
-
 @contextlib.contextmanager
 def background_process(command: Sequence[str], port: int, log_path: str, timeout_s: float = 60) -> Iterator[int]:
-  """Runs `command` until the block exits; yields `port` once it is served.
-
-  The process gets its own process group, and the whole group (the service
-  and any workers it started) is terminated, then killed, on exit.
-  """
-  with open(log_path, 'ab') as log:
-    process = subprocess.Popen(
-        list(command), env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-  try:
-    wait_for_port(port, process, timeout_s)
+  """Runs `command` (env and cwd of the project) until the block exits;
+  yields `port` once it is served (`beam_dl.services.process.service_process`)."""
+  with service_process(command, log_path=log_path, ready=lambda: port_open(port, 'localhost'),
+                       timeout_s=timeout_s, cwd=REPO, env=subprocess_env()):
     yield port
-  finally:
-    stop_process_group(process)
 
 
 def background_service(args: Sequence[str], port: int, log_path: str) -> contextlib.AbstractContextManager[int]:
   """`python -m ...args` as a `background_process`."""
   return background_process([PYTHON, '-m', *args], port, log_path)
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:
-  with contextlib.suppress(ProcessLookupError):
-    os.killpg(process.pid, signal.SIGTERM)
-  try:
-    process.wait(grace_s)
-  except subprocess.TimeoutExpired:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 @contextlib.contextmanager

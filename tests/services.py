@@ -1,9 +1,9 @@
 """Real services the tests start and stop: an MLflow tracking server, a one-node HDFS.
 
-Each is a context manager that starts the service as a subprocess in its own
-process group on 127.0.0.1 with free ports, polls it ready with a deadline
-(raising with the log tail if it dies or never answers), and always kills
-the whole group on exit.
+Each is a context manager over `beam_dl.services.process.service_process`:
+its own process group on 127.0.0.1 with free ports, polled ready with a
+deadline (raising with the log tail if it dies or never answers), the whole
+group killed on exit.
 """
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import dataclasses
 import glob
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
+
+from beam_dl.services.process import ServiceError, free_port, service_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HADOOP_LIB = os.path.join(ROOT, 'hadoop', 'lib')
@@ -29,56 +27,12 @@ JAVA_OPENS = [
 ]
 
 
-class ServiceError(RuntimeError):
-  """A service that exited or did not become ready in time."""
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _tail(path: str, n: int = 3000) -> str:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()[-n:].decode('utf-8', 'replace')
-  except OSError:
-    return ''
-
-
 def _http_ok(url: str) -> bool:
   try:
     with urllib.request.urlopen(url, timeout=2) as r:
       return r.status == 200
   except OSError:
     return False
-
-
-@contextlib.contextmanager
-def _process(cmd, *, log_path, cwd, env=None, ready, timeout_s):
-  """Runs `cmd`, waits until `ready()` (polling, bounded by timeout_s), yields
-  the Popen, and kills the process group on exit."""
-  with open(log_path, 'wb') as log:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-  try:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-      if proc.poll() is not None:
-        raise ServiceError(f'{cmd[0]} exited with {proc.returncode}:\n{_tail(log_path)}')
-      if time.monotonic() > deadline:
-        raise ServiceError(f'{cmd[0]} not ready after {timeout_s}s:\n{_tail(log_path)}')
-      time.sleep(0.5)
-    yield proc
-  finally:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(proc.pid, signal.SIGTERM)
-    try:
-      proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait(timeout=20)
 
 
 @contextlib.contextmanager
@@ -99,7 +53,7 @@ def mlflow_server(workdir: str, timeout_s: float = 240):
       '--host', '127.0.0.1', '--port', str(port), '--workers', '1',
   ]  # fmt: skip
   uri = f'http://127.0.0.1:{port}'
-  with _process(
+  with service_process(
       cmd, log_path=os.path.join(workdir, 'server.log'), cwd=workdir, env=env,
       ready=lambda: _http_ok(f'{uri}/health'), timeout_s=timeout_s,
   ):  # fmt: skip
@@ -148,7 +102,7 @@ def hdfs_cluster(workdir: str, timeout_s: float = 240):
       '-D', f"hadoop.tmp.dir={os.path.join(workdir, 'tmp')}",
   ]  # fmt: skip
   url = f'http://127.0.0.1:{http_port}/webhdfs/v1/?op=GETFILESTATUS&user.name=beam'
-  with _process(
+  with service_process(
       cmd, log_path=os.path.join(workdir, 'hdfs.log'), cwd=workdir,
       ready=lambda: os.path.exists(details) and _http_ok(url), timeout_s=timeout_s,
   ):  # fmt: skip

@@ -6,7 +6,6 @@ the exporter really emits.
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from beam_dl import drift
 from beam_dl.jsonl import read_jsonl
 from beam_dl.metrics_export import family_name, labelled, parse_labelled
+from beam_dl.services.process import free_port
 from transforms.metrics import reason_kind
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), '..', 'docs', 'grafana', 'beam_dl.json')
@@ -36,12 +36,6 @@ def test_labelled_names_round_trip_and_families_are_valid():
   assert reason_kind('not a recognised image format') == 'not_a_recognised_image'
   assert reason_kind('window [0, 60) has 1 event(s); scoring needs at least 2') == 'window'
   assert reason_kind('[1, 2] is bad') == reason_kind(None) == 'other'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _scrape(port: int) -> str:
@@ -93,7 +87,7 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
       'image/brightness': pixels.mean(axis=(1, 2)), 'image/contrast': pixels.std(axis=(1, 2))}),
       str(tmp_path / 'drift_profile.json'))
   out = str(tmp_path / 'out' / 'pred')
-  port = _free_port()
+  port = free_port()
   argv = ['--input', _write_inputs(tmp_path / 'in', x_test[:N_IMAGES]), '--output', out,
           '--model_dir', digits_model_dir, '--runner', 'FnApiRunner', '--drift_profile', profile,
           '--metrics_port', str(port), '--metrics_poll_secs', '0.5', '--metrics_linger_secs', '600']
@@ -161,7 +155,7 @@ def test_score_sequences_serves_latency_drift_and_alerts(tmp_path):
     for t, v in zip(times[n:n + 300], values[n:n + 300]):
       f.write(json.dumps({'key': 'mauna_loa', 'time': float(t), 'co2': None if np.isnan(v) else float(v)}) + '\n')
   out = str(tmp_path / 'scores')
-  port = _free_port()
+  port = free_port()
   argv = ['--input', str(events), '--output', out, '--model_dir', model, '--event_value_fields', 'co2',
           '--window', 'sliding', '--window_size', str(12 * demo.WEEK), '--window_period', str(demo.WEEK),
           '--seq_len', '12', '--forecast', '--min_length', '8', '--runner', 'FnApiRunner',
@@ -201,7 +195,7 @@ def pushgateway(tmp_path):
 
   if not os.path.exists(PUSHGATEWAY):
     pytest.skip(f'no Pushgateway at {PUSHGATEWAY}: run `make pushgateway` (or set BEAM_DL_PUSHGATEWAY)')
-  port = _free_port()
+  port = free_port()
   log = open(tmp_path / 'pushgateway.log', 'w')
   proc = subprocess.Popen([PUSHGATEWAY, f'--web.listen-address=127.0.0.1:{port}'], stdout=log, stderr=log)
   try:

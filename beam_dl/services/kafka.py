@@ -20,18 +20,19 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
+from beam_dl.services.process import ServiceError, free_port, log_tail, port_open, stop_process_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
 
 
-class BrokerError(RuntimeError):
+class BrokerError(ServiceError):
   """The broker's jars are missing, or it exited or never answered in time."""
 
 
@@ -41,28 +42,6 @@ def kafka_lib() -> str:
 
 def jars_available() -> bool:
   return bool(glob.glob(os.path.join(kafka_lib(), 'kafka_2.13-*.jar')))
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-  try:
-    with socket.create_connection(('127.0.0.1', port), timeout=1):
-      return True
-  except OSError:
-    return False
-
-
-def _tail(path: str, n: int = 3000) -> str:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()[-n:].decode('utf-8', 'replace')
-  except OSError:
-    return ''
 
 
 def server_properties(port: int, controller_port: int, log_dir: str) -> str:
@@ -133,8 +112,8 @@ class KafkaBroker:
     admin = None
     while time.monotonic() < deadline:
       if self._proc.poll() is not None:
-        raise BrokerError(f'Kafka exited with {self._proc.returncode}:\n{_tail(self.log_path)}')
-      if admin is None and _listening(self.port):  # no client until the port answers: no retry noise
+        raise BrokerError(f'Kafka exited with {self._proc.returncode}:\n{log_tail(self.log_path)}')
+      if admin is None and port_open(self.port):  # no client until the port answers: no retry noise
         admin = AdminClient({'bootstrap.servers': self.bootstrap, 'log_level': 0})
       if admin is not None:
         try:
@@ -143,7 +122,7 @@ class KafkaBroker:
         except Exception:  # KafkaException until the broker has registered with its controller
           pass
       time.sleep(0.2)
-    raise BrokerError(f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{_tail(self.log_path)}')
+    raise BrokerError(f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{log_tail(self.log_path)}')
 
   def create_topic(self, name: str, partitions: int = 1, timeout_s: float = 30.0):
     """Creates `name` and waits (bounded) until its partitions have leaders."""
@@ -162,17 +141,8 @@ class KafkaBroker:
   def stop(self):
     """Kills the broker's process group (TERM, then KILL after 10 s); removes its own workdir."""
     proc, self._proc = self._proc, None
-    if proc is not None and proc.poll() is None:
-      for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-          os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-          break
-        try:
-          proc.wait(timeout=wait)
-          break
-        except subprocess.TimeoutExpired:
-          continue
+    if proc is not None:
+      stop_process_group(proc)
     if self._own_dir:
       shutil.rmtree(self.workdir, ignore_errors=True)
 
