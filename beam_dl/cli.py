@@ -117,6 +117,27 @@ def require_matches(pattern: str, flag: str = 'input') -> int:
   return len(matched)
 
 
+class _DropBeamNoise(logging.Filter):
+  """Drops log lines a user cannot act on: Beam 2.77's RunInference warns on
+  every batch that "Resource module is not available" (its optional
+  ModelManager import fails, and takes the `resource` import down with it)."""
+
+  NOISE = ('Resource module is not available',)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(str(record.msg).startswith(text) for text in self.NOISE)
+
+
+def configure_logging() -> None:
+  """INFO from beam_dl (progress, summaries), WARNING and up from everything
+  else (Beam's INFO lines about type hints and sinks), without Beam's noise."""
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  logging.getLogger('beam_dl').setLevel(logging.INFO)
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every file it touches
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_DropBeamNoise())
+
+
 def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None) -> None:
   """Runs `run(argv)` as the command `name`: INFO logs from beam_dl, Beam's
   chatter at WARNING, and a configuration error found before the job starts
@@ -124,8 +145,7 @@ def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Seque
   line `name: error: ...` on stderr with exit code 2, as argparse does."""
   from beam_dl.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
 
-  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-  logging.getLogger('beam_dl').setLevel(logging.INFO)
+  configure_logging()
   try:
     run(list(sys.argv[1:] if argv is None else argv))
   except (OptionsError, CheckpointError) as e:

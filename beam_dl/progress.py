@@ -32,25 +32,33 @@ class Progress:
     self._log = log or _log.info
     self._start = clock()
     self._last = float('-inf')
+    self._first: tuple[float, int] | None = None  # (time, done) at the first update
     self.done = 0
 
   def update(self, n: int = 1, **extra) -> None:
     self.done += n
     now = self._clock()
+    if self._first is None:
+      self._first = (now, self.done)
     if now - self._last >= self._every or self.done >= self._total:
       self._last = now
       self._log(self.line(now, **extra))
 
   def line(self, now: float | None = None, **extra) -> str:
+    """'name: done/total unit, rate unit/s, eta Ns'. Rate and ETA count from
+    the first update on: the first step (a JIT compile, a pipeline start)
+    says nothing about the rest, so until a second one there is no ETA."""
     now = self._clock() if now is None else now
-    elapsed = max(now - self._start, 1e-9)
-    rate = self.done / elapsed
-    eta = (self._total - self.done) / rate if rate > 0 else float('inf')
     fields = ''.join(f' {k}={v:.4g}' if isinstance(v, float) else f' {k}={v}' for k, v in extra.items())
-    return (
-        f'{self._name}: {self.done}/{self._total} {self._unit} '
-        f'{rate:.1f} {self._unit}/s eta {eta:.0f}s{fields}'
-    )
+    first_time, first_done = self._first if self._first is not None else (self._start, 0)
+    steps = self.done - first_done
+    if steps <= 0 or self.done >= self._total:
+      rate = self.done / max(now - self._start, 1e-9)
+      eta = '0s' if self.done >= self._total else '?'
+    else:
+      rate = steps / max(now - first_time, 1e-9)
+      eta = f'{(self._total - self.done) / rate:.0f}s'
+    return f'{self._name}: {self.done}/{self._total} {self._unit} {rate:.1f} {self._unit}/s eta {eta}{fields}'
 
   @property
   def rate(self) -> float:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from beam_dl import cli
 from beam_dl import checkpoints
 from beam_dl.io.images import ImageSpec, decode_image
 from beam_dl.training.quick import fit_arrays
@@ -147,6 +148,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every file it touches
+  cli.configure_logging()
   main()

@@ -1,0 +1,27 @@
+"""Progress lines: rate and ETA leave out the first step (a compile, a start-up)."""
+from beam_dl.progress import Progress
+
+
+def test_eta_counts_from_the_first_update_not_the_slow_first_step():
+  now = [0.0]
+  lines = []
+  progress = Progress(101, every_secs=0, clock=lambda: now[0], log=lines.append)
+  now[0] = 30.0  # the first step compiles for 30 s
+  progress.update()
+  for _ in range(10):  # then 10 steps at 0.5 s each
+    now[0] += 0.5
+    progress.update()
+  assert lines[0].endswith('eta ?')
+  # 10 steps in 5 s after the first: 2 steps/s, 90 left -> 45 s (from the start it would be 245 s).
+  assert lines[-1] == 'progress: 11/101 steps 2.0 steps/s eta 45s'
+
+
+def test_the_last_line_has_no_eta_left():
+  now = [0.0]
+  lines = []
+  progress = Progress(2, every_secs=100, clock=lambda: now[0], log=lines.append)
+  now[0] = 1.0
+  progress.update()
+  now[0] = 2.0
+  progress.update(loss=0.5)
+  assert lines[-1] == 'progress: 2/2 steps 1.0 steps/s eta 0s loss=0.5'
