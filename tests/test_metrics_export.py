@@ -43,6 +43,35 @@ def _scrape(port: int) -> str:
     return response.read().decode('utf-8')
 
 
+def _run(fn, argv, errors):
+  try:
+    fn(argv)
+  except Exception as e:  # reported to the test thread
+    errors.append(e)
+
+
+def _run_and_scrape_final(run, argv, port: int, timeout_s: float = 600):
+  """Runs `run(argv)` on a thread and polls its endpoint (bounded) until it
+  serves the job's final values (state DONE); returns (that text or None,
+  the job's exceptions, the thread, joined: the job lingers until scraped once)."""
+  errors = []
+  job = threading.Thread(target=lambda: _run(run, argv, errors), daemon=True)
+  job.start()
+  text, deadline = None, time.monotonic() + timeout_s
+  while job.is_alive() and time.monotonic() < deadline:
+    try:
+      body = _scrape(port)
+    except (urllib.error.URLError, ConnectionError):
+      job.join(0.2)
+      continue
+    if 'state="DONE"' in body:
+      text = body
+      break
+    job.join(0.2)
+  job.join(60)
+  return text, errors, job
+
+
 def _samples(text: str) -> dict:
   """{sample name: [(labels, value)]} of a Prometheus text exposition."""
   out = {}
@@ -91,21 +120,7 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
   argv = ['--input', _write_inputs(tmp_path / 'in', x_test[:N_IMAGES]), '--output', out,
           '--model_dir', digits_model_dir, '--runner', 'FnApiRunner', '--drift_profile', profile,
           '--metrics_port', str(port), '--metrics_poll_secs', '0.5', '--metrics_linger_secs', '600']
-  errors = []
-  job = threading.Thread(target=lambda: _run(classify_images.run, argv, errors), daemon=True)
-  job.start()
-  text, deadline = None, time.monotonic() + 600
-  while job.is_alive() and time.monotonic() < deadline:  # bounded poll of the endpoint
-    try:
-      body = _scrape(port)
-    except (urllib.error.URLError, ConnectionError):
-      job.join(0.2)
-      continue
-    if 'state="DONE"' in body:
-      text = body
-      break
-    job.join(0.2)
-  job.join(60)  # the job lingers until its final values were scraped once
+  text, errors, job = _run_and_scrape_final(classify_images.run, argv, port)
   assert not errors and not job.is_alive() and text, (errors, text)
   with pytest.raises((urllib.error.URLError, ConnectionError)):
     _scrape(port)  # the endpoint closes with the run
@@ -132,11 +147,6 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
   assert _dashboard_metric_names() - emitted == sequences_only
 
 
-def _run(fn, argv, errors):
-  try:
-    fn(argv)
-  except Exception as e:  # reported to the test thread
-    errors.append(e)
 
 
 @pytest.mark.slow
@@ -160,21 +170,7 @@ def test_score_sequences_serves_latency_drift_and_alerts(tmp_path):
           '--window', 'sliding', '--window_size', str(12 * demo.WEEK), '--window_period', str(demo.WEEK),
           '--seq_len', '12', '--forecast', '--min_length', '8', '--runner', 'FnApiRunner',
           '--drift_profile', profile, '--metrics_port', str(port), '--metrics_linger_secs', '600']
-  errors = []
-  job = threading.Thread(target=lambda: _run(score_sequences.run, argv, errors), daemon=True)
-  job.start()
-  text, deadline = None, time.monotonic() + 600
-  while job.is_alive() and time.monotonic() < deadline:
-    try:
-      body = _scrape(port)
-    except (urllib.error.URLError, ConnectionError):
-      job.join(0.2)
-      continue
-    if 'state="DONE"' in body:
-      text = body
-      break
-    job.join(0.2)
-  job.join(60)
+  text, errors, _ = _run_and_scrape_final(score_sequences.run, argv, port)
   assert not errors and text, errors
   samples = _samples(text)
   assert sum(v for _, v in samples['beam_dl_score_sequences_scored_total']) == len(read_jsonl(f'{out}-0*.jsonl'))
