@@ -51,7 +51,11 @@ def make_mesh(config: ShardingConfig, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   mp = config.model_parallelism
   if len(devices) % mp:
-    raise ValueError(f'model_parallelism={mp} does not divide {len(devices)} devices')
+    hint = (f'; on CPU, split the host into devices with `pipelines.train --cpu_devices {mp}` '
+            f'(XLA_FLAGS=--xla_force_host_platform_device_count={mp})'
+            if devices[0].platform == 'cpu' else '')
+    raise ValueError(f'sharding.model_parallelism={mp} needs a multiple of {mp} devices, '
+                     f'found {len(devices)} {devices[0].platform} device(s){hint}')
   # Auto axes: XLA propagates shardings from the annotated params and batch
   # (jax 0.10 defaults make_mesh to Explicit axes, which need per-op specs).
   return jax.make_mesh(
