@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from beam_dl.partitioning import fit_spec
 from beam_dl.training.config import ShardingConfig
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,6 @@ def make_mesh(config: ShardingConfig, devices=None) -> Mesh:
       (len(devices) // mp, mp), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
       devices=devices,
   )
-
-
-def fit_spec(spec: P, shape, mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide their dimension (that dim replicates)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append(axes if names and dim % size == 0 else None)
-  return P(*out)
 
 
 def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules) -> Any:
