@@ -22,8 +22,6 @@ _EXPORTS = {
     'ParseEvents': 'sequences',
     'AssembleSequences': 'sequences',
     'HashIds': 'sequences',
-    'LookupIds': 'sequences',
-    'ComputeVocabulary': 'sequences',
     'BucketByLength': 'sequences',
     'PadSequences': 'sequences',
     'ChunkSequences': 'sequences',
