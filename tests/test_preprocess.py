@@ -254,33 +254,99 @@ def test_sequence_records_and_serving_agree(sequences_run):
       for name in ('values_0', 'values_1', 'ids', 'length_bucket', 'label'):
         np.testing.assert_allclose(served[user][name], row[name], rtol=0, atol=1e-6, err_msg=f'{user} {name}')
 
-  # One vocabulary: tf.Transform's file, applied by the saved graph; an item
-  # it never saw takes its one OOV bucket, the id after the vocabulary.
-  import tensorflow_transform as tft
-
-  vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
-  assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
-  unseen = ('new', schemas.sequence_raw_example('new', [[1.0, 2.0], [3.0, 4.0]], ['banana', 'zucchini'], 0))
-  with TestPipeline(runner='FnApiRunner') as p:
-    out = p | beam.Create(raw) | pp.ApplySavedTransform(sequences_run['transform_dir'], batch_size=8)
-    assert_that(out.transformed, matches)
-    unseen_out = (p | 'Unseen' >> beam.Create([unseen])) | 'ApplyToUnseen' >> pp.ApplySavedTransform(
-        sequences_run['transform_dir'])
-    assert_that(unseen_out.transformed | beam.Map(lambda kv: kv[1]['ids'].tolist()),
-                equal_to([[vocab['banana'], len(vocabulary)]]), label='Unseen')
-
   # The trainer's input pipeline: per-step features stacked (ids first), the
   # most recent max_len steps kept, padded and masked.
+  features = ('ids', 'values_0', 'values_1')
   cfg = DataConfig(kind='transformed', transform_dir=sequences_run['transform_dir'],
-                   features=('ids', 'values_0', 'values_1'), shape=(None, 3), max_len=8)
+                   features=features, shape=(None, 3), max_len=8)
   (batch,) = input_pipeline.make_dataset(cfg, sequences_run['output'] + '-*.tfrecord', 100, train=False).as_numpy_iterator()
   assert batch['inputs'].shape == (len(users), 8, 3)
-  for i, row in enumerate(records.values()):
+  trainer_inputs = {}
+  for i, (user, row) in enumerate(records.items()):
     steps = min(int(row['length']), 8)
     want = np.stack([row['ids'], row['values_0'], row['values_1']], axis=-1)[-steps:]
     np.testing.assert_allclose(batch['inputs'][i, :steps], want, rtol=1e-6)
     assert batch['mask'][i].tolist() == [True] * steps + [False] * (8 - steps)
     assert not batch['inputs'][i, steps:].any() and batch['label'][i] == row['label']
+    trainer_inputs[user] = batch['inputs'][i, :steps]
+
+  # One vocabulary: tf.Transform's file, applied by the saved graph at serving;
+  # an item it never saw takes its one OOV bucket, the id after the vocabulary.
+  import tensorflow_transform as tft
+
+  from beam_dl.io.sequences import SequenceRecord
+
+  vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
+  assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
+  sequences = [
+      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
+                     label=events[-1]['label'], meta={'raw_ids': np.array([e['item'] for e in events], object)})
+      for user, events in users.items()
+  ] + [SequenceRecord('new', np.ones((2, 2), np.float32), meta={'raw_ids': np.array(['banana', 'zucchini'], object)})]
+
+  def as_trainer(actual):
+    actual = dict(actual)
+    assert sorted(actual) == sorted([*users, 'new'])
+    for user, want in trainer_inputs.items():
+      np.testing.assert_allclose(actual[user], want, rtol=0, atol=1e-6, err_msg=user)
+    assert actual['new'][:, 0].tolist() == [vocab['banana'], len(vocabulary)]
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    out = p | beam.Create(raw) | pp.ApplySavedTransform(sequences_run['transform_dir'], batch_size=8)
+    assert_that(out.transformed, matches)
+    for_model = (p | 'Sequences' >> beam.Create(sequences)) | pp.TransformSequencesForInference(
+        sequences_run['transform_dir'], features, max_len=8)
+    assert_that(for_model.inputs, as_trainer, label='AsTrainer')
+
+
+@pytest.mark.slow
+def test_sequence_model_trained_on_records_serves_through_transform(sequences_run, tmp_path):
+  """A GRU that embeds the vocabulary ids (feature 0), trained by the trainer on
+  the transformed records; served on the raw events through the saved graph
+  (its scalers and vocabulary) and JaxModelHandler with the trainer's logits."""
+  import jax
+  import tensorflow_transform as tft
+
+  from beam_dl import checkpoints
+  from beam_dl.handler import JaxModelHandler
+  from beam_dl.io.sequences import SequenceRecord
+  from beam_dl.training import TrainConfig, train_and_evaluate
+  from beam_dl.training.summaries import read_scalars
+  from transforms.inference import RunInferenceWithDeadLetters
+
+  users, transform_dir = sequences_run['users'], sequences_run['transform_dir']
+  num_ids = len(tft.TFTransformOutput(transform_dir).vocabulary_by_name('item')) + 1  # + the OOV id
+  data = DataConfig(kind='transformed', transform_dir=transform_dir, train_files=sequences_run['output'] + '-*.tfrecord',
+                    features=('ids', 'values_0', 'values_1'), shape=(None, 3), max_len=8, shuffle_buffer=64)
+  cfg = TrainConfig(model='rnn', model_kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3,
+                                               'vocab_size': num_ids, 'embed_size': 4},
+                    data=data, batch_size=10, num_steps=40, learning_rate=1e-2, log_every=10)
+  summary = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  losses = [loss for _, loss in read_scalars(summary['tensorboard_dir'])['train']['loss']]
+  assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+  records = input_pipeline.transformed_examples(transform_dir, data.train_files)
+  (batch,) = input_pipeline.make_dataset(data, data.train_files, 100, train=False).as_numpy_iterator()
+  spec, variables = checkpoints.load(summary['model_dir'])
+  assert spec.is_sequence and spec.input_dtype == 'float32'
+  logits = jax.jit(lambda v, x, m: spec.build().apply(v, x, m))(variables, batch['inputs'], batch['mask'])
+  want = dict(zip(records, np.asarray(logits)))
+  sequences = [
+      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
+                     meta={'raw_ids': np.array([e['item'] for e in events], object)})
+      for user, events in users.items()
+  ]
+
+  def close_to_trainer(actual):
+    actual = dict(actual)
+    assert sorted(actual) == sorted(want)
+    for user, expected in want.items():
+      np.testing.assert_allclose(actual[user], expected, rtol=1e-4, atol=1e-4, err_msg=user)
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    inputs = (p | beam.Create(sequences)) | pp.TransformSequencesForInference(transform_dir, data.features, data.max_len)
+    scored = inputs.inputs | RunInferenceWithDeadLetters(JaxModelHandler(summary['model_dir'], max_batch_size=16))
+    assert_that(scored.predictions | beam.Map(lambda kv: (kv[0], np.asarray(kv[1].inference))), close_to_trainer)
 
 
 def test_sequence_examples_with_min_max_scaling(tmp_path):

@@ -45,6 +45,7 @@ _EXPORTS = {
     'ExtractStats': 'preprocessing',
     'ApplySavedTransform': 'preprocessing',
     'TransformImagesForInference': 'preprocessing',
+    'TransformSequencesForInference': 'preprocessing',
     # Operating models: drift against a reference profile, metrics for Prometheus.
     'ComputeDrift': 'drift',
     'BuildDriftProfile': 'drift',
