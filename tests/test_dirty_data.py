@@ -225,7 +225,7 @@ def raw_example(key: str, image: np.ndarray, label: int) -> bytes:
 
 @pytest.mark.slow
 def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_path, caplog):
-  from beam_dl.preprocessing import reader
+  from beam_dl.training import input_pipeline
   from pipelines import preprocess
 
   images, labels = digits_uint8()
@@ -246,7 +246,7 @@ def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_p
   assert sorted((f['key'], f['stage']) for f in failed) == sorted([
       (f'{path}@{offsets[3]}', 'read'), (f'{cut}@{cut_offsets[1]}', 'read'),
       ('img-wrong-shape', 'parse')])
-  records = reader.read_all(transform_dir, output + '-0*.tfrecord')
+  records = input_pipeline.transformed_examples(transform_dir, output + '-0*.tfrecord')
   assert sorted(records) == sorted({f'img{i}' for i in range(12)} - {'img3'})
   assert any('(3 dead letters)' in m for m in caplog.messages), caplog.messages
 

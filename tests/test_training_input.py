@@ -108,5 +108,17 @@ def test_cli_config_files_variants_and_overrides():
     train_cli.apply_override(base, 'nope=1')
   with pytest.raises(ValueError, match='unknown variant'):
     module.get_config('nope')
-  for name in ('co2_rnn', 'resnet_bench'):
+  for name in ('co2_rnn', 'resnet_bench', 'digits_transformed'):
     assert isinstance(train_cli.load_config_module(f'pipelines/configs/{name}.py').get_config('runlocal'), TrainConfig)
+
+
+def test_transformed_kind_needs_its_transform_output(digits):
+  """kind='transformed' reads tf.Transform output only (the end-to-end tests
+  in test_preprocess / test_train_on_transformed run it on real records)."""
+  cfg = DataConfig(kind='transformed', shape=(8, 8, 1), features=('image',))
+  with pytest.raises(ValueError, match='needs transform_dir and features'):
+    input_pipeline.make_dataset(cfg, digits[1], 8, train=False)
+  assert not cfg.is_sequence and DataConfig(kind='transformed', max_len=4).is_sequence
+  assert DataConfig(kind='sequences').is_sequence and not IMAGES.is_sequence
+  with pytest.raises(ValueError, match="'images', 'sequences' or 'transformed'"):
+    input_pipeline.make_dataset(DataConfig(kind='nope'), digits[1], 8, train=False)

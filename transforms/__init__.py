@@ -22,8 +22,6 @@ _EXPORTS = {
     'ParseEvents': 'sequences',
     'AssembleSequences': 'sequences',
     'HashIds': 'sequences',
-    'LookupIds': 'sequences',
-    'ComputeVocabulary': 'sequences',
     'BucketByLength': 'sequences',
     'PadSequences': 'sequences',
     'ChunkSequences': 'sequences',
@@ -47,6 +45,7 @@ _EXPORTS = {
     'ExtractStats': 'preprocessing',
     'ApplySavedTransform': 'preprocessing',
     'TransformImagesForInference': 'preprocessing',
+    'TransformSequencesForInference': 'preprocessing',
     # Operating models: drift against a reference profile, metrics for Prometheus.
     'ComputeDrift': 'drift',
     'BuildDriftProfile': 'drift',

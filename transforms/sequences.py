@@ -28,7 +28,7 @@ from beam_dl.deadletter import FAILED, dead_letter
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding as padding_lib
 from beam_dl.io import sequences as seq_lib
-from beam_dl.io import vocab as vocab_lib
+from beam_dl.io import hashing
 from beam_dl.io.events import Event, EventSpec
 from beam_dl.io.padding import PaddedBatch
 from beam_dl.io.sequences import SequenceRecord, SequenceSpec
@@ -276,40 +276,35 @@ class AssembleSequences(beam.PTransform):
             .with_outputs(FAILED, main='sequences'))
 
 
-class _MapIdsFn(beam.DoFn):
-  """Sets `ids` from the raw string ids by vocabulary lookup or hashing."""
+class _HashIdsFn(beam.DoFn):
+  """Sets `ids` by hashing the raw string ids (or re-hashing integer ids)."""
 
-  def __init__(self, vocabulary: vocab_lib.Vocabulary | None, num_buckets: int | None):
-    self._vocab, self._buckets = vocabulary, num_buckets
+  def __init__(self, num_buckets: int):
+    self._buckets = num_buckets
     self._ok = Metrics.counter(NAMESPACE, 'ids_mapped')
     self._bad = Metrics.counter(NAMESPACE, 'ids_failed')
 
   def process(self, record: SequenceRecord):
     raw = record.meta.get('raw_ids')
-    if raw is None and self._buckets and record.ids is not None:
+    if raw is None and record.ids is not None:
       raw = record.ids  # integer ids re-hashed into a smaller space
     if raw is None:
       self._bad.inc()
       yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
           record.key, 'ids', 'record has no raw ids to map (meta["raw_ids"])'))
       return
-    try:
-      ids = (vocab_lib.hash_ids(raw, self._buckets) if self._buckets
-             else self._vocab.lookup(raw))
-    except KeyError as err:
-      self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(record.key, 'ids', str(err.args[0])))
-      return
     self._ok.inc()
     meta = {k: v for k, v in record.meta.items() if k != 'raw_ids'}
-    yield record.replace(ids=ids, meta=meta)
+    yield record.replace(ids=hashing.hash_ids(raw, self._buckets), meta=meta)
 
 
 class HashIds(beam.PTransform):
   """Categorical ids hashed into `num_buckets` (FarmHash64, as Keras `Hashing`).
 
   For sparse, high-cardinality ids (hash embeddings): no vocabulary pass
-  needed. Returns a tuple with `.sequences` and `.failed`.
+  needed. Vocabulary ids come from tf.Transform alone
+  (`pipelines.preprocess`; served by `ApplySavedTransform`). Returns a tuple
+  with `.sequences` and `.failed`.
   """
 
   def __init__(self, num_buckets: int):
@@ -319,65 +314,8 @@ class HashIds(beam.PTransform):
     self._buckets = num_buckets
 
   def expand(self, records):
-    return records | 'HashIds' >> beam.ParDo(_MapIdsFn(None, self._buckets)).with_outputs(
+    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_outputs(
         FAILED, main='sequences')
-
-
-class LookupIds(beam.PTransform):
-  """Categorical ids looked up in a `Vocabulary` (OOV tokens hash into OOV buckets).
-
-  `vocabulary` is a `Vocabulary`, or a one-element PCollection of one (e.g.
-  from `ComputeVocabulary` in the same pipeline), read as a side input.
-  Returns a tuple with `.sequences` and `.failed` (unknown tokens when the
-  vocabulary has no OOV bucket).
-  """
-
-  def __init__(self, vocabulary):
-    super().__init__()
-    self._vocab = vocabulary
-
-  def expand(self, records):
-    if isinstance(self._vocab, beam.pvalue.PCollection):
-      return records | 'LookupIds' >> beam.ParDo(
-          _SideVocabFn(), beam.pvalue.AsSingleton(self._vocab)).with_outputs(
-              FAILED, main='sequences')
-    return records | 'LookupIds' >> beam.ParDo(_MapIdsFn(self._vocab, None)).with_outputs(
-        FAILED, main='sequences')
-
-
-class _SideVocabFn(beam.DoFn):
-  """`_MapIdsFn` with the vocabulary from a side input."""
-
-  def process(self, record: SequenceRecord, vocabulary: vocab_lib.Vocabulary):
-    yield from _MapIdsFn(vocabulary, None).process(record)
-
-
-class ComputeVocabulary(beam.PTransform):
-  """`SequenceRecord`s with raw ids -> one `Vocabulary` of the most frequent ids.
-
-  Counts every raw id (`meta['raw_ids']`) with Beam's combiners, keeps those
-  seen at least `min_count` times, most frequent first (ties by token), at
-  most `max_tokens`. Use with `LookupIds(vocab_pcoll)`.
-  """
-
-  def __init__(self, max_tokens: int | None = None, min_count: int = 1,
-               num_oov_buckets: int = 1):
-    super().__init__()
-    self._max, self._min, self._oov = max_tokens, min_count, num_oov_buckets
-
-  def expand(self, records):
-    max_tokens, min_count, oov = self._max, self._min, self._oov
-    counts = (records
-              | 'RawIds' >> beam.FlatMap(
-                  lambda r: [str(t) for t in r.meta.get('raw_ids', ())])
-              | 'Count' >> beam.combiners.Count.PerElement()
-              | 'MinCount' >> beam.Filter(lambda c: c[1] >= min_count))
-    if max_tokens:  # a bounded top-k: never collects the whole count table
-      kept = counts | 'Top' >> beam.combiners.Top.Of(max_tokens, key=lambda c: (c[1], c[0]))
-    else:
-      kept = counts | 'Collect' >> beam.combiners.ToList()
-    return kept | 'Build' >> beam.Map(lambda cs: vocab_lib.Vocabulary(
-        [t for t, _ in sorted(cs, key=lambda c: (-c[1], c[0]))], oov))
 
 
 class _PadFn(beam.DoFn):
