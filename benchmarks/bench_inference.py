@@ -93,8 +93,12 @@ class _Images:
     self._num, self._shape = num, tuple(shape)
 
   def __call__(self, start_and_size):
+    # by module name, not this file's globals: run as __main__, those would be
+    # pickled by value into the pipeline, cache and all
+    from benchmarks import bench_inference  # pylint: disable=import-outside-toplevel,import-self
+
     start, size = start_and_size
-    return images_for(self._num, self._shape)[start : start + size]
+    return bench_inference.images_for(self._num, self._shape)[start : start + size]
 
 
 def pipeline_run(handler, num: int, shape, batch: int, runner: str) -> tuple[float, int]:
@@ -139,6 +143,7 @@ def main(argv=None):
   import jax
 
   from beam_dl.handler import JaxModelHandler
+  from benchmarks.bench_inference import images_for  # pylint: disable=import-self  (the cache _Images reads)
 
   with tempfile.TemporaryDirectory() as workdir:
     model_dir, spec = build_model(args.model, workdir)
