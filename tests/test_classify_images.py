@@ -7,6 +7,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl.formats import image_example
 from beam_dl.jsonl import read_jsonl
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec, decode_image
@@ -95,11 +96,7 @@ def test_pipeline_from_tfrecord_examples(digits_model_dir, inputs, tmp_path):
   path = str(tmp_path / 'images.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
     for key, data in sorted(good.items()):
-      features = {
-          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-          'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
-      }
-      writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+      writer.write(image_example.encode_file_example(key, data))
     writer.write(b'not a protobuf at all \xff\xfe')  # a corrupt record
     writer.write(tf.train.Example().SerializeToString())  # an Example without the image
   out = str(tmp_path / 'pred')
@@ -159,8 +156,6 @@ def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_mode
   WriteImageExamples and preprocess write them, at the file's own RGB decode
   and at the model's gray input) and encoded files (`image/encoded`). Every
   record's prediction equals the one for the same image read as a file."""
-  from beam_dl.formats import image_example
-
   good, _ = inputs
   files = tmp_path / 'files'
   files.mkdir()
