@@ -164,6 +164,34 @@ def _values(spec: SequenceSpec, flat: np.ndarray, widths: np.ndarray) -> np.ndar
   return flat.astype(np.float32, copy=False).reshape(steps, want)
 
 
+def _flat_values(spec: SequenceSpec, flat: np.ndarray) -> np.ndarray:
+  """[T, F] values from a flat row-major list of T*F floats, checking F divides it."""
+  if len(flat) == 0:
+    raise SequenceParseError(f'feature {spec.values_feature!r} is missing or empty')
+  if len(flat) % spec.num_features:
+    raise SequenceParseError(
+        f'{spec.values_feature!r} has {len(flat)} floats, not a multiple of '
+        f'num_features={spec.num_features} (ragged where a fixed width was declared)')
+  return flat.astype(np.float32, copy=False).reshape(-1, spec.num_features)
+
+
+def _results(spec: SequenceSpec, count: int, context, values, ids) -> list[SequenceRecord | SequenceParseError]:
+  """One result per parsed record: `context(i)` -> (key, label, target),
+  `values(i)` -> [T, F], `ids` the per-record id rows (or None); a
+  SequenceParseError of either is that record's result."""
+  out = []
+  for i in range(count):
+    try:
+      key, label, target = context(i)
+      vals = values(i)
+      out.append(SequenceRecord(
+          key, vals, _check_ids(spec, ids[i], vals.shape[0]) if ids else None,
+          label, target))
+    except SequenceParseError as err:
+      out.append(err)
+  return out
+
+
 def parse_sequence_examples(
     serialized: Sequence[bytes], spec: SequenceSpec
 ) -> list[SequenceRecord | SequenceParseError]:
@@ -182,17 +210,7 @@ def parse_sequence_examples(
     values = _split3(seq[spec.values_feature])
     ids = ([f for f, _ in _split3(seq[spec.ids_feature])]
            if spec.ids_feature else None)
-    out = []
-    for i in range(len(records)):
-      try:
-        key, label, target = context(i)
-        vals = _values(spec, *values[i])
-        out.append(SequenceRecord(
-            key, vals, _check_ids(spec, ids[i], vals.shape[0]) if ids else None,
-            label, target))
-      except SequenceParseError as err:
-        out.append(err)
-    return out
+    return _results(spec, len(records), context, lambda i: _values(spec, *values[i]), ids)
 
   return _isolating(parse_batch, list(serialized), 'SequenceExample') if serialized else []
 
@@ -216,24 +234,7 @@ def parse_list_examples(
     context = _context(spec, parsed)
     values = _split(parsed[spec.values_feature])
     ids = _split(parsed[spec.ids_feature]) if spec.ids_feature else None
-    out = []
-    for i in range(len(records)):
-      try:
-        key, label, target = context(i)
-        flat = values[i]
-        if len(flat) == 0:
-          raise SequenceParseError(f'feature {spec.values_feature!r} is missing or empty')
-        if len(flat) % spec.num_features:
-          raise SequenceParseError(
-              f'{spec.values_feature!r} has {len(flat)} floats, not a multiple of '
-              f'num_features={spec.num_features} (ragged where a fixed width was declared)')
-        vals = flat.astype(np.float32, copy=False).reshape(-1, spec.num_features)
-        out.append(SequenceRecord(
-            key, vals, _check_ids(spec, ids[i], vals.shape[0]) if ids else None,
-            label, target))
-      except SequenceParseError as err:
-        out.append(err)
-    return out
+    return _results(spec, len(records), context, lambda i: _flat_values(spec, values[i]), ids)
 
   return _isolating(parse_batch, list(serialized), 'Example') if serialized else []
 
