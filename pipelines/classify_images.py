@@ -34,8 +34,10 @@ OPTION_GROUPS = (IOOptions, InferenceOptions, ProgressOptions, DriftOptions, Met
 def input_format(pattern: str, declared: str = 'auto') -> str:
   """'tfrecord' or 'files': as declared, else from the pattern's extension.
 
-  --input is a glob of image files, or of TFRecord files of tf.train.Example
-  with image/encoded (+ optional image/key).
+  --input is a glob of image files, or of TFRecord files of image
+  tf.train.Example (`beam_dl.formats.image_example`): decoded pixels
+  (image/raw + image/shape, as beam_dl writes them) or an encoded file
+  (image/encoded), each with an optional key.
   """
   if declared not in INPUT_FORMATS:
     raise OptionsError(f'--input_format must be one of {INPUT_FORMATS}, got {declared!r}')

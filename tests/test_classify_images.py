@@ -7,6 +7,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl.formats import image_example
 from beam_dl.jsonl import read_jsonl
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec, decode_image
@@ -95,11 +96,7 @@ def test_pipeline_from_tfrecord_examples(digits_model_dir, inputs, tmp_path):
   path = str(tmp_path / 'images.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
     for key, data in sorted(good.items()):
-      features = {
-          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-          'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
-      }
-      writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+      writer.write(image_example.encode_file_example(key, data))
     writer.write(b'not a protobuf at all \xff\xfe')  # a corrupt record
     writer.write(tf.train.Example().SerializeToString())  # an Example without the image
   out = str(tmp_path / 'pred')
@@ -151,3 +148,41 @@ def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path,
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith(f'classify_images: error: {model_dir}/spec.json: field {field!r}')
   assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()
+
+
+def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_model_dir, inputs, tmp_path):
+  """classify_images over TFRecords written by beam_dl's own encoders
+  (`beam_dl.formats.image_example`): decoded pixels (`image/raw`, as
+  WriteImageExamples and preprocess write them, at the file's own RGB decode
+  and at the model's gray input) and encoded files (`image/encoded`). Every
+  record's prediction equals the one for the same image read as a file."""
+  good, _ = inputs
+  files = tmp_path / 'files'
+  files.mkdir()
+  for name, data in good.items():
+    (files / name).write_bytes(data)
+  classify_images.run([f'--input={files}/*', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/files'])
+  from_files = {r['key'].rsplit('/', 1)[1]: r for r in read_jsonl(f'{tmp_path}/out/files-[0-9]*.jsonl')}
+  assert sorted(from_files) == sorted(good)
+
+  records = tmp_path / 'records'
+  records.mkdir()
+  with tf.io.TFRecordWriter(str(records / 'pixels.tfrecord')) as writer:
+    for name, data in sorted(good.items()):
+      writer.write(image_example.encode_image_example(f'rgb/{name}', decode_image(data, ImageSpec()), 1))
+      writer.write(image_example.encode_image_example(f'gray/{name}', decode_image(data, GRAY)))
+    writer.write(image_example.encode_image_example('cut', np.zeros((8, 8, 1), np.uint8))[:-30])
+  with tf.io.TFRecordWriter(str(records / 'encoded.tfrecord')) as writer:
+    for name, data in sorted(good.items()):
+      writer.write(image_example.encode_file_example(f'encoded/{name}', data))
+  classify_images.run([f'--input={records}/*.tfrecord', f'--model_dir={digits_model_dir}',
+                       f'--output={tmp_path}/out/records'])
+  predictions = read_jsonl(f'{tmp_path}/out/records-[0-9]*.jsonl')
+  failed = read_jsonl(f'{tmp_path}/out/records-failed-*.jsonl')
+  assert sorted(r['key'] for r in predictions) == sorted(
+      f'{kind}/{name}' for kind in ('rgb', 'gray', 'encoded') for name in good)
+  for record in predictions:
+    want = from_files[record['key'].split('/', 1)[1]]
+    assert record['label'] == want['label'], record['key']
+    np.testing.assert_allclose(record['scores'], want['scores'], rtol=0, atol=1e-5, err_msg=record['key'])
+  assert [(r['stage'], 'not a tf.train.Example' in r['reason']) for r in failed] == [('parse', True)]

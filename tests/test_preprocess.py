@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.jsonl import read_jsonl
-from beam_dl.io import examples
+from beam_dl.formats import image_example
 from beam_dl.io.images import decode_image
 from beam_dl.preprocessing import canonical, schemas
 from beam_dl.preprocessing import stats as stats_lib
@@ -111,8 +111,8 @@ def test_serving_pipeline_gives_the_training_features(images_run):
 
 
 def test_apply_saved_transform_dead_letters_bad_records(images_run):
-  good = examples.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
-  wrong_size = examples.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
+  good = image_example.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
+  wrong_size = image_example.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
   with TestPipeline(runner='FnApiRunner') as p:
     out = p | beam.Create([('ok', good), ('small', wrong_size), ('junk', b'\x00junk')]) | pp.ApplySavedTransform(
         images_run['transform_dir'])
@@ -131,19 +131,14 @@ def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
   image = (np.arange(64, dtype=np.uint8) * 3).reshape(8, 8, 1)
   png = io.BytesIO()
   Image.fromarray(image[..., 0], mode='L').save(png, 'PNG')
-  feature = lambda **kw: tf.train.Feature(**kw)
-  encoded = tf.train.Example(features=tf.train.Features(feature={
-      'image/encoded': feature(bytes_list=tf.train.BytesList(value=[png.getvalue()])),
-      'image/class/label': feature(int64_list=tf.train.Int64List(value=[7])),
-      'image/key': feature(bytes_list=tf.train.BytesList(value=[b'k7'])),
-  })).SerializeToString()
-  decoded = examples.encode_image_example('k7', image, 7)
+  encoded = image_example.encode_file_example('k7', png.getvalue(), 7)
+  decoded = image_example.encode_image_example('k7', image, 7)
   for record in (encoded, decoded):
     parsed = tf.io.parse_example([canonical.image_record_to_raw(record, spec, 'fallback')], schemas.image_feature_spec())
     assert parsed['key'].numpy()[0] == b'k7' and parsed['label'].numpy()[0] == 7
     assert np.array_equal(np.frombuffer(parsed['image/raw'].numpy()[0], np.uint8).reshape(8, 8, 1), image)
   bad = {
-      'wrong shape': examples.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
+      'wrong shape': image_example.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
       'not an example': b'\xff\x00garbage',
       'no image': tf.train.Example().SerializeToString(),
   }
@@ -354,7 +349,8 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
   import tensorflow as tf
 
   from beam_dl import tft_jax
-  from beam_dl.io.sequences import SequenceRecord, encode_sequence_example
+  from beam_dl.formats.sequence_example import encode_sequence_example
+  from beam_dl.io.sequences import SequenceRecord
 
   rng = np.random.default_rng(1)
   sequences = {}

@@ -11,10 +11,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding
-from beam_dl.io import sequences as seq_lib
 from beam_dl.io import hashing
 from beam_dl.io.events import EventSpec
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.formats import sequence_example as seq_format
+from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms import sequences as T
 
 SPEC = SequenceSpec(num_features=2)
@@ -62,18 +63,18 @@ def test_parse_sequence_examples_isolates_each_bad_record():
   good_b = _seq_example('b', [[5, 6]])
   bad = _bad_records()
   records = [good_a] + [b for b, _ in bad] + [good_b]
-  results = seq_lib.parse_sequence_examples(records, SPEC)
+  results = seq_format.parse_sequence_examples(records, SPEC)
   assert len(results) == len(records)
   assert results[0] == SequenceRecord('a', np.array([[1, 2], [3, 4]], np.float32),
                                       np.array([10, 11]), label=1)
   assert results[-1] == SequenceRecord('b', np.array([[5, 6]], np.float32))
   for result, (_, reason) in zip(results[1:-1], bad):
-    assert isinstance(result, seq_lib.SequenceParseError)
+    assert isinstance(result, seq_format.SequenceParseError)
     assert reason in str(result)
 
 
 def test_parse_sequence_examples_width_from_record_when_not_declared():
-  [rec] = seq_lib.parse_sequence_examples([_seq_example('w', [[1, 2, 3]])], SequenceSpec())
+  [rec] = seq_format.parse_sequence_examples([_seq_example('w', [[1, 2, 3]])], SequenceSpec())
   assert rec.values.shape == (1, 3)
 
 
@@ -85,7 +86,7 @@ def test_parse_list_examples_flat_values():
       feats['ids'] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
-  good, odd, misaligned = seq_lib.parse_list_examples(
+  good, odd, misaligned = seq_format.parse_list_examples(
       [example('g', [1, 2, 3, 4], ids=[1, 2]), example('o', [1, 2, 3]),
        example('m', [1, 2], ids=[1, 2])], SPEC)
   np.testing.assert_array_equal(good.values, [[1, 2], [3, 4]])
@@ -98,7 +99,7 @@ def test_encode_sequence_example_round_trips_through_tf_parser():
   rec = SequenceRecord('k', np.array([[0.5, 1.5], [2, 3], [4, 5]], np.float32),
                        np.array([3, 1, 2]), label=4)
   ctx, seq = tf.io.parse_single_sequence_example(
-      seq_lib.encode_sequence_example(rec),
+      seq_format.encode_sequence_example(rec),
       {'key': tf.io.FixedLenFeature([], tf.string), 'label': tf.io.FixedLenFeature([], tf.int64)},
       {'values': tf.io.FixedLenSequenceFeature([2], tf.float32),
        'ids': tf.io.FixedLenSequenceFeature([1], tf.int64)})

@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.formats import image_example
 from beam_dl.io.sequences import SequenceRecord
 from beam_dl.preprocessing import canonical, stats
 from beam_dl.preprocessing import config as config_lib
@@ -369,8 +370,5 @@ class InferenceInputs(NamedTuple):
 
 
 def _keyed_raw(raw: bytes) -> tuple[str, bytes]:
-  """(key feature, raw example) for a canonical raw example."""
-  import tensorflow as tf
-
-  key = tf.train.Example.FromString(raw).features.feature['key'].bytes_list.value[0]
-  return key.decode('utf-8'), raw
+  """(key feature, raw example) for a canonical raw image example."""
+  return image_example.parse_image_example(raw).key, raw

@@ -25,13 +25,14 @@ from apache_beam import coders
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter
+from beam_dl.formats import sequence_example
+from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding as padding_lib
-from beam_dl.io import sequences as seq_lib
 from beam_dl.io import hashing
 from beam_dl.io.events import Event, EventSpec
 from beam_dl.io.padding import PaddedBatch
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms.tfrecords import ReadTFRecords
 
 NAMESPACE = 'beam_dl.sequences'
@@ -48,38 +49,23 @@ class _ParseRecordsFn(beam.DoFn):
     self._failed = Metrics.counter(NAMESPACE, 'parse_failed')
 
   def setup(self):
-    self._parse = (seq_lib.parse_sequence_examples if self._fmt == 'sequence_example'
-                   else seq_lib.parse_list_examples)
+    self._parse = (sequence_example.parse_sequence_examples if self._fmt == 'sequence_example'
+                   else sequence_example.parse_list_examples)
 
   def process(self, batch: list[bytes]):
     results = self._parse(batch, self._spec)
     failed = 0
     for raw, result in zip(batch, results):
-      if isinstance(result, seq_lib.SequenceParseError):
+      if isinstance(result, sequence_example.SequenceParseError):
         failed += 1
         Metrics.counter(NAMESPACE, 'parse_failed_' + _reason_kind(str(result))).inc()
         yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            _own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
+            sequence_example.own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
       else:
         yield result
     self._parsed.inc(len(results) - failed)
     if failed:
       self._failed.inc(failed)
-
-
-def _own_key(raw: bytes, spec: SequenceSpec, fmt: str) -> str | None:
-  """The key feature of a record that failed to parse, when it can still be read."""
-  import tensorflow as tf  # on workers only: already loaded by the parser
-
-  proto = tf.train.SequenceExample if fmt == 'sequence_example' else tf.train.Example
-  try:
-    message = proto.FromString(raw)
-  except Exception:  # protobuf's DecodeError: not a record at all, no key to read
-    return None
-  features = (message.context if fmt == 'sequence_example' else message.features).feature
-  if spec.key_feature not in features or not features[spec.key_feature].bytes_list.value:
-    return None
-  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'backslashreplace')
 
 
 def _reason_kind(reason: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from beam_dl.io.examples import int64_label
+from beam_dl.formats.features import int64_label
 from beam_dl.io.sequences import SequenceRecord
 
 # Event times must be Beam timestamps (int64 microseconds, at most the global

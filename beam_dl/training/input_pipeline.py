@@ -1,7 +1,7 @@
 """tf.data input pipeline over the TFRecord shards the Beam pipelines write.
 
-Formats (see docs/training.md): image tf.train.Examples with `image/raw`
-(uint8 HWC bytes), `image/shape`, `label`, `key`; sequence
+Formats (`beam_dl.formats`, see docs/training.md): image tf.train.Examples
+with `image/raw` (uint8 HWC bytes), `image/shape`, `label`, `key`; sequence
 tf.train.SequenceExamples with context `key`, `label` (int) or `target`
 (float), feature lists `values` (F floats per step) and optional `ids`.
 
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from beam_dl.formats import image_example, sequence_example
 from beam_dl.training.config import DataConfig
 
 # The input pipeline is host-side only: keep TensorFlow off the accelerators.
@@ -47,17 +48,11 @@ def _files(pattern: str, process_index: int, process_count: int) -> list[str]:
 
 def _image_parser(cfg: DataConfig):
   shape = tuple(int(d) for d in cfg.shape)
-  spec = {
-      'image/raw': tf.io.FixedLenFeature([], tf.string),
-      'label': tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-  }
 
   def parse(serialized):
-    f = tf.io.parse_example(serialized, spec)
-    images = tf.io.decode_raw(f['image/raw'], tf.uint8)
-    images = tf.reshape(images, (-1,) + shape)
+    f = image_example.parse_pixels(serialized, shape)
     return {
-        'inputs': images,
+        'inputs': f['image'],
         'label': tf.cast(f['label'], tf.int32),
         'weight': tf.ones_like(f['label'], tf.float32),
     }
@@ -67,25 +62,16 @@ def _image_parser(cfg: DataConfig):
 
 def _sequence_parser(cfg: DataConfig, use_ids: bool):
   num_features = int(cfg.shape[-1]) - (1 if use_ids else 0)
-  context = {'key': tf.io.FixedLenFeature([], tf.string, default_value='')}
-  if cfg.target == 'label':
-    context['label'] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
-  else:
-    context['target'] = tf.io.FixedLenFeature([cfg.num_targets], tf.float32)
-  seq = {}
-  if num_features:
-    seq['values'] = tf.io.FixedLenSequenceFeature([num_features], tf.float32)
-  if use_ids:
-    seq['ids'] = tf.io.FixedLenSequenceFeature([1], tf.int64)
   max_len = int(cfg.max_len)
 
   def parse(serialized):
-    ctx, steps = tf.io.parse_single_sequence_example(serialized, context, seq)
+    f = sequence_example.parse_single(serialized, num_features, with_ids=use_ids,
+                                      target=cfg.target, num_targets=cfg.num_targets)
     parts = []
     if use_ids:
-      parts.append(tf.cast(steps['ids'], tf.float32))
+      parts.append(tf.cast(f[sequence_example.IDS], tf.float32))
     if num_features:
-      parts.append(steps['values'])
+      parts.append(f[sequence_example.VALUES])
     x = tf.concat(parts, axis=-1)[-max_len:]  # keep the most recent steps
     length = tf.shape(x)[0]
     x = tf.pad(x, [[0, max_len - length], [0, 0]])
@@ -95,9 +81,9 @@ def _sequence_parser(cfg: DataConfig, use_ids: bool):
         'weight': tf.constant(1.0),
     }
     if cfg.target == 'label':
-      out['label'] = tf.cast(ctx['label'], tf.int32)
+      out['label'] = tf.cast(f[sequence_example.LABEL], tf.int32)
     else:
-      out['target'] = ctx['target']
+      out['target'] = f[sequence_example.TARGET]
     return out
 
   return parse
