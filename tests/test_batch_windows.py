@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.features import WindowSpec
 from beam_dl.features import batch_windows
@@ -39,27 +39,79 @@ def _matches(expected_records):
   return check
 
 
-@pytest.mark.parametrize('spec', [WindowSpec('fixed', size=60.0),
-                                  WindowSpec('sliding', size=60.0, period=20.0)], ids=['fixed', 'sliding'])
+def _blocks(events, sizes=(0, 1, 400, 7, 700)):
+  """The events cut into EventBlocks of these sizes (an empty one too), the rest in the last."""
+  blocks, at = [], 0
+  for size in sizes:
+    blocks.append(batch_windows.events_block(events[at:at + size]))
+    at += size
+  blocks.append(batch_windows.events_block(events[at:]))
+  return blocks
+
+
+def _tagged(record, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam):
+  # each record tagged with the window/timestamp it was in (in milliseconds:
+  # the portable runner encodes timestamps that crossed a stage in ms)
+  return {**record, '_window': (w.start.micros, w.end.micros), '_timestamp_ms': int(t.micros / 1000)}
+
+
+def _listed(records, label):
+  return (records | f'Tag{label}' >> beam.Map(_tagged)
+          | f'Global{label}' >> beam.WindowInto(beam.window.GlobalWindows())
+          | f'List{label}' >> beam.combiners.ToList())
+
+
+@pytest.mark.parametrize('spec', [WindowSpec('fixed', size=60.0), WindowSpec('sliding', size=60.0, period=20.0),
+                                  WindowSpec('sliding', size=60.0, period=25.0)],
+                         ids=['fixed', 'sliding', 'sliding-uneven'])
 def test_batch_path_gives_the_streaming_paths_records(spec):
+  """Event input and EventBlock input (keys spread over several blocks, one
+  empty) against the streaming path with its late-data gate, on the same events."""
   events = _events()
   with TestPipeline() as p:
     stamped = p | beam.Create(events) | EventTimestamps()
-    streaming_path = (stamped | 'Streaming' >> WindowedFeatures(spec, route_late=False, batch_path=False)).records
-    batch_path = (stamped | 'Batch' >> WindowedFeatures(spec, batch_path=True)).records
-    # both in the global window, each record tagged with the window/timestamp it was in
-    # (in milliseconds: the portable runner encodes timestamps that crossed a stage in ms)
-    def tagged(record, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam):
-      return {**record, '_window': (w.start.micros, w.end.micros), '_timestamp_ms': int(t.micros / 1000)}
+    streaming_path = stamped | 'Streaming' >> WindowedFeatures(spec, batch_path=False)
+    batch_path = stamped | 'Batch' >> WindowedFeatures(spec, batch_path=True)
+    block_path = (p | 'Blocks' >> beam.Create(_blocks(events))
+                  | 'BatchBlocks' >> WindowedFeatures(spec, blocks=True))
+    expected = beam.pvalue.AsSingleton(_listed(streaming_path.records, 'Streaming'))
+    for label, out in (('Events', batch_path), ('EventBlocks', block_path)):
+      assert_that(_listed(out.records, label) | f'Compare{label}' >> beam.Map(
+          lambda a, exp: _matches(exp)(a) or len(a), exp=expected),
+          lambda n: _at_least(n, 50), label=f'Same{label}')
+      assert_that(out.late, equal_to([]), label=f'NoLate{label}')
+    assert_that(streaming_path.late, equal_to([]), label='NothingLateInBatch')
 
-    expected = (streaming_path | 'TagExpected' >> beam.Map(tagged)
-                | 'GlobalExpected' >> beam.WindowInto(beam.window.GlobalWindows())
-                | 'Expected' >> beam.combiners.ToList())
-    actual = (batch_path | 'TagActual' >> beam.Map(tagged)
-              | 'GlobalActual' >> beam.WindowInto(beam.window.GlobalWindows()))
-    assert_that(actual | 'Actual' >> beam.combiners.ToList() | 'Compare' >> beam.Map(
-        lambda a, exp: _matches(exp)(a) or len(a), exp=beam.pvalue.AsSingleton(expected)),
-        lambda n: _at_least(n, 50))
+
+def test_blocks_outside_the_batch_path_are_unpacked_into_events():
+  """Session windows take the streaming path: blocks give the Events' records."""
+  events = _events()[:700]
+  spec = WindowSpec('session', gap=1.0)
+  with TestPipeline() as p:
+    from_events = p | beam.Create(events) | EventTimestamps() | 'Events' >> WindowedFeatures(spec)
+    from_blocks = p | 'Blocks' >> beam.Create(_blocks(events)) | 'FromBlocks' >> WindowedFeatures(spec, blocks=True)
+    expected = beam.pvalue.AsSingleton(_listed(from_events.records, 'Events'))
+    assert_that(_listed(from_blocks.records, 'Blocks') | beam.Map(
+        lambda a, exp: _matches(exp)(a) or len(a), exp=expected), lambda n: _at_least(n, 50))
+
+
+def test_split_by_key_block_partitions_the_events():
+  block = batch_windows.events_block(_events())
+  pieces = batch_windows.split_by_key_block(block, 4)
+  assert sorted(number for number, _ in pieces) == sorted({batch_windows.block_of(k, 4) for k in block.keys})
+  for number, piece in pieces:
+    assert {batch_windows.block_of(k, 4) for k in piece.keys} == {number}
+  rows = sorted((k, m, tuple(v)) for _, piece in pieces for k, m, v in zip(piece.keys, piece.micros, piece.values.tolist()))
+  assert rows == sorted(zip(block.keys, block.micros, map(tuple, block.values.tolist())))
+  assert batch_windows.split_by_key_block(batch_windows.events_block([]), 4) == []
+
+
+def test_event_block_times_are_beams_timestamps():
+  times = [-12.3, -0.0000005, 0.0, 59.9999995, 1.0000001, 1_700_000_000.123456, 3600.0]
+  block = batch_windows.event_block(['a'] * len(times), times, [[1.0]] * len(times))
+  assert block.micros.tolist() == [beam.utils.timestamp.Timestamp.of(t).micros for t in times]
+  with pytest.raises(ValueError, match='as many keys'):
+    batch_windows.event_block(['a', 'b'], [1.0], [[1.0]])
 
 
 def _at_least(n, minimum):
