@@ -7,7 +7,7 @@ through `WindowedFeatures` (60 s fixed windows: count, sum, mean, std, min,
 max, last, rate) on the FnApiRunner with one worker (one core): the batch
 path (numpy per key block, what batch pipelines get) with one Beam element
 per event and with the events entering as `EventBlock`s (a columnar source,
-`blocks=True`), the streaming path with and without the late-data gate (the
+`event_blocks=True`), the streaming path with and without the late-data gate (the
 gate with beam_dl's state-cache sizing fix, with Beam's own sizing, and with
 the SDK worker in a subprocess, where Beam's state cache is off), and
 through `WindowedSequences` (last 16 events). The same events in every case
@@ -140,8 +140,8 @@ def main(argv=None):
   cases = {
       'generate + count only (Beam overhead)': Case(lambda e: e),
       'WindowedFeatures, batch path (default)': Case(lambda e: (e | WindowedFeatures(spec)).records),
-      '  same, EventBlock input (blocks=True)': Case(
-          lambda e: (e | WindowedFeatures(spec, blocks=True)).records, blocks=True),
+      '  same, EventBlock input (event_blocks=True)': Case(
+          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, blocks=True),
       'WindowedFeatures, streaming path, no gate': Case(streaming_path(route_late=False)),
       'WindowedFeatures, streaming path, late gate + state': Case(streaming_path(), gate=True),
       "  same, Beam's own state-cache sizing": Case(streaming_path(), gate=True, beam_sizing=True),

@@ -73,7 +73,7 @@ def test_batch_path_gives_the_streaming_paths_records(spec):
     streaming_path = stamped | 'Streaming' >> WindowedFeatures(spec, batch_path=False)
     batch_path = stamped | 'Batch' >> WindowedFeatures(spec, batch_path=True)
     block_path = (p | 'Blocks' >> beam.Create(_blocks(events))
-                  | 'BatchBlocks' >> WindowedFeatures(spec, blocks=True))
+                  | 'BatchBlocks' >> WindowedFeatures(spec, event_blocks=True))
     expected = beam.pvalue.AsSingleton(_listed(streaming_path.records, 'Streaming'))
     for label, out in (('Events', batch_path), ('EventBlocks', block_path)):
       assert_that(_listed(out.records, label) | f'Compare{label}' >> beam.Map(
@@ -89,7 +89,7 @@ def test_blocks_outside_the_batch_path_are_unpacked_into_events():
   spec = WindowSpec('session', gap=1.0)
   with TestPipeline() as p:
     from_events = p | beam.Create(events) | EventTimestamps() | 'Events' >> WindowedFeatures(spec)
-    from_blocks = p | 'Blocks' >> beam.Create(_blocks(events)) | 'FromBlocks' >> WindowedFeatures(spec, blocks=True)
+    from_blocks = p | 'Blocks' >> beam.Create(_blocks(events)) | 'FromBlocks' >> WindowedFeatures(spec, event_blocks=True)
     expected = beam.pvalue.AsSingleton(_listed(from_events.records, 'Events'))
     assert_that(_listed(from_blocks.records, 'Blocks') | beam.Map(
         lambda a, exp: _matches(exp)(a) or len(a), exp=expected), lambda n: _at_least(n, 50))

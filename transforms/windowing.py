@@ -126,7 +126,7 @@ class WindowedFeatures(beam.PTransform):
     batch_path: compute per key block with numpy
       (`beam_dl.features.batch_windows`; no late gate: nothing is late in
       batch); None picks it when `batch_windows.applies`.
-    blocks: the input elements are `batch_windows.EventBlock`s (columnar
+    event_blocks: the input elements are `batch_windows.EventBlock`s (columnar
       events with their own event times, from a source that reads many
       events at once; no `EventTimestamps` needed). The batch path then has
       no per-event Beam element at all (~10x+ the per-event input); where
@@ -135,20 +135,20 @@ class WindowedFeatures(beam.PTransform):
 
   def __init__(self, spec: WindowSpec, *, route_late: bool = True,
                clock: Callable[[], float] = time.time, batch_path: bool | None = None,
-               blocks: bool = False):
+               event_blocks: bool = False):
     super().__init__()
     self._spec = spec
     self._route_late = route_late
     self._clock = clock
     self._batch_path = batch_path
-    self._blocks = blocks
+    self._event_blocks = event_blocks
 
   def expand(self, events) -> WindowedOutputs:
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
       records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
-          self._spec, blocks_in=self._blocks)
+          self._spec, event_blocks=self._event_blocks)
       return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]))
-    if self._blocks:
+    if self._event_blocks:
       events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
