@@ -61,9 +61,11 @@ def _listed(records, label):
           | f'List{label}' >> beam.combiners.ToList())
 
 
-@pytest.mark.parametrize('spec', [WindowSpec('fixed', size=60.0), WindowSpec('sliding', size=60.0, period=20.0),
-                                  WindowSpec('sliding', size=60.0, period=25.0)],
-                         ids=['fixed', 'sliding', 'sliding-uneven'])
+@pytest.mark.parametrize('spec', [
+    pytest.param(WindowSpec('fixed', size=60.0), id='fixed'),
+    pytest.param(WindowSpec('sliding', size=60.0, period=20.0), id='sliding', marks=pytest.mark.slow),
+    pytest.param(WindowSpec('sliding', size=60.0, period=25.0), id='sliding-uneven'),
+])
 def test_batch_path_gives_the_streaming_paths_records(spec):
   """Event input and EventBlock input (keys spread over several blocks, one
   empty) against the streaming path with its late-data gate, on the same events."""
