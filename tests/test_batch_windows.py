@@ -1,4 +1,6 @@
 """The vectorised batch path of WindowedFeatures gives the streaming path's records."""
+import json
+
 import apache_beam as beam
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.features import WindowSpec
 from beam_dl.features import batch_windows
-from beam_dl.io.events import Event
+from beam_dl.io.events import Event, EventSpec
+from transforms.sequences import ReadEventBlocks, ReadEvents
 from transforms.windowing import EventTimestamps, WindowedFeatures
 
 
@@ -141,3 +144,31 @@ def test_window_starts_are_beams_assignment(spec):
     expected = sorted(w.start.micros for w in spec.assign(t))
     assert sorted(starts[index == i].tolist()) == expected, t
     assert all(w.end.micros - w.start.micros == size for w in spec.assign(t))
+
+
+def test_read_event_blocks_gives_read_events_records_and_dead_letters(tmp_path):
+  """A JSON-lines file read as EventBlocks into the batch path gives what
+  ReadEvents + EventTimestamps + the streaming path give, dead letters included."""
+  events = _events()[:600]
+  lines = [json.dumps({'key': e.key, 'time': e.time, 'a': e.values[0], 'b': e.values[1]}) for e in events]
+  lines[10:10] = ['{"key": "bad", "time": "noon", "a": 1, "b": 2}', 'not json', '']
+  path = tmp_path / 'events.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  spec = EventSpec(value_fields=('a', 'b'))
+  window = WindowSpec('sliding', size=60.0, period=25.0)
+  with TestPipeline() as p:
+    per_event = p | 'ReadEvents' >> ReadEvents(str(path), spec)
+    blocks = p | 'ReadBlocks' >> ReadEventBlocks(str(path), spec, block_size=64)
+    expected = (per_event.events | EventTimestamps()
+                | 'Streaming' >> WindowedFeatures(window, route_late=False, batch_path=False))
+    actual = blocks.events | 'FromBlocks' >> WindowedFeatures(window, event_blocks=True)
+    assert_that(_listed(actual.records, 'Blocks') | beam.Map(
+        lambda a, exp: _matches(exp)(a) or len(a), exp=beam.pvalue.AsSingleton(_listed(expected.records, 'Events'))),
+        lambda n: _at_least(n, 50), label='SameRecords')
+    def letters(failed, label):
+      return (failed | f'Letters{label}' >> beam.Map(lambda d: (d['key'], d['stage'], d['reason'], d['record']))
+              | f'ListLetters{label}' >> beam.combiners.ToList() | f'Sort{label}' >> beam.Map(sorted, key=repr))
+
+    assert_that(letters(blocks.failed, 'Blocks') | beam.Map(
+        lambda a, exp: (a == exp) and len(a), exp=beam.pvalue.AsSingleton(letters(per_event.failed, 'Events'))),
+        equal_to([3]), label='SameDeadLetters')
