@@ -11,7 +11,10 @@ per event and with the events entering as `EventBlock`s (a columnar source,
 gate with beam_dl's state-cache sizing fix, with Beam's own sizing, and with
 the SDK worker in a subprocess, where Beam's state cache is off), and
 through `WindowedSequences` (last 16 events). The same events in every case
-(one seeded draw per chunk of 10,000).
+(one seeded draw per chunk of 10,000). With `--files`, the same events also
+come from JSON-lines files (one per chunk): `ReadEvents` + `EventTimestamps`
+into the batch and streaming paths, and `ReadEventBlocks` into the batch path
+with `event_blocks=True` (parsing included).
 Beside it: the same features computed with numpy over sorted arrays
 (`np.lexsort` + `ufunc.reduceat`), the floor any Python-element pipeline pays
 for. A generate-and-count pipeline shows Beam's own per-element cost.
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import tempfile
 import time
 from typing import Callable, NamedTuple
 
@@ -34,7 +40,8 @@ from apache_beam.runners.worker import statecache
 from beam_dl import beam_fixes
 from beam_dl.features import WindowSpec
 from beam_dl.features.batch_windows import EventBlock, event_block
-from beam_dl.io.events import Event
+from beam_dl.io.events import Event, EventSpec
+from transforms.sequences import ReadEventBlocks, ReadEvents
 from transforms.windowing import EventTimestamps, WindowedFeatures, WindowedSequences
 
 WINDOW = 60.0
@@ -93,7 +100,7 @@ SUBPROCESS = IN_PROCESS + ['--direct_running_mode=multi_processing']
 class Case(NamedTuple):
   build: Callable
   flags: list | None = None
-  blocks: bool = False  # the source emits EventBlocks, not Events
+  source: str = 'events'  # 'events', 'blocks' (EventBlocks), 'jsonl' / 'jsonl-blocks' (files)
   gate: bool = False  # user state: run on --gate_events only
   beam_sizing: bool = False  # Beam's own state-cache sizing (beam_fixes undone)
 
@@ -107,16 +114,32 @@ def beams_own_state_cache_sizing():
     beam_fixes.apply_state_cache_sizing()
 
 
-def run_beam(total: int, keys: int, case: Case) -> tuple[float, int]:
+JSONL_SPEC = EventSpec(value_fields=('a', 'b'))
+
+
+def write_jsonl(directory: str, total: int, keys: int) -> str:
+  """The events as JSON lines, one file per chunk; returns the file pattern."""
+  for chunk in range(total // CHUNK):
+    with open(os.path.join(directory, f'events-{chunk:05d}.jsonl'), 'w', encoding='utf-8') as f:
+      for e in make_events(chunk, CHUNK, keys):
+        f.write(json.dumps({'key': e.key, 'time': e.time, 'a': e.values[0], 'b': e.values[1]}) + '\n')
+  return os.path.join(directory, 'events-*.jsonl')
+
+
+def run_beam(total: int, keys: int, case: Case, pattern: str | None = None) -> tuple[float, int]:
   options = PipelineOptions(case.flags or IN_PROCESS)
   sizing = beams_own_state_cache_sizing() if case.beam_sizing else contextlib.nullcontext()
   start = time.perf_counter()
   with sizing, beam.Pipeline(options=options) as p:
-    chunks = p | beam.Create(range(total // CHUNK))
-    if case.blocks:
-      events = chunks | 'GenerateBlocks' >> beam.FlatMap(make_event_block, CHUNK, keys)
+    if case.source == 'jsonl':
+      events = (p | ReadEvents(pattern, JSONL_SPEC)).events | EventTimestamps()
+    elif case.source == 'jsonl-blocks':
+      events = (p | ReadEventBlocks(pattern, JSONL_SPEC)).events
+    elif case.source == 'blocks':
+      events = p | beam.Create(range(total // CHUNK)) | 'GenerateBlocks' >> beam.FlatMap(make_event_block, CHUNK, keys)
     else:
-      events = chunks | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys) | EventTimestamps()
+      events = (p | beam.Create(range(total // CHUNK)) | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys)
+                | EventTimestamps())
     case.build(events) | 'CountOutputs' >> beam.Map(lambda _: OUTPUTS.inc())
   seconds = time.perf_counter() - start
   counters = p.result.metrics().query(MetricsFilter().with_name('outputs'))['counters']
@@ -130,6 +153,7 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--gate_events', type=int, default=20_000,
                       help='events for the late-gate cases (user state is slow on the local runner)')
+  parser.add_argument('--files', action='store_true', help='also read the events from JSON-lines files')
   args = parser.parse_args(argv)
   total = args.events // CHUNK * CHUNK
   spec = WindowSpec('fixed', size=WINDOW)
@@ -141,7 +165,7 @@ def main(argv=None):
       'generate + count only (Beam overhead)': Case(lambda e: e),
       'WindowedFeatures, batch path (default)': Case(lambda e: (e | WindowedFeatures(spec)).records),
       '  same, EventBlock input (event_blocks=True)': Case(
-          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, blocks=True),
+          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='blocks'),
       'WindowedFeatures, streaming path, no gate': Case(streaming_path(route_late=False)),
       'WindowedFeatures, streaming path, late gate + state': Case(streaming_path(), gate=True),
       "  same, Beam's own state-cache sizing": Case(streaming_path(), gate=True, beam_sizing=True),
@@ -149,6 +173,13 @@ def main(argv=None):
       'WindowedSequences (last 16), no gate': Case(
           lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records),
   }
+  if args.files:
+    cases.update({
+        'files: ReadEvents, batch path': Case(lambda e: (e | WindowedFeatures(spec)).records, source='jsonl'),
+        'files: ReadEventBlocks, batch path (event_blocks)': Case(
+            lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='jsonl-blocks'),
+        'files: ReadEvents, streaming path, no gate': Case(streaming_path(route_late=False), source='jsonl'),
+    })
   k, t, v = arrays(total, args.keys)
   best = min(_timed(numpy_features, k, t, v) for _ in range(args.repeats))
   n_windows = numpy_features(k, t, v)
@@ -158,20 +189,29 @@ def main(argv=None):
   print(f'{"numpy (lexsort + reduceat), same features":52s} {total:8d} {best:8.3f} {total / best:14,.0f} '
         f'{n_windows:8d}')
   rates = {}
+  files = tempfile.TemporaryDirectory(prefix='bench_windowing_')
+  pattern = write_jsonl(files.name, total, args.keys) if args.files else None
   for name, case in cases.items():
     n = min(total, args.gate_events // CHUNK * CHUNK) if case.gate else total
     if not n:
       continue
-    seconds, outputs = min(run_beam(n, args.keys, case) for _ in range(args.repeats))
+    seconds, outputs = min(run_beam(n, args.keys, case, pattern) for _ in range(args.repeats))
     rates[name] = n / seconds
     print(f'{name:52s} {n:8d} {seconds:8.3f} {n / seconds:14,.0f} {outputs:8d}', flush=True)
-  names = list(cases)
-  for label, top, bottom in [('batch path / streaming path (Event input)', names[1], names[3]),
-                             ('batch path, EventBlock input / streaming path', names[2], names[3]),
-                             ("late gate: beam_dl's sizing / Beam's own", names[4], names[5]),
-                             ('late gate: beam_dl sizing / subprocess worker', names[4], names[6])]:
+  streaming = 'WindowedFeatures, streaming path, no gate'
+  gate = 'WindowedFeatures, streaming path, late gate + state'
+  for label, top, bottom in [
+      ('batch path / streaming path (Event input)', 'WindowedFeatures, batch path (default)', streaming),
+      ('batch path, EventBlock input / streaming path', '  same, EventBlock input (event_blocks=True)', streaming),
+      ("late gate: beam_dl's sizing / Beam's own", gate, "  same, Beam's own state-cache sizing"),
+      ('late gate: beam_dl sizing / subprocess worker', gate, '  same, SDK worker in a subprocess'),
+      ('files: ReadEvents batch / ReadEvents streaming', 'files: ReadEvents, batch path',
+       'files: ReadEvents, streaming path, no gate'),
+      ('files: ReadEventBlocks batch / ReadEvents streaming', 'files: ReadEventBlocks, batch path (event_blocks)',
+       'files: ReadEvents, streaming path, no gate')]:
     if top in rates and bottom in rates:
       print(f'{label:52s} {rates[top] / rates[bottom]:8.2f}x')
+  files.cleanup()
 
 
 def _timed(fn, *args):
