@@ -151,7 +151,7 @@ def test_read_event_blocks_gives_read_events_records_and_dead_letters(tmp_path):
   ReadEvents + EventTimestamps + the streaming path give, dead letters included."""
   events = _events()[:600]
   lines = [json.dumps({'key': e.key, 'time': e.time, 'a': e.values[0], 'b': e.values[1]}) for e in events]
-  lines[10:10] = ['{"key": "bad", "time": "noon", "a": 1, "b": 2}', 'not json', '']
+  lines[10:10] = ['{"key": "bad", "time": "noon", "a": 1, "b": 2}', 'not json\r', '']  # one CRLF line
   path = tmp_path / 'events.jsonl'
   path.write_text('\n'.join(lines) + '\n')
   spec = EventSpec(value_fields=('a', 'b'))

@@ -243,7 +243,8 @@ class _ParseEventBlocksFn(_ParseEventFn):
       for number, line in enumerate(lines):
         if number < self._skip:
           continue
-        line = line.rstrip(b'\n').rstrip(b'\r')  # as ReadFromText splits lines
+        if line.endswith(b'\n'):  # lines as ReadFromText gives them: without '\n' or '\r\n'
+          line = line[:-2] if line.endswith(b'\r\n') else line[:-1]
         try:
           events.append(self._parse(line, self._spec))
         except events_lib.EventParseError as err:
