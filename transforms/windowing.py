@@ -129,7 +129,8 @@ class WindowedFeatures(beam.PTransform):
     event_blocks: the input elements are `batch_windows.EventBlock`s (columnar
       events with their own event times, from a source that reads many
       events at once; no `EventTimestamps` needed). The batch path then has
-      no per-event Beam element at all (~10x+ the per-event input); where
+      no per-event Beam element at all (11-20x the streaming path in
+      benchmarks/RESULTS.md; `ReadEventBlocks` reads files so); where
       it does not apply, blocks are unpacked into timestamped `Event`s.
   """
 
