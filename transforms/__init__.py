@@ -19,6 +19,7 @@ _EXPORTS = {
     'ReadSequenceExamples': 'sequences',
     'ParseSequenceExamples': 'sequences',
     'ReadEvents': 'sequences',
+    'ReadEventBlocks': 'sequences',
     'ParseEvents': 'sequences',
     'AssembleSequences': 'sequences',
     'HashIds': 'sequences',
