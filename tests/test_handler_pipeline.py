@@ -208,19 +208,25 @@ def test_env_vars_and_resource_hints(model, monkeypatch):
   assert os.environ['BEAM_DL_HANDLER_TEST'] == 'on'  # set in the (in-process) worker before loading
 
 
-def test_two_steps_serving_one_model_load_it_once(model, tmp_path):
-  """Beam's model_identifier shares only large_model models; the handler
-  also shares one in-process copy between steps serving the same model."""
+def test_failed_batches_are_isolated_inside_the_one_inference_step(model, tmp_path):
+  """A batch with a bad element is split in place by the RunInference DoFn:
+  one inference step in the graph, one model load (Beam's Shared is the only
+  cache), the good elements predicted once and the bad one dead-lettered."""
   _, expected, images = model
   model_dir = str(tmp_path / 'copy')
   shutil.copytree(model[0], model_dir)  # a directory no earlier test has loaded
+  inputs = list(images.items()) + [('wrong_shape', np.zeros((4, 4, 1), np.uint8))]
   pipeline = TestPipeline('FnApiRunner')
-  keyed = pipeline | beam.Create(list(images.items()))
-  for name in ('First', 'Second'):
-    out = keyed | name >> RunInference(
-        KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)), model_identifier='shared-digits'
-    )
-    assert_that(out, close_to(expected), label=f'check{name}')
+  outputs = (
+      pipeline
+      | beam.Create(inputs)
+      | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=8, min_batch_size=8))
+  )
+  assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
+  assert_that(outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('wrong_shape', 'inference')]),
+              label='failed')
+  steps = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
+  assert sum(name.endswith('/BeamML_RunInference') for name in steps) == 1, steps
   result = run(pipeline)
   assert counter(result, 'model_loads') == 1
 
