@@ -59,7 +59,8 @@ def error_rate_message(error: BaseException) -> Optional[str]:
   """
   for line in str(error).splitlines():
     if ERROR_RATE_MARKER in line:
-      return line[line.index(ERROR_RATE_MARKER) + len(ERROR_RATE_MARKER):].strip()
+      message = line[line.index(ERROR_RATE_MARKER) + len(ERROR_RATE_MARKER):]
+      return message.split(' [while running ')[0].strip()  # the runner's step suffix
   return None
 
 

@@ -289,3 +289,26 @@ def test_large_model_shared_across_processes(model):
   with TestPipeline('FnApiRunner') as pipeline:
     out = pipeline | beam.Create(list(images.items())) | RunInference(handler, model_identifier='large-digits')
     assert_that(out, close_to(expected, model_dir))
+
+
+def test_error_handler_and_threshold_on_inference(model):
+  """Two wrong-shaped inputs among N: with error_threshold above their share
+  the job succeeds and Beam's ErrorHandler gets both dead letters; below it,
+  the job fails with the count."""
+  from apache_beam.transforms.error_handling import ErrorHandler
+
+  model_dir, expected, images = model
+  inputs = list(images.items()) + [(f'bad{i}', np.zeros((4, 4, 1), np.uint8)) for i in range(2)]
+  handler = JaxModelHandler(model_dir, max_batch_size=8)
+  pipeline = TestPipeline('FnApiRunner')
+  with ErrorHandler(beam.Map(lambda d: (d['key'], d['stage']))) as errors:
+    outputs = (pipeline | beam.Create(inputs)
+               | RunInferenceWithDeadLetters(handler, error_threshold=0.1).with_error_handler(errors))
+  assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
+  assert_that(errors.output(), equal_to([('bad0', 'inference'), ('bad1', 'inference')]), label='handled')
+  run(pipeline)  # 2 of 22 = 9.1% <= 10%
+
+  pipeline = TestPipeline('FnApiRunner')
+  _ = pipeline | beam.Create(inputs) | RunInferenceWithDeadLetters(handler, error_threshold=0.05)
+  with pytest.raises(Exception, match=r'2 of 22 inputs failed \(9\.1%\), above the error threshold of 5\.0%'):
+    run(pipeline)
