@@ -20,12 +20,12 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
-from apache_beam.utils import shared
 
 from beam_dl import checkpoints
 from beam_dl.inference_devices import Placement, round_buckets
@@ -40,8 +40,21 @@ _log = logging.getLogger(__name__)
 # Loaded models are cached by Beam alone: RunInference keeps them in its
 # `shared.Shared` (one per step, process and model tag) or, with large_model /
 # share_model_across_processes, in one multi_process_shared server per
-# `model_identifier`. The handler keeps no model cache of its own; its
-# fallback state is held through Beam's `shared.Shared` too (`_Serving`).
+# `model_identifier`. The handler keeps no model cache of its own.
+#
+# What it does keep per process is one string per handler: the model
+# directory it last loaded (its `_id` is shared by all its unpickled copies).
+# Runners re-create DoFns -- and so handler copies -- per bundle (the
+# streaming DirectRunner tears each down after its bundle); a refresh that
+# fails in a fresh copy must fall back to the model the step was serving,
+# not the constructor's. Beam's `shared.Shared` cannot hold this: it keeps an
+# object only while something references it, and RunInference's own
+# `load_model_status` acquires a new Shared at every DoFn setup, which drops
+# Shared's keep-alive of the previous model (tested by
+# test_model_refresh.test_streaming_refresh_with_test_stream). No model is
+# held here: a fresh copy reloads the directory.
+_LAST_GOOD: dict[str, str] = {}
+_LAST_GOOD_LOCK = threading.Lock()
 # Per thread: where a running predict() reports its counts (see ServeCounts).
 _COUNTING = threading.local()
 
@@ -163,9 +176,6 @@ class LoadedModel:
   length_buckets: tuple[int, ...]
   num_bytes: int
   placement: Optional[Placement] = None
-  # The fallback state of the handler that loaded this model (never read by
-  # the model): it lives exactly as long as the model does (see _Serving).
-  serving: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   def predict(self, examples: Sequence[np.ndarray]) -> np.ndarray:
     """Outputs for `examples` in order (see `predict_counted`); the counts go
@@ -234,26 +244,6 @@ def default_inference_fn(
   """The model's outputs for a batch, one row per example."""
   del inference_args
   return model.predict(batch)
-
-
-class _Serving:
-  """What one handler serves in this process: the last model that loaded,
-  the fallback of a refresh that fails to load.
-
-  Shared by every copy of the handler in the process through the handler's
-  own `shared.Shared` handle (its key travels with each pickled copy):
-  runners re-create DoFns -- and so handler copies -- per bundle (the
-  streaming DirectRunner does), and a refresh that fails in a fresh copy must
-  fall back to the model the step was serving, not the constructor's. Beam
-  keeps a Shared object only while something references it, and between
-  bundles only the model itself is kept (by RunInference's Shared), so each
-  model refers to this state (`LoadedModel.serving`). Thread-safe: the lock
-  guards `model`.
-  """
-
-  def __init__(self):
-    self.lock = threading.Lock()
-    self.model: Optional[LoadedModel] = None
 
 
 class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
@@ -350,7 +340,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._resource_hints = dict(resource_hints or {})
     self._inference_fn = inference_fn
     self._initial_dir = model_dir
-    self._serving = shared.Shared()  # pickled as a key: every copy finds the same _Serving
+    self._id = uuid.uuid4().hex  # pickled: every copy of this handler shares _LAST_GOOD[_id]
     self._compiles = Metrics.counter(METRICS_NAMESPACE, 'jit_compiles')
     self._oom_splits = Metrics.counter(METRICS_NAMESPACE, 'oom_splits')
     self._padded_slots = Metrics.counter(METRICS_NAMESPACE, 'padded_slots')
@@ -364,17 +354,17 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     """State of this copy in this process, never pickled: load counts not
     yet reported (loads mostly happen in DoFn.setup, outside any bundle,
     where metrics are dropped, so they are reported with the next batch),
-    and the fallback state (`_Serving`) while this copy uses it. A lock,
-    because Beam may load (setup, side-input refresh) and infer from
-    different threads."""
+    and the model this copy served last (the fallback of a refresh that
+    fails, without a reload). A lock, because Beam may load (setup,
+    side-input refresh) and infer from different threads."""
     self._lock = threading.Lock()
-    self._state: Optional[_Serving] = None
+    self._last_good: Optional[LoadedModel] = None
     self._unreported_loads = 0
     self._unreported_load_failures = 0
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    for name in ('_lock', '_state', '_unreported_loads', '_unreported_load_failures'):
+    for name in ('_lock', '_last_good', '_unreported_loads', '_unreported_load_failures'):
       state.pop(name)  # device arrays and locks stay in the process that made them
     return state
 
@@ -396,40 +386,33 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   def load_model(self) -> LoadedModel:
     """Loads the current model_dir. If that fails after a refresh (a broken,
     half-written or mismatched checkpoint), logs the error, counts
-    'model_load_failures' and keeps serving the last model this handler
-    loaded in this process (in a fresh worker: the constructor's model_dir)
-    instead of failing. A model that failed to load never becomes the last
-    good one."""
+    'model_load_failures' and keeps serving the last model this copy loaded
+    (in a fresh worker: the constructor's model_dir) instead of failing. A
+    model that failed to load never becomes the last good one."""
     self._set_default_env()  # also when wrapped (Keyed...), whose setup skips ours
-    state = self._serving_state()
     model_dir = self._model_dir
     try:
-      model = self._load(model_dir, state)
+      model = self._load(model_dir)
     except Exception as e:
-      with state.lock:
-        last_good = state.model
-      fallback = last_good.model_dir if last_good is not None else self._initial_dir
+      with self._lock:
+        last_good = self._last_good
+      with _LAST_GOOD_LOCK:
+        fallback = _LAST_GOOD.get(self._id, self._initial_dir)
       if fallback == model_dir:
         raise  # nothing else to serve: the job must not start with a broken model
       with self._lock:
         self._unreported_load_failures += 1
       _log.error('cannot load refreshed model %s, still serving %s: %s', model_dir, fallback, e)
-      model = last_good if last_good is not None else self._load(fallback, state)
-    with state.lock:
-      state.model = model
+      model = last_good if last_good is not None and last_good.model_dir == fallback else self._load(fallback)
+    with self._lock:
+      self._last_good = model
+    with _LAST_GOOD_LOCK:
+      _LAST_GOOD[self._id] = model.model_dir
     return model
 
-  def _serving_state(self) -> _Serving:
-    """This handler's `_Serving` in this process (Beam's Shared), held by
-    this copy from now on."""
-    with self._lock:
-      if self._state is None:
-        self._state = self._serving.acquire(_Serving)
-      return self._state
-
-  def _load(self, model_dir: str, state: _Serving) -> LoadedModel:
+  def _load(self, model_dir: str) -> LoadedModel:
     """The model in model_dir, loaded now (counted as 'model_loads')."""
-    model = dataclasses.replace(self._load_uncached(model_dir), serving=state)
+    model = self._load_uncached(model_dir)
     with self._lock:
       self._unreported_loads += 1
     return model
