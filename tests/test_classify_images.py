@@ -7,6 +7,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl import cli
 from beam_dl.formats import image_example
 from beam_dl.jsonl import read_jsonl
 from beam_dl.handler import JaxModelHandler
@@ -186,3 +187,35 @@ def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_mode
     assert record['label'] == want['label'], record['key']
     np.testing.assert_allclose(record['scores'], want['scores'], rtol=0, atol=1e-5, err_msg=record['key'])
   assert [(r['stage'], 'not a tf.train.Example' in r['reason']) for r in failed] == [('parse', True)]
+
+
+def _write_inputs(folder, items):
+  folder.mkdir()
+  for name, data in items.items():
+    (folder / name).write_bytes(data)
+
+
+def test_max_error_rate_fails_a_mostly_corrupt_job_with_one_line(digits_model_dir, inputs, tmp_path, capsys):
+  """3 of 4 inputs corrupt, --max_error_rate=0.5: the job fails, exit code 1,
+  one line on stderr saying how many failed (Beam's threshold rule)."""
+  good, bad = inputs
+  _write_inputs(tmp_path / 'in', {'png_gray.png': good['png_gray'], **bad})
+  argv = [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/pred',
+          '--max_error_rate=0.5']
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(classify_images.run, 'classify_images', argv)
+  assert exit_info.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[-1] == ('classify_images: error: 3 of 4 inputs failed (75.0%), '
+                       'above the error threshold of 50.0%'), lines
+
+
+def test_max_error_rate_under_the_threshold_succeeds_with_dead_letters(digits_model_dir, inputs, tmp_path):
+  good, bad = inputs
+  _write_inputs(tmp_path / 'in', {**{f'{k}.img': v for k, v in good.items()}, **bad})
+  out = str(tmp_path / 'out' / 'pred')
+  classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}',
+                       '--max_error_rate=0.5'])  # 3 of 9 failed: 33% <= 50%
+  failed = read_jsonl(out + '-failed-*.jsonl')
+  assert sorted(r['key'].rsplit('/', 1)[1] for r in failed) == sorted(bad)
+  assert len(read_jsonl(out + '-[0-9]*.jsonl')) == len(good)

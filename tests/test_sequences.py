@@ -272,3 +272,25 @@ def test_assemble_sequences_per_session_window():
             | T.AssembleSequences())
     assert_that(seqs.sequences | beam.Map(lambda r: r.values[:, 0].tolist()),
                 equal_to([[0, 2, 4], [100, 103]]))
+
+
+def test_parse_sequence_examples_error_handler_and_threshold():
+  """Beam's error-handling conventions: under the threshold the job succeeds
+  and Beam's ErrorHandler receives every dead letter; above it the job fails
+  saying how many records failed."""
+  from apache_beam.transforms.error_handling import ErrorHandler
+
+  bad = [b for b, _ in _bad_records()]  # 7 bad records
+  good = [_seq_example(f'g{i}', [[i, i]]) for i in range(13)]
+  p = _pipeline()
+  with ErrorHandler(beam.Map(lambda d: d['stage'])) as handler:
+    out = (p | beam.Create(good + bad)
+           | T.ParseSequenceExamples(SPEC, error_threshold=0.4).with_error_handler(handler))
+  assert_that(out.parsed | beam.Map(lambda r: r.key), equal_to([f'g{i}' for i in range(13)]), label='parsed')
+  assert_that(handler.output(), equal_to(['parse'] * 7), label='handled')
+  p.run().wait_until_finish()  # 7 of 20 = 35% <= 40%
+
+  p = _pipeline()
+  _ = p | beam.Create(good[:3] + bad) | T.ParseSequenceExamples(SPEC, error_threshold=0.5)
+  with pytest.raises(Exception, match=r'7 of 10 inputs failed \(70\.0%\), above the error threshold of 50\.0%'):
+    p.run().wait_until_finish()

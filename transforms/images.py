@@ -20,7 +20,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_dl.deadletter import FAILED, dead_letter
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
@@ -217,7 +217,7 @@ class _DecodeImageFn(beam.DoFn):
     return WindowedValue((key, outcome, *meta), timestamp, [window])
 
 
-class DecodeImages(beam.PTransform):
+class DecodeImages(ErrorHandling, beam.PTransform):
   """Decodes (key, encoded bytes) to (key, uint8 [H, W, C]) per `spec`.
 
   Already decoded uint8 pixels in place of the bytes (what `ReadImageExamples`
@@ -233,17 +233,24 @@ class DecodeImages(beam.PTransform):
   `ahead` (default 256): decode on a background thread up to this many
   elements (and 64 MB of encoded input) ahead, so decoding overlaps the
   model downstream (0: inline).
+
+  `error_threshold` (default 1: never) fails the job when more than that
+  fraction of inputs fail; `with_error_handler(ErrorHandler(...))` also
+  sends the dead letters to Beam's error handler (beam_dl.deadletter).
   """
 
-  def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD):
+  def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD, *, error_threshold: float = 1.0):
     super().__init__()
     self._spec = spec
     self._ahead = ahead
+    self._set_error_threshold(error_threshold)
 
   def expand(self, pcoll):
-    return pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_outputs(
+    outputs = pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_outputs(
         FAILED, main='decoded'
     )
+    self._report_failures(pcoll, outputs.failed)
+    return outputs
 
 
 class NormalizeImages(beam.PTransform):

@@ -28,6 +28,7 @@ from apache_beam.utils import shared
 from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.formats import image_example
 from beam_dl.io.sequences import SequenceRecord
+from beam_dl.isolate import Failed, failures, isolate
 from beam_dl.preprocessing import canonical, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -254,19 +255,19 @@ class _ApplyTransformFn(beam.DoFn):
     self._model = self._shared.acquire(lambda: LoadedTransform(directory), tag=directory)
 
   def process(self, batch) -> Iterable:
-    try:
-      results = self._model.apply([record for _, record in batch])
-    except Exception as e:  # TF rejects the whole batch: halve until isolated
-      if len(batch) == 1:
-        self._bad.inc()
-        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(batch[0][0], 'transform', describe(e)))
-        return
-      middle = len(batch) // 2
-      yield from self.process(batch[:middle])
-      yield from self.process(batch[middle:])
-      return
-    self._ok.inc(len(results))
-    yield from zip((key for key, _ in batch), results)
+    """TF rejects a whole batch for one bad example: `isolate` halves it until
+    each rejected example stands alone and becomes its own dead letter."""
+    outcomes = isolate(lambda part: self._model.apply([record for _, record in part]), batch)
+    bad = failures(outcomes)
+    if bad:
+      self._bad.inc(bad)
+    if bad < len(batch):
+      self._ok.inc(len(batch) - bad)
+    for (key, _), outcome in zip(batch, outcomes):
+      if isinstance(outcome, Failed):
+        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'transform', describe(outcome.error)))
+      else:
+        yield key, outcome
 
 
 class ApplySavedTransform(beam.PTransform):

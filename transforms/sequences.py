@@ -25,7 +25,7 @@ from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, dead_letter
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
 from beam_dl.formats import sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.features.batch_windows import events_block
@@ -80,7 +80,7 @@ def _reason_kind(reason: str) -> str:
   return 'other'
 
 
-class ParseSequenceExamples(beam.PTransform):
+class ParseSequenceExamples(ErrorHandling, beam.PTransform):
   """Serialized tf.train.SequenceExample (or list-feature Example) -> `SequenceRecord`.
 
   Args:
@@ -88,13 +88,17 @@ class ParseSequenceExamples(beam.PTransform):
     fmt: 'sequence_example' (feature lists) or 'example' (flat list features,
       needs `spec.num_features`).
     max_batch_size: records parsed per TF call (BatchElements adapts below it).
+    error_threshold: fail the job when more than this fraction of records
+      fail to parse (default 1: never); `with_error_handler(ErrorHandler(...))`
+      also sends the dead letters to Beam's error handler.
 
   Returns a tuple with `.parsed` (SequenceRecord) and `.failed` (dead letters).
   """
 
   def __init__(self, spec: SequenceSpec = SequenceSpec(), fmt: str = 'sequence_example',
-               max_batch_size: int = 512):
+               max_batch_size: int = 512, *, error_threshold: float = 1.0):
     super().__init__()
+    self._set_error_threshold(error_threshold)
     if fmt not in ('sequence_example', 'example'):
       raise ValueError(f"fmt must be 'sequence_example' or 'example', got {fmt!r}")
     if fmt == 'example' and not spec.num_features:
@@ -102,11 +106,13 @@ class ParseSequenceExamples(beam.PTransform):
     self._spec, self._fmt, self._max_batch_size = spec, fmt, max_batch_size
 
   def expand(self, records):
-    return (records
-            | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
-                                            max_batch_size=self._max_batch_size)
-            | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_outputs(
-                FAILED, main='parsed'))
+    outputs = (records
+               | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
+                                               max_batch_size=self._max_batch_size)
+               | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_outputs(
+                   FAILED, main='parsed'))
+    self._report_failures(records, outputs.failed)
+    return outputs
 
 
 class ReadSequenceExamples(beam.PTransform):

@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from beam_dl.isolate import Failed, isolate
+
+
 def _tf():
   """TensorFlow, imported on first use (keeps `import beam_dl` light).
 
@@ -100,16 +103,12 @@ def tf_error_message(err: Exception) -> str:
 
 def _isolating(parse_batch: Callable[[list[bytes]], list],
                records: list[bytes], what: str) -> list:
-  """`parse_batch(records)`, splitting the batch until TF's errors are isolated."""
-  tf = _tf()
-  try:
-    return parse_batch(records)
-  except tf.errors.OpError as err:  # InvalidArgument (types, bad bytes), DataLoss, ...
-    if len(records) == 1:
-      return [SequenceParseError(f'cannot parse {what}: {tf_error_message(err)}')]
-  mid = len(records) // 2
-  return (_isolating(parse_batch, records[:mid], what) +
-          _isolating(parse_batch, records[mid:], what))
+  """`parse_batch(records)`, splitting the batch until TF's errors are isolated
+  (`beam_dl.isolate`); a record TF rejects alone gets its own parse error."""
+  op_error = _tf().errors.OpError  # InvalidArgument (types, bad bytes), DataLoss, ...
+  outcomes = isolate(parse_batch, records, splits=lambda e: isinstance(e, op_error))
+  return [SequenceParseError(f'cannot parse {what}: {tf_error_message(o.error)}')
+          if isinstance(o, Failed) else o for o in outcomes]
 
 
 def results_by_kind(results: Iterable) -> tuple[list[SequenceRecord], list[SequenceParseError]]:
