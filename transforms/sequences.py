@@ -25,6 +25,7 @@ from apache_beam import coders
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter
+from beam_dl.element_types import DeadLetter, TextLine
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding as padding_lib
 from beam_dl.io import sequences as seq_lib
@@ -92,6 +93,7 @@ def _reason_kind(reason: str) -> str:
   return 'other'
 
 
+@beam.typehints.with_input_types(bytes)
 class ParseSequenceExamples(beam.PTransform):
   """Serialized tf.train.SequenceExample (or list-feature Example) -> `SequenceRecord`.
 
@@ -117,8 +119,8 @@ class ParseSequenceExamples(beam.PTransform):
     return (records
             | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
                                             max_batch_size=self._max_batch_size)
-            | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_outputs(
-                FAILED, main='parsed'))
+            | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_output_types(
+                SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='parsed'))
 
 
 class ReadSequenceExamples(beam.PTransform):
@@ -175,6 +177,7 @@ class _ParseEventFn(beam.DoFn):
     yield beam.window.TimestampedValue(event, event.time) if self._with_timestamps else event
 
 
+@beam.typehints.with_input_types(TextLine)
 class ParseEvents(beam.PTransform):
   """Text lines (JSON objects or CSV rows) -> `Event`.
 
@@ -198,8 +201,8 @@ class ParseEvents(beam.PTransform):
 
   def expand(self, lines):
     return lines | 'ParseEvent' >> beam.ParDo(
-        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_outputs(
-            FAILED, main='events')
+        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_output_types(
+            Event, **{FAILED: DeadLetter}).with_outputs(FAILED, main='events')
 
 
 class ReadEvents(beam.PTransform):
@@ -250,6 +253,7 @@ class _AssembleFn(beam.DoFn):
     yield record
 
 
+@beam.typehints.with_input_types(Event)
 class AssembleSequences(beam.PTransform):
   """`Event`s -> one `SequenceRecord` per key, steps ordered by event time.
 
@@ -271,8 +275,10 @@ class AssembleSequences(beam.PTransform):
   def expand(self, events):
     return (events
             | 'KeyByEventKey' >> beam.Map(lambda e: (e.key, e)).with_input_types(Event)
+            .with_output_types(Tuple[str, Event])
             | 'GroupByKey' >> beam.GroupByKey()
             | 'Assemble' >> beam.ParDo(_AssembleFn(self._label_map, self._min_length))
+            .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
             .with_outputs(FAILED, main='sequences'))
 
 
@@ -298,6 +304,7 @@ class _HashIdsFn(beam.DoFn):
     yield record.replace(ids=hashing.hash_ids(raw, self._buckets), meta=meta)
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class HashIds(beam.PTransform):
   """Categorical ids hashed into `num_buckets` (FarmHash64, as Keras `Hashing`).
 
@@ -314,8 +321,8 @@ class HashIds(beam.PTransform):
     self._buckets = num_buckets
 
   def expand(self, records):
-    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_outputs(
-        FAILED, main='sequences')
+    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_output_types(
+        SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='sequences')
 
 
 class _PadFn(beam.DoFn):
@@ -337,6 +344,8 @@ class _PadFn(beam.DoFn):
     yield batch
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class BucketByLength(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es, each padded to its length bucket.
 
@@ -378,6 +387,8 @@ class BucketByLength(beam.PTransform):
             .with_output_types(PaddedBatch))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class PadSequences(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es of one fixed `length` (no bucketing).
 
@@ -394,6 +405,8 @@ class PadSequences(beam.PTransform):
     return records | 'PadToLength' >> self._bucket
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(SequenceRecord)
 class ChunkSequences(beam.PTransform):
   """`SequenceRecord`s -> fixed windows of `window` steps (truncated BPTT).
 
