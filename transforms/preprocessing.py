@@ -112,8 +112,8 @@ class CanonicalSequences(beam.PTransform):
     num_values, with_ids = self._num_values, self._with_ids
     return sequences | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(lambda r: canonical.sequence_to_raw(r, num_values, with_ids), lambda r: r.key)
-    ).with_outputs(FAILED, main='raw').with_input_types(SequenceRecord).with_output_types(
-        bytes, **{FAILED: DeadLetter})
+    ).with_input_types(SequenceRecord).with_output_types(
+        bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
 class Transformed(NamedTuple):
@@ -209,7 +209,7 @@ class ExtractStats(beam.PTransform):
     return (
         instances
         | 'OneRow' >> beam.combiners.Sample.FixedSizeGlobally(1)
-        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {})
+        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {}).with_output_types(Record)
     )
 
 

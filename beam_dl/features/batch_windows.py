@@ -35,8 +35,10 @@ from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
+from beam_dl.element_types import Record
 from beam_dl.features.aggregates import features_record
 from beam_dl.features.windows import WindowSpec
+from beam_dl.io.events import Event
 
 DEFAULT_BLOCKS = 64
 # A batch GroupByKey fires each window once, when the input ends: the pane
@@ -167,6 +169,8 @@ class _BlockFeaturesFn(beam.DoFn):
       yield WindowedValue(record, window.max_timestamp(), [window], _ON_TIME)
 
 
+@beam.typehints.with_input_types(Event)
+@beam.typehints.with_output_types(Record)
 class FeaturesByKeyBlock(beam.PTransform):
   """Event (timestamped) -> the features records of `WindowedFeatures`, batch only.
 
