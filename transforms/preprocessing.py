@@ -167,7 +167,7 @@ def training_schema(metadata):
   return schema_utils.schema_from_feature_spec(stats.drop(feature_spec))
 
 
-@beam.typehints.with_input_types(Record)
+# Input undeclared: tft types AnalyzeAndTransformDataset's instances as a Union with its metadata.
 @beam.typehints.with_output_types(str)
 class WriteTransformedExamples(beam.PTransform):
   """Transformed instance dicts -> `<prefix>-SSSSS-of-NNNNN.tfrecord` of tf.Example.
@@ -200,7 +200,6 @@ class WriteTransformedExamples(beam.PTransform):
     )
 
 
-@beam.typehints.with_input_types(Record)
 @beam.typehints.with_output_types(Record)
 class ExtractStats(beam.PTransform):
   """Transformed instances -> one dict {stat name: [floats]} (from any one row)."""
