@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import dead_letter
+from beam_dl.element_types import DeadLetter
 from beam_dl.io import files as files_lib
 
 NAMESPACE = 'beam_dl.files'
@@ -57,5 +58,5 @@ class MatchReadableFiles(beam.PTransform):
              | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
     failed = (pbegin
               | 'Pattern' >> beam.Create([self._pattern])
-              | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(dict))
+              | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter))
     return ReadableFiles(files, failed)

@@ -21,6 +21,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
@@ -88,7 +89,7 @@ class ReadImageFiles(beam.PTransform):
     keyed = tuple[str, bytes, dict] if self._with_metadata else tuple[str, bytes]
     read = matched.files | 'ReadFiles' >> beam.ParDo(
         _ReadImageFileFn(self._with_metadata, self._label_fn)).with_output_types(
-            keyed, **{FAILED: dict}).with_outputs(FAILED, main='images')
+            keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
 
@@ -152,7 +153,8 @@ class ReadImageExamples(beam.PTransform):
     read = pbegin | 'ReadRecords' >> ReadTFRecords(self._file_pattern)
     parsed = read.records | 'ParseExamples' >> beam.ParDo(
         _ParseImageExampleFn(self._image_feature, self._key_feature,
-                             self._label_feature)).with_outputs(FAILED, main='images')
+                             self._label_feature)).with_output_types(
+                                 EncodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(parsed.images, failed)
 
@@ -217,6 +219,7 @@ class _DecodeImageFn(beam.DoFn):
     return WindowedValue((key, outcome, *meta), timestamp, [window])
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class DecodeImages(ErrorHandling, beam.PTransform):
   """Decodes (key, encoded bytes) to (key, uint8 [H, W, C]) per `spec`.
 
@@ -246,13 +249,14 @@ class DecodeImages(ErrorHandling, beam.PTransform):
     self._set_error_threshold(error_threshold)
 
   def expand(self, pcoll):
-    outputs = pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_outputs(
-        FAILED, main='decoded'
-    )
+    outputs = pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_output_types(
+        DecodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='decoded')
     self._report_failures(pcoll, outputs.failed)
     return outputs
 
 
+@beam.typehints.with_input_types(DecodedImage)
+@beam.typehints.with_output_types(DecodedImage)
 class NormalizeImages(beam.PTransform):
   """(key, uint8 array, meta...) -> (key, float32 (x * scale - mean) / std, meta...).
 
@@ -269,7 +273,7 @@ class NormalizeImages(beam.PTransform):
   def expand(self, pcoll):
     mean, std, scale = self._args
     return pcoll | 'Normalize' >> beam.Map(
-        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:]))
+        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:])).with_output_types(DecodedImage)
 
 
 __all__ = ['DecodeImages', 'ImageSpec', 'NormalizeImages', 'ReadImageExamples', 'ReadImageFiles']

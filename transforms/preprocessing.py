@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
 from beam_dl.formats import image_example
 from beam_dl.io.sequences import SequenceRecord
 from beam_dl.isolate import Failed, failures, isolate
@@ -65,6 +66,7 @@ def _image_record_to_raw(spec):
   return lambda element: canonical.image_record_to_raw(element[1], spec, canonical.record_key(*element))
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class CanonicalImageFiles(beam.PTransform):
   """(path, encoded image) -> canonical raw image examples (`.raw`, `.failed`).
 
@@ -79,9 +81,10 @@ class CanonicalImageFiles(beam.PTransform):
   def expand(self, files):
     return files | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(_image_file_to_raw(self._spec), lambda e: e[0])
-    ).with_outputs(FAILED, main='raw')
+    ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
+@beam.typehints.with_input_types(KeyedBytes)
 class CanonicalImageRecords(beam.PTransform):
   """(filename, serialized tf.Example) -> canonical raw image examples.
 
@@ -96,9 +99,10 @@ class CanonicalImageRecords(beam.PTransform):
   def expand(self, records):
     return records | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(_image_record_to_raw(self._spec), lambda e: canonical.record_key(*e))
-    ).with_outputs(FAILED, main='raw')
+    ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class CanonicalSequences(beam.PTransform):
   """`SequenceRecord` -> canonical raw sequence examples (`.raw`, `.failed`)."""
 
@@ -110,7 +114,8 @@ class CanonicalSequences(beam.PTransform):
     num_values, with_ids = self._num_values, self._with_ids
     return sequences | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(lambda r: canonical.sequence_to_raw(r, num_values, with_ids), lambda r: r.key)
-    ).with_outputs(FAILED, main='raw').with_input_types(SequenceRecord)
+    ).with_input_types(SequenceRecord).with_output_types(
+        bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
 class Transformed(NamedTuple):
@@ -121,6 +126,7 @@ class Transformed(NamedTuple):
   transform_fn: Any
 
 
+@beam.typehints.with_input_types(bytes)
 class AnalyzeAndTransform(beam.PTransform):
   """Canonical raw example bytes -> tf.Transform analysed and transformed data.
 
@@ -163,6 +169,8 @@ def training_schema(metadata):
   return schema_utils.schema_from_feature_spec(stats.drop(feature_spec))
 
 
+# Input undeclared: tft types AnalyzeAndTransformDataset's instances as a Union with its metadata.
+@beam.typehints.with_output_types(str)
 class WriteTransformedExamples(beam.PTransform):
   """Transformed instance dicts -> `<prefix>-SSSSS-of-NNNNN.tfrecord` of tf.Example.
 
@@ -194,6 +202,7 @@ class WriteTransformedExamples(beam.PTransform):
     )
 
 
+@beam.typehints.with_output_types(Record)
 class ExtractStats(beam.PTransform):
   """Transformed instances -> one dict {stat name: [floats]} (from any one row)."""
 
@@ -201,7 +210,7 @@ class ExtractStats(beam.PTransform):
     return (
         instances
         | 'OneRow' >> beam.combiners.Sample.FixedSizeGlobally(1)
-        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {})
+        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {}).with_output_types(Record)
     )
 
 
@@ -270,6 +279,7 @@ class _ApplyTransformFn(beam.DoFn):
         yield key, outcome
 
 
+@beam.typehints.with_input_types(KeyedBytes)
 class ApplySavedTransform(beam.PTransform):
   """(key, canonical raw example bytes) -> (key, {feature: np.ndarray}) with the
   saved tf.Transform graph of `transform_dir` (`.transformed`, `.failed`).
@@ -290,10 +300,12 @@ class ApplySavedTransform(beam.PTransform):
         keyed_raw
         | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
         | 'Transform'
-        >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared)).with_outputs(FAILED, main='transformed')
+        >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared)).with_output_types(
+            KeyedFeatures, **{FAILED: DeadLetter}).with_outputs(FAILED, main='transformed')
     )
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class TransformImagesForInference(beam.PTransform):
   """(key, encoded image bytes) -> (key, float32 [H, W, C]) ready for RunInference.
 
@@ -318,6 +330,7 @@ class TransformImagesForInference(beam.PTransform):
         lambda features: np.asarray(features['image'], np.float32).reshape(shape))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class TransformSequencesForInference(beam.PTransform):
   """`SequenceRecord` -> (key, float32 [T, F]) ready for RunInference on a
   sequence model trained with `DataConfig(kind='transformed', features=...)`.
@@ -360,7 +373,8 @@ def _apply_for_inference(raw, transform_dir: str, batch_size: int, to_input: Cal
   """Canonical raw examples (`.raw`, `.failed`) -> the saved graph -> model inputs."""
   keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
   applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(transform_dir, batch_size)
-  inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(lambda key, features: (key, to_input(features)))
+  inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(
+      lambda key, features: (key, to_input(features))).with_output_types(KeyedArray)
   failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
   return InferenceInputs(inputs, failed)
 

@@ -26,6 +26,7 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
+from beam_dl.element_types import DeadLetter, TextLine
 from beam_dl.formats import sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.features.batch_windows import events_block
@@ -80,6 +81,7 @@ def _reason_kind(reason: str) -> str:
   return 'other'
 
 
+@beam.typehints.with_input_types(bytes)
 class ParseSequenceExamples(ErrorHandling, beam.PTransform):
   """Serialized tf.train.SequenceExample (or list-feature Example) -> `SequenceRecord`.
 
@@ -109,8 +111,8 @@ class ParseSequenceExamples(ErrorHandling, beam.PTransform):
     outputs = (records
                | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
                                                max_batch_size=self._max_batch_size)
-               | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_outputs(
-                   FAILED, main='parsed'))
+               | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_output_types(
+                   SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='parsed'))
     self._report_failures(records, outputs.failed)
     return outputs
 
@@ -174,6 +176,7 @@ def _parse_event_failure(err: events_lib.EventParseError, line) -> beam.pvalue.T
       err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
 
 
+@beam.typehints.with_input_types(TextLine)
 class ParseEvents(beam.PTransform):
   """Text lines (JSON objects or CSV rows) -> `Event`.
 
@@ -197,8 +200,8 @@ class ParseEvents(beam.PTransform):
 
   def expand(self, lines):
     return lines | 'ParseEvent' >> beam.ParDo(
-        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_outputs(
-            FAILED, main='events')
+        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_output_types(
+            Event, **{FAILED: DeadLetter}).with_outputs(FAILED, main='events')
 
 
 class ReadEvents(beam.PTransform):
@@ -308,6 +311,7 @@ class _AssembleFn(beam.DoFn):
     yield record
 
 
+@beam.typehints.with_input_types(Event)
 class AssembleSequences(beam.PTransform):
   """`Event`s -> one `SequenceRecord` per key, steps ordered by event time.
 
@@ -329,8 +333,10 @@ class AssembleSequences(beam.PTransform):
   def expand(self, events):
     return (events
             | 'KeyByEventKey' >> beam.Map(lambda e: (e.key, e)).with_input_types(Event)
+            .with_output_types(Tuple[str, Event])
             | 'GroupByKey' >> beam.GroupByKey()
             | 'Assemble' >> beam.ParDo(_AssembleFn(self._label_map, self._min_length))
+            .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
             .with_outputs(FAILED, main='sequences'))
 
 
@@ -356,6 +362,7 @@ class _HashIdsFn(beam.DoFn):
     yield record.replace(ids=hashing.hash_ids(raw, self._buckets), meta=meta)
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class HashIds(beam.PTransform):
   """Categorical ids hashed into `num_buckets` (FarmHash64, as Keras `Hashing`).
 
@@ -372,8 +379,8 @@ class HashIds(beam.PTransform):
     self._buckets = num_buckets
 
   def expand(self, records):
-    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_outputs(
-        FAILED, main='sequences')
+    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_output_types(
+        SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='sequences')
 
 
 class _PadFn(beam.DoFn):
@@ -395,6 +402,8 @@ class _PadFn(beam.DoFn):
     yield batch
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class BucketByLength(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es, each padded to its length bucket.
 
@@ -436,6 +445,8 @@ class BucketByLength(beam.PTransform):
             .with_output_types(PaddedBatch))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class PadSequences(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es of one fixed `length` (no bucketing).
 
@@ -452,6 +463,8 @@ class PadSequences(beam.PTransform):
     return records | 'PadToLength' >> self._bucket
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(SequenceRecord)
 class ChunkSequences(beam.PTransform):
   """`SequenceRecord`s -> fixed windows of `window` steps (truncated BPTT).
 

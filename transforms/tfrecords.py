@@ -19,7 +19,7 @@ tf.train.SequenceExample (context `key`/`label`/`target`, feature lists
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import CompressionTypes
@@ -28,6 +28,7 @@ from apache_beam.metrics import Metrics
 from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.formats import image_example, sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
 from beam_dl.io import files as files_lib
 from beam_dl.io import tfrecord as tfrecord_lib
 from beam_dl.io.sequences import SequenceRecord
@@ -101,7 +102,7 @@ class ReadTFRecords(beam.PTransform):
   def expand(self, pbegin) -> TFRecords:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._pattern, self._compression)
     read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_output_types(
-        tuple[str, bytes], **{FAILED: dict}).with_outputs(FAILED, main='records')
+        KeyedBytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='records')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return TFRecords(read.records, failed)
 
@@ -138,6 +139,8 @@ def _sink_args(num_shards: int, compression_type: str) -> dict:
               compression_type=compression_type)
 
 
+@beam.typehints.with_input_types(Union[DecodedImage, Record])
+@beam.typehints.with_output_types(str)
 class WriteImageExamples(beam.PTransform):
   """Decoded images -> sharded TFRecord of image tf.train.Example.
 
@@ -157,6 +160,8 @@ class WriteImageExamples(beam.PTransform):
             | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(str)
 class WriteSequenceExamples(beam.PTransform):
   """`SequenceRecord`s -> sharded TFRecord of tf.train.SequenceExample."""
 

@@ -32,6 +32,7 @@ from beam_dl.features.aggregates import WindowStatsFn, features_record
 from beam_dl.features.lastn import LastNFn
 from beam_dl.features.late import LATE, LateDataGate
 from beam_dl.features.spectrogram import SpectrogramSpec, place_samples, spectrogram
+from beam_dl.element_types import Record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.io.events import Event
 
@@ -67,6 +68,8 @@ class _KeyEventFn(beam.DoFn):
     yield event.key, (_seconds(timestamp), tuple(event.values), self._clock(), event.time)
 
 
+@beam.typehints.with_input_types(Event)
+@beam.typehints.with_output_types(Event)
 class EventTimestamps(beam.PTransform):
   """Stamps each Event with its event time, or keeps the source's timestamps.
 
@@ -83,7 +86,8 @@ class EventTimestamps(beam.PTransform):
   def expand(self, events):
     if self._from_source:
       return events
-    return events | 'StampEventTime' >> beam.Map(lambda e: beam.window.TimestampedValue(e, e.time))
+    return events | 'StampEventTime' >> beam.Map(
+        lambda e: beam.window.TimestampedValue(e, e.time)).with_output_types(Event)
 
 
 class _KeyGateAndWindow(beam.PTransform):
@@ -99,10 +103,10 @@ class _KeyGateAndWindow(beam.PTransform):
     keyed = events | 'KeyEvents' >> beam.ParDo(_KeyEventFn(self._clock)).with_output_types(Keyed)
     if self._route_late:
       gated = keyed | 'RouteLateData' >> beam.ParDo(LateDataGate(self._spec)).with_output_types(
-          Keyed).with_outputs(LATE, main='on_time')
+          Keyed, **{LATE: Record}).with_outputs(LATE, main='on_time')
       keyed, late = gated.on_time, gated[LATE]
     else:
-      late = keyed.pipeline | 'NoLateData' >> beam.Create([])
+      late = keyed.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record)
     windowed = keyed | 'Window' >> self._spec.window_into()
     return windowed, late
 
@@ -115,6 +119,7 @@ class _FeaturesRecordFn(beam.DoFn):
                           fields['pane'], fields['pane_index'])
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedFeatures(beam.PTransform):
   """Event -> features record per key, window and pane, plus late events.
 
@@ -148,14 +153,14 @@ class WindowedFeatures(beam.PTransform):
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
       records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
           self._spec, event_blocks=self._event_blocks)
-      return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]))
+      return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record))
     if self._event_blocks:
       events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
         windowed
         | 'Aggregate' >> beam.CombinePerKey(WindowStatsFn())
-        | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()))
+        | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()).with_output_types(Record))
     return WindowedOutputs(records, late)
 
 
@@ -165,6 +170,7 @@ class _SequenceRecordFn(beam.DoFn):
     yield {'key': key, **window_fields(window, pane), 'length': sequence.length, 'sequence': sequence}
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedSequences(beam.PTransform):
   """Event -> the last `n` events per key, window and pane, plus late events.
 
@@ -186,7 +192,7 @@ class WindowedSequences(beam.PTransform):
     records = (
         windowed
         | 'LastN' >> beam.CombinePerKey(self._combine)
-        | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()))
+        | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()).with_output_types(Record))
     return WindowedOutputs(records, late)
 
 
@@ -206,6 +212,7 @@ class _SpectrogramRecordFn(beam.DoFn):
            'frame_times': frames + fields['window_start'], 'spectrogram': image}
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedSpectrograms(beam.PTransform):
   """Event -> STFT spectrogram of feature `feature` per key and fixed/sliding window.
 
@@ -230,5 +237,5 @@ class WindowedSpectrograms(beam.PTransform):
     records = (
         windowed
         | 'CollectSamples' >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-        | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)))
+        | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)).with_output_types(Record))
     return WindowedOutputs(records, late)

@@ -40,6 +40,7 @@ from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
+from beam_dl.element_types import Record
 from beam_dl.features.aggregates import features_record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.io.events import Event
@@ -228,6 +229,8 @@ class _BlockFeaturesFn(beam.DoFn):
     return block_features(merge_blocks(blocks), self._spec)
 
 
+@beam.typehints.with_input_types(Event)
+@beam.typehints.with_output_types(Record)
 class FeaturesByKeyBlock(beam.PTransform):
   """Events (timestamped `Event`s, or `EventBlock`s when `event_blocks`) -> the
   features records of `WindowedFeatures`, batch only.
