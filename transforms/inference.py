@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.ml.inference import base as beam_inference
@@ -15,6 +15,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHand
 
 from beam_dl import checkpoints
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.element_types import DeadLetter, EncodedImage, Record
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec
 from beam_dl.isolate import Failed, isolate
@@ -31,21 +32,16 @@ class InferenceOutputs(NamedTuple):
 
 
 def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inference') -> Iterable[dict]:
-  """Beam's failed-inference record (batch, error info) -> one record per input."""
-  batch, error = failure
+  """Beam's failed record (what failed, error info) -> one dead letter per input.
+
+  The handler is keyed by construction (`_keyed`), so what failed is known:
+  a failed inference is a batch, a list of (key, example); a failed pre- or
+  post-processing fn is one (key, value).
+  """
+  failed, error = failure
   reason = _error_reason(error)
-  for element in _elements(batch):
-    key = element[0] if _is_keyed(element) else None
+  for key, _ in (failed if stage == 'inference' else [failed]):
     yield dead_letter(key, stage, reason)
-
-
-def _elements(batch: Any) -> list:
-  """The elements Beam's DLQ reports as failed: a batch's list, or one element."""
-  return batch if isinstance(batch, (list, tuple)) and not _is_keyed(batch) else [batch]
-
-
-def _is_keyed(element: Any) -> bool:
-  return isinstance(element, tuple) and len(element) == 2 and isinstance(element[0], (str, bytes, int))
 
 
 def _error_reason(error: Any) -> str:
@@ -72,8 +68,15 @@ def _unwrap(handler: ModelHandler) -> ModelHandler:
 
 
 def _keyed(handler: ModelHandler) -> ModelHandler:
-  """`handler` as is when it (under its pre/post fns) is keyed, else KeyedModelHandler(handler)."""
-  if isinstance(_unwrap(handler), (KeyedModelHandler, MaybeKeyedModelHandler)):
+  """`handler` as is when it (under its pre/post fns) is keyed, else KeyedModelHandler(handler).
+
+  Every element here is (key, example), so that each dead letter names its
+  input: a MaybeKeyedModelHandler (keys optional) is refused.
+  """
+  if isinstance(_unwrap(handler), MaybeKeyedModelHandler):
+    raise ValueError('RunInferenceWithDeadLetters takes (key, example) elements: pass the handler '
+                     'itself or a KeyedModelHandler, not a MaybeKeyedModelHandler')
+  if isinstance(_unwrap(handler), KeyedModelHandler):
     return handler
   return KeyedModelHandler(handler)
 
@@ -103,9 +106,8 @@ class _IsolatingModelHandler(ModelHandler):
   def run_inference(self, batch, model, inference_args=None):
     outcomes = isolate(lambda part: list(self._base.run_inference(part, model, inference_args)), batch)
     return [
-        _Isolated(element[0] if _is_keyed(element) else None, describe(outcome.error))
-        if isinstance(outcome, Failed) else outcome
-        for element, outcome in zip(batch, outcomes)
+        _Isolated(key, describe(outcome.error)) if isinstance(outcome, Failed) else outcome
+        for (key, _), outcome in zip(batch, outcomes)  # keyed by construction: (key, example)
     ]
 
   def get_postprocess_fns(self):
@@ -175,6 +177,7 @@ def _isolated_to_dead_letters(result) -> Iterable:
     yield result
 
 
+@beam.typehints.with_input_types(Tuple[Any, Any])
 class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   """RunInference over (key, example); nothing is lost when a batch fails.
 
@@ -228,16 +231,19 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
         model_identifier=self._model_identifier,
     ).with_exception_handling()
     failures = [
-        failed | f'PreprocessDeadLetters{i}' >> beam.FlatMap(failed_batch_to_dead_letters, 'preprocess')
+        failed | f'PreprocessDeadLetters{i}' >> beam.FlatMap(
+            failed_batch_to_dead_letters, 'preprocess').with_output_types(DeadLetter)
         for i, failed in enumerate(dlq.failed_preprocessing)
     ]
     failures += [
-        failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(failed_batch_to_dead_letters, 'postprocess')
+        failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(
+            failed_batch_to_dead_letters, 'postprocess').with_output_types(DeadLetter)
         for i, failed in enumerate(dlq.failed_postprocessing)
     ]
     # A batch fails as a whole only when isolation is off or the error is
     # not the elements' (e.g. the model cannot be loaded).
-    failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(failed_batch_to_dead_letters))
+    failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(
+        failed_batch_to_dead_letters).with_output_types(DeadLetter))
     if not self._isolate:
       predictions = main
     else:
@@ -257,6 +263,7 @@ def without_example(keyed_result: tuple) -> tuple:
   return key, result._replace(example=None)
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class ClassifyImages(ErrorHandling, beam.PTransform):
   """(key, encoded image bytes) -> classification records, plus dead letters.
 
@@ -290,6 +297,6 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
     labels = self._labels
     predictions = inferred.predictions | 'FormatPredictions' >> beam.MapTuple(
         lambda key, result: classification_record(key, result, labels)
-    )
+    ).with_output_types(Record)
     failed = (decoded.failed, inferred.failed) | 'MergeFailures' >> beam.Flatten()
     return InferenceOutputs(predictions, self._report_failures(keyed_bytes, failed))
