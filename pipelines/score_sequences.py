@@ -165,7 +165,10 @@ class FirstSightingFn(beam.DoFn):
 
 
 class ReadEventLines(beam.PTransform):
-  """Text lines of events from files (batch or watched), Pub/Sub or Kafka.
+  """Event lines (bytes) from files (batch or watched), Pub/Sub or Kafka.
+
+  Lines and messages are not decoded here: ParseEvents decodes each as
+  UTF-8, so one that is not is a `parse_event` dead letter with that reason.
 
   The watched-directory and Kafka reads end with a Reshuffle, a stage
   boundary, and that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
@@ -192,8 +195,7 @@ class ReadEventLines(beam.PTransform):
       return (pbegin
               | 'ReadFromPubSub' >> beam.io.ReadFromPubSub(
                   topic=opts.input_topic, subscription=opts.input_subscription,
-                  timestamp_attribute=opts.timestamp_attribute)
-              | 'DecodeMessages' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
+                  timestamp_attribute=opts.timestamp_attribute))
     if opts.kafka_bootstrap_servers or opts.kafka_topic:
       return pbegin | 'ReadFromKafka' >> _read_kafka(opts) | 'EndSourceStage' >> beam.Reshuffle()
     if not self._streaming:
@@ -212,15 +214,18 @@ class ReadEventLines(beam.PTransform):
 
 
 def _read_kafka(opts: ScoreSequencesOptions) -> beam.PTransform:
-  """Kafka record values as text, stamped with the record time (the producer's event time)."""
+  """Kafka record values (bytes), stamped with the record time (the producer's event time).
+
+  Values stay bytes: ParseEvents decodes them, so a message that is not
+  UTF-8 is a `parse_event` dead letter that says so, never silently repaired.
+  """
   if opts.kafka_reader == 'xlang':
     from apache_beam.io.kafka import ReadFromKafka  # cross-language: needs Java and the expansion service
     return (ReadFromKafka(consumer_config={'bootstrap.servers': opts.kafka_bootstrap_servers},
                           topics=[opts.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy)
-            | 'KafkaValues' >> beam.Map(lambda kv: kv[1].decode('utf-8', errors='replace')))
-  return (ReadKafkaValues(opts.kafka_bootstrap_servers, opts.kafka_topic,
-                          stop_after_idle_s=opts.kafka_stop_after_idle_secs)
-          | 'DecodeValues' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
+            | 'KafkaValues' >> beam.Values())
+  return ReadKafkaValues(opts.kafka_bootstrap_servers, opts.kafka_topic,
+                         stop_after_idle_s=opts.kafka_stop_after_idle_secs)
 
 
 # -- sequences -> model inputs -------------------------------------------------

@@ -30,7 +30,11 @@ pytestmark = pytest.mark.skipif(
 PRISM = runner_matrix.prism_binary() or os.path.join(runner_matrix.RUNNERS_DIR, 'prism')
 WINDOW = 60.0
 KEYS = ('k0', 'k1', 'k2')
-MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}']
+# Not UTF-8: a valid event once its bad byte is "replaced" (key 'k\ufffd0'), so
+# a reader that decodes with errors='replace' would score it under a corrupted key.
+NOT_UTF8 = b'{"key": "k\xff0", "time": 1230.0, "co2": 331.0}'
+MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}',
+             NOT_UTF8]
 
 
 def _events():
@@ -118,6 +122,9 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
     newest = max(window_events, key=lambda e: e['time'])
     assert record['target'] == pytest.approx([newest['co2']], abs=1e-4)
   assert sorted(f['stage'] for f in failed if f['stage'] == 'parse_event') == ['parse_event'] * len(MALFORMED)
+  not_utf8 = [f for f in failed if 'not valid UTF-8' in f['reason']]
+  assert len(not_utf8) == 1 and not_utf8[0]['stage'] == 'parse_event', failed
+  assert 'at byte 10' in not_utf8[0]['reason'] and '\\xff' in not_utf8[0]['reason']  # says where and what
   assert not [f for f in failed if f['stage'] not in ('parse_event', 'sequence')], failed
 
   # the same events through the batch pipeline: the same scores
