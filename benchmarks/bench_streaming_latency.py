@@ -49,8 +49,9 @@ from apache_beam.testing.test_stream import TestStream
 from beam_dl.features import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.events import Event
-from pipelines import score_sequences, score_sequences_demo as demo
+from pipelines import score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters
+from transforms.sequence_scoring import FormatScoreFn, ToModelInputFn
 from transforms.windowing import WindowedSequences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +83,9 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
   start = time.perf_counter()
   with beam.Pipeline(runner='DirectRunner', options=PipelineOptions([], streaming=True)) as p:
     seqs = p | stream(ticks, per_tick) | WindowedSequences(spec, 16, num_features=1)
-    examples = seqs.records | beam.ParDo(score_sequences._ToExampleFn(False)).with_outputs('failed', main='ok')
+    examples = seqs.records | beam.ParDo(ToModelInputFn(False)).with_outputs('failed', main='ok')
     scored = examples.ok | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=64))
-    scored.predictions | beam.ParDo(score_sequences.FormatScoreFn()) | beam.Map(_collect)
+    scored.predictions | beam.ParDo(FormatScoreFn()) | beam.Map(_collect)
   seconds = time.perf_counter() - start
   lat = np.array(shared.LATENCIES) * 1000
   warm = lat[len(lat) // 10:]  # the first outputs include JIT compiles of the model
