@@ -112,7 +112,12 @@ class ScoreSequencesOptions(PipelineOptions):
         help='Kafka topic for dead letters and late events (default <kafka_output_topic>-failed).')
     add('--kafka_reader', choices=KAFKA_READERS, default='python',
         help='python: beam_dl.io.kafka (confluent-kafka, runs on any runner that runs Python SDFs); '
-             "xlang: Beam's cross-language KafkaIO (needs Java and its expansion service).")
+             "xlang: Beam's cross-language KafkaIO (Java; needs --kafka_expansion_service).")
+    add('--kafka_expansion_service', default=None,
+        help='xlang Kafka reader: host:port of a Java expansion service with KafkaIO '
+             '(python -m beam_dl.services.kafka_io runs one beside a local Flink).')
+    add('--kafka_max_records', type=int, default=None,
+        help='xlang Kafka reader: end the read after this many records (bounded runs: tests, benchmarks).')
     add('--kafka_stop_after_idle_secs', type=float, default=None,
         help='Kafka (python reader): end the read once a partition has had no record for this long '
              '(bounded runs: tests, benchmarks).')
@@ -137,7 +142,8 @@ def event_source(opts: ScoreSequencesOptions, io: IOOptions, streaming: bool) ->
       stop_after_secs=opts.stop_after_secs, pubsub_topic=opts.input_topic,
       pubsub_subscription=opts.input_subscription, timestamp_attribute=opts.timestamp_attribute,
       kafka_bootstrap=opts.kafka_bootstrap_servers, kafka_topic=opts.kafka_topic, kafka_reader=opts.kafka_reader,
-      kafka_stop_after_idle_secs=opts.kafka_stop_after_idle_secs)
+      kafka_stop_after_idle_secs=opts.kafka_stop_after_idle_secs,
+      kafka_expansion_service=opts.kafka_expansion_service, kafka_max_records=opts.kafka_max_records)
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[], float] = time.time):

@@ -20,6 +20,7 @@ import pytest
 
 from beam_dl.jsonl import read_jsonl
 from beam_dl.services import kafka as kafka_service
+from beam_dl.services import kafka_io
 from pipelines import score_sequences
 from tests import runner_matrix
 
@@ -103,7 +104,34 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
       '--streaming', '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'events',
       '--kafka_output_topic', 'scores', '--kafka_stop_after_idle_secs', '3', *_flags(model_dir)])
   scores, failed = _consume_all(broker, 'scores'), _consume_all(broker, 'scores-failed')
+  _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path)
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(kafka_io.unavailable()), reason=str(kafka_io.unavailable()) + ' (CI does)')
+def test_kafkaio_on_flink_accounts_for_every_event(broker, co2_lstm_dir, tmp_path):
+  """Beam's Java KafkaIO (cross-language, EMBEDDED Java harness) on the real FlinkRunner, streaming.
+
+  The same events and checks as the Python reader's test: KafkaIO reads
+  them (record CreateTime = event time) and the Python steps run LOOPBACK
+  on Flink; the read ends after the records produced (--kafka_max_records).
+  """
+  events = _events()
+  for topic in ('xevents', 'xscores', 'xscores-failed'):
+    broker.create_topic(topic)
+  _produce(broker, 'xevents', events, MALFORMED)
+  with kafka_io.flink_with_kafka_io(str(tmp_path)) as (job_endpoint, expansion_service):
+    score_sequences.run([
+        '--streaming', '--runner', 'FlinkRunner', '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK',
+        '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'xevents', '--kafka_output_topic', 'xscores',
+        '--kafka_reader', 'xlang', '--kafka_expansion_service', expansion_service,
+        '--kafka_max_records', str(len(events) + len(MALFORMED)), *_flags(co2_lstm_dir)])
+  scores, failed = _consume_all(broker, 'xscores'), _consume_all(broker, 'xscores-failed')
+  _assert_every_event_accounted_and_batch_equal(events, scores, failed, co2_lstm_dir, tmp_path)
+
+
+def _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path):
+  """Each event is in its window's final pane or a dead letter; scores equal the batch pipeline's."""
   # every event: in its window's final pane, or a dead letter
   per_window = {}
   for e in events:

@@ -23,7 +23,7 @@ from apache_beam.io import fileio
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from beam_dl.io.kafka import ReadKafkaValues
+from beam_dl.io.kafka import ReadKafkaValues, ReadKafkaXlang
 
 NAMESPACE = 'beam_dl.event_sources'
 KAFKA_READERS = ('python', 'xlang')
@@ -41,8 +41,9 @@ class EventSource:
     kafka_bootstrap / kafka_topic: Kafka. `kafka_reader` 'python' is
       `beam_dl.io.kafka.ReadKafkaValues` (confluent-kafka; ends after
       `kafka_stop_after_idle_secs` idle when set), 'xlang' is Beam's
-      cross-language KafkaIO through `kafka_expansion_service` (host:port;
-      None: Beam starts its own from a jar, which needs network).
+      cross-language KafkaIO (`beam_dl.io.kafka.ReadKafkaXlang`) through
+      the expansion service at `kafka_expansion_service` (host:port),
+      ending after `kafka_max_records` records when set.
   """
 
   input: str | None = None
@@ -57,10 +58,14 @@ class EventSource:
   kafka_reader: str = 'python'
   kafka_stop_after_idle_secs: float | None = None
   kafka_expansion_service: str | None = None
+  kafka_max_records: int | None = None
 
   def __post_init__(self):
     if self.kafka_reader not in KAFKA_READERS:
       raise ValueError(f'kafka_reader must be one of {KAFKA_READERS}, got {self.kafka_reader!r}')
+    if self.kafka_reader == 'xlang' and self.kafka_topic and not self.kafka_expansion_service:
+      raise ValueError('the xlang Kafka reader needs kafka_expansion_service (host:port of a Java expansion '
+                       'service with KafkaIO: python -m beam_dl.services.kafka_io runs one)')
 
   @property
   def kind(self) -> str:
@@ -105,12 +110,8 @@ class FirstSightingFn(beam.DoFn):
 def read_kafka(source: EventSource) -> beam.PTransform:
   """Kafka record values (bytes), stamped with the record time (the producer's event time)."""
   if source.kafka_reader == 'xlang':
-    from apache_beam.io.kafka import ReadFromKafka  # cross-language: needs Java and the expansion service
-    return (ReadFromKafka(consumer_config={'bootstrap.servers': source.kafka_bootstrap,
-                                           'auto.offset.reset': 'earliest'},
-                          topics=[source.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy,
-                          expansion_service=source.kafka_expansion_service)
-            | 'KafkaValues' >> beam.Values())
+    return ReadKafkaXlang(source.kafka_bootstrap, source.kafka_topic, source.kafka_expansion_service,
+                          max_num_records=source.kafka_max_records)
   return ReadKafkaValues(source.kafka_bootstrap, source.kafka_topic,
                          stop_after_idle_s=source.kafka_stop_after_idle_secs)
 
