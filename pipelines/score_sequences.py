@@ -123,6 +123,26 @@ class ScoreSequencesOptions(PipelineOptions):
              '(bounded runs: tests, benchmarks).')
 
 
+class FlinkLatencyOptions(PipelineOptions):
+  """Flink's latency knobs, passed through to Beam's Flink job server (Java FlinkPipelineOptions).
+
+  Declared here so the command line accepts them (beam_dl refuses unknown
+  flags) and Beam sends them to the job server, which reads them by name.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    add = parser.add_argument
+    add('--max_bundle_size', type=int, default=None,
+        help='Flink: elements per bundle at most (Flink default 1000); a bundle\'s output leaves when it ends.')
+    add('--max_bundle_time_mills', type=int, default=None,
+        help='Flink: milliseconds a bundle stays open at most (Flink default 1000): the latency floor.')
+    add('--checkpointing_interval', type=int, default=None,
+        help='Flink: milliseconds between checkpoints (default off).')
+    add('--auto_watermark_interval', type=int, default=None,
+        help='Flink: milliseconds between watermark emissions (default 200).')
+
+
 def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
   """The windowing from the flags; streaming defaults to a score per event."""
   early_count = opts.early_after_count
@@ -216,7 +236,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
 def run(argv=None, clock: Callable[[], float] = time.time):
   """Runs the pipeline to completion; returns Beam's PipelineResult."""
   options = cli.parse_options(
-      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions),
+      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions, FlinkLatencyOptions),
       prog='python -m pipelines.score_sequences', description=__doc__)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options, clock)

@@ -138,7 +138,10 @@ def _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_
     start = WINDOW * (e['time'] // WINDOW)
     per_window.setdefault((e['key'], start), []).append(e)
   final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
-  short = {(f['key'], f['window_start']) for f in failed if f['stage'] == 'sequence'}
+  # A pane with fewer than --min_length events is a `sequence` dead letter; where
+  # EARLY panes fire per bundle (Flink: often one event each) a window can have
+  # such a dead letter and still a scored ON_TIME pane holding all its events.
+  short = {(f['key'], f['window_start']) for f in failed if f['stage'] == 'sequence'} - set(final)
   assert set(final) | short == set(per_window)
   for (key, start), window_events in per_window.items():
     if (key, start) in short:

@@ -177,29 +177,21 @@ class ReadKafkaValues(beam.PTransform):
             | 'ReadPartitions' >> beam.ParDo(self._read))
 
 
-class KafkaReadConfig(NamedTuple):
-  """The payload of KafkaIO's cross-language read, as Beam 2.62's Java expects it.
-
-  Python 2.77's `ReadFromKafka` sends three more fields
-  (dynamic_read_poll_interval_seconds, consumer_factory_fn_class/_params);
-  an expansion service from an older Beam refuses the whole request
-  ("missing a setter setDynamicReadPollIntervalSeconds"), even when they
-  are null. These are the fields of `KafkaIO.Read.External.Configuration`
-  in 2.62 (newer Javas accept them too).
-  """
-  consumer_config: Mapping[str, str]
-  topics: list[str]
-  key_deserializer: str
-  value_deserializer: str
-  start_read_time: Optional[int]
-  max_num_records: Optional[int]
-  max_read_time: Optional[int]
-  commit_offset_in_finalize: bool
-  timestamp_policy: str
-  consumer_polling_timeout: Optional[int]
-  redistribute: Optional[bool]
-  redistribute_num_keys: Optional[np.int32]
-  allow_duplicates: Optional[bool]
+# The payload of KafkaIO's cross-language read, as Beam 2.62's Java expects it.
+# Python 2.77's `ReadFromKafka` sends three more fields
+# (dynamic_read_poll_interval_seconds, consumer_factory_fn_class/_params); an
+# expansion service from an older Beam refuses the whole request ("missing a
+# setter setDynamicReadPollIntervalSeconds"), even when they are null. These
+# are the fields of `KafkaIO.Read.External.Configuration` in 2.62 (newer Javas
+# accept them too). Functional form: the schema is inferred from real types,
+# which this module's postponed annotations would turn into strings.
+KafkaReadConfig = NamedTuple('KafkaReadConfig', [
+    ('consumer_config', Mapping[str, str]), ('topics', list[str]),
+    ('key_deserializer', str), ('value_deserializer', str),
+    ('start_read_time', Optional[int]), ('max_num_records', Optional[int]), ('max_read_time', Optional[int]),
+    ('commit_offset_in_finalize', bool), ('timestamp_policy', str), ('consumer_polling_timeout', Optional[int]),
+    ('redistribute', Optional[bool]), ('redistribute_num_keys', Optional[np.int32]),
+    ('allow_duplicates', Optional[bool])])
 
 
 class ReadKafkaXlang(beam.PTransform):

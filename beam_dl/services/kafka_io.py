@@ -91,6 +91,22 @@ def flink_with_kafka_io(log_dir: str | None = None) -> Iterator[tuple[str, str]]
     yield f'localhost:{job}', f'localhost:{expansion}'
 
 
+def cancel_running_jobs(job_endpoint: str, timeout_s: float = 30.0) -> list[str]:
+  """Cancels every job of the job server that has not ended (an unbounded read never does); returns their ids."""
+  import grpc  # pylint: disable=g-import-not-at-top
+  from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc  # pylint: disable=g-import-not-at-top
+  ended = {beam_job_api_pb2.JobState.DONE, beam_job_api_pb2.JobState.FAILED, beam_job_api_pb2.JobState.CANCELLED,
+           beam_job_api_pb2.JobState.DRAINED, beam_job_api_pb2.JobState.UPDATED}
+  cancelled = []
+  with grpc.insecure_channel(job_endpoint) as channel:
+    stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+    for job in stub.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=timeout_s).job_info:
+      if job.state not in ended:
+        stub.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=job.job_id), timeout=timeout_s)
+        cancelled.append(job.job_id)
+  return cancelled
+
+
 def main():
   with flink_with_kafka_io() as (job, expansion):
     print(f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
