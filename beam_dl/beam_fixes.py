@@ -1,7 +1,8 @@
-"""Fixes for Beam SDK bugs; applied on import of beam_dl.
+"""Fixes for Beam SDK bugs, applied on import of beam_dl.
 
 1. Time-based output flushing silently loses elements (below).
-2. `AfterProcessingTime` with a fractional delay (e.g. 0.5 s): its
+2. State-cache sizing walks every loaded module per call (`apply_state_cache_sizing`).
+3. `AfterProcessingTime` with a fractional delay (e.g. 0.5 s): its
    `to_runner_api` writes `delay * 1000` into the int64 `delay_millis` field
    and raises (the pipeline fails to translate its WindowInto), and its
    `from_runner_api` floors the milliseconds to whole seconds (`// 1000`),
@@ -9,7 +10,6 @@
    rounded milliseconds and reads them back as float seconds
    (`_fix_processing_time_delay`).
 
-Flush race (1):
 
 Time-based output flushing in the SDK harness (Beam 2.77,
 `apache_beam.runners.worker.data_plane.TimeBasedBufferingClosableOutputStream`)
@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import logging
 
+import objsize
 from apache_beam.portability.api import beam_runner_api_pb2
-from apache_beam.runners.worker import data_plane
+from apache_beam.runners.worker import data_plane, statecache
 from apache_beam.transforms import trigger
 
 _log = logging.getLogger(__name__)
@@ -89,6 +90,42 @@ def apply() -> bool:
   return True
 
 
+# State cache sizing. Every value put in (or loaded into) an SDK worker's
+# state cache is weighed with `statecache.get_deep_size`, which calls
+# `objsize.get_deep_size` with objsize's default `exclude_modules_globals=True`:
+# on each call objsize lists `vars()` of every module in `sys.modules` (~3,000
+# with JAX/TF loaded) to exclude their globals, whatever the size of the value.
+# A stateful DoFn on the in-process runner (its cache is on, 100 MB) paid ~7 ms
+# per state write for it (the late-data gate: 78 of 109 s for 10k events,
+# benchmarks/RESULTS.md). Beam's own filter already stops the walk at modules,
+# types and functions, the ways to reach module globals from a value, so the
+# weight stays the same without the per-call listing.
+BEAM_DEEP_SIZE = statecache.get_deep_size
+
+
+def state_cache_deep_size(*objs) -> int:
+  """Beam's `statecache.get_deep_size` without objsize's per-call module walk."""
+  return objsize.get_deep_size(
+      *objs,
+      get_size_func=statecache._size_func,  # pylint: disable=protected-access
+      get_referents_func=statecache._get_referents_func,  # pylint: disable=protected-access
+      filter_func=statecache._filter_func,  # pylint: disable=protected-access
+      exclude_modules_globals=False)
+
+
+def apply_state_cache_sizing() -> bool:
+  """Installs `state_cache_deep_size` as the state cache's weigher once; True
+  if installed. Refuses (logs, returns False) when Beam's statecache no longer
+  has the helpers it reuses."""
+  if statecache.get_deep_size is state_cache_deep_size:
+    return True
+  if not all(hasattr(statecache, name) for name in ('_size_func', '_get_referents_func', '_filter_func')):
+    _log.warning('beam_dl: apache_beam.runners.worker.statecache changed; state cache sizing fix not applied')
+    return False
+  statecache.get_deep_size = state_cache_deep_size
+  return True
+
+
 def _processing_time_to_runner_api(self, context):
   del context
   delay = beam_runner_api_pb2.TimestampTransform(
@@ -105,7 +142,7 @@ def _processing_time_from_runner_api(proto, context):
 
 
 def _fix_processing_time_delay() -> bool:
-  """Sub-second `AfterProcessingTime` delays survive the Runner API round trip (fix 2).
+  """Sub-second `AfterProcessingTime` delays survive the Runner API round trip (fix 3).
 
   Whole seconds still come back as ints, as Beam's own code returns them.
   """
@@ -122,4 +159,5 @@ def _fix_processing_time_delay() -> bool:
 
 
 apply()
+apply_state_cache_sizing()
 _fix_processing_time_delay()

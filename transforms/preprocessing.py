@@ -11,6 +11,8 @@ Training side (pipelines.preprocess):
 Serving side (inference pipelines, before RunInference):
   ApplySavedTransform(transform_dir)          (key, raw example bytes) -> (key, {feature: array})
   TransformImagesForInference(transform_dir)  (key, encoded image) -> (key, float32 [H, W, C])
+  TransformSequencesForInference(transform_dir, features)
+                                              SequenceRecord -> (key, float32 [T, F])
 
 Every Canonical*/Apply* transform returns `.<main>` and `.failed` (dead letters).
 """
@@ -24,7 +26,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.formats import image_example
 from beam_dl.io.sequences import SequenceRecord
+from beam_dl.isolate import Failed, failures, isolate
 from beam_dl.preprocessing import canonical, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -251,19 +255,19 @@ class _ApplyTransformFn(beam.DoFn):
     self._model = self._shared.acquire(lambda: LoadedTransform(directory), tag=directory)
 
   def process(self, batch) -> Iterable:
-    try:
-      results = self._model.apply([record for _, record in batch])
-    except Exception as e:  # TF rejects the whole batch: halve until isolated
-      if len(batch) == 1:
-        self._bad.inc()
-        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(batch[0][0], 'transform', describe(e)))
-        return
-      middle = len(batch) // 2
-      yield from self.process(batch[:middle])
-      yield from self.process(batch[middle:])
-      return
-    self._ok.inc(len(results))
-    yield from zip((key for key, _ in batch), results)
+    """TF rejects a whole batch for one bad example: `isolate` halves it until
+    each rejected example stands alone and becomes its own dead letter."""
+    outcomes = isolate(lambda part: self._model.apply([record for _, record in part]), batch)
+    bad = failures(outcomes)
+    if bad:
+      self._bad.inc(bad)
+    if bad < len(batch):
+      self._ok.inc(len(batch) - bad)
+    for (key, _), outcome in zip(batch, outcomes):
+      if isinstance(outcome, Failed):
+        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'transform', describe(outcome.error)))
+      else:
+        yield key, outcome
 
 
 class ApplySavedTransform(beam.PTransform):
@@ -309,13 +313,56 @@ class TransformImagesForInference(beam.PTransform):
   def expand(self, keyed_bytes):
     shape = self._config.image_shape
     raw = keyed_bytes | 'Canonical' >> CanonicalImageFiles(shape)
-    keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
-    applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(self._transform_dir, self._batch_size)
-    inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(
-        lambda key, features: (key, np.asarray(features['image'], np.float32).reshape(shape))
-    )
-    failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
-    return InferenceInputs(inputs, failed)
+    return _apply_for_inference(
+        raw, self._transform_dir, self._batch_size,
+        lambda features: np.asarray(features['image'], np.float32).reshape(shape))
+
+
+class TransformSequencesForInference(beam.PTransform):
+  """`SequenceRecord` -> (key, float32 [T, F]) ready for RunInference on a
+  sequence model trained with `DataConfig(kind='transformed', features=...)`.
+
+  Builds the canonical raw example exactly as `pipelines.preprocess` did (value
+  columns; raw ids from `meta['raw_ids']`, else the integer ids as strings),
+  applies the saved graph -- its scalers and its vocabulary, so every id gets
+  the integer it had in the training records and an unseen one the OOV id --
+  and stacks `features` per step in the trainer's order, keeping the most
+  recent `max_len` steps (0: all), as the training input pipeline does.
+  Returns `.inputs` and `.failed`.
+  """
+
+  def __init__(self, transform_dir: str, features, max_len: int = 0, batch_size: int = 256):
+    super().__init__()
+    self._config = config_lib.load(transform_dir)
+    if self._config.kind != 'sequences':
+      raise ValueError(f'{transform_dir} holds {self._config.kind!r} preprocessing, not sequences')
+    if not features:
+      raise ValueError('features must name the per-step transformed features of the model input')
+    self._transform_dir = transform_dir
+    self._features, self._max_len = tuple(features), int(max_len)
+    self._batch_size = batch_size
+
+  def expand(self, records):
+    raw = records | 'Canonical' >> CanonicalSequences(self._config.num_values, self._config.with_ids)
+    features, max_len = self._features, self._max_len
+    return _apply_for_inference(
+        raw, self._transform_dir, self._batch_size, lambda f: step_inputs(f, features, max_len))
+
+
+def step_inputs(features: dict, names, max_len: int = 0) -> np.ndarray:
+  """One transformed example's per-step `names` stacked as float32 [T, F],
+  the most recent `max_len` steps (0: all)."""
+  steps = np.stack([np.asarray(features[name], np.float32) for name in names], axis=-1)
+  return steps[-max_len:] if max_len else steps
+
+
+def _apply_for_inference(raw, transform_dir: str, batch_size: int, to_input: Callable) -> 'InferenceInputs':
+  """Canonical raw examples (`.raw`, `.failed`) -> the saved graph -> model inputs."""
+  keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
+  applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(transform_dir, batch_size)
+  inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(lambda key, features: (key, to_input(features)))
+  failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
+  return InferenceInputs(inputs, failed)
 
 
 class InferenceInputs(NamedTuple):
@@ -324,8 +371,5 @@ class InferenceInputs(NamedTuple):
 
 
 def _keyed_raw(raw: bytes) -> tuple[str, bytes]:
-  """(key feature, raw example) for a canonical raw example."""
-  import tensorflow as tf
-
-  key = tf.train.Example.FromString(raw).features.feature['key'].bytes_list.value[0]
-  return key.decode('utf-8'), raw
+  """(key feature, raw example) for a canonical raw image example."""
+  return image_example.parse_image_example(raw).key, raw

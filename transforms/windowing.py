@@ -124,22 +124,33 @@ class WindowedFeatures(beam.PTransform):
       for batch, where nothing is late, to save its cost.
     clock: arrival-time source (seconds), injectable for tests.
     batch_path: compute per key block with numpy
-      (`beam_dl.features.batch_windows`, ~3x faster, no late gate: nothing
-      is late in batch); None picks it when `batch_windows.applies`.
+      (`beam_dl.features.batch_windows`; no late gate: nothing is late in
+      batch); None picks it when `batch_windows.applies`.
+    event_blocks: the input elements are `batch_windows.EventBlock`s (columnar
+      events with their own event times, from a source that reads many
+      events at once; no `EventTimestamps` needed). The batch path then has
+      no per-event Beam element at all (11-20x the streaming path in
+      benchmarks/RESULTS.md; `ReadEventBlocks` reads files so); where
+      it does not apply, blocks are unpacked into timestamped `Event`s.
   """
 
   def __init__(self, spec: WindowSpec, *, route_late: bool = True,
-               clock: Callable[[], float] = time.time, batch_path: bool | None = None):
+               clock: Callable[[], float] = time.time, batch_path: bool | None = None,
+               event_blocks: bool = False):
     super().__init__()
     self._spec = spec
     self._route_late = route_late
     self._clock = clock
     self._batch_path = batch_path
+    self._event_blocks = event_blocks
 
   def expand(self, events) -> WindowedOutputs:
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
-      records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(self._spec)
+      records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
+          self._spec, event_blocks=self._event_blocks)
       return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]))
+    if self._event_blocks:
+      events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
         windowed
