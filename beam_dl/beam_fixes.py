@@ -10,7 +10,6 @@
    rounded milliseconds and reads them back as float seconds
    (`_fix_processing_time_delay`).
 
-
 Time-based output flushing in the SDK harness (Beam 2.77,
 `apache_beam.runners.worker.data_plane.TimeBasedBufferingClosableOutputStream`)
 flushes a bundle's output buffer from a timer thread every
