@@ -146,6 +146,10 @@ class TrainConfig:
   input_offset: float = 0.0
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
+  # A saved beam_dl model dir (same architecture) whose params and batch
+  # stats start the run instead of a fresh init: fine-tuning, pruning or QAT
+  # from a trained float model. Ignored when WORKDIR holds a checkpoint.
+  init_dir: str = ''
 
   batch_size: int = 64  # global batch per step (per micro-step with grad_accum)
   eval_batch_size: int = 256

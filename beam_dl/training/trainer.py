@@ -66,6 +66,35 @@ def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.Mod
   )
 
 
+def init_from_dir(cfg: TrainConfig, state):
+  """`state` with its params and batch stats replaced by those of the model
+  dir `cfg.init_dir` (a trained float model of the same architecture), each
+  array placed like the one it replaces (sharded, or replicated for pmap).
+  The optimizer state stays fresh. Raises ValueError when the dir is
+  quantized, was trained on differently scaled inputs, or its variables do
+  not fit `cfg`'s model (each difference named)."""
+  spec, variables = checkpoints.load(cfg.init_dir)
+  if spec.quantization:
+    raise ValueError(f'init_dir {cfg.init_dir}: a quantized model dir ({dict(spec.quantization)}); '
+                     'start from the float model (QAT: compression.qat)')
+  if (spec.input_scale, spec.input_offset) != (cfg.input_scale, cfg.input_offset):
+    raise ValueError(f'init_dir {cfg.init_dir}: trained on inputs * {spec.input_scale} + {spec.input_offset}, '
+                     f'this config feeds inputs * {cfg.input_scale} + {cfg.input_offset}')
+  problems = checkpoints.variable_mismatches(model_spec(cfg), variables)
+  if problems:
+    raise ValueError(f'init_dir {cfg.init_dir} ({spec.name}) does not fit {cfg.model}{dict(cfg.model_kwargs)}: '
+                     + '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else ''))
+
+  def place(current, saved):
+    saved = np.broadcast_to(np.asarray(saved, current.dtype), current.shape)  # pmap: one copy per device
+    return jax.device_put(saved, current.sharding)
+
+  return state.replace(
+      params=jax.tree_util.tree_map(place, state.params, variables['params']),
+      batch_stats=jax.tree_util.tree_map(place, state.batch_stats, variables.get('batch_stats', {})),
+  )
+
+
 def _jsonable(obj):
   return json.loads(json.dumps(obj, default=str))
 
@@ -110,6 +139,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
     log.info('resumed from checkpoint at step %d', start)
   else:
     state, start = strategy.create_state(), 0
+    if cfg.init_dir:
+      state = init_from_dir(cfg, state)
+      log.info('started from the params of %s', cfg.init_dir)
   if hasattr(strategy, 'shard_shapes') and start == 0:
     log.debug('state shard shapes: %s', strategy.shard_shapes())
 
