@@ -308,3 +308,30 @@ def test_quantize_refuses_bad_arguments(digits_model_dir):
   qspec, qvars = quantize.quantize(spec, variables, activations='dynamic')
   with pytest.raises(ValueError, match='already quantized'):
     quantize.quantize(qspec, qvars)
+
+
+def test_mixup_blends_pairs_and_keeps_sequences_with_other_masks_whole():
+  from beam_dl.compression import distill
+
+  images = {'inputs': np.arange(4 * 2 * 2, dtype=np.uint8).reshape(4, 2, 2), 'label': np.arange(4)}
+  mixed = distill.mixup(images, 1.0, np.random.default_rng(0))
+  again = distill.mixup(images, 1.0, np.random.default_rng(0))
+  np.testing.assert_array_equal(mixed['inputs'], again['inputs'])  # a function of the rng only
+  x = images['inputs'].astype(np.float32)
+  rng = np.random.default_rng(0)  # the same draws: a partner and a Beta(1, 1) lambda per example
+  partner, lam = rng.permutation(4), rng.beta(1.0, 1.0, size=4)[:, None, None]
+  np.testing.assert_allclose(mixed['inputs'], lam * x + (1 - lam) * x[partner], rtol=1e-6)
+  assert not np.allclose(mixed['inputs'], x)
+  np.testing.assert_array_equal(mixed['label'], images['label'])
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], bool)
+  seqs = {'inputs': np.random.default_rng(1).normal(size=(4, 3, 1)).astype(np.float32), 'mask': mask}
+  for seed in range(20):
+    out = distill.mixup(seqs, 1.0, np.random.default_rng(seed))['inputs']
+    # rows 1 and 2 have no partner with their mask: they can only be themselves
+    np.testing.assert_allclose(out[1:3], seqs['inputs'][1:3], rtol=1e-6)
+
+
+def test_distill_mixup_needs_the_soft_loss_only(digits_model_dir, tmp_path):
+  with pytest.raises(ValueError, match='distill_mixup needs distill_weight=1'):
+    _train(DIGITS_CONFIG, tmp_path, 'mix', 'num_steps=1', f'compression.teacher_dir="{digits_model_dir}"',
+           'compression.distill_mixup=1.0', 'compression.distill_weight=0.5')

@@ -116,6 +116,13 @@ class CompressionConfig:
       outputs plus the labels.
     distill_temperature: softmax temperature for the teacher and student.
     distill_weight: weight of the soft loss (1 - weight on the labels).
+    distill_loss: classification soft loss: 'kl' (softened outputs,
+      Hinton et al.) or 'logits_mse' (match the teacher's logits, Ba &
+      Caruana); regression always matches the teacher's outputs by MSE.
+    distill_mixup: > 0: the student and teacher see mixup blends of the
+      training inputs (lambda ~ Beta(a, a)), which the teacher labels:
+      "function matching" on new inputs (Beyer et al. 2022). The blends
+      have no labels, so it needs distill_weight=1.
   """
 
   qat: str = ''
@@ -126,6 +133,8 @@ class CompressionConfig:
   teacher_dir: str = ''
   distill_temperature: float = 2.0
   distill_weight: float = 0.5
+  distill_loss: str = 'kl'
+  distill_mixup: float = 0.0
 
 
 @dataclasses.dataclass

@@ -153,7 +153,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if cfg.compression.teacher_dir:
     from beam_dl.compression import distill
 
-    teacher = distill.Teacher(cfg.compression.teacher_dir)
+    c = cfg.compression
+    if c.distill_mixup and c.distill_weight != 1.0:
+      raise ValueError(f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), '
+                       f'got {c.distill_weight}')
+    teacher = distill.Teacher(c.teacher_dir, mixup=c.distill_mixup, seed=cfg.seed, start=start)
     log.info('distilling from %s (%.2f MB of variables)', teacher.model_dir, teacher.num_bytes / 1e6)
     host_batches = map(teacher.add_outputs, host_batches)
   batches = input_pipeline.prefetch_to_mesh(host_batches, strategy.put, cfg.data.prefetch)
