@@ -281,6 +281,7 @@ def test_lstm_pruning_and_distillation(co2_float, tmp_path):
 
 
 def test_magnitude_pruning_schedule_is_cubic_and_monotone():
+  import jax
   import jax.numpy as jnp
   import optax
 
@@ -299,6 +300,16 @@ def test_magnitude_pruning_schedule_is_cubic_and_monotone():
   assert zeros == sorted(zeros) and zeros[-1] == 12  # 75% of 16, smallest first
   assert np.all(np.asarray(params['kernel']).ravel()[-4:] == [13, 14, 15, 16])
   assert np.all(np.asarray(params['bias']) == 1)
+  # Excluded kernels stay dense; the report counts them and names them.
+  tx = optax.chain(optax.sgd(0.1), pruning.magnitude_pruning(0.75, 0, 4, every=1, exclude=('^head/',)))
+  params = {'conv': {'kernel': jnp.arange(1.0, 17.0).reshape(4, 4)}, 'head': {'kernel': jnp.ones((4, 4))}}
+  state = tx.init(params)
+  for _ in range(6):
+    updates, state = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  report = pruning.sparsity_report(params, exclude=('^head/',))
+  assert report['layers'] == {'conv/kernel': 0.75} and report['dense'] == ['head/kernel']
+  assert report['sparsity'] == 0.375  # 12 of the 32 kernel weights
 
 
 def test_quantize_refuses_bad_arguments(digits_model_dir):

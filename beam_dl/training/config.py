@@ -112,6 +112,8 @@ class CompressionConfig:
     prune_start_step / prune_end_step: the cubic sparsity ramp; end 0 means
       75% of num_steps.
     prune_every: steps between mask updates.
+    prune_exclude: regexes of kernel paths left dense (e.g. ('conv_init',
+      'head') keeps a ResNet's stem and classifier dense).
     teacher_dir: a trained model dir: the student learns from its softened
       outputs plus the labels.
     distill_temperature: softmax temperature for the teacher and student.
@@ -130,6 +132,7 @@ class CompressionConfig:
   prune_start_step: int = 0
   prune_end_step: int = 0
   prune_every: int = 10
+  prune_exclude: Sequence[str] = ()
   teacher_dir: str = ''
   distill_temperature: float = 2.0
   distill_weight: float = 0.5

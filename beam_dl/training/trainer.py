@@ -227,7 +227,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if cfg.compression.prune_sparsity:
     from beam_dl.compression import pruning
 
-    compressed['pruning'] = pruning.sparsity_report(variables['params'])
+    compressed['pruning'] = pruning.sparsity_report(variables['params'], cfg.compression.prune_exclude)
     log.info('sparsity reached: %.4f (target %.4f)', compressed['pruning']['sparsity'],
              cfg.compression.prune_sparsity)
   if jax.process_index() == 0:
