@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import time
@@ -39,6 +38,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
 
 DIGITS_CONFIG = 'pipelines/configs/digits_cnn.py'
+RESNET_CONFIG = 'pipelines/configs/digits32_resnet.py'
 CO2_CONFIG = 'pipelines/configs/co2_rnn.py'
 
 
@@ -63,39 +63,13 @@ FAMILIES = {
 }
 
 
-def write_digits32(data_dir: str) -> tuple[str, str]:
-  """The digits (0..16) upscaled 4x to 32x32, grey copied to RGB, as TFRecords."""
-  from sklearn.datasets import load_digits
-
-  from beam_dl.training import datasets
-
-  if glob.glob(f'{data_dir}/digits32_train-*'):
-    return f'{data_dir}/digits32_train-*', f'{data_dir}/digits32_eval-*'
-  d = load_digits()
-  images = np.repeat(np.repeat(d.images, 4, 1), 4, 2).astype(np.uint8)
-  images = np.repeat(images[..., None], 3, -1)
-  order = np.random.default_rng(0).permutation(len(images))
-  cut = int(0.8 * len(order))
-  for name, idx in (('train', order[:cut]), ('eval', order[cut:])):
-    records = [datasets.image_example(images[i], int(d.target[i]), f'{name}/{i}') for i in idx]
-    datasets.write_shards(records, f'{data_dir}/digits32_{name}', 4)
-  return f'{data_dir}/digits32_train-*', f'{data_dir}/digits32_eval-*'
-
-
 def float_configs(data_dir: str, steps: int) -> dict:
   """{family: the float model's TrainConfig}."""
   from pipelines.train import resolve_config
 
   common = [f'num_steps={steps}', 'eval_every=0', 'checkpoint_every=0']
   digits = resolve_config(DIGITS_CONFIG, data_dir, common)
-  train32, eval32 = write_digits32(data_dir)
-  resnet = digits.replace(
-      model='resnet', model_kwargs={'stage_sizes': [1, 1, 1], 'num_filters': 16, 'small_inputs': True,
-                                    'num_classes': 10},
-      data=digits.data.__class__(kind='images', shape=(32, 32, 3), train_files=train32, eval_files=eval32,
-                                 shuffle_buffer=2048),
-      batch_size=32, learning_rate=3e-3,
-  )
+  resnet = resolve_config(RESNET_CONFIG, data_dir, common)
   co2 = resolve_config(CO2_CONFIG, data_dir, common)
   return {'digits SmallCNN': digits, 'ResNet 32x32': resnet, 'CO2 LSTM': co2}
 
