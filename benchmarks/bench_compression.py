@@ -44,7 +44,8 @@ CO2_CONFIG = 'pipelines/configs/co2_rnn.py'
 
 @dataclasses.dataclass
 class Family:
-  """How one model family is compressed (the float config comes from configs())."""
+  """How one model family is compressed (the float config comes from
+  float_configs()). Settings chosen from the runs in benchmarks/RESULTS.md."""
 
   student_kwargs: dict  # the student's model_kwargs (>= 3x fewer parameters)
   student_steps: float  # student training steps, as a multiple of the float's
@@ -52,14 +53,20 @@ class Family:
   weight: float = 0.7  # soft-loss weight (1: the teacher only)
   mixup: float = 0.0  # > 0: distil on mixup blends the teacher labels (needs weight 1)
   soft_loss: str = 'kl'
+  prune_exclude: tuple = ()  # kernels the pruned models keep dense
 
 
+# Students have 3.5-4x fewer parameters; the pruned models keep their first
+# layer (the stem convolution; the LSTM's input kernels) and the head dense:
+# a few hundred weights that every input or output passes through.
 FAMILIES = {
-    'digits SmallCNN': Family({'num_classes': 10, 'features': [16, 32], 'hidden': 64}, student_steps=2.0),
+    'digits SmallCNN': Family({'num_classes': 10, 'features': [16, 32], 'hidden': 64}, student_steps=2.0,
+                              prune_exclude=('^Conv_0/', '^Dense_1/')),
     'ResNet 32x32': Family({'stage_sizes': [1, 1, 1], 'num_filters': 8, 'small_inputs': True, 'num_classes': 10},
-                           student_steps=2.0),
+                           student_steps=2.0, prune_exclude=('^conv_init/', '^head/')),
     'CO2 LSTM': Family({'cell': 'lstm', 'hidden_size': 16, 'pooling': 'last', 'num_outputs': 1,
-                        'head': 'regression'}, student_steps=3.0, weight=1.0),
+                        'head': 'regression'}, student_steps=3.0, weight=1.0, mixup=1.0,
+                       prune_exclude=('^head/', '/i[ifgo]/kernel$')),
 }
 
 
@@ -74,11 +81,11 @@ def float_configs(data_dir: str, steps: int) -> dict:
   return {'digits SmallCNN': digits, 'ResNet 32x32': resnet, 'CO2 LSTM': co2}
 
 
-def pruned_config(cfg, float_dir: str, sparsity: float, steps: int):
+def pruned_config(cfg, family: Family, float_dir: str, sparsity: float, steps: int):
   """Gradual magnitude pruning of the trained float model: the cubic ramp
   over the first half of `steps`, then recovery, at 1/3 of the float LR."""
   c = cfg.compression.__class__(prune_sparsity=sparsity, prune_start_step=0, prune_end_step=steps // 2,
-                                prune_every=5)
+                                prune_every=5, prune_exclude=family.prune_exclude)
   return cfg.replace(init_dir=float_dir, num_steps=steps, learning_rate=cfg.learning_rate / 3, warmup_steps=0,
                      compression=c)
 
@@ -194,8 +201,8 @@ def run_family(family: str, cfg, workdir: str, *, repeat: int, prune_steps: int,
   variants = [('float', teacher), (int8, f'{base}/int8')]
   for sparsity in sparsities:
     t = time.perf_counter()
-    pruned = train_and_evaluate(pruned_config(cfg, teacher, sparsity, prune_steps), f'{base}/pruned{sparsity:g}',
-                                summary_dir=None)
+    pruned_cfg = pruned_config(cfg, FAMILIES[family], teacher, sparsity, prune_steps)
+    pruned = train_and_evaluate(pruned_cfg, f'{base}/pruned{sparsity:g}', summary_dir=None)
     times[f'pruned {sparsity:.0%}'] = time.perf_counter() - t
     variants.append((f'pruned {sparsity:.0%}', pruned['model_dir']))
   t = time.perf_counter()
