@@ -225,8 +225,8 @@ def table(rows) -> str:
   floats = {r['family']: r for r in rows if r['variant'] == 'float'}
   for r in rows:
     f = floats[r['family']]
-    params = (f"{r['params']:,} ({f['params'] / r['params']:.1f}x fewer)" if r['params'] and r is not f
-              else f"{r['params']:,}" if r['params'] else 'int8')
+    params = ('int8' if not r['params'] else f"{r['params']:,}" if r['params'] == f['params']
+              else f"{r['params']:,} ({f['params'] / r['params']:.1f}x fewer)")
     lines.append(
         f"| {r['family']} | {r['variant']} | {r['quality']:.4f} | {r['quality'] - f['quality']:+.4f} | {params} | "
         f"{r.get('sparsity', '')} | {r['dir_bytes']:,} | {r['dir_bytes'] / f['dir_bytes']:.2f} | "
@@ -244,7 +244,13 @@ def main(argv=None):
   parser.add_argument('--repeat', type=int, default=2, help='held-out set repeats fed to RunInference')
   parser.add_argument('--only', default='', help='comma-separated subset: digits,resnet,co2')
   parser.add_argument('--json', default='', help='also write the rows here')
+  parser.add_argument('--table', nargs='+', default=(), metavar='JSON',
+                      help='only print one table of the rows in these --json files (e.g. one run per family)')
   args = parser.parse_args(argv)
+  if args.table:
+    rows = [row for path in args.table for row in json.load(open(path))]
+    print(table(rows))
+    return rows
   import logging
 
   logging.basicConfig(level=logging.WARNING)
