@@ -66,13 +66,11 @@ def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.Mod
   )
 
 
-def init_from_dir(cfg: TrainConfig, state):
-  """`state` with its params and batch stats replaced by those of the model
-  dir `cfg.init_dir` (a trained float model of the same architecture), each
-  array placed like the one it replaces (sharded, or replicated for pmap).
-  The optimizer state stays fresh. Raises ValueError when the dir is
-  quantized, was trained on differently scaled inputs, or its variables do
-  not fit `cfg`'s model (each difference named)."""
+def load_init_variables(cfg: TrainConfig) -> dict:
+  """The variables of `cfg.init_dir` (a trained float model of the same
+  architecture) to start from. Raises ValueError when the dir is quantized,
+  was trained on differently scaled inputs, or its variables do not fit
+  `cfg`'s model (each difference named) -- before anything is built."""
   spec, variables = checkpoints.load(cfg.init_dir)
   if spec.quantization:
     raise ValueError(f'init_dir {cfg.init_dir}: a quantized model dir ({dict(spec.quantization)}); '
@@ -84,6 +82,13 @@ def init_from_dir(cfg: TrainConfig, state):
   if problems:
     raise ValueError(f'init_dir {cfg.init_dir} ({spec.name}) does not fit {cfg.model}{dict(cfg.model_kwargs)}: '
                      + '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else ''))
+  return variables
+
+
+def start_from(state, variables: dict):
+  """`state` with its params and batch stats replaced by `variables`', each
+  array placed like the one it replaces (sharded, or replicated for pmap).
+  The optimizer state stays fresh."""
 
   def place(current, saved):
     saved = np.broadcast_to(np.asarray(saved, current.dtype), current.shape)  # pmap: one copy per device
@@ -122,6 +127,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   `workdir`; None: none), written by process 0.
   """
   maybe_initialize_distributed()
+  c = cfg.compression
+  if c.teacher_dir and c.distill_mixup and c.distill_weight != 1.0:
+    raise ValueError(f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), '
+                     f'got {c.distill_weight}')
+  init_variables = load_init_variables(cfg) if cfg.init_dir else None
   os.makedirs(workdir, exist_ok=True)
   writer = (SummaryWriter(os.path.join(workdir, summary_dir))
             if summary_dir is not None and jax.process_index() == 0 else None)
@@ -139,8 +149,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
     log.info('resumed from checkpoint at step %d', start)
   else:
     state, start = strategy.create_state(), 0
-    if cfg.init_dir:
-      state = init_from_dir(cfg, state)
+    if init_variables is not None:
+      state = start_from(state, init_variables)
       log.info('started from the params of %s', cfg.init_dir)
   if hasattr(strategy, 'shard_shapes') and start == 0:
     log.debug('state shard shapes: %s', strategy.shard_shapes())
@@ -153,10 +163,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if cfg.compression.teacher_dir:
     from beam_dl.compression import distill
 
-    c = cfg.compression
-    if c.distill_mixup and c.distill_weight != 1.0:
-      raise ValueError(f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), '
-                       f'got {c.distill_weight}')
     teacher = distill.Teacher(c.teacher_dir, mixup=c.distill_mixup, seed=cfg.seed, start=start)
     log.info('distilling from %s (%.2f MB of variables)', teacher.model_dir, teacher.num_bytes / 1e6)
     host_batches = map(teacher.add_outputs, host_batches)
