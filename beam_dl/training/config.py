@@ -160,7 +160,7 @@ class TrainConfig:
   compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
   # A saved beam_dl model dir (same architecture) whose params and batch
   # stats start the run instead of a fresh init: fine-tuning, pruning or QAT
-  # from a trained float model. Ignored when WORKDIR holds a checkpoint.
+  # from a trained float model. A WORKDIR with a checkpoint resumes from that.
   init_dir: str = ''
 
   batch_size: int = 64  # global batch per step (per micro-step with grad_accum)
