@@ -148,18 +148,70 @@ def digits_teacher(tmp_path_factory):
   return _train(DIGITS_CONFIG, tmp, 'float', 'num_steps=120', 'log_every=40', 'checkpoint_every=0')
 
 
+def _first_batch_loss(cfg, variables):
+  """Mean cross-entropy of `variables` on the first training batch `cfg`'s
+  trainer draws (batch k depends only on the files and the seed)."""
+  import jax
+  import optax
+
+  from beam_dl.models import build
+  from beam_dl.training import input_pipeline
+
+  batch = next(input_pipeline.make_dataset(cfg.data, cfg.data.train_files, cfg.batch_size, train=True,
+                                           seed=cfg.seed).as_numpy_iterator())
+  x = batch['inputs'].astype(np.float32) * cfg.input_scale + cfg.input_offset
+  logits = build(cfg.model, **cfg.model_kwargs).apply(variables, x)
+  return float(optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean())
+
+
 @pytest.mark.slow
-def test_pruning_reaches_target_sparsity_and_serves(digits_teacher, test_images, tmp_path):
-  summary = _train(DIGITS_CONFIG, tmp_path, 'pruned', 'num_steps=120', 'log_every=40', 'checkpoint_every=0',
-                   'compression.prune_sparsity=0.8', 'compression.prune_end_step=80', 'compression.prune_every=5')
+def test_fine_tuning_starts_from_the_saved_params_and_lowers_the_loss(digits_teacher, tmp_path):
+  import jax
+
+  from beam_dl.models import build
+  from beam_dl.training.state import example_inputs
+
+  teacher_dir = digits_teacher['model_dir']
+  summary = _train(DIGITS_CONFIG, tmp_path, 'finetune', 'num_steps=40', 'log_every=1', 'checkpoint_every=0',
+                   'eval_every=0', 'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{teacher_dir}"')
+  cfg = resolve_config(DIGITS_CONFIG, str(tmp_path / 'data'))
+  _, saved = checkpoints.load(teacher_dir)
+  fresh = build(cfg.model, **cfg.model_kwargs).init(jax.random.key(cfg.seed), *example_inputs(cfg))
+  losses = [h['loss'] for h in summary['history']]
+  # Step 1's loss is the saved model's loss on the same batch, not a fresh init's.
+  assert losses[0] == pytest.approx(_first_batch_loss(cfg, saved), rel=1e-4)
+  assert losses[0] < 0.25 * _first_batch_loss(cfg, fresh)
+  assert np.mean(losses[-10:]) < np.mean(losses[:10])
+  assert summary['eval']['accuracy'] >= digits_teacher['eval']['accuracy'] - 0.03
+
+
+def test_init_dir_that_does_not_fit_is_refused(digits_model_dir, tmp_path):
+  """digits_model_dir: SmallCNN 16/32/64 on inputs / 255; the digits config
+  feeds inputs / 16 to a SmallCNN 32/64/128."""
+  start = ('num_steps=1', f'init_dir="{digits_model_dir}"')
+  with pytest.raises(ValueError, match=r'trained on inputs \* 0\.0039.*this config feeds inputs \* 0\.0625'):
+    _train(DIGITS_CONFIG, tmp_path, 'scale', *start)
+  with pytest.raises(ValueError, match=r"does not fit small_cnn.*\['Conv_0'\]\['bias'\] has shape \(16,\), expected \(8,\)"):
+    _train(DIGITS_CONFIG, tmp_path, 'shape', *start, f'input_scale={1 / 255!r}', 'model_kwargs.features=[8, 16]')
+
+
+@pytest.mark.slow
+def test_pruning_a_trained_model_keeps_its_accuracy_and_serves(digits_teacher, test_images, tmp_path):
+  """Gradual magnitude pruning from the trained float model (init_dir): 80%
+  of every kernel but the first convolution and the head (kept dense) gone by
+  step 40 of 80, within a few points of the teacher."""
+  summary = _train(DIGITS_CONFIG, tmp_path, 'pruned', 'num_steps=80', 'log_every=20', 'checkpoint_every=0',
+                   'eval_every=0', 'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{digits_teacher["model_dir"]}"',
+                   'compression.prune_sparsity=0.8', 'compression.prune_end_step=40', 'compression.prune_every=5',
+                   "compression.prune_exclude=('^Conv_0/', '^Dense_1/')")
   report = summary['pruning']
-  assert report['sparsity'] >= 0.79
-  assert min(report['layers'].values()) >= 0.79  # every kernel, not just on average
+  assert report['dense'] == ['Conv_0/kernel', 'Dense_1/kernel']
+  assert min(report['layers'].values()) >= 0.79  # every pruned kernel, not just on average
+  assert report['sparsity'] >= 0.75  # over all kernels, the dense ones included
   spec, variables = checkpoints.load(summary['model_dir'])
   assert pruning.sparsity_report(variables['params'])['sparsity'] == report['sparsity']
   assert spec.extra['metrics']['pruning']['sparsity'] == report['sparsity']
-  # 120 steps, 80% of every kernel gone by step 80: a bounded, not a zero, cost.
-  assert summary['eval']['accuracy'] >= digits_teacher['eval']['accuracy'] - 0.15
+  assert summary['eval']['accuracy'] >= digits_teacher['eval']['accuracy'] - 0.05
   # Served by the unchanged pipeline (this model was trained on 0..16 pixels,
   # so only that every image is answered is checked here).
   image_dir, labels = test_images
@@ -183,9 +235,13 @@ def test_distillation_student_learns_from_teacher_outputs(digits_teacher, tmp_pa
 
 
 @pytest.mark.slow
-def test_quantization_aware_training_exports_int8_dir(tmp_path):
-  summary = _train(DIGITS_CONFIG, tmp_path, 'qat', 'num_steps=60', 'log_every=30', 'checkpoint_every=0',
+def test_quantization_aware_training_exports_int8_dir(digits_teacher, tmp_path):
+  """QAT fine-tunes the trained float model (init_dir) under fake int8."""
+  summary = _train(DIGITS_CONFIG, tmp_path, 'qat', 'num_steps=30', 'log_every=1', 'checkpoint_every=0',
+                   'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{digits_teacher["model_dir"]}"',
                    'compression.qat="int8"')
+  assert summary['history'][0]['loss'] < 0.5  # started trained: a fresh init's is ~2.3
+  assert summary['eval']['accuracy'] >= digits_teacher['eval']['accuracy'] - 0.03
   qdir = summary['quantized_model_dir']
   spec, variables = checkpoints.load(qdir)
   assert spec.quantization['method'] == 'qwix_ptq'
@@ -229,6 +285,7 @@ def test_lstm_pruning_and_distillation(co2_float, tmp_path):
 
 
 def test_magnitude_pruning_schedule_is_cubic_and_monotone():
+  import jax
   import jax.numpy as jnp
   import optax
 
@@ -247,6 +304,16 @@ def test_magnitude_pruning_schedule_is_cubic_and_monotone():
   assert zeros == sorted(zeros) and zeros[-1] == 12  # 75% of 16, smallest first
   assert np.all(np.asarray(params['kernel']).ravel()[-4:] == [13, 14, 15, 16])
   assert np.all(np.asarray(params['bias']) == 1)
+  # Excluded kernels stay dense; the report counts them and names them.
+  tx = optax.chain(optax.sgd(0.1), pruning.magnitude_pruning(0.75, 0, 4, every=1, exclude=('^head/',)))
+  params = {'conv': {'kernel': jnp.arange(1.0, 17.0).reshape(4, 4)}, 'head': {'kernel': jnp.ones((4, 4))}}
+  state = tx.init(params)
+  for _ in range(6):
+    updates, state = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  report = pruning.sparsity_report(params, exclude=('^head/',))
+  assert report['layers'] == {'conv/kernel': 0.75} and report['dense'] == ['head/kernel']
+  assert report['sparsity'] == 0.375  # 12 of the 32 kernel weights
 
 
 def test_quantize_refuses_bad_arguments(digits_model_dir):
@@ -256,3 +323,30 @@ def test_quantize_refuses_bad_arguments(digits_model_dir):
   qspec, qvars = quantize.quantize(spec, variables, activations='dynamic')
   with pytest.raises(ValueError, match='already quantized'):
     quantize.quantize(qspec, qvars)
+
+
+def test_mixup_blends_pairs_and_keeps_sequences_with_other_masks_whole():
+  from beam_dl.compression import distill
+
+  images = {'inputs': np.arange(4 * 2 * 2, dtype=np.uint8).reshape(4, 2, 2), 'label': np.arange(4)}
+  mixed = distill.mixup(images, 1.0, np.random.default_rng(0))
+  again = distill.mixup(images, 1.0, np.random.default_rng(0))
+  np.testing.assert_array_equal(mixed['inputs'], again['inputs'])  # a function of the rng only
+  x = images['inputs'].astype(np.float32)
+  rng = np.random.default_rng(0)  # the same draws: a partner and a Beta(1, 1) lambda per example
+  partner, lam = rng.permutation(4), rng.beta(1.0, 1.0, size=4)[:, None, None]
+  np.testing.assert_allclose(mixed['inputs'], lam * x + (1 - lam) * x[partner], rtol=1e-6)
+  assert not np.allclose(mixed['inputs'], x)
+  np.testing.assert_array_equal(mixed['label'], images['label'])
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], bool)
+  seqs = {'inputs': np.random.default_rng(1).normal(size=(4, 3, 1)).astype(np.float32), 'mask': mask}
+  for seed in range(20):
+    out = distill.mixup(seqs, 1.0, np.random.default_rng(seed))['inputs']
+    # rows 1 and 2 have no partner with their mask: they can only be themselves
+    np.testing.assert_allclose(out[1:3], seqs['inputs'][1:3], rtol=1e-6)
+
+
+def test_distill_mixup_needs_the_soft_loss_only(digits_model_dir, tmp_path):
+  with pytest.raises(ValueError, match='distill_mixup needs distill_weight=1'):
+    _train(DIGITS_CONFIG, tmp_path, 'mix', 'num_steps=1', f'compression.teacher_dir="{digits_model_dir}"',
+           'compression.distill_mixup=1.0', 'compression.distill_weight=0.5')

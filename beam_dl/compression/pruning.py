@@ -8,7 +8,11 @@ recurrent kernels, embeddings) keeps only its largest-magnitude weights.
 qwix's `get_sparsity_mask_unstructured` computes the mask (a percentile
 threshold, a superset of the previous mask so pruned weights stay pruned);
 the transformation rewrites the update so that pruned weights become and
-stay exactly zero. Biases and batch-norm parameters are never pruned.
+stay exactly zero. Biases and batch-norm parameters are never pruned, nor
+are kernels whose path ('stage1_block1/Conv_0/kernel') matches one of
+`exclude`'s regular expressions: keeping the first convolution and the
+classifier head dense is the usual choice at high sparsity (they hold few
+weights and every input or output passes through them).
 
 jaxpruner would be the field library for this, but PyPI does not serve it
 here; chaining `magnitude_pruning` after any optax optimizer gives the same
@@ -20,6 +24,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import re
+from typing import Sequence
+
 import numpy as np
 import optax
 
@@ -29,8 +36,13 @@ class PruningState(NamedTuple):
   masks: Any  # bool like each prunable leaf; a scalar True for the others
 
 
-def _prunable(x) -> bool:
-  return jnp.ndim(x) >= 2
+def _path(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def prunable(path, x, exclude: Sequence[str] = ()) -> bool:
+  """True for a kernel (ndim >= 2) whose '/'-joined path no `exclude` regex matches."""
+  return jnp.ndim(x) >= 2 and not any(re.search(e, _path(path)) for e in exclude)
 
 
 def sparsity_schedule(sparsity: float, start_step: int, end_step: int) -> optax.Schedule:
@@ -45,10 +57,11 @@ def sparsity_schedule(sparsity: float, start_step: int, end_step: int) -> optax.
   )
 
 
-def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: int = 10
-                      ) -> optax.GradientTransformation:
+def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: int = 10,
+                      exclude: Sequence[str] = ()) -> optax.GradientTransformation:
   """Chain after the optimizer: params + updates are pruned to the schedule's
-  sparsity every `every` updates from start_step; pruned weights stay zero."""
+  sparsity every `every` updates from start_step; pruned weights stay zero.
+  Kernels whose path matches an `exclude` regex stay dense."""
   from qwix._src.core.sparsity import get_sparsity_mask_unstructured
 
   schedule = sparsity_schedule(sparsity, start_step, end_step)
@@ -57,8 +70,8 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
   def init(params):
     # Scalars (not None) for unpruned leaves keep the state tree shaped like
     # params, which the sharded strategies map their shardings over.
-    masks = jax.tree_util.tree_map(
-        lambda p: jnp.ones(jnp.shape(p) if _prunable(p) else (), bool), params)
+    masks = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ones(jnp.shape(p) if prunable(path, p, exclude) else (), bool), params)
     return PruningState(count=jnp.zeros([], jnp.int32), masks=masks)
 
   def update(updates, state, params=None):
@@ -84,17 +97,21 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
   return optax.GradientTransformation(init, update)
 
 
-def sparsity_report(params: Any) -> dict:
-  """{'sparsity': zeros / weights over all prunable kernels, 'layers':
-  {path: sparsity}, 'pruned_weights', 'prunable_weights'}."""
-  layers, zeros, total = {}, 0, 0
+def sparsity_report(params: Any, exclude: Sequence[str] = ()) -> dict:
+  """{'sparsity': zeros / weights over all kernels (the excluded ones too),
+  'layers': {path: sparsity} of the pruned kernels, 'dense': paths of the
+  excluded ones, 'pruned_weights', 'prunable_weights'}."""
+  layers, dense, zeros, total = {}, [], 0, 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     leaf = np.asarray(leaf)
     if leaf.ndim < 2:
       continue
     z = int(np.sum(leaf == 0))
-    layers['/'.join(str(getattr(k, 'key', k)) for k in path)] = round(z / leaf.size, 4)
+    if prunable(path, leaf, exclude):
+      layers[_path(path)] = round(z / leaf.size, 4)
+    else:
+      dense.append(_path(path))
     zeros += z
     total += leaf.size
   return {'sparsity': round(zeros / max(total, 1), 4), 'pruned_weights': zeros,
-          'prunable_weights': total, 'layers': layers}
+          'prunable_weights': total, 'layers': layers, 'dense': dense}

@@ -129,10 +129,19 @@ class CompressionConfig:
     prune_start_step / prune_end_step: the cubic sparsity ramp; end 0 means
       75% of num_steps.
     prune_every: steps between mask updates.
+    prune_exclude: regexes of kernel paths left dense (e.g. ('conv_init',
+      'head') keeps a ResNet's stem and classifier dense).
     teacher_dir: a trained model dir: the student learns from its softened
       outputs plus the labels.
     distill_temperature: softmax temperature for the teacher and student.
     distill_weight: weight of the soft loss (1 - weight on the labels).
+    distill_loss: classification soft loss: 'kl' (softened outputs,
+      Hinton et al.) or 'logits_mse' (match the teacher's logits, Ba &
+      Caruana); regression always matches the teacher's outputs by MSE.
+    distill_mixup: > 0: the student and teacher see mixup blends of the
+      training inputs (lambda ~ Beta(a, a)), which the teacher labels:
+      "function matching" on new inputs (Beyer et al. 2022). The blends
+      have no labels, so it needs distill_weight=1.
   """
 
   qat: str = ''
@@ -140,9 +149,12 @@ class CompressionConfig:
   prune_start_step: int = 0
   prune_end_step: int = 0
   prune_every: int = 10
+  prune_exclude: Sequence[str] = ()
   teacher_dir: str = ''
   distill_temperature: float = 2.0
   distill_weight: float = 0.5
+  distill_loss: str = 'kl'
+  distill_mixup: float = 0.0
 
 
 @dataclasses.dataclass
@@ -163,6 +175,10 @@ class TrainConfig:
   input_offset: float = 0.0
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
+  # A saved beam_dl model dir (same architecture) whose params and batch
+  # stats start the run instead of a fresh init: fine-tuning, pruning or QAT
+  # from a trained float model. A WORKDIR with a checkpoint resumes from that.
+  init_dir: str = ''
 
   batch_size: int = 64  # global batch per step (per micro-step with grad_accum)
   eval_batch_size: int = 256

@@ -62,7 +62,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     c = cfg.compression
     updates = max(cfg.num_steps // cfg.grad_accum_steps, 1)
     end = c.prune_end_step or max(int(0.75 * updates), c.prune_start_step + 1)
-    tx = optax.chain(tx, pruning.magnitude_pruning(c.prune_sparsity, c.prune_start_step, end, c.prune_every))
+    tx = optax.chain(tx, pruning.magnitude_pruning(c.prune_sparsity, c.prune_start_step, end, c.prune_every,
+                                                    c.prune_exclude))
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return tx

@@ -26,6 +26,7 @@ def per_example_loss(cfg: TrainConfig, outputs, batch):
   return distill.distillation_loss(
       hard, outputs, batch[distill.TEACHER_KEY], task=cfg.task,
       temperature=cfg.compression.distill_temperature, weight=cfg.compression.distill_weight,
+      kind=cfg.compression.distill_loss,
   )
 
 

@@ -67,6 +67,40 @@ def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.Mod
   )
 
 
+def load_init_variables(cfg: TrainConfig) -> dict:
+  """The variables of `cfg.init_dir` (a trained float model of the same
+  architecture) to start from. Raises ValueError when the dir is quantized,
+  was trained on differently scaled inputs, or its variables do not fit
+  `cfg`'s model (each difference named) -- before anything is built."""
+  spec, variables = checkpoints.load(cfg.init_dir)
+  if spec.quantization:
+    raise ValueError(f'init_dir {cfg.init_dir}: a quantized model dir ({dict(spec.quantization)}); '
+                     'start from the float model (QAT: compression.qat)')
+  if (spec.input_scale, spec.input_offset) != (cfg.input_scale, cfg.input_offset):
+    raise ValueError(f'init_dir {cfg.init_dir}: trained on inputs * {spec.input_scale} + {spec.input_offset}, '
+                     f'this config feeds inputs * {cfg.input_scale} + {cfg.input_offset}')
+  problems = checkpoints.variable_mismatches(model_spec(cfg), variables)
+  if problems:
+    raise ValueError(f'init_dir {cfg.init_dir} ({spec.name}) does not fit {cfg.model}{dict(cfg.model_kwargs)}: '
+                     + '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else ''))
+  return variables
+
+
+def start_from(state, variables: dict):
+  """`state` with its params and batch stats replaced by `variables`', each
+  array placed like the one it replaces (sharded, or replicated for pmap).
+  The optimizer state stays fresh."""
+
+  def place(current, saved):
+    saved = np.broadcast_to(np.asarray(saved, current.dtype), current.shape)  # pmap: one copy per device
+    return jax.device_put(saved, current.sharding)
+
+  return state.replace(
+      params=jax.tree_util.tree_map(place, state.params, variables['params']),
+      batch_stats=jax.tree_util.tree_map(place, state.batch_stats, variables.get('batch_stats', {})),
+  )
+
+
 def _jsonable(obj):
   return json.loads(json.dumps(obj, default=str))
 
@@ -94,6 +128,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   `workdir`; None: none), written by process 0.
   """
   maybe_initialize_distributed()
+  c = cfg.compression
+  if c.teacher_dir and c.distill_mixup and c.distill_weight != 1.0:
+    raise ValueError(f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), '
+                     f'got {c.distill_weight}')
+  init_variables = load_init_variables(cfg) if cfg.init_dir else None
   os.makedirs(workdir, exist_ok=True)
   writer = (SummaryWriter(os.path.join(workdir, summary_dir))
             if summary_dir is not None and jax.process_index() == 0 else None)
@@ -111,6 +150,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
     log.info('resumed from checkpoint at step %d', start)
   else:
     state, start = strategy.create_state(), 0
+    if init_variables is not None:
+      state = start_from(state, init_variables)
+      log.info('started from the params of %s', cfg.init_dir)
   if hasattr(strategy, 'shard_shapes') and start == 0:
     log.debug('state shard shapes: %s', strategy.shard_shapes())
 
@@ -122,7 +164,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if cfg.compression.teacher_dir:
     from beam_dl.compression import distill
 
-    teacher = distill.Teacher(cfg.compression.teacher_dir)
+    teacher = distill.Teacher(c.teacher_dir, mixup=c.distill_mixup, seed=cfg.seed, start=start)
     log.info('distilling from %s (%.2f MB of variables)', teacher.model_dir, teacher.num_bytes / 1e6)
     host_batches = map(teacher.add_outputs, host_batches)
   batches = input_pipeline.prefetch_to_mesh(host_batches, strategy.put, cfg.data.prefetch)
@@ -192,7 +234,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if cfg.compression.prune_sparsity:
     from beam_dl.compression import pruning
 
-    compressed['pruning'] = pruning.sparsity_report(variables['params'])
+    compressed['pruning'] = pruning.sparsity_report(variables['params'], cfg.compression.prune_exclude)
     log.info('sparsity reached: %.4f (target %.4f)', compressed['pruning']['sparsity'],
              cfg.compression.prune_sparsity)
   if jax.process_index() == 0:
