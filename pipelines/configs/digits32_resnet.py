@@ -26,6 +26,7 @@ import glob
 
 import numpy as np
 
+from beam_dl.formats.image_example import encode_image_example
 from beam_dl.training import datasets
 from beam_dl.training.config import CompressionConfig, DataConfig, TrainConfig
 
@@ -82,5 +83,5 @@ def write_digits32(data_dir: str) -> None:
   order = np.random.default_rng(0).permutation(len(images))
   cut = int(0.8 * len(order))
   for name, idx in (('train', order[:cut]), ('eval', order[cut:])):
-    records = [datasets.image_example(images[i], int(d.target[i]), f'{name}/{i}') for i in idx]
+    records = [encode_image_example(f'{name}/{i}', images[i], int(d.target[i])) for i in idx]
     datasets.write_shards(records, f'{data_dir}/digits32_{name}', 4)
