@@ -15,9 +15,12 @@ def digits_uint8():
   return np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
 
 
-def encode(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+def encode(image: np.ndarray | Image.Image, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+  """`image` (an array, or a Pillow image as is) encoded as `fmt` by Pillow."""
+  if not isinstance(image, Image.Image):
+    image = Image.fromarray(image, mode=mode)
   buffer = io.BytesIO()
-  Image.fromarray(array, mode=mode).save(buffer, fmt, **kwargs)
+  image.save(buffer, fmt, **kwargs)
   return buffer.getvalue()
 
 

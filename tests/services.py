@@ -27,7 +27,8 @@ JAVA_OPENS = [
 ]
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+  """Whether `url` answers 200 now (a readiness probe for `service_process`)."""
   try:
     with urllib.request.urlopen(url, timeout=2) as r:
       return r.status == 200
@@ -55,7 +56,7 @@ def mlflow_server(workdir: str, timeout_s: float = 240):
   uri = f'http://127.0.0.1:{port}'
   with service_process(
       cmd, log_path=os.path.join(workdir, 'server.log'), cwd=workdir, env=env,
-      ready=lambda: _http_ok(f'{uri}/health'), timeout_s=timeout_s,
+      ready=lambda: http_ok(f'{uri}/health'), timeout_s=timeout_s,
   ):  # fmt: skip
     yield uri
 
@@ -104,7 +105,7 @@ def hdfs_cluster(workdir: str, timeout_s: float = 240):
   url = f'http://127.0.0.1:{http_port}/webhdfs/v1/?op=GETFILESTATUS&user.name=beam'
   with service_process(
       cmd, log_path=os.path.join(workdir, 'hdfs.log'), cwd=workdir,
-      ready=lambda: os.path.exists(details) and _http_ok(url), timeout_s=timeout_s,
+      ready=lambda: os.path.exists(details) and http_ok(url), timeout_s=timeout_s,
   ):  # fmt: skip
     with open(details) as f:
       namenode_port = json.load(f)['namenode_port']

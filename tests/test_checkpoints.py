@@ -9,6 +9,7 @@ import pytest
 
 from beam_dl import checkpoints
 from beam_dl.checkpoints import CheckpointError, ModelSpec
+from tests.models import save_broken_model, seeded_variables
 
 SPEC = ModelSpec('small_cnn', {'num_classes': 4, 'features': [4], 'hidden': 8}, (8, 8, 1), 'uint8', 1 / 255)
 
@@ -37,8 +38,7 @@ def test_spec_without_variables_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_msgpack_and_unknown_spec_fields(tmp_path):
-  checkpoints.save(str(tmp_path / 'm'), SPEC, SPEC.build().init(jax.random.key(0), np.zeros((1, 8, 8, 1))), fmt='msgpack')
-  (tmp_path / 'm' / 'variables.msgpack').write_bytes(b'\x00garbage')
+  save_broken_model(tmp_path / 'm', SPEC, b'\x00garbage')
   with pytest.raises(CheckpointError, match='cannot decode'):
     checkpoints.load(str(tmp_path / 'm'))
   raw = json.loads(SPEC.to_json()) | {'surprise': 1}
@@ -93,7 +93,7 @@ def test_good_specs_pass_validation():
 
 def other_variables(**kwargs):
   spec = ModelSpec('small_cnn', {'num_classes': 4, 'features': [4], 'hidden': 8} | kwargs, (8, 8, 1))
-  return nn.meta.unbox(spec.build().init(jax.random.key(0), np.zeros((1, 8, 8, 1))))
+  return seeded_variables(spec)
 
 
 @pytest.mark.parametrize('fmt', ['orbax', 'msgpack'])

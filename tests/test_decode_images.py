@@ -1,4 +1,8 @@
-"""Image decoding on real bytes: every Pillow format, modes, EXIF, resize/crop, guards."""
+"""Image decoding on real bytes: every Pillow format, modes, EXIF, resize/crop, guards.
+
+Real pictures (scikit-image's cat and astronaut, scikit-learn's digits)
+encoded by Pillow or tifffile; decode_image, then the Beam transforms.
+"""
 import io
 import os
 import struct
@@ -14,13 +18,17 @@ from skimage import data as skdata
 
 from beam_dl.io import images
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image
+from tests.imaging import digits_uint8, encode, truncated_jpeg
 from transforms import images as image_transforms
 
+GRAY = ImageSpec(height=8, width=8, channels=1)
 
-def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-  buf = io.BytesIO()
-  img.save(buf, fmt, **kwargs)
-  return buf.getvalue()
+
+@pytest.fixture(scope='module')
+def digit():
+  """One 8x8 grayscale digit."""
+  digits, _ = digits_uint8()
+  return digits[0]
 
 
 @pytest.fixture(scope='module')
@@ -35,24 +43,58 @@ def _gradient(w=40, h=30):
 
 def _bomb_png(width=100_000, height=100_000) -> bytes:
   """A real 1x1 PNG whose IHDR claims width x height (CRC fixed up)."""
-  png = bytearray(_encode(Image.new('L', (1, 1)), 'PNG'))
+  png = bytearray(encode(Image.new('L', (1, 1)), 'PNG'))
   ihdr = 8 + 8  # signature + length/type
   png[ihdr:ihdr + 8] = struct.pack('>II', width, height)
   png[ihdr + 13:ihdr + 17] = struct.pack('>I', zlib.crc32(bytes(png[ihdr - 4:ihdr + 13])))
   return bytes(png)
 
 
+def test_png_is_lossless(digit):
+  assert np.array_equal(decode_image(encode(digit, 'PNG'), GRAY)[..., 0], digit)
+
+
+def test_jpeg_decodes_close_to_source(digit):
+  decoded = decode_image(encode(digit, 'JPEG', quality=95), GRAY)[..., 0].astype(int)
+  assert decoded.shape == (8, 8)
+  assert np.abs(decoded - digit).mean() < 8
+
+
+def test_rgb_png_to_grayscale_uses_luma(digit):
+  rgb = np.stack([digit] * 3, axis=-1)
+  assert np.array_equal(decode_image(encode(rgb, 'PNG'), GRAY)[..., 0], digit)
+
+
+def test_rgba_alpha_is_composited_onto_background(digit):
+  rgba = np.dstack([np.stack([digit] * 3, -1), np.full((8, 8), 255, np.uint8)])
+  rgba[0, 0, 3] = 0  # one fully transparent pixel
+  decoded = decode_image(encode(rgba, 'PNG'), ImageSpec(8, 8, channels=1, background=0))[..., 0]
+  assert decoded[0, 0] == 0
+  assert np.array_equal(decoded.ravel()[1:], digit.ravel()[1:])
+
+
+def test_grayscale_to_rgb_and_resize(digit):
+  decoded = decode_image(encode(digit, 'PNG'), ImageSpec(height=16, width=12, channels=3))
+  assert decoded.shape == (16, 12, 3) and decoded.dtype == np.uint8
+  assert np.array_equal(decoded[..., 0], decoded[..., 2])
+
+
+def test_no_size_keeps_decoded_size():
+  image = np.arange(30 * 20 * 3, dtype=np.uint8).reshape(30, 20, 3)
+  assert decode_image(encode(image, 'PNG')).shape == (30, 20, 3)
+
+
 def test_every_format_decodes_to_rgb_uint8(photo):
   small = photo.resize((64, 48))
   frames = [Image.new('RGB', (64, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
   encoded = {
-      'jpeg': _encode(small, 'JPEG', quality=95),
-      'png': _encode(small, 'PNG'),
-      'webp': _encode(small, 'WEBP', lossless=True),
-      'bmp': _encode(small, 'BMP'),
-      'tiff': _encode(small, 'TIFF'),
-      'gif_first_frame': _encode(frames[0], 'GIF', save_all=True, append_images=frames[1:]),
-      'tiff_first_page': _encode(frames[0], 'TIFF', save_all=True, append_images=frames[1:]),
+      'jpeg': encode(small, 'JPEG', quality=95),
+      'png': encode(small, 'PNG'),
+      'webp': encode(small, 'WEBP', lossless=True),
+      'bmp': encode(small, 'BMP'),
+      'tiff': encode(small, 'TIFF'),
+      'gif_first_frame': encode(frames[0], 'GIF', save_all=True, append_images=frames[1:]),
+      'tiff_first_page': encode(frames[0], 'TIFF', save_all=True, append_images=frames[1:]),
   }
   ref = np.asarray(small)
   for name, blob in encoded.items():
@@ -70,7 +112,7 @@ def test_modes_are_normalised():
   rgba = np.zeros((4, 4, 4), np.uint8)
   rgba[..., 0] = 200
   rgba[:, :2, 3] = 255  # left half opaque red, right half transparent
-  rgba_png = _encode(Image.fromarray(rgba, 'RGBA'), 'PNG')
+  rgba_png = encode(Image.fromarray(rgba, 'RGBA'), 'PNG')
   white = decode_image(rgba_png, ImageSpec(background=(255, 255, 255)))
   np.testing.assert_array_equal(white[0, 0], [200, 0, 0])
   np.testing.assert_array_equal(white[0, 3], [255, 255, 255])
@@ -81,36 +123,36 @@ def test_modes_are_normalised():
 
   la = Image.fromarray(np.stack([np.full((2, 2), 100, np.uint8),
                                  np.array([[255, 0], [255, 0]], np.uint8)], -1), 'LA')
-  gray = decode_image(_encode(la, 'PNG'), ImageSpec(channels=1, background=255))
+  gray = decode_image(encode(la, 'PNG'), ImageSpec(channels=1, background=255))
   assert gray.shape == (2, 2, 1) and gray[0, 0, 0] == 100 and gray[0, 1, 0] == 255
 
   pal = Image.new('P', (2, 2), 1)
   pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
-  np.testing.assert_array_equal(decode_image(_encode(pal, 'PNG'))[0, 0], [10, 20, 30])
+  np.testing.assert_array_equal(decode_image(encode(pal, 'PNG'))[0, 0], [10, 20, 30])
 
   cmyk = Image.new('CMYK', (8, 8), (0, 255, 255, 0))  # pure red in CMYK
-  red = decode_image(_encode(cmyk, 'JPEG', quality=100))
+  red = decode_image(encode(cmyk, 'JPEG', quality=100))
   assert red[..., 0].mean() > 240 and red[..., 1:].mean() < 20
 
   i16 = Image.fromarray(np.full((3, 3), 0x8000, np.uint16))
   assert i16.mode.startswith('I;16')
-  np.testing.assert_array_equal(decode_image(_encode(i16, 'PNG'), ImageSpec(channels=1)), 128)
+  np.testing.assert_array_equal(decode_image(encode(i16, 'PNG'), ImageSpec(channels=1)), 128)
 
 
 def test_exif_orientation_is_applied():
   img = Image.fromarray(_gradient(40, 30))  # dark left, bright right
   exif = Image.Exif()
   exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
-  out = decode_image(_encode(img, 'JPEG', quality=95, exif=exif.tobytes()))
+  out = decode_image(encode(img, 'JPEG', quality=95, exif=exif.tobytes()))
   assert out.shape == (40, 30, 3)
   assert out[0].mean() < out[-1].mean()  # left edge is now on top
   # With reduced-size decoding the transposed output size is still honoured.
-  small = decode_image(_encode(img, 'JPEG', exif=exif.tobytes()), ImageSpec(height=20, width=15))
+  small = decode_image(encode(img, 'JPEG', exif=exif.tobytes()), ImageSpec(height=20, width=15))
   assert small.shape == (20, 15, 3)
 
 
 def test_resize_fits_and_crops(photo):
-  blob = _encode(photo, 'PNG')  # 451x300
+  blob = encode(photo, 'PNG')  # 451x300
   assert decode_image(blob, ImageSpec(height=50, width=60)).shape == (50, 60, 3)
   short = decode_image(blob, ImageSpec(shorter_side=100))
   assert short.shape == (100, 150, 3)  # aspect kept
@@ -133,7 +175,7 @@ def test_resize_fits_and_crops(photo):
 
 def test_reduced_size_jpeg_decoding_matches_full_decode():
   big = Image.fromarray(skdata.astronaut()).resize((1024, 1024))
-  blob = _encode(big, 'JPEG', quality=90)
+  blob = encode(big, 'JPEG', quality=90)
   spec = ImageSpec(height=128, width=128)
   drafted = decode_image(blob, spec)
   full = decode_image(blob, ImageSpec(height=128, width=128, reduced_decode=False))
@@ -159,17 +201,31 @@ def test_normalize():
 ], ids=['zero_bytes', 'text_named_jpg', 'truncated_jpeg', 'bomb_header', 'huge_bomb_header'])
 def test_broken_inputs_raise_with_reason(photo, blob, kind, reason):
   if blob is None:
-    full = _encode(photo, 'JPEG')
+    full = encode(photo, 'JPEG')
     blob = full[:len(full) // 2]
   with pytest.raises(ImageDecodeError, match=reason) as err:
     decode_image(blob, ImageSpec())
   assert err.value.kind == kind
 
 
+def test_truncated_jpeg_is_corrupt_when_resized_on_decode_too():
+  """The reduced-size (draft) decode path reports a cut-off JPEG the same way."""
+  with pytest.raises(ImageDecodeError) as err:
+    decode_image(truncated_jpeg(), GRAY)
+  assert err.value.kind == 'corrupt' and str(err.value)
+
+
 def test_max_bytes_guard(photo):
   with pytest.raises(ImageDecodeError, match='over max_bytes') as err:
-    decode_image(_encode(photo, 'PNG'), ImageSpec(max_bytes=1000))
+    decode_image(encode(photo, 'PNG'), ImageSpec(max_bytes=1000))
   assert err.value.kind == 'too_large'
+
+
+def test_max_pixels_guard_refuses_a_real_image_before_decoding():
+  big = encode(np.zeros((100, 100), np.uint8), 'PNG')
+  with pytest.raises(ImageDecodeError, match='max_pixels') as error:
+    decode_image(big, ImageSpec(max_pixels=99 * 99))
+  assert error.value.kind == 'too_many_pixels'
 
 
 def test_spec_validation():
@@ -182,11 +238,11 @@ def test_spec_validation():
 def test_read_and_decode_files_pipeline_with_dead_letters(tmp_path, photo):
   small = photo.resize((40, 30))
   files = {
-      'a.jpg': _encode(small, 'JPEG'), 'b.png': _encode(small.convert('RGBA'), 'PNG'),
-      'c.webp': _encode(small, 'WEBP'), 'd.gif': _encode(small, 'GIF'),
-      'e.bmp': _encode(small, 'BMP'), 'f.tif': _encode(small, 'TIFF'),
+      'a.jpg': encode(small, 'JPEG'), 'b.png': encode(small.convert('RGBA'), 'PNG'),
+      'c.webp': encode(small, 'WEBP'), 'd.gif': encode(small, 'GIF'),
+      'e.bmp': encode(small, 'BMP'), 'f.tif': encode(small, 'TIFF'),
       'text.jpg': b'not an image at all', 'zero.png': b'',
-      'truncated.jpg': _encode(photo, 'JPEG')[:3000], 'bomb.png': _bomb_png(20_000, 5_000),
+      'truncated.jpg': encode(photo, 'JPEG')[:3000], 'bomb.png': _bomb_png(20_000, 5_000),
   }
   for name, blob in files.items():
     (tmp_path / name).write_bytes(blob)
@@ -227,8 +283,8 @@ def test_image_examples_with_labels_decode_and_write_for_training(tmp_path, phot
 
   src = os.path.join(tmp_path, 'encoded.tfrecord')
   with tf.io.TFRecordWriter(src) as writer:
-    writer.write(example('cat', _encode(photo, 'JPEG'), 3))
-    writer.write(example('unlabelled', _encode(photo, 'PNG')))
+    writer.write(example('cat', encode(photo, 'JPEG'), 3))
+    writer.write(example('unlabelled', encode(photo, 'PNG')))
     writer.write(example('broken', b'GIF89a truncated', 1))
   prefix = os.path.join(tmp_path, 'decoded')
   with TestPipeline(runner='FnApiRunner') as p:
@@ -299,9 +355,8 @@ def test_tiff_with_unsupported_compression_says_so():
 
 def test_lzw_16bit_tiff_that_only_pillow_decodes_uses_the_dtype_range():
   """tifffile needs imagecodecs for LZW; Pillow decodes it, with the same scaling."""
-  buffer = io.BytesIO()
-  Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(buffer, 'TIFF', compression='tiff_lzw')
-  np.testing.assert_array_equal(decode_image(buffer.getvalue(), ImageSpec(channels=1)),
+  blob = encode(np.full((4, 4), 40000, np.uint16), 'TIFF', compression='tiff_lzw')
+  np.testing.assert_array_equal(decode_image(blob, ImageSpec(channels=1)),
                                 np.full((4, 4, 1), 40000 >> 8, np.uint8))
 
 

@@ -17,6 +17,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from beam_dl import drift
 from beam_dl.jsonl import read_jsonl
 from transforms.drift import BuildDriftProfile, ComputeDrift, HistogramsCombineFn
+from tests.waiting import wait_for, was_read
 from transforms.io import WriteJsonLines
 
 SHIFTED = 'pixel_20'
@@ -231,7 +232,6 @@ def test_classify_images_drift_flags_on_real_digits(digits_model_dir, tmp_path):
 def test_score_sequences_streaming_drift_per_window(tmp_path):
   """Streaming over a watched directory: drift per scoring window, written by the streaming writer."""
   import threading
-  import time
 
   from pipelines import score_sequences
   from pipelines import score_sequences_demo as demo
@@ -245,16 +245,23 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
   watched.mkdir()
   series = {'early': reference[:30].tolist(), 'late': (reference[:30] + 40.0).tolist()}  # 40 ppm up
 
-  def land_files():  # written while the pipeline runs, renamed in atomically
-    for i, (key, points) in enumerate(series.items()):
-      time.sleep(1.5)
-      tmp = watched / f'.part{i}'
-      with open(tmp, 'w') as f:
-        for step, value in enumerate(points):
-          f.write(json.dumps({'key': key, 'time': 1000.0 + step, 'co2': value}) + '\n')
-      os.rename(tmp, watched / f'events{i}.jsonl')
+  def land_file(i, key):  # renamed in atomically
+    tmp = watched / f'.part{i}'
+    with open(tmp, 'w') as f:
+      for step, value in enumerate(series[key]):
+        f.write(json.dumps({'key': key, 'time': 1000.0 + step, 'co2': value}) + '\n')
+    path = watched / f'events{i}.jsonl'
+    os.rename(tmp, path)
+    return str(path)
 
-  writer = threading.Thread(target=land_files)
+  first = land_file(0, 'early')
+  read = {}
+
+  def land_second_file():  # lands while the pipeline runs, once it has read the first
+    read['first'] = wait_for(lambda: was_read(first), deadline_s=30)
+    land_file(1, 'late')
+
+  writer = threading.Thread(target=land_second_file)
   writer.start()
   out = str(tmp_path / 'out' / 'scores')
   score_sequences.run([
@@ -263,6 +270,7 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
       '--forecast', '--stop_after_secs', '8', '--poll_interval_secs', '0.5', '--write_frequency_secs', '2',
       '--drift_profile', profile, '--drift_min_count', '20'])
   writer.join()
+  assert read['first'], 'the pipeline never read the first file'
   reports = read_jsonl(f'{out}-drift-*.jsonl')
   alerts = read_jsonl(f'{out}-alerts-*.jsonl')
   # Streaming windows follow the source's timestamps (file read time): one hour-long window,

@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that
 
 from beam_dl import checkpoints, export, savedmodel_handler
 from pipelines import demo, export_savedmodel
+from tests.models import save_seeded_model
 
 
 @pytest.fixture(scope='module')
@@ -91,16 +92,11 @@ def test_polymorphic_shapes_and_refusals():
 
 def test_sequence_model_exports_with_polymorphic_batch_and_length(tmp_path):
   """A GRU sequence classifier: any batch, any length, padded steps ignored."""
-  import flax.linen as nn
-  import jax
-
   spec = checkpoints.ModelSpec(
       name='rnn', kwargs={'cell': 'gru', 'hidden_size': 8, 'num_outputs': 3, 'pooling': 'mean'},
       input_shape=(None, 2), task='sequence_classification',
   )
-  x, mask = export.example_inputs(spec, batch_size=2)
-  variables = nn.meta.unbox(spec.build().init(jax.random.key(0), x, mask))
-  model_dir = checkpoints.save(str(tmp_path / 'rnn'), spec, variables, fmt='msgpack')
+  model_dir, _ = save_seeded_model(tmp_path / 'rnn', spec, fmt='msgpack')
   export_dir = export.export_saved_model(model_dir, str(tmp_path / 'rnn_saved_model'))
   for n in (1, 5):
     x, mask = export.example_inputs(spec, batch_size=n, seed=n)

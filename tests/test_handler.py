@@ -1,24 +1,27 @@
-"""JaxModelHandler without a pipeline: formats, precision, devices, OOM, refresh.
+"""JaxModelHandler without a pipeline: exact outputs, buckets, formats,
+precision, devices, OOM, refresh.
 
-Models are tiny Flax modules with seeded random weights, saved through
-beam_dl.checkpoints; expected outputs come from `module.apply` directly.
+Models are tiny Flax modules: a linear model with hand-set weights whose
+outputs are computed by hand, and seeded models from tests.models whose
+expected outputs come from `module.apply` directly.
 """
 import os
 import pickle
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from beam_dl import checkpoints
 from beam_dl.handler import (
     JaxModelHandler,
+    bucket_for,
     default_inference_fn,
     model_dir_for,
+    power_of_two_buckets,
 )
 from beam_dl.inference_oom import call_with_oom_split, is_resource_exhausted
+from tests.models import save_broken_model, save_seeded_model
 
 CNN_SPEC = checkpoints.ModelSpec(
     name='small_cnn',
@@ -34,21 +37,33 @@ RNN_SPEC = checkpoints.ModelSpec(
     input_dtype='float32',
     task='sequence_classification',
 )
+# y = (x / 255) W + b for 2x2x1 uint8 images, 3 outputs.
+LINEAR_SPEC = checkpoints.ModelSpec(
+    name='linear', kwargs={'num_outputs': 3}, input_shape=(2, 2, 1), input_dtype='uint8', input_scale=1 / 255
+)
+KERNEL = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, -1.0]], np.float32)
+BIAS = np.array([0.5, -0.5, 0.0], np.float32)
 
 
-def save_model(path, spec, seed=0, fmt='orbax'):
-  """A model dir with seeded random weights; returns (dir, variables)."""
-  module = spec.build()
-  if spec.is_sequence:
-    inputs = (jnp.zeros((1, 2, spec.input_shape[1])), jnp.ones((1, 2), bool))
-  else:
-    inputs = (jnp.zeros((1, *spec.input_shape)),)
-  variables = nn.meta.unbox(module.init(jax.random.key(seed), *inputs))
-  return checkpoints.save(str(path), spec, variables, fmt=fmt), variables
+@pytest.fixture(scope='module', params=['orbax', 'msgpack'])
+def linear_dir(request, tmp_path_factory):
+  """The hand-set linear model, saved in each format."""
+  variables = {'params': {'Dense_0': {'kernel': KERNEL, 'bias': BIAS}}}
+  path = str(tmp_path_factory.mktemp(request.param) / 'model')
+  return checkpoints.save(path, LINEAR_SPEC, variables, fmt=request.param)
 
 
-def images(n, seed=0):
-  return list(np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8))
+def by_hand(examples):
+  return np.stack([im.reshape(-1) / 255.0 for im in examples]) @ KERNEL + BIAS
+
+
+def images(n, seed=0, shape=(8, 8, 1)):
+  return list(np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8))
+
+
+def tiny_images(n, seed=0):
+  """Inputs of the linear model."""
+  return images(n, seed, shape=LINEAR_SPEC.input_shape)
 
 
 def reference(spec, variables, examples):
@@ -56,9 +71,57 @@ def reference(spec, variables, examples):
   return np.asarray(spec.build().apply(variables, spec.normalize(x)))
 
 
+def test_outputs_match_hand_computation(linear_dir):
+  handler = JaxModelHandler(linear_dir, max_batch_size=8)
+  model = handler.load_model()
+  batch = tiny_images(5)
+  results = list(handler.run_inference(batch, model))
+  assert len(results) == 5  # padded to bucket 8, padding stripped
+  np.testing.assert_allclose(np.stack([r.inference for r in results]), by_hand(batch), rtol=1e-5, atol=1e-6)
+  assert all(r.example is x for r, x in zip(results, batch))
+  assert {r.model_id for r in results} == {linear_dir}
+
+
+def test_batches_larger_than_max_are_chunked_in_order(linear_dir):
+  handler = JaxModelHandler(linear_dir, max_batch_size=4)
+  model = handler.load_model()
+  batch = tiny_images(11, seed=1)
+  outputs = np.stack([r.inference for r in handler.run_inference(batch, model)])
+  np.testing.assert_allclose(outputs, by_hand(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_bounded_by_buckets_when_batch_sizes_vary(linear_dir):
+  model = JaxModelHandler(linear_dir, max_batch_size=16).load_model()
+  sizes = [1, 2, 3, 5, 7, 9, 13, 16, 17, 31, 40, 4, 6, 1]
+  first = [model.predict_counted(tiny_images(n, seed=n))[1] for n in sizes]
+  again = [model.predict_counted(tiny_images(n, seed=n))[1] for n in sizes]
+  assert sum(c.compiles for c in first) == len(power_of_two_buckets(16)) == 5
+  assert sum(c.compiles for c in again) == 0
+  # padding counted per call: 3 -> bucket 4, 17 -> 16 + 1, 40 -> 16 + 16 + 8
+  by_size = dict(zip(sizes, again))
+  assert (by_size[3].padded_slots, by_size[3].total_slots) == (1, 4)
+  assert (by_size[17].padded_slots, by_size[17].total_slots) == (0, 17)
+  assert (by_size[40].padded_slots, by_size[40].total_slots) == (0, 40)
+
+
+def test_wrong_shape_raises_clear_error(linear_dir):
+  handler = JaxModelHandler(linear_dir, max_batch_size=4)
+  with pytest.raises(ValueError, match=r'shape \(3, 3, 1\).*\(2, 2, 1\)'):
+    handler.run_inference([np.zeros((3, 3, 1), np.uint8)], handler.load_model())
+
+
+def test_num_bytes_is_array_bytes_not_pickle(linear_dir):
+  assert JaxModelHandler(linear_dir).get_num_bytes(tiny_images(3)) == 12
+
+
+def test_bucket_helpers():
+  assert power_of_two_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+  assert [bucket_for(n, (1, 4, 16)) for n in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
+
+
 @pytest.mark.parametrize('fmt', ['orbax', 'msgpack'])
 def test_loads_orbax_and_msgpack_and_matches_apply(tmp_path, fmt):
-  model_dir, variables = save_model(tmp_path / fmt, CNN_SPEC, fmt=fmt)
+  model_dir, variables = save_seeded_model(tmp_path / fmt, CNN_SPEC, fmt=fmt)
   handler = JaxModelHandler(model_dir, max_batch_size=8)
   model = handler.load_model()
   examples = images(11)
@@ -70,7 +133,7 @@ def test_loads_orbax_and_msgpack_and_matches_apply(tmp_path, fmt):
 
 def test_never_unpickles_a_model_file(tmp_path):
   """A directory holding only a pickle is refused, and the pickle never runs."""
-  model_dir, _ = save_model(tmp_path / 'm', CNN_SPEC, fmt='msgpack')
+  model_dir, _ = save_seeded_model(tmp_path / 'm', CNN_SPEC, fmt='msgpack')
   os.remove(os.path.join(model_dir, checkpoints.MSGPACK_FILE))
   marker = tmp_path / 'pwned'
 
@@ -86,7 +149,7 @@ def test_never_unpickles_a_model_file(tmp_path):
 
 
 def test_bfloat16_outputs_close_to_float32(tmp_path):
-  model_dir, _ = save_model(tmp_path / 'm', CNN_SPEC)
+  model_dir, _ = save_seeded_model(tmp_path / 'm', CNN_SPEC)
   examples = images(16)
   f32 = JaxModelHandler(model_dir, max_batch_size=16)
   bf16 = JaxModelHandler(model_dir, max_batch_size=16, precision='bfloat16')
@@ -99,7 +162,7 @@ def test_bfloat16_outputs_close_to_float32(tmp_path):
 
 def test_data_parallel_over_eight_devices(tmp_path):
   assert jax.device_count() == 8
-  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  model_dir, variables = save_seeded_model(tmp_path / 'm', CNN_SPEC)
   handler = JaxModelHandler(model_dir, max_batch_size=16, batch_buckets=[1, 4, 16], data_parallel=True)
   model = handler.load_model()
   assert model.batch_buckets == (8, 16)  # rounded up to multiples of the device count
@@ -114,7 +177,7 @@ def test_data_parallel_over_eight_devices(tmp_path):
 
 
 def test_model_parallel_shards_wide_params(tmp_path):
-  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  model_dir, variables = save_seeded_model(tmp_path / 'm', CNN_SPEC)
   handler = JaxModelHandler(model_dir, max_batch_size=8, model_parallelism=2)
   model = handler.load_model()
   kernel = model.variables['params']['Dense_0']['kernel']  # logical ('embed', 'mlp')
@@ -126,7 +189,7 @@ def test_model_parallel_shards_wide_params(tmp_path):
 
 
 def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
-  model_dir, variables = save_model(tmp_path / 'rnn', RNN_SPEC, fmt='msgpack')
+  model_dir, variables = save_seeded_model(tmp_path / 'rnn', RNN_SPEC, fmt='msgpack')
   handler = JaxModelHandler(model_dir, max_batch_size=4, length_buckets=(8, 16))
   model = handler.load_model()
   rng = np.random.default_rng(0)
@@ -153,7 +216,7 @@ def resource_exhausted(n):
 
 
 def test_oom_splits_batch_in_halves_down_to_one(tmp_path):
-  model_dir, variables = save_model(tmp_path / 'm', CNN_SPEC)
+  model_dir, variables = save_seeded_model(tmp_path / 'm', CNN_SPEC)
   calls = []
 
   def fits_four(model, batch, inference_args):
@@ -188,16 +251,13 @@ def test_oom_on_a_single_example_raises_and_other_errors_are_not_split():
 
 
 def test_refresh_to_broken_checkpoint_keeps_serving_last_good_model(tmp_path):
-  good, _ = save_model(tmp_path / 'good', CNN_SPEC)
-  other, other_vars = save_model(tmp_path / 'other', CNN_SPEC, seed=1, fmt='msgpack')
-  broken = tmp_path / 'broken'
-  broken.mkdir()
-  (broken / checkpoints.SPEC_FILE).write_text(CNN_SPEC.to_json())
-  (broken / checkpoints.MSGPACK_FILE).write_bytes(b'\x00 not msgpack')
+  good, _ = save_seeded_model(tmp_path / 'good', CNN_SPEC)
+  other, other_vars = save_seeded_model(tmp_path / 'other', CNN_SPEC, seed=1, fmt='msgpack')
+  broken = save_broken_model(tmp_path / 'broken', CNN_SPEC)
   handler = JaxModelHandler(good, max_batch_size=4)
   first = handler.load_model()
-  handler.update_model_path(str(broken / checkpoints.MSGPACK_FILE))  # as WatchFilePattern reports it
-  assert handler.model_dir == str(broken)
+  handler.update_model_path(os.path.join(broken, checkpoints.MSGPACK_FILE))  # as WatchFilePattern reports it
+  assert handler.model_dir == broken
   assert handler.load_model() is first
   # after pickling (a fresh worker) it reloads the last good directory instead
   restored = pickle.loads(pickle.dumps(handler))
@@ -234,6 +294,12 @@ def test_env_var_defaults_do_not_override_the_environment(monkeypatch):
 
 
 def test_constructor_validates_arguments():
+  with pytest.raises(ValueError, match='precision'):
+    JaxModelHandler('m', precision='float16')
+  with pytest.raises(ValueError, match='device'):
+    JaxModelHandler('m', device='npu')
+  with pytest.raises(ValueError, match='max_batch_size'):
+    JaxModelHandler('m', max_batch_size=8, batch_buckets=(1, 4))
   with pytest.raises(ValueError, match='max_batch_weight'):
     JaxModelHandler('m', max_batch_weight=10, element_size_fn=len)
   with pytest.raises(ValueError, match='model_parallelism'):

@@ -8,9 +8,7 @@ import os
 import shutil
 
 import apache_beam as beam
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -24,6 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl import checkpoints
 from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, default_inference_fn
+from tests.models import save_seeded_model
 from transforms.inference import RunInferenceWithDeadLetters
 
 SPEC = checkpoints.ModelSpec(
@@ -39,11 +38,9 @@ N = 20
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   """(model_dir, {key: expected logits}, {key: image}) for N random images."""
-  module = SPEC.build()
-  variables = nn.meta.unbox(module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
-  model_dir = checkpoints.save(str(tmp_path_factory.mktemp('cnn') / 'model'), SPEC, variables, fmt='msgpack')
+  model_dir, variables = save_seeded_model(tmp_path_factory.mktemp('cnn') / 'model', SPEC, fmt='msgpack')
   x = np.random.default_rng(0).integers(0, 256, size=(N, 8, 8, 1), dtype=np.uint8)
-  logits = np.asarray(module.apply(variables, SPEC.normalize(x)))
+  logits = np.asarray(SPEC.build().apply(variables, SPEC.normalize(x)))
   keys = [f'img{i:02d}' for i in range(N)]
   return model_dir, dict(zip(keys, logits)), dict(zip(keys, x))
 
@@ -258,13 +255,11 @@ RNN_SPEC = checkpoints.ModelSpec(
 
 
 def test_rnn_with_length_aware_batching(tmp_path):
-  module = RNN_SPEC.build()
-  variables = nn.meta.unbox(module.init(jax.random.key(1), jnp.zeros((1, 2, 3)), jnp.ones((1, 2), bool)))
-  model_dir = checkpoints.save(str(tmp_path / 'rnn'), RNN_SPEC, variables, fmt='msgpack')
+  model_dir, variables = save_seeded_model(tmp_path / 'rnn', RNN_SPEC, seed=1, fmt='msgpack')
   rng = np.random.default_rng(0)
   lengths = [3, 6, 3, 6, 20, 30, 20, 30, 6, 20]
   seqs = {f's{i}': rng.normal(size=(n, 3)).astype(np.float32) for i, n in enumerate(lengths)}
-  apply = jax.jit(module.apply)
+  apply = jax.jit(RNN_SPEC.build().apply)
   expected = {k: np.asarray(apply(variables, s[None], np.ones((1, len(s)), bool)))[0] for k, s in seqs.items()}
   handler = JaxModelHandler(
       model_dir, max_batch_size=4, length_buckets=(8, 32),

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from beam_dl import drift
 from beam_dl.jsonl import read_jsonl
 from beam_dl.metrics_export import family_name, labelled, parse_labelled
-from beam_dl.services.process import free_port
+from beam_dl.services.process import free_port, service_process
+from tests.services import http_ok
 from transforms.metrics import reason_kind
 
 DASHBOARD = os.path.join(os.path.dirname(__file__), '..', 'docs', 'grafana', 'beam_dl.json')
@@ -187,27 +188,12 @@ PUSHGATEWAY = os.environ.get('BEAM_DL_PUSHGATEWAY', os.path.expanduser('~/.cache
 @pytest.fixture
 def pushgateway(tmp_path):
   """A real Prometheus Pushgateway on 127.0.0.1 (`make pushgateway` builds it)."""
-  import subprocess
-
   if not os.path.exists(PUSHGATEWAY):
     pytest.skip(f'no Pushgateway at {PUSHGATEWAY}: run `make pushgateway` (or set BEAM_DL_PUSHGATEWAY)')
-  port = free_port()
-  log = open(tmp_path / 'pushgateway.log', 'w')
-  proc = subprocess.Popen([PUSHGATEWAY, f'--web.listen-address=127.0.0.1:{port}'], stdout=log, stderr=log)
-  try:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-      try:
-        urllib.request.urlopen(f'http://127.0.0.1:{port}/-/ready', timeout=5).read()
-        break
-      except (urllib.error.URLError, ConnectionError):
-        assert proc.poll() is None, (tmp_path / 'pushgateway.log').read_text()
-        time.sleep(0.1)  # poll interval of the bounded readiness wait
-    yield f'127.0.0.1:{port}'
-  finally:
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+  address = f'127.0.0.1:{free_port()}'
+  with service_process([PUSHGATEWAY, f'--web.listen-address={address}'], log_path=str(tmp_path / 'pushgateway.log'),
+                       ready=lambda: http_ok(f'http://{address}/-/ready'), timeout_s=60):
+    yield address
 
 
 @pytest.mark.slow

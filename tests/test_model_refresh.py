@@ -11,9 +11,6 @@ import os
 import time
 
 import apache_beam as beam
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -26,6 +23,7 @@ from apache_beam.transforms import trigger, window
 
 from beam_dl import checkpoints
 from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler
+from tests.models import save_broken_model, save_seeded_model, seeded_variables
 from transforms.inference import RunInferenceWithDeadLetters
 
 SPEC = checkpoints.ModelSpec(
@@ -44,14 +42,9 @@ def models(tmp_path_factory):
   root = tmp_path_factory.mktemp('refresh')
   dirs, weights = {}, {}
   for name, seed, fmt in (('a', 0, 'orbax'), ('b', 1, 'msgpack')):
-    variables = nn.meta.unbox(SPEC.build().init(jax.random.key(seed), jnp.zeros((1, 4, 4, 1))))
-    dirs[name] = checkpoints.save(str(root / name), SPEC, variables, fmt=fmt)
+    dirs[name], variables = save_seeded_model(root / name, SPEC, seed=seed, fmt=fmt)
     weights[dirs[name]] = variables
-  broken = root / 'broken'
-  broken.mkdir()
-  (broken / checkpoints.SPEC_FILE).write_text(SPEC.to_json())
-  (broken / checkpoints.MSGPACK_FILE).write_bytes(b'\xc1 truncated upload')
-  dirs['broken'] = str(broken)
+  dirs['broken'] = save_broken_model(root / 'broken', SPEC, b'\xc1 truncated upload')
   return dirs, weights
 
 
@@ -207,9 +200,7 @@ def test_refresh_to_mismatched_variables_keeps_the_last_good_model(models, tmp_p
   mismatched one never becomes the last good model."""
   dirs, weights = models
   other = checkpoints.ModelSpec(**{**SPEC.__dict__, 'kwargs': {'num_classes': 4, 'features': [4], 'hidden': 16}})
-  mismatched = checkpoints.save(
-      str(tmp_path / 'mismatched'), SPEC,
-      nn.meta.unbox(other.build().init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))), fmt='msgpack')
+  mismatched = checkpoints.save(str(tmp_path / 'mismatched'), SPEC, seeded_variables(other), fmt='msgpack')
   handler = JaxModelHandler(dirs['a'], max_batch_size=4)
   assert handler.load_model().model_dir == dirs['a']
   handler.update_model_path(dirs['b'])

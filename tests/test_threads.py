@@ -18,6 +18,7 @@ from apache_beam.runners.worker import data_plane
 
 from beam_dl import beam_fixes, checkpoints
 from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, ServeCounts
+from tests.models import save_broken_model, save_seeded_model
 
 STREAM = data_plane.TimeBasedBufferingClosableOutputStream
 
@@ -89,10 +90,7 @@ SPEC = checkpoints.ModelSpec(
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-  import jax
-
-  variables = SPEC.build().init(jax.random.key(3), np.zeros((1, 6, 6, 1), np.float32))
-  return checkpoints.save(str(tmp_path_factory.mktemp('threads') / 'model'), SPEC, variables, fmt='msgpack')
+  return save_seeded_model(tmp_path_factory.mktemp('threads') / 'model', SPEC, seed=3, fmt='msgpack')[0]
 
 
 def test_one_model_served_from_many_threads(model_dir):
@@ -129,10 +127,7 @@ def test_one_model_served_from_many_threads(model_dir):
 def test_handler_load_state_is_exact_across_threads(model_dir, tmp_path):
   """Loads and failed refreshes counted once each while threads infer; a
   failed refresh keeps the good model and never becomes the last good one."""
-  broken = tmp_path / 'broken'
-  broken.mkdir()
-  (broken / checkpoints.SPEC_FILE).write_text(SPEC.to_json())
-  (broken / checkpoints.MSGPACK_FILE).write_bytes(b'\xc1 not msgpack')
+  broken = save_broken_model(tmp_path / 'broken', SPEC, b'\xc1 not msgpack')
   handler = JaxModelHandler(model_dir, max_batch_size=4, batch_buckets=(1, 2, 4))
   good = handler.load_model()
   handler.update_model_path(str(broken))
