@@ -9,6 +9,8 @@ dead letter (stage 'read') instead of losing it or hanging:
 
   unlisted_entries(pattern)  -> [(path, reason)] Beam's match skipped
   open_regular(readable)     -> the opened file, or FileReadError(reason)
+  read_all(readable)         -> its bytes, or FileReadError(reason)
+  content(data)              -> bytes as they are, a ReadableFile read_all
 """
 from __future__ import annotations
 
@@ -151,3 +153,15 @@ def read_all(readable) -> bytes:
       return f.read()
     except READ_ERRORS as e:  # EIO, a permission the open did not check, a bad gzip
       raise FileReadError(f'read failed: {describe(e)}') from None
+
+
+def content(data) -> bytes:
+  """Encoded input as bytes: bytes as they are, a `fileio.ReadableFile` read
+  whole (`read_all`: FileReadError with the reason). Readers that defer the
+  read hand ReadableFiles to the step that decodes them."""
+  return data if isinstance(data, (bytes, bytearray, memoryview)) else read_all(data)
+
+
+def content_size(data) -> int:
+  """Bytes of encoded input: its length, or a ReadableFile's listed size."""
+  return len(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.metadata.size_in_bytes
