@@ -40,17 +40,13 @@ class FileReadError(IOError):
   """A matched path whose bytes cannot be read; the message is the reason."""
 
 
-_LOCAL_SCHEMES: dict = {}  # scheme (None: a plain path) -> served by LocalFileSystem
-
-
 def _is_local(path: str) -> bool:
-  """Whether Beam serves `path` from the local filesystem, decided once per
-  scheme (`FileSystems.get_filesystem` walks Beam's plugins on every call)."""
-  scheme = FileSystems.get_scheme(path)
-  local = _LOCAL_SCHEMES.get(scheme)
-  if local is None:
-    local = _LOCAL_SCHEMES[scheme] = isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
-  return local
+  """Whether Beam serves `path` from the local filesystem. A path without a
+  scheme is LocalFileSystem's (scheme None) without asking
+  `FileSystems.get_filesystem`, which walks Beam's plugins on every call."""
+  if FileSystems.get_scheme(path) is None:
+    return True
+  return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
 
 
 def not_regular_reason(path: str) -> str | None:
