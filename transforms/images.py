@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
@@ -99,7 +100,7 @@ class ReadImageFiles(beam.PTransform):
 
   def expand(self, pbegin) -> ImageInputs:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._file_pattern)
-    content = Any if self._defer_read else bytes
+    content = fileio.ReadableFile if self._defer_read else bytes
     keyed = tuple[str, content, dict] if self._with_metadata else tuple[str, content]
     read = matched.files | 'ReadFiles' >> beam.ParDo(
         _ReadImageFileFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
