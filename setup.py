@@ -22,7 +22,8 @@ REQUIRED = [
     'google-crc32c>=1.5',  # TFRecord framing checks (beam_dl.io.tfrecord); also via apache-beam[gcp]
     'prometheus-client>=0.20',  # pipelines' --metrics_port / --metrics_pushgateway (beam_dl.metrics_export)
     'tensorboard>=2.21,<2.22',  # tf.summary's writer for training summaries (TF 2.21 no longer pulls it in)
-    'qwix>=0.1.8,<0.2',  # int8 quantization (beam_dl.compression); needed to serve quantized dirs
+    'qwix>=0.1.8,<0.2',
+    'pandas>=2,<4',  # key factorization in the windowed batch path (beam_dl.features.batch_windows)  # int8 quantization (beam_dl.compression); needed to serve quantized dirs
 ]
 EXTRAS = {
     # Model registry (beam_dl.registry_mlflow) and the tracking server its tests start.

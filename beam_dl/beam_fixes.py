@@ -1,4 +1,7 @@
-"""A fix for a Beam SDK bug that silently loses elements; applied on import of beam_dl.
+"""Fixes for Beam SDK bugs, applied on import of beam_dl.
+
+1. Time-based output flushing silently loses elements (below).
+2. State-cache sizing walks every loaded module per call (`apply_state_cache_sizing`).
 
 Time-based output flushing in the SDK harness (Beam 2.77,
 `apache_beam.runners.worker.data_plane.TimeBasedBufferingClosableOutputStream`)
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import logging
 
-from apache_beam.runners.worker import data_plane
+import objsize
+from apache_beam.runners.worker import data_plane, statecache
 
 _log = logging.getLogger(__name__)
 _STREAM = data_plane.TimeBasedBufferingClosableOutputStream
@@ -76,4 +80,41 @@ def apply() -> bool:
   return True
 
 
+# State cache sizing. Every value put in (or loaded into) an SDK worker's
+# state cache is weighed with `statecache.get_deep_size`, which calls
+# `objsize.get_deep_size` with objsize's default `exclude_modules_globals=True`:
+# on each call objsize lists `vars()` of every module in `sys.modules` (~3,000
+# with JAX/TF loaded) to exclude their globals, whatever the size of the value.
+# A stateful DoFn on the in-process runner (its cache is on, 100 MB) paid ~7 ms
+# per state write for it (the late-data gate: 78 of 109 s for 10k events,
+# benchmarks/RESULTS.md). Beam's own filter already stops the walk at modules,
+# types and functions, the ways to reach module globals from a value, so the
+# weight stays the same without the per-call listing.
+BEAM_DEEP_SIZE = statecache.get_deep_size
+
+
+def state_cache_deep_size(*objs) -> int:
+  """Beam's `statecache.get_deep_size` without objsize's per-call module walk."""
+  return objsize.get_deep_size(
+      *objs,
+      get_size_func=statecache._size_func,  # pylint: disable=protected-access
+      get_referents_func=statecache._get_referents_func,  # pylint: disable=protected-access
+      filter_func=statecache._filter_func,  # pylint: disable=protected-access
+      exclude_modules_globals=False)
+
+
+def apply_state_cache_sizing() -> bool:
+  """Installs `state_cache_deep_size` as the state cache's weigher once; True
+  if installed. Refuses (logs, returns False) when Beam's statecache no longer
+  has the helpers it reuses."""
+  if statecache.get_deep_size is state_cache_deep_size:
+    return True
+  if not all(hasattr(statecache, name) for name in ('_size_func', '_get_referents_func', '_filter_func')):
+    _log.warning('beam_dl: apache_beam.runners.worker.statecache changed; state cache sizing fix not applied')
+    return False
+  statecache.get_deep_size = state_cache_deep_size
+  return True
+
+
 apply()
+apply_state_cache_sizing()

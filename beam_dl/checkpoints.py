@@ -216,6 +216,11 @@ def save(model_dir: str, spec: ModelSpec, variables: Any, *, fmt: str = 'orbax')
       f.write(serialization.msgpack_serialize(_to_numpy(variables)))
   else:
     raise ValueError(f"fmt must be 'orbax' or 'msgpack', got {fmt!r}")
+  # Saving over a model of the other format replaces it: `load` prefers the
+  # orbax directory, so a stale one would shadow the msgpack just written.
+  stale = _join(model_dir, MSGPACK_FILE if fmt == 'orbax' else ORBAX_DIR)
+  if FileSystems.exists(stale):
+    FileSystems.delete([stale])
   return model_dir
 
 

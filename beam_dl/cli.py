@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_dl.deadletter import ERROR_RATE_MARKER, error_rate_message
 from beam_dl.options import OptionsError
 
 _log = logging.getLogger('beam_dl')
@@ -120,12 +121,16 @@ def require_matches(pattern: str, flag: str = 'input') -> int:
 class _DropBeamNoise(logging.Filter):
   """Drops log lines a user cannot act on: Beam 2.77's RunInference warns on
   every batch that "Resource module is not available" (its optional
-  ModelManager import fails, and takes the `resource` import down with it)."""
+  ModelManager import fails, and takes the `resource` import down with it).
+  Also Beam's traceback of a job failed by --max_error_rate: `main` reports
+  that as one line."""
 
   NOISE = ('Resource module is not available',)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not any(str(record.msg).startswith(text) for text in self.NOISE)
+    if any(str(record.msg).startswith(text) for text in self.NOISE):
+      return False
+    return ERROR_RATE_MARKER not in record.getMessage()
 
 
 def configure_logging() -> None:
@@ -142,7 +147,9 @@ def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Seque
   """Runs `run(argv)` as the command `name`: INFO logs from beam_dl, Beam's
   chatter at WARNING, and a configuration error found before the job starts
   (OptionsError, a model directory that won't load: CheckpointError) as one
-  line `name: error: ...` on stderr with exit code 2, as argparse does."""
+  line `name: error: ...` on stderr with exit code 2, as argparse does; a
+  job that failed for more dead letters than --max_error_rate allows as
+  one such line with exit code 1."""
   from beam_dl.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
 
   configure_logging()
@@ -151,3 +158,9 @@ def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Seque
   except (OptionsError, CheckpointError) as e:
     print(f'{name}: error: {e}', file=sys.stderr)
     raise SystemExit(2) from None
+  except Exception as e:  # pylint: disable=broad-except
+    too_many_failed = error_rate_message(e)  # --max_error_rate: the job failed by design
+    if too_many_failed is None:
+      raise
+    print(f'{name}: error: {too_many_failed}', file=sys.stderr)
+    raise SystemExit(1) from None

@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import uuid
-import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -38,21 +37,22 @@ METRICS_NAMESPACE = 'BeamDL_Jax'
 DEFAULT_ENV_VARS = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 _log = logging.getLogger(__name__)
-# Models loaded in this process, by (model_dir, how it is served): two steps
-# serving the same model (RunInferenceWithDeadLetters' batched and one-by-one
-# steps) hold one copy on the device. Beam's `shared.Shared` cannot do this:
-# it keys a model by the step's own handle, and `model_identifier` only
-# shares `large_model` models (across processes). Weak: a model lives while
-# a step uses it. Only immutable models live here: nothing in a LoadedModel
-# changes after loading, so any number of threads may call it.
-_LOADED: 'weakref.WeakValueDictionary[tuple, LoadedModel]' = weakref.WeakValueDictionary()
-_LOADED_LOCK = threading.Lock()
-# The model directory each handler (by its id, shared by all its unpickled
-# copies) last loaded in this process. Runners re-create DoFns -- and so
-# fresh handler copies -- per bundle; a refresh that fails in a fresh copy
-# must still fall back to the model the step was serving, not to the
-# constructor's. Beam's `shared.Shared` cannot hold it: its objects live only
-# while referenced, and nothing references a directory name between bundles.
+# Loaded models are cached by Beam alone: RunInference keeps them in its
+# `shared.Shared` (one per step, process and model tag) or, with large_model /
+# share_model_across_processes, in one multi_process_shared server per
+# `model_identifier`. The handler keeps no model cache of its own.
+#
+# What it does keep per process is one string per handler: the model
+# directory it last loaded (its `_id` is shared by all its unpickled copies).
+# Runners re-create DoFns -- and so handler copies -- per bundle (the
+# streaming DirectRunner tears each down after its bundle); a refresh that
+# fails in a fresh copy must fall back to the model the step was serving,
+# not the constructor's. Beam's `shared.Shared` cannot hold this: it keeps an
+# object only while something references it, and RunInference's own
+# `load_model_status` acquires a new Shared at every DoFn setup, which drops
+# Shared's keep-alive of the previous model (tested by
+# test_model_refresh.test_streaming_refresh_with_test_stream). No model is
+# held here: a fresh copy reloads the directory.
 _LAST_GOOD: dict[str, str] = {}
 _LAST_GOOD_LOCK = threading.Lock()
 # Per thread: where a running predict() reports its counts (see ServeCounts).
@@ -354,7 +354,8 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     """State of this copy in this process, never pickled: load counts not
     yet reported (loads mostly happen in DoFn.setup, outside any bundle,
     where metrics are dropped, so they are reported with the next batch),
-    and the model it served last. A lock, because Beam may load (setup,
+    and the model this copy served last (the fallback of a refresh that
+    fails, without a reload). A lock, because Beam may load (setup,
     side-input refresh) and infer from different threads."""
     self._lock = threading.Lock()
     self._last_good: Optional[LoadedModel] = None
@@ -385,21 +386,22 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   def load_model(self) -> LoadedModel:
     """Loads the current model_dir. If that fails after a refresh (a broken,
     half-written or mismatched checkpoint), logs the error, counts
-    'model_load_failures' and keeps serving the last model this step loaded
-    in this process (in a fresh worker: the constructor's model_dir) instead
-    of failing. A model that failed to load never becomes the last good one."""
+    'model_load_failures' and keeps serving the last model this copy loaded
+    (in a fresh worker: the constructor's model_dir) instead of failing. A
+    model that failed to load never becomes the last good one."""
     self._set_default_env()  # also when wrapped (Keyed...), whose setup skips ours
     model_dir = self._model_dir
     try:
       model = self._load(model_dir)
     except Exception as e:
+      with self._lock:
+        last_good = self._last_good
       with _LAST_GOOD_LOCK:
         fallback = _LAST_GOOD.get(self._id, self._initial_dir)
       if fallback == model_dir:
         raise  # nothing else to serve: the job must not start with a broken model
       with self._lock:
         self._unreported_load_failures += 1
-        last_good = self._last_good
       _log.error('cannot load refreshed model %s, still serving %s: %s', model_dir, fallback, e)
       model = last_good if last_good is not None and last_good.model_dir == fallback else self._load(fallback)
     with self._lock:
@@ -409,16 +411,10 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     return model
 
   def _load(self, model_dir: str) -> LoadedModel:
-    """The model in model_dir, from this process's cache when another step
-    already serves it the same way."""
-    key = (model_dir, self._precision, self._device, self._data_parallel, self._model_parallelism,
-           self._batch_buckets, self._length_buckets)
-    with _LOADED_LOCK:
-      model = _LOADED.get(key)
-      if model is None:
-        model = _LOADED[key] = self._load_uncached(model_dir)
-        with self._lock:
-          self._unreported_loads += 1
+    """The model in model_dir, loaded now (counted as 'model_loads')."""
+    model = self._load_uncached(model_dir)
+    with self._lock:
+      self._unreported_loads += 1
     return model
 
   def _load_uncached(self, model_dir: str) -> LoadedModel:

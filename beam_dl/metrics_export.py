@@ -239,6 +239,24 @@ class MetricsExporter:
     self.close()
 
 
+def keep_direct_runner_in_process(pipeline) -> None:
+  """The DirectRunner runs `pipeline` on Beam's in-process FnApiRunner (or,
+  streaming, its streaming DirectRunner), never on a downloaded Prism.
+
+  Beam's DirectRunner first tries Prism for pipelines it deems supported,
+  downloading the binary from GitHub at run time: with network access the same
+  command would run on another engine than the one the project tests (and
+  score_sequences' batch graph panics on Prism 2.77), without it every run
+  waits for the failed download (~0.7 s here) and then falls back. Prism stays
+  one flag away: `--runner=PrismRunner`. Beam skips Prism for interactive
+  runners; that switch does nothing else (apache_beam/runners/direct/direct_runner.py).
+  """
+  from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
+
+  if isinstance(pipeline.runner, SwitchingDirectRunner):
+    pipeline.runner.is_interactive()
+
+
 def run_pipeline(pipeline, options, name: str | None = None):
   """Runs `pipeline` to completion, exporting its metrics as `MetricsOptions` say.
 
@@ -247,6 +265,7 @@ def run_pipeline(pipeline, options, name: str | None = None):
   """
   from beam_dl.options import MetricsOptions
 
+  keep_direct_runner_in_process(pipeline)
   opts = options.view_as(MetricsOptions)
   if opts.metrics_port is None and not opts.metrics_pushgateway:
     result = pipeline.run()

@@ -67,6 +67,28 @@ class IOOptions(PipelineOptions):
     parser.add_argument('--output', default=None, help='Output path prefix for JSON-lines results and dead letters.')
 
 
+def error_rate(text: str) -> float:
+  """argparse `type=` for an error rate: a fraction in [0, 1]."""
+  try:
+    value = float(text)
+  except (TypeError, ValueError):
+    value = -1.0
+  if not 0 <= value <= 1:
+    raise argparse.ArgumentTypeError(f'expected a fraction between 0 and 1, got {text!r}')
+  return value
+
+
+class DeadLetterOptions(PipelineOptions):
+  """When dead letters fail the job (Beam's with_exception_handling threshold)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--max_error_rate', type=error_rate, default=None,
+        help='Fail the job, with one line saying how many inputs failed, when more than this '
+        'fraction of inputs (0-1) become dead letters (default: never fail for bad inputs).')
+
+
 class ProgressOptions(PipelineOptions):
   """Progress lines for long local runs."""
 

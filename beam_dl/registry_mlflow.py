@@ -269,6 +269,7 @@ class _EmitOnMove(beam.DoFn):
       yield ModelMetadata(model_id=uri, model_name=alias_uri)
 
 
+@beam.typehints.with_output_types(ModelMetadata)
 class AliasMoves(beam.PTransform):
   """Ticks -> a `ModelMetadata` each time `models:/<name>@<alias>` moves.
 
@@ -289,6 +290,7 @@ class AliasMoves(beam.PTransform):
     )
 
 
+@beam.typehints.with_output_types(ModelMetadata)
 class WatchModelAlias(beam.PTransform):
   """Polls `models:/<name>@<alias>` every `interval` seconds and emits a
   `ModelMetadata` when it moves: RunInference's `model_metadata_pcoll`.

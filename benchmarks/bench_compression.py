@@ -38,6 +38,7 @@ def write_digits32(data_dir: str) -> tuple[str, str]:
   """The digits (0..16) upscaled 4x to 32x32, grey copied to RGB, as TFRecords."""
   from sklearn.datasets import load_digits
 
+  from beam_dl.formats.image_example import encode_image_example
   from beam_dl.training import datasets
 
   if glob.glob(f'{data_dir}/digits32_train-*'):
@@ -48,7 +49,7 @@ def write_digits32(data_dir: str) -> tuple[str, str]:
   order = np.random.default_rng(0).permutation(len(images))
   cut = int(0.8 * len(order))
   for name, idx in (('train', order[:cut]), ('eval', order[cut:])):
-    records = [datasets.image_example(images[i], int(d.target[i]), f'{name}/{i}') for i in idx]
+    records = [encode_image_example(f'{name}/{i}', images[i], int(d.target[i])) for i in idx]
     datasets.write_shards(records, f'{data_dir}/digits32_{name}', 4)
   return f'{data_dir}/digits32_train-*', f'{data_dir}/digits32_eval-*'
 

@@ -193,16 +193,16 @@ def bench_bucketing(n: int = 5000, max_length: int = 512, batch_size: int = 32) 
 def bench_sequence_parsing(n: int = 20000, repeats: int = 3) -> dict:
   """records/s: batched TF parser in Beam vs the same in a loop vs one-at-a-time TF parsing."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from beam_dl.io import sequences as seq_lib  # pylint: disable=g-import-not-at-top
+  from beam_dl.formats import sequence_example  # pylint: disable=g-import-not-at-top
   from transforms.sequences import ParseSequenceExamples  # pylint: disable=g-import-not-at-top
-  spec = seq_lib.SequenceSpec(num_features=4)
-  records = [seq_lib.encode_sequence_example(r.replace(values=np.ones((r.length, 4), np.float32)),
-                                             spec) for r in skewed_sequences(n, 256)]
+  spec = sequence_example.SequenceSpec(num_features=4)
+  records = [sequence_example.encode_sequence_example(r.replace(values=np.ones((r.length, 4), np.float32)),
+                                                      spec) for r in skewed_sequences(n, 256)]
   _BLOBS[:] = [(str(i), r) for i, r in enumerate(records)]
 
   def batched_loop():
     for i in range(0, n, 512):
-      seq_lib.parse_sequence_examples(records[i:i + 512], spec)
+      sequence_example.parse_sequence_examples(records[i:i + 512], spec)
 
   def pipeline():
     opts = PipelineOptions(['--runner=FnApiRunner', '--direct_num_workers=1'])

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from beam_dl.formats.image_example import encode_image_example
 from beam_dl.training import datasets, input_pipeline
 from beam_dl.training.config import DataConfig, ShardingConfig, TrainConfig
 from beam_dl.training.strategies import make_strategy
@@ -61,7 +62,7 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
   records = [
-      datasets.image_example(rng.integers(0, 256, shape, np.uint8), int(rng.integers(args.num_classes)), f's/{i}')
+      encode_image_example(f's/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(args.num_classes)))
       for i in range(n)
   ]
   pattern = datasets.write_shards(records, os.path.join(workdir, 'synthetic'), 8)

@@ -5,10 +5,16 @@
 Synthetic events (keys x 2 features, event times uniform over one hour) go
 through `WindowedFeatures` (60 s fixed windows: count, sum, mean, std, min,
 max, last, rate) on the FnApiRunner with one worker (one core): the batch
-path (numpy per key block, what batch pipelines get), the streaming path
-with and without the late-data gate (the gate also with the SDK worker in a
-subprocess, where Beam's state cache, and its objsize sizing, is off), and
-through `WindowedSequences` (last 16 events).
+path (numpy per key block, what batch pipelines get) with one Beam element
+per event and with the events entering as `EventBlock`s (a columnar source,
+`event_blocks=True`), the streaming path with and without the late-data gate (the
+gate with beam_dl's state-cache sizing fix, with Beam's own sizing, and with
+the SDK worker in a subprocess, where Beam's state cache is off), and
+through `WindowedSequences` (last 16 events). The same events in every case
+(one seeded draw per chunk of 10,000). With `--files`, the same events also
+come from JSON-lines files (one per chunk): `ReadEvents` + `EventTimestamps`
+into the batch and streaming paths, and `ReadEventBlocks` into the batch path
+with `event_blocks=True` (parsing included).
 Beside it: the same features computed with numpy over sorted arrays
 (`np.lexsort` + `ufunc.reduceat`), the floor any Python-element pipeline pays
 for. A generate-and-count pipeline shows Beam's own per-element cost.
@@ -17,16 +23,25 @@ Events/s are per core: every Beam figure is one SDK worker on one core.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import tempfile
 import time
+from typing import Callable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.worker import statecache
 
+from beam_dl import beam_fixes
 from beam_dl.features import WindowSpec
-from beam_dl.io.events import Event
+from beam_dl.features.batch_windows import EventBlock, event_block
+from beam_dl.io.events import Event, EventSpec
+from transforms.sequences import ReadEventBlocks, ReadEvents
 from transforms.windowing import EventTimestamps, WindowedFeatures, WindowedSequences
 
 WINDOW = 60.0
@@ -34,21 +49,26 @@ OUTPUTS = Metrics.counter('bench_windowing', 'outputs')
 CHUNK = 10_000
 
 
-def make_events(chunk: int, n: int, keys: int) -> list[Event]:
+def draws(chunk: int, n: int, keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Chunk `chunk`'s events as arrays: key numbers [n], times [n] (s), values [n, 2]."""
   rng = np.random.default_rng(chunk)
-  k = rng.integers(0, keys, n)
-  t = rng.uniform(0, 3600, n)
-  v = rng.normal(size=(n, 2))
+  return rng.integers(0, keys, n), rng.uniform(0, 3600, n), rng.normal(size=(n, 2))
+
+
+def make_events(chunk: int, n: int, keys: int) -> list[Event]:
+  k, t, v = draws(chunk, n, keys)
   return [Event(f'k{a}', float(b), (float(c), float(d))) for a, b, (c, d) in zip(k, t, v)]
 
 
+def make_event_block(chunk: int, n: int, keys: int) -> list[EventBlock]:
+  """The same events as `make_events`, as one columnar block."""
+  k, t, v = draws(chunk, n, keys)
+  names = np.array([f'k{a}' for a in range(keys)], dtype=object)
+  return [event_block(names[k], t, v)]
+
+
 def arrays(total: int, keys: int):
-  ks, ts, vs = [], [], []
-  for chunk in range(total // CHUNK):
-    rng = np.random.default_rng(chunk)
-    ks.append(rng.integers(0, keys, CHUNK))
-    ts.append(rng.uniform(0, 3600, CHUNK))
-    vs.append(rng.normal(size=(CHUNK, 2)))
+  ks, ts, vs = zip(*(draws(chunk, CHUNK, keys) for chunk in range(total // CHUNK)))
   return np.concatenate(ks), np.concatenate(ts), np.concatenate(vs)
 
 
@@ -77,14 +97,50 @@ IN_PROCESS = ['--runner=FnApiRunner', '--direct_num_workers=1']
 SUBPROCESS = IN_PROCESS + ['--direct_running_mode=multi_processing']
 
 
-def run_beam(total: int, keys: int, build, flags=None) -> tuple[float, int]:
-  options = PipelineOptions(flags or IN_PROCESS)
+class Case(NamedTuple):
+  build: Callable
+  flags: list | None = None
+  source: str = 'events'  # 'events', 'blocks' (EventBlocks), 'jsonl' / 'jsonl-blocks' (files)
+  gate: bool = False  # user state: run on --gate_events only
+  beam_sizing: bool = False  # Beam's own state-cache sizing (beam_fixes undone)
+
+
+@contextlib.contextmanager
+def beams_own_state_cache_sizing():
+  statecache.get_deep_size = beam_fixes.BEAM_DEEP_SIZE
+  try:
+    yield
+  finally:
+    beam_fixes.apply_state_cache_sizing()
+
+
+JSONL_SPEC = EventSpec(value_fields=('a', 'b'))
+
+
+def write_jsonl(directory: str, total: int, keys: int) -> str:
+  """The events as JSON lines, one file per chunk; returns the file pattern."""
+  for chunk in range(total // CHUNK):
+    with open(os.path.join(directory, f'events-{chunk:05d}.jsonl'), 'w', encoding='utf-8') as f:
+      for e in make_events(chunk, CHUNK, keys):
+        f.write(json.dumps({'key': e.key, 'time': e.time, 'a': e.values[0], 'b': e.values[1]}) + '\n')
+  return os.path.join(directory, 'events-*.jsonl')
+
+
+def run_beam(total: int, keys: int, case: Case, pattern: str | None = None) -> tuple[float, int]:
+  options = PipelineOptions(case.flags or IN_PROCESS)
+  sizing = beams_own_state_cache_sizing() if case.beam_sizing else contextlib.nullcontext()
   start = time.perf_counter()
-  with beam.Pipeline(options=options) as p:
-    events = (p | beam.Create(range(total // CHUNK))
-              | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys)
-              | EventTimestamps())
-    build(events) | 'CountOutputs' >> beam.Map(lambda _: OUTPUTS.inc())
+  with sizing, beam.Pipeline(options=options) as p:
+    if case.source == 'jsonl':
+      events = (p | ReadEvents(pattern, JSONL_SPEC)).events | EventTimestamps()
+    elif case.source == 'jsonl-blocks':
+      events = (p | ReadEventBlocks(pattern, JSONL_SPEC)).events
+    elif case.source == 'blocks':
+      events = p | beam.Create(range(total // CHUNK)) | 'GenerateBlocks' >> beam.FlatMap(make_event_block, CHUNK, keys)
+    else:
+      events = (p | beam.Create(range(total // CHUNK)) | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys)
+                | EventTimestamps())
+    case.build(events) | 'CountOutputs' >> beam.Map(lambda _: OUTPUTS.inc())
   seconds = time.perf_counter() - start
   counters = p.result.metrics().query(MetricsFilter().with_name('outputs'))['counters']
   return seconds, sum(c.committed for c in counters)
@@ -96,36 +152,66 @@ def main(argv=None):
   parser.add_argument('--keys', type=int, default=100)
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--gate_events', type=int, default=20_000,
-                      help='events for the late-gate case (user state is slow on the local runner)')
+                      help='events for the late-gate cases (user state is slow on the local runner)')
+  parser.add_argument('--files', action='store_true', help='also read the events from JSON-lines files')
   args = parser.parse_args(argv)
   total = args.events // CHUNK * CHUNK
   spec = WindowSpec('fixed', size=WINDOW)
-  streaming_path = dict(batch_path=False)
-  cases = {  # name: (build, runner flags)
-      'generate + count only (Beam overhead)': (lambda e: e, None),
-      'WindowedFeatures, batch path (default)': (lambda e: (e | WindowedFeatures(spec)).records, None),
-      'WindowedFeatures, streaming path, no gate': (
-          lambda e: (e | WindowedFeatures(spec, route_late=False, **streaming_path)).records, None),
-      'WindowedFeatures, streaming path, late gate + state': (
-          lambda e: (e | WindowedFeatures(spec, **streaming_path)).records, None),
-      '  same, SDK worker in a subprocess': (
-          lambda e: (e | WindowedFeatures(spec, **streaming_path)).records, SUBPROCESS),
-      'WindowedSequences (last 16), no gate': (
-          lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records, None),
+
+  def streaming_path(**kwargs):
+    return lambda e: (e | WindowedFeatures(spec, batch_path=False, **kwargs)).records
+
+  cases = {
+      'generate + count only (Beam overhead)': Case(lambda e: e),
+      'WindowedFeatures, batch path (default)': Case(lambda e: (e | WindowedFeatures(spec)).records),
+      '  same, EventBlock input (event_blocks=True)': Case(
+          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='blocks'),
+      'WindowedFeatures, streaming path, no gate': Case(streaming_path(route_late=False)),
+      'WindowedFeatures, streaming path, late gate + state': Case(streaming_path(), gate=True),
+      "  same, Beam's own state-cache sizing": Case(streaming_path(), gate=True, beam_sizing=True),
+      '  same, SDK worker in a subprocess': Case(streaming_path(), SUBPROCESS, gate=True),
+      'WindowedSequences (last 16), no gate': Case(
+          lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records),
   }
+  if args.files:
+    cases.update({
+        'files: ReadEvents, batch path': Case(lambda e: (e | WindowedFeatures(spec)).records, source='jsonl'),
+        'files: ReadEventBlocks, batch path (event_blocks)': Case(
+            lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='jsonl-blocks'),
+        'files: ReadEvents, streaming path, no gate': Case(streaming_path(route_late=False), source='jsonl'),
+    })
   k, t, v = arrays(total, args.keys)
   best = min(_timed(numpy_features, k, t, v) for _ in range(args.repeats))
   n_windows = numpy_features(k, t, v)
   print(f'{total} events, {args.keys} keys, 2 features, {WINDOW:g} s fixed windows '
         f'({n_windows} key-windows); best of {args.repeats}')
-  print(f'{"pipeline":42s} {"events":>8s} {"seconds":>8s} {"events/s/core":>14s} {"outputs":>8s}')
-  print(f'{"numpy (lexsort + reduceat), same features":42s} {total:8d} {best:8.3f} {total / best:14,.0f} '
+  print(f'{"pipeline":52s} {"events":>8s} {"seconds":>8s} {"events/s/core":>14s} {"outputs":>8s}')
+  print(f'{"numpy (lexsort + reduceat), same features":52s} {total:8d} {best:8.3f} {total / best:14,.0f} '
         f'{n_windows:8d}')
-  for name, (build, flags) in cases.items():
-    n = min(total, args.gate_events // CHUNK * CHUNK) if 'gate + state' in name or 'same,' in name else total
-    runs = [run_beam(n, args.keys, build, flags) for _ in range(args.repeats)]
-    seconds, outputs = min(runs)
-    print(f'{name:42s} {n:8d} {seconds:8.3f} {n / seconds:14,.0f} {outputs:8d}', flush=True)
+  rates = {}
+  files = tempfile.TemporaryDirectory(prefix='bench_windowing_')
+  pattern = write_jsonl(files.name, total, args.keys) if args.files else None
+  for name, case in cases.items():
+    n = min(total, args.gate_events // CHUNK * CHUNK) if case.gate else total
+    if not n:
+      continue
+    seconds, outputs = min(run_beam(n, args.keys, case, pattern) for _ in range(args.repeats))
+    rates[name] = n / seconds
+    print(f'{name:52s} {n:8d} {seconds:8.3f} {n / seconds:14,.0f} {outputs:8d}', flush=True)
+  streaming = 'WindowedFeatures, streaming path, no gate'
+  gate = 'WindowedFeatures, streaming path, late gate + state'
+  for label, top, bottom in [
+      ('batch path / streaming path (Event input)', 'WindowedFeatures, batch path (default)', streaming),
+      ('batch path, EventBlock input / streaming path', '  same, EventBlock input (event_blocks=True)', streaming),
+      ("late gate: beam_dl's sizing / Beam's own", gate, "  same, Beam's own state-cache sizing"),
+      ('late gate: beam_dl sizing / subprocess worker', gate, '  same, SDK worker in a subprocess'),
+      ('files: ReadEvents batch / ReadEvents streaming', 'files: ReadEvents, batch path',
+       'files: ReadEvents, streaming path, no gate'),
+      ('files: ReadEventBlocks batch / ReadEvents streaming', 'files: ReadEventBlocks, batch path (event_blocks)',
+       'files: ReadEvents, streaming path, no gate')]:
+    if top in rates and bottom in rates:
+      print(f'{label:52s} {rates[top] / rates[bottom]:8.2f}x')
+  files.cleanup()
 
 
 def _timed(fn, *args):

@@ -17,8 +17,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
 from beam_dl.metrics_export import run_pipeline
-from beam_dl.options import (DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError,
-                             ProgressOptions, require)
+from beam_dl.deadletter import FailAboveErrorRate
+from beam_dl.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
+                             OptionsError, ProgressOptions, require)
 from beam_dl.progress import CountProgressFn
 from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
@@ -28,14 +29,16 @@ from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
 # The flags `--help` lists (every Beam option is accepted as well).
-OPTION_GROUPS = (IOOptions, InferenceOptions, ProgressOptions, DriftOptions, MetricsOptions)
+OPTION_GROUPS = (IOOptions, InferenceOptions, DeadLetterOptions, ProgressOptions, DriftOptions, MetricsOptions)
 
 
 def input_format(pattern: str, declared: str = 'auto') -> str:
   """'tfrecord' or 'files': as declared, else from the pattern's extension.
 
-  --input is a glob of image files, or of TFRecord files of tf.train.Example
-  with image/encoded (+ optional image/key).
+  --input is a glob of image files, or of TFRecord files of image
+  tf.train.Example (`beam_dl.formats.image_example`): decoded pixels
+  (image/raw + image/shape, as beam_dl writes them) or an encoded file
+  (image/encoded), each with an optional key.
   """
   if declared not in INPUT_FORMATS:
     raise OptionsError(f'--input_format must be one of {INPUT_FORMATS}, got {declared!r}')
@@ -63,6 +66,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
   failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
   failed | 'CountDeadLetters' >> CountDeadLetters()
+  max_error_rate = options.view_as(DeadLetterOptions).max_error_rate
+  if max_error_rate is not None:
+    failed | 'MaxErrorRate' >> FailAboveErrorRate((read.images, read.failed), max_error_rate)
   if drift_enabled(options):
     classify_images_drift(options, images, outputs.predictions, inference.model_dir, io.output)
   return outputs.predictions, failed

@@ -135,7 +135,7 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
     assembled = events.events | 'AssembleSequences' >> seq.AssembleSequences()
     sequences, failures = assembled.sequences, [events.failed, assembled.failed]
   else:
-    from beam_dl.io.sequences import SequenceSpec
+    from beam_dl.formats.sequence_example import SequenceSpec
 
     read = pipeline | 'ReadSequenceExamples' >> seq.ReadSequenceExamples(
         pattern, SequenceSpec(num_features=config.num_values)

@@ -58,6 +58,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from beam_dl import checkpoints, cli
 from beam_dl.deadletter import dead_letter
+from beam_dl.element_types import TextLine
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.kafka import ReadKafkaValues, WriteKafkaJson
@@ -164,6 +165,7 @@ class FirstSightingFn(beam.DoFn):
       yield element[1]
 
 
+@beam.typehints.with_output_types(TextLine)
 class ReadEventLines(beam.PTransform):
   """Text lines of events from files (batch or watched), Pub/Sub or Kafka.
 

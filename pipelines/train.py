@@ -89,6 +89,10 @@ def parse_args(argv=None):
   parser.add_argument('--plot', default=None, metavar='PNG', help='write a PNG of the training curves at the end')
   parser.add_argument('--log_level', default='INFO')
   parser.add_argument(
+      '--cpu_devices', type=int, default=None, metavar='N',
+      help='on CPU, split the host into N XLA devices (for model-parallel configs such as digits_cnn.py:tensor)',
+  )
+  parser.add_argument(
       '--mlflow_tracking_uri', default=None,
       help='log the run to MLflow here (http://host:port, sqlite:///mlflow.db; default MLFLOW_TRACKING_URI)',
   )
@@ -121,13 +125,22 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
+  if args.cpu_devices:  # read by XLA when jax initialises its backends: before the import
+    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f'--xla_force_host_platform_device_count={args.cpu_devices}').strip()
   import jax  # heavy imports after arg parsing
 
   from beam_dl.training import train_and_evaluate
 
   config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
   tensorboard = None if args.tensorboard_dir.lower() == 'none' else args.tensorboard_dir
-  summary = train_and_evaluate(config, args.workdir, summary_dir=tensorboard)
+  try:
+    summary = train_and_evaluate(config, args.workdir, summary_dir=tensorboard)
+  except ValueError as e:
+    if 'sharding.' not in str(e):
+      raise
+    print(f'train: error: {e}', file=sys.stderr)  # a config that cannot run here: one line
+    raise SystemExit(2) from None
   if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
     summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)

@@ -50,3 +50,15 @@ def co2_lstm_dir(tmp_path_factory):
   _, values = demo.load_series()
   demo.train_model(path, values[:120], steps=5)
   return path
+
+
+def _direct_runner_in_process():
+  """Tests' own pipelines on the DirectRunner run in process like the
+  pipelines' (`beam_dl.metrics_export.keep_direct_runner_in_process`), not
+  on Prism after Beam's download attempt (~0.7 s a run offline)."""
+  from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
+
+  SwitchingDirectRunner._is_interactive = True  # pylint: disable=protected-access
+
+
+_direct_runner_in_process()

@@ -625,10 +625,11 @@ def preprocess_argv(data_dir: str, out_dir: str) -> list[str]:
 def read_preprocess(out_dir: str) -> dict:
   """{'records': {file: {feature: values}}, 'stats': {...}, 'failed': sorted [(file, stage, reason)]}."""
 
-  from beam_dl.preprocessing import reader, stats
+  from beam_dl.preprocessing import stats
+  from beam_dl.training import input_pipeline
 
   transform_dir = os.path.join(out_dir, 'transform')
-  records = reader.read_all(transform_dir, os.path.join(out_dir, 'train') + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(transform_dir, os.path.join(out_dir, 'train') + '-*.tfrecord')
   return {
       'records': {os.path.basename(k): {n: _plain(v) for n, v in r.items()} for k, r in records.items()},
       'stats': stats.load(transform_dir),

@@ -112,3 +112,20 @@ def test_variables_that_do_not_match_the_spec_fail_to_load(tmp_path, fmt):
     with pytest.raises(CheckpointError, match='variables do not match spec.json') as error:
       checkpoints.load(model_dir)
     assert error.match(says)
+
+
+@pytest.mark.parametrize('first,second', [('orbax', 'msgpack'), ('msgpack', 'orbax')])
+def test_saving_over_a_model_of_the_other_format_replaces_it(tmp_path, first, second):
+  """Two runs sharing a model dir: the second model is the one that loads,
+  and only its weights are left (no stale variables/ beside variables.msgpack)."""
+  module = SPEC.build()
+  old = module.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+  new = module.init(jax.random.key(1), np.zeros((1, 8, 8, 1), np.float32))
+  model_dir = str(tmp_path / 'm')
+  checkpoints.save(model_dir, SPEC, old, fmt=first)
+  checkpoints.save(model_dir, SPEC, new, fmt=second)
+  assert sorted(os.listdir(model_dir)) == sorted([checkpoints.SPEC_FILE, {
+      'orbax': checkpoints.ORBAX_DIR, 'msgpack': checkpoints.MSGPACK_FILE}[second]])
+  _, restored = checkpoints.load(model_dir)
+  x = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
+  np.testing.assert_allclose(module.apply(nn.meta.unbox(new), x), module.apply(restored, x), rtol=1e-6)

@@ -7,6 +7,8 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl import cli
+from beam_dl.formats import image_example
 from beam_dl.jsonl import read_jsonl
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec, decode_image
@@ -95,11 +97,7 @@ def test_pipeline_from_tfrecord_examples(digits_model_dir, inputs, tmp_path):
   path = str(tmp_path / 'images.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
     for key, data in sorted(good.items()):
-      features = {
-          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-          'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
-      }
-      writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+      writer.write(image_example.encode_file_example(key, data))
     writer.write(b'not a protobuf at all \xff\xfe')  # a corrupt record
     writer.write(tf.train.Example().SerializeToString())  # an Example without the image
   out = str(tmp_path / 'pred')
@@ -151,3 +149,73 @@ def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path,
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith(f'classify_images: error: {model_dir}/spec.json: field {field!r}')
   assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()
+
+
+def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_model_dir, inputs, tmp_path):
+  """classify_images over TFRecords written by beam_dl's own encoders
+  (`beam_dl.formats.image_example`): decoded pixels (`image/raw`, as
+  WriteImageExamples and preprocess write them, at the file's own RGB decode
+  and at the model's gray input) and encoded files (`image/encoded`). Every
+  record's prediction equals the one for the same image read as a file."""
+  good, _ = inputs
+  files = tmp_path / 'files'
+  files.mkdir()
+  for name, data in good.items():
+    (files / name).write_bytes(data)
+  classify_images.run([f'--input={files}/*', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/files'])
+  from_files = {r['key'].rsplit('/', 1)[1]: r for r in read_jsonl(f'{tmp_path}/out/files-[0-9]*.jsonl')}
+  assert sorted(from_files) == sorted(good)
+
+  records = tmp_path / 'records'
+  records.mkdir()
+  with tf.io.TFRecordWriter(str(records / 'pixels.tfrecord')) as writer:
+    for name, data in sorted(good.items()):
+      writer.write(image_example.encode_image_example(f'rgb/{name}', decode_image(data, ImageSpec()), 1))
+      writer.write(image_example.encode_image_example(f'gray/{name}', decode_image(data, GRAY)))
+    writer.write(image_example.encode_image_example('cut', np.zeros((8, 8, 1), np.uint8))[:-30])
+  with tf.io.TFRecordWriter(str(records / 'encoded.tfrecord')) as writer:
+    for name, data in sorted(good.items()):
+      writer.write(image_example.encode_file_example(f'encoded/{name}', data))
+  classify_images.run([f'--input={records}/*.tfrecord', f'--model_dir={digits_model_dir}',
+                       f'--output={tmp_path}/out/records'])
+  predictions = read_jsonl(f'{tmp_path}/out/records-[0-9]*.jsonl')
+  failed = read_jsonl(f'{tmp_path}/out/records-failed-*.jsonl')
+  assert sorted(r['key'] for r in predictions) == sorted(
+      f'{kind}/{name}' for kind in ('rgb', 'gray', 'encoded') for name in good)
+  for record in predictions:
+    want = from_files[record['key'].split('/', 1)[1]]
+    assert record['label'] == want['label'], record['key']
+    np.testing.assert_allclose(record['scores'], want['scores'], rtol=0, atol=1e-5, err_msg=record['key'])
+  assert [(r['stage'], 'not a tf.train.Example' in r['reason']) for r in failed] == [('parse', True)]
+
+
+def _write_inputs(folder, items):
+  folder.mkdir()
+  for name, data in items.items():
+    (folder / name).write_bytes(data)
+
+
+def test_max_error_rate_fails_a_mostly_corrupt_job_with_one_line(digits_model_dir, inputs, tmp_path, capsys):
+  """3 of 4 inputs corrupt, --max_error_rate=0.5: the job fails, exit code 1,
+  one line on stderr saying how many failed (Beam's threshold rule)."""
+  good, bad = inputs
+  _write_inputs(tmp_path / 'in', {'png_gray.png': good['png_gray'], **bad})
+  argv = [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/pred',
+          '--max_error_rate=0.5']
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(classify_images.run, 'classify_images', argv)
+  assert exit_info.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[-1] == ('classify_images: error: 3 of 4 inputs failed (75.0%), '
+                       'above the error threshold of 50.0%'), lines
+
+
+def test_max_error_rate_under_the_threshold_succeeds_with_dead_letters(digits_model_dir, inputs, tmp_path):
+  good, bad = inputs
+  _write_inputs(tmp_path / 'in', {**{f'{k}.img': v for k, v in good.items()}, **bad})
+  out = str(tmp_path / 'out' / 'pred')
+  classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}',
+                       '--max_error_rate=0.5'])  # 3 of 9 failed: 33% <= 50%
+  failed = read_jsonl(out + '-failed-*.jsonl')
+  assert sorted(r['key'].rsplit('/', 1)[1] for r in failed) == sorted(bad)
+  assert len(read_jsonl(out + '-[0-9]*.jsonl')) == len(good)

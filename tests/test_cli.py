@@ -50,3 +50,34 @@ def test_main_turns_an_options_error_into_one_line_and_exit_2(capsys):
     cli.main(run, 'classify_images', ['--input', 'nothing/*'])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.strip() == "classify_images: error: --input 'nothing/*' matches no file"
+
+
+def _train(tmp_path, *extra):
+  """`pipelines.train` on the digits config's `tensor` variant (2-way model
+  parallel) in a fresh process with one CPU device unless told otherwise."""
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # conftest sets 8 devices
+  cmd = [sys.executable, '-m', 'pipelines.train', '--config', 'pipelines/configs/digits_cnn.py:tensor',
+         '--workdir', str(tmp_path / 'work'), '--tensorboard_dir', 'none',
+         '--set', 'num_steps=3', '--set', 'eval_every=0', '--set', 'checkpoint_every=0', '--set', 'log_every=1', *extra]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_model_parallel_config_on_one_cpu_says_how_to_run_it_and_runs_with_cpu_devices(tmp_path):
+  refused = _train(tmp_path)
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  last = refused.stderr.strip().splitlines()[-1]
+  assert last.startswith('train: error: sharding.model_parallelism=2 needs a multiple of 2 devices')
+  assert '--cpu_devices 2' in last
+
+  ran = _train(tmp_path, '--cpu_devices', '2')
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  import json
+  summary = json.loads(ran.stdout[ran.stdout.index('{'):])
+  # 2 devices: a data axis of 1 ('devices' counts data-parallel replicas) x a model axis of 2
+  assert (summary['devices'], summary['sharding']['model_parallelism'], summary['steps']) == (1, 2, 3)

@@ -10,6 +10,7 @@ from flax import serialization
 
 from beam_dl import checkpoints
 from beam_dl.compression import pruning, quantize
+from beam_dl.formats.image_example import encode_image_example
 from beam_dl.handler import JaxModelHandler
 from beam_dl.jsonl import read_jsonl
 from beam_dl.training import datasets
@@ -33,7 +34,7 @@ def digits_int8_dir(digits_model_dir, digits, tmp_path_factory):
   its training images written as TFRecords."""
   x_train, _, y_train, _ = digits
   tmp = tmp_path_factory.mktemp('calib')
-  records = [datasets.image_example(x[..., None], int(y), f'train/{i}')
+  records = [encode_image_example(f'train/{i}', x[..., None], int(y))
              for i, (x, y) in enumerate(zip(x_train[:256], y_train[:256]))]
   pattern = datasets.write_shards(records, str(tmp / 'train'), 2)
   out = str(tmp / 'model_int8')

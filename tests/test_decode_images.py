@@ -249,15 +249,8 @@ def test_image_examples_with_labels_decode_and_write_for_training(tmp_path, phot
   """TFRecord of encoded Examples -> decode (label kept) -> TFRecord of decoded Examples."""
   import tensorflow as tf
 
-  from beam_dl.io import examples
+  from beam_dl.formats.image_example import decode_image_examples, encode_file_example as example
   from transforms import tfrecords
-
-  def example(key, blob, label=None):
-    feats = {'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
-             'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()]))}
-    if label is not None:
-      feats['image/class/label'] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
   src = os.path.join(tmp_path, 'encoded.tfrecord')
   with tf.io.TFRecordWriter(src) as writer:
@@ -274,7 +267,7 @@ def test_image_examples_with_labels_decode_and_write_for_training(tmp_path, phot
     assert_that(out.decoded | beam.Map(lambda e: (e[0], e[2]['label'], e[2]['source'] == src)),
                 equal_to([('cat', 3, True), ('unlabelled', None, True)]), label='meta')
   records = [r.numpy() for r in tf.data.TFRecordDataset(tf.io.gfile.glob(prefix + '-*'))]
-  got = {k: (a.shape, label) for k, a, label in examples.decode_image_examples(records)}
+  got = {k: (a.shape, label) for k, a, label in decode_image_examples(records)}
   assert got == {'cat': ((32, 32, 3), 3), 'unlabelled': ((32, 32, 3), -1)}
 
 

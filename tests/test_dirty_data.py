@@ -24,6 +24,7 @@ import tifffile
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_dl.formats.image_example import encode_file_example, encode_image_example
 from beam_dl.io import tfrecord
 from beam_dl.io.events import EventSpec
 from beam_dl.jsonl import read_jsonl
@@ -124,12 +125,6 @@ def test_read_tfrecords_reads_gzip_and_reports_a_cut_stream(tmp_path):
 
 # -- classify_images ------------------------------------------------------------
 
-def image_example(key: str, data: bytes) -> bytes:
-  feats = {'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-           'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()]))}
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
-
-
 def test_classify_images_keeps_good_records_around_damaged_tfrecords(digits_model_dir, tmp_path):
   from pipelines import classify_images
 
@@ -137,10 +132,10 @@ def test_classify_images_keeps_good_records_around_damaged_tfrecords(digits_mode
   keys = [f'a{i}' for i in range(5)] + [f'b{i}' for i in range(4)]
   blobs = {k: encode(images[i], 'PNG') for i, k in enumerate(keys)}
   a = str(tmp_path / 'a.tfrecord')
-  a_offsets = write_tfrecord(a, [image_example(k, blobs[k]) for k in keys[:5]])
+  a_offsets = write_tfrecord(a, [encode_file_example(k, blobs[k]) for k in keys[:5]])
   flip_data_byte(a, a_offsets[2])  # a2 lost; a3, a4 after it are still read
   b = str(tmp_path / 'b.tfrecord')
-  b_offsets = write_tfrecord(b, [image_example(k, blobs[k]) for k in keys[5:]])
+  b_offsets = write_tfrecord(b, [encode_file_example(k, blobs[k]) for k in keys[5:]])
   cut_mid_record(b, b_offsets[2])  # b2 cut short; b3 beyond it cannot be framed
   out = str(tmp_path / 'pred')
   classify_images.run([f'--input={tmp_path}/*.tfrecord', f'--model_dir={digits_model_dir}',
@@ -217,20 +212,14 @@ def test_classify_images_reports_every_unreadable_match_and_decodes_tiffs(digits
 
 # -- preprocess -----------------------------------------------------------------
 
-def raw_example(key: str, image: np.ndarray, label: int) -> bytes:
-  from beam_dl.io import examples
-
-  return examples.encode_image_example(key, image, label)
-
-
 @pytest.mark.slow
 def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_path, caplog):
-  from beam_dl.preprocessing import reader
+  from beam_dl.training import input_pipeline
   from pipelines import preprocess
 
   images, labels = digits_uint8()
-  good = [raw_example(f'img{i}', images[i][..., None], int(labels[i])) for i in range(12)]
-  wrong_shape = raw_example('img-wrong-shape', np.zeros((4, 4, 1), np.uint8), 1)
+  good = [encode_image_example(f'img{i}', images[i][..., None], int(labels[i])) for i in range(12)]
+  wrong_shape = encode_image_example('img-wrong-shape', np.zeros((4, 4, 1), np.uint8), 1)
   path = str(tmp_path / 'in' / 'part-0.tfrecord')
   os.makedirs(os.path.dirname(path))
   offsets = write_tfrecord(path, good[:6] + [wrong_shape] + good[6:])
@@ -246,7 +235,7 @@ def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_p
   assert sorted((f['key'], f['stage']) for f in failed) == sorted([
       (f'{path}@{offsets[3]}', 'read'), (f'{cut}@{cut_offsets[1]}', 'read'),
       ('img-wrong-shape', 'parse')])
-  records = reader.read_all(transform_dir, output + '-0*.tfrecord')
+  records = input_pipeline.transformed_examples(transform_dir, output + '-0*.tfrecord')
   assert sorted(records) == sorted({f'img{i}' for i in range(12)} - {'img3'})
   assert any('(3 dead letters)' in m for m in caplog.messages), caplog.messages
 
@@ -320,14 +309,14 @@ def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
 
 
 def test_read_sequence_examples_keeps_records_around_damage_and_keys_bad_ones(tmp_path):
-  from beam_dl.io import sequences as seq_lib
-  from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+  from beam_dl.formats.sequence_example import SequenceSpec, encode_sequence_example
+  from beam_dl.io.sequences import SequenceRecord
 
   spec = SequenceSpec(num_features=2)
   records = [SequenceRecord(f'r{i}', np.full((i + 1, 2), i, np.float32), np.arange(i + 1)) for i in range(4)]
   wide = SequenceRecord('wide', np.zeros((2, 3), np.float32), np.arange(2))  # 3 values a step, not 2
   path = str(tmp_path / 'seq.tfrecord')
-  offsets = write_tfrecord(path, [seq_lib.encode_sequence_example(r) for r in records[:2] + [wide] + records[2:]])
+  offsets = write_tfrecord(path, [encode_sequence_example(r) for r in records[:2] + [wide] + records[2:]])
   flip_data_byte(path, offsets[1])
   with TestPipeline(runner='FnApiRunner') as p:
     read = p | seq_transforms.ReadSequenceExamples(path, spec)

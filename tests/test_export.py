@@ -8,7 +8,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from beam_dl import checkpoints, export
+from beam_dl import checkpoints, export, savedmodel_handler
 from pipelines import demo, export_savedmodel
 
 
@@ -64,7 +64,7 @@ def _serve_in_pipeline(handler, x, want):
 
 def test_saved_model_serves_in_beam_run_inference(exported):
   x = exported['x'][:40]
-  handler = export.SavedModelHandler(exported['export_dir'], max_batch_size=16)
+  handler = savedmodel_handler.SavedModelHandler(exported['export_dir'], max_batch_size=16)
   _serve_in_pipeline(handler, x, jax_outputs(exported['model_dir'], x))
 
 
@@ -74,7 +74,7 @@ def test_saved_model_serves_in_beams_tf_handler(exported):
   except ImportError as e:  # includes a setuptools without pkg_resources
     pytest.skip(f'tensorflow_hub not importable: {e}')
   x = exported['x'][:40]
-  handler = export.tf_model_handler(exported['export_dir'], max_batch_size=16)
+  handler = savedmodel_handler.tf_model_handler(exported['export_dir'], max_batch_size=16)
   _serve_in_pipeline(handler, x, jax_outputs(exported['model_dir'], x))
 
 

@@ -208,19 +208,25 @@ def test_env_vars_and_resource_hints(model, monkeypatch):
   assert os.environ['BEAM_DL_HANDLER_TEST'] == 'on'  # set in the (in-process) worker before loading
 
 
-def test_two_steps_serving_one_model_load_it_once(model, tmp_path):
-  """Beam's model_identifier shares only large_model models; the handler
-  also shares one in-process copy between steps serving the same model."""
+def test_failed_batches_are_isolated_inside_the_one_inference_step(model, tmp_path):
+  """A batch with a bad element is split in place by the RunInference DoFn:
+  one inference step in the graph, one model load (Beam's Shared is the only
+  cache), the good elements predicted once and the bad one dead-lettered."""
   _, expected, images = model
   model_dir = str(tmp_path / 'copy')
   shutil.copytree(model[0], model_dir)  # a directory no earlier test has loaded
+  inputs = list(images.items()) + [('wrong_shape', np.zeros((4, 4, 1), np.uint8))]
   pipeline = TestPipeline('FnApiRunner')
-  keyed = pipeline | beam.Create(list(images.items()))
-  for name in ('First', 'Second'):
-    out = keyed | name >> RunInference(
-        KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)), model_identifier='shared-digits'
-    )
-    assert_that(out, close_to(expected), label=f'check{name}')
+  outputs = (
+      pipeline
+      | beam.Create(inputs)
+      | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=8, min_batch_size=8))
+  )
+  assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
+  assert_that(outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('wrong_shape', 'inference')]),
+              label='failed')
+  steps = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
+  assert sum(name.endswith('/BeamML_RunInference') for name in steps) == 1, steps
   result = run(pipeline)
   assert counter(result, 'model_loads') == 1
 
@@ -283,3 +289,26 @@ def test_large_model_shared_across_processes(model):
   with TestPipeline('FnApiRunner') as pipeline:
     out = pipeline | beam.Create(list(images.items())) | RunInference(handler, model_identifier='large-digits')
     assert_that(out, close_to(expected, model_dir))
+
+
+def test_error_handler_and_threshold_on_inference(model):
+  """Two wrong-shaped inputs among N: with error_threshold above their share
+  the job succeeds and Beam's ErrorHandler gets both dead letters; below it,
+  the job fails with the count."""
+  from apache_beam.transforms.error_handling import ErrorHandler
+
+  model_dir, expected, images = model
+  inputs = list(images.items()) + [(f'bad{i}', np.zeros((4, 4, 1), np.uint8)) for i in range(2)]
+  handler = JaxModelHandler(model_dir, max_batch_size=8)
+  pipeline = TestPipeline('FnApiRunner')
+  with ErrorHandler(beam.Map(lambda d: (d['key'], d['stage']))) as errors:
+    outputs = (pipeline | beam.Create(inputs)
+               | RunInferenceWithDeadLetters(handler, error_threshold=0.1).with_error_handler(errors))
+  assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
+  assert_that(errors.output(), equal_to([('bad0', 'inference'), ('bad1', 'inference')]), label='handled')
+  run(pipeline)  # 2 of 22 = 9.1% <= 10%
+
+  pipeline = TestPipeline('FnApiRunner')
+  _ = pipeline | beam.Create(inputs) | RunInferenceWithDeadLetters(handler, error_threshold=0.05)
+  with pytest.raises(Exception, match=r'2 of 22 inputs failed \(9\.1%\), above the error threshold of 5\.0%'):
+    run(pipeline)

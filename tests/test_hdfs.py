@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import checkpoints
+from beam_dl.formats.image_example import encode_file_example
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec, decode_image
 from pipelines import classify_images
@@ -84,13 +85,7 @@ def test_tfrecords_and_model_from_hdfs(hdfs, images, digits_model_dir):
   """TFRecords in, a msgpack model directory on HDFS, predictions out."""
   spec, variables = checkpoints.load(digits_model_dir)
   checkpoints.save('hdfs://models/digits', spec, variables, fmt='msgpack')
-  records = []
-  for name, data in sorted(images.items()):
-    feature = {
-        'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-        'image/key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
-    }
-    records.append(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+  records = [encode_file_example(name, data) for name, data in sorted(images.items())]
   records.append(b'not a protobuf \xff\xfe')
   local = hdfs_tfrecord_bytes(records)
   put('hdfs://data/examples/images-00000-of-00001.tfrecord', local)

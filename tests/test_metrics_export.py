@@ -224,3 +224,23 @@ def test_classify_images_pushes_final_metrics_to_a_pushgateway(pushgateway, digi
   assert sum(v for _, v in decoded) == 20
   dead = {(l['stage'], l['reason']): v for l, v in samples['beam_dl_deadletters_dead_letters_total']}
   assert dead == {('decode', 'not_a_recognised_image'): 2.0}
+
+
+def test_direct_runner_runs_in_process_even_where_prism_is_available():
+  """Beam's DirectRunner would run this pipeline on Prism given the binary (it
+  downloads it where it has network); beam_dl's run_pipeline keeps it on the
+  in-process FnApiRunner that the project tests."""
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+  from beam_dl.metrics_export import run_pipeline
+  from tests.runner_matrix import prism_binary
+
+  if not prism_binary():
+    pytest.skip('needs the prism binary to show the difference: make runners')
+  options = PipelineOptions([f'--prism_location={prism_binary()}'])
+  pipeline = beam.Pipeline(options=options)
+  _ = pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: x + 1)
+  result = run_pipeline(pipeline, options)
+  assert isinstance(result, fn_runner.RunnerResult), type(result)

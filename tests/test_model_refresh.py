@@ -167,8 +167,8 @@ def test_streaming_refresh_with_test_stream(models):
 def test_streaming_refresh_with_dead_letters(models):
   """RunInferenceWithDeadLetters in streaming with a ModelMetadata side input
   (TestStream) finishes: the first window is served by B, the second by A,
-  and an element of the wrong shape becomes a dead letter. (In streaming a
-  failed batch is dead-lettered whole, so the bad element comes alone.)"""
+  and an element of the wrong shape becomes a dead letter (isolated in place
+  by the same step, also in streaming with refresh)."""
   dirs, weights = models
   options = TestPipeline().get_pipeline_options()
   options.view_as(StandardOptions).streaming = True

@@ -17,10 +17,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.jsonl import read_jsonl
-from beam_dl.io import examples
+from beam_dl.formats import image_example
 from beam_dl.io.images import decode_image
-from beam_dl.preprocessing import canonical, reader, schemas
+from beam_dl.preprocessing import canonical, schemas
 from beam_dl.preprocessing import stats as stats_lib
+from beam_dl.training import input_pipeline
+from beam_dl.training.config import DataConfig
 from pipelines import demo, preprocess
 from transforms import preprocessing as pp
 
@@ -49,7 +51,7 @@ def test_image_dead_letters_and_outputs(images_run):
   assert {f['stage'] for f in failed} == {'decode'}
   assert os.path.isdir(os.path.join(images_run['transform_dir'], 'transform_fn'))
   assert not os.path.exists(os.path.join(images_run['transform_dir'], 'tmp'))
-  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
   assert sorted(records) == sorted(images_run['paths'])
   assert all(not name.startswith(stats_lib.PREFIX) for r in records.values() for name in r)
 
@@ -64,20 +66,24 @@ def test_image_analysers_match_numpy(images_run):
 
 
 def test_image_training_records_are_z_scores_with_labels(images_run):
-  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
   mean, std = images_run['analysed']['image/mean'][0], np.sqrt(images_run['analysed']['image/var'][0])
   for path, pixels in images_run['pixels'].items():
     np.testing.assert_allclose(records[path]['image'], (pixels.reshape(-1) - mean) / std, rtol=1e-5, atol=1e-5)
     assert records[path]['label'] == canonical.label_from_name(path)
-  batch = next(reader.iterate_batches(images_run['transform_dir'], images_run['output'] + '-*.tfrecord', 16))
-  assert batch['image'].shape == (16, 8, 8, 1) and batch['image'].dtype == np.float32
+  # The trainer's input pipeline reads the same records (DataConfig kind 'transformed').
+  cfg = DataConfig(kind='transformed', transform_dir=images_run['transform_dir'], features=('image',), shape=(8, 8, 1))
+  (batch,) = input_pipeline.make_dataset(cfg, images_run['output'] + '-*.tfrecord', 1000, train=False).as_numpy_iterator()
+  assert batch['inputs'].shape == (NUM_IMAGES, 8, 8, 1) and batch['inputs'].dtype == np.float32
+  np.testing.assert_array_equal(batch['inputs'], np.stack([r['image'].reshape(8, 8, 1) for r in records.values()]))
+  np.testing.assert_array_equal(batch['label'], [r['label'] for r in records.values()])
 
 
 def test_serving_pipeline_gives_the_training_features(images_run):
   """The same image file through the serving transform == its training record."""
   from beam_dl import tft_jax
 
-  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
   expected = [(p, records[p]['image'].reshape(8, 8, 1)) for p in images_run['paths']]
   served = {}
 
@@ -105,56 +111,14 @@ def test_serving_pipeline_gives_the_training_features(images_run):
 
 
 def test_apply_saved_transform_dead_letters_bad_records(images_run):
-  good = examples.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
-  wrong_size = examples.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
+  good = image_example.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
+  wrong_size = image_example.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
   with TestPipeline(runner='FnApiRunner') as p:
     out = p | beam.Create([('ok', good), ('small', wrong_size), ('junk', b'\x00junk')]) | pp.ApplySavedTransform(
         images_run['transform_dir'])
     assert_that(out.transformed | beam.Map(lambda kv: (kv[0], int(kv[1]['label']))), equal_to([('ok', 3)]))
     assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])),
                 equal_to([('small', 'transform'), ('junk', 'transform')]), label='Failed')
-
-
-def test_model_trained_on_records_serves_through_transform_and_folded_spec(images_run, tmp_path):
-  """Train on the transformed records; serve (a) raw files -> saved transform
-  graph -> JaxModelHandler and (b) raw uint8 -> the same weights with the
-  scaler folded into the ModelSpec. Both give the training-side logits."""
-  from beam_dl import checkpoints, tft_jax
-  from beam_dl.handler import JaxModelHandler
-  from beam_dl.training.quick import fit_arrays
-  from transforms.inference import RunInferenceWithDeadLetters
-
-  records = reader.read_all(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
-  paths = sorted(records)
-  x = np.stack([records[p]['image'].reshape(8, 8, 1) for p in paths])
-  y = np.array([records[p]['label'] for p in paths])
-  spec = checkpoints.ModelSpec(
-      'small_cnn', {'num_classes': 10, 'features': [8, 16], 'hidden': 32}, input_shape=(8, 8, 1))
-  variables, losses = fit_arrays(spec, (x,), y, steps=60, learning_rate=3e-3)
-  assert np.mean(losses[-10:]) < np.mean(losses[:10])
-  transformed_dir = checkpoints.save(str(tmp_path / 'on_transformed'), spec, variables, fmt='msgpack')
-  folded_dir = checkpoints.save(
-      str(tmp_path / 'folded'), tft_jax.fold_into_spec(spec, images_run['transform_dir']), variables, fmt='msgpack')
-
-  import jax
-  want = dict(zip(paths, np.asarray(jax.jit(lambda v, a: spec.build().apply(v, a))(variables, x))))
-  raw = [(p, images_run['pixels'][p]) for p in paths]
-
-  def close_to_training(actual):
-    actual = dict(actual)
-    assert sorted(actual) == paths
-    for path in paths:
-      np.testing.assert_allclose(actual[path], want[path], rtol=1e-4, atol=1e-4)
-
-  with TestPipeline(runner='FnApiRunner') as p:
-    files = p | 'Files' >> beam.Create([(path, open(path, 'rb').read()) for path in paths])
-    inputs = files | pp.TransformImagesForInference(images_run['transform_dir'])
-    graph = inputs.inputs | 'ViaGraph' >> RunInferenceWithDeadLetters(JaxModelHandler(transformed_dir, max_batch_size=64))
-    folded = (p | 'Raw' >> beam.Create(raw)) | 'ViaFolded' >> RunInferenceWithDeadLetters(
-        JaxModelHandler(folded_dir, max_batch_size=64))
-    logits = lambda kv: (kv[0], np.asarray(kv[1].inference))
-    assert_that(graph.predictions | 'GraphLogits' >> beam.Map(logits), close_to_training, label='Graph')
-    assert_that(folded.predictions | 'FoldedLogits' >> beam.Map(logits), close_to_training, label='Folded')
 
 
 def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
@@ -167,19 +131,14 @@ def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
   image = (np.arange(64, dtype=np.uint8) * 3).reshape(8, 8, 1)
   png = io.BytesIO()
   Image.fromarray(image[..., 0], mode='L').save(png, 'PNG')
-  feature = lambda **kw: tf.train.Feature(**kw)
-  encoded = tf.train.Example(features=tf.train.Features(feature={
-      'image/encoded': feature(bytes_list=tf.train.BytesList(value=[png.getvalue()])),
-      'image/class/label': feature(int64_list=tf.train.Int64List(value=[7])),
-      'image/key': feature(bytes_list=tf.train.BytesList(value=[b'k7'])),
-  })).SerializeToString()
-  decoded = examples.encode_image_example('k7', image, 7)
+  encoded = image_example.encode_file_example('k7', png.getvalue(), 7)
+  decoded = image_example.encode_image_example('k7', image, 7)
   for record in (encoded, decoded):
     parsed = tf.io.parse_example([canonical.image_record_to_raw(record, spec, 'fallback')], schemas.image_feature_spec())
     assert parsed['key'].numpy()[0] == b'k7' and parsed['label'].numpy()[0] == 7
     assert np.array_equal(np.frombuffer(parsed['image/raw'].numpy()[0], np.uint8).reshape(8, 8, 1), image)
   bad = {
-      'wrong shape': examples.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
+      'wrong shape': image_example.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
       'not an example': b'\xff\x00garbage',
       'no image': tf.train.Example().SerializeToString(),
   }
@@ -259,7 +218,7 @@ def test_sequence_analysers_match_numpy(sequences_run):
 
 def test_sequence_records_and_serving_agree(sequences_run):
   users, analysed = sequences_run['users'], sequences_run['analysed']
-  records = reader.read_all(sequences_run['transform_dir'], sequences_run['output'] + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(sequences_run['transform_dir'], sequences_run['output'] + '-*.tfrecord')
   assert sorted(records) == sorted(users)
   vocab = {item: i for i, item in enumerate(analysed['vocabulary/item/top'])}
   boundaries = np.array(analysed['length/boundaries'], np.float32)
@@ -290,13 +249,99 @@ def test_sequence_records_and_serving_agree(sequences_run):
       for name in ('values_0', 'values_1', 'ids', 'length_bucket', 'label'):
         np.testing.assert_allclose(served[user][name], row[name], rtol=0, atol=1e-6, err_msg=f'{user} {name}')
 
+  # The trainer's input pipeline: per-step features stacked (ids first), the
+  # most recent max_len steps kept, padded and masked.
+  features = ('ids', 'values_0', 'values_1')
+  cfg = DataConfig(kind='transformed', transform_dir=sequences_run['transform_dir'],
+                   features=features, shape=(None, 3), max_len=8)
+  (batch,) = input_pipeline.make_dataset(cfg, sequences_run['output'] + '-*.tfrecord', 100, train=False).as_numpy_iterator()
+  assert batch['inputs'].shape == (len(users), 8, 3)
+  trainer_inputs = {}
+  for i, (user, row) in enumerate(records.items()):
+    steps = min(int(row['length']), 8)
+    want = np.stack([row['ids'], row['values_0'], row['values_1']], axis=-1)[-steps:]
+    np.testing.assert_allclose(batch['inputs'][i, :steps], want, rtol=1e-6)
+    assert batch['mask'][i].tolist() == [True] * steps + [False] * (8 - steps)
+    assert not batch['inputs'][i, steps:].any() and batch['label'][i] == row['label']
+    trainer_inputs[user] = batch['inputs'][i, :steps]
+
+  # One vocabulary: tf.Transform's file, applied by the saved graph at serving;
+  # an item it never saw takes its one OOV bucket, the id after the vocabulary.
+  import tensorflow_transform as tft
+
+  from beam_dl.io.sequences import SequenceRecord
+
+  vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
+  assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
+  sequences = [
+      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
+                     label=events[-1]['label'], meta={'raw_ids': np.array([e['item'] for e in events], object)})
+      for user, events in users.items()
+  ] + [SequenceRecord('new', np.ones((2, 2), np.float32), meta={'raw_ids': np.array(['banana', 'zucchini'], object)})]
+
+  def as_trainer(actual):
+    actual = dict(actual)
+    assert sorted(actual) == sorted([*users, 'new'])
+    for user, want in trainer_inputs.items():
+      np.testing.assert_allclose(actual[user], want, rtol=0, atol=1e-6, err_msg=user)
+    assert actual['new'][:, 0].tolist() == [vocab['banana'], len(vocabulary)]
+
   with TestPipeline(runner='FnApiRunner') as p:
     out = p | beam.Create(raw) | pp.ApplySavedTransform(sequences_run['transform_dir'], batch_size=8)
     assert_that(out.transformed, matches)
+    for_model = (p | 'Sequences' >> beam.Create(sequences)) | pp.TransformSequencesForInference(
+        sequences_run['transform_dir'], features, max_len=8)
+    assert_that(for_model.inputs, as_trainer, label='AsTrainer')
 
-  batch = next(reader.iterate_batches(sequences_run['transform_dir'], sequences_run['output'] + '-*.tfrecord', 8))
-  assert batch['values'].shape[0] == 8 and batch['values'].shape[2] == 2
-  assert (batch['mask'].sum(axis=1) == batch['length']).all()
+
+@pytest.mark.slow
+def test_sequence_model_trained_on_records_serves_through_transform(sequences_run, tmp_path):
+  """A GRU that embeds the vocabulary ids (feature 0), trained by the trainer on
+  the transformed records; served on the raw events through the saved graph
+  (its scalers and vocabulary) and JaxModelHandler with the trainer's logits."""
+  import jax
+  import tensorflow_transform as tft
+
+  from beam_dl import checkpoints
+  from beam_dl.handler import JaxModelHandler
+  from beam_dl.io.sequences import SequenceRecord
+  from beam_dl.training import TrainConfig, train_and_evaluate
+  from beam_dl.training.summaries import read_scalars
+  from transforms.inference import RunInferenceWithDeadLetters
+
+  users, transform_dir = sequences_run['users'], sequences_run['transform_dir']
+  num_ids = len(tft.TFTransformOutput(transform_dir).vocabulary_by_name('item')) + 1  # + the OOV id
+  data = DataConfig(kind='transformed', transform_dir=transform_dir, train_files=sequences_run['output'] + '-*.tfrecord',
+                    features=('ids', 'values_0', 'values_1'), shape=(None, 3), max_len=8, shuffle_buffer=64)
+  cfg = TrainConfig(model='rnn', model_kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3,
+                                               'vocab_size': num_ids, 'embed_size': 4},
+                    data=data, batch_size=10, num_steps=40, learning_rate=1e-2, log_every=10)
+  summary = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  losses = [loss for _, loss in read_scalars(summary['tensorboard_dir'])['train']['loss']]
+  assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+  records = input_pipeline.transformed_examples(transform_dir, data.train_files)
+  (batch,) = input_pipeline.make_dataset(data, data.train_files, 100, train=False).as_numpy_iterator()
+  spec, variables = checkpoints.load(summary['model_dir'])
+  assert spec.is_sequence and spec.input_dtype == 'float32'
+  logits = jax.jit(lambda v, x, m: spec.build().apply(v, x, m))(variables, batch['inputs'], batch['mask'])
+  want = dict(zip(records, np.asarray(logits)))
+  sequences = [
+      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
+                     meta={'raw_ids': np.array([e['item'] for e in events], object)})
+      for user, events in users.items()
+  ]
+
+  def close_to_trainer(actual):
+    actual = dict(actual)
+    assert sorted(actual) == sorted(want)
+    for user, expected in want.items():
+      np.testing.assert_allclose(actual[user], expected, rtol=1e-4, atol=1e-4, err_msg=user)
+
+  with TestPipeline(runner='FnApiRunner') as p:
+    inputs = (p | beam.Create(sequences)) | pp.TransformSequencesForInference(transform_dir, data.features, data.max_len)
+    scored = inputs.inputs | RunInferenceWithDeadLetters(JaxModelHandler(summary['model_dir'], max_batch_size=16))
+    assert_that(scored.predictions | beam.Map(lambda kv: (kv[0], np.asarray(kv[1].inference))), close_to_trainer)
 
 
 def test_sequence_examples_with_min_max_scaling(tmp_path):
@@ -304,7 +349,8 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
   import tensorflow as tf
 
   from beam_dl import tft_jax
-  from beam_dl.io.sequences import SequenceRecord, encode_sequence_example
+  from beam_dl.formats.sequence_example import encode_sequence_example
+  from beam_dl.io.sequences import SequenceRecord
 
   rng = np.random.default_rng(1)
   sequences = {}
@@ -323,7 +369,7 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
       '--preprocess_kind=sequences', '--preprocess_num_values=2', '--preprocess_with_ids',
       '--preprocess_scaling=0_1', '--runner=FnApiRunner',
   ])
-  records = reader.read_all(transform_dir, output + '-*.tfrecord')
+  records = input_pipeline.transformed_examples(transform_dir, output + '-*.tfrecord')
   assert sorted(records) == sorted(sequences)
   assert len(read_jsonl(output + '-failed-*.jsonl')) == 1
   all_values = np.concatenate([r.values for r in sequences.values()])

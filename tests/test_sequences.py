@@ -11,10 +11,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding
-from beam_dl.io import sequences as seq_lib
-from beam_dl.io import vocab as vocab_lib
+from beam_dl.io import hashing
 from beam_dl.io.events import EventSpec
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.formats import sequence_example as seq_format
+from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms import sequences as T
 
 SPEC = SequenceSpec(num_features=2)
@@ -62,18 +63,18 @@ def test_parse_sequence_examples_isolates_each_bad_record():
   good_b = _seq_example('b', [[5, 6]])
   bad = _bad_records()
   records = [good_a] + [b for b, _ in bad] + [good_b]
-  results = seq_lib.parse_sequence_examples(records, SPEC)
+  results = seq_format.parse_sequence_examples(records, SPEC)
   assert len(results) == len(records)
   assert results[0] == SequenceRecord('a', np.array([[1, 2], [3, 4]], np.float32),
                                       np.array([10, 11]), label=1)
   assert results[-1] == SequenceRecord('b', np.array([[5, 6]], np.float32))
   for result, (_, reason) in zip(results[1:-1], bad):
-    assert isinstance(result, seq_lib.SequenceParseError)
+    assert isinstance(result, seq_format.SequenceParseError)
     assert reason in str(result)
 
 
 def test_parse_sequence_examples_width_from_record_when_not_declared():
-  [rec] = seq_lib.parse_sequence_examples([_seq_example('w', [[1, 2, 3]])], SequenceSpec())
+  [rec] = seq_format.parse_sequence_examples([_seq_example('w', [[1, 2, 3]])], SequenceSpec())
   assert rec.values.shape == (1, 3)
 
 
@@ -85,7 +86,7 @@ def test_parse_list_examples_flat_values():
       feats['ids'] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
-  good, odd, misaligned = seq_lib.parse_list_examples(
+  good, odd, misaligned = seq_format.parse_list_examples(
       [example('g', [1, 2, 3, 4], ids=[1, 2]), example('o', [1, 2, 3]),
        example('m', [1, 2], ids=[1, 2])], SPEC)
   np.testing.assert_array_equal(good.values, [[1, 2], [3, 4]])
@@ -98,7 +99,7 @@ def test_encode_sequence_example_round_trips_through_tf_parser():
   rec = SequenceRecord('k', np.array([[0.5, 1.5], [2, 3], [4, 5]], np.float32),
                        np.array([3, 1, 2]), label=4)
   ctx, seq = tf.io.parse_single_sequence_example(
-      seq_lib.encode_sequence_example(rec),
+      seq_format.encode_sequence_example(rec),
       {'key': tf.io.FixedLenFeature([], tf.string), 'label': tf.io.FixedLenFeature([], tf.int64)},
       {'values': tf.io.FixedLenSequenceFeature([2], tf.float32),
        'ids': tf.io.FixedLenSequenceFeature([1], tf.int64)})
@@ -139,23 +140,14 @@ def test_buckets_and_chunks():
   assert [c.ids.tolist() for c in overlap] == [[0, 1, 2, 3], [2, 3, 4, 5]]
 
 
-def test_vocabulary_and_hashing(tmp_path):
-  vocab = vocab_lib.Vocabulary(['apple', 'pear', 'apple', 'fig'], num_oov_buckets=2)
-  assert vocab.size == 5
-  ids = vocab.lookup(['fig', 'apple', 'durian', 'kiwi', 'pear'])
-  assert ids[[0, 1, 4]].tolist() == [4, 2, 3]
-  assert set(ids[[2, 3]].tolist()) <= {0, 1}
-  strict = vocab_lib.Vocabulary(['a'], num_oov_buckets=0)
-  with pytest.raises(KeyError, match='durian'):
-    strict.lookup(['durian'])
-  path = tmp_path / 'vocab.txt'
-  path.write_text('apple\npear\nfig\n')
-  assert vocab_lib.Vocabulary.from_file(str(path), 2).lookup(['fig']).tolist() == [4]
+def test_hashing():
   tokens = [f'item{i}' for i in range(2000)]
-  hashed = vocab_lib.hash_ids(tokens, 50)
+  hashed = hashing.hash_ids(tokens, 50)
   assert hashed.min() >= 0 and hashed.max() < 50
   assert len(set(hashed.tolist())) == 50  # spreads over every bucket
-  np.testing.assert_array_equal(hashed, vocab_lib.hash_ids(tokens, 50))  # deterministic
+  np.testing.assert_array_equal(hashed, hashing.hash_ids(tokens, 50))  # deterministic
+  # TensorFlow's own FarmHash bucketing (what tft.hash_strings applies in a graph).
+  np.testing.assert_array_equal(hashed, tf.strings.to_hash_bucket_fast(tokens, 50).numpy())
 
 
 def test_events_json_and_csv_parsing_and_assembly():
@@ -232,30 +224,30 @@ def test_events_to_hashed_bucketed_batches_pipeline():
                   ((1, 8, 1), ['mid'], [6], [0, 1, 2, 3, 4, 5, 0, 0]),
                   ((1, 16, 1), ['long'], [16], [float(t) for t in range(4, 20)])]),
         label='batches')
-    expected_ids = vocab_lib.hash_ids([f'i{t}' for t in range(3)], 1000).tolist()
+    expected_ids = hashing.hash_ids([f'i{t}' for t in range(3)], 1000).tolist()
     assert_that(hashed.sequences | beam.Filter(lambda r: r.key == 'short')
                 | beam.Map(lambda r: r.ids.tolist()), equal_to([expected_ids]), label='ids')
     assert_that(events.failed | beam.Map(lambda d: d['reason'].split(':')[0]),
                 equal_to(['bad JSON', "missing field 'item'"]), label='failed')
 
 
-def test_csv_events_vocabulary_lookup_and_chunking_pipeline(tmp_path):
+def test_csv_events_hashing_and_chunking_pipeline(tmp_path):
   spec = EventSpec(value_fields=('v',), id_field='item', csv_columns=('key', 'time', 'v', 'item'))
-  rows = ['key,time,v,item', 'u1,1,0.5,apple', 'u1,2,1.5,pear', 'u1,3,2.5,apple',
-          'u2,1,1,durian', 'u3,1,1']
+  rows = ['key,time,v,item', 'u1,1,0.5,apple', 'u1,2,1.5,pear', 'u1,3,2.5,apple', 'u3,1,1']
   path = tmp_path / 'events.csv'
   path.write_text('\n'.join(rows) + '\n')
-  vocab = vocab_lib.Vocabulary(['apple', 'pear'], num_oov_buckets=0)
+  apple, pear = hashing.hash_ids(['apple', 'pear'], 100).tolist()
+  no_raw_ids = SequenceRecord('bare', np.zeros((2, 1), np.float32))
   with _pipeline() as p:
     events = p | T.ReadEvents(str(path), spec, fmt='csv', skip_header_lines=1)
     seqs = events.events | T.AssembleSequences()
-    looked = seqs.sequences | T.LookupIds(vocab)
-    chunks = looked.sequences | T.ChunkSequences(window=2)
+    seqs = (seqs.sequences, p | beam.Create([no_raw_ids])) | beam.Flatten()
+    hashed = seqs | T.HashIds(num_buckets=100)
+    chunks = hashed.sequences | T.ChunkSequences(window=2)
     assert_that(chunks | beam.Map(lambda r: (r.key, r.ids.tolist(), r.meta['chunk'])),
-                equal_to([('u1/0', [0, 1], 0), ('u1/1', [0], 1)]), label='chunks')
-    assert_that(looked.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason'])),
-                equal_to([('u2', 'ids', "token 'durian' is not in the vocabulary")]),
-                label='ids_failed')
+                equal_to([('u1/0', [apple, pear], 0), ('u1/1', [apple], 1)]), label='chunks')
+    assert_that(hashed.failed | beam.Map(lambda d: (d['key'], d['stage'])),
+                equal_to([('bare', 'ids')]), label='ids_failed')
     assert_that(events.failed | beam.Map(lambda d: (d['stage'], d['record'])),
                 equal_to([('parse_event', 'u3,1,1')]), label='events_failed')
 
@@ -270,20 +262,6 @@ def test_pad_sequences_fixed_length_pipeline():
                   ('k9', [True, True, True, True])]))
 
 
-def test_compute_vocabulary_then_lookup_side_input_pipeline():
-  recs = [SequenceRecord(k, np.zeros((len(ids), 1), np.float32), meta={'raw_ids': np.array(ids, object)})
-          for k, ids in (('u1', ['b', 'a', 'b']), ('u2', ['c', 'b', 'a', 'z']))]
-  with _pipeline() as p:
-    seqs = p | beam.Create(recs)
-    vocab = seqs | T.ComputeVocabulary(max_tokens=2, min_count=2)
-    looked = seqs | T.LookupIds(vocab)
-    assert_that(vocab | beam.Map(lambda v: (v.tokens, v.size)), equal_to([(['b', 'a'], 3)]),
-                label='vocab')
-    # 'b' -> 1, 'a' -> 2, unknown 'c'/'z' -> the single OOV bucket 0.
-    assert_that(looked.sequences | beam.Map(lambda r: (r.key, r.ids.tolist(), 'raw_ids' in r.meta)),
-                equal_to([('u1', [1, 2, 1], False), ('u2', [0, 1, 2, 0], False)]), label='ids')
-
-
 def test_assemble_sequences_per_session_window():
   spec = EventSpec(value_fields=('x',))
   times = [0, 2, 4, 100, 103]  # two sessions with a 10 s gap
@@ -294,3 +272,25 @@ def test_assemble_sequences_per_session_window():
             | T.AssembleSequences())
     assert_that(seqs.sequences | beam.Map(lambda r: r.values[:, 0].tolist()),
                 equal_to([[0, 2, 4], [100, 103]]))
+
+
+def test_parse_sequence_examples_error_handler_and_threshold():
+  """Beam's error-handling conventions: under the threshold the job succeeds
+  and Beam's ErrorHandler receives every dead letter; above it the job fails
+  saying how many records failed."""
+  from apache_beam.transforms.error_handling import ErrorHandler
+
+  bad = [b for b, _ in _bad_records()]  # 7 bad records
+  good = [_seq_example(f'g{i}', [[i, i]]) for i in range(13)]
+  p = _pipeline()
+  with ErrorHandler(beam.Map(lambda d: d['stage'])) as handler:
+    out = (p | beam.Create(good + bad)
+           | T.ParseSequenceExamples(SPEC, error_threshold=0.4).with_error_handler(handler))
+  assert_that(out.parsed | beam.Map(lambda r: r.key), equal_to([f'g{i}' for i in range(13)]), label='parsed')
+  assert_that(handler.output(), equal_to(['parse'] * 7), label='handled')
+  p.run().wait_until_finish()  # 7 of 20 = 35% <= 40%
+
+  p = _pipeline()
+  _ = p | beam.Create(good[:3] + bad) | T.ParseSequenceExamples(SPEC, error_threshold=0.5)
+  with pytest.raises(Exception, match=r'7 of 10 inputs failed \(70\.0%\), above the error threshold of 50\.0%'):
+    p.run().wait_until_finish()

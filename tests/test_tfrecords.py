@@ -8,8 +8,9 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl.io import examples
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.formats import image_example
+from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms import sequences as seq_transforms
 from transforms import tfrecords
 
@@ -42,7 +43,7 @@ def test_write_image_examples_in_the_shared_format(tmp_path):
     key = key.decode()
     np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(shape), images[key])
     assert label == labels[key]
-  assert {k for k, _, _ in examples.decode_image_examples(records)} == set(images)
+  assert {k for k, _, _ in image_example.decode_image_examples(records)} == set(images)
 
 
 def test_write_sequence_examples_round_trip(tmp_path):

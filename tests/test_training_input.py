@@ -3,6 +3,8 @@ import numpy as np
 import optax
 import pytest
 
+from beam_dl.formats.sequence_example import encode_sequence_example
+from beam_dl.io.sequences import SequenceRecord
 from beam_dl.training import datasets, input_pipeline, losses
 from beam_dl.training.config import DataConfig, TrainConfig
 from pipelines import train as train_cli
@@ -61,8 +63,8 @@ def test_each_process_reads_its_own_files(digits):
 
 def test_sequences_keep_recent_steps_pad_mask_and_put_ids_first(tmp_path):
   records = [
-      datasets.sequence_example(np.arange(10, dtype=np.float32).reshape(5, 2), 'a', label=1, ids=[4, 5, 6, 7, 8]),
-      datasets.sequence_example(np.ones((2, 2), np.float32), 'b', label=0, ids=[9, 3]),
+      encode_sequence_example(SequenceRecord('a', np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(4, 9), label=1)),
+      encode_sequence_example(SequenceRecord('b', np.ones((2, 2), np.float32), np.array([9, 3]), label=0)),
   ]
   pattern = datasets.write_shards(records, str(tmp_path / 'seq'), 1)
   cfg = DataConfig(kind='sequences', shape=(None, 3), max_len=4, target='label')
@@ -108,5 +110,17 @@ def test_cli_config_files_variants_and_overrides():
     train_cli.apply_override(base, 'nope=1')
   with pytest.raises(ValueError, match='unknown variant'):
     module.get_config('nope')
-  for name in ('co2_rnn', 'resnet_bench'):
+  for name in ('co2_rnn', 'resnet_bench', 'digits_transformed'):
     assert isinstance(train_cli.load_config_module(f'pipelines/configs/{name}.py').get_config('runlocal'), TrainConfig)
+
+
+def test_transformed_kind_needs_its_transform_output(digits):
+  """kind='transformed' reads tf.Transform output only (the end-to-end tests
+  in test_preprocess / test_train_on_transformed run it on real records)."""
+  cfg = DataConfig(kind='transformed', shape=(8, 8, 1), features=('image',))
+  with pytest.raises(ValueError, match='needs transform_dir and features'):
+    input_pipeline.make_dataset(cfg, digits[1], 8, train=False)
+  assert not cfg.is_sequence and DataConfig(kind='transformed', max_len=4).is_sequence
+  assert DataConfig(kind='sequences').is_sequence and not IMAGES.is_sequence
+  with pytest.raises(ValueError, match="'images', 'sequences' or 'transformed'"):
+    input_pipeline.make_dataset(DataConfig(kind='nope'), digits[1], 8, train=False)

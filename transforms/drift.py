@@ -18,6 +18,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_dl import drift
+from beam_dl.element_types import Record
 from beam_dl.metrics_export import labelled
 
 NAMESPACE = 'beam_dl.drift'
@@ -93,6 +94,7 @@ def _window_bounds(window) -> dict:
   return {'window_start': None, 'window_end': None}
 
 
+@beam.typehints.with_input_types(Record)
 class ComputeDrift(beam.PTransform):
   """Feature dicts -> drift reports per window, and alerts.
 
@@ -134,10 +136,13 @@ class ComputeDrift(beam.PTransform):
     histograms = features | 'Histograms' >> beam.CombineGlobally(
         HistogramsCombineFn(self._profile)).without_defaults()
     out = histograms | 'Compare' >> beam.ParDo(
-        _DriftReportFn(self._profile, self._warn, self._alert, self._min_count)).with_outputs(ALERTS, main='reports')
+        _DriftReportFn(self._profile, self._warn, self._alert, self._min_count)).with_output_types(
+            Record, **{ALERTS: Record}).with_outputs(ALERTS, main='reports')
     return DriftOutputs(out.reports, out[ALERTS])
 
 
+@beam.typehints.with_input_types(Record)
+@beam.typehints.with_output_types(str)
 class BuildDriftProfile(beam.PTransform):
   """Feature dicts of reference data -> a DriftProfile saved at `path`.
 

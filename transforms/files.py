@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import CompressionTypes, FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import dead_letter
+from beam_dl.element_types import DeadLetter
 from beam_dl.io import files as files_lib
 
 NAMESPACE = 'beam_dl.files'
@@ -83,5 +84,5 @@ class MatchReadableFiles(beam.PTransform):
              | 'Reshuffle' >> beam.Reshuffle()
              | 'Unchunk' >> beam.FlatMap(lambda chunk: chunk)
              | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
-    failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(dict)
+    failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter)
     return ReadableFiles(files, failed)

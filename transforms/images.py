@@ -3,8 +3,8 @@
   ReadImageFiles(pattern)      -> (path, encoded bytes), plus `.failed`
                                   (defer_read=True: (path, fileio.ReadableFile),
                                   read by DecodeImages on its decode thread)
-  ReadImageExamples(pattern)   -> (key, encoded bytes) from TFRecords of
-                                  tf.train.Example, plus `.failed`
+  ReadImageExamples(pattern)   -> (key, encoded bytes or uint8 pixels) from
+                                  TFRecords of image tf.train.Example, plus `.failed`
   DecodeImages(spec)           -> `.decoded` (key, uint8 HWC array), `.failed`
   NormalizeImages(mean, std)   -> (key, float32 (x/255 - mean)/std)
 
@@ -22,9 +22,11 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
+from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
-from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, normalize, rng_for_key
+from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
 from beam_dl.lookahead import Lookahead
 
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
@@ -104,72 +106,59 @@ class ReadImageFiles(beam.PTransform):
     keyed = tuple[str, content, dict] if self._with_metadata else tuple[str, content]
     read = matched.files | 'ReadFiles' >> beam.ParDo(
         _ReadImageFileFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
-            keyed, **{FAILED: dict}).with_outputs(FAILED, main='images')
+            keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
 
 
 class _ParseImageExampleFn(beam.DoFn):
-  """(filename, serialized tf.train.Example) -> (key, encoded image bytes)."""
+  """(filename, serialized image tf.train.Example) -> (key, encoded bytes or uint8 pixels[, meta])."""
 
   def __init__(self, image_feature: str, key_feature: str, label_feature: str | None = None):
-    self._image_feature = image_feature
-    self._key_feature = key_feature
-    self._label_feature = label_feature
+    self._features = dict(encoded_feature=image_feature, key_feature=key_feature,
+                          label_feature=label_feature or image_example.ENCODED_LABEL)
+    self._with_metadata = label_feature is not None
     self._failed = Metrics.counter(_NAMESPACE, 'examples_failed')
-
-  def setup(self):
-    import tensorflow as tf  # on workers only: TF import is slow
-
-    self._parse = tf.train.Example.FromString
 
   def process(self, element: tuple[str, bytes]) -> Iterable:
     filename, record = element
     fallback_key = f'{filename}@sha1:{hashlib.sha1(record).hexdigest()[:16]}'
     try:
-      features = self._parse(record).features.feature
-    except Exception as e:  # protobuf raises DecodeError, a bare Exception
+      parsed = image_example.parse_image_example(record, **self._features)
+    except image_example.ImageExampleError as e:
       self._failed.inc()
-      yield beam.pvalue.TaggedOutput(
-          FAILED, dead_letter(fallback_key, 'parse', f'not a tf.train.Example: {describe(e)}')
-      )
+      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(fallback_key if e.key is None else e.key, 'parse', str(e)))
       return
-    key = fallback_key
-    if self._key_feature in features and features[self._key_feature].bytes_list.value:
-      key = features[self._key_feature].bytes_list.value[0].decode('utf-8', 'replace')
-    encoded = features[self._image_feature].bytes_list.value if self._image_feature in features else []
-    if len(encoded) != 1:
-      self._failed.inc()
-      yield beam.pvalue.TaggedOutput(
-          FAILED,
-          dead_letter(key, 'parse', f'expected 1 bytes value in feature {self._image_feature!r}, found {len(encoded)}'),
-      )
+    key = fallback_key if parsed.key is None else parsed.key
+    image = parsed.encoded if parsed.pixels is None else parsed.pixels
+    if not self._with_metadata:
+      yield key, image
       return
-    if self._label_feature is None:
-      yield key, encoded[0]
-      return
-    labels = (features[self._label_feature].int64_list.value
-              if self._label_feature in features else [])
-    yield key, encoded[0], {'source': filename, 'label': int(labels[0]) if labels else None}
+    yield key, image, {'source': filename, 'label': parsed.label}
 
 
 class ReadImageExamples(beam.PTransform):
-  """Reads (key, encoded image) from TFRecord files of tf.train.Example.
+  """Reads (key, image) from TFRecord files of image tf.train.Example.
 
-  The key is the `key_feature` value, or `<file>@sha1:<digest>` of the record
-  when absent. Records that are not Examples or lack the image feature, and
-  damaged TFRecord frames and unreadable files (see `ReadTFRecords`), go to
-  `.failed`. With `with_metadata=True` elements are (key, bytes,
-  {'source': file, 'label': int from `label_feature` or None}).
+  Both layouts of `beam_dl.formats.image_example`: a record with decoded
+  pixels (`image/raw` + `image/shape`, what `WriteImageExamples` and
+  `pipelines.preprocess` write) gives (key, uint8 [H, W, C] array), one with
+  an encoded file in `image_feature` gives (key, encoded bytes);
+  `DecodeImages` takes either. The key is the `key_feature` (else `key`)
+  value, or `<file>@sha1:<digest>` of the record when absent. Records that
+  are not Examples or hold no image, and damaged TFRecord frames and
+  unreadable files (see `ReadTFRecords`), go to `.failed`. With
+  `with_metadata=True` elements are (key, image, {'source': file, 'label':
+  int from `label_feature` (else `label`) or None}).
   """
 
   def __init__(
       self,
       file_pattern: str,
-      image_feature: str = 'image/encoded',
-      key_feature: str = 'image/key',
+      image_feature: str = image_example.ENCODED,
+      key_feature: str = image_example.ENCODED_KEY,
       with_metadata: bool = False,
-      label_feature: str = 'image/class/label',
+      label_feature: str = image_example.ENCODED_LABEL,
   ):
     super().__init__()
     self._file_pattern = file_pattern
@@ -181,20 +170,24 @@ class ReadImageExamples(beam.PTransform):
     read = pbegin | 'ReadRecords' >> ReadTFRecords(self._file_pattern)
     parsed = read.records | 'ParseExamples' >> beam.ParDo(
         _ParseImageExampleFn(self._image_feature, self._key_feature,
-                             self._label_feature)).with_outputs(FAILED, main='images')
+                             self._label_feature)).with_output_types(
+                                 EncodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(parsed.images, failed)
 
 
 def read_and_decode(data, spec: ImageSpec, rng: np.random.Generator | None = None) -> np.ndarray:
   """Encoded bytes, or a `fileio.ReadableFile` read first, decoded (raises
-  FileReadError or ImageDecodeError)."""
+  FileReadError or ImageDecodeError); already decoded pixels (image/raw
+  records) only fitted to `spec`."""
+  if isinstance(data, np.ndarray):
+    return fit_image(data, spec, rng)
   return decode_image(files_lib.content(data), spec, rng)
 
 
 class _DecodeImageFn(beam.DoFn):
-  """(key, bytes or ReadableFile) -> (key, array); undecodable inputs (and
-  unreadable files) -> FAILED with reason.
+  """(key, bytes, ReadableFile or uint8 pixels) -> (key, array); undecodable
+  inputs (and unreadable files) -> FAILED with reason.
 
   With `ahead` > 0 the decodes run on a thread (beam_dl.lookahead) up to
   `ahead` elements ahead of the outputs, overlapping with the model's forward
@@ -219,7 +212,7 @@ class _DecodeImageFn(beam.DoFn):
 
   def process(self, element: tuple, windowed=beam.DoFn.WindowedValueParam) -> Iterable:
     key, data, *meta = element
-    size = files_lib.content_size(data)
+    size = data.nbytes if isinstance(data, np.ndarray) else files_lib.content_size(data)
     self._bytes.update(size)
     # Random crops are seeded per (seed, key): reproducible whatever the bundling.
     rng = rng_for_key(key, self._spec.seed) if self._spec.crop == 'random' else None
@@ -250,12 +243,17 @@ class _DecodeImageFn(beam.DoFn):
     return windowed.with_value((key, outcome, *meta))
 
 
-class DecodeImages(beam.PTransform):
+@beam.typehints.with_input_types(EncodedImage)
+class DecodeImages(ErrorHandling, beam.PTransform):
   """Decodes (key, encoded bytes) to (key, uint8 [H, W, C]) per `spec`.
 
   The bytes may also be a `fileio.ReadableFile` (ReadImageFiles with
   defer_read=True), read on the decode thread; one that can't be read is a
   dead letter with stage 'read'.
+
+  Already decoded uint8 pixels in place of the bytes (what `ReadImageExamples`
+  gives for `image/raw` records) get the same mode conversion and resize
+  (`beam_dl.io.images.fit_image`), without an encode/decode round trip.
 
   (key, bytes, meta...) elements keep whatever follows the bytes:
   (key, array, meta...).
@@ -266,19 +264,27 @@ class DecodeImages(beam.PTransform):
   `ahead` (default 256): decode on a background thread up to this many
   elements (and 64 MB of encoded input) ahead, so decoding overlaps the
   model downstream (0: inline).
+
+  `error_threshold` (default 1: never) fails the job when more than that
+  fraction of inputs fail; `with_error_handler(ErrorHandler(...))` also
+  sends the dead letters to Beam's error handler (beam_dl.deadletter).
   """
 
-  def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD):
+  def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD, *, error_threshold: float = 1.0):
     super().__init__()
     self._spec = spec
     self._ahead = ahead
+    self._set_error_threshold(error_threshold)
 
   def expand(self, pcoll):
-    return pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_outputs(
-        FAILED, main='decoded'
-    )
+    outputs = pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_output_types(
+        DecodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='decoded')
+    self._report_failures(pcoll, outputs.failed)
+    return outputs
 
 
+@beam.typehints.with_input_types(DecodedImage)
+@beam.typehints.with_output_types(DecodedImage)
 class NormalizeImages(beam.PTransform):
   """(key, uint8 array, meta...) -> (key, float32 (x * scale - mean) / std, meta...).
 
@@ -295,7 +301,7 @@ class NormalizeImages(beam.PTransform):
   def expand(self, pcoll):
     mean, std, scale = self._args
     return pcoll | 'Normalize' >> beam.Map(
-        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:]))
+        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:])).with_output_types(DecodedImage)
 
 
 __all__ = ['DecodeImages', 'ImageSpec', 'NormalizeImages', 'ReadImageExamples', 'ReadImageFiles']

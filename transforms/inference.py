@@ -1,23 +1,24 @@
 """RunInference wiring with per-element dead letters, and image classification.
 
   RunInferenceWithDeadLetters(handler)  keyed examples -> (key, PredictionResult);
-                                         elements of a failed batch are retried one by
-                                         one, what still fails -> one dead letter each
+                                         a failed batch is split in place until its
+                                         bad elements stand alone, each one dead letter
   ClassifyImages(model_dir)             (key, encoded image) -> prediction records
 """
 from __future__ import annotations
 
-import uuid
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, RunInference
 
 from beam_dl import checkpoints
-from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.element_types import DeadLetter, EncodedImage, Record
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.images import ImageSpec
+from beam_dl.isolate import Failed, isolate
 from beam_dl.postprocess import classification_record
 from transforms.images import DecodeImages
 
@@ -31,28 +32,16 @@ class InferenceOutputs(NamedTuple):
 
 
 def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inference') -> Iterable[dict]:
-  """Beam's failed-inference record (batch, error info) -> one record per input."""
-  batch, error = failure
+  """Beam's failed record (what failed, error info) -> one dead letter per input.
+
+  The handler is keyed by construction (`_keyed`), so what failed is known:
+  a failed inference is a batch, a list of (key, example); a failed pre- or
+  post-processing fn is one (key, value).
+  """
+  failed, error = failure
   reason = _error_reason(error)
-  for element in _elements(batch):
-    key = element[0] if _is_keyed(element) else None
+  for key, _ in (failed if stage == 'inference' else [failed]):
     yield dead_letter(key, stage, reason)
-
-
-def failed_batch_elements(failure: tuple[Any, Any]) -> Iterable[list]:
-  """A failed batch's elements, each as its own one-element batch to retry."""
-  batch, _ = failure
-  for element in _elements(batch):
-    yield [element]
-
-
-def _elements(batch: Any) -> list:
-  """The elements Beam's DLQ reports as failed: a batch's list, or one element."""
-  return batch if isinstance(batch, (list, tuple)) and not _is_keyed(batch) else [batch]
-
-
-def _is_keyed(element: Any) -> bool:
-  return isinstance(element, tuple) and len(element) == 2 and isinstance(element[0], (str, bytes, int))
 
 
 def _error_reason(error: Any) -> str:
@@ -79,49 +68,140 @@ def _unwrap(handler: ModelHandler) -> ModelHandler:
 
 
 def _keyed(handler: ModelHandler) -> ModelHandler:
-  """`handler` as is when it (under its pre/post fns) is keyed, else KeyedModelHandler(handler)."""
-  if isinstance(_unwrap(handler), (KeyedModelHandler, MaybeKeyedModelHandler)):
+  """`handler` as is when it (under its pre/post fns) is keyed, else KeyedModelHandler(handler).
+
+  Every element here is (key, example), so that each dead letter names its
+  input: a MaybeKeyedModelHandler (keys optional) is refused.
+  """
+  if isinstance(_unwrap(handler), MaybeKeyedModelHandler):
+    raise ValueError('RunInferenceWithDeadLetters takes (key, example) elements: pass the handler '
+                     'itself or a KeyedModelHandler, not a MaybeKeyedModelHandler')
+  if isinstance(_unwrap(handler), KeyedModelHandler):
     return handler
   return KeyedModelHandler(handler)
 
 
-class _PostProcess(beam.DoFn):
-  """Applies a handler's post-processing fns to retried results; a failure is a dead letter."""
+class _Isolated(NamedTuple):
+  """Stands in RunInference's output for an element that failed alone."""
 
-  def __init__(self, fns):
-    self._fns = list(fns)
+  key: Any
+  reason: str
 
-  def process(self, result):
-    try:
-      for fn in self._fns:
-        result = fn(result)
-    except Exception as e:  # a bad result must not fail the bundle
-      key = result[0] if _is_keyed(result) else None
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'postprocess', describe(e)))
-      return
+
+class _IsolatingModelHandler(ModelHandler):
+  """`base` whose run_inference never fails a batch for a bad element.
+
+  A batch that raises is split in place (`beam_dl.isolate`) until each
+  failing element stands alone; it comes out as an `_Isolated` (key, reason)
+  in its position, and the rest keep their predictions. The same DoFn does
+  it, so nothing extra crosses a stage boundary (a separate retry step and
+  its merge held every failed batch and every result). Post-processing fns
+  pass `_Isolated` through untouched; everything else is `base`'s.
+  """
+
+  def __init__(self, base: ModelHandler):
+    self._base = base
+    self._env_vars = getattr(base, '_env_vars', {})
+
+  def run_inference(self, batch, model, inference_args=None):
+    outcomes = isolate(lambda part: list(self._base.run_inference(part, model, inference_args)), batch)
+    return [
+        _Isolated(key, describe(outcome.error)) if isinstance(outcome, Failed) else outcome
+        for (key, _), outcome in zip(batch, outcomes)  # keyed by construction: (key, example)
+    ]
+
+  def get_postprocess_fns(self):
+    return [_PassIsolated(fn) for fn in self._base.get_postprocess_fns()]
+
+  def load_model(self):
+    return self._base.load_model()
+
+  def get_num_bytes(self, batch) -> int:
+    return self._base.get_num_bytes(batch)
+
+  def get_metrics_namespace(self) -> str:
+    return self._base.get_metrics_namespace()
+
+  def get_resource_hints(self):
+    return self._base.get_resource_hints()
+
+  def batch_elements_kwargs(self):
+    return self._base.batch_elements_kwargs()
+
+  def validate_inference_args(self, inference_args):
+    return self._base.validate_inference_args(inference_args)
+
+  def update_model_path(self, model_path=None):
+    return self._base.update_model_path(model_path=model_path)
+
+  def update_model_paths(self, model, model_paths=None):
+    return self._base.update_model_paths(model, model_paths)
+
+  def get_preprocess_fns(self):
+    return self._base.get_preprocess_fns()
+
+  def should_skip_batching(self) -> bool:
+    return self._base.should_skip_batching()
+
+  def set_environment_vars(self):
+    return self._base.set_environment_vars()
+
+  def share_model_across_processes(self) -> bool:
+    return self._base.share_model_across_processes()
+
+  def model_copies(self) -> int:
+    return self._base.model_copies()
+
+  def override_metrics(self, metrics_namespace: str = '') -> bool:
+    return self._base.override_metrics(metrics_namespace)
+
+  def should_garbage_collect_on_timeout(self) -> bool:
+    return self._base.should_garbage_collect_on_timeout()
+
+
+class _PassIsolated:
+  """A post-processing fn that leaves `_Isolated` elements as they are."""
+
+  def __init__(self, fn):
+    self._fn = fn
+
+  def __call__(self, result):
+    return result if isinstance(result, _Isolated) else self._fn(result)
+
+
+def _isolated_to_dead_letters(result) -> Iterable:
+  """An `_Isolated` -> its dead letter (tagged FAILED); a prediction as is."""
+  if isinstance(result, _Isolated):
+    yield beam.pvalue.TaggedOutput(FAILED, dead_letter(result.key, 'inference', result.reason))
+  else:
     yield result
 
 
-class RunInferenceWithDeadLetters(beam.PTransform):
+@beam.typehints.with_input_types(Tuple[Any, Any])
+class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   """RunInference over (key, example); nothing is lost when a batch fails.
 
-  Steps: RunInference with Beam's exception handling; every element of a
-  batch that raised is retried alone (one bad element, e.g. one that runs out
-  of device memory even by itself, must not fail its neighbours); what fails
-  alone becomes one dead letter {"key", "stage": "inference", "reason"}.
-  Pre- and post-processing failures become dead letters too.
+  Steps: RunInference with Beam's exception handling, whose handler splits a
+  batch that raises, in place, until each failing element stands alone (one
+  bad element, e.g. one that runs out of device memory even by itself, must
+  not fail its neighbours); 'IsolatedDeadLetters' turns each into one dead
+  letter {"key", "stage": "inference", "reason"}. Pre- and post-processing
+  failures become dead letters too.
 
   Args:
     model_handler: any ModelHandler over examples (wrapped in
       KeyedModelHandler here) or an already keyed one, with or without
       with_preprocess_fn / with_postprocess_fn.
-    model_metadata_pcoll: optional ModelMetadata side input for model
-      refresh (both the batched and the retry step follow it).
+    model_metadata_pcoll: optional ModelMetadata side input for model refresh.
     inference_args: passed to the handler's run_inference.
-    model_identifier: Shared tag for the loaded model; both steps use it so
-      the model is loaded once per process (default: unique per transform).
-    retry_elements: False sends failed batches straight to dead letters
-      (also the case in streaming with model_metadata_pcoll; see expand).
+    model_identifier: Beam's tag for the loaded model (shares a large_model
+      model between steps that name the same one; default: unique).
+    isolate_elements: False sends a failed batch straight to dead letters,
+      one per element, all with the batch's reason.
+    error_threshold: fail the job when more than this fraction of inputs
+      (per window) become dead letters, as Beam's
+      `with_exception_handling(threshold=...)`; 1 (default) never fails.
+      `with_error_handler(ErrorHandler(...))` also sends them to a handler.
   """
 
   def __init__(
@@ -131,67 +211,49 @@ class RunInferenceWithDeadLetters(beam.PTransform):
       *,
       inference_args: Optional[dict] = None,
       model_identifier: Optional[str] = None,
-      retry_elements: bool = True,
+      isolate_elements: bool = True,
+      error_threshold: float = 1.0,
   ):
     super().__init__()
     self._handler = _keyed(model_handler)
     self._metadata = model_metadata_pcoll
     self._inference_args = inference_args
-    self._model_identifier = model_identifier or f'RunInferenceWithDeadLetters-{uuid.uuid4().hex}'
-    self._retry = retry_elements
+    self._model_identifier = model_identifier
+    self._isolate = isolate_elements
+    self._set_error_threshold(error_threshold)
 
   def expand(self, keyed_examples):
+    handler = _IsolatingModelHandler(self._handler) if self._isolate else self._handler
     main, dlq = keyed_examples | 'RunInference' >> RunInference(
-        self._handler,
+        handler,
         model_metadata_pcoll=self._metadata,
         inference_args=self._inference_args,
         model_identifier=self._model_identifier,
     ).with_exception_handling()
     failures = [
-        failed | f'PreprocessDeadLetters{i}' >> beam.FlatMap(failed_batch_to_dead_letters, 'preprocess')
+        failed | f'PreprocessDeadLetters{i}' >> beam.FlatMap(
+            failed_batch_to_dead_letters, 'preprocess').with_output_types(DeadLetter)
         for i, failed in enumerate(dlq.failed_preprocessing)
     ]
     failures += [
-        failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(failed_batch_to_dead_letters, 'postprocess')
+        failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(
+            failed_batch_to_dead_letters, 'postprocess').with_output_types(DeadLetter)
         for i, failed in enumerate(dlq.failed_postprocessing)
     ]
-    if not self._retry or (self._metadata is not None and _is_streaming(keyed_examples.pipeline)):
-      # A second RunInference on the same ModelMetadata side input never
-      # finishes on Beam 2.77's streaming DirectRunner (its side-input wait
-      # is never released), so in streaming with refresh a failed batch is
-      # dead-lettered whole: every element still lands once, with its reason.
-      failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(failed_batch_to_dead_letters))
-      return InferenceOutputs(main, _merge(failures, keyed_examples.pipeline))
-    base = _unwrap(self._handler)  # elements of failed batches are already pre-processed
-    retried, retry_dlq = (
-        dlq.failed_inferences
-        | 'SplitFailedBatches' >> beam.FlatMap(failed_batch_elements)
-        | 'RetryOneByOne' >> RunInference(
-            base.with_no_batching(),
-            model_metadata_pcoll=self._metadata,
-            inference_args=self._inference_args,
-            model_identifier=self._model_identifier,
-        ).with_exception_handling()
-    )
-    retried = retried | 'PostprocessRetried' >> beam.ParDo(
-        _PostProcess(self._handler.get_postprocess_fns())
-    ).with_outputs(FAILED, main='ok')
-    failures += [
-        retry_dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(failed_batch_to_dead_letters),
-        retried[FAILED],
-    ]
-    predictions = (main, retried.ok) | 'MergePredictions' >> beam.Flatten()
-    return InferenceOutputs(predictions, _merge(failures, keyed_examples.pipeline))
-
-
-def _is_streaming(pipeline) -> bool:
-  from apache_beam.options.pipeline_options import StandardOptions
-
-  return bool(pipeline.options and pipeline.options.view_as(StandardOptions).streaming)
-
-
-def _merge(failures, pipeline):
-  return tuple(failures) | 'MergeDeadLetters' >> beam.Flatten(pipeline=pipeline)
+    # A batch fails as a whole only when isolation is off or the error is
+    # not the elements' (e.g. the model cannot be loaded).
+    failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(
+        failed_batch_to_dead_letters).with_output_types(DeadLetter))
+    if not self._isolate:
+      predictions = main
+    else:
+      separated = main | 'IsolatedDeadLetters' >> beam.FlatMap(_isolated_to_dead_letters).with_outputs(
+          FAILED, main='predictions'
+      )
+      predictions = separated.predictions
+      failures.append(separated[FAILED])
+    failed = tuple(failures) | 'MergeDeadLetters' >> beam.Flatten(pipeline=keyed_examples.pipeline)
+    return InferenceOutputs(predictions, self._report_failures(keyed_examples, failed))
 
 
 def without_example(keyed_result: tuple) -> tuple:
@@ -201,17 +263,21 @@ def without_example(keyed_result: tuple) -> tuple:
   return key, result._replace(example=None)
 
 
-class ClassifyImages(beam.PTransform):
+@beam.typehints.with_input_types(EncodedImage)
+class ClassifyImages(ErrorHandling, beam.PTransform):
   """(key, encoded image bytes) -> classification records, plus dead letters.
 
   Decodes to the model's input size and channels (read from the model's
   spec.json at construction, so a wrong model_dir fails before the job
   starts), runs the Flax classifier, and formats
   {"key", "label", "score", "scores"}. `.failed` holds decode and inference
-  dead letters.
+  dead letters. `error_threshold` (fraction of inputs, default 1: never)
+  fails the job when more inputs than that become dead letters;
+  `with_error_handler(ErrorHandler(...))` also sends them to Beam's handler.
   """
 
-  def __init__(self, model_dir: str, handler: Optional[JaxModelHandler] = None, **handler_kwargs):
+  def __init__(self, model_dir: str, handler: Optional[JaxModelHandler] = None, *,
+               error_threshold: float = 1.0, **handler_kwargs):
     super().__init__()
     spec = checkpoints.load_spec(model_dir)
     if len(spec.input_shape) != 3:
@@ -220,16 +286,17 @@ class ClassifyImages(beam.PTransform):
     self._image_spec = ImageSpec(height=height, width=width, channels=channels)
     self._labels = spec.labels
     self._handler = handler or JaxModelHandler(model_dir, **handler_kwargs)
+    self._set_error_threshold(error_threshold)
 
   def expand(self, keyed_bytes):
     decoded = keyed_bytes | 'DecodeImages' >> DecodeImages(self._image_spec)
-    # Results cross a stage boundary (the retry branch's Flatten) that the
-    # local runner holds whole: without the input image they are ~100x smaller.
+    # Formatting needs only the outputs: results without the input image are
+    # ~100x smaller wherever the runner buffers them.
     handler = _keyed(self._handler).with_postprocess_fn(without_example)
     inferred = decoded.decoded | 'Infer' >> RunInferenceWithDeadLetters(handler)
     labels = self._labels
     predictions = inferred.predictions | 'FormatPredictions' >> beam.MapTuple(
         lambda key, result: classification_record(key, result, labels)
-    )
+    ).with_output_types(Record)
     failed = (decoded.failed, inferred.failed) | 'MergeFailures' >> beam.Flatten()
-    return InferenceOutputs(predictions, failed)
+    return InferenceOutputs(predictions, self._report_failures(keyed_bytes, failed))

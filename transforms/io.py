@@ -6,6 +6,7 @@ import json
 import apache_beam as beam
 
 import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
+from beam_dl.element_types import Record
 
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam
@@ -16,6 +17,8 @@ import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl
 EXACT_SHARD_GLOB = '-' + '[0-9]' * 5 + '-of-%(num_shards)05d'
 
 
+@beam.typehints.with_input_types(Record)
+@beam.typehints.with_output_types(str)
 class WriteJsonLines(beam.PTransform):
   """Writes dicts as JSON lines to `<prefix>-SSSSS-of-NNNNN.jsonl`.
 

@@ -12,6 +12,7 @@ import re
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from beam_dl.element_types import DeadLetter
 from beam_dl.metrics_export import labelled
 
 NAMESPACE = 'beam_dl.deadletters'
@@ -47,6 +48,7 @@ class _CountFn(beam.DoFn):
     return ()
 
 
+@beam.typehints.with_input_types(DeadLetter)
 class CountDeadLetters(beam.PTransform):
   """Counts dead letters ({"key", "stage", "reason"}) by stage and reason kind; outputs nothing."""
 

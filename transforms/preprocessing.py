@@ -11,6 +11,8 @@ Training side (pipelines.preprocess):
 Serving side (inference pipelines, before RunInference):
   ApplySavedTransform(transform_dir)          (key, raw example bytes) -> (key, {feature: array})
   TransformImagesForInference(transform_dir)  (key, encoded image) -> (key, float32 [H, W, C])
+  TransformSequencesForInference(transform_dir, features)
+                                              SequenceRecord -> (key, float32 [T, F])
 
 Every Canonical*/Apply* transform returns `.<main>` and `.failed` (dead letters).
 """
@@ -24,7 +26,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
+from beam_dl.formats import image_example
 from beam_dl.io.sequences import SequenceRecord
+from beam_dl.isolate import Failed, failures, isolate
 from beam_dl.preprocessing import canonical, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -61,6 +66,7 @@ def _image_record_to_raw(spec):
   return lambda element: canonical.image_record_to_raw(element[1], spec, canonical.record_key(*element))
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class CanonicalImageFiles(beam.PTransform):
   """(path, encoded image) -> canonical raw image examples (`.raw`, `.failed`).
 
@@ -75,9 +81,10 @@ class CanonicalImageFiles(beam.PTransform):
   def expand(self, files):
     return files | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(_image_file_to_raw(self._spec), lambda e: e[0])
-    ).with_outputs(FAILED, main='raw')
+    ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
+@beam.typehints.with_input_types(KeyedBytes)
 class CanonicalImageRecords(beam.PTransform):
   """(filename, serialized tf.Example) -> canonical raw image examples.
 
@@ -92,9 +99,10 @@ class CanonicalImageRecords(beam.PTransform):
   def expand(self, records):
     return records | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(_image_record_to_raw(self._spec), lambda e: canonical.record_key(*e))
-    ).with_outputs(FAILED, main='raw')
+    ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class CanonicalSequences(beam.PTransform):
   """`SequenceRecord` -> canonical raw sequence examples (`.raw`, `.failed`)."""
 
@@ -106,7 +114,8 @@ class CanonicalSequences(beam.PTransform):
     num_values, with_ids = self._num_values, self._with_ids
     return sequences | 'ToRawExample' >> beam.ParDo(
         _CanonicalFn(lambda r: canonical.sequence_to_raw(r, num_values, with_ids), lambda r: r.key)
-    ).with_outputs(FAILED, main='raw').with_input_types(SequenceRecord)
+    ).with_input_types(SequenceRecord).with_output_types(
+        bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
 class Transformed(NamedTuple):
@@ -117,6 +126,7 @@ class Transformed(NamedTuple):
   transform_fn: Any
 
 
+@beam.typehints.with_input_types(bytes)
 class AnalyzeAndTransform(beam.PTransform):
   """Canonical raw example bytes -> tf.Transform analysed and transformed data.
 
@@ -159,6 +169,8 @@ def training_schema(metadata):
   return schema_utils.schema_from_feature_spec(stats.drop(feature_spec))
 
 
+# Input undeclared: tft types AnalyzeAndTransformDataset's instances as a Union with its metadata.
+@beam.typehints.with_output_types(str)
 class WriteTransformedExamples(beam.PTransform):
   """Transformed instance dicts -> `<prefix>-SSSSS-of-NNNNN.tfrecord` of tf.Example.
 
@@ -190,6 +202,7 @@ class WriteTransformedExamples(beam.PTransform):
     )
 
 
+@beam.typehints.with_output_types(Record)
 class ExtractStats(beam.PTransform):
   """Transformed instances -> one dict {stat name: [floats]} (from any one row)."""
 
@@ -197,7 +210,7 @@ class ExtractStats(beam.PTransform):
     return (
         instances
         | 'OneRow' >> beam.combiners.Sample.FixedSizeGlobally(1)
-        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {})
+        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {}).with_output_types(Record)
     )
 
 
@@ -251,21 +264,22 @@ class _ApplyTransformFn(beam.DoFn):
     self._model = self._shared.acquire(lambda: LoadedTransform(directory), tag=directory)
 
   def process(self, batch) -> Iterable:
-    try:
-      results = self._model.apply([record for _, record in batch])
-    except Exception as e:  # TF rejects the whole batch: halve until isolated
-      if len(batch) == 1:
-        self._bad.inc()
-        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(batch[0][0], 'transform', describe(e)))
-        return
-      middle = len(batch) // 2
-      yield from self.process(batch[:middle])
-      yield from self.process(batch[middle:])
-      return
-    self._ok.inc(len(results))
-    yield from zip((key for key, _ in batch), results)
+    """TF rejects a whole batch for one bad example: `isolate` halves it until
+    each rejected example stands alone and becomes its own dead letter."""
+    outcomes = isolate(lambda part: self._model.apply([record for _, record in part]), batch)
+    bad = failures(outcomes)
+    if bad:
+      self._bad.inc(bad)
+    if bad < len(batch):
+      self._ok.inc(len(batch) - bad)
+    for (key, _), outcome in zip(batch, outcomes):
+      if isinstance(outcome, Failed):
+        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'transform', describe(outcome.error)))
+      else:
+        yield key, outcome
 
 
+@beam.typehints.with_input_types(KeyedBytes)
 class ApplySavedTransform(beam.PTransform):
   """(key, canonical raw example bytes) -> (key, {feature: np.ndarray}) with the
   saved tf.Transform graph of `transform_dir` (`.transformed`, `.failed`).
@@ -286,10 +300,12 @@ class ApplySavedTransform(beam.PTransform):
         keyed_raw
         | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
         | 'Transform'
-        >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared)).with_outputs(FAILED, main='transformed')
+        >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared)).with_output_types(
+            KeyedFeatures, **{FAILED: DeadLetter}).with_outputs(FAILED, main='transformed')
     )
 
 
+@beam.typehints.with_input_types(EncodedImage)
 class TransformImagesForInference(beam.PTransform):
   """(key, encoded image bytes) -> (key, float32 [H, W, C]) ready for RunInference.
 
@@ -309,13 +325,58 @@ class TransformImagesForInference(beam.PTransform):
   def expand(self, keyed_bytes):
     shape = self._config.image_shape
     raw = keyed_bytes | 'Canonical' >> CanonicalImageFiles(shape)
-    keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
-    applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(self._transform_dir, self._batch_size)
-    inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(
-        lambda key, features: (key, np.asarray(features['image'], np.float32).reshape(shape))
-    )
-    failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
-    return InferenceInputs(inputs, failed)
+    return _apply_for_inference(
+        raw, self._transform_dir, self._batch_size,
+        lambda features: np.asarray(features['image'], np.float32).reshape(shape))
+
+
+@beam.typehints.with_input_types(SequenceRecord)
+class TransformSequencesForInference(beam.PTransform):
+  """`SequenceRecord` -> (key, float32 [T, F]) ready for RunInference on a
+  sequence model trained with `DataConfig(kind='transformed', features=...)`.
+
+  Builds the canonical raw example exactly as `pipelines.preprocess` did (value
+  columns; raw ids from `meta['raw_ids']`, else the integer ids as strings),
+  applies the saved graph -- its scalers and its vocabulary, so every id gets
+  the integer it had in the training records and an unseen one the OOV id --
+  and stacks `features` per step in the trainer's order, keeping the most
+  recent `max_len` steps (0: all), as the training input pipeline does.
+  Returns `.inputs` and `.failed`.
+  """
+
+  def __init__(self, transform_dir: str, features, max_len: int = 0, batch_size: int = 256):
+    super().__init__()
+    self._config = config_lib.load(transform_dir)
+    if self._config.kind != 'sequences':
+      raise ValueError(f'{transform_dir} holds {self._config.kind!r} preprocessing, not sequences')
+    if not features:
+      raise ValueError('features must name the per-step transformed features of the model input')
+    self._transform_dir = transform_dir
+    self._features, self._max_len = tuple(features), int(max_len)
+    self._batch_size = batch_size
+
+  def expand(self, records):
+    raw = records | 'Canonical' >> CanonicalSequences(self._config.num_values, self._config.with_ids)
+    features, max_len = self._features, self._max_len
+    return _apply_for_inference(
+        raw, self._transform_dir, self._batch_size, lambda f: step_inputs(f, features, max_len))
+
+
+def step_inputs(features: dict, names, max_len: int = 0) -> np.ndarray:
+  """One transformed example's per-step `names` stacked as float32 [T, F],
+  the most recent `max_len` steps (0: all)."""
+  steps = np.stack([np.asarray(features[name], np.float32) for name in names], axis=-1)
+  return steps[-max_len:] if max_len else steps
+
+
+def _apply_for_inference(raw, transform_dir: str, batch_size: int, to_input: Callable) -> 'InferenceInputs':
+  """Canonical raw examples (`.raw`, `.failed`) -> the saved graph -> model inputs."""
+  keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
+  applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(transform_dir, batch_size)
+  inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(
+      lambda key, features: (key, to_input(features))).with_output_types(KeyedArray)
+  failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
+  return InferenceInputs(inputs, failed)
 
 
 class InferenceInputs(NamedTuple):
@@ -324,8 +385,5 @@ class InferenceInputs(NamedTuple):
 
 
 def _keyed_raw(raw: bytes) -> tuple[str, bytes]:
-  """(key feature, raw example) for a canonical raw example."""
-  import tensorflow as tf
-
-  key = tf.train.Example.FromString(raw).features.feature['key'].bytes_list.value[0]
-  return key.decode('utf-8'), raw
+  """(key feature, raw example) for a canonical raw image example."""
+  return image_example.parse_image_example(raw).key, raw

@@ -22,16 +22,20 @@ from typing import Any, Mapping, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import coders
+from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, dead_letter
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
+from beam_dl.element_types import DeadLetter, TextLine
+from beam_dl.formats import sequence_example
+from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.features.batch_windows import events_block
 from beam_dl.io import events as events_lib
 from beam_dl.io import padding as padding_lib
-from beam_dl.io import sequences as seq_lib
-from beam_dl.io import vocab as vocab_lib
+from beam_dl.io import hashing
 from beam_dl.io.events import Event, EventSpec
 from beam_dl.io.padding import PaddedBatch
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms.tfrecords import ReadTFRecords
 
 NAMESPACE = 'beam_dl.sequences'
@@ -48,38 +52,23 @@ class _ParseRecordsFn(beam.DoFn):
     self._failed = Metrics.counter(NAMESPACE, 'parse_failed')
 
   def setup(self):
-    self._parse = (seq_lib.parse_sequence_examples if self._fmt == 'sequence_example'
-                   else seq_lib.parse_list_examples)
+    self._parse = (sequence_example.parse_sequence_examples if self._fmt == 'sequence_example'
+                   else sequence_example.parse_list_examples)
 
   def process(self, batch: list[bytes]):
     results = self._parse(batch, self._spec)
     failed = 0
     for raw, result in zip(batch, results):
-      if isinstance(result, seq_lib.SequenceParseError):
+      if isinstance(result, sequence_example.SequenceParseError):
         failed += 1
         Metrics.counter(NAMESPACE, 'parse_failed_' + _reason_kind(str(result))).inc()
         yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            _own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
+            sequence_example.own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
       else:
         yield result
     self._parsed.inc(len(results) - failed)
     if failed:
       self._failed.inc(failed)
-
-
-def _own_key(raw: bytes, spec: SequenceSpec, fmt: str) -> str | None:
-  """The key feature of a record that failed to parse, when it can still be read."""
-  import tensorflow as tf  # on workers only: already loaded by the parser
-
-  proto = tf.train.SequenceExample if fmt == 'sequence_example' else tf.train.Example
-  try:
-    message = proto.FromString(raw)
-  except Exception:  # protobuf's DecodeError: not a record at all, no key to read
-    return None
-  features = (message.context if fmt == 'sequence_example' else message.features).feature
-  if spec.key_feature not in features or not features[spec.key_feature].bytes_list.value:
-    return None
-  return features[spec.key_feature].bytes_list.value[0].decode('utf-8', 'backslashreplace')
 
 
 def _reason_kind(reason: str) -> str:
@@ -92,7 +81,8 @@ def _reason_kind(reason: str) -> str:
   return 'other'
 
 
-class ParseSequenceExamples(beam.PTransform):
+@beam.typehints.with_input_types(bytes)
+class ParseSequenceExamples(ErrorHandling, beam.PTransform):
   """Serialized tf.train.SequenceExample (or list-feature Example) -> `SequenceRecord`.
 
   Args:
@@ -100,13 +90,17 @@ class ParseSequenceExamples(beam.PTransform):
     fmt: 'sequence_example' (feature lists) or 'example' (flat list features,
       needs `spec.num_features`).
     max_batch_size: records parsed per TF call (BatchElements adapts below it).
+    error_threshold: fail the job when more than this fraction of records
+      fail to parse (default 1: never); `with_error_handler(ErrorHandler(...))`
+      also sends the dead letters to Beam's error handler.
 
   Returns a tuple with `.parsed` (SequenceRecord) and `.failed` (dead letters).
   """
 
   def __init__(self, spec: SequenceSpec = SequenceSpec(), fmt: str = 'sequence_example',
-               max_batch_size: int = 512):
+               max_batch_size: int = 512, *, error_threshold: float = 1.0):
     super().__init__()
+    self._set_error_threshold(error_threshold)
     if fmt not in ('sequence_example', 'example'):
       raise ValueError(f"fmt must be 'sequence_example' or 'example', got {fmt!r}")
     if fmt == 'example' and not spec.num_features:
@@ -114,11 +108,13 @@ class ParseSequenceExamples(beam.PTransform):
     self._spec, self._fmt, self._max_batch_size = spec, fmt, max_batch_size
 
   def expand(self, records):
-    return (records
-            | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
-                                            max_batch_size=self._max_batch_size)
-            | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_outputs(
-                FAILED, main='parsed'))
+    outputs = (records
+               | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
+                                               max_batch_size=self._max_batch_size)
+               | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_output_types(
+                   SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='parsed'))
+    self._report_failures(records, outputs.failed)
+    return outputs
 
 
 class ReadSequenceExamples(beam.PTransform):
@@ -167,14 +163,20 @@ class _ParseEventFn(beam.DoFn):
       event = self._parse(line, self._spec)
     except events_lib.EventParseError as err:
       self._bad.inc()
-      preview = line if isinstance(line, str) else line.decode('utf-8', 'backslashreplace')
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
+      yield _parse_event_failure(err, line)
       return
     self._ok.inc()
     yield beam.window.TimestampedValue(event, event.time) if self._with_timestamps else event
 
 
+def _parse_event_failure(err: events_lib.EventParseError, line) -> beam.pvalue.TaggedOutput:
+  """The dead letter of a line that is not an event, with a preview of it."""
+  preview = line if isinstance(line, str) else line.decode('utf-8', 'backslashreplace')
+  return beam.pvalue.TaggedOutput(FAILED, dead_letter(
+      err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
+
+
+@beam.typehints.with_input_types(TextLine)
 class ParseEvents(beam.PTransform):
   """Text lines (JSON objects or CSV rows) -> `Event`.
 
@@ -198,8 +200,8 @@ class ParseEvents(beam.PTransform):
 
   def expand(self, lines):
     return lines | 'ParseEvent' >> beam.ParDo(
-        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_outputs(
-            FAILED, main='events')
+        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_output_types(
+            Event, **{FAILED: DeadLetter}).with_outputs(FAILED, main='events')
 
 
 class ReadEvents(beam.PTransform):
@@ -220,6 +222,65 @@ class ReadEvents(beam.PTransform):
             | 'ReadText' >> beam.io.ReadFromText(self._pattern, skip_header_lines=self._skip,
                                                  coder=coders.BytesCoder())
             | 'ParseEvents' >> self._parse)
+
+
+class _ParseEventBlocksFn(_ParseEventFn):
+  """A matched text file -> `EventBlock`s of up to `block_size` events, and
+  a dead letter per bad line (the same as `ParseEvents` per line)."""
+
+  def __init__(self, spec: EventSpec, fmt: str, skip_header_lines: int, block_size: int):
+    super().__init__(spec, fmt)
+    self._skip, self._block_size = skip_header_lines, block_size
+
+  def process(self, readable_file):
+    events = []
+    with readable_file.open() as lines:
+      for number, line in enumerate(lines):
+        if number < self._skip:
+          continue
+        if line.endswith(b'\n'):  # lines as ReadFromText gives them: without '\n' or '\r\n'
+          line = line[:-2] if line.endswith(b'\r\n') else line[:-1]
+        try:
+          events.append(self._parse(line, self._spec))
+        except events_lib.EventParseError as err:
+          self._bad.inc()
+          yield _parse_event_failure(err, line)
+          continue
+        if len(events) == self._block_size:
+          self._ok.inc(len(events))
+          yield events_block(events)
+          events = []
+    if events:
+      self._ok.inc(len(events))
+      yield events_block(events)
+
+
+class ReadEventBlocks(beam.PTransform):
+  """Text files of events -> columnar `EventBlock`s, for
+  `WindowedFeatures(spec, event_blocks=True)`.
+
+  What `ReadEvents` reads, without a Beam element per event: each matched
+  file is parsed line by line inside one DoFn call and handed on in blocks of
+  `block_size` events, each stamped with its own `time` (as
+  `EventTimestamps()`). Returns `.events` (blocks) and `.failed` (the same
+  dead letters as `ReadEvents`). A file is read by one worker: split big
+  inputs into several files for parallelism.
+  """
+
+  def __init__(self, file_pattern: str, spec: EventSpec, fmt: str = 'json',
+               skip_header_lines: int = 0, block_size: int = 10_000):
+    super().__init__()
+    ParseEvents(spec, fmt)  # validates spec and fmt
+    if block_size < 1:
+      raise ValueError(f'block_size must be >= 1, got {block_size}')
+    self._pattern = file_pattern
+    self._parse = _ParseEventBlocksFn(spec, fmt, skip_header_lines, block_size)
+
+  def expand(self, pbegin):
+    return (pbegin
+            | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
+            | 'ReadMatches' >> fileio.ReadMatches()
+            | 'ParseEventBlocks' >> beam.ParDo(self._parse).with_outputs(FAILED, main='events'))
 
 
 class _AssembleFn(beam.DoFn):
@@ -250,6 +311,7 @@ class _AssembleFn(beam.DoFn):
     yield record
 
 
+@beam.typehints.with_input_types(Event)
 class AssembleSequences(beam.PTransform):
   """`Event`s -> one `SequenceRecord` per key, steps ordered by event time.
 
@@ -271,45 +333,43 @@ class AssembleSequences(beam.PTransform):
   def expand(self, events):
     return (events
             | 'KeyByEventKey' >> beam.Map(lambda e: (e.key, e)).with_input_types(Event)
+            .with_output_types(Tuple[str, Event])
             | 'GroupByKey' >> beam.GroupByKey()
             | 'Assemble' >> beam.ParDo(_AssembleFn(self._label_map, self._min_length))
+            .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
             .with_outputs(FAILED, main='sequences'))
 
 
-class _MapIdsFn(beam.DoFn):
-  """Sets `ids` from the raw string ids by vocabulary lookup or hashing."""
+class _HashIdsFn(beam.DoFn):
+  """Sets `ids` by hashing the raw string ids (or re-hashing integer ids)."""
 
-  def __init__(self, vocabulary: vocab_lib.Vocabulary | None, num_buckets: int | None):
-    self._vocab, self._buckets = vocabulary, num_buckets
+  def __init__(self, num_buckets: int):
+    self._buckets = num_buckets
     self._ok = Metrics.counter(NAMESPACE, 'ids_mapped')
     self._bad = Metrics.counter(NAMESPACE, 'ids_failed')
 
   def process(self, record: SequenceRecord):
     raw = record.meta.get('raw_ids')
-    if raw is None and self._buckets and record.ids is not None:
+    if raw is None and record.ids is not None:
       raw = record.ids  # integer ids re-hashed into a smaller space
     if raw is None:
       self._bad.inc()
       yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
           record.key, 'ids', 'record has no raw ids to map (meta["raw_ids"])'))
       return
-    try:
-      ids = (vocab_lib.hash_ids(raw, self._buckets) if self._buckets
-             else self._vocab.lookup(raw))
-    except KeyError as err:
-      self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(record.key, 'ids', str(err.args[0])))
-      return
     self._ok.inc()
     meta = {k: v for k, v in record.meta.items() if k != 'raw_ids'}
-    yield record.replace(ids=ids, meta=meta)
+    yield record.replace(ids=hashing.hash_ids(raw, self._buckets), meta=meta)
 
 
+@beam.typehints.with_input_types(SequenceRecord)
 class HashIds(beam.PTransform):
   """Categorical ids hashed into `num_buckets` (FarmHash64, as Keras `Hashing`).
 
   For sparse, high-cardinality ids (hash embeddings): no vocabulary pass
-  needed. Returns a tuple with `.sequences` and `.failed`.
+  needed. Vocabulary ids come from tf.Transform alone
+  (`pipelines.preprocess`; served by `ApplySavedTransform`). Returns a tuple
+  with `.sequences` and `.failed`.
   """
 
   def __init__(self, num_buckets: int):
@@ -319,65 +379,8 @@ class HashIds(beam.PTransform):
     self._buckets = num_buckets
 
   def expand(self, records):
-    return records | 'HashIds' >> beam.ParDo(_MapIdsFn(None, self._buckets)).with_outputs(
-        FAILED, main='sequences')
-
-
-class LookupIds(beam.PTransform):
-  """Categorical ids looked up in a `Vocabulary` (OOV tokens hash into OOV buckets).
-
-  `vocabulary` is a `Vocabulary`, or a one-element PCollection of one (e.g.
-  from `ComputeVocabulary` in the same pipeline), read as a side input.
-  Returns a tuple with `.sequences` and `.failed` (unknown tokens when the
-  vocabulary has no OOV bucket).
-  """
-
-  def __init__(self, vocabulary):
-    super().__init__()
-    self._vocab = vocabulary
-
-  def expand(self, records):
-    if isinstance(self._vocab, beam.pvalue.PCollection):
-      return records | 'LookupIds' >> beam.ParDo(
-          _SideVocabFn(), beam.pvalue.AsSingleton(self._vocab)).with_outputs(
-              FAILED, main='sequences')
-    return records | 'LookupIds' >> beam.ParDo(_MapIdsFn(self._vocab, None)).with_outputs(
-        FAILED, main='sequences')
-
-
-class _SideVocabFn(beam.DoFn):
-  """`_MapIdsFn` with the vocabulary from a side input."""
-
-  def process(self, record: SequenceRecord, vocabulary: vocab_lib.Vocabulary):
-    yield from _MapIdsFn(vocabulary, None).process(record)
-
-
-class ComputeVocabulary(beam.PTransform):
-  """`SequenceRecord`s with raw ids -> one `Vocabulary` of the most frequent ids.
-
-  Counts every raw id (`meta['raw_ids']`) with Beam's combiners, keeps those
-  seen at least `min_count` times, most frequent first (ties by token), at
-  most `max_tokens`. Use with `LookupIds(vocab_pcoll)`.
-  """
-
-  def __init__(self, max_tokens: int | None = None, min_count: int = 1,
-               num_oov_buckets: int = 1):
-    super().__init__()
-    self._max, self._min, self._oov = max_tokens, min_count, num_oov_buckets
-
-  def expand(self, records):
-    max_tokens, min_count, oov = self._max, self._min, self._oov
-    counts = (records
-              | 'RawIds' >> beam.FlatMap(
-                  lambda r: [str(t) for t in r.meta.get('raw_ids', ())])
-              | 'Count' >> beam.combiners.Count.PerElement()
-              | 'MinCount' >> beam.Filter(lambda c: c[1] >= min_count))
-    if max_tokens:  # a bounded top-k: never collects the whole count table
-      kept = counts | 'Top' >> beam.combiners.Top.Of(max_tokens, key=lambda c: (c[1], c[0]))
-    else:
-      kept = counts | 'Collect' >> beam.combiners.ToList()
-    return kept | 'Build' >> beam.Map(lambda cs: vocab_lib.Vocabulary(
-        [t for t, _ in sorted(cs, key=lambda c: (-c[1], c[0]))], oov))
+    return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_output_types(
+        SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='sequences')
 
 
 class _PadFn(beam.DoFn):
@@ -399,6 +402,8 @@ class _PadFn(beam.DoFn):
     yield batch
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class BucketByLength(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es, each padded to its length bucket.
 
@@ -440,6 +445,8 @@ class BucketByLength(beam.PTransform):
             .with_output_types(PaddedBatch))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(PaddedBatch)
 class PadSequences(beam.PTransform):
   """`SequenceRecord`s -> `PaddedBatch`es of one fixed `length` (no bucketing).
 
@@ -456,6 +463,8 @@ class PadSequences(beam.PTransform):
     return records | 'PadToLength' >> self._bucket
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(SequenceRecord)
 class ChunkSequences(beam.PTransform):
   """`SequenceRecord`s -> fixed windows of `window` steps (truncated BPTT).
 

@@ -11,25 +11,27 @@ truncated record is one dead letter naming the file and byte offset, and
 the good records before (and, where the framing survives, after) it still
 come through, where Beam's `ReadFromTFRecord` fails the job.
 
-Formats are the shared on-disk ones: image tf.train.Example (`image/raw`,
-`image/shape`, `label`, `key`) and sequence tf.train.SequenceExample (context
-`key`/`label`/`target`, feature lists `values`/`ids`). Both transforms return
-the written file names (what `WriteToTFRecord` returns).
+Formats are the shared on-disk ones of `beam_dl.formats`: image
+tf.train.Example (`image/raw`, `image/shape`, `label`, `key`) and sequence
+tf.train.SequenceExample (context `key`/`label`/`target`, feature lists
+`values`/`ids`). Both transforms return the written file names (what
+`WriteToTFRecord` returns).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
-from beam_dl.io import examples as examples_lib
+from beam_dl.formats import image_example, sequence_example
+from beam_dl.formats.sequence_example import SequenceSpec
+from beam_dl.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
 from beam_dl.io import files as files_lib
 from beam_dl.io import tfrecord as tfrecord_lib
-from beam_dl.io import sequences as seq_lib
-from beam_dl.io.sequences import SequenceRecord, SequenceSpec
+from beam_dl.io.sequences import SequenceRecord
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
 
 NAMESPACE = 'beam_dl.tfrecords'
@@ -100,7 +102,7 @@ class ReadTFRecords(beam.PTransform):
   def expand(self, pbegin) -> TFRecords:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._pattern, self._compression)
     read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_output_types(
-        tuple[str, bytes], **{FAILED: dict}).with_outputs(FAILED, main='records')
+        KeyedBytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='records')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return TFRecords(read.records, failed)
 
@@ -129,7 +131,7 @@ class _EncodeImageFn(beam.DoFn):
   def process(self, element):
     key, image, label = _image_parts(element)
     self._written.inc()
-    yield examples_lib.encode_image_example(key, image, label)
+    yield image_example.encode_image_example(key, image, label)
 
 
 def _sink_args(num_shards: int, compression_type: str) -> dict:
@@ -137,6 +139,8 @@ def _sink_args(num_shards: int, compression_type: str) -> dict:
               compression_type=compression_type)
 
 
+@beam.typehints.with_input_types(Union[DecodedImage, Record])
+@beam.typehints.with_output_types(str)
 class WriteImageExamples(beam.PTransform):
   """Decoded images -> sharded TFRecord of image tf.train.Example.
 
@@ -156,6 +160,8 @@ class WriteImageExamples(beam.PTransform):
             | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink))
 
 
+@beam.typehints.with_input_types(SequenceRecord)
+@beam.typehints.with_output_types(str)
 class WriteSequenceExamples(beam.PTransform):
   """`SequenceRecord`s -> sharded TFRecord of tf.train.SequenceExample."""
 
@@ -169,6 +175,6 @@ class WriteSequenceExamples(beam.PTransform):
     spec = self._spec
     return (records
             | 'EncodeSequenceExample' >> beam.Map(
-                lambda r: seq_lib.encode_sequence_example(r, spec))
+                lambda r: sequence_example.encode_sequence_example(r, spec))
             .with_input_types(SequenceRecord).with_output_types(bytes)
             | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink))

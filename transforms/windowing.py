@@ -32,6 +32,7 @@ from beam_dl.features.aggregates import WindowStatsFn, features_record
 from beam_dl.features.lastn import LastNFn
 from beam_dl.features.late import LATE, LateDataGate
 from beam_dl.features.spectrogram import SpectrogramSpec, place_samples, spectrogram
+from beam_dl.element_types import Record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.io.events import Event
 
@@ -67,6 +68,8 @@ class _KeyEventFn(beam.DoFn):
     yield event.key, (_seconds(timestamp), tuple(event.values), self._clock(), event.time)
 
 
+@beam.typehints.with_input_types(Event)
+@beam.typehints.with_output_types(Event)
 class EventTimestamps(beam.PTransform):
   """Stamps each Event with its event time, or keeps the source's timestamps.
 
@@ -83,7 +86,8 @@ class EventTimestamps(beam.PTransform):
   def expand(self, events):
     if self._from_source:
       return events
-    return events | 'StampEventTime' >> beam.Map(lambda e: beam.window.TimestampedValue(e, e.time))
+    return events | 'StampEventTime' >> beam.Map(
+        lambda e: beam.window.TimestampedValue(e, e.time)).with_output_types(Event)
 
 
 class _KeyGateAndWindow(beam.PTransform):
@@ -99,10 +103,10 @@ class _KeyGateAndWindow(beam.PTransform):
     keyed = events | 'KeyEvents' >> beam.ParDo(_KeyEventFn(self._clock)).with_output_types(Keyed)
     if self._route_late:
       gated = keyed | 'RouteLateData' >> beam.ParDo(LateDataGate(self._spec)).with_output_types(
-          Keyed).with_outputs(LATE, main='on_time')
+          Keyed, **{LATE: Record}).with_outputs(LATE, main='on_time')
       keyed, late = gated.on_time, gated[LATE]
     else:
-      late = keyed.pipeline | 'NoLateData' >> beam.Create([])
+      late = keyed.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record)
     windowed = keyed | 'Window' >> self._spec.window_into()
     return windowed, late
 
@@ -115,6 +119,7 @@ class _FeaturesRecordFn(beam.DoFn):
                           fields['pane'], fields['pane_index'])
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedFeatures(beam.PTransform):
   """Event -> features record per key, window and pane, plus late events.
 
@@ -124,27 +129,38 @@ class WindowedFeatures(beam.PTransform):
       for batch, where nothing is late, to save its cost.
     clock: arrival-time source (seconds), injectable for tests.
     batch_path: compute per key block with numpy
-      (`beam_dl.features.batch_windows`, ~3x faster, no late gate: nothing
-      is late in batch); None picks it when `batch_windows.applies`.
+      (`beam_dl.features.batch_windows`; no late gate: nothing is late in
+      batch); None picks it when `batch_windows.applies`.
+    event_blocks: the input elements are `batch_windows.EventBlock`s (columnar
+      events with their own event times, from a source that reads many
+      events at once; no `EventTimestamps` needed). The batch path then has
+      no per-event Beam element at all (11-20x the streaming path in
+      benchmarks/RESULTS.md; `ReadEventBlocks` reads files so); where
+      it does not apply, blocks are unpacked into timestamped `Event`s.
   """
 
   def __init__(self, spec: WindowSpec, *, route_late: bool = True,
-               clock: Callable[[], float] = time.time, batch_path: bool | None = None):
+               clock: Callable[[], float] = time.time, batch_path: bool | None = None,
+               event_blocks: bool = False):
     super().__init__()
     self._spec = spec
     self._route_late = route_late
     self._clock = clock
     self._batch_path = batch_path
+    self._event_blocks = event_blocks
 
   def expand(self, events) -> WindowedOutputs:
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
-      records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(self._spec)
-      return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]))
+      records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
+          self._spec, event_blocks=self._event_blocks)
+      return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record))
+    if self._event_blocks:
+      events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
         windowed
         | 'Aggregate' >> beam.CombinePerKey(WindowStatsFn())
-        | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()))
+        | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()).with_output_types(Record))
     return WindowedOutputs(records, late)
 
 
@@ -154,6 +170,7 @@ class _SequenceRecordFn(beam.DoFn):
     yield {'key': key, **window_fields(window, pane), 'length': sequence.length, 'sequence': sequence}
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedSequences(beam.PTransform):
   """Event -> the last `n` events per key, window and pane, plus late events.
 
@@ -175,7 +192,7 @@ class WindowedSequences(beam.PTransform):
     records = (
         windowed
         | 'LastN' >> beam.CombinePerKey(self._combine)
-        | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()))
+        | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()).with_output_types(Record))
     return WindowedOutputs(records, late)
 
 
@@ -195,6 +212,7 @@ class _SpectrogramRecordFn(beam.DoFn):
            'frame_times': frames + fields['window_start'], 'spectrogram': image}
 
 
+@beam.typehints.with_input_types(Event)
 class WindowedSpectrograms(beam.PTransform):
   """Event -> STFT spectrogram of feature `feature` per key and fixed/sliding window.
 
@@ -219,5 +237,5 @@ class WindowedSpectrograms(beam.PTransform):
     records = (
         windowed
         | 'CollectSamples' >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-        | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)))
+        | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)).with_output_types(Record))
     return WindowedOutputs(records, late)

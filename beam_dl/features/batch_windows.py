@@ -1,16 +1,19 @@
 """Windowed features in batch, vectorised: one Beam element per key block.
 
 `WindowedFeatures` in streaming shape costs a Beam element, a window
-assignment, a GroupByKey entry and a Python `WindowStats.add` per event
-(~19k events/s per core). In batch nothing is late and every window fires
-once, at the end of input, so the same records can be computed by:
+assignment, a GroupByKey entry and a Python `WindowStats.add` per event.
+In batch nothing is late and every window fires once, at the end of input,
+so the same records can be computed by:
 
-  1. `_BlockEventsFn`: per bundle, events are appended to plain lists per
-     key block (crc32(key) % blocks, stable across processes) with their
-     element timestamps in microseconds; finish_bundle emits one
-     (block, EventBlock) per non-empty block;
-  2. a GroupByKey on the block number (a few elements per bundle cross it,
-     not one per event);
+  1. events become `EventBlock`s, columnar (keys, event times in integer
+     microseconds, values [N, F]): per bundle from one-element-per-event
+     input (`_BlockEventsFn`: three list appends per event), or given as
+     blocks by the source (`WindowedFeatures(spec, event_blocks=True)`; then no
+     per-event Beam element exists at all);
+  2. `split_by_key_block` cuts each block by key block (crc32(key) % blocks,
+     stable across processes) and a GroupByKey on the block number brings a
+     key block's pieces together (a few elements per bundle cross it, not
+     one per event);
   3. `block_features`: numpy over the block's events: window starts from the
      timestamps (Beam's fixed/sliding assignment in integer microseconds),
      one lexsort by (key, window, time, values), `ufunc.reduceat` per group,
@@ -21,7 +24,8 @@ and features; floating-point sums may differ in the last bits: numpy sums
 pairwise, the streaming combiner by Welford/Chan updates). Only fixed and
 sliding windows without early triggers take this path (`applies`); sessions
 merge windows and early panes depend on processing time, so they stay on the
-streaming path.
+streaming path (blocks are then unpacked into timestamped `Event`s,
+`unblock`).
 """
 from __future__ import annotations
 
@@ -30,13 +34,16 @@ from typing import Iterable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
+import pandas as pd
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
+from beam_dl.element_types import Record
 from beam_dl.features.aggregates import features_record
 from beam_dl.features.windows import WindowSpec
+from beam_dl.io.events import Event
 
 DEFAULT_BLOCKS = 64
 # A batch GroupByKey fires each window once, when the input ends: the pane
@@ -46,11 +53,45 @@ _ON_TIME = PaneInfo(is_first=True, is_last=True, timing=PaneInfoTiming.ON_TIME, 
 
 
 class EventBlock(NamedTuple):
-  """Events of some keys: keys [N] (list), times [N] int64 micros, values [N, F] float64."""
+  """Events, columnar: keys [N] (str), micros [N] int64, values [N, F] float64.
 
-  keys: list
+  `micros` are the events' Beam timestamps (what `EventTimestamps` stamps),
+  in microseconds; build blocks with `event_block` or `events_block`.
+  """
+
+  keys: np.ndarray
   micros: np.ndarray
   values: np.ndarray
+
+
+def event_block(keys, times, values) -> EventBlock:
+  """A block from keys [N], event times [N] in seconds and values [N, F].
+
+  Times become microseconds as Beam's `Timestamp.of(seconds)` makes them
+  (`int(seconds * 1e6)`, toward zero), so a block's windows are those of
+  the same events stamped one by one.
+  """
+  keys = np.asarray(keys, dtype=object).reshape(-1)
+  times = np.asarray(times, np.float64).reshape(-1)
+  values = np.asarray(values, np.float64)
+  if values.ndim == 1:
+    values = values.reshape(len(values), 1)  # one value per event
+  if not len(keys) == len(times) == len(values):
+    raise ValueError(f'an event block needs as many keys, times and value rows; got '
+                     f'{len(keys)}, {len(times)}, {len(values)}')
+  return EventBlock(keys, (times * 1e6).astype(np.int64), values)
+
+
+def events_block(events: Iterable[Event]) -> EventBlock:
+  """The block of `Event`s stamped with their own `time` (`EventTimestamps()`)."""
+  events = list(events)
+  return event_block([e.key for e in events], [e.time for e in events], [e.values for e in events])
+
+
+def unblock(block: EventBlock) -> Iterable[beam.window.TimestampedValue]:
+  """A block's events, one timestamped `Event` each (for the streaming path)."""
+  for key, micros, values in zip(block.keys.tolist(), block.micros.tolist(), block.values.tolist()):
+    yield beam.window.TimestampedValue(Event(key, micros / 1e6, tuple(values)), Timestamp(micros=micros))
 
 
 def applies(spec: WindowSpec, pcoll: beam.PCollection) -> bool:
@@ -67,6 +108,25 @@ def block_of(key, blocks: int) -> int:
   return zlib.crc32(str(key).encode('utf-8')) % blocks
 
 
+def key_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(distinct keys, code per event): `names[codes] == keys`. A hash table
+  (pandas.factorize), not np.unique's sort of Python strings (~20x slower)."""
+  codes, names = pd.factorize(keys)
+  return np.asarray(names, dtype=object), codes
+
+
+def split_by_key_block(block: EventBlock, blocks: int) -> list[tuple[int, EventBlock]]:
+  """(key block number, the block's events of that key block) per key block present."""
+  if not len(block.keys):
+    return []
+  names, codes = key_codes(block.keys)
+  numbers = np.fromiter((block_of(name, blocks) for name in names.tolist()), np.int64, len(names))[codes]
+  order = np.argsort(numbers, kind='stable')
+  cuts = np.flatnonzero(np.diff(numbers[order])) + 1
+  return [(int(numbers[rows[0]]), EventBlock(block.keys[rows], block.micros[rows], block.values[rows]))
+          for rows in np.split(order, cuts)]
+
+
 def window_starts(micros: np.ndarray, spec: WindowSpec) -> tuple[np.ndarray, np.ndarray, int]:
   """(event index, window start micros) per (event, window) and the window
   length in micros, as Beam's FixedWindows / SlidingWindows assign them."""
@@ -80,11 +140,13 @@ def window_starts(micros: np.ndarray, spec: WindowSpec) -> tuple[np.ndarray, np.
   return index[inside], starts[inside], size
 
 
-def block_features(block: EventBlock, spec: WindowSpec) -> list[tuple[bw.IntervalWindow, dict]]:
-  """(window, features record) for every key and window of the block's events."""
+def block_features(block: EventBlock, spec: WindowSpec) -> list[WindowedValue]:
+  """The features record of every key and window of the block's events, each
+  in its window with the timestamp and ON_TIME pane a batch GroupByKey gives
+  the streaming path's."""
   if not len(block.micros):
     return []
-  names, codes = np.unique(np.asarray(block.keys, dtype=object), return_inverse=True)
+  names, codes = key_codes(block.keys)
   index, starts, size = window_starts(block.micros, spec)
   codes, micros, values = codes[index], block.micros[index], block.values[index]
   # Within a (key, window) group: by time, ties by the value tuple, so the
@@ -95,96 +157,101 @@ def block_features(block: EventBlock, spec: WindowSpec) -> list[tuple[bw.Interva
   count = np.diff(np.r_[first, len(codes)])
   mean = np.add.reduceat(values, first, axis=0) / count[:, None]
   m2 = np.add.reduceat((values - np.repeat(mean, count, axis=0)) ** 2, first, axis=0)
-  lo, hi = np.minimum.reduceat(values, first, axis=0), np.maximum.reduceat(values, first, axis=0)
   last = first + count - 1
-  times = micros / 1e6
+  # Whole columns to Python lists once; the loop below only indexes lists.
+  columns = zip(
+      names[codes[first]].tolist(), starts[first].tolist(), count.tolist(),
+      (mean * count[:, None]).tolist(), mean.tolist(), np.sqrt(np.maximum(m2, 0.0) / count[:, None]).tolist(),
+      np.minimum.reduceat(values, first, axis=0).tolist(), np.maximum.reduceat(values, first, axis=0).tolist(),
+      values[last].tolist(), (micros[first] / 1e6).tolist(), (micros[last] / 1e6).tolist())
   pane, pane_index = BATCH_PANE
+  windows = {}  # start -> (window, its max timestamp): keys share windows
   records = []
-  for g, row in enumerate(first):
-    n = int(count[g])
-    features = {
-        'count': n,
-        'sum': (mean[g] * n).tolist(),
-        'mean': mean[g].tolist(),
-        'std': np.sqrt(np.maximum(m2[g], 0.0) / n).tolist(),
-        'min': lo[g].tolist(),
-        'max': hi[g].tolist(),
-        'last': values[last[g]].tolist(),
-        'first_time': float(times[row]),
-        'last_time': float(times[last[g]]),
-    }
-    start = int(starts[row])
-    window = bw.IntervalWindow(Timestamp(micros=start), Timestamp(micros=start + size))
-    records.append((window, features_record(names[codes[row]], start / 1e6, (start + size) / 1e6, features,
-                                            pane, pane_index)))
+  for key, start, n, total, avg, std, lo, hi, last_values, first_time, last_time in columns:
+    features = {'count': n, 'sum': total, 'mean': avg, 'std': std, 'min': lo, 'max': hi, 'last': last_values,
+                'first_time': first_time, 'last_time': last_time}
+    window = windows.get(start)
+    if window is None:
+      interval = bw.IntervalWindow(Timestamp(micros=start), Timestamp(micros=start + size))
+      window = windows[start] = ([interval], interval.max_timestamp())
+    records.append(WindowedValue(features_record(key, start / 1e6, (start + size) / 1e6, features, pane, pane_index),
+                                 window[1], window[0], _ON_TIME))
   return records
 
 
 def merge_blocks(blocks: Iterable[EventBlock]) -> EventBlock:
   blocks = list(blocks)
-  return EventBlock(
-      [k for b in blocks for k in b.keys],
-      np.concatenate([b.micros for b in blocks]),
-      np.concatenate([b.values for b in blocks]),
-  )
+  return EventBlock(*(np.concatenate([getattr(b, field) for b in blocks]) for field in EventBlock._fields))
 
 
 class _BlockEventsFn(beam.DoFn):
-  """Event -> (block, EventBlock) per bundle and block: per-event work is a
-  list append; arrays are built once per block in finish_bundle."""
+  """Event -> (key block, EventBlock) per bundle and key block: per-event
+  work is three list appends; arrays are built once in finish_bundle."""
 
   def __init__(self, blocks: int):
     self._blocks = blocks
 
   def start_bundle(self):
-    self._pending = {}
+    self._keys, self._micros, self._values = [], [], []
 
   def process(self, event, timestamp=beam.DoFn.TimestampParam):
-    block = self._pending.get(block_of(event.key, self._blocks))
-    if block is None:
-      block = self._pending[block_of(event.key, self._blocks)] = ([], [], [])
-    block[0].append(event.key)
-    block[1].append(timestamp.micros)
-    block[2].append(event.values)
+    self._keys.append(event.key)
+    self._micros.append(timestamp.micros)
+    self._values.append(event.values)
 
   def finish_bundle(self):
-    for number, (keys, micros, values) in self._pending.items():
-      block = EventBlock(keys, np.asarray(micros, np.int64), np.asarray(values, np.float64).reshape(len(keys), -1))
-      yield bw.GlobalWindows.windowed_value((number, block))
-    self._pending = {}
+    if self._keys:
+      block = EventBlock(np.asarray(self._keys, dtype=object), np.asarray(self._micros, np.int64),
+                         np.asarray(self._values, np.float64).reshape(len(self._keys), -1))
+      for piece in split_by_key_block(block, self._blocks):
+        yield bw.GlobalWindows.windowed_value(piece)
+    self.start_bundle()
+
+
+class _SplitBlocksFn(beam.DoFn):
+  """EventBlock -> (key block, EventBlock) per key block present."""
+
+  def __init__(self, blocks: int):
+    self._blocks = blocks
+
+  def process(self, block: EventBlock):
+    yield from split_by_key_block(block, self._blocks)
 
 
 class _BlockFeaturesFn(beam.DoFn):
-  """(block, [EventBlock]) -> features records, each in its window with the
-  timestamp and ON_TIME pane a batch GroupByKey gives the streaming path's."""
+  """(block, [EventBlock]) -> windowed features records (`block_features`)."""
 
   def __init__(self, spec: WindowSpec):
     self._spec = spec
 
   def process(self, element):
     _, blocks = element
-    for window, record in block_features(merge_blocks(blocks), self._spec):
-      yield WindowedValue(record, window.max_timestamp(), [window], _ON_TIME)
+    return block_features(merge_blocks(blocks), self._spec)
 
 
+@beam.typehints.with_input_types(Event)
+@beam.typehints.with_output_types(Record)
 class FeaturesByKeyBlock(beam.PTransform):
-  """Event (timestamped) -> the features records of `WindowedFeatures`, batch only.
+  """Events (timestamped `Event`s, or `EventBlock`s when `event_blocks`) -> the
+  features records of `WindowedFeatures`, batch only.
 
   See the module docstring; `WindowedFeatures` selects it automatically
   when `applies(spec, events)`.
   """
 
-  def __init__(self, spec: WindowSpec, blocks: int = DEFAULT_BLOCKS):
+  def __init__(self, spec: WindowSpec, blocks: int = DEFAULT_BLOCKS, *, event_blocks: bool = False):
     super().__init__()
     if spec.kind not in ('fixed', 'sliding'):
       raise ValueError(f'the batch path computes fixed or sliding windows, not {spec.kind!r}')
     self._spec = spec
     self._blocks = blocks
+    self._event_blocks = event_blocks
 
   def expand(self, events):
+    split = _SplitBlocksFn(self._blocks) if self._event_blocks else _BlockEventsFn(self._blocks)
     return (
         events
-        | 'BlockEvents' >> beam.ParDo(_BlockEventsFn(self._blocks))
+        | 'BlockEvents' >> beam.ParDo(split)
         | 'GroupBlocks' >> beam.GroupByKey()
         | 'BlockFeatures' >> beam.ParDo(_BlockFeaturesFn(self._spec))
     )

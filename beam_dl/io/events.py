@@ -4,7 +4,8 @@ An event is one timestamped observation of one key: a user's click, a
 sensor's reading. `parse_json_event` / `parse_csv_event` turn one text line
 into an `Event` (or raise `EventParseError` with the reason), and
 `assemble_sequence` orders one key's events by time into a `SequenceRecord`.
-Categorical ids stay strings here; `beam_dl.io.vocab` maps them to integers.
+Categorical ids stay strings here: tf.Transform's vocabulary maps them to
+integers (`pipelines.preprocess`), or `beam_dl.io.hashing` hashes them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from beam_dl.io.examples import int64_label
+from beam_dl.formats.features import int64_label
 from beam_dl.io.sequences import SequenceRecord
 
 # Event times must be Beam timestamps (int64 microseconds, at most the global

@@ -194,6 +194,39 @@ def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
   return array[..., None] if spec.channels == 1 else array
 
 
+_PIXEL_CHANNELS = (1, 2, 3, 4)  # as Pillow's fromarray reads them: L, LA, RGB, RGBA
+
+
+def fit_image(pixels: np.ndarray, spec: ImageSpec = ImageSpec(),
+              rng: np.random.Generator | None = None) -> np.ndarray:
+  """Already decoded uint8 pixels -> the array `decode_image` makes under `spec`.
+
+  For images stored decoded (the `image/raw` records of
+  `beam_dl.formats.image_example`): [H, W] or [H, W, C] with C 1 (grey),
+  2 (grey + alpha), 3 (RGB) or 4 (RGBA) get the same mode conversion, alpha
+  handling and resize as a lossless file of the same pixels would, without
+  an encode/decode round trip. Random crops default to an `rng` seeded from
+  `spec.seed` and the pixels.
+
+  Raises:
+    ImageDecodeError: not uint8 with 1-4 channels ('unsupported'), no pixels
+      ('empty'), or over `spec.max_pixels` ('too_many_pixels').
+  """
+  pixels = np.asarray(pixels)
+  channels = 1 if pixels.ndim == 2 else (pixels.shape[-1] if pixels.ndim == 3 else 0)
+  if pixels.dtype != np.uint8 or channels not in _PIXEL_CHANNELS:
+    raise ImageDecodeError(
+        f'pixels must be uint8 [H, W] or [H, W, 1-4], got {pixels.dtype} {pixels.shape}', 'unsupported')
+  if pixels.size == 0:
+    raise ImageDecodeError(f'empty image: shape {pixels.shape}', 'empty')
+  _check_pixels(pixels.shape[1], pixels.shape[0], spec)
+  img = Image.fromarray(pixels.reshape(pixels.shape[:2]) if channels == 1 else pixels)
+  if rng is None and spec.crop == 'random':
+    rng = rng_for_bytes(pixels.tobytes(), spec.seed)
+  array = _finish(img, b'', spec, rng)  # with an rng, _finish never reads the bytes
+  return array[..., None] if spec.channels == 1 else array
+
+
 def _finish(img: Image.Image, data: bytes, spec: ImageSpec,
             rng: np.random.Generator | None) -> np.ndarray:
   """A loaded image -> spec's mode and size, as a uint8 array."""

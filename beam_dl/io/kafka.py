@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Dict, Iterable, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -158,6 +158,7 @@ class _ReadPartitionFn(beam.DoFn):
     tracker.defer_remainder(Duration(seconds=0))
 
 
+@beam.typehints.with_output_types(bytes)
 class ReadKafkaValues(beam.PTransform):
   """Values (bytes) of a topic's records, stamped with their Kafka record time."""
 
@@ -215,6 +216,7 @@ class _ProduceJsonFn(beam.DoFn):
     self._producer.flush(self._flush_timeout)
 
 
+@beam.typehints.with_input_types(Dict[str, Any])
 class WriteKafkaJson(beam.PTransform):
   """Writes dict records as JSON messages to a Kafka topic (at least once)."""
 

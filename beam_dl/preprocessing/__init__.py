@@ -3,5 +3,7 @@
   schemas            raw feature specs, canonical raw tf.Examples, TFXIO sources
   preprocessing_fns  the tf.Transform `preprocessing_fn`s (images, sequences)
   stats              the analysed statistics carried out of the transform graph
-  reader             tf.data over the transformed TFRecords, for training
+
+Training reads the transformed records through the one input pipeline:
+`beam_dl.training.DataConfig(kind='transformed', transform_dir=...)`.
 """

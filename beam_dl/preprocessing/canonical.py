@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from beam_dl.io import examples
+from beam_dl.formats import image_example
 from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image
 from beam_dl.io.sequences import SequenceRecord
 from beam_dl.preprocessing import schemas
@@ -54,56 +54,38 @@ def image_file_to_raw(path: str, data: bytes, image_spec: ImageSpec) -> bytes:
 def _encode_image(key: str, image: np.ndarray, label) -> bytes:
   """The canonical raw image example; a label that int64 can't hold -> CanonicalError."""
   try:
-    return examples.encode_image_example(key, image, label)
+    return image_example.encode_image_example(key, image, label)
   except ValueError as e:
     raise CanonicalError(str(e), 'canonical', key) from None
 
 
 def image_record_to_raw(record: bytes, image_spec: ImageSpec, fallback_key: str) -> bytes:
-  """A tf.train.Example with decoded `image/raw` + `image/shape`, or encoded
-  `image/encoded` (+ `image/class/label`, `image/key`) -> canonical raw example."""
-  import tensorflow as tf
-
+  """An image tf.train.Example of either layout (`beam_dl.formats.image_example`:
+  decoded `image/raw` + `image/shape`, or encoded `image/encoded`) -> canonical raw example."""
   try:
-    features = tf.train.Example.FromString(record).features.feature
-  except Exception as e:  # protobuf's DecodeError is a bare Exception subclass
-    raise CanonicalError(f'not a tf.train.Example: {type(e).__name__}') from None
-
-  def values(name, kind):
-    if name not in features:
-      return []
-    return list(getattr(features[name], kind).value)
-
-  keys = values(schemas.KEY, 'bytes_list') or values('image/key', 'bytes_list')
-  key = keys[0].decode('utf-8', 'replace') if keys else fallback_key
-  labels = values(schemas.LABEL, 'int64_list') or values('image/class/label', 'int64_list')
+    parsed = image_example.parse_image_example(record)
+  except image_example.ImageExampleError as e:
+    raise CanonicalError(str(e), 'parse', e.key) from None
+  key = fallback_key if parsed.key is None else parsed.key
   try:
-    image = _record_image(values, image_spec)
+    image = _record_image(parsed, image_spec)
   except CanonicalError as e:  # the record's own key from here on, not the file hash
     raise CanonicalError(str(e), e.stage, key) from None
-  return _encode_image(key, image, labels[0] if labels else None)
+  return _encode_image(key, image, parsed.label)
 
 
-def _record_image(values, image_spec: ImageSpec) -> np.ndarray:
-  """The uint8 image of a parsed image Example (`values(name, kind)` reads features)."""
-  expected = (image_spec.height, image_spec.width, image_spec.channels)
-  raw = values(schemas.IMAGE_RAW, 'bytes_list')
-  if raw:
-    shape = tuple(values(schemas.IMAGE_SHAPE, 'int64_list'))
-    if shape != expected:
-      raise CanonicalError(f'image/shape {shape} is not the configured {expected}')
-    if len(raw[0]) != int(np.prod(expected)):
-      raise CanonicalError(f'image/raw has {len(raw[0])} bytes, shape {expected} needs {int(np.prod(expected))}')
-    image = np.frombuffer(raw[0], np.uint8).reshape(expected)
-  else:
-    encoded = values('image/encoded', 'bytes_list')
-    if len(encoded) != 1:
-      raise CanonicalError(f'expected image/raw or one image/encoded value, found {len(encoded)} image/encoded')
-    try:
-      image = decode_image(encoded[0], image_spec)
-    except ImageDecodeError as e:
-      raise CanonicalError(str(e), 'decode') from None
-  return image
+def _record_image(parsed: image_example.ImageExample, image_spec: ImageSpec) -> np.ndarray:
+  """The uint8 image of a parsed image Example: its pixels, which must have the
+  configured shape, or its encoded file decoded to `image_spec`."""
+  if parsed.pixels is not None:
+    expected = (image_spec.height, image_spec.width, image_spec.channels)
+    if parsed.pixels.shape != expected:
+      raise CanonicalError(f'{image_example.SHAPE} {parsed.pixels.shape} is not the configured {expected}')
+    return parsed.pixels
+  try:
+    return decode_image(parsed.encoded, image_spec)
+  except ImageDecodeError as e:
+    raise CanonicalError(str(e), 'decode') from None
 
 
 def record_key(filename: str, record: bytes) -> str:

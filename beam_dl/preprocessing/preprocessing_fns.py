@@ -75,7 +75,8 @@ def sequence_preprocessing_fn(
   """Raw sequence examples -> scaled `values_<i>`, vocabulary `ids`, `length_bucket`.
 
   Per-step outputs stay variable-length (SparseTensor [B, T] -> VarLen
-  features); `beam_dl.preprocessing.reader` stacks them into [B, T, F].
+  features); the training input pipeline (`DataConfig(kind='transformed',
+  max_len=...)`) stacks them into [B, T, F] with a mask.
   """
   _check_scaling(scaling)
   if num_length_buckets < 2:

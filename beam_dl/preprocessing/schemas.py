@@ -25,8 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-# The decoded-image Example format is defined once, in beam_dl.io.examples.
-from beam_dl.io.examples import KEY, LABEL, RAW as IMAGE_RAW, SHAPE as IMAGE_SHAPE
+# The decoded-image Example format is defined once, in beam_dl.formats.image_example.
+from beam_dl.formats import image_example
+from beam_dl.formats.features import bytes_feature, float_feature, int64_feature
+from beam_dl.formats.image_example import KEY, LABEL, RAW as IMAGE_RAW, SHAPE as IMAGE_SHAPE
 from beam_dl.io.sequences import SequenceRecord
 
 LENGTH, ITEM = 'length', 'item'
@@ -45,14 +47,8 @@ def value_column(i: int) -> str:
 
 
 def image_feature_spec() -> dict:
-  """tf.io feature spec of canonical raw image examples."""
-  tf = _tf()
-  return {
-      IMAGE_RAW: tf.io.FixedLenFeature([], tf.string),
-      IMAGE_SHAPE: tf.io.FixedLenFeature([3], tf.int64),
-      LABEL: tf.io.FixedLenFeature([], tf.int64),
-      KEY: tf.io.FixedLenFeature([], tf.string),
-  }
+  """tf.io feature spec of canonical raw image examples (every feature required)."""
+  return image_example.feature_spec(defaults=False)
 
 
 def sequence_feature_spec(num_values: int, with_ids: bool) -> dict:
@@ -76,14 +72,6 @@ def schema_from_feature_spec(feature_spec: dict):
   return schema_utils.schema_from_feature_spec(feature_spec)
 
 
-def _feature(tf, values, kind: str):
-  if kind == 'bytes':
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
-  if kind == 'int':
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
-  return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(values, np.float32).tolist()))
-
-
 def sequence_raw_example(
     key: str,
     values: np.ndarray,
@@ -98,14 +86,14 @@ def sequence_raw_example(
   if items is not None and len(items) != len(values):
     raise ValueError(f'{len(items)} ids for {len(values)} steps')
   features = {
-      KEY: _feature(tf, [str(key).encode('utf-8')], 'bytes'),
-      LABEL: _feature(tf, [-1 if label is None else label], 'int'),
-      LENGTH: _feature(tf, [len(values)], 'int'),
+      KEY: bytes_feature([str(key).encode('utf-8')]),
+      LABEL: int64_feature([-1 if label is None else label]),
+      LENGTH: int64_feature([len(values)]),
   }
   for i in range(values.shape[1]):
-    features[value_column(i)] = _feature(tf, values[:, i], 'float')
+    features[value_column(i)] = float_feature(values[:, i])
   if items is not None:
-    features[ITEM] = _feature(tf, [str(t).encode('utf-8') for t in items], 'bytes')
+    features[ITEM] = bytes_feature([str(t).encode('utf-8') for t in items])
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 

@@ -77,15 +77,24 @@ class DataConfig:
   """Where examples come from and how one example looks.
 
   Attributes:
-    kind: 'images' (tf.train.Example with image/raw, image/shape, label) or
-      'sequences' (tf.train.SequenceExample with values, label or target).
+    kind: 'images' (tf.train.Example with image/raw, image/shape, label),
+      'sequences' (tf.train.SequenceExample with values, label or target), or
+      'transformed' (the tf.Examples `pipelines.preprocess` writes, parsed
+      with the feature spec of `transform_dir`'s tf.Transform output).
     train_files / eval_files: glob patterns of TFRecord shards.
     shape: one example's shape: (H, W, C) for images, (None, F) for sequences.
-    max_len: sequences are cut/padded to this many steps.
+    max_len: sequences are cut/padded to this many steps; with 'transformed',
+      > 0 makes `features` per-step (variable-length) columns of a sequence.
     target: 'label' (int class) or 'target' (float regression value(s)).
     num_targets: regression target width.
     shuffle_buffer: tf.data shuffle buffer (examples).
     prefetch: batches kept in flight on the devices.
+    transform_dir: 'transformed': the tf.Transform output directory.
+    features: 'transformed': the transformed features that make the model
+      input, in order: fixed-length ones are concatenated and reshaped to
+      `shape`; per-step ones (max_len > 0) are stacked into [T, F].
+    label_feature: 'transformed': the feature fed as `target` ('label' or
+      'target').
   """
 
   kind: str = 'images'
@@ -97,6 +106,14 @@ class DataConfig:
   num_targets: int = 1
   shuffle_buffer: int = 10_000
   prefetch: int = 2
+  transform_dir: str = ''
+  features: Sequence[str] = ()
+  label_feature: str = 'label'
+
+  @property
+  def is_sequence(self) -> bool:
+    """Examples are [T, F] steps with a mask (the model takes (x, mask))."""
+    return self.kind == 'sequences' or (self.kind == 'transformed' and self.max_len > 0)
 
 
 @dataclasses.dataclass

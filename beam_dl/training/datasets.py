@@ -1,8 +1,9 @@
 """Real example data sets written in the shared TFRecord formats.
 
 Small helpers that turn data shipped by scikit-learn and statsmodels into the
-same TFRecord shards the Beam pipelines produce, so configs, tests and the
-benchmark train on real data through the real input pipeline.
+same TFRecord shards the Beam pipelines produce (records encoded by
+`beam_dl.formats`), so configs, tests and the benchmark train on real data
+through the real input pipeline.
 
 - `write_digits`: scikit-learn's 1,797 8x8 handwritten digits (pixel values
   0..16 as uint8; scale by 1/16) as image tf.train.Examples.
@@ -18,48 +19,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-
-def _bytes(v):
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-
-def _ints(v):
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
-
-
-def _floats(v):
-  return tf.train.Feature(float_list=tf.train.FloatList(value=list(v)))
-
-
-def image_example(image: np.ndarray, label: int, key: str) -> bytes:
-  """One decoded-image tf.train.Example (uint8 HWC) in the shared format."""
-  image = np.ascontiguousarray(image, np.uint8)
-  return tf.train.Example(features=tf.train.Features(feature={
-      'image/raw': _bytes(image.tobytes()),
-      'image/shape': _ints(image.shape),
-      'label': _ints([label]),
-      'key': _bytes(key.encode('utf-8')),
-  })).SerializeToString()
-
-
-def sequence_example(values: np.ndarray, key: str, *, label: int | None = None,
-                     target=None, ids=None) -> bytes:
-  """One tf.train.SequenceExample: values [T, F], optional ids [T]."""
-  context = {'key': _bytes(key.encode('utf-8'))}
-  if label is not None:
-    context['label'] = _ints([label])
-  if target is not None:
-    context['target'] = _floats(np.atleast_1d(target))
-  lists = {'values': tf.train.FeatureList(feature=[_floats(row) for row in np.asarray(values, np.float32)])}
-  if ids is not None:
-    lists['ids'] = tf.train.FeatureList(feature=[_ints([i]) for i in ids])
-  return tf.train.SequenceExample(
-      context=tf.train.Features(feature=context),
-      feature_lists=tf.train.FeatureLists(feature_list=lists),
-  ).SerializeToString()
+from beam_dl.formats.image_example import encode_image_example
+from beam_dl.formats.sequence_example import encode_sequence_example
+from beam_dl.io.sequences import SequenceRecord
 
 
 def write_shards(records: list[bytes], prefix: str, num_shards: int) -> str:
+  """Writes serialized records round-robin into `num_shards` TFRecord files; returns their glob."""
   os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
   for s in range(num_shards):
     with tf.io.TFRecordWriter(f'{prefix}-{s:05d}-of-{num_shards:05d}.tfrecord') as w:
@@ -80,7 +46,7 @@ def write_digits(out_dir: str, *, eval_fraction: float = 0.2, num_shards: int = 
   splits = {'eval': order[:n_eval], 'train': order[n_eval:]}
   globs = {}
   for split, idx in splits.items():
-    records = [image_example(images[i], int(digits.target[i]), f'digits/{i}') for i in idx]
+    records = [encode_image_example(f'digits/{i}', images[i], int(digits.target[i])) for i in idx]
     globs[split] = write_shards(records, os.path.join(out_dir, f'digits_{split}'), num_shards)
   return globs['train'], globs['eval']
 
@@ -111,6 +77,6 @@ def write_co2(out_dir: str, *, window: int = 24, eval_fraction: float = 0.2,
   n_train = int(len(xs) * (1 - eval_fraction))
   globs = {}
   for split, rng in (('train', range(n_train)), ('eval', range(n_train, len(xs)))):
-    records = [sequence_example(xs[i], f'co2/{i}', target=ys[i]) for i in rng]
+    records = [encode_sequence_example(SequenceRecord(f'co2/{i}', xs[i], target=ys[i])) for i in rng]
     globs[split] = write_shards(records, os.path.join(out_dir, f'co2_{split}'), num_shards)
   return globs['train'], globs['eval']

@@ -1,7 +1,7 @@
 """tf.data input pipeline over the TFRecord shards the Beam pipelines write.
 
-Formats (see docs/training.md): image tf.train.Examples with `image/raw`
-(uint8 HWC bytes), `image/shape`, `label`, `key`; sequence
+Formats (`beam_dl.formats`, see docs/training.md): image tf.train.Examples
+with `image/raw` (uint8 HWC bytes), `image/shape`, `label`, `key`; sequence
 tf.train.SequenceExamples with context `key`, `label` (int) or `target`
 (float), feature lists `values` (F floats per step) and optional `ids`.
 
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from beam_dl.formats import image_example, sequence_example
 from beam_dl.training.config import DataConfig
 
 # The input pipeline is host-side only: keep TensorFlow off the accelerators.
@@ -47,17 +48,11 @@ def _files(pattern: str, process_index: int, process_count: int) -> list[str]:
 
 def _image_parser(cfg: DataConfig):
   shape = tuple(int(d) for d in cfg.shape)
-  spec = {
-      'image/raw': tf.io.FixedLenFeature([], tf.string),
-      'label': tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-  }
 
   def parse(serialized):
-    f = tf.io.parse_example(serialized, spec)
-    images = tf.io.decode_raw(f['image/raw'], tf.uint8)
-    images = tf.reshape(images, (-1,) + shape)
+    f = image_example.parse_pixels(serialized, shape)
     return {
-        'inputs': images,
+        'inputs': f['image'],
         'label': tf.cast(f['label'], tf.int32),
         'weight': tf.ones_like(f['label'], tf.float32),
     }
@@ -67,25 +62,16 @@ def _image_parser(cfg: DataConfig):
 
 def _sequence_parser(cfg: DataConfig, use_ids: bool):
   num_features = int(cfg.shape[-1]) - (1 if use_ids else 0)
-  context = {'key': tf.io.FixedLenFeature([], tf.string, default_value='')}
-  if cfg.target == 'label':
-    context['label'] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
-  else:
-    context['target'] = tf.io.FixedLenFeature([cfg.num_targets], tf.float32)
-  seq = {}
-  if num_features:
-    seq['values'] = tf.io.FixedLenSequenceFeature([num_features], tf.float32)
-  if use_ids:
-    seq['ids'] = tf.io.FixedLenSequenceFeature([1], tf.int64)
   max_len = int(cfg.max_len)
 
   def parse(serialized):
-    ctx, steps = tf.io.parse_single_sequence_example(serialized, context, seq)
+    f = sequence_example.parse_single(serialized, num_features, with_ids=use_ids,
+                                      target=cfg.target, num_targets=cfg.num_targets)
     parts = []
     if use_ids:
-      parts.append(tf.cast(steps['ids'], tf.float32))
+      parts.append(tf.cast(f[sequence_example.IDS], tf.float32))
     if num_features:
-      parts.append(steps['values'])
+      parts.append(f[sequence_example.VALUES])
     x = tf.concat(parts, axis=-1)[-max_len:]  # keep the most recent steps
     length = tf.shape(x)[0]
     x = tf.pad(x, [[0, max_len - length], [0, 0]])
@@ -95,12 +81,85 @@ def _sequence_parser(cfg: DataConfig, use_ids: bool):
         'weight': tf.constant(1.0),
     }
     if cfg.target == 'label':
-      out['label'] = tf.cast(ctx['label'], tf.int32)
+      out['label'] = tf.cast(f[sequence_example.LABEL], tf.int32)
     else:
-      out['target'] = ctx['target']
+      out['target'] = f[sequence_example.TARGET]
     return out
 
   return parse
+
+
+def transformed_feature_spec(transform_dir: str) -> dict:
+  """The tf.io feature spec of the records `pipelines.preprocess` wrote with
+  `transform_dir`: tf.Transform's `transformed_feature_spec()` without the
+  broadcast `stats/` features (which the records do not hold)."""
+  import tensorflow_transform as tft
+
+  from beam_dl.preprocessing import stats
+
+  return stats.drop(tft.TFTransformOutput(transform_dir).transformed_feature_spec())
+
+
+def _transformed_parser(cfg: DataConfig):
+  """Batched parser of tf.Transform output: `cfg.features` -> `inputs`,
+  `cfg.label_feature` -> `label` (int32) or `target` (float32 [num_targets]).
+
+  Fixed-length features are concatenated and reshaped to `cfg.shape`;
+  per-step features (`cfg.max_len` > 0, VarLen in the spec) are stacked into
+  [T, F], cut to the most recent `max_len` steps, zero-padded, and masked.
+  """
+  if not cfg.transform_dir or not cfg.features:
+    raise ValueError("DataConfig(kind='transformed') needs transform_dir and features")
+  spec = transformed_feature_spec(cfg.transform_dir)
+  wanted = {name: spec.get(name) for name in (*cfg.features, cfg.label_feature)}
+  missing = sorted(name for name, feature in wanted.items() if feature is None)
+  if missing:
+    raise ValueError(f'{cfg.transform_dir} has no transformed feature {missing}; it has {sorted(spec)}')
+  spec = {name: spec[name] for name in wanted}
+  max_len, per_step = int(cfg.max_len), cfg.max_len > 0
+  if per_step and int(cfg.shape[-1]) != len(cfg.features):
+    raise ValueError(f'shape {tuple(cfg.shape)} does not end in the {len(cfg.features)} per-step features')
+  if not per_step:
+    shape = tuple(int(d) for d in cfg.shape)
+    sizes = [int(np.prod(spec[name].shape)) if hasattr(spec[name], 'shape') else None for name in cfg.features]
+    if None in sizes or sum(sizes) != int(np.prod(shape)):
+      raise ValueError(f'features {list(cfg.features)} ({sizes} values) do not fill shape {shape}; '
+                       'variable-length features need max_len > 0')
+
+  def parse(serialized):
+    f = tf.io.parse_example(serialized, spec)
+    if per_step:
+      columns = [tf.cast(tf.RaggedTensor.from_sparse(f[name]), tf.float32) for name in cfg.features]
+      x = tf.concat([c[..., tf.newaxis] for c in columns], axis=-1)[:, -max_len:]  # most recent steps
+      out = {'inputs': x.to_tensor(0.0, shape=[None, max_len, len(columns)]),
+             'mask': tf.sequence_mask(x.row_lengths(), max_len)}
+    else:
+      flat = [tf.reshape(tf.cast(f[name], tf.float32), [tf.shape(serialized)[0], -1]) for name in cfg.features]
+      out = {'inputs': tf.reshape(tf.concat(flat, axis=-1), (-1,) + shape)}
+    label = f[cfg.label_feature]
+    if cfg.target == 'label':
+      out['label'] = tf.reshape(tf.cast(label, tf.int32), [-1])
+    else:
+      out['target'] = tf.reshape(tf.cast(label, tf.float32), [-1, cfg.num_targets])
+    out['weight'] = tf.ones(tf.shape(serialized), tf.float32)
+    out['weight'].set_shape(serialized.shape)
+    return out
+
+  return parse
+
+
+def transformed_examples(transform_dir: str, pattern: str, key: str = 'key') -> dict[str, dict[str, np.ndarray]]:
+  """Every transformed example as {key: {feature: array}}, variable-length
+  features unpadded: for checks and small data sets, with the same feature
+  spec the training batches are parsed with."""
+  spec = transformed_feature_spec(transform_dir)
+
+  def parse(serialized):
+    f = tf.io.parse_single_example(serialized, spec)
+    return {name: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for name, v in f.items()}
+
+  ds = tf.data.TFRecordDataset(_files(pattern, 0, 1)).map(parse)
+  return {row[key].decode('utf-8'): row for row in ds.as_numpy_iterator()}
 
 
 def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
@@ -136,8 +195,13 @@ def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
       ds = ds.skip(skip_batches)
     ds = ds.unbatch().map(_sequence_parser(cfg, use_ids), num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=train)
+  elif cfg.kind == 'transformed':
+    ds = ds.batch(batch_size, drop_remainder=train)
+    if skip_batches:
+      ds = ds.skip(skip_batches)
+    ds = ds.map(_transformed_parser(cfg), num_parallel_calls=AUTOTUNE, deterministic=True)
   else:
-    raise ValueError(f"DataConfig.kind must be 'images' or 'sequences', got {cfg.kind!r}")
+    raise ValueError(f"DataConfig.kind must be 'images', 'sequences' or 'transformed', got {cfg.kind!r}")
   return ds.prefetch(AUTOTUNE)
 
 

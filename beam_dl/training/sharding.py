@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from beam_dl.partitioning import fit_spec
 from beam_dl.training.config import ShardingConfig
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,17 @@ def make_mesh(config: ShardingConfig, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   mp = config.model_parallelism
   if len(devices) % mp:
-    raise ValueError(f'model_parallelism={mp} does not divide {len(devices)} devices')
+    hint = (f'; on CPU, split the host into devices with `pipelines.train --cpu_devices {mp}` '
+            f'(XLA_FLAGS=--xla_force_host_platform_device_count={mp})'
+            if devices[0].platform == 'cpu' else '')
+    raise ValueError(f'sharding.model_parallelism={mp} needs a multiple of {mp} devices, '
+                     f'found {len(devices)} {devices[0].platform} device(s){hint}')
   # Auto axes: XLA propagates shardings from the annotated params and batch
   # (jax 0.10 defaults make_mesh to Explicit axes, which need per-op specs).
   return jax.make_mesh(
       (len(devices) // mp, mp), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
       devices=devices,
   )
-
-
-def fit_spec(spec: P, shape, mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide their dimension (that dim replicates)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append(axes if names and dim % size == 0 else None)
-  return P(*out)
 
 
 def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules) -> Any:

@@ -70,7 +70,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def example_inputs(cfg: TrainConfig, batch: int = 1) -> tuple:
   """Dummy model inputs (x[, mask]) shaped like one batch, for init."""
-  if cfg.data.kind == 'sequences':
+  if cfg.data.is_sequence:
     shape = (batch, max(cfg.data.max_len, 1), int(cfg.data.shape[-1]))
     return jnp.zeros(shape, jnp.float32), jnp.ones(shape[:2], bool)
   return (jnp.zeros((batch,) + tuple(int(d) for d in cfg.data.shape), jnp.float32),)

@@ -51,13 +51,14 @@ def _local_batch(global_batch: int, data_size: int) -> int:
 
 def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.ModelSpec:
   """The serving spec: registry name + kwargs + how inputs are fed."""
-  sequence = cfg.data.kind == 'sequences'
+  sequence = cfg.data.is_sequence
   task = cfg.task if not sequence else f'sequence_{cfg.task}'
   return checkpoints.ModelSpec(
       name=cfg.model,
       kwargs=dict(cfg.model_kwargs),
       input_shape=(None, int(cfg.data.shape[-1])) if sequence else tuple(int(d) for d in cfg.data.shape),
-      input_dtype='float32' if sequence else cfg.input_dtype,
+      # Sequence values and tf.Transform outputs are float32 on disk.
+      input_dtype='float32' if sequence or cfg.data.kind == 'transformed' else cfg.input_dtype,
       input_scale=cfg.input_scale,
       input_offset=cfg.input_offset,
       labels=list(cfg.labels) if cfg.labels else None,

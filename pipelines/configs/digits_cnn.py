@@ -4,7 +4,8 @@
     python -m pipelines.train --config pipelines/configs/digits_cnn.py:runlocal --workdir /tmp/digits_local
 
 Variants: (none) 1,000 steps data parallel; `runlocal` 150 steps; `fsdp`,
-`tensor` (2-way model parallel), `pmap`: same model under another sharding;
+`tensor` (2-way model parallel: on a CPU add `--cpu_devices 2`), `pmap`: same
+model under another sharding;
 `resnet_tiny`: the tiny ResNet with batch norm; `focal`: focal loss plus
 label smoothing. Expect ~98% eval accuracy (359 held-out digits).
 """

@@ -13,6 +13,7 @@ import glob
 
 import numpy as np
 
+from beam_dl.formats.image_example import encode_image_example
 from beam_dl.training import datasets
 from beam_dl.training.config import DataConfig, TrainConfig
 
@@ -60,7 +61,7 @@ def prepare(config, data_dir, num_examples=None):
     rng = np.random.default_rng(0)
     classes = config.model_kwargs.get('num_classes', 10)
     records = [
-        datasets.image_example(rng.integers(0, 256, shape, np.uint8), int(rng.integers(classes)), f'synthetic/{i}')
+        encode_image_example(f'synthetic/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(classes)))
         for i in range(n)
     ]
     datasets.write_shards(records, f'{data_dir}/synthetic_{tag}', 4)
