@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick services install clean hdfs runners kafka-jars pushgateway
+.PHONY: demo test test-quick services install clean hdfs runners kafka-jars kafka-io pushgateway
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: install
 # poms, pinned Go modules; cached in ~/.m2 and Go's caches): Beam's Flink and
 # Spark job servers and Prism, the Kafka broker, the HDFS mini-cluster, a
 # Prometheus Pushgateway.
-services: runners kafka-jars hdfs pushgateway
+services: runners kafka-jars kafka-io hdfs pushgateway
 
 # The whole test suite (CI runs this), real runners and services included.
 test: install services
@@ -73,6 +73,15 @@ KAFKA_LIB ?= .cache/kafka/lib
 kafka-jars: $(KAFKA_LIB)/.fetched
 $(KAFKA_LIB)/.fetched: services/kafka/pom.xml
 	mvn -q -B -f services/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	touch $@
+
+
+# Beam's Java KafkaIO (cross-language ReadFromKafka) for Flink without Docker: non-shaded Beam
+# 2.62 artifacts (services/kafka-io/pom.xml) -> .runners/kafka-io-lib (ignored), the classpath
+# of beam_dl.services.kafka_io's expansion service and of the Flink job server it starts.
+kafka-io: $(RUNNERS_DIR)/kafka-io-lib/.fetched
+$(RUNNERS_DIR)/kafka-io-lib/.fetched: services/kafka-io/pom.xml
+	mvn -q -B -f services/kafka-io/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(RUNNERS_DIR))/kafka-io-lib
 	touch $@
 
 

@@ -2,6 +2,13 @@
 
 1. Time-based output flushing silently loses elements (below).
 2. State-cache sizing walks every loaded module per call (`apply_state_cache_sizing`).
+3. `AfterProcessingTime` with a fractional delay (e.g. 0.5 s): its
+   `to_runner_api` writes `delay * 1000` into the int64 `delay_millis` field
+   and raises (the pipeline fails to translate its WindowInto), and its
+   `from_runner_api` floors the milliseconds to whole seconds (`// 1000`),
+   so the Python runners would fire a 0.5 s trigger at once. The fix writes
+   rounded milliseconds and reads them back as float seconds
+   (`_fix_processing_time_delay`).
 
 Time-based output flushing in the SDK harness (Beam 2.77,
 `apache_beam.runners.worker.data_plane.TimeBasedBufferingClosableOutputStream`)
@@ -29,7 +36,9 @@ from __future__ import annotations
 import logging
 
 import objsize
+from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.worker import data_plane, statecache
+from apache_beam.transforms import trigger
 
 _log = logging.getLogger(__name__)
 _STREAM = data_plane.TimeBasedBufferingClosableOutputStream
@@ -116,5 +125,38 @@ def apply_state_cache_sizing() -> bool:
   return True
 
 
+def _processing_time_to_runner_api(self, context):
+  del context
+  delay = beam_runner_api_pb2.TimestampTransform(
+      delay=beam_runner_api_pb2.TimestampTransform.Delay(delay_millis=int(round(self.delay * 1000))))
+  return beam_runner_api_pb2.Trigger(
+      after_processing_time=beam_runner_api_pb2.Trigger.AfterProcessingTime(timestamp_transforms=[delay]))
+
+
+def _processing_time_from_runner_api(proto, context):
+  del context
+  transforms = proto.after_processing_time.timestamp_transforms
+  millis = transforms[0].delay.delay_millis if transforms else 0
+  return trigger.AfterProcessingTime(delay=millis / 1000 if millis % 1000 else millis // 1000)
+
+
+def _fix_processing_time_delay() -> bool:
+  """Sub-second `AfterProcessingTime` delays survive the Runner API round trip (fix 3).
+
+  Whole seconds still come back as ints, as Beam's own code returns them.
+  """
+  cls = trigger.AfterProcessingTime
+  if getattr(cls, '_beam_dl_fixed', False):
+    return True
+  if not all(name in cls.__dict__ for name in ('to_runner_api', 'from_runner_api')):
+    _log.warning('beam_dl: %s changed; fractional delay fix not applied', cls.__qualname__)
+    return False
+  cls.to_runner_api = _processing_time_to_runner_api
+  cls.from_runner_api = staticmethod(_processing_time_from_runner_api)
+  cls._beam_dl_fixed = True
+  return True
+
+
 apply()
 apply_state_cache_sizing()
+_fix_processing_time_delay()

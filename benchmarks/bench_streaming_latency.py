@@ -3,6 +3,13 @@
     .venv/bin/python -m benchmarks.bench_streaming_latency [--ticks 40] [--per_tick 10 100]
     make kafka-jars && .venv/bin/python -m benchmarks.bench_streaming_latency --kafka \
         [--rates 200 1000 5000] [--seconds 60] [-- <runner flags for score_sequences>]
+    make kafka-jars runners kafka-io && .venv/bin/python -m benchmarks.bench_streaming_latency --kafka \
+        --flink_kafka_io [--rates 200 1000] [--seconds 60] [-- --max_bundle_time_mills 10 ...]
+
+`--flink_kafka_io`: Beam's Java KafkaIO (cross-language) on the FlinkRunner
+(`beam_dl.services.kafka_io`: a Flink 1.19 job server and an expansion
+service, Java harness EMBEDDED, Python LOOPBACK in the pipeline process);
+one job server for all rates, each rate's job cancelled after it.
 
 Kafka mode (`--kafka`): a broker from `beam_dl.services.kafka`; for each
 rate a producer sends events {"key", "time" = now, "value"} over 100 keys
@@ -32,6 +39,7 @@ latency. The model is trained for a few steps on the CO2 series
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -49,8 +57,9 @@ from apache_beam.testing.test_stream import TestStream
 from beam_dl.features import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.events import Event
-from pipelines import score_sequences, score_sequences_demo as demo
+from pipelines import score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters
+from transforms.sequence_scoring import FormatScoreFn, ToModelInputFn
 from transforms.windowing import WindowedSequences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +91,9 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
   start = time.perf_counter()
   with beam.Pipeline(runner='DirectRunner', options=PipelineOptions([], streaming=True)) as p:
     seqs = p | stream(ticks, per_tick) | WindowedSequences(spec, 16, num_features=1)
-    examples = seqs.records | beam.ParDo(score_sequences._ToExampleFn(False)).with_outputs('failed', main='ok')
+    examples = seqs.records | beam.ParDo(ToModelInputFn(False)).with_outputs('failed', main='ok')
     scored = examples.ok | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=64))
-    scored.predictions | beam.ParDo(score_sequences.FormatScoreFn()) | beam.Map(_collect)
+    scored.predictions | beam.ParDo(FormatScoreFn()) | beam.Map(_collect)
   seconds = time.perf_counter() - start
   lat = np.array(shared.LATENCIES) * 1000
   warm = lat[len(lat) // 10:]  # the first outputs include JIT compiles of the model
@@ -134,7 +143,7 @@ def _produce_steady(producer, topic: str, rate: float, seconds: float, keys: int
 
 
 def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags: list[str],
-              startup_timeout_s: float = 300.0) -> dict:
+              startup_timeout_s: float = 400.0, job_endpoint: str | None = None) -> dict:
   """One rate, end to end through Kafka; returns latency percentiles (ms) and whether it held."""
   from confluent_kafka import Producer  # pylint: disable=g-import-not-at-top
   topic, out = f'events-{int(rate)}', f'scores-{int(rate)}'
@@ -179,6 +188,9 @@ def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags:
       os.killpg(pipeline.pid, signal.SIGKILL)
     pipeline.wait(30)
     consumer.join(10)
+    if job_endpoint:  # the job outlives its submitter on a job server
+      from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
+      kafka_io.cancel_running_jobs(job_endpoint)
   timed = [(t, r) for t, r in received if r.get('key') != 'probe' and r.get('last_time', 0) >= t0]
   lat = np.array([t - r['last_time'] for t, r in timed]) * 1000
   done = [t for t, r in timed if r['last_time'] >= last_sent - 1e-3]
@@ -199,9 +211,18 @@ def main_kafka(args, runner_flags: list[str]):
         'in the scored pane')
   print(f'{"target/s":>8s} {"sent":>7s} {"sent/s":>7s} {"scores":>7s} {"probe s":>7s} '
         f'{"p50 ms":>8s} {"p99 ms":>8s} {"max ms":>8s} {"last ev ms":>10s} held', flush=True)
-  with KafkaBroker(heap_mb=1024) as broker:
+  with contextlib.ExitStack() as stack:
+    broker = stack.enter_context(KafkaBroker(heap_mb=1024))
+    job_endpoint = None
+    if args.flink_kafka_io:
+      from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
+      job_endpoint, expansion = stack.enter_context(kafka_io.flink_with_kafka_io())
+      runner_flags = ['--runner', 'FlinkRunner', '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK',
+                      '--kafka_reader', 'xlang', '--kafka_expansion_service', expansion, *runner_flags]
+      print(f'Flink job server {job_endpoint}, KafkaIO expansion service {expansion}; flags: {" ".join(runner_flags)}',
+            flush=True)
     for rate in args.rates:
-      r = run_kafka(broker, model_dir, rate, args.seconds, runner_flags)
+      r = run_kafka(broker, model_dir, rate, args.seconds, runner_flags, job_endpoint=job_endpoint)
       probe = f'{r["probe_s"]:7.1f}' if r['probe_s'] is not None else '   none'
       print(f'{rate:8.0f} {r["sent"]:7d} {r["achieved"]:7.0f} {r["scores"]:7d} {probe} {r["p50"]:8.1f} '
             f'{r["p99"]:8.1f} {r["max"]:8.1f} {r["last_event_ms"]:10.0f} {"yes" if r["held"] else "no"}'
@@ -218,6 +239,8 @@ def main(argv=None):
   parser.add_argument('--kafka', action='store_true', help='Kafka end to end instead of TestStream.')
   parser.add_argument('--rates', type=float, nargs='+', default=[200, 1000, 5000])
   parser.add_argument('--seconds', type=float, default=60.0)
+  parser.add_argument('--flink_kafka_io', action='store_true',
+                      help="Kafka mode on the FlinkRunner with Beam's Java KafkaIO (make runners kafka-io).")
   args = parser.parse_args(argv)
   if args.kafka:
     return main_kafka(args, runner_flags)

@@ -41,38 +41,31 @@ streaming keeps the source's (file read time, Pub/Sub publish time or
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 import time
 from typing import Callable
 
 import apache_beam as beam
-import numpy as np
-from apache_beam.coders import BooleanCoder, BytesCoder
-from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from beam_dl import checkpoints, cli
-from beam_dl.deadletter import dead_letter
-from beam_dl.element_types import TextLine
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
-from beam_dl.io.kafka import ReadKafkaValues, WriteKafkaJson
+from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.io.events import EventSpec
 from beam_dl.metrics_export import run_pipeline
 from beam_dl.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
 from transforms.drift import drift_enabled, score_sequences_drift
+from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters
-from transforms.io import WriteJsonLines
+from transforms.io import WriteJsonLines, WriteWindowedJsonLines
 from transforms.metrics import CountDeadLetters
+from transforms.sequence_scoring import (NAMESPACE, FormatScoreFn, LateDeadLetterFn, ToModelInputFn,
+                                         latency_summary, restore_key)
 from transforms.sequences import ParseEvents
 from transforms.windowing import EventTimestamps, WindowedSequences
 
-NAMESPACE = 'beam_dl.score_sequences'
+__all__ = ('ScoreSequencesOptions', 'build', 'run', 'window_spec', 'event_source', 'latency_summary', 'NAMESPACE')
 _log = logging.getLogger(__name__)
 
 
@@ -117,12 +110,37 @@ class ScoreSequencesOptions(PipelineOptions):
              '--kafka_failed_topic. With it, --output is optional.')
     add('--kafka_failed_topic', default=None,
         help='Kafka topic for dead letters and late events (default <kafka_output_topic>-failed).')
-    add('--kafka_reader', choices=['python', 'xlang'], default='python',
+    add('--kafka_reader', choices=KAFKA_READERS, default='python',
         help='python: beam_dl.io.kafka (confluent-kafka, runs on any runner that runs Python SDFs); '
-             "xlang: Beam's cross-language KafkaIO (needs Java and its expansion service).")
+             "xlang: Beam's cross-language KafkaIO (Java; needs --kafka_expansion_service).")
+    add('--kafka_expansion_service', default=None,
+        help='xlang Kafka reader: host:port of a Java expansion service with KafkaIO '
+             '(python -m beam_dl.services.kafka_io runs one beside a local Flink).')
+    add('--kafka_max_records', type=int, default=None,
+        help='xlang Kafka reader: end the read after this many records (bounded runs: tests, benchmarks).')
     add('--kafka_stop_after_idle_secs', type=float, default=None,
         help='Kafka (python reader): end the read once a partition has had no record for this long '
              '(bounded runs: tests, benchmarks).')
+
+
+class FlinkLatencyOptions(PipelineOptions):
+  """Flink's latency knobs, passed through to Beam's Flink job server (Java FlinkPipelineOptions).
+
+  Declared here so the command line accepts them (beam_dl refuses unknown
+  flags) and Beam sends them to the job server, which reads them by name.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    add = parser.add_argument
+    add('--max_bundle_size', type=int, default=None,
+        help='Flink: elements per bundle at most (Flink default 1000); a bundle\'s output leaves when it ends.')
+    add('--max_bundle_time_mills', type=int, default=None,
+        help='Flink: milliseconds a bundle stays open at most (Flink default 1000): the latency floor.')
+    add('--checkpointing_interval', type=int, default=None,
+        help='Flink: milliseconds between checkpoints (default off).')
+    add('--auto_watermark_interval', type=int, default=None,
+        help='Flink: milliseconds between watermark emissions (default 200).')
 
 
 def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
@@ -137,233 +155,15 @@ def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
       accumulation=opts.accumulation)
 
 
-# -- reading ------------------------------------------------------------------
-
-
-def _lines_of(readable_file) -> list[bytes]:
-  # Bytes: ParseEvents decodes each line, so bad UTF-8 is one dead letter, not a crash.
-  return readable_file.read().splitlines()
-
-
-class FirstSightingFn(beam.DoFn):
-  """(path, metadata) -> metadata the first time a path is seen.
-
-  `MatchContinuously(has_deduplication=True)` (Beam's Watch) ends at once on
-  the local FnApiRunner in Beam 2.77, so the watched-directory mode polls
-  without deduplication and keeps one bit of state per path here instead.
-  """
-
-  SEEN = ReadModifyWriteStateSpec('seen', BooleanCoder())
-
-  def __init__(self):
-    self._new_files = beam.metrics.Metrics.counter(NAMESPACE, 'files_matched')
-
-  def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
-    if not seen.read():
-      seen.write(True)
-      self._new_files.inc()
-      yield element[1]
-
-
-@beam.typehints.with_output_types(TextLine)
-class ReadEventLines(beam.PTransform):
-  """Text lines of events from files (batch or watched), Pub/Sub or Kafka.
-
-  The watched-directory and Kafka reads end with a Reshuffle, a stage
-  boundary, and that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
-  DirectRunner runs this pipeline on) takes the input watermark of the stage
-  holding a splittable DoFn source (the file watch, the Kafka reader) from
-  the Impulse before it, which is done at once: +inf. Without a boundary the FnApiRunner fuses the
-  downstream stateful `LateDataGate` into that stage, so the gate's
-  event-time timers fired right after the first file was read; the gate
-  took every window of those keys as closed and sent each later event of
-  them to `late`. After the boundary the gate's input watermark is the
-  watch's output watermark, held while the watch still polls. Runners with
-  per-element watermarks (Flink, Dataflow, Prism) were not affected; for
-  them the Reshuffle is one extra shuffle of the raw lines.
-  """
-
-  def __init__(self, opts: ScoreSequencesOptions, io: IOOptions, streaming: bool,
-               clock: Callable[[], float] = time.time):
-    super().__init__()
-    self._opts, self._io, self._streaming, self._clock = opts, io, streaming, clock
-
-  def expand(self, pbegin):
-    opts = self._opts
-    if opts.input_topic or opts.input_subscription:
-      return (pbegin
-              | 'ReadFromPubSub' >> beam.io.ReadFromPubSub(
-                  topic=opts.input_topic, subscription=opts.input_subscription,
-                  timestamp_attribute=opts.timestamp_attribute)
-              | 'DecodeMessages' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
-    if opts.kafka_bootstrap_servers or opts.kafka_topic:
-      return pbegin | 'ReadFromKafka' >> _read_kafka(opts) | 'EndSourceStage' >> beam.Reshuffle()
-    if not self._streaming:
-      return pbegin | 'ReadText' >> beam.io.ReadFromText(self._io.input, coder=BytesCoder())
-    stop = (Timestamp.of(self._clock() + opts.stop_after_secs) if opts.stop_after_secs
-            else MAX_TIMESTAMP)
-    return (pbegin
-            | 'WatchFiles' >> fileio.MatchContinuously(
-                self._io.input, interval=opts.poll_interval_secs, has_deduplication=False,
-                start_timestamp=Timestamp.of(self._clock()), stop_timestamp=stop)
-            | 'KeyByPath' >> beam.Map(lambda m: (m.path, m))
-            | 'NewFilesOnly' >> beam.ParDo(FirstSightingFn())
-            | 'ReadMatches' >> fileio.ReadMatches()
-            | 'SplitLines' >> beam.FlatMap(_lines_of)
-            | 'EndSourceStage' >> beam.Reshuffle())
-
-
-def _read_kafka(opts: ScoreSequencesOptions) -> beam.PTransform:
-  """Kafka record values as text, stamped with the record time (the producer's event time)."""
-  if opts.kafka_reader == 'xlang':
-    from apache_beam.io.kafka import ReadFromKafka  # cross-language: needs Java and the expansion service
-    return (ReadFromKafka(consumer_config={'bootstrap.servers': opts.kafka_bootstrap_servers},
-                          topics=[opts.kafka_topic], timestamp_policy=ReadFromKafka.create_time_policy)
-            | 'KafkaValues' >> beam.Map(lambda kv: kv[1].decode('utf-8', errors='replace')))
-  return (ReadKafkaValues(opts.kafka_bootstrap_servers, opts.kafka_topic,
-                          stop_after_idle_s=opts.kafka_stop_after_idle_secs)
-          | 'DecodeValues' >> beam.Map(lambda b: b.decode('utf-8', errors='replace')))
-
-
-# -- sequences -> model inputs -------------------------------------------------
-
-
-class _ToExampleFn(beam.DoFn):
-  """Sequence record -> (context JSON, float32 [T, F]); short windows are dead letters.
-
-  The context (key, window, pane, arrival, forecast target) travels as the
-  RunInference key, a JSON string, so nothing is joined back afterwards.
-  """
-
-  def __init__(self, forecast: bool, min_length: int | None = None):
-    self._forecast = forecast
-    self._min_length = max(min_length or 1, 2 if forecast else 1)
-    self._short = beam.metrics.Metrics.counter(NAMESPACE, 'windows_too_short')
-
-  def process(self, record):
-    seq = record['sequence']
-    steps = seq.valid()
-    if len(steps) < self._min_length:
-      self._short.inc()
-      yield beam.pvalue.TaggedOutput('failed', dead_letter(
-          record['key'], 'sequence',
-          f'window [{record["window_start"]:g}, {record["window_end"]:g}) has {len(steps)} event(s); '
-          f'scoring needs at least {self._min_length} (--min_length)',
-          window_start=record['window_start'], window_end=record['window_end']))
-      return
-    context = {k: record[k] for k in ('key', 'window_start', 'window_end', 'pane', 'pane_index', 'length')}
-    context['last_time'] = float(seq.times[len(steps) - 1])
-    context['arrival'] = seq.arrival
-    if self._forecast:
-      context['target'] = steps[-1].tolist()
-      steps = steps[:-1]
-    yield json.dumps(context), np.ascontiguousarray(steps, np.float32)
-
-
-class FormatScoreFn(beam.DoFn):
-  """(context JSON, PredictionResult) -> score record with latency.
-
-  Latency is `clock()` minus the newest event's arrival; the distribution
-  goes to Beam metrics, and p50/p99 over this worker's last `window`
-  outputs to gauges and the log (every `log_every_secs`).
-  """
-
-  def __init__(self, target_scale: float = 1.0, target_offset: float = 0.0,
-               clock: Callable[[], float] = time.time, window: int = 10_000, log_every_secs: float = 10.0):
-    self._scale, self._offset = target_scale, target_offset
-    self._clock = clock
-    self._window = window
-    self._log_every = log_every_secs
-    self._dist = beam.metrics.Metrics.distribution(NAMESPACE, 'latency_ms')
-    self._p50 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p50_ms')
-    self._p99 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p99_ms')
-    self._scored = beam.metrics.Metrics.counter(NAMESPACE, 'scored')
-
-  def setup(self):
-    self._latencies: list[float] = []
-    self._last_log = self._clock()
-
-  def process(self, element):
-    context_json, result = element
-    record = json.loads(context_json)
-    arrival = record.pop('arrival')
-    outputs = np.asarray(result.inference, np.float64).reshape(-1)
-    record['outputs'] = outputs.tolist()
-    if 'target' in record:
-      prediction = outputs * self._scale + self._offset
-      target = np.asarray(record['target'], np.float64)
-      record['prediction'] = prediction.tolist()
-      record['score'] = float(np.mean(np.abs(target - prediction[: len(target)])))
-    latency = self._clock() - arrival if arrival is not None else float('nan')
-    record['latency_s'] = latency
-    self._scored.inc()
-    if arrival is not None:
-      self._dist.update(int(latency * 1000))
-      self._latencies.append(latency)
-      del self._latencies[: -self._window]
-    yield record
-
-  def finish_bundle(self):
-    if not self._latencies:
-      return
-    p50, p99 = np.percentile(self._latencies, [50, 99])
-    self._p50.set(int(p50 * 1000))
-    self._p99.set(int(p99 * 1000))
-    now = self._clock()
-    if now - self._last_log >= self._log_every:
-      self._last_log = now
-      _log.info('score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
-                len(self._latencies), p50 * 1000, p99 * 1000)
-
-
-def _restore_key(failure: dict) -> dict:
-  """Inference dead letters carry the context JSON as key; keep the user key."""
-  try:
-    context = json.loads(failure['key'])
-    return {**failure, 'key': context['key'], 'window_start': context['window_start'],
-            'window_end': context['window_end']}
-  except (TypeError, ValueError, KeyError):
-    return failure
-
-
-class _LateDeadLetterFn(beam.DoFn):
-  """Late event -> dead letter, re-stamped with the processing time.
-
-  A late event's own timestamp is behind the watermark by definition; the
-  windowed file writer downstream would drop it as late again.
-  """
-
-  def __init__(self, clock: Callable[[], float]):
-    self._clock = clock
-
-  def process(self, late: dict):
-    yield beam.window.TimestampedValue(dead_letter(
-        late['key'], 'late', late['reason'], event_time=late['event_time'],
-        window_start=late['window_start'], window_end=late['window_end']), self._clock())
-
-
-# -- the pipeline ----------------------------------------------------------------
-
-
-class _WriteStreamingJsonLines(beam.PTransform):
-  """JSON lines for unbounded input: files per `frequency`-second window and pane.
-
-  `fileio.WriteToFiles` names files by window *and pane*
-  (`<prefix>-<start>-<end>-<pane>-<shard>-of-<n>.jsonl`), so two firings of
-  one window never overwrite each other.
-  """
-
-  def __init__(self, prefix: str, frequency: float):
-    super().__init__()
-    self._prefix, self._frequency = prefix, frequency
-
-  def expand(self, records):
-    directory, name = os.path.split(self._prefix)
-    return (records
-            | 'WriteWindows' >> beam.WindowInto(beam.window.FixedWindows(self._frequency))
-            | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-            | 'WriteFiles' >> fileio.WriteToFiles(
-                directory or '.', file_naming=fileio.default_file_naming(name, '.jsonl'), shards=1))
+def event_source(opts: ScoreSequencesOptions, io: IOOptions, streaming: bool) -> EventSource:
+  """Where the events come from, from the flags."""
+  return EventSource(
+      input=io.input, streaming=streaming, poll_interval_secs=opts.poll_interval_secs,
+      stop_after_secs=opts.stop_after_secs, pubsub_topic=opts.input_topic,
+      pubsub_subscription=opts.input_subscription, timestamp_attribute=opts.timestamp_attribute,
+      kafka_bootstrap=opts.kafka_bootstrap_servers, kafka_topic=opts.kafka_topic, kafka_reader=opts.kafka_reader,
+      kafka_stop_after_idle_secs=opts.kafka_stop_after_idle_secs,
+      kafka_expansion_service=opts.kafka_expansion_service, kafka_max_records=opts.kafka_max_records)
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[], float] = time.time):
@@ -371,7 +171,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   opts, io = options.view_as(ScoreSequencesOptions), options.view_as(IOOptions)
   inference = options.view_as(InferenceOptions)
   streaming = options.view_as(StandardOptions).streaming
-  external = opts.input_topic or opts.input_subscription or opts.kafka_topic
+  source = event_source(opts, io, streaming)
+  external = source.unbounded
   require(options, 'model_dir', *(() if opts.kafka_output_topic else ('output',)),
           *(() if external else ('input',)))
   if opts.kafka_topic or opts.kafka_output_topic:
@@ -390,12 +191,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
                        f'of the {len(fields)} --event_value_fields {fields}')
   event_spec = EventSpec(value_fields=fields, key_field=opts.event_key_field, time_field=opts.event_time_field)
 
-  lines = pipeline | 'ReadEvents' >> ReadEventLines(opts, io, streaming, clock)
+  lines = pipeline | 'ReadEvents' >> ReadEventLines(source, clock, NAMESPACE)
   parsed = lines | 'ParseEvents' >> ParseEvents(event_spec, with_timestamps=not streaming)
   events = parsed.events | 'Timestamps' >> EventTimestamps(from_source=True)
   sequences = events | 'Sequences' >> WindowedSequences(
       window_spec(opts, streaming), opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock)
-  examples = sequences.records | 'ToExamples' >> beam.ParDo(_ToExampleFn(opts.forecast, opts.min_length)).with_outputs(
+  examples = sequences.records | 'ToExamples' >> beam.ParDo(ToModelInputFn(opts.forecast, opts.min_length)).with_outputs(
       'failed', main='examples')
   handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())
   inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(handler)
@@ -405,8 +206,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   failures = {
       'Parse': parsed.failed,
       'Sequence': examples.failed,
-      'Inference': inferred.failed | 'RestoreKeys' >> beam.Map(_restore_key),
-      'Late': sequences.late | 'LateToDeadLetters' >> beam.ParDo(_LateDeadLetterFn(clock)),
+      'Inference': inferred.failed | 'RestoreKeys' >> beam.Map(restore_key),
+      'Late': sequences.late | 'LateToDeadLetters' >> beam.ParDo(LateDeadLetterFn(clock)),
   }
   failed = ([pcoll | f'Global{name}Failures' >> beam.WindowInto(beam.window.GlobalWindows())
              for name, pcoll in failures.items()]
@@ -416,8 +217,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     failed | 'FailuresToKafka' >> WriteKafkaJson(
         opts.kafka_bootstrap_servers, opts.kafka_failed_topic or f'{opts.kafka_output_topic}-failed')
   if streaming and io.output:
-    scores | 'WriteScores' >> _WriteStreamingJsonLines(io.output, opts.write_frequency_secs)
-    failed | 'WriteFailures' >> _WriteStreamingJsonLines(f'{io.output}-failed', opts.write_frequency_secs)
+    scores | 'WriteScores' >> WriteWindowedJsonLines(io.output, opts.write_frequency_secs)
+    failed | 'WriteFailures' >> WriteWindowedJsonLines(f'{io.output}-failed', opts.write_frequency_secs)
   elif io.output:
     scores = scores | 'GlobalScores' >> beam.WindowInto(beam.window.GlobalWindows())
     scores | 'WriteScores' >> WriteJsonLines(io.output)
@@ -427,37 +228,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     window = writer = None  # batch: one drift report for the run (or --drift_window_size)
     if streaming:
       window = (opts.window_size, opts.window_period if opts.window == 'sliding' else None)
-      writer = lambda prefix: _WriteStreamingJsonLines(prefix, opts.write_frequency_secs)
+      writer = lambda prefix: WriteWindowedJsonLines(prefix, opts.write_frequency_secs)
     score_sequences_drift(options, events, scores, fields, io.output, window, writer)
   return scores, failed
-
-
-def latency_summary(result) -> dict:
-  """{metric name: value} for this pipeline's latency and count metrics."""
-  # Beam 2.77's FnApiRunner merges per-bundle metrics recursively (one frame
-  # per bundle): a long streaming run of many small bundles needs more stack.
-  limit = sys.getrecursionlimit()
-  sys.setrecursionlimit(max(limit, 100_000))
-  try:
-    metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
-  finally:
-    sys.setrecursionlimit(limit)
-  summary = {}
-  for counter in metrics['counters']:
-    summary[counter.key.metric.name] = counter.committed
-  for gauge in metrics['gauges']:
-    summary[gauge.key.metric.name] = gauge.committed.value if gauge.committed else None
-  for dist in metrics['distributions']:
-    if dist.committed and dist.committed.count:
-      summary['latency_mean_ms'] = dist.committed.mean
-      summary['latency_max_ms'] = dist.committed.max
-  return summary
 
 
 def run(argv=None, clock: Callable[[], float] = time.time):
   """Runs the pipeline to completion; returns Beam's PipelineResult."""
   options = cli.parse_options(
-      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions),
+      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions, FlinkLatencyOptions),
       prog='python -m pipelines.score_sequences', description=__doc__)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options, clock)

@@ -713,6 +713,9 @@ PIPELINES: dict[str, PipelineCase] = {
         template_omit={
             'input_format': 'score_sequences reads JSON lines only and ignores it',
             **METRICS_TEMPLATE_OMIT,
+            **{name: "Flink's bundle and checkpoint settings; Dataflow has its own"
+               for name in ('max_bundle_size', 'max_bundle_time_mills', 'checkpointing_interval',
+                            'auto_watermark_interval')},
         },
     ),
     'score_sequences_streaming': PipelineCase(

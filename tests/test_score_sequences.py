@@ -146,3 +146,20 @@ def test_pubsub_source_turns_streaming_on(model_dir, tmp_path):
   labels = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
   assert any('ReadFromPubSub' in label for label in labels), sorted(labels)
 
+
+
+def test_files_in_kafka_out_reads_the_files(model_dir, tmp_path):
+  """--kafka_bootstrap with only an output topic writes to Kafka; the events still come from --input."""
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+  events = tmp_path / 'events.jsonl'
+  events.write_text('{"key": "a", "time": 1.0, "co2": 330.0}\n')
+  options = PipelineOptions([
+      f'--model_dir={model_dir}', f'--input={events}', '--event_value_fields=co2',
+      '--kafka_bootstrap=127.0.0.1:9', '--kafka_output_topic=scores'])
+  pipeline = beam.Pipeline(options=options)
+  score_sequences.build(pipeline, options)
+  assert not options.view_as(StandardOptions).streaming  # files are bounded: batch
+  labels = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
+  assert 'ReadEvents/ReadText' in labels and not any('Kafka' in label and 'Read' in label for label in labels)
+  assert 'ScoresToKafka/Produce' in labels

@@ -3,6 +3,7 @@
 Every expected record is computed by hand from the listed events.
 """
 import numpy as np
+import pytest
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -153,6 +154,33 @@ def test_streaming_early_processing_time_trigger_discarding_sequences():
     out = p | stream | WindowedSequences(spec, n=3, clock=_clock)
     assert_that(out.records | beam.Map(lambda r: (r['pane'], r['sequence'].valid().tolist())),
                 equal_to([('EARLY', [[1.0]]), ('ON_TIME', [[2.0]])]))
+
+
+@pytest.mark.parametrize('advance, panes', [
+    (0.3, [('ON_TIME', [[1.0], [2.0]])]),  # before the 0.5 s delay: no early pane
+    (0.6, [('EARLY', [[1.0]]), ('ON_TIME', [[2.0]])]),  # after it: one
+])
+def test_streaming_early_trigger_after_fractional_seconds(advance, panes):
+  """A sub-second `early_after_secs` runs (Beam's trigger used to fail to translate) and keeps its 0.5 s."""
+  stream = (TestStream()
+            .add_elements([_tv('a', 1, 1.0)])
+            .advance_processing_time(advance)
+            .add_elements([_tv('a', 2, 2.0)])
+            .advance_watermark_to_infinity())
+  spec = WindowSpec('fixed', size=10, early_after_secs=0.5)
+  with _streaming() as p:
+    out = p | stream | WindowedSequences(spec, n=3, clock=_clock)
+    assert_that(out.records | beam.Map(lambda r: (r['pane'], r['sequence'].valid().tolist())), equal_to(panes))
+
+
+def test_fractional_processing_time_delay_round_trips_through_the_runner_api():
+  from apache_beam.runners import pipeline_context
+  from apache_beam.transforms import trigger as tr
+  context = pipeline_context.PipelineContext()
+  for delay, millis in ((0.5, 500), (1.25, 1250), (3, 3000)):
+    proto = tr.AfterProcessingTime(delay).to_runner_api(context)
+    assert proto.after_processing_time.timestamp_transforms[0].delay.delay_millis == millis
+    assert tr.TriggerFn.from_runner_api(proto, context).delay == delay
 
 
 def test_streaming_event_late_for_one_sliding_window_counts_in_the_other():

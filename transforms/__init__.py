@@ -32,6 +32,12 @@ _EXPORTS = {
     'WindowedSequences': 'windowing',
     'WindowedSpectrograms': 'windowing',
     'WindowedOutputs': 'windowing',
+    # Event sources (files, watched directory, Pub/Sub, Kafka) and the scoring steps around a model.
+    'EventSource': 'event_sources',
+    'ReadEventLines': 'event_sources',
+    'ToModelInputFn': 'sequence_scoring',
+    'FormatScoreFn': 'sequence_scoring',
+    'WriteWindowedJsonLines': 'io',
     # TFRecords: damage-tolerant reading; writing training data.
     'ReadTFRecords': 'tfrecords',
     'WriteImageExamples': 'tfrecords',

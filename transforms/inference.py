@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Optional, Tuple
+from typing import Any, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.ml.inference import base as beam_inference
@@ -177,7 +177,6 @@ def _isolated_to_dead_letters(result) -> Iterable:
     yield result
 
 
-@beam.typehints.with_input_types(Tuple[Any, Any])
 class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   """RunInference over (key, example); nothing is lost when a batch fails.
 

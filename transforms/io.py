@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import apache_beam as beam
+from apache_beam.io import fileio
 
 import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
 from beam_dl.element_types import Record
@@ -40,3 +42,24 @@ class WriteJsonLines(beam.PTransform):
         | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
         | 'WriteText' >> write
     )
+
+
+class WriteWindowedJsonLines(beam.PTransform):
+  """JSON lines for unbounded input: files per `frequency`-second window and pane.
+
+  `fileio.WriteToFiles` names files by window *and pane*
+  (`<prefix>-<start>-<end>-<pane>-<shard>-of-<n>.jsonl`), so two firings of
+  one window never overwrite each other.
+  """
+
+  def __init__(self, prefix: str, frequency: float):
+    super().__init__()
+    self._prefix, self._frequency = prefix, frequency
+
+  def expand(self, records):
+    directory, name = os.path.split(self._prefix)
+    return (records
+            | 'WriteWindows' >> beam.WindowInto(beam.window.FixedWindows(self._frequency))
+            | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+            | 'WriteFiles' >> fileio.WriteToFiles(
+                directory or '.', file_naming=fileio.default_file_naming(name, '.jsonl'), shards=1))

@@ -22,7 +22,7 @@ Windows use the element timestamps: apply `EventTimestamps` first.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 import apache_beam as beam
 from apache_beam.utils.windowed_value import PaneInfoTiming
@@ -119,7 +119,7 @@ class _FeaturesRecordFn(beam.DoFn):
                           fields['pane'], fields['pane_index'])
 
 
-@beam.typehints.with_input_types(Event)
+@beam.typehints.with_input_types(Union[Event, batch_windows.EventBlock])
 class WindowedFeatures(beam.PTransform):
   """Event -> features record per key, window and pane, plus late events.
 

@@ -29,6 +29,7 @@ streaming path (blocks are then unpacked into timestamped `Event`s,
 """
 from __future__ import annotations
 
+import typing
 import zlib
 from typing import Iterable, NamedTuple
 
@@ -229,7 +230,7 @@ class _BlockFeaturesFn(beam.DoFn):
     return block_features(merge_blocks(blocks), self._spec)
 
 
-@beam.typehints.with_input_types(Event)
+@beam.typehints.with_input_types(typing.Union[Event, EventBlock])
 @beam.typehints.with_output_types(Record)
 class FeaturesByKeyBlock(beam.PTransform):
   """Events (timestamped `Event`s, or `EventBlock`s when `event_blocks`) -> the

@@ -14,18 +14,20 @@ belongs to may already be closed (the late-data gate routes it).
 
 This is the Python route, for runners that run Python SDFs (the
 DirectRunner, Prism, Flink and Dataflow through the portable framework).
-Beam's own cross-language KafkaIO (`apache_beam.io.kafka.ReadFromKafka`)
-needs the Java expansion service; `pipelines.score_sequences
---kafka_reader xlang` uses it where that service is available.
+
+`ReadKafkaXlang` is Beam's cross-language KafkaIO (Java, through an
+expansion service; `beam_dl.services.kafka_io` runs one on Flink here):
+record values with the record's CreateTime as timestamp.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from typing import Any, Dict, Iterable, NamedTuple
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import MonotonicWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
@@ -174,6 +176,53 @@ class ReadKafkaValues(beam.PTransform):
             | 'Topic' >> beam.Create([self._topic])
             | 'Partitions' >> beam.ParDo(self._partitions)
             | 'ReadPartitions' >> beam.ParDo(self._read))
+
+
+# The payload of KafkaIO's cross-language read, as Beam 2.62's Java expects it.
+# Python 2.77's `ReadFromKafka` sends three more fields
+# (dynamic_read_poll_interval_seconds, consumer_factory_fn_class/_params); an
+# expansion service from an older Beam refuses the whole request ("missing a
+# setter setDynamicReadPollIntervalSeconds"), even when they are null. These
+# are the fields of `KafkaIO.Read.External.Configuration` in 2.62 (newer Javas
+# accept them too). Functional form: the schema is inferred from real types,
+# which this module's postponed annotations would turn into strings.
+KafkaReadConfig = NamedTuple('KafkaReadConfig', [
+    ('consumer_config', Mapping[str, str]), ('topics', list[str]),
+    ('key_deserializer', str), ('value_deserializer', str),
+    ('start_read_time', Optional[int]), ('max_num_records', Optional[int]), ('max_read_time', Optional[int]),
+    ('commit_offset_in_finalize', bool), ('timestamp_policy', str), ('consumer_polling_timeout', Optional[int]),
+    ('redistribute', Optional[bool]), ('redistribute_num_keys', Optional[np.int32]),
+    ('allow_duplicates', Optional[bool])])
+
+
+class ReadKafkaXlang(beam.PTransform):
+  """Values (bytes) of a topic's records through Beam's Java KafkaIO, stamped with their CreateTime.
+
+  `expansion_service`: 'host:port' of a Java expansion service with KafkaIO
+  on its classpath. From the earliest offset (like `ReadKafkaValues`);
+  `max_num_records` bounds the read (tests, benchmarks).
+  """
+
+  URN = 'beam:transform:org.apache.beam:kafka_read_without_metadata:v1'
+  BYTES = 'org.apache.kafka.common.serialization.ByteArrayDeserializer'
+
+  def __init__(self, servers: str, topic: str, expansion_service: str, *, max_num_records: int | None = None,
+               consumer_config: Mapping[str, str] | None = None):
+    super().__init__()
+    self._config = KafkaReadConfig(
+        consumer_config={'bootstrap.servers': servers, 'auto.offset.reset': 'earliest', **(consumer_config or {})},
+        topics=[topic], key_deserializer=self.BYTES, value_deserializer=self.BYTES, start_read_time=None,
+        max_num_records=max_num_records, max_read_time=None, commit_offset_in_finalize=False,
+        timestamp_policy='CreateTime', consumer_polling_timeout=2, redistribute=False,
+        redistribute_num_keys=np.int32(0), allow_duplicates=False)
+    self._expansion_service = expansion_service
+
+  def expand(self, pbegin):
+    from apache_beam.transforms.external import ExternalTransform, NamedTupleBasedPayloadBuilder  # pylint: disable=g-import-not-at-top
+    return (pbegin
+            | 'KafkaIO' >> ExternalTransform(self.URN, NamedTupleBasedPayloadBuilder(self._config),
+                                             self._expansion_service)
+            | 'KafkaValues' >> beam.Values())
 
 
 class _ProduceJsonFn(beam.DoFn):

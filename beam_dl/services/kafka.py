@@ -64,6 +64,9 @@ def server_properties(port: int, controller_port: int, log_dir: str) -> str:
       'share.coordinator.state.topic.min.isr=1',
       'group.initial.rebalance.delay.ms=0',
       'auto.create.topics.enable=false',
+      # Keep every record: tests stamp events in 1970, which time-based retention
+      # (7 days by record time, checked every 5 min) would delete mid-run.
+      'log.retention.ms=-1',
       '',
   ])
 

@@ -15,6 +15,7 @@ process reads only its own subset of the files (multi-host).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 from typing import Iterator
@@ -26,11 +27,24 @@ import tensorflow as tf
 from beam_dl.formats import image_example, sequence_example
 from beam_dl.training.config import DataConfig
 
-# The input pipeline is host-side only: keep TensorFlow off the accelerators.
-tf.config.set_visible_devices([], 'GPU')
-
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+@functools.cache
+def keep_tensorflow_on_host() -> None:
+  """Hides the GPUs from TensorFlow, once, when an input pipeline is built.
+
+  tf.data runs on the host; left alone TensorFlow would take the GPUs' memory
+  that JAX trains with. Done here rather than at import, so importing this
+  module changes nothing for a process that uses TensorFlow otherwise. Once
+  TensorFlow has initialised its devices (it ran something earlier in this
+  process) the setting can no longer change, and it stays as it was.
+  """
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError as e:  # devices already initialised
+    log.debug('TensorFlow devices already set up: %s', e)
 
 
 def _files(pattern: str, process_index: int, process_count: int) -> list[str]:
@@ -177,6 +191,7 @@ def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
     skip_batches: batches already consumed (resuming at step k skips k).
     use_ids: sequences carry item ids, fed to the model as feature 0.
   """
+  keep_tensorflow_on_host()
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   ds = tf.data.TFRecordDataset(_files(pattern, pi, pc))

@@ -1,0 +1,188 @@
+"""Scoring windowed event sequences with a model: the steps around RunInference.
+
+    examples = sequences.records | ParDo(ToModelInputFn(forecast=True)).with_outputs('failed', main='examples')
+    inferred = examples.examples | RunInferenceWithDeadLetters(JaxModelHandler(model_dir))
+    scores = inferred.predictions | ParDo(FormatScoreFn(target_scale, target_offset))
+    failed = inferred.failed | Map(restore_key)
+    late = windowed.late | ParDo(LateDeadLetterFn(time.time))
+
+A sequence record (`transforms.windowing.WindowedSequences`) becomes
+(context JSON, float32 [T, F]): the context (key, window, pane, arrival,
+forecast target) travels as the RunInference key, so nothing is joined back
+afterwards. `pipelines.score_sequences` wires these; metrics are in the
+'beam_dl.score_sequences' namespace (`latency_summary` reads them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+import apache_beam as beam
+import numpy as np
+
+from beam_dl.deadletter import dead_letter
+
+NAMESPACE = 'beam_dl.score_sequences'
+_log = logging.getLogger(__name__)
+
+
+def min_scoring_length(forecast: bool, min_length: int | None = None) -> int:
+  """Fewest events a window needs to be scored: 1, 2 with a forecast (one to predict), or more."""
+  return max(min_length or 1, 2 if forecast else 1)
+
+
+def model_input(record: dict[str, Any], forecast: bool) -> tuple[str, np.ndarray]:
+  """Sequence record -> (context JSON, float32 [T, F] steps the model sees).
+
+  With `forecast` the last step is the target (kept in the context) and the
+  model sees the steps before it.
+  """
+  seq = record['sequence']
+  steps = seq.valid()
+  context = {k: record[k] for k in ('key', 'window_start', 'window_end', 'pane', 'pane_index', 'length')}
+  context['last_time'] = float(seq.times[len(steps) - 1])
+  context['arrival'] = seq.arrival
+  if forecast:
+    context['target'] = steps[-1].tolist()
+    steps = steps[:-1]
+  return json.dumps(context), np.ascontiguousarray(steps, np.float32)
+
+
+def score_record(context_json: str, inference, target_scale: float = 1.0,
+                 target_offset: float = 0.0) -> tuple[dict[str, Any], float | None]:
+  """(context JSON, model output) -> (score record without latency, arrival time or None).
+
+  `outputs` is the raw output vector; with a forecast target, `prediction`
+  maps it back to data units (`* target_scale + target_offset`) and `score`
+  is the mean absolute error against the target.
+  """
+  record = json.loads(context_json)
+  arrival = record.pop('arrival')
+  outputs = np.asarray(inference, np.float64).reshape(-1)
+  record['outputs'] = outputs.tolist()
+  if 'target' in record:
+    prediction = outputs * target_scale + target_offset
+    target = np.asarray(record['target'], np.float64)
+    record['prediction'] = prediction.tolist()
+    record['score'] = float(np.mean(np.abs(target - prediction[: len(target)])))
+  return record, arrival
+
+
+def restore_key(failure: dict) -> dict:
+  """Inference dead letters carry the context JSON as key; keep the user key."""
+  try:
+    context = json.loads(failure['key'])
+    return {**failure, 'key': context['key'], 'window_start': context['window_start'],
+            'window_end': context['window_end']}
+  except (TypeError, ValueError, KeyError):
+    return failure
+
+
+class ToModelInputFn(beam.DoFn):
+  """Sequence record -> (context JSON, float32 [T, F]); short windows to 'failed'."""
+
+  def __init__(self, forecast: bool, min_length: int | None = None):
+    self._forecast = forecast
+    self._min_length = min_scoring_length(forecast, min_length)
+    self._short = beam.metrics.Metrics.counter(NAMESPACE, 'windows_too_short')
+
+  def process(self, record):
+    length = len(record['sequence'].valid())
+    if length < self._min_length:
+      self._short.inc()
+      yield beam.pvalue.TaggedOutput('failed', dead_letter(
+          record['key'], 'sequence',
+          f'window [{record["window_start"]:g}, {record["window_end"]:g}) has {length} event(s); '
+          f'scoring needs at least {self._min_length} (--min_length)',
+          window_start=record['window_start'], window_end=record['window_end']))
+      return
+    yield model_input(record, self._forecast)
+
+
+class FormatScoreFn(beam.DoFn):
+  """(context JSON, PredictionResult) -> score record with `latency_s`.
+
+  Latency is `clock()` minus the newest event's arrival; the distribution
+  goes to Beam metrics, and p50/p99 over this worker's last `window`
+  outputs to gauges and the log (every `log_every_secs`).
+  """
+
+  def __init__(self, target_scale: float = 1.0, target_offset: float = 0.0,
+               clock: Callable[[], float] = time.time, window: int = 10_000, log_every_secs: float = 10.0):
+    self._scale, self._offset = target_scale, target_offset
+    self._clock = clock
+    self._window = window
+    self._log_every = log_every_secs
+    self._dist = beam.metrics.Metrics.distribution(NAMESPACE, 'latency_ms')
+    self._p50 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p50_ms')
+    self._p99 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p99_ms')
+    self._scored = beam.metrics.Metrics.counter(NAMESPACE, 'scored')
+
+  def setup(self):
+    self._latencies: list[float] = []
+    self._last_log = self._clock()
+
+  def process(self, element):
+    context_json, result = element
+    record, arrival = score_record(context_json, result.inference, self._scale, self._offset)
+    latency = self._clock() - arrival if arrival is not None else float('nan')
+    record['latency_s'] = latency
+    self._scored.inc()
+    if arrival is not None:
+      self._dist.update(int(latency * 1000))
+      self._latencies.append(latency)
+      del self._latencies[: -self._window]
+    yield record
+
+  def finish_bundle(self):
+    if not self._latencies:
+      return
+    p50, p99 = np.percentile(self._latencies, [50, 99])
+    self._p50.set(int(p50 * 1000))
+    self._p99.set(int(p99 * 1000))
+    now = self._clock()
+    if now - self._last_log >= self._log_every:
+      self._last_log = now
+      _log.info('score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
+                len(self._latencies), p50 * 1000, p99 * 1000)
+
+
+class LateDeadLetterFn(beam.DoFn):
+  """Late event -> dead letter, re-stamped with the processing time.
+
+  A late event's own timestamp is behind the watermark by definition; a
+  windowed writer downstream would drop it as late again.
+  """
+
+  def __init__(self, clock: Callable[[], float]):
+    self._clock = clock
+
+  def process(self, late: dict):
+    yield beam.window.TimestampedValue(dead_letter(
+        late['key'], 'late', late['reason'], event_time=late['event_time'],
+        window_start=late['window_start'], window_end=late['window_end']), self._clock())
+
+
+def latency_summary(result) -> dict:
+  """{metric name: value} for the scoring steps' latency and count metrics of a finished run."""
+  # Beam 2.77's FnApiRunner merges per-bundle metrics recursively (one frame
+  # per bundle): a long streaming run of many small bundles needs more stack.
+  limit = sys.getrecursionlimit()
+  sys.setrecursionlimit(max(limit, 100_000))
+  try:
+    metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
+  finally:
+    sys.setrecursionlimit(limit)
+  summary = {}
+  for counter in metrics['counters']:
+    summary[counter.key.metric.name] = counter.committed
+  for gauge in metrics['gauges']:
+    summary[gauge.key.metric.name] = gauge.committed.value if gauge.committed else None
+  for dist in metrics['distributions']:
+    if dist.committed and dist.committed.count:
+      summary['latency_mean_ms'] = dist.committed.mean
+      summary['latency_max_ms'] = dist.committed.max
+  return summary
