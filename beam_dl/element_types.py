@@ -11,13 +11,17 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
+from apache_beam.io.fileio import ReadableFile
 
 # A dead letter {"key", "stage", "reason", ...} (beam_dl.deadletter).
 DeadLetter = Dict[str, Any]
 # A JSON-able output record: features, predictions, drift reports, late events.
 Record = Dict[str, Any]
-# (key, encoded image bytes), optionally followed by metadata (path, label).
-EncodedImage = Union[Tuple[str, bytes], Tuple[str, bytes, Any]]
+# (key, encoded image), optionally followed by metadata (path, label). The
+# image is its bytes, or the file to read them from (ReadImageFiles with
+# defer_read=True: DecodeImages reads it on its decode thread).
+EncodedImage = Union[Tuple[str, bytes], Tuple[str, bytes, Any],
+                     Tuple[str, ReadableFile], Tuple[str, ReadableFile, Any]]
 # (key, image array [H, W, C]), optionally followed by metadata.
 DecodedImage = Union[Tuple[str, np.ndarray], Tuple[str, np.ndarray, Any]]
 # (key, model input array): what RunInference's keyed handler reads.

@@ -55,7 +55,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   if input_format(io.input, io.input_format) == 'tfrecord':
     read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
   else:
-    read = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input)
+    # Files are read on DecodeImages' decode thread, off the bundle's thread.
+    read = pipeline | 'ReadImageFiles' >> ReadImageFiles(io.input, defer_read=True)
   images, failures = read.images, [read.failed]
   every = options.view_as(ProgressOptions).progress_every_secs
   if every > 0:

@@ -866,14 +866,20 @@ def run_bundle(fn, elements: Sequence[Any]) -> list[tuple[Any, Any]]:
   def unwrap(value):
     return value.value if isinstance(value, WindowedValue) else value
 
-  # What a runner passes for DoFn.WindowParam / TimestampParam, in the global window.
+  # What a runner passes for DoFn.WindowParam / TimestampParam / WindowedValueParam, in the global window.
+  import apache_beam as beam
+
   params = inspect.signature(fn.process).parameters
-  context = {name: value for name, value in (('window', GlobalWindow()), ('timestamp', MIN_TIMESTAMP))
-             if name in params}
+
+  def context(element):
+    values = {beam.DoFn.WindowParam: GlobalWindow(), beam.DoFn.TimestampParam: MIN_TIMESTAMP,
+              beam.DoFn.WindowedValueParam: WindowedValue(element, MIN_TIMESTAMP, [GlobalWindow()])}
+    return {name: value for name, p in params.items() for param, value in values.items() if p.default == param}
+
   outputs = []
   fn.start_bundle()
   for element in elements:
-    outputs.extend(fn.process(element, **context) or ())
+    outputs.extend(fn.process(element, **context(element)) or ())
   outputs.extend(fn.finish_bundle() or ())
   tagged = []
   for out in outputs:

@@ -265,6 +265,33 @@ def test_read_and_decode_files_pipeline_with_dead_letters(tmp_path, photo):
         label='failed')
 
 
+def test_deferred_read_gives_the_outputs_and_dead_letters_of_reading_first(tmp_path, photo):
+  """ReadImageFiles(defer_read=True) hands DecodeImages the files to read on
+  its decode thread: same images, and a FIFO that matches the glob is the
+  same 'read' dead letter (from the decode step instead of the read step)."""
+  small = photo.resize((40, 30))
+  (tmp_path / 'a.jpg').write_bytes(_encode(small, 'JPEG'))
+  (tmp_path / 'b.png').write_bytes(_encode(small, 'PNG'))
+  (tmp_path / 'text.jpg').write_bytes(b'not an image at all')
+  os.mkfifo(tmp_path / 'pipe.png')
+  os.symlink(tmp_path / 'nowhere.png', tmp_path / 'gone.png')
+  spec = ImageSpec(height=16, width=16)
+  with TestPipeline(runner='FnApiRunner') as p:
+    for defer in (False, True):
+      read = p | f'Read{defer}' >> image_transforms.ReadImageFiles(os.path.join(tmp_path, '*'), defer_read=defer)
+      out = read.images | f'Decode{defer}' >> image_transforms.DecodeImages(spec, ahead=2)
+      assert_that(out.decoded | f'Pixels{defer}' >> beam.Map(lambda e: (os.path.basename(e[0]), int(e[1].sum()))),
+                  equal_to([('a.jpg', int(decode_image(_encode(small, 'JPEG'), spec).sum())),
+                            ('b.png', int(decode_image(_encode(small, 'PNG'), spec).sum()))]),
+                  label=f'decoded{defer}')
+      failed = (read.failed, out.failed) | f'Failed{defer}' >> beam.Flatten()
+      assert_that(failed | f'Reasons{defer}' >> beam.Map(
+          lambda d: (os.path.basename(d['key']), d['stage'], d['reason'].split(' (')[0])),
+          equal_to([('gone.png', 'read', 'dangling symlink'),
+                    ('pipe.png', 'read', 'not a regular file: a FIFO'),
+                    ('text.jpg', 'decode', 'not a recognised image format')]), label=f'failed{defer}')
+
+
 def test_normalize_images_transform_keeps_key_and_metadata():
   arr = np.full((2, 2, 3), 255, np.uint8)
   with TestPipeline(runner='FnApiRunner') as p:

@@ -20,9 +20,9 @@ def _fail_on_three(x):
   return x * 10
 
 
-@pytest.mark.parametrize('depth', [0, 1, 4, 100])
-def test_lookahead_keeps_order_and_returns_exceptions(depth):
-  ahead = Lookahead(_fail_on_three, depth, threads=2)
+@pytest.mark.parametrize('depth,group', [(0, 1), (1, 1), (4, 1), (100, 1), (1, 3), (4, 3), (100, 4)])
+def test_lookahead_keeps_order_and_returns_exceptions(depth, group):
+  ahead = Lookahead(_fail_on_three, depth, threads=2, group=group)
   out = []
   for i in range(10):
     out.extend(ahead.submit(i, f'k{i}'))
@@ -51,6 +51,8 @@ def test_lookahead_rejects_bad_arguments():
     Lookahead(abs, -1)
   with pytest.raises(ValueError):
     Lookahead(abs, 1, threads=0)
+  with pytest.raises(ValueError):
+    Lookahead(abs, 1, group=0)
 
 
 def _png(value):

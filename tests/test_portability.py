@@ -233,11 +233,12 @@ def test_our_classes_that_cross_pcollections_have_coders(graphs):
 
 
 def test_classify_images_declares_its_boundary_types(graphs):
-  """Reading yields typed (path, bytes), so the runner picks a bytes coder, not pickle."""
+  """Reading yields typed (path, ReadableFile): classify_images reads each file
+  where it decodes it (ReadImageFiles(defer_read=True)); no guessed types."""
   _, graph = graphs['classify_images']
   types = {n.full_label: [str(p.element_type) for p in n.outputs.values()] for n in rm.applied_transforms(graph)}
-  # .images is typed (path, bytes); .failed holds the unreadable matches' dead letters.
-  assert "Tuple[<class 'str'>, <class 'bytes'>]" in types['ReadImageFiles']
+  # .images is typed (path, ReadableFile); .failed holds the unreadable matches' dead letters.
+  assert "Tuple[<class 'str'>, <class 'apache_beam.io.fileio.ReadableFile'>]" in types['ReadImageFiles']
 
 
 def test_leaf_types_finds_classes_in_nested_hints():

@@ -258,16 +258,18 @@ def score_sequences_drift(options, events, scores, fields, output: str, streamin
 
 
 def image_features(element, spec) -> list[dict]:
-  """(key, encoded image) -> [{"image/brightness", "image/contrast"}] (0..1).
+  """(key, encoded image or its fileio.ReadableFile) -> [{"image/brightness",
+  "image/contrast"}] (0..1).
 
-  Decoded at the model's input size; an image that does not decode yields
-  nothing here (it is already a dead letter of the classification path).
+  Decoded at the model's input size; an image that does not read or decode
+  yields nothing here (it is already a dead letter of the classification path).
   """
+  from beam_dl.io import files
   from beam_dl.io.images import ImageDecodeError, decode_image
 
   try:
-    pixels = decode_image(element[1], spec).astype(np.float32) / 255.0
-  except ImageDecodeError:
+    pixels = decode_image(files.content(element[1]), spec).astype(np.float32) / 255.0
+  except (ImageDecodeError, files.FileReadError):
     return []
   return [{'image/brightness': float(pixels.mean()), 'image/contrast': float(pixels.std())}]
 

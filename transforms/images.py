@@ -1,6 +1,8 @@
 """Public PTransforms that read and decode images.
 
   ReadImageFiles(pattern)      -> (path, encoded bytes), plus `.failed`
+                                  (defer_read=True: (path, fileio.ReadableFile),
+                                  read by DecodeImages on its decode thread)
   ReadImageExamples(pattern)   -> (key, encoded bytes or uint8 pixels) from
                                   TFRecords of image tf.train.Example, plus `.failed`
   DecodeImages(spec)           -> `.decoded` (key, uint8 HWC array), `.failed`
@@ -17,8 +19,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
-from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
@@ -36,6 +38,8 @@ _NAMESPACE = 'beam_dl.images'
 DECODE_AHEAD = 256
 # ...and at most this many encoded bytes pending (large photos).
 DECODE_AHEAD_BYTES = 64 << 20
+# Inputs handed to the decode thread per task (see Lookahead's `group`).
+DECODE_GROUP = 16
 
 
 class ImageInputs(NamedTuple):
@@ -46,19 +50,23 @@ class ImageInputs(NamedTuple):
 
 
 class _ReadImageFileFn(beam.DoFn):
-  """fileio.ReadableFile -> (path, bytes[, meta]); unreadable files -> FAILED."""
+  """fileio.ReadableFile -> (path, bytes[, meta]); unreadable files -> FAILED.
+  With defer_read: (path, the ReadableFile[, meta]), read where decoded."""
 
-  def __init__(self, with_metadata: bool, label_fn: Callable[[str], Any] | None):
+  def __init__(self, with_metadata: bool, label_fn: Callable[[str], Any] | None, defer_read: bool = False):
     self._with_metadata = with_metadata
     self._label_fn = label_fn
+    self._defer_read = defer_read
 
   def process(self, readable) -> Iterable:
     path = readable.metadata.path
-    try:
-      data = files_lib.read_all(readable)
-    except files_lib.FileReadError as e:
-      yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
-      return
+    data = readable
+    if not self._defer_read:
+      try:
+        data = files_lib.read_all(readable)
+      except files_lib.FileReadError as e:
+        yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
+        return
     if not self._with_metadata:
       yield path, data
       return
@@ -75,20 +83,29 @@ class ReadImageFiles(beam.PTransform):
   Returns `.images` and `.failed`: each match that can't be read (a
   directory or dangling symlink matching the glob, a FIFO, an I/O error such
   as EIO or EACCES) is one dead letter (key = path, stage 'read').
+
+  `defer_read=True`: elements carry the `fileio.ReadableFile` in place of
+  its bytes, and `DecodeImages` reads each file on its decode thread: the
+  file I/O leaves the bundle's thread (in bench_flagship's profile the read
+  was a fifth of that thread's per-image time) and encoded bytes live only
+  until decoded. A file that can't be opened or read is then DecodeImages'
+  dead letter, with the same key, stage 'read' and reason.
   """
 
   def __init__(self, file_pattern: str, with_metadata: bool = False,
-               label_fn: Callable[[str], Any] | None = None):
+               label_fn: Callable[[str], Any] | None = None, defer_read: bool = False):
     super().__init__()
     self._file_pattern = file_pattern
     self._with_metadata = with_metadata or label_fn is not None
     self._label_fn = label_fn
+    self._defer_read = defer_read
 
   def expand(self, pbegin) -> ImageInputs:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._file_pattern)
-    keyed = tuple[str, bytes, dict] if self._with_metadata else tuple[str, bytes]
+    content = fileio.ReadableFile if self._defer_read else bytes
+    keyed = tuple[str, content, dict] if self._with_metadata else tuple[str, content]
     read = matched.files | 'ReadFiles' >> beam.ParDo(
-        _ReadImageFileFn(self._with_metadata, self._label_fn)).with_output_types(
+        _ReadImageFileFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
             keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
@@ -159,15 +176,18 @@ class ReadImageExamples(beam.PTransform):
     return ImageInputs(parsed.images, failed)
 
 
-def _decode(data: bytes | np.ndarray, spec: ImageSpec, rng: np.random.Generator | None) -> np.ndarray:
-  """Encoded bytes are decoded; already decoded pixels (image/raw records) only fitted to `spec`."""
+def read_and_decode(data, spec: ImageSpec, rng: np.random.Generator | None = None) -> np.ndarray:
+  """Encoded bytes, or a `fileio.ReadableFile` read first, decoded (raises
+  FileReadError or ImageDecodeError); already decoded pixels (image/raw
+  records) only fitted to `spec`."""
   if isinstance(data, np.ndarray):
     return fit_image(data, spec, rng)
-  return decode_image(data, spec, rng)
+  return decode_image(files_lib.content(data), spec, rng)
 
 
 class _DecodeImageFn(beam.DoFn):
-  """(key, bytes or uint8 pixels) -> (key, array); undecodable inputs -> FAILED with reason.
+  """(key, bytes, ReadableFile or uint8 pixels) -> (key, array); undecodable
+  inputs (and unreadable files) -> FAILED with reason.
 
   With `ahead` > 0 the decodes run on a thread (beam_dl.lookahead) up to
   `ahead` elements ahead of the outputs, overlapping with the model's forward
@@ -184,20 +204,19 @@ class _DecodeImageFn(beam.DoFn):
 
   def setup(self):
     spec = self._spec
-    self._lookahead = Lookahead(lambda data_rng: _decode(data_rng[0], spec, data_rng[1]), self._ahead,
-                                max_cost=DECODE_AHEAD_BYTES)
+    self._lookahead = Lookahead(lambda data_rng: read_and_decode(data_rng[0], spec, data_rng[1]), self._ahead,
+                                max_cost=DECODE_AHEAD_BYTES, group=DECODE_GROUP)
 
   def teardown(self):
     self._lookahead.close()
 
-  def process(self, element: tuple, window=beam.DoFn.WindowParam,
-              timestamp=beam.DoFn.TimestampParam) -> Iterable:
+  def process(self, element: tuple, windowed=beam.DoFn.WindowedValueParam) -> Iterable:
     key, data, *meta = element
-    size = data.nbytes if isinstance(data, np.ndarray) else len(data)
+    size = data.nbytes if isinstance(data, np.ndarray) else files_lib.content_size(data)
     self._bytes.update(size)
     # Random crops are seeded per (seed, key): reproducible whatever the bundling.
     rng = rng_for_key(key, self._spec.seed) if self._spec.crop == 'random' else None
-    for context, outcome in self._lookahead.submit((data, rng), (key, meta, window, timestamp), size):
+    for context, outcome in self._lookahead.submit((data, rng), (key, meta, windowed), size):
       yield self._output(context, outcome)
 
   def finish_bundle(self) -> Iterable:
@@ -205,23 +224,32 @@ class _DecodeImageFn(beam.DoFn):
       yield self._output(context, outcome)
 
   def _output(self, context, outcome):
-    """The element for one decode outcome, in its own window (emitted later
-    than its input, it must not take the current element's)."""
-    key, meta, window, timestamp = context
+    """The element for one decode outcome, in its input's windows and
+    timestamp (emitted later than its input, it must not take the current
+    element's). The input's WindowedValue is kept whole rather than asking
+    Beam for the window and timestamp: those parameters cost a Timestamp
+    object and a window explosion per element, ~15% of the stage's
+    per-element time in bench_flagship's profile."""
+    key, meta, windowed = context
     if isinstance(outcome, ImageDecodeError):
       self._failed.inc()
       Metrics.counter(_NAMESPACE, f'failed_{outcome.kind}').inc()
-      return beam.pvalue.TaggedOutput(
-          FAILED, WindowedValue(dead_letter(key, 'decode', str(outcome)), timestamp, [window]))
+      return beam.pvalue.TaggedOutput(FAILED, windowed.with_value(dead_letter(key, 'decode', str(outcome))))
+    if isinstance(outcome, files_lib.FileReadError):  # a deferred read (ReadImageFiles(defer_read=True))
+      return beam.pvalue.TaggedOutput(FAILED, windowed.with_value(unreadable_dead_letter(key, str(outcome))))
     if isinstance(outcome, Exception):
       raise outcome
     self._decoded.inc()
-    return WindowedValue((key, outcome, *meta), timestamp, [window])
+    return windowed.with_value((key, outcome, *meta))
 
 
 @beam.typehints.with_input_types(EncodedImage)
 class DecodeImages(ErrorHandling, beam.PTransform):
   """Decodes (key, encoded bytes) to (key, uint8 [H, W, C]) per `spec`.
+
+  The bytes may also be a `fileio.ReadableFile` (ReadImageFiles with
+  defer_read=True), read on the decode thread; one that can't be read is a
+  dead letter with stage 'read'.
 
   Already decoded uint8 pixels in place of the bytes (what `ReadImageExamples`
   gives for `image/raw` records) get the same mode conversion and resize
