@@ -294,3 +294,11 @@ def test_parse_sequence_examples_error_handler_and_threshold():
   _ = p | beam.Create(good[:3] + bad) | T.ParseSequenceExamples(SPEC, error_threshold=0.5)
   with pytest.raises(Exception, match=r'7 of 10 inputs failed \(70\.0%\), above the error threshold of 50\.0%'):
     p.run().wait_until_finish()
+
+
+def test_events_cross_a_shuffle_as_fields_not_pickles():
+  coder = beam.coders.registry.get_coder(events_lib.Event)
+  assert isinstance(coder, events_lib.EventCoder)
+  event = events_lib.Event('user-1', 12.5, (1.0, -2.0), id='item', label=1)
+  encoded = coder.encode(event)
+  assert coder.decode(encoded) == event and b'beam_dl' not in encoded  # no pickled class path

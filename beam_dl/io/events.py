@@ -16,6 +16,7 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from apache_beam import coders
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
@@ -48,6 +49,25 @@ class Event:
   values: tuple[float, ...]
   id: str | None = None
   label: Any = None
+
+
+class EventCoder(coders.Coder):
+  """Encodes an `Event` as its fields (FastPrimitivesCoder), not as a pickle:
+  events cross the shuffle of every windowed pipeline."""
+
+  _fields = coders.FastPrimitivesCoder()
+
+  def encode(self, value: Event) -> bytes:
+    return self._fields.encode((value.key, value.time, tuple(value.values), value.id, value.label))
+
+  def decode(self, encoded: bytes) -> Event:
+    return Event(*self._fields.decode(encoded))
+
+  def to_type_hint(self):
+    return Event
+
+
+coders.registry.register_coder(Event, EventCoder)
 
 
 @dataclasses.dataclass(frozen=True)
