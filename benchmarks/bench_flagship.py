@@ -97,7 +97,7 @@ def plain_loop(model_dir: str, pattern: str, batch: int = BATCH) -> tuple[float,
   import jax
 
   from beam_dl import checkpoints
-  from beam_dl.io.images import ImageSpec, decode_image
+  from beam_dl.images import ImageSpec, decode_image
 
   start = time.perf_counter()
   spec, variables = checkpoints.load(model_dir)

@@ -56,7 +56,7 @@ from apache_beam.testing.test_stream import TestStream
 
 from beam_dl.features import WindowSpec
 from beam_dl.handler import JaxModelHandler
-from beam_dl.io.events import Event
+from beam_dl.formats.events import Event
 from pipelines import score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.sequence_scoring import FormatScoreFn, ToModelInputFn

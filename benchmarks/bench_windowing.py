@@ -40,7 +40,7 @@ from apache_beam.runners.worker import statecache
 from beam_dl import beam_fixes
 from beam_dl.features import WindowSpec
 from beam_dl.features.batch_windows import EventBlock, event_block
-from beam_dl.io.events import Event, EventSpec
+from beam_dl.formats.events import Event, EventSpec
 from transforms.sequences import ReadEventBlocks, ReadEvents
 from transforms.windowing import EventTimestamps, WindowedFeatures, WindowedSequences
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from beam_dl import cli
 from beam_dl import checkpoints
-from beam_dl.io.images import ImageSpec, decode_image
+from beam_dl.images import ImageSpec, decode_image
 from beam_dl.training.quick import fit_arrays
 from beam_dl.jsonl import read_jsonl
 

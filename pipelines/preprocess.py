@@ -122,7 +122,7 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
   from transforms import sequences as seq
 
   if fmt == 'json':
-    from beam_dl.io.events import EventSpec
+    from beam_dl.formats.events import EventSpec
 
     spec = EventSpec(
         value_fields=tuple(f for f in opts.preprocess_value_fields.split(',') if f),

@@ -52,7 +52,7 @@ from beam_dl import checkpoints, cli
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.kafka import WriteKafkaJson
-from beam_dl.io.events import EventSpec
+from beam_dl.formats.events import EventSpec
 from beam_dl.metrics_export import run_pipeline
 from beam_dl.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
 from transforms.drift import drift_enabled, score_sequences_drift

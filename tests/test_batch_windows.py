@@ -10,7 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.features import WindowSpec
 from beam_dl.features import batch_windows
-from beam_dl.io.events import Event, EventSpec
+from beam_dl.formats.events import Event, EventSpec
 from transforms.sequences import ReadEventBlocks, ReadEvents
 from transforms.windowing import EventTimestamps, WindowedFeatures
 

@@ -16,8 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 from skimage import data as skdata
 
-from beam_dl.io import images
-from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image
+from beam_dl import images
+from beam_dl.images import ImageDecodeError, ImageSpec, decode_image
 from tests.imaging import digits_uint8, encode, truncated_jpeg
 from transforms import images as image_transforms
 
@@ -270,8 +270,8 @@ def test_deferred_read_gives_the_outputs_and_dead_letters_of_reading_first(tmp_p
   its decode thread: same images, and a FIFO that matches the glob is the
   same 'read' dead letter (from the decode step instead of the read step)."""
   small = photo.resize((40, 30))
-  (tmp_path / 'a.jpg').write_bytes(_encode(small, 'JPEG'))
-  (tmp_path / 'b.png').write_bytes(_encode(small, 'PNG'))
+  (tmp_path / 'a.jpg').write_bytes(encode(small, 'JPEG'))
+  (tmp_path / 'b.png').write_bytes(encode(small, 'PNG'))
   (tmp_path / 'text.jpg').write_bytes(b'not an image at all')
   os.mkfifo(tmp_path / 'pipe.png')
   os.symlink(tmp_path / 'nowhere.png', tmp_path / 'gone.png')
@@ -281,8 +281,8 @@ def test_deferred_read_gives_the_outputs_and_dead_letters_of_reading_first(tmp_p
       read = p | f'Read{defer}' >> image_transforms.ReadImageFiles(os.path.join(tmp_path, '*'), defer_read=defer)
       out = read.images | f'Decode{defer}' >> image_transforms.DecodeImages(spec, ahead=2)
       assert_that(out.decoded | f'Pixels{defer}' >> beam.Map(lambda e: (os.path.basename(e[0]), int(e[1].sum()))),
-                  equal_to([('a.jpg', int(decode_image(_encode(small, 'JPEG'), spec).sum())),
-                            ('b.png', int(decode_image(_encode(small, 'PNG'), spec).sum()))]),
+                  equal_to([('a.jpg', int(decode_image(encode(small, 'JPEG'), spec).sum())),
+                            ('b.png', int(decode_image(encode(small, 'PNG'), spec).sum()))]),
                   label=f'decoded{defer}')
       failed = (read.failed, out.failed) | f'Failed{defer}' >> beam.Flatten()
       assert_that(failed | f'Reasons{defer}' >> beam.Map(

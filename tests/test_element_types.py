@@ -21,9 +21,9 @@ from beam_dl.element_types import (DeadLetter, DecodedImage, EncodedImage, Keyed
                                    KeyedFeatures, Record, TextLine)
 from beam_dl.features.spectrogram import SpectrogramSpec
 from beam_dl.features.windows import WindowSpec
-from beam_dl.io.events import Event, EventSpec
-from beam_dl.io.padding import PaddedBatch
-from beam_dl.io.sequences import SequenceRecord
+from beam_dl.formats.events import Event, EventSpec
+from beam_dl.padding import PaddedBatch
+from beam_dl.sequences import SequenceRecord
 from beam_dl.preprocessing import config as config_lib
 from transforms import drift as drift_t
 from transforms import images, io, metrics, preprocessing, sequences, tfrecords, windowing

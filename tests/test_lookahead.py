@@ -9,7 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from PIL import Image
 
-from beam_dl.io.images import ImageSpec
+from beam_dl.images import ImageSpec
 from beam_dl.lookahead import Lookahead
 from transforms.images import DecodeImages
 

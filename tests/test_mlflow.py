@@ -23,7 +23,7 @@ from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
 from beam_dl import checkpoints, registry_mlflow  # noqa: E402
 from beam_dl.handler import JaxModelHandler  # noqa: E402
-from beam_dl.io.images import ImageSpec, decode_image  # noqa: E402
+from beam_dl.images import ImageSpec, decode_image  # noqa: E402
 from beam_dl.jsonl import read_jsonl  # noqa: E402
 from pipelines import classify_images  # noqa: E402
 from pipelines import train as train_cli  # noqa: E402

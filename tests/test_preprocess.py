@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.jsonl import read_jsonl
 from beam_dl.formats import image_example
-from beam_dl.io.images import decode_image
+from beam_dl.images import decode_image
 from beam_dl.preprocessing import canonical, schemas
 from beam_dl.preprocessing import stats as stats_lib
 from beam_dl.training import input_pipeline
@@ -269,7 +269,7 @@ def test_sequence_records_and_serving_agree(sequences_run):
   # an item it never saw takes its one OOV bucket, the id after the vocabulary.
   import tensorflow_transform as tft
 
-  from beam_dl.io.sequences import SequenceRecord
+  from beam_dl.sequences import SequenceRecord
 
   vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
   assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
@@ -304,7 +304,7 @@ def test_sequence_model_trained_on_records_serves_through_transform(sequences_ru
 
   from beam_dl import checkpoints
   from beam_dl.handler import JaxModelHandler
-  from beam_dl.io.sequences import SequenceRecord
+  from beam_dl.sequences import SequenceRecord
   from beam_dl.training import TrainConfig, train_and_evaluate
   from beam_dl.training.summaries import read_scalars
   from transforms.inference import RunInferenceWithDeadLetters
@@ -350,7 +350,7 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
 
   from beam_dl import tft_jax
   from beam_dl.formats.sequence_example import encode_sequence_example
-  from beam_dl.io.sequences import SequenceRecord
+  from beam_dl.sequences import SequenceRecord
 
   rng = np.random.default_rng(1)
   sequences = {}

@@ -30,7 +30,7 @@ def test_preprocess_train_serve_with_the_saved_transform(tmp_path):
 
   from beam_dl import checkpoints, tft_jax
   from beam_dl.handler import JaxModelHandler
-  from beam_dl.io.images import decode_image
+  from beam_dl.images import decode_image
   from beam_dl.preprocessing import canonical
   from beam_dl.training import input_pipeline
   from beam_dl.training.summaries import read_scalars

@@ -11,7 +11,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.features import SpectrogramSpec, WindowSpec
-from beam_dl.io.events import Event
+from beam_dl.formats.events import Event
 from transforms.windowing import (EventTimestamps, WindowedFeatures, WindowedSequences,
                                   WindowedSpectrograms)
 

@@ -239,7 +239,7 @@ def _write(pcoll, label: str, prefix: str, writer):
 def classify_images_drift(options, images, predictions, model_dir: str, output: str):
   """classify_images' drift: image brightness/contrast and the predicted class and score."""
   from beam_dl import checkpoints
-  from beam_dl.io.images import ImageSpec
+  from beam_dl.images import ImageSpec
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
   spec = ImageSpec(height=height, width=width, channels=channels)
@@ -265,7 +265,7 @@ def image_features(element, spec) -> list[dict]:
   yields nothing here (it is already a dead letter of the classification path).
   """
   from beam_dl.io import files
-  from beam_dl.io.images import ImageDecodeError, decode_image
+  from beam_dl.images import ImageDecodeError, decode_image
 
   try:
     pixels = decode_image(files.content(element[1]), spec).astype(np.float32) / 255.0

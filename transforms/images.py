@@ -26,7 +26,7 @@ from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
-from beam_dl.io.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
+from beam_dl.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
 from beam_dl.lookahead import Lookahead
 
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
@@ -253,7 +253,7 @@ class DecodeImages(ErrorHandling, beam.PTransform):
 
   Already decoded uint8 pixels in place of the bytes (what `ReadImageExamples`
   gives for `image/raw` records) get the same mode conversion and resize
-  (`beam_dl.io.images.fit_image`), without an encode/decode round trip.
+  (`beam_dl.images.fit_image`), without an encode/decode round trip.
 
   (key, bytes, meta...) elements keep whatever follows the bytes:
   (key, array, meta...).

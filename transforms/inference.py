@@ -17,7 +17,7 @@ from beam_dl import checkpoints
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.element_types import DeadLetter, EncodedImage, Record
 from beam_dl.handler import JaxModelHandler
-from beam_dl.io.images import ImageSpec
+from beam_dl.images import ImageSpec
 from beam_dl.isolate import Failed, isolate
 from beam_dl.postprocess import classification_record
 from transforms.images import DecodeImages

@@ -28,7 +28,7 @@ from apache_beam.utils import shared
 from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
 from beam_dl.formats import image_example
-from beam_dl.io.sequences import SequenceRecord
+from beam_dl.sequences import SequenceRecord
 from beam_dl.isolate import Failed, failures, isolate
 from beam_dl.preprocessing import canonical, stats
 from beam_dl.preprocessing import config as config_lib

@@ -30,12 +30,12 @@ from beam_dl.element_types import DeadLetter, TextLine
 from beam_dl.formats import sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.features.batch_windows import events_block
-from beam_dl.io import events as events_lib
-from beam_dl.io import padding as padding_lib
-from beam_dl.io import hashing
-from beam_dl.io.events import Event, EventSpec
-from beam_dl.io.padding import PaddedBatch
-from beam_dl.io.sequences import SequenceRecord
+from beam_dl.formats import events as events_lib
+from beam_dl import padding as padding_lib
+from beam_dl import hashing
+from beam_dl.formats.events import Event, EventSpec
+from beam_dl.padding import PaddedBatch
+from beam_dl.sequences import SequenceRecord
 from transforms.tfrecords import ReadTFRecords
 
 NAMESPACE = 'beam_dl.sequences'
@@ -469,7 +469,7 @@ class ChunkSequences(beam.PTransform):
   """`SequenceRecord`s -> fixed windows of `window` steps (truncated BPTT).
 
   Chunk keys are '<key>/<index>' and meta holds source_key, chunk, num_chunks
-  and start; see `beam_dl.io.padding.chunk`.
+  and start; see `beam_dl.padding.chunk`.
   """
 
   def __init__(self, window: int, stride: int | None = None, drop_remainder: bool = False):

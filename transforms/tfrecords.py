@@ -31,7 +31,7 @@ from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
 from beam_dl.io import files as files_lib
 from beam_dl.io import tfrecord as tfrecord_lib
-from beam_dl.io.sequences import SequenceRecord
+from beam_dl.sequences import SequenceRecord
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
 
 NAMESPACE = 'beam_dl.tfrecords'

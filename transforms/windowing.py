@@ -34,7 +34,7 @@ from beam_dl.features.late import LATE, LateDataGate
 from beam_dl.features.spectrogram import SpectrogramSpec, place_samples, spectrogram
 from beam_dl.element_types import Record
 from beam_dl.features.windows import WindowSpec
-from beam_dl.io.events import Event
+from beam_dl.formats.events import Event
 
 Keyed = beam.typehints.Tuple[str, beam.typehints.Any]
 

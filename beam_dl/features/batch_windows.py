@@ -44,7 +44,7 @@ from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedV
 from beam_dl.element_types import Record
 from beam_dl.features.aggregates import features_record
 from beam_dl.features.windows import WindowSpec
-from beam_dl.io.events import Event
+from beam_dl.formats.events import Event
 
 DEFAULT_BLOCKS = 64
 # A batch GroupByKey fires each window once, when the input ends: the pane

@@ -7,6 +7,9 @@
   sequence_example  tf.train.SequenceExample of one sequence (context `key`,
                     `label`/`target`; feature lists `values`, `ids`), and its
                     flat list-feature tf.train.Example variant
+  events            event records as JSON lines or CSV rows (`EventSpec`,
+                    `parse_json_event`, `parse_csv_event`) and their per-key
+                    assembly into sequences
   features          tf.train.Feature builders and value checks the formats share
 
 Each format module holds its feature names, its encoder (numpy -> serialized

@@ -1,1 +1,3 @@
-"""Decoders: encoded bytes and records in, numpy arrays out (no Beam here)."""
+"""Reading and writing bytes where they live: files (`files`), TFRecord
+framing (`tfrecord`), Kafka (`kafka`). Formats live in `beam_dl.formats`,
+decoders beside them (`beam_dl.images`, `beam_dl.sequences`)."""
