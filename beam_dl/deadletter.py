@@ -13,6 +13,13 @@ import apache_beam as beam
 FAILED = 'failed'
 
 
+def failed_output(output: str) -> str:
+  """Where a pipeline writing `<output>-SSSSS-of-NNNNN.*` writes its dead
+  letters: `<output>_failed-SSSSS-of-NNNNN.jsonl`, which a reader's
+  `<output>-*` glob does not pick up."""
+  return f'{output}_{FAILED}'
+
+
 def dead_letter(key: Any, stage: str, reason: str, **extra: Any) -> dict[str, Any]:
   """{"key", "stage", "reason"} (+ extra fields), JSON-serialisable."""
   record = {'key': None if key is None else str(key), 'stage': stage, 'reason': reason}

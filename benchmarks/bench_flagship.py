@@ -134,7 +134,7 @@ def pipeline_labels(output: str) -> tuple[dict, int]:
         record = json.loads(line)
         labels[record['key']] = record['label']
   failed = 0
-  for path in glob.glob(f'{output}-failed-*.jsonl'):
+  for path in glob.glob(f'{output}_failed-*.jsonl'):
     with open(path) as f:
       failed += sum(1 for _ in f)
   return labels, failed

@@ -105,7 +105,7 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float) -> d
   for path in glob.glob(f'{output}-[0-9]*-of-*.jsonl'):
     with open(path) as f:
       keys.extend(json.loads(line)['key'] for line in f)
-  for path in glob.glob(f'{output}-failed-*.jsonl'):
+  for path in glob.glob(f'{output}_failed-*.jsonl'):
     with open(path) as f:
       failed += sum(1 for _ in f)
   accounted = len(keys) + failed == total and len(set(keys)) == len(keys)

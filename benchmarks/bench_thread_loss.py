@@ -91,7 +91,7 @@ def main() -> None:
   for path in glob.glob(out + '-[0-9]*.jsonl'):
     with open(path) as f:
       keys += [json.loads(line)['key'] for line in f]
-  failed = sum(1 for path in glob.glob(out + '-failed-*.jsonl') for _ in open(path))
+  failed = sum(1 for path in glob.glob(out + '_failed-*.jsonl') for _ in open(path))
   missing = len(set(inputs) - set(keys))
   print(f"{'unfixed' if args.unfixed else 'fixed'} workers={args.workers} flush_ms={args.flush_ms or 1000} "
         f'inputs={len(inputs)} predicted={len(keys)} dead_letters={failed} missing={missing} '

@@ -5,7 +5,7 @@
         [--runner DirectRunner ...any Beam option]
 
 Writes `<output>-SSSSS-of-NNNNN.jsonl` ({"key", "label", "score", "scores"})
-and `<output>-failed-SSSSS-of-NNNNN.jsonl` ({"key", "stage", "reason"}):
+and `<output>_failed-SSSSS-of-NNNNN.jsonl` ({"key", "stage", "reason"}):
 every input lands in exactly one of them.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
 from beam_dl.metrics_export import run_pipeline
-from beam_dl.deadletter import FailAboveErrorRate
+from beam_dl.deadletter import FailAboveErrorRate, failed_output
 from beam_dl.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
                              OptionsError, ProgressOptions, require)
 from beam_dl.progress import CountProgressFn
@@ -64,7 +64,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, **inference.handler_kwargs())
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
-  failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
   failed | 'CountDeadLetters' >> CountDeadLetters()
   max_error_rate = options.view_as(DeadLetterOptions).max_error_rate
   if max_error_rate is not None:

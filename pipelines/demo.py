@@ -8,7 +8,7 @@
 2. Decodes the training files with the same decoder the pipeline uses and
    trains a small Flax CNN on the CPU; saves it with orbax to DIR/model.
 3. Runs `pipelines.classify_images` on the DirectRunner over the held-out
-   files, writing DIR/predictions/predictions-*.jsonl and -failed-*.jsonl.
+   files, writing DIR/predictions/predictions-*.jsonl and _failed-*.jsonl.
 4. Prints held-out accuracy, counts of inputs, predictions and dead letters,
    and images per second.
 """
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
   )
   seconds = time.perf_counter() - start
   summary = summarize(
-      read_jsonl(output + '-[0-9]*.jsonl'), read_jsonl(output + '-failed-*.jsonl'), len(test_paths), seconds
+      read_jsonl(output + '-[0-9]*.jsonl'), read_jsonl(output + '_failed-*.jsonl'), len(test_paths), seconds
   )
   print(
       f"held-out accuracy {summary['accuracy']:.3f} | inputs {summary['inputs']} | "

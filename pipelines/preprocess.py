@@ -20,7 +20,7 @@ Writes:
   <transform_dir>/metadata                             the raw schema
   <transform_dir>/preprocess.json, stats.json          config; analysed statistics
   <output>-SSSSS-of-NNNNN.tfrecord                     transformed tf.Examples
-  <output>-failed-SSSSS-of-NNNNN.jsonl                 dead letters
+  <output>_failed-SSSSS-of-NNNNN.jsonl                 dead letters
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
+from beam_dl.deadletter import failed_output
 from beam_dl.options import IOOptions, OptionsError, require, switch
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns, stats
@@ -184,7 +185,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
   )
   failed = (failures | 'AllFailures' >> beam.Flatten()
             | 'CountDeadLetters' >> beam.Map(_count_dead_letter))
-  failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+  failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
   return config
 
 

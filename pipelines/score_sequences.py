@@ -27,7 +27,7 @@ the score is the mean absolute error of that prediction (an anomaly score).
 
 Outputs `<output>-*.jsonl`: {"key", "window_start", "window_end", "pane",
 "pane_index", "length", "last_time", "outputs", ["prediction", "target",
-"score",] "latency_s"}; `<output>-failed-*.jsonl`: dead letters (malformed
+"score",] "latency_s"}; `<output>_failed-*.jsonl`: dead letters (malformed
 events, windows too short to score, failed inference) and late events
 (stage "late"); with `--kafka_output_topic` the same records go to Kafka
 topics instead of or beside the files. `latency_s` is output time minus the arrival time of the
@@ -49,6 +49,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_dl import checkpoints, cli
+from beam_dl.deadletter import failed_output
 from beam_dl.features.windows import WindowSpec
 from beam_dl.handler import JaxModelHandler
 from beam_dl.io.kafka import WriteKafkaJson
@@ -218,11 +219,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
         opts.kafka_bootstrap_servers, opts.kafka_failed_topic or f'{opts.kafka_output_topic}-failed')
   if streaming and io.output:
     scores | 'WriteScores' >> WriteWindowedJsonLines(io.output, opts.write_frequency_secs)
-    failed | 'WriteFailures' >> WriteWindowedJsonLines(f'{io.output}-failed', opts.write_frequency_secs)
+    failed | 'WriteFailures' >> WriteWindowedJsonLines(failed_output(io.output), opts.write_frequency_secs)
   elif io.output:
     scores = scores | 'GlobalScores' >> beam.WindowInto(beam.window.GlobalWindows())
     scores | 'WriteScores' >> WriteJsonLines(io.output)
-    failed | 'WriteFailures' >> WriteJsonLines(f'{io.output}-failed')
+    failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
   failed | 'CountDeadLetters' >> CountDeadLetters()
   if drift_enabled(options):
     window = writer = None  # batch: one drift report for the run (or --drift_window_size)

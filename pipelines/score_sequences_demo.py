@@ -124,7 +124,7 @@ def main(argv=None):
       '--window_period', str(WEEK), '--seq_len', str(SEQ_LEN), '--min_length', str(MIN_LENGTH),
       '--forecast', *beam_args])
   scores = read_jsonl(f'{output}-0*.jsonl')
-  failed = read_jsonl(f'{output}-failed-*.jsonl')
+  failed = read_jsonl(f'{output}_failed-*.jsonl')
   by_stage: dict[str, int] = {}
   for record in failed:
     by_stage[record['stage']] = by_stage.get(record['stage'], 0) + 1

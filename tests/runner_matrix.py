@@ -399,7 +399,7 @@ def read_classify_images(out_dir: str) -> dict:
   }
   failed = sorted(
       (os.path.basename(r['key']) if r['key'] else None, r['stage'], r['reason'])
-      for r in read_jsonl(prefix + '-failed-*.jsonl')
+      for r in read_jsonl(prefix + '_failed-*.jsonl')
   )
   return {'predictions': predictions, 'failed': failed}
 
@@ -480,7 +480,7 @@ def read_score_sequences(out_dir: str) -> dict:
       numbers.extend(value if isinstance(value, list) else [value])
     scores[(r['key'], r['window_start'], r['window_end'], r['pane'], r['pane_index'])] = (
         r['length'], r['last_time'], tuple(numbers))
-  failed = sorted((str(r.get('key')), r['stage'], r['reason']) for r in read_jsonl(prefix + '-failed-*.jsonl'))
+  failed = sorted((str(r.get('key')), r['stage'], r['reason']) for r in read_jsonl(prefix + '_failed-*.jsonl'))
   return {'scores': scores, 'failed': failed}
 
 
@@ -566,7 +566,7 @@ def read_score_sequences_streaming(out_dir: str) -> dict:
     else:
       early.setdefault(r['key'], []).append(r['length'])
   failed, short = [], []
-  for r in read_jsonl(prefix + '-failed-*.jsonl'):
+  for r in read_jsonl(prefix + '_failed-*.jsonl'):
     (short if r['stage'] == 'sequence' else failed).append((str(r.get('key')), r['stage'], r['reason']))
   return {'final': final, 'panes': sorted(panes), 'early': {k: sorted(v) for k, v in early.items()},
           'failed': sorted(failed), 'short': sorted(short)}
@@ -634,7 +634,7 @@ def read_preprocess(out_dir: str) -> dict:
       'records': {os.path.basename(k): {n: _plain(v) for n, v in r.items()} for k, r in records.items()},
       'stats': stats.load(transform_dir),
       'failed': sorted((os.path.basename(r['key'] or ''), r['stage'], r['reason'])
-                       for r in read_jsonl(os.path.join(out_dir, 'train') + '-failed-*.jsonl')),
+                       for r in read_jsonl(os.path.join(out_dir, 'train') + '_failed-*.jsonl')),
   }
 
 

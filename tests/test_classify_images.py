@@ -85,7 +85,7 @@ def test_pipeline_from_files_every_input_lands_once(digits_model_dir, inputs, tm
     (tmp_path / 'in' / name).write_bytes(data)
   out = str(tmp_path / 'out' / 'pred')
   classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}'])
-  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   keys = [r['key'] for r in predictions + failed]
   assert sorted(keys) == sorted(str(p) for p in (tmp_path / 'in').iterdir())  # all, once each
   assert {r['key'].rsplit('/', 1)[1] for r in failed} == set(bad)
@@ -102,7 +102,7 @@ def test_pipeline_from_tfrecord_examples(digits_model_dir, inputs, tmp_path):
     writer.write(tf.train.Example().SerializeToString())  # an Example without the image
   out = str(tmp_path / 'pred')
   classify_images.run([f'--input={path}', f'--model_dir={digits_model_dir}', f'--output={out}'])
-  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   assert {r['key']: r['label'] for r in predictions} == direct_labels(digits_model_dir, good)
   assert sorted(r['stage'] for r in failed) == ['parse', 'parse']
   assert any('image/encoded' in r['reason'] for r in failed)
@@ -179,7 +179,7 @@ def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_mode
   classify_images.run([f'--input={records}/*.tfrecord', f'--model_dir={digits_model_dir}',
                        f'--output={tmp_path}/out/records'])
   predictions = read_jsonl(f'{tmp_path}/out/records-[0-9]*.jsonl')
-  failed = read_jsonl(f'{tmp_path}/out/records-failed-*.jsonl')
+  failed = read_jsonl(f'{tmp_path}/out/records_failed-*.jsonl')
   assert sorted(r['key'] for r in predictions) == sorted(
       f'{kind}/{name}' for kind in ('rgb', 'gray', 'encoded') for name in good)
   for record in predictions:
@@ -216,6 +216,6 @@ def test_max_error_rate_under_the_threshold_succeeds_with_dead_letters(digits_mo
   out = str(tmp_path / 'out' / 'pred')
   classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}',
                        '--max_error_rate=0.5'])  # 3 of 9 failed: 33% <= 50%
-  failed = read_jsonl(out + '-failed-*.jsonl')
+  failed = read_jsonl(out + '_failed-*.jsonl')
   assert sorted(r['key'].rsplit('/', 1)[1] for r in failed) == sorted(bad)
   assert len(read_jsonl(out + '-[0-9]*.jsonl')) == len(good)

@@ -140,7 +140,7 @@ def test_classify_images_keeps_good_records_around_damaged_tfrecords(digits_mode
   out = str(tmp_path / 'pred')
   classify_images.run([f'--input={tmp_path}/*.tfrecord', f'--model_dir={digits_model_dir}',
                        f'--output={out}', '--runner=FnApiRunner'])
-  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   assert sorted(r['key'] for r in predictions) == ['a0', 'a1', 'a3', 'a4', 'b0', 'b1']
   assert sorted((f['key'], f['stage'], f['file'], f['offset']) for f in failed) == [
       (f'{a}@{a_offsets[2]}', 'read', a, a_offsets[2]),
@@ -198,7 +198,7 @@ def test_classify_images_reports_every_unreadable_match_and_decodes_tiffs(digits
   out = str(tmp_path / 'pred')
   classify_images.run([f'--input={inputs}/*', f'--model_dir={digits_model_dir}', f'--output={out}',
                        '--runner=FnApiRunner'])
-  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '-failed-*.jsonl')
+  predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   label = direct_labels(digits_model_dir, {'digit': good['digit.png']})['digit']
   assert {os.path.basename(r['key']): r['label'] for r in predictions} == {n: label for n in good}
   by_name = {os.path.basename(f['key']): f for f in failed}
@@ -231,7 +231,7 @@ def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_p
   with caplog.at_level(logging.INFO, logger='beam_dl.preprocess'):
     preprocess.run([f'--input={tmp_path}/in/*.tfrecord', f'--transform_dir={transform_dir}',
                     f'--output={output}', '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner'])
-  failed = read_jsonl(output + '-failed-*.jsonl')
+  failed = read_jsonl(output + '_failed-*.jsonl')
   assert sorted((f['key'], f['stage']) for f in failed) == sorted([
       (f'{path}@{offsets[3]}', 'read'), (f'{cut}@{cut_offsets[1]}', 'read'),
       ('img-wrong-shape', 'parse')])
@@ -256,7 +256,7 @@ def test_preprocess_files_label_beyond_int64_and_unreadable_matches(tmp_path, ca
   with caplog.at_level(logging.INFO, logger='beam_dl.preprocess'):
     preprocess.run([f'--input={inputs}/*.png', f'--transform_dir={transform_dir}', f'--output={output}',
                     '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner'])
-  failed = {os.path.basename(f['key']): f for f in read_jsonl(output + '-failed-*.jsonl')}
+  failed = {os.path.basename(f['key']): f for f in read_jsonl(output + '_failed-*.jsonl')}
   assert sorted(failed) == sorted([f'digit_big_label{2**64}.png', 'sub.png', 'gone.png'])
   assert failed[f'digit_big_label{2**64}.png']['stage'] == 'canonical'
   assert 'does not fit int64' in failed[f'digit_big_label{2**64}.png']['reason']
@@ -297,7 +297,7 @@ def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
   score_sequences.run([
       '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
       '--event_value_fields', 'v', '--window', 'fixed', '--window_size', '3600', '--seq_len', '64'])
-  scores, failed = read_jsonl(f'{out}-0*.jsonl'), read_jsonl(f'{out}-failed-*.jsonl')
+  scores, failed = read_jsonl(f'{out}-0*.jsonl'), read_jsonl(f'{out}_failed-*.jsonl')
   assert [(s['key'], s['length']) for s in scores] == [('k', 20)]  # every good event scored
   bad = [(f['key'], f['stage'], f['reason'].split(':')[0]) for f in failed]
   assert sorted(bad, key=repr) == sorted([

@@ -75,7 +75,7 @@ def test_image_files_from_hdfs_predictions_back_to_hdfs(hdfs, images, digits_mod
       *hdfs.beam_args,
   ])  # fmt: skip
   predictions = read_hdfs_jsonl('hdfs://out/files/pred-[0-9]*.jsonl')
-  failed = read_hdfs_jsonl('hdfs://out/files/pred-failed-*.jsonl')
+  failed = read_hdfs_jsonl('hdfs://out/files/pred_failed-*.jsonl')
   assert {r['key'].rsplit('/', 1)[1]: r['label'] for r in predictions} == expected_labels(digits_model_dir, images)
   assert [(r['key'].rsplit('/', 1)[1], r['stage']) for r in failed] == [('text.jpg', 'decode')]
   assert all(r['key'].startswith('hdfs://data/files/') for r in predictions + failed)
@@ -94,7 +94,7 @@ def test_tfrecords_and_model_from_hdfs(hdfs, images, digits_model_dir):
       '--output=hdfs://out/examples/pred', *hdfs.beam_args,
   ])  # fmt: skip
   predictions = read_hdfs_jsonl('hdfs://out/examples/pred-[0-9]*.jsonl')
-  failed = read_hdfs_jsonl('hdfs://out/examples/pred-failed-*.jsonl')
+  failed = read_hdfs_jsonl('hdfs://out/examples/pred_failed-*.jsonl')
   assert {r['key']: r['label'] for r in predictions} == expected_labels(digits_model_dir, images)
   assert [r['stage'] for r in failed] == ['parse']
 

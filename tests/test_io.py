@@ -7,11 +7,12 @@ from transforms.io import WriteJsonLines
 
 
 def test_writing_outputs_keeps_the_dead_letters_beside_them(tmp_path):
-  """`<p>-failed-00000-of-00001.jsonl` (written by another step of the same
-  job, finalized first as Prism may do) survives `<p>`'s write, which does
+  """A neighbour that Beam's own stale-shard glob `<p>-*-of-00001.jsonl` matches,
+  `<p>-late-00000-of-00001.jsonl` (written by another step of the same job,
+  finalized first as Prism may do), survives `<p>`'s write, which does
   replace its own stale shard."""
   prefix = str(tmp_path / 'predictions')
-  dead_letters = tmp_path / 'predictions-failed-00000-of-00001.jsonl'
+  dead_letters = tmp_path / 'predictions-late-00000-of-00001.jsonl'
   dead_letters.write_text('{"key": "a.png", "reason": "bad", "stage": "decode"}\n')
   (tmp_path / 'predictions-00000-of-00001.jsonl').write_text('{"stale": true}\n')
   with beam.Pipeline('DirectRunner') as p:

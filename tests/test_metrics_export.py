@@ -131,7 +131,7 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
   assert decoded == N_IMAGES
   dead = {(l['stage'], l['reason']): v for l, v in samples['beam_dl_deadletters_dead_letters_total']}
   assert dead == {('decode', 'not_a_recognised_image'): 2.0}
-  assert len(read_jsonl(f'{out}-failed-*.jsonl')) == 2
+  assert len(read_jsonl(f'{out}_failed-*.jsonl')) == 2
   batches = sum(v for _, v in samples['beamdl_jax_inference_batch_latency_micro_secs_count'])
   assert batches >= 1 and sum(v for _, v in samples['beamdl_jax_inference_batch_latency_micro_secs_sum']) > 0
   (report,) = read_jsonl(f'{out}-drift-0*.jsonl')

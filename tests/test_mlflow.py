@@ -130,7 +130,7 @@ def test_classify_images_serves_a_registry_alias(server, registered, tmp_path, m
       f.write(data)
   out = str(tmp_path / 'out' / 'pred')
   classify_images.run([f'--input={tmp_path}/*.png', '--model_dir=models:/digits@champion', f'--output={out}'])
-  assert read_jsonl(out + '-failed-*.jsonl') == []
+  assert read_jsonl(out + '_failed-*.jsonl') == []
   served = {r['key']: (r['label'], r['scores']) for r in read_jsonl(out + '-[0-9]*.jsonl')}
   # The same bytes through the locally exported model, without Beam or MLflow.
   local = JaxModelHandler(os.path.join(registered['workdir'], 'model')).load_model()

@@ -46,7 +46,7 @@ def images_run(tmp_path_factory):
 
 
 def test_image_dead_letters_and_outputs(images_run):
-  failed = read_jsonl(images_run['output'] + '-failed-*.jsonl')
+  failed = read_jsonl(images_run['output'] + '_failed-*.jsonl')
   assert sorted(os.path.basename(f['key']) for f in failed) == ['broken_not_an_image.jpg', 'broken_truncated.jpg']
   assert {f['stage'] for f in failed} == {'decode'}
   assert os.path.isdir(os.path.join(images_run['transform_dir'], 'transform_fn'))
@@ -231,7 +231,7 @@ def test_sequence_records_and_serving_agree(sequences_run):
     assert row['ids'].tolist() == [vocab[e['item']] for e in events]
     assert row['label'] == events[-1]['label']
     assert row['length_bucket'] == np.searchsorted(boundaries, np.float32(len(events)), side='right')
-  failed = read_jsonl(sequences_run['output'] + '-failed-*.jsonl')
+  failed = read_jsonl(sequences_run['output'] + '_failed-*.jsonl')
   assert len(failed) == 2 and {f['stage'] for f in failed} == {'parse_event'}
 
   # Serving: the same events -> canonical raw example -> saved graph.
@@ -371,7 +371,7 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
   ])
   records = input_pipeline.transformed_examples(transform_dir, output + '-*.tfrecord')
   assert sorted(records) == sorted(sequences)
-  assert len(read_jsonl(output + '-failed-*.jsonl')) == 1
+  assert len(read_jsonl(output + '_failed-*.jsonl')) == 1
   all_values = np.concatenate([r.values for r in sequences.values()])
   for i in range(2):
     low, high = all_values[:, i].min(), all_values[:, i].max()

@@ -63,7 +63,7 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir):
       '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
       '--event_value_fields', 'co2', '--window', 'sliding', '--window_size', str(12 * WEEK),
       '--window_period', str(WEEK), '--seq_len', '12', '--min_length', '8', '--forecast'])
-  scores, failed = _read(f'{out}-0*.jsonl'), _read(f'{out}-failed-*.jsonl')
+  scores, failed = _read(f'{out}-0*.jsonl'), _read(f'{out}_failed-*.jsonl')
 
   valid = ~np.isnan(values)
   stages = [f['stage'] for f in failed]
@@ -118,7 +118,7 @@ def test_streaming_watched_directory_picks_up_new_files(tmp_path, model_dir):
       '--event_value_fields', 'co2', '--window', 'fixed', '--window_size', '3600', '--seq_len', '8',
       '--forecast', '--stop_after_secs', '6', '--poll_interval_secs', '0.5', '--write_frequency_secs', '2'])
   writer.join()
-  scores, failed = _read(f'{out}-2*.jsonl'), _read(f'{out}-failed-*.jsonl')
+  scores, failed = _read(f'{out}-2*.jsonl'), _read(f'{out}_failed-*.jsonl')
   final = {s['key']: s for s in scores if s['pane'] == 'ON_TIME'}
   assert set(final) == {'s1', 's2'}
   for key, series in batches.items():

@@ -70,7 +70,7 @@ def test_second_file_for_known_keys_is_scored_not_late(tmp_path, co2_lstm_dir):
       '--poll_interval_secs', '0.5', '--write_frequency_secs', '2', *window_flags])
   writer.join()
   assert opened['first'], 'the pipeline never read the first file'
-  scores, failed = read_jsonl(f'{out}-2*.jsonl'), read_jsonl(f'{out}-failed-*.jsonl')
+  scores, failed = read_jsonl(f'{out}-2*.jsonl'), read_jsonl(f'{out}_failed-*.jsonl')
   assert not [f for f in failed if f['stage'] == 'late'], failed
   assert sorted(f['stage'] for f in failed) == ['parse_event', 'parse_event']
   want = {'a': 2 * PER_FILE, 'b': PER_FILE, 'c': PER_FILE}  # events per key, both files

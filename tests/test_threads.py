@@ -179,7 +179,7 @@ def classify_folders(tmp_path, model_dir, name, beam_args):
         assert record['key'] not in records, f'{record["key"]} predicted twice'
         records[record['key']] = record
   failed = []
-  for path in glob.glob(out + '-failed-*.jsonl'):
+  for path in glob.glob(out + '_failed-*.jsonl'):
     with open(path) as f:
       failed += [json.loads(line) for line in f]
   return records, failed

@@ -13,9 +13,9 @@ from beam_dl.element_types import Record
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam
 # derives `<prefix>-*-of-NNNNN.jsonl` from the shard template, and that glob
-# also matches the dead letters a pipeline writes beside its output,
-# `<prefix>-failed-00000-of-NNNNN.jsonl`: on a runner that finalizes the
-# dead-letter write first (Prism does, at random) they were deleted.
+# also matches any other file sharing the prefix (dead letters were once
+# `<prefix>-failed-...`: on a runner that finalizes the dead-letter write
+# first, Prism at random, they were deleted). Only the 5-digit shards go.
 EXACT_SHARD_GLOB = '-' + '[0-9]' * 5 + '-of-%(num_shards)05d'
 
 
