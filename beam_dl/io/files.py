@@ -9,6 +9,13 @@ dead letter (stage 'read') instead of losing it or hanging:
 
   unlisted_entries(pattern)  -> [(path, reason)] Beam's match skipped
   open_regular(readable)     -> the opened file, or FileReadError(reason)
+
+An input may also be a file list, `@<path>`: a text file naming one input
+path per line (what `beam_dl.local_shards` hands each shard). Its paths are
+taken literally, never as globs:
+
+  list_inputs(pattern)       -> every path a pattern (or file list) names, sorted
+  write_file_list(path, ps)  /  read_file_list(pattern)
 """
 from __future__ import annotations
 
@@ -89,6 +96,54 @@ def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
         skipped.append(FileMetadata(path, 0))
   return sorted((m.path, not_regular_reason(m.path) or 'not listed by the file match')
                 for m in fs.match_files(skipped, pattern))
+
+
+FILE_LIST_PREFIX = '@'
+
+
+def is_file_list(pattern: str) -> bool:
+  """Whether an input pattern names a file list (`@<path>`) rather than a glob."""
+  return pattern.startswith(FILE_LIST_PREFIX)
+
+
+def read_file_list(pattern: str) -> list[str]:
+  """The paths in the file list `@<path>`, one a line, in the list's order."""
+  with FileSystems.open(pattern[len(FILE_LIST_PREFIX):], mime_type='text/plain') as f:
+    return [line for line in f.read().decode('utf-8').split('\n') if line]
+
+
+def write_file_list(path: str, paths: list[str]) -> str:
+  """Writes `paths` as a file list at `path`; returns the pattern (`@<path>`) naming it."""
+  bad = [p for p in paths if '\n' in p or not p]
+  if bad:
+    raise ValueError(f'a file list cannot hold an empty path or one with a newline: {bad[0]!r}')
+  with FileSystems.create(path, mime_type='text/plain') as f:
+    f.write(''.join(f'{p}\n' for p in paths).encode('utf-8'))
+  return FILE_LIST_PREFIX + path
+
+
+def list_inputs(pattern: str) -> list[str]:
+  """Every input path `pattern` names, sorted: what `fileio.MatchFiles` lists
+  plus the entries it skips (`unlisted_entries`), which readers report as
+  dead letters; or a file list's paths. So a job split by these paths sees
+  each input the unsplit job sees, once."""
+  if is_file_list(pattern):
+    return sorted(read_file_list(pattern))
+  matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  return sorted(set(matched) | {path for path, _ in unlisted_entries(pattern)})
+
+
+def listed_metadata(path: str) -> FileMetadata | str:
+  """A listed input's FileMetadata, or the reason it cannot be read (a
+  directory, a dangling symlink, a FIFO, a path that vanished)."""
+  if _is_local(path):
+    reason = not_regular_reason(path)
+    if reason:
+      return reason
+  try:
+    return FileSystems.get_filesystem(path).metadata(path)
+  except Exception as e:  # BeamIOError wrapping the filesystem's own error
+    return f'cannot stat: {describe(e)}'
 
 
 def open_regular(readable) -> BinaryIO:

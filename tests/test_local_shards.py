@@ -1,0 +1,118 @@
+"""Large local jobs in input shards (beam_dl.local_shards): the plan, and a
+real classify_images job that fails in a shard, is rerun, and ends with the
+outputs of one unsharded run, every input once."""
+import json
+import os
+
+import pytest
+
+from beam_dl import local_shards
+from beam_dl.io import files as files_lib
+from beam_dl.jsonl import read_jsonl
+from beam_dl.options import OptionsError
+from pipelines import classify_images
+from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
+
+
+def test_plan_is_sorted_consecutive_and_covers_every_path_once():
+  paths = [f'/in/{i:03d}.png' for i in (5, 1, 9, 3, 7, 2, 8)]
+  shards = local_shards.plan_shards(paths, 3)
+  assert shards == [['/in/001.png', '/in/002.png', '/in/003.png'], ['/in/005.png', '/in/007.png', '/in/008.png'],
+                    ['/in/009.png']]
+  assert local_shards.plan_shards(list(reversed(paths)), 3) == shards
+  assert local_shards.inputs_digest(paths) == local_shards.inputs_digest(sorted(paths))
+  with pytest.raises(OptionsError, match='at least 1'):
+    local_shards.plan_shards(paths, 0)
+
+
+def test_shard_argv_replaces_input_and_output_keeps_the_rest():
+  argv = ['--input', 'a/*', '--shard_files=5', '--model_dir=m', '--output=o/p', '--input_format', 'files',
+          '--shard_files', '7', '--max_batch_size', '4']
+  assert local_shards.shard_argv(argv, '@list.txt', 'o/p/shard-00000.partial/p', ['--x=1']) == [
+      '--model_dir=m', '--input_format', 'files', '--max_batch_size', '4', '--x=1', '--input=@list.txt',
+      '--output=o/p/shard-00000.partial/p']
+
+
+def test_file_list_round_trip_and_inputs_include_what_the_match_skips(tmp_path):
+  (tmp_path / 'a.png').write_bytes(b'x')
+  (tmp_path / 'b.png').write_bytes(b'y')
+  (tmp_path / 'dir.png').mkdir()
+  os.symlink(tmp_path / 'gone', tmp_path / 'dangling.png')
+  listed = files_lib.list_inputs(f'{tmp_path}/*.png')
+  assert listed == sorted(f'{tmp_path}/{n}' for n in ('a.png', 'b.png', 'dir.png', 'dangling.png'))
+  pattern = files_lib.write_file_list(str(tmp_path / 'list.txt'), listed)
+  assert pattern == f'@{tmp_path}/list.txt' and files_lib.list_inputs(pattern) == listed
+  assert files_lib.listed_metadata(listed[0]).path == listed[0] and files_lib.listed_metadata(listed[0]).size_in_bytes == 1
+  assert 'dangling symlink' in files_lib.listed_metadata(f'{tmp_path}/dangling.png')
+  assert 'a directory' in files_lib.listed_metadata(f'{tmp_path}/dir.png')
+
+
+def _write_inputs(folder) -> list[str]:
+  """22 real inputs: 16 digit images (PNG/JPEG) and 6 that fail (bad bytes,
+  a directory and a dangling symlink matching the glob)."""
+  images, _ = digits_uint8()
+  folder.mkdir()
+  for i, image in enumerate(images[:16]):
+    fmt = 'PNG' if i % 2 else 'JPEG'
+    (folder / f'{i:02d}.{fmt.lower()}').write_bytes(encode(image, fmt, **({'quality': 95} if i % 2 == 0 else {})))
+  (folder / '20.jpg').write_bytes(truncated_jpeg())
+  (folder / '21.jpg').write_bytes(TEXT_NAMED_JPG)
+  (folder / '22.png').write_bytes(b'')
+  (folder / '23.png').write_bytes(b'\x89PNG not really')
+  (folder / '24.dir').mkdir()
+  os.symlink(folder / 'nowhere.png', folder / '25.png')
+  return sorted(str(p) for p in folder.iterdir())
+
+
+def _records(prefix_glob: str) -> tuple[list, list]:
+  key = lambda r: json.dumps(r, sort_keys=True)
+  return (sorted(read_jsonl(f'{prefix_glob}-[0-9]*-of-*.jsonl'), key=key),
+          sorted(read_jsonl(f'{prefix_glob}-failed-*.jsonl'), key=key))
+
+
+class _ShardFails(Exception):
+  pass
+
+
+@pytest.mark.slow  # six pipeline runs
+def test_failed_shard_rerun_gives_the_unsharded_outputs_every_input_once(digits_model_dir, tmp_path):
+  paths = _write_inputs(tmp_path / 'in')
+  common = [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', '--max_batch_size=4']
+  classify_images.run([*common, f'--output={tmp_path}/whole/pred'])
+  expected = _records(f'{tmp_path}/whole/pred')
+  assert len(expected[0]) == 16 and len(expected[1]) == 6
+
+  # First attempt: shard 1 of 3 writes its outputs, then its run raises (a
+  # crash before the shard is committed).
+  job = tmp_path / 'job' / 'pred'
+  argv = [*common, f'--output={job}', '--shard_files=8']
+  calls = []
+
+  def crash_in_shard_1(shard_argv):
+    calls.append(shard_argv)
+    classify_images.run(shard_argv)
+    if len(calls) == 2:
+      raise _ShardFails('killed after writing, before the commit')
+
+  options = classify_images.cli.parse_options(argv, classify_images.OPTION_GROUPS, prog='t', description='')
+  with pytest.raises(_ShardFails):
+    local_shards.run_in_shards(crash_in_shard_1, argv, options, 'classify_images', ['--input_format=files'])
+  assert sorted(os.listdir(job)) == ['inputs', 'shard-00000', 'shard-00001.partial', 'shards.json']
+  assert os.listdir(job / 'shard-00001.partial')  # its outputs were written, not committed
+
+  # Rerun the same command: shard 0 is skipped, 1 redone from nothing, 2 run.
+  summary = classify_images.run(argv)
+  assert (summary.shards, summary.ran, summary.skipped) == (3, 2, 1)
+  assert (summary.inputs, summary.outputs, summary.dead_letters) == (22, 16, 6)
+  assert sorted(os.listdir(job)) == ['inputs', 'shard-00000', 'shard-00001', 'shard-00002', 'shards.json',
+                                     'summary.json']
+  predictions, failed = _records(f'{job}/shard-*/pred')
+  keys = [r['key'] for r in predictions + failed]
+  assert sorted(keys) == paths  # every input once, over all shards
+  assert (predictions, failed) == expected  # the unsharded run's records
+
+  # A finished job reruns as a no-op; another shard size is refused.
+  again = classify_images.run(argv)
+  assert (again.ran, again.skipped, again.outputs) == (0, 3, 16)
+  with pytest.raises(OptionsError, match='shard_files'):
+    classify_images.run([*common, f'--output={job}', '--shard_files=5'])
