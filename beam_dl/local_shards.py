@@ -4,10 +4,11 @@ The embedded DirectRunner (Beam's FnApiRunner) holds some state per input
 until a job ends: a Reshuffle's and a Flatten's buffers live in memory for
 the whole stage. On 64x64 images that is ~2.5 KB an image, fine for a few
 hundred thousand inputs, not for tens of millions. Instead of one run over
-everything, `run_in_shards` splits the job's input files (sorted, so the
-split is the same every time) into shards of `--shard_files` files and runs
-the pipeline's own `run(argv)` over each in turn, so memory is that of one
-shard whatever the input size. Each shard is a complete pipeline run with
+everything, `run_in_shards` splits the job's input files (in a fixed order,
+so the split is the same every time; see `beam_dl.io.files.iter_inputs`)
+into shards of `--shard_files` files and runs the pipeline's own
+`run(argv)` over each in turn, so memory is that of one shard whatever the
+input size (the listing itself holds one directory's names at a time). Each shard is a complete pipeline run with
 its own outputs:
 
   <output>/shards.json                   the plan: input, shard size, input count and digest
@@ -37,7 +38,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -90,20 +91,19 @@ class ShardsSummary:
   seconds: float  # this invocation's wall time
 
 
-def plan_shards(paths: Sequence[str], shard_files: int) -> list[list[str]]:
-  """Sorted `paths` cut into consecutive shards of `shard_files` (the last may be short)."""
+def plan_shards(paths: Iterable[str], shard_files: int) -> Iterator[list[str]]:
+  """`paths`, in their order, cut into consecutive shards of `shard_files`
+  (the last may be short); holds one shard at a time."""
   if shard_files < 1:
     raise OptionsError(f'--shard_files must be at least 1, got {shard_files}')
-  ordered = sorted(paths)
-  return [ordered[i:i + shard_files] for i in range(0, len(ordered), shard_files)]
-
-
-def inputs_digest(paths: Sequence[str]) -> str:
-  """A digest of the sorted input paths: the plan a rerun must match."""
-  digest = hashlib.sha256()
-  for path in sorted(paths):
-    digest.update(path.encode('utf-8') + b'\n')
-  return digest.hexdigest()
+  shard = []
+  for path in paths:
+    shard.append(path)
+    if len(shard) == shard_files:
+      yield shard
+      shard = []
+  if shard:
+    yield shard
 
 
 def shard_argv(argv: Sequence[str], input_pattern: str, output: str, extra: Sequence[str] = ()) -> list[str]:
@@ -158,30 +158,37 @@ class _Layout:
       return None
 
 
-def _prepare(layout: _Layout, pattern: str, shard_files: int) -> list[list[str]]:
-  """Lists the inputs, then writes the plan and the shards' file lists, or
-  checks them against an earlier run's; returns the shards."""
-  paths = files_lib.list_inputs(pattern)
-  if not paths:
-    raise OptionsError(f'--input {pattern!r} matches no file')
-  shards = plan_shards(paths, shard_files)
-  plan = {'input': pattern, 'shard_files': shard_files, 'inputs': len(paths), 'shards': len(shards),
-          'inputs_sha256': inputs_digest(paths)}
+def _prepare(layout: _Layout, pattern: str, shard_files: int) -> list[int]:
+  """Lists the inputs (`iter_inputs`: a fixed order, one directory in memory
+  at a time) into the shards' file lists and writes the plan, or checks them
+  against an earlier run's plan; returns each shard's number of inputs."""
   plan_path = os.path.join(layout.job_dir, PLAN)
+  earlier = None
   if os.path.exists(plan_path):
     with open(plan_path) as f:
       earlier = json.load(f)
-    changed = [k for k in ('shard_files', 'inputs', 'inputs_sha256') if earlier.get(k) != plan[k]]
-    if changed:
-      raise OptionsError(
-          f'{layout.job_dir} holds a sharded job planned for other inputs or another shard size '
-          f'({", ".join(changed)} differ); use a new --output, or delete it to start over')
-    return shards
-  os.makedirs(os.path.dirname(layout.list_file(0)), exist_ok=True)
-  for k, shard in enumerate(shards):
-    files_lib.write_file_list(layout.list_file(k), shard)
-  _write_json(plan_path, plan)  # last: a plan on disk means the file lists are complete
-  return shards
+  else:
+    os.makedirs(os.path.dirname(layout.list_file(0)), exist_ok=True)
+  digest, sizes = hashlib.sha256(), []
+  for k, shard in enumerate(plan_shards(files_lib.iter_inputs(pattern), shard_files)):
+    for path in shard:
+      digest.update(path.encode('utf-8') + b'\n')
+    if earlier is None:
+      files_lib.write_file_list(layout.list_file(k), shard)
+    sizes.append(len(shard))
+  if not sizes:
+    raise OptionsError(f'--input {pattern!r} matches no file')
+  plan = {'input': pattern, 'shard_files': shard_files, 'inputs': sum(sizes), 'shards': len(sizes),
+          'inputs_sha256': digest.hexdigest()}
+  if earlier is None:
+    _write_json(plan_path, plan)  # last: a plan on disk means the file lists are complete
+    return sizes
+  changed = [k for k in ('shard_files', 'inputs', 'inputs_sha256') if earlier.get(k) != plan[k]]
+  if changed:
+    raise OptionsError(
+        f'{layout.job_dir} holds a sharded job planned for other inputs or another shard size '
+        f'({", ".join(changed)} differ); use a new --output, or delete it to start over')
+  return sizes
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -233,31 +240,33 @@ def run_in_shards(run: Callable[[list[str]], object], argv: Optional[Sequence[st
   if os.path.isfile(io.output):
     raise OptionsError(f'--output {io.output!r} is a file; with --shard_files it is a directory')
   os.makedirs(io.output, exist_ok=True)
-  shards = _prepare(layout, io.input, shard_files)
-  total = sum(len(s) for s in shards)
   start = time.perf_counter()
-  finished = {k: layout.counts(k) for k in range(len(shards))}
+  sizes = _prepare(layout, io.input, shard_files)
+  total, shards = sum(sizes), len(sizes)
+  _log.info('%s: %d inputs in %d shards of up to %d, listed in %.1f s', name, total, shards, shard_files,
+            time.perf_counter() - start)
+  finished = {k: layout.counts(k) for k in range(shards)}
   skipped = [k for k, c in finished.items() if c is not None]
   progress = Progress(total, name=f'{name}: shards', unit='inputs', every_secs=0)
   if skipped:
-    _log.info('%s: %d of %d shards finished by an earlier run; resuming', name, len(skipped), len(shards))
-    progress.update(sum(len(shards[k]) for k in skipped), shards=f'{len(skipped)}/{len(shards)}')
+    _log.info('%s: %d of %d shards finished by an earlier run; resuming', name, len(skipped), shards)
+    progress.update(sum(sizes[k] for k in skipped), shards=f'{len(skipped)}/{shards}')
   done = len(skipped)
-  for k, shard in enumerate(shards):
+  for k, size in enumerate(sizes):
     if finished[k] is not None:
       continue
     try:
-      finished[k] = _run_shard(run, argv, layout, k, len(shard), extra)
+      finished[k] = _run_shard(run, argv, layout, k, size, extra)
     except BaseException:
       _log.error('%s: shard %05d of %d failed; finished shards are kept: rerun the same command to resume',
-                 name, k, len(shards))
+                 name, k, shards)
       raise
     done += 1
-    progress.update(len(shard), shards=f'{done}/{len(shards)}')
+    progress.update(size, shards=f'{done}/{shards}')
   counts = list(finished.values())
   summary = ShardsSummary(
-      shards=len(shards), inputs=total, outputs=sum(c.outputs for c in counts),
-      dead_letters=sum(c.dead_letters for c in counts), ran=len(shards) - len(skipped), skipped=len(skipped),
+      shards=shards, inputs=total, outputs=sum(c.outputs for c in counts),
+      dead_letters=sum(c.dead_letters for c in counts), ran=shards - len(skipped), skipped=len(skipped),
       seconds=round(time.perf_counter() - start, 3))
   _write_json(os.path.join(layout.job_dir, SUMMARY), asdict(summary))
   _log.info('%s: %d shards, %d inputs -> %d outputs + %d dead letters (%d shards run now, %d from an earlier run) '

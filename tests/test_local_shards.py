@@ -14,15 +14,11 @@ from pipelines import classify_images
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
 
 
-def test_plan_is_sorted_consecutive_and_covers_every_path_once():
-  paths = [f'/in/{i:03d}.png' for i in (5, 1, 9, 3, 7, 2, 8)]
-  shards = local_shards.plan_shards(paths, 3)
-  assert shards == [['/in/001.png', '/in/002.png', '/in/003.png'], ['/in/005.png', '/in/007.png', '/in/008.png'],
-                    ['/in/009.png']]
-  assert local_shards.plan_shards(list(reversed(paths)), 3) == shards
-  assert local_shards.inputs_digest(paths) == local_shards.inputs_digest(sorted(paths))
+def test_plan_is_consecutive_in_input_order_and_covers_every_path_once():
+  paths = [f'/in/{i:03d}.png' for i in range(7)]
+  assert list(local_shards.plan_shards(iter(paths), 3)) == [paths[0:3], paths[3:6], paths[6:]]
   with pytest.raises(OptionsError, match='at least 1'):
-    local_shards.plan_shards(paths, 0)
+    list(local_shards.plan_shards(paths, 0))
 
 
 def test_shard_argv_replaces_input_and_output_keeps_the_rest():
@@ -33,18 +29,25 @@ def test_shard_argv_replaces_input_and_output_keeps_the_rest():
       '--output=o/p/shard-00000.partial/p']
 
 
-def test_file_list_round_trip_and_inputs_include_what_the_match_skips(tmp_path):
-  (tmp_path / 'a.png').write_bytes(b'x')
-  (tmp_path / 'b.png').write_bytes(b'y')
-  (tmp_path / 'dir.png').mkdir()
-  os.symlink(tmp_path / 'gone', tmp_path / 'dangling.png')
-  listed = files_lib.list_inputs(f'{tmp_path}/*.png')
-  assert listed == sorted(f'{tmp_path}/{n}' for n in ('a.png', 'b.png', 'dir.png', 'dangling.png'))
-  pattern = files_lib.write_file_list(str(tmp_path / 'list.txt'), listed)
-  assert pattern == f'@{tmp_path}/list.txt' and files_lib.list_inputs(pattern) == listed
+def test_inputs_are_what_the_match_lists_and_skips_in_a_fixed_order(tmp_path):
+  for folder in ('b', 'a', 'a/z'):
+    (tmp_path / folder).mkdir()
+  for name in ('b/2.png', 'b/1.png', 'a/3.png', 'a/z/4.png', 'a/skip.txt'):
+    (tmp_path / name).write_bytes(b'x')
+  (tmp_path / 'a' / 'dir.png').mkdir()
+  os.symlink(tmp_path / 'gone', tmp_path / 'b' / 'dangling.png')
+  pattern = f'{tmp_path}/*/*.png'
+  listed = list(files_lib.iter_inputs(pattern))
+  matched = [m.path for m in files_lib.FileSystems.match([pattern])[0].metadata_list]
+  unlisted = [path for path, _ in files_lib.unlisted_entries(pattern)]
+  assert sorted(listed) == sorted(matched + unlisted) and len(set(listed)) == len(listed)
+  assert listed == [f'{tmp_path}/{n}' for n in ('a/3.png', 'a/dir.png', 'b/1.png', 'b/2.png', 'b/dangling.png')]
+  assert list(files_lib.iter_inputs(pattern)) == listed  # the same order every time
+  file_list = files_lib.write_file_list(str(tmp_path / 'list.txt'), listed)
+  assert file_list == f'@{tmp_path}/list.txt' and list(files_lib.iter_inputs(file_list)) == listed
   assert files_lib.listed_metadata(listed[0]).path == listed[0] and files_lib.listed_metadata(listed[0]).size_in_bytes == 1
-  assert 'dangling symlink' in files_lib.listed_metadata(f'{tmp_path}/dangling.png')
-  assert 'a directory' in files_lib.listed_metadata(f'{tmp_path}/dir.png')
+  assert 'a directory' in files_lib.listed_metadata(listed[1])
+  assert 'dangling symlink' in files_lib.listed_metadata(listed[4])
 
 
 def _write_inputs(folder) -> list[str]:

@@ -14,7 +14,7 @@ An input may also be a file list, `@<path>`: a text file naming one input
 path per line (what `beam_dl.local_shards` hands each shard). Its paths are
 taken literally, never as globs:
 
-  list_inputs(pattern)       -> every path a pattern (or file list) names, sorted
+  iter_inputs(pattern)       -> every path a pattern (or file list) names, in a fixed order
   write_file_list(path, ps)  /  read_file_list(pattern)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import re
 import stat
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
@@ -122,15 +122,36 @@ def write_file_list(path: str, paths: list[str]) -> str:
   return FILE_LIST_PREFIX + path
 
 
-def list_inputs(pattern: str) -> list[str]:
-  """Every input path `pattern` names, sorted: what `fileio.MatchFiles` lists
-  plus the entries it skips (`unlisted_entries`), which readers report as
-  dead letters; or a file list's paths. So a job split by these paths sees
-  each input the unsplit job sees, once."""
+def iter_inputs(pattern: str) -> Iterator[str]:
+  """Every input path `pattern` names, in an order that is the same on every
+  call for the same files: what `fileio.MatchFiles` lists plus the entries it
+  skips (`unlisted_entries`: readers report them as dead letters), or a file
+  list's paths in its order. A job split by these paths sees each input the
+  unsplit job sees, once.
+
+  A local glob is walked like Beam's own match (the walk under the pattern's
+  fixed prefix, filtered by Beam's `match_files`), directory by directory in
+  sorted name order, holding one directory's names at a time: listing a
+  million files costs no more memory than listing a thousand. Other
+  filesystems list through Beam's match, sorted.
+  """
   if is_file_list(pattern):
-    return sorted(read_file_list(pattern))
-  matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-  return sorted(set(matched) | {path for path, _ in unlisted_entries(pattern)})
+    yield from read_file_list(pattern)
+    return
+  if pattern.endswith(os.sep):  # as FileSystem.match: a directory means its entries
+    pattern += '*'
+  prefix = re.match(r'^[^[*?]*', pattern).group(0)
+  if not _is_local(pattern) or prefix == pattern:
+    yield from sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    return
+  fs = FileSystems.get_filesystem(pattern)
+  root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+  if not os.path.isdir(root or '.'):
+    return
+  for dirpath, dirnames, filenames in os.walk(root or '.'):
+    dirnames.sort()  # os.walk descends in this order
+    entries = [FileMetadata(os.path.join(dirpath, name), 0) for name in sorted(dirnames + filenames)]
+    yield from (m.path for m in fs.match_files(entries, pattern))
 
 
 def listed_metadata(path: str) -> FileMetadata | str:
