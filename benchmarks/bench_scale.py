@@ -6,12 +6,20 @@ hard-linked into as many folders as the size needs; see bench_flagship) with
 the SmallCNN model dir, batch 128. Peak RSS is the subprocess's own
 (`os.wait4` rusage; with --mode mp2 the SDK worker processes are sampled
 from /proc too). While it runs, progress (images read so far, rate, ETA, RSS)
-is printed from the pipeline's own progress lines (--progress_every_secs). At the end every input is checked to be in exactly one output
-(predictions or dead letters).
+is printed from the pipeline's own progress lines (--progress_every_secs),
+with the highest RSS sampled so far. At the end every input is checked to be
+in exactly one output (predictions or dead letters).
+
+With --shard_files N the pipeline runs as a large local job
+(`beam_dl.local_shards`): shards of N files, one complete pipeline run each,
+one after another in the same process; progress counts over all shards.
+--stop_after_secs ends a run that is taking too long and reports how far it
+got (inputs done, rate, ETA, peak RSS so far); with --shard_files, rerunning
+with --resume continues from the finished shards.
 
     python -m benchmarks.bench_scale --sizes 4000,24000
     python -m benchmarks.bench_scale --sizes 10000,100000 [--mode mp2]
-    python -m benchmarks.bench_scale --sizes 1000000     # hours on 2 cores
+    python -m benchmarks.bench_scale --sizes 10000,100000,1000000 --shard_files 50000   # hours on 2 cores
 """
 from __future__ import annotations
 
@@ -20,24 +28,36 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
+from beam_dl.io.files import iter_inputs
 from benchmarks.bench_flagship import MODES, make_images, make_model
 
 DISTINCT = 2000
 
 
-PROGRESS = re.compile(rb'classify_images: read\[pid (\d+)\]: (\d+)/')
+PROGRESS = re.compile(rb'classify_images: (?:read\[pid (\d+)\]|(shards)): (\d+)/')
 
 
-def _read_so_far(counts: dict, text: bytes) -> int:
-  """Inputs read so far, summed over worker pids, from the pipeline's progress lines."""
-  for pid, n in PROGRESS.findall(text):
-    counts[pid] = max(counts.get(pid, 0), int(n))
-  return sum(counts.values())
+class _SoFar:
+  """Inputs read so far, from the pipeline's progress lines: the sum over
+  worker pids of each one's count, plus (sharded) the inputs of the shards
+  finished before the current one."""
+
+  def __init__(self):
+    self.finished, self.counts = 0, {}
+
+  def update(self, text: bytes) -> int:
+    for pid, shards, n in PROGRESS.findall(text):
+      if shards:  # a shard finished: its workers' counts start again
+        self.finished, self.counts = int(n), {}
+      else:
+        self.counts[pid] = max(self.counts.get(pid, 0), int(n))
+    return self.finished + sum(self.counts.values())
 
 
 def _rss_kb(pid: int) -> int:
@@ -62,19 +82,36 @@ def _tree_rss_kb(pid: int) -> int:
   return total
 
 
-def run_size(root: str, model_dir: str, size: int, mode: str, every: float) -> dict:
+def _keys(output: str, sharded: bool) -> tuple[list, int]:
+  """(prediction keys, number of dead letters) in a run's output files."""
+  prefix = os.path.join(output, 'shard-*', 'predictions') if sharded else output
+  keys, failed = [], 0
+  for path in glob.glob(f'{prefix}-[0-9]*-of-*.jsonl'):
+    with open(path) as f:
+      keys.extend(json.loads(line)['key'] for line in f)
+  for path in glob.glob(f'{prefix}-failed-*.jsonl'):
+    with open(path) as f:
+      failed += sum(1 for _ in f)
+  return keys, failed
+
+
+def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shard_files: int = 0,
+             stop_after: float = 0, resume: bool = False) -> dict:
   folders = -(-size // DISTINCT)
   pattern = make_images(os.path.join(root, f'images-{folders}'), folders * DISTINCT, folders)
-  total = len(glob.glob(pattern))
-  out_dir = os.path.join(root, f'out-{size}-{mode}')
+  total = sum(1 for _ in iter_inputs(pattern))
+  out_dir = os.path.join(root, f'out-{size}-{mode}' + (f'-shards{shard_files}' if shard_files else ''))
+  if os.path.exists(out_dir) and not resume:
+    shutil.rmtree(out_dir)
   output = os.path.join(out_dir, 'predictions')
   argv = [sys.executable, '-m', 'pipelines.classify_images', '--input', pattern, '--model_dir', model_dir,
-          '--output', output, '--max_batch_size', '128', f'--progress_every_secs={every}', *MODES[mode]]
+          '--output', output, '--max_batch_size', '128', f'--progress_every_secs={every}', *MODES[mode],
+          *([f'--shard_files={shard_files}'] if shard_files else [])]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
   start = time.perf_counter()
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  counts, worker_peak_kb, next_report = {}, 0, time.perf_counter() + every
-  stderr_tail = b''
+  so_far, worker_peak_kb, sampled_peak_kb, next_report = _SoFar(), 0, 0, time.perf_counter() + every
+  stderr_tail, pending, stopped, done_so_far = b'', b'', False, 0
   os.set_blocking(proc.stderr.fileno(), False)
   while True:
     done, status, usage = os.wait4(proc.pid, os.WNOHANG)  # not poll(): it would reap without rusage
@@ -82,36 +119,39 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float) -> d
       break
     time.sleep(0.5)
     new = proc.stderr.read() or b''
-    done_so_far = _read_so_far(counts, stderr_tail[-200:] + new)
+    pending += new
+    complete, _, pending = pending.rpartition(b'\n')  # parse whole lines only, each once
+    done_so_far = so_far.update(complete)
     stderr_tail = (stderr_tail + new)[-4000:]
-    if mode != 'single':
-      worker_peak_kb = max(worker_peak_kb, _tree_rss_kb(proc.pid))
+    workers_kb = _tree_rss_kb(proc.pid) if mode != 'single' else 0
+    worker_peak_kb = max(worker_peak_kb, workers_kb)
+    sampled_peak_kb = max(sampled_peak_kb, _rss_kb(proc.pid) + workers_kb)
+    elapsed = time.perf_counter() - start
     if time.perf_counter() >= next_report:
       next_report += every
-      elapsed = time.perf_counter() - start
       rate = done_so_far / elapsed
       eta = (total - done_so_far) / rate if rate else float('inf')
-      rss = _rss_kb(proc.pid) + (_tree_rss_kb(proc.pid) if mode != 'single' else 0)
       print(f'  [{size}] {elapsed:7.0f} s: {done_so_far}/{total} read, {rate:.0f} img/s, eta {eta:.0f} s, '
-            f'RSS now {rss / 1024:.0f} MB', flush=True)
+            f'RSS now {(_rss_kb(proc.pid) + workers_kb) / 1024:.0f} MB, highest so far '
+            f'{sampled_peak_kb / 1024:.0f} MB', flush=True)
+    if stop_after and elapsed > stop_after and not stopped:
+      stopped = True
+      print(f'  [{size}] stopping after {elapsed:.0f} s (--stop_after_secs)', flush=True)
+      proc.terminate()
   seconds = time.perf_counter() - start
   peak_kb = usage.ru_maxrss
   proc.returncode = os.waitstatus_to_exitcode(status)
   stderr_tail = (stderr_tail + (proc.stderr.read() or b''))[-4000:]
+  row = {'images': total, 'seconds': seconds, 'peak_rss_mb': peak_kb / 1024,
+         'workers_peak_rss_mb': worker_peak_kb / 1024, 'stopped': stopped, 'read': done_so_far}
+  if stopped:
+    return row
   if proc.returncode:
     print(stderr_tail.decode('utf-8', 'replace'))
     raise SystemExit(f'pipeline failed for {size} images')
-  keys, failed = [], 0
-  for path in glob.glob(f'{output}-[0-9]*-of-*.jsonl'):
-    with open(path) as f:
-      keys.extend(json.loads(line)['key'] for line in f)
-  for path in glob.glob(f'{output}-failed-*.jsonl'):
-    with open(path) as f:
-      failed += sum(1 for _ in f)
+  keys, failed = _keys(output, bool(shard_files))
   accounted = len(keys) + failed == total and len(set(keys)) == len(keys)
-  return {'images': total, 'seconds': seconds, 'peak_rss_mb': peak_kb / 1024,
-          'workers_peak_rss_mb': worker_peak_kb / 1024, 'predictions': len(keys), 'dead_letters': failed,
-          'accounted': accounted}
+  return {**row, 'predictions': len(keys), 'dead_letters': failed, 'accounted': accounted}
 
 
 def main(argv=None):
@@ -120,23 +160,34 @@ def main(argv=None):
   parser.add_argument('--mode', choices=sorted(MODES), default='single')
   parser.add_argument('--every', type=float, default=15.0, help='seconds between progress lines')
   parser.add_argument('--workdir', default=None, help='keep images here (default: a temp dir)')
+  parser.add_argument('--shard_files', type=int, default=0, help='run as shards of this many files (0: one run)')
+  parser.add_argument('--stop_after_secs', type=float, default=0, help='end a size\'s run after this long, report')
+  parser.add_argument('--resume', action='store_true', help='keep earlier outputs (sharded: finished shards)')
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     root = args.workdir or tmp
     model_dir = make_model(root) if not os.path.exists(os.path.join(root, 'model')) else os.path.join(root, 'model')
     rows = []
     for size in (int(s) for s in args.sizes.split(',')):
-      row = run_size(root, model_dir, size, args.mode, args.every)
+      row = run_size(root, model_dir, size, args.mode, args.every, args.shard_files, args.stop_after_secs,
+                     args.resume)
+      mode = args.mode + (f', shards of {args.shard_files}' if args.shard_files else '')
+      if row['stopped']:
+        rate = row['read'] / row['seconds']
+        print(f'{row["images"]:>9d} images | stopped after {row["seconds"]:.1f} s with {row["read"]} read | '
+              f'{rate:7.1f} img/s | eta {(row["images"] - row["read"]) / max(rate, 1e-9):.0f} s more | '
+              f'peak RSS so far {row["peak_rss_mb"]:7.0f} MB (main process) ({mode})', flush=True)
+        continue
       rows.append(row)
       print(f'{row["images"]:>9d} images | {row["seconds"]:8.1f} s | {row["images"] / row["seconds"]:7.1f} img/s | '
             f'peak RSS {row["peak_rss_mb"]:7.0f} MB (main process)'
             + (f' + workers {row["workers_peak_rss_mb"]:.0f} MB' if args.mode != 'single' else '')
             + f' | {row["predictions"]} predictions + {row["dead_letters"]} dead letters, '
-            f'every input once: {row["accounted"]}', flush=True)
+            f'every input once: {row["accounted"]} ({mode})', flush=True)
     if len(rows) > 1:
       first, last = rows[0], rows[-1]
       print(f'peak RSS {last["images"]} vs {first["images"]} images: '
-            f'{last["peak_rss_mb"] / first["peak_rss_mb"]:.2f}x ({args.mode})')
+            f'{last["peak_rss_mb"] / first["peak_rss_mb"]:.2f}x ({mode})')
 
 
 if __name__ == '__main__':
