@@ -20,6 +20,17 @@ with --resume continues from the finished shards.
     python -m benchmarks.bench_scale --sizes 4000,24000
     python -m benchmarks.bench_scale --sizes 10000,100000 [--mode mp2]
     python -m benchmarks.bench_scale --sizes 10000,100000,1000000 --shard_files 50000   # hours on 2 cores
+
+The other two pipelines, peak RSS at each size (`--pipeline`; inputs made here):
+
+  score_sequences  batch, JSON-lines events: keys of weekly CO2 readings (the
+                   demo's series, one file per 50 keys), fixed 12-week windows,
+                   seq_len 12, --forecast, a 5-step LSTM (sizes = events)
+  preprocess       images kind over the same hard-linked 64x64 images as
+                   classify_images, decoded to 16x16x3, z-score (sizes = images)
+
+    python -m benchmarks.bench_scale --pipeline score_sequences --sizes 20000,120000
+    python -m benchmarks.bench_scale --pipeline preprocess --sizes 2000,12000
 """
 from __future__ import annotations
 
@@ -34,7 +45,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from beam_dl.io.files import iter_inputs
+from beam_dl.local_shards import count_jsonl
 from benchmarks.bench_flagship import MODES, make_images, make_model
 
 DISTINCT = 2000
@@ -154,9 +168,74 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
   return {**row, 'predictions': len(keys), 'dead_letters': failed, 'accounted': accounted}
 
 
+def run_command(argv: list[str]) -> dict:
+  """Runs a pipeline command to completion: wall seconds and its peak RSS."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  start = time.perf_counter()
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _, status, usage = os.wait4(proc.pid, 0)
+  seconds = time.perf_counter() - start
+  stderr = proc.stderr.read()
+  if os.waitstatus_to_exitcode(status):
+    print(stderr[-4000:].decode('utf-8', 'replace'))
+    raise SystemExit(f'failed: {" ".join(argv)}')
+  return {'seconds': seconds, 'peak_rss_mb': usage.ru_maxrss / 1024}
+
+
+def make_events(root: str, num: int, per_file: int = 50) -> str:
+  """`num` JSON-lines events: keys of weekly CO2 readings, 50 keys a file. Returns the glob."""
+  from pipelines import score_sequences_demo as demo
+
+  times, values = demo.load_series()
+  keep = ~np.isnan(values)
+  times, values = times[keep], values[keep]
+  folder = os.path.join(root, f'events-{num}')
+  if os.path.isdir(folder):
+    return os.path.join(folder, '*.jsonl')
+  os.makedirs(folder)
+  written, key = 0, 0
+  while written < num:
+    with open(os.path.join(folder, f'{key // per_file:05d}.jsonl'), 'a') as f:
+      n = min(len(times), num - written)
+      for t, v in zip(times[:n], values[:n]):
+        f.write(json.dumps({'key': f'sensor-{key:05d}', 'time': float(t), 'co2': round(float(v), 2)}) + '\n')
+    written, key = written + n, key + 1
+  return os.path.join(folder, '*.jsonl')
+
+
+def run_other(pipeline: str, root: str, size: int) -> dict:
+  """Peak RSS and wall time of score_sequences (batch) or preprocess at `size` inputs."""
+  out = os.path.join(root, f'out-{pipeline}-{size}')
+  shutil.rmtree(out, ignore_errors=True)
+  if pipeline == 'score_sequences':
+    from pipelines import score_sequences_demo as demo
+
+    model = os.path.join(root, 'co2_lstm')
+    if not os.path.exists(model):
+      demo.train_model(model, demo.load_series()[1][:120], steps=5)
+    argv = [sys.executable, '-m', 'pipelines.score_sequences', '--input', make_events(root, size),
+            '--model_dir', model, '--output', os.path.join(out, 'scores'), '--event_value_fields', 'co2',
+            '--window', 'fixed', '--window_size', str(12 * demo.WEEK), '--seq_len', '12', '--forecast',
+            '--min_length', '8']
+    prefix = os.path.join(out, 'scores')
+  else:
+    folders = -(-size // DISTINCT)
+    pattern = make_images(os.path.join(root, f'images-{folders}'), folders * DISTINCT, folders)
+    argv = [sys.executable, '-m', 'pipelines.preprocess', '--preprocess_kind', 'images', '--input', pattern,
+            '--preprocess_image_shape', '16,16,3', '--transform_dir', os.path.join(out, 'transform'),
+            '--output', os.path.join(out, 'train')]
+    prefix = os.path.join(out, 'train')
+    size = folders * DISTINCT
+  row = {'inputs': size, **run_command(argv)}
+  row['outputs'], row['dead_letters'] = count_jsonl(prefix)  # preprocess writes TFRecords: (0, dead letters)
+  return row
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sizes', default='10000,100000', help='comma-separated numbers of images')
+  parser.add_argument('--sizes', default='10000,100000', help='comma-separated numbers of images (or events)')
+  parser.add_argument('--pipeline', choices=['classify_images', 'score_sequences', 'preprocess'],
+                      default='classify_images')
   parser.add_argument('--mode', choices=sorted(MODES), default='single')
   parser.add_argument('--every', type=float, default=15.0, help='seconds between progress lines')
   parser.add_argument('--workdir', default=None, help='keep images here (default: a temp dir)')
@@ -168,6 +247,15 @@ def main(argv=None):
     root = args.workdir or tmp
     model_dir = make_model(root) if not os.path.exists(os.path.join(root, 'model')) else os.path.join(root, 'model')
     rows = []
+    if args.pipeline != 'classify_images':
+      for size in (int(s) for s in args.sizes.split(',')):
+        rows.append(run_other(args.pipeline, root, size))
+        print(f'{args.pipeline} {rows[-1]["inputs"]:>8d} inputs | {rows[-1]["seconds"]:7.1f} s | '
+              f'peak RSS {rows[-1]["peak_rss_mb"]:6.0f} MB | {rows[-1]["outputs"]} JSON-lines outputs + '
+              f'{rows[-1]["dead_letters"]} dead letters', flush=True)
+      print(f'{args.pipeline} peak RSS {rows[-1]["inputs"]} vs {rows[0]["inputs"]} inputs: '
+            f'{rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]:.2f}x')
+      return
     for size in (int(s) for s in args.sizes.split(',')):
       row = run_size(root, model_dir, size, args.mode, args.every, args.shard_files, args.stop_after_secs,
                      args.resume)
