@@ -3,9 +3,14 @@
 Each size runs `python -m pipelines.classify_images` in a fresh subprocess on
 the DirectRunner over generated 64x64 PNG/JPEG images (2,000 distinct files,
 hard-linked into as many folders as the size needs; see bench_flagship) with
-the SmallCNN model dir, batch 128. Peak RSS is the subprocess's own
-(`os.wait4` rusage; with --mode mp2 the SDK worker processes are sampled
-from /proc too). While it runs, progress (images read so far, rate, ETA, RSS)
+the SmallCNN model dir, batch 128. Peak RSS is the pipeline process's own,
+from GNU time (`/usr/bin/time -f %M`): the largest of the process and the
+children it reaped, so with --mode mp2 the larger of the main process and
+one SDK worker. Not this script's `os.wait4` rusage: a child's ru_maxrss
+starts at the RSS its parent had when it forked (Linux keeps the pre-exec
+high-water mark), and this script holds a JAX model and a file listing. With
+--mode mp2 the sum of all the workers' RSS is also sampled from /proc, and
+"RSS now" / "highest so far" are main process + workers. While it runs, progress (images read so far, rate, ETA, RSS)
 is printed from the pipeline's own progress lines (--progress_every_secs),
 with the highest RSS sampled so far. At the end every input is checked to be
 in exactly one output (predictions or dead letters).
@@ -40,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,6 +80,35 @@ class _SoFar:
     return self.finished + sum(self.counts.values())
 
 
+TIME = '/usr/bin/time'
+
+
+def _measured(argv: list[str], peak_file: str) -> list[str]:
+  """argv run under GNU time writing the peak RSS (KB) to peak_file, where it is installed."""
+  return [TIME, '-f', '%M', '-o', peak_file, *argv] if os.access(TIME, os.X_OK) else argv
+
+
+def _peak_kb(peak_file: str, usage) -> int:
+  """The peak RSS GNU time wrote; without GNU time, wait4's (see the docstring)."""
+  try:
+    with open(peak_file) as f:
+      return int(f.read().split()[-1])
+  except (OSError, ValueError, IndexError):
+    return usage.ru_maxrss
+
+
+def _main_pid(pid: int) -> int:
+  """The pipeline process: GNU time's child, or pid itself when not wrapped."""
+  try:
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+      children = f.read().split()
+  except OSError:
+    return pid
+  with open(f'/proc/{pid}/cmdline', 'rb') as f:
+    wrapped = f.read().split(b'\0')[0] == TIME.encode()
+  return int(children[0]) if wrapped and children else pid
+
+
 def _rss_kb(pid: int) -> int:
   try:
     with open(f'/proc/{pid}/status') as f:
@@ -83,16 +118,22 @@ def _rss_kb(pid: int) -> int:
 
 
 def _tree_rss_kb(pid: int) -> int:
-  """Sum of VmRSS of pid's child processes (the SDK workers), in KB."""
-  total = 0
+  """Sum of VmRSS of all of pid's descendants (the SDK workers, which the
+  multi-process DirectRunner starts through `/bin/sh -c`), in KB."""
+  children = {}
   for status in glob.glob('/proc/[0-9]*/status'):
     try:
       with open(status) as f:
         fields = dict(line.split(':', 1) for line in f if ':' in line)
     except OSError:
       continue
-    if fields.get('PPid', '').strip() == str(pid):
-      total += int(fields.get('VmRSS', '0 kB').split()[0])
+    children.setdefault(fields.get('PPid', '').strip(), []).append(
+        (fields.get('Pid', '').strip(), int(fields.get('VmRSS', '0 kB').split()[0])))
+  total, todo = 0, [str(pid)]
+  while todo:
+    for child, rss in children.get(todo.pop(), []):
+      total += rss
+      todo.append(child)
   return total
 
 
@@ -123,7 +164,8 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
           *([f'--shard_files={shard_files}'] if shard_files else [])]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
   start = time.perf_counter()
-  proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  peak_file = os.path.join(root, f'peak-{os.getpid()}.txt')
+  proc = subprocess.Popen(_measured(argv, peak_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   so_far, worker_peak_kb, sampled_peak_kb, next_report = _SoFar(), 0, 0, time.perf_counter() + every
   stderr_tail, pending, stopped, done_so_far = b'', b'', False, 0
   os.set_blocking(proc.stderr.fileno(), False)
@@ -137,23 +179,24 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
     complete, _, pending = pending.rpartition(b'\n')  # parse whole lines only, each once
     done_so_far = so_far.update(complete)
     stderr_tail = (stderr_tail + new)[-4000:]
-    workers_kb = _tree_rss_kb(proc.pid) if mode != 'single' else 0
+    main = _main_pid(proc.pid)
+    workers_kb = _tree_rss_kb(main) if mode != 'single' else 0
     worker_peak_kb = max(worker_peak_kb, workers_kb)
-    sampled_peak_kb = max(sampled_peak_kb, _rss_kb(proc.pid) + workers_kb)
+    sampled_peak_kb = max(sampled_peak_kb, _rss_kb(main) + workers_kb)
     elapsed = time.perf_counter() - start
     if time.perf_counter() >= next_report:
       next_report += every
       rate = done_so_far / elapsed
       eta = (total - done_so_far) / rate if rate else float('inf')
       print(f'  [{size}] {elapsed:7.0f} s: {done_so_far}/{total} read, {rate:.0f} img/s, eta {eta:.0f} s, '
-            f'RSS now {(_rss_kb(proc.pid) + workers_kb) / 1024:.0f} MB, highest so far '
+            f'RSS now {(_rss_kb(main) + workers_kb) / 1024:.0f} MB, highest so far '
             f'{sampled_peak_kb / 1024:.0f} MB', flush=True)
     if stop_after and elapsed > stop_after and not stopped:
       stopped = True
       print(f'  [{size}] stopping after {elapsed:.0f} s (--stop_after_secs)', flush=True)
-      proc.terminate()
+      os.kill(main, signal.SIGTERM)  # the pipeline, not GNU time: it reports once its child ends
   seconds = time.perf_counter() - start
-  peak_kb = usage.ru_maxrss
+  peak_kb = _peak_kb(peak_file, usage)
   proc.returncode = os.waitstatus_to_exitcode(status)
   stderr_tail = (stderr_tail + (proc.stderr.read() or b''))[-4000:]
   row = {'images': total, 'seconds': seconds, 'peak_rss_mb': peak_kb / 1024,
@@ -172,14 +215,17 @@ def run_command(argv: list[str]) -> dict:
   """Runs a pipeline command to completion: wall seconds and its peak RSS."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
   start = time.perf_counter()
-  proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  _, status, usage = os.wait4(proc.pid, 0)
+  with tempfile.NamedTemporaryFile(suffix='.peak') as peak, tempfile.TemporaryFile() as stderr:
+    proc = subprocess.Popen(_measured(argv, peak.name), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    _, status, usage = os.wait4(proc.pid, 0)
+    peak_kb = _peak_kb(peak.name, usage)
+    stderr.seek(0)
+    tail = stderr.read()[-4000:]
   seconds = time.perf_counter() - start
-  stderr = proc.stderr.read()
   if os.waitstatus_to_exitcode(status):
-    print(stderr[-4000:].decode('utf-8', 'replace'))
+    print(tail.decode('utf-8', 'replace'))
     raise SystemExit(f'failed: {" ".join(argv)}')
-  return {'seconds': seconds, 'peak_rss_mb': usage.ru_maxrss / 1024}
+  return {'seconds': seconds, 'peak_rss_mb': peak_kb / 1024}
 
 
 def make_events(root: str, num: int, per_file: int = 50) -> str:

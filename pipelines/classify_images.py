@@ -69,7 +69,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
 
 
 def run(argv=None):
-  """Runs the pipeline to completion; returns Beam's PipelineResult (metrics)."""
+  """Runs the pipeline to completion; returns Beam's PipelineResult (with --shard_files: a ShardsSummary)."""
   options = cli.parse_options(argv, OPTION_GROUPS, prog='python -m pipelines.classify_images', description=__doc__)
   if options.view_as(local_shards.LocalShardOptions).shard_files:  # large local jobs: one run per input shard
     io = options.view_as(IOOptions)
