@@ -73,7 +73,7 @@ def run(argv=None):
   options = cli.parse_options(argv, OPTION_GROUPS, prog='python -m pipelines.classify_images', description=__doc__)
   if options.view_as(local_shards.LocalShardOptions).shard_files:  # large local jobs: one run per input shard
     io = options.view_as(IOOptions)
-    return local_shards.run_in_shards(run, argv, options, 'classify_images',
+    return local_shards.run_in_shards(local_shards.module_runner('pipelines.classify_images'), argv, options, 'classify_images',
                                       [f'--input_format={input_format(io.input, io.input_format)}'])
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options)

@@ -3,6 +3,10 @@ real classify_images job that fails in a shard, is rerun, and ends with the
 outputs of one unsharded run, every input once."""
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -77,16 +81,32 @@ class _ShardFails(Exception):
   pass
 
 
-@pytest.mark.slow  # six pipeline runs
-def test_failed_shard_rerun_gives_the_unsharded_outputs_every_input_once(digits_model_dir, tmp_path):
+def _kill_when_shard_1_runs(argv: list[str], job) -> None:
+  """Runs the sharded job as a command and SIGKILLs it while shard 1 runs."""
+  proc = subprocess.Popen([sys.executable, '-m', 'pipelines.classify_images', *argv],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 600
+    while not (job / 'shard-00001.partial').exists():
+      assert proc.poll() is None and time.monotonic() < deadline, 'the job ended before shard 1 started'
+      time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+@pytest.mark.slow  # eight pipeline runs
+def test_killed_job_rerun_gives_the_unsharded_outputs_every_input_once(digits_model_dir, tmp_path):
   paths = _write_inputs(tmp_path / 'in')
   common = [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', '--max_batch_size=4']
   classify_images.run([*common, f'--output={tmp_path}/whole/pred'])
   expected = _records(f'{tmp_path}/whole/pred')
   assert len(expected[0]) == 16 and len(expected[1]) == 6
 
-  # First attempt: shard 1 of 3 writes its outputs, then its run raises (a
-  # crash before the shard is committed).
+  # A shard's run that raises after writing its outputs (a crash before the
+  # commit), in this process.
   job = tmp_path / 'job' / 'pred'
   argv = [*common, f'--output={job}', '--shard_files=8']
   calls = []
@@ -102,6 +122,12 @@ def test_failed_shard_rerun_gives_the_unsharded_outputs_every_input_once(digits_
     local_shards.run_in_shards(crash_in_shard_1, argv, options, 'classify_images', ['--input_format=files'])
   assert sorted(os.listdir(job)) == ['inputs', 'shard-00000', 'shard-00001.partial', 'shards.json']
   assert os.listdir(job / 'shard-00001.partial')  # its outputs were written, not committed
+
+  # The command itself (a process per shard) killed with SIGKILL while shard 1 runs.
+  shutil.rmtree(job / 'shard-00000')  # back to a planned job with no shard done
+  shutil.rmtree(job / 'shard-00001.partial')
+  _kill_when_shard_1_runs(argv, job)
+  assert not (job / 'shard-00002').exists() and not (job / 'summary.json').exists()
 
   # Rerun the same command: shard 0 is skipped, 1 redone from nothing, 2 run.
   summary = classify_images.run(argv)
