@@ -10,7 +10,8 @@ one SDK worker. Not this script's `os.wait4` rusage: a child's ru_maxrss
 starts at the RSS its parent had when it forked (Linux keeps the pre-exec
 high-water mark), and this script holds a JAX model and a file listing. With
 --mode mp2 the sum of all the workers' RSS is also sampled from /proc, and
-"RSS now" / "highest so far" are main process + workers. While it runs, progress (images read so far, rate, ETA, RSS)
+"RSS now" / "highest so far" are main process + its descendants (SDK
+workers; with --shard_files, the shard's own process). While it runs, progress (images read so far, rate, ETA, RSS)
 is printed from the pipeline's own progress lines (--progress_every_secs),
 with the highest RSS sampled so far. At the end every input is checked to be
 in exactly one output (predictions or dead letters).
@@ -180,7 +181,7 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
     done_so_far = so_far.update(complete)
     stderr_tail = (stderr_tail + new)[-4000:]
     main = _main_pid(proc.pid)
-    workers_kb = _tree_rss_kb(main) if mode != 'single' else 0
+    workers_kb = _tree_rss_kb(main)  # SDK workers (mp2), shard processes (--shard_files)
     worker_peak_kb = max(worker_peak_kb, workers_kb)
     sampled_peak_kb = max(sampled_peak_kb, _rss_kb(main) + workers_kb)
     elapsed = time.perf_counter() - start
