@@ -208,12 +208,17 @@ class ShardFailed(RuntimeError):
   """A shard's pipeline process exited with an error (its own output says why)."""
 
 
-def _die_with_parent() -> None:
-  """In the shard's process, before exec: end when the driver ends (Linux), so
-  a killed job leaves no shard running into a directory a rerun deletes."""
+def _parent_death_signal() -> Optional[Callable[[], None]]:
+  """A preexec_fn that makes the shard's process end when the driver ends
+  (Linux prctl PR_SET_PDEATHSIG), so a killed job leaves no shard running into
+  a directory a rerun deletes. prctl is looked up here, before the fork: the
+  child only calls it."""
+  if not sys.platform.startswith('linux'):
+    return None
   import ctypes  # pylint: disable=import-outside-toplevel
 
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  prctl = ctypes.CDLL(None, use_errno=True).prctl
+  return lambda: prctl(1, signal.SIGTERM)
 
 
 def module_runner(module: str) -> Callable[[list[str]], None]:
@@ -222,8 +227,7 @@ def module_runner(module: str) -> Callable[[list[str]], None]:
   XLA, the allocator's free lists) carries into the next: run in one process,
   peak RSS crept up ~8 MB per 50,000-image shard (benchmarks/RESULTS.md)."""
   def run(argv: list[str]) -> None:
-    proc = subprocess.Popen([sys.executable, '-m', module, *argv],
-                            preexec_fn=_die_with_parent if sys.platform.startswith('linux') else None)
+    proc = subprocess.Popen([sys.executable, '-m', module, *argv], preexec_fn=_parent_death_signal())
     try:
       code = proc.wait()
     finally:
