@@ -108,7 +108,18 @@ def parse_options(
 
 
 def require_matches(pattern: str, flag: str = 'input') -> int:
-  """The number of files matching `pattern`; OptionsError when it is none."""
+  """The number of files matching `pattern` (or named by the file list
+  `@<path>`); OptionsError when it is none."""
+  from beam_dl.io import files  # pylint: disable=import-outside-toplevel
+
+  if files.is_file_list(pattern):
+    try:
+      listed = len(files.read_file_list(pattern))
+    except Exception as e:  # a missing or unreadable list file
+      raise OptionsError(f'--{flag} {pattern!r}: {e}') from None
+    if not listed:
+      raise OptionsError(f'--{flag} {pattern!r}: the file list names no file')
+    return listed
   try:
     matched = FileSystems.match([pattern])[0].metadata_list
   except Exception as e:  # a bad scheme, an unreachable bucket, a malformed glob

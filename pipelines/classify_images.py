@@ -15,7 +15,7 @@ import re
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import cli
+from beam_dl import cli, local_shards
 from beam_dl.metrics_export import run_pipeline
 from beam_dl.deadletter import FailAboveErrorRate, failed_output
 from beam_dl.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
@@ -29,7 +29,8 @@ from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
 # The flags `--help` lists (every Beam option is accepted as well).
-OPTION_GROUPS = (IOOptions, InferenceOptions, DeadLetterOptions, ProgressOptions, DriftOptions, MetricsOptions)
+OPTION_GROUPS = (IOOptions, InferenceOptions, DeadLetterOptions, ProgressOptions, DriftOptions, MetricsOptions,
+                 local_shards.LocalShardOptions)
 
 
 def input_format(pattern: str, declared: str = 'auto') -> str:
@@ -75,8 +76,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
 
 
 def run(argv=None):
-  """Runs the pipeline to completion; returns Beam's PipelineResult (metrics)."""
+  """Runs the pipeline to completion; returns Beam's PipelineResult (with --shard_files: a ShardsSummary)."""
   options = cli.parse_options(argv, OPTION_GROUPS, prog='python -m pipelines.classify_images', description=__doc__)
+  if options.view_as(local_shards.LocalShardOptions).shard_files:  # large local jobs: one run per input shard
+    io = options.view_as(IOOptions)
+    return local_shards.run_in_shards(local_shards.module_runner('pipelines.classify_images'), argv, options, 'classify_images',
+                                      [f'--input_format={input_format(io.input, io.input_format)}'])
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options)
   return run_pipeline(pipeline, options, 'classify_images')

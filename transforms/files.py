@@ -9,6 +9,11 @@ entry that matches the glob but that Beam's match skips silently: a
 directory, a dangling symlink (see `beam_dl.io.files`). Readers downstream
 open each file with `beam_dl.io.files.open_regular`, which reports FIFOs,
 devices and unreadable files the same way.
+
+A file list (`@<path>`, one input path a line; `beam_dl.local_shards` gives
+each shard one) is read on a worker and each listed path is taken literally:
+a regular file is read, anything else is one dead letter with the same
+reason a glob match would give it.
 """
 from __future__ import annotations
 
@@ -69,8 +74,21 @@ def match_in_chunks(pattern: str) -> list[list]:
   return in_chunks(metadata)
 
 
+class _ListedFilesFn(beam.DoFn):
+  """A file list's pattern -> FileMetadata per listed path; the unreadable -> 'failed'."""
+
+  def process(self, pattern: str):
+    for path in files_lib.read_file_list(pattern):
+      listed = files_lib.listed_metadata(path)
+      if isinstance(listed, str):
+        yield beam.pvalue.TaggedOutput('failed', unreadable_dead_letter(path, listed))
+      else:
+        yield listed
+
+
 class MatchReadableFiles(beam.PTransform):
-  """A file pattern -> `.files` (ReadableFile per match) and `.failed`."""
+  """A file pattern (or a file list, `@<path>`) -> `.files` (ReadableFile per
+  match) and `.failed`."""
 
   def __init__(self, file_pattern: str, compression_type: str = CompressionTypes.AUTO):
     super().__init__()
@@ -78,6 +96,14 @@ class MatchReadableFiles(beam.PTransform):
     self._compression = compression_type
 
   def expand(self, pbegin) -> ReadableFiles:
+    if files_lib.is_file_list(self._pattern):
+      listed = (pbegin
+                | 'FileList' >> beam.Create([self._pattern])
+                | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files'))
+      files = (listed.files
+               | 'Reshuffle' >> beam.Reshuffle()
+               | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
+      return ReadableFiles(files, listed.failed)
     pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])
     files = (pattern
              | 'MatchFiles' >> beam.FlatMap(match_in_chunks)

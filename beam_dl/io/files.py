@@ -11,6 +11,13 @@ dead letter (stage 'read') instead of losing it or hanging:
   open_regular(readable)     -> the opened file, or FileReadError(reason)
   read_all(readable)         -> its bytes, or FileReadError(reason)
   content(data)              -> bytes as they are, a ReadableFile read_all
+
+An input may also be a file list, `@<path>`: a text file naming one input
+path per line (what `beam_dl.local_shards` hands each shard). Its paths are
+taken literally, never as globs:
+
+  iter_inputs(pattern)       -> every path a pattern (or file list) names, in a fixed order
+  write_file_list(path, ps)  /  read_file_list(pattern)
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import os
 import re
 import stat
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
@@ -96,6 +103,75 @@ def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
         skipped.append(FileMetadata(path, 0))
   return sorted((m.path, not_regular_reason(m.path) or 'not listed by the file match')
                 for m in fs.match_files(skipped, pattern))
+
+
+FILE_LIST_PREFIX = '@'
+
+
+def is_file_list(pattern: str) -> bool:
+  """Whether an input pattern names a file list (`@<path>`) rather than a glob."""
+  return pattern.startswith(FILE_LIST_PREFIX)
+
+
+def read_file_list(pattern: str) -> list[str]:
+  """The paths in the file list `@<path>`, one a line, in the list's order."""
+  with FileSystems.open(pattern[len(FILE_LIST_PREFIX):], mime_type='text/plain') as f:
+    return [line for line in f.read().decode('utf-8').split('\n') if line]
+
+
+def write_file_list(path: str, paths: list[str]) -> str:
+  """Writes `paths` as a file list at `path`; returns the pattern (`@<path>`) naming it."""
+  bad = [p for p in paths if '\n' in p or not p]
+  if bad:
+    raise ValueError(f'a file list cannot hold an empty path or one with a newline: {bad[0]!r}')
+  with FileSystems.create(path, mime_type='text/plain') as f:
+    f.write(''.join(f'{p}\n' for p in paths).encode('utf-8'))
+  return FILE_LIST_PREFIX + path
+
+
+def iter_inputs(pattern: str) -> Iterator[str]:
+  """Every input path `pattern` names, in an order that is the same on every
+  call for the same files: what `fileio.MatchFiles` lists plus the entries it
+  skips (`unlisted_entries`: readers report them as dead letters), or a file
+  list's paths in its order. A job split by these paths sees each input the
+  unsplit job sees, once.
+
+  A local glob is walked like Beam's own match (the walk under the pattern's
+  fixed prefix, filtered by Beam's `match_files`), directory by directory in
+  sorted name order, holding one directory's names at a time: listing a
+  million files costs no more memory than listing a thousand. Other
+  filesystems list through Beam's match, sorted.
+  """
+  if is_file_list(pattern):
+    yield from read_file_list(pattern)
+    return
+  if pattern.endswith(os.sep):  # as FileSystem.match: a directory means its entries
+    pattern += '*'
+  prefix = re.match(r'^[^[*?]*', pattern).group(0)
+  if not _is_local(pattern) or prefix == pattern:
+    yield from sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    return
+  fs = FileSystems.get_filesystem(pattern)
+  root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+  if not os.path.isdir(root or '.'):
+    return
+  for dirpath, dirnames, filenames in os.walk(root or '.'):
+    dirnames.sort()  # os.walk descends in this order
+    entries = [FileMetadata(os.path.join(dirpath, name), 0) for name in sorted(dirnames + filenames)]
+    yield from (m.path for m in fs.match_files(entries, pattern))
+
+
+def listed_metadata(path: str) -> FileMetadata | str:
+  """A listed input's FileMetadata, or the reason it cannot be read (a
+  directory, a dangling symlink, a FIFO, a path that vanished)."""
+  if _is_local(path):
+    reason = not_regular_reason(path)
+    if reason:
+      return reason
+  try:
+    return FileSystems.get_filesystem(path).metadata(path)
+  except Exception as e:  # BeamIOError wrapping the filesystem's own error
+    return f'cannot stat: {describe(e)}'
 
 
 def open_regular(readable) -> BinaryIO:
