@@ -22,7 +22,7 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
 from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib

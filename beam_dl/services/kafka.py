@@ -19,14 +19,14 @@ import base64
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
-from beam_dl.services.process import ServiceError, free_port, log_tail, port_open, stop_process_group
+from beam_dl.services.process import (ServiceError, free_port, log_tail, port_open, serve_until_stopped,
+                                      stop_process_group)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
@@ -159,10 +159,7 @@ class KafkaBroker:
 def main():
   with KafkaBroker() as broker:
     print(broker.bootstrap, flush=True)
-    try:
-      signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-      pass
+    serve_until_stopped()
 
 
 if __name__ == '__main__':

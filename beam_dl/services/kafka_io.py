@@ -29,12 +29,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import signal
 import sys
 import tempfile
 from typing import Iterator
 
-from beam_dl.services.process import ServiceError, free_port, port_open, service_process
+from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, service_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
@@ -111,10 +110,7 @@ def main():
   with flink_with_kafka_io() as (job, expansion):
     print(f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
           f'--kafka_reader xlang --kafka_expansion_service {expansion}', flush=True)
-    try:
-      signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-      pass
+    serve_until_stopped()
 
 
 if __name__ == '__main__':

@@ -96,3 +96,12 @@ def service_process(
     yield process
   finally:
     stop_process_group(process, grace_s)
+
+
+def serve_until_stopped() -> None:
+  """Blocks until SIGINT or SIGTERM: what a service's `python -m` entry does
+  after printing its address, so the `with` block around it tears it down."""
+  try:
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+  except KeyboardInterrupt:
+    pass
