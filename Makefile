@@ -37,16 +37,17 @@ test-quick: install
 	$(PY) -m pytest tests -m 'not slow and not runner' $(PYTEST_ARGS)
 
 # Jars for the one-node HDFS that tests/test_hdfs.py starts (Hadoop's
-# hadoop-client-minicluster from Maven Central, cached in ~/.m2) -> hadoop/lib.
-hdfs: hadoop/lib/.fetched
+# hadoop-client-minicluster from Maven Central, cached in ~/.m2) -> .cache/hadoop/lib.
+HADOOP_LIB ?= .cache/hadoop/lib
+hdfs: $(HADOOP_LIB)/.fetched
 
-hadoop/lib/.fetched: hadoop/pom.xml
-	mvn -q -B -f hadoop/pom.xml dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
+$(HADOOP_LIB)/.fetched: third_party/hadoop/pom.xml
+	mvn -q -B -f third_party/hadoop/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(HADOOP_LIB) -DincludeScope=runtime
 	touch $@
 
 # Beam's real runners for the runner matrix (tests/test_runners.py), into
 # .runners/ (git-ignored): Flink 1.19 and Spark 3 job servers assembled by
-# Maven from Beam's runner artifacts (runners/pom.xml: a launcher jar named as
+# Maven from Beam's runner artifacts (third_party/beam-runners/pom.xml: a launcher jar named as
 # Beam's, plus its -lib/ classpath), and Prism built with Go. Cached: Maven's
 # ~/.m2, Go's module and build caches; rebuilt only when the poms change.
 RUNNERS_DIR ?= .runners
@@ -55,8 +56,9 @@ PRISM_VERSION ?= v2.77.0
 runners: $(RUNNERS_DIR)/.job-servers $(RUNNERS_DIR)/prism
 	@ls -1 $(abspath $(RUNNERS_DIR))/*job-server*.jar $(abspath $(RUNNERS_DIR))/prism
 
-$(RUNNERS_DIR)/.job-servers: runners/pom.xml runners/flink/pom.xml runners/spark/pom.xml
-	mvn -B -q -f runners/pom.xml package -Drunners.dir=$(abspath $(RUNNERS_DIR))
+$(RUNNERS_DIR)/.job-servers: third_party/beam-runners/pom.xml third_party/beam-runners/flink/pom.xml \
+		third_party/beam-runners/spark/pom.xml
+	mvn -B -q -f third_party/beam-runners/pom.xml package -Drunners.dir=$(abspath $(RUNNERS_DIR))
 	touch $@
 
 $(RUNNERS_DIR)/prism:
@@ -64,33 +66,33 @@ $(RUNNERS_DIR)/prism:
 	GOBIN=$(abspath $(RUNNERS_DIR)) go install github.com/apache/beam/sdks/v2/go/cmd/prism@$(PRISM_VERSION)
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache hadoop/lib .runners .cache
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache .runners .cache
 
 # Kafka broker jars (org.apache.kafka:kafka_2.13, KRaft) for tests/test_kafka.py, the
 # streaming latency benchmark and `python -m beam_dl.services.kafka`: Maven Central
 # -> ~/.m2 -> .cache/kafka/lib (ignored). Needs Java 17+ and mvn.
 KAFKA_LIB ?= .cache/kafka/lib
 kafka-jars: $(KAFKA_LIB)/.fetched
-$(KAFKA_LIB)/.fetched: services/kafka/pom.xml
-	mvn -q -B -f services/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+$(KAFKA_LIB)/.fetched: third_party/kafka/pom.xml
+	mvn -q -B -f third_party/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
 	touch $@
 
 
 # Beam's Java KafkaIO (cross-language ReadFromKafka) for Flink without Docker: non-shaded Beam
-# 2.62 artifacts (services/kafka-io/pom.xml) -> .runners/kafka-io-lib (ignored), the classpath
+# 2.62 artifacts (third_party/kafka-io/pom.xml) -> .runners/kafka-io-lib (ignored), the classpath
 # of beam_dl.services.kafka_io's expansion service and of the Flink job server it starts.
 kafka-io: $(RUNNERS_DIR)/kafka-io-lib/.fetched
-$(RUNNERS_DIR)/kafka-io-lib/.fetched: services/kafka-io/pom.xml
-	mvn -q -B -f services/kafka-io/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(RUNNERS_DIR))/kafka-io-lib
+$(RUNNERS_DIR)/kafka-io-lib/.fetched: third_party/kafka-io/pom.xml
+	mvn -q -B -f third_party/kafka-io/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(RUNNERS_DIR))/kafka-io-lib
 	touch $@
 
 
 # A Prometheus Pushgateway for tests/test_metrics_export.py, built with Go from the
-# versions pinned in tools/pushgateway (go.mod/go.sum), cached outside the repo.
+# versions pinned in third_party/pushgateway (go.mod/go.sum), cached outside the repo.
 TOOLS_BIN ?= $(HOME)/.cache/beam_dl/bin
 pushgateway: $(TOOLS_BIN)/pushgateway
-$(TOOLS_BIN)/pushgateway: tools/pushgateway/go.mod tools/pushgateway/go.sum
-	cd tools/pushgateway && go build -o $(TOOLS_BIN)/pushgateway github.com/prometheus/pushgateway
+$(TOOLS_BIN)/pushgateway: third_party/pushgateway/go.mod third_party/pushgateway/go.sum
+	cd third_party/pushgateway && go build -o $(TOOLS_BIN)/pushgateway github.com/prometheus/pushgateway
 
 # Wheels for benchmarks/gpu_suite.sh on the accelerator machine (Python 3.12,
 # jax/flax/numpy/pillow present, no apache-beam): apache-beam 2.77 and its

@@ -147,7 +147,7 @@ class RunnerCase:
   local: bool = True
 
 
-# Beam's runners built by `make runners` (runners/pom.xml, Go's prism).
+# Beam's runners built by `make runners` (third_party/beam-runners/pom.xml, Go's prism).
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(REPO, '.runners'))
 JOB_SERVER_JARS = {'flink': '*flink*job-server*.jar', 'spark': '*spark*job-server*.jar'}
 JOB_SERVER_START_S = 180  # a JVM starting Flink or Spark on 2 loaded cores

@@ -18,7 +18,7 @@ import urllib.request
 from beam_dl.services.process import ServiceError, free_port, service_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HADOOP_LIB = os.path.join(ROOT, 'hadoop', 'lib')
+HADOOP_LIB = os.path.join(ROOT, '.cache', 'hadoop', 'lib')
 JAVA_OPENS = [
     '--add-opens=java.base/java.lang=ALL-UNNAMED',
     '--add-opens=java.base/java.nio=ALL-UNNAMED',
@@ -62,7 +62,7 @@ def mlflow_server(workdir: str, timeout_s: float = 240):
 
 
 def hadoop_jars() -> list[str]:
-  """The minicluster jars `make hdfs` copies into hadoop/lib ([] if absent)."""
+  """The minicluster jars `make hdfs` copies into .cache/hadoop/lib ([] if absent)."""
   return sorted(glob.glob(os.path.join(HADOOP_LIB, '*.jar')))
 
 

@@ -26,7 +26,7 @@ from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode
 
 pytestmark = [
     pytest.mark.slow,  # a JVM cluster start
-    pytest.mark.skipif(not services.hadoop_jars(), reason='no Hadoop jars in hadoop/lib: run `make hdfs`'),
+    pytest.mark.skipif(not services.hadoop_jars(), reason='no Hadoop jars in .cache/hadoop/lib: run `make hdfs`'),
 ]
 GRAY = ImageSpec(8, 8, channels=1)
 

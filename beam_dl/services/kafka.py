@@ -10,7 +10,7 @@
 The broker formats a fresh storage directory (`kafka.tools.StorageTool`),
 starts `kafka.Kafka` in its own process group, polls it ready with a
 deadline (raising with the log tail if it exits or never answers) and kills
-the whole group on exit. Jars come from `services/kafka/pom.xml`
+the whole group on exit. Jars come from `third_party/kafka/pom.xml`
 (org.apache.kafka:kafka_2.13); `KAFKA_LIB` overrides their folder.
 """
 from __future__ import annotations

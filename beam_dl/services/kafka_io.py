@@ -8,7 +8,7 @@
           --kafka_reader xlang --kafka_expansion_service EXPANSION ...
 
 Beam's shaded expansion-service jars are not on the Maven mirror this
-project builds from, so `services/kafka-io/pom.xml` assembles the same
+project builds from, so `third_party/kafka-io/pom.xml` assembles the same
 classes from non-shaded Beam 2.62 artifacts (beam-sdks-java-io-kafka,
 -expansion-service, -harness, kafka-clients, jamm) into
 `.runners/kafka-io-lib/`. Two JVMs use that folder:

@@ -1,4 +1,4 @@
-module beam_dl/tools/pushgateway
+module beam_dl/third_party/pushgateway
 
 go 1.24
 
