@@ -27,10 +27,9 @@ from apache_beam.utils import shared
 
 from beam_dl.deadletter import FAILED, dead_letter, describe
 from beam_dl.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
-from beam_dl.formats import image_example
 from beam_dl.sequences import SequenceRecord
 from beam_dl.isolate import Failed, failures, isolate
-from beam_dl.preprocessing import canonical, stats
+from beam_dl.preprocessing import canonical, schemas, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig
 
@@ -385,5 +384,9 @@ class InferenceInputs(NamedTuple):
 
 
 def _keyed_raw(raw: bytes) -> tuple[str, bytes]:
-  """(key feature, raw example) for a canonical raw image example."""
-  return image_example.parse_image_example(raw).key, raw
+  """(key feature, raw example) for a canonical raw example: image and
+  sequence records share the `key` feature (beam_dl.preprocessing.schemas)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  key = tf.train.Example.FromString(raw).features.feature[schemas.KEY].bytes_list.value[0]
+  return key.decode('utf-8'), raw
