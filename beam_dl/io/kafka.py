@@ -195,6 +195,7 @@ KafkaReadConfig = NamedTuple('KafkaReadConfig', [
     ('allow_duplicates', Optional[bool])])
 
 
+@beam.typehints.with_output_types(bytes)
 class ReadKafkaXlang(beam.PTransform):
   """Values (bytes) of a topic's records through Beam's Java KafkaIO, stamped with their CreateTime.
 
@@ -222,7 +223,8 @@ class ReadKafkaXlang(beam.PTransform):
     return (pbegin
             | 'KafkaIO' >> ExternalTransform(self.URN, NamedTupleBasedPayloadBuilder(self._config),
                                              self._expansion_service)
-            | 'KafkaValues' >> beam.Values())
+            # a record without a value (a tombstone) is b'': the parse step's dead letter
+            | 'KafkaValues' >> beam.MapTuple(lambda _, value: b'' if value is None else value).with_output_types(bytes))
 
 
 class _ProduceJsonFn(beam.DoFn):
