@@ -8,7 +8,7 @@
 2. Decodes the training files with the same decoder the pipeline uses and
    trains a small Flax CNN on the CPU; saves it with orbax to DIR/model.
 3. Runs `pipelines.classify_images` on the DirectRunner over the held-out
-   files, writing DIR/predictions/predictions-*.jsonl and _failed-*.jsonl.
+   files, writing DIR/predictions/predictions-*.jsonl and predictions_failed-*.jsonl.
 4. Prints held-out accuracy, counts of inputs, predictions and dead letters,
    and images per second.
 """
@@ -28,6 +28,7 @@ from PIL import Image
 
 from beam_dl import cli
 from beam_dl import checkpoints
+from beam_dl.deadletter import failed_output
 from beam_dl.images import ImageSpec, decode_image
 from beam_dl.training.quick import fit_arrays
 from beam_dl.jsonl import read_jsonl
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
   )
   seconds = time.perf_counter() - start
   summary = summarize(
-      read_jsonl(output + '-[0-9]*.jsonl'), read_jsonl(output + '_failed-*.jsonl'), len(test_paths), seconds
+      read_jsonl(output + '-*.jsonl'), read_jsonl(failed_output(output) + '-*.jsonl'), len(test_paths), seconds
   )
   print(
       f"held-out accuracy {summary['accuracy']:.3f} | inputs {summary['inputs']} | "
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
       f"{summary['images_per_second']} images/s ({summary['pipeline_seconds']} s end to end, "
       'incl. pipeline start-up)'
   )
-  print(f'outputs: {output}-*.jsonl   model: {model_dir}')
+  print(f'outputs: {output}-*.jsonl, dead letters: {failed_output(output)}-*.jsonl   model: {model_dir}')
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary
