@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_dl.deadletter import failed_output
 from beam_dl.io import files as files_lib
 from beam_dl.options import IOOptions, OptionsError
 from beam_dl.progress import Progress
@@ -133,7 +134,7 @@ def count_jsonl(prefix: str) -> tuple[int, int]:
         total += sum(1 for _ in f)
     return total
   return (lines(f'{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9]-of-*.jsonl'),
-          lines(f'{glob.escape(prefix)}_failed-[0-9]*-of-*.jsonl'))
+          lines(f'{glob.escape(failed_output(prefix))}-[0-9]*-of-*.jsonl'))
 
 
 class _Layout:
