@@ -15,6 +15,9 @@ Prism.
 """
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -141,6 +144,62 @@ def test_kafkaio_on_flink_accounts_for_every_event(broker, co2_lstm_dir, tmp_pat
         '--kafka_max_records', str(len(events) + len(MALFORMED)), *_flags(co2_lstm_dir)])
   scores, failed = _consume_all(broker, 'xscores'), _consume_all(broker, 'xscores-failed')
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, co2_lstm_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(kafka_io.unavailable()), reason=str(kafka_io.unavailable()) + ' (CI does)')
+def test_kafkaio_on_flink_scores_while_events_keep_arriving(broker, co2_lstm_dir, tmp_path):
+  """An unbounded KafkaIO read on Flink scores events while the producer is still sending.
+
+  Expanded as a splittable DoFn, KafkaIO held every record on Flink until
+  its partition had been idle for 2 s, so under a steady stream no score
+  came out before the producer stopped. A producer sends 20 events/s for up
+  to 150 s; the first score must arrive while it is still sending.
+  """
+  steady_s = 150.0
+  for topic in ('sevents', 'sscores', 'sscores-failed'):
+    broker.create_topic(topic)
+  stop, producing = threading.Event(), threading.Event()
+
+  def produce_steadily():
+    from confluent_kafka import Producer
+    producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 1, 'log_level': 0})
+    rng, start, sent = np.random.default_rng(3), time.time(), 0
+    producing.set()
+    while not stop.is_set() and time.time() - start < steady_s:
+      now = time.time()
+      event = {'key': KEYS[sent % len(KEYS)], 'time': now, 'co2': round(330.0 + float(rng.normal()), 3)}
+      producer.produce('sevents', json.dumps(event).encode(), timestamp=int(now * 1000))
+      producer.poll(0)
+      sent += 1
+      stop.wait(0.05)
+    producer.flush(30)
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+  sender = threading.Thread(target=produce_steadily, daemon=True)
+  with kafka_io.flink_with_kafka_io(str(tmp_path)) as (job_endpoint, expansion_service), \
+       open(tmp_path / 'pipeline.log', 'wb') as log:
+    pipeline = subprocess.Popen([
+        sys.executable, '-m', 'pipelines.score_sequences', '--streaming', '--runner', 'FlinkRunner',
+        '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK', '--kafka_bootstrap', broker.bootstrap,
+        '--kafka_topic', 'sevents', '--kafka_output_topic', 'sscores', '--kafka_reader', 'xlang',
+        '--kafka_expansion_service', expansion_service, '--max_bundle_time_mills', '10', *_flags(co2_lstm_dir)],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      sender.start()
+      producing.wait(30)
+      first = _wait_for(broker, 'sscores', lambda record: True, deadline_s=steady_s + 60)
+      still_sending = sender.is_alive()
+    finally:
+      stop.set()
+      os.killpg(pipeline.pid, signal.SIGKILL)
+      pipeline.wait(30)
+      kafka_io.cancel_running_jobs(job_endpoint)
+      sender.join(60)
+  assert first is not None, (tmp_path / 'pipeline.log').read_text()[-3000:]
+  assert first['key'] in KEYS
+  assert still_sending, 'the first score came only after the producer had stopped sending'
 
 
 def _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path):
