@@ -9,6 +9,12 @@
    so the Python runners would fire a 0.5 s trigger at once. The fix writes
    rounded milliseconds and reads them back as float seconds
    (`_fix_processing_time_delay`).
+4. RunInference logs "Resource module is not available for current
+   platform" on every platform without PyTorch: `apache_beam.ml.inference.base`
+   imports `resource` in the same `try` as its torch-only `ModelManager`, so
+   the torch ImportError sets `resource = None` and each memory reading
+   warns and reports 0. `_fix_inference_resource_module` puts the standard
+   module back (`resource_module_fixed`).
 
 Time-based output flushing in the SDK harness (Beam 2.77,
 `apache_beam.runners.worker.data_plane.TimeBasedBufferingClosableOutputStream`)
@@ -157,6 +163,20 @@ def _fix_processing_time_delay() -> bool:
   return True
 
 
+def _fix_inference_resource_module() -> bool:
+  """RunInference's memory readings use the `resource` module a failed torch import hid (fix 4)."""
+  from apache_beam.ml.inference import base  # pylint: disable=g-import-not-at-top
+  if getattr(base, 'resource', True) is not None:
+    return True
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # not on this platform: Beam's warning is then right
+    return False
+  base.resource = resource
+  return True
+
+
 apply()
 apply_state_cache_sizing()
 _fix_processing_time_delay()
+resource_module_fixed = _fix_inference_resource_module()
