@@ -11,13 +11,14 @@ import traceback
 from typing import Any, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, RunInference
 
 from beam_dl import checkpoints
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.element_types import DeadLetter, EncodedImage, Record
-from beam_dl.handler import JaxModelHandler, deferred_reads
+from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
 from beam_dl.images import ImageSpec
 from beam_dl.isolate import Failed, isolate
 from beam_dl.postprocess import classification_record
@@ -204,13 +205,18 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
   isolating handler (`_IsolatingModelHandler`) dead-letters exactly its bad
   elements, and a batch that fails again is that batch's failure. Handlers
   that read their outputs at once (a custom inference_fn, large_model) leave
-  nothing to read later: their batch is emitted at once.
+  nothing to read later: their batch is emitted at once. Counts
+  'late_read_failures' (batches re-run because their read failed).
 
   One instance runs one bundle at a time (Beam's contract), so the held
   batch needs no lock; the read buffers belong to that one batch.
   """
 
   FAILED_BATCHES = 'failed_batches'
+
+  def setup(self):
+    super().setup()
+    self._late_failures = Metrics.counter(METRICS_NAMESPACE, 'late_read_failures')
 
   def start_bundle(self):
     self._held: Optional[_HeldBatch] = None
@@ -242,6 +248,7 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
         read()
       predictions = held.predictions
     except Exception:  # pylint: disable=broad-except  # re-run to find whose error it is
+      self._late_failures.inc()
       current, self._model = self._model, held.model
       try:
         predictions = self._run_inference(held.windowed.value, held.inference_args)
