@@ -200,3 +200,10 @@ def test_streaming_bundles_end_with_nothing_held(digits_model_dir, digits):
     outputs = keyed | RunInferenceWithDeadLetters(handler)
     assert_that(outputs.predictions | beam.Map(_window_start), equal_to(expected), label='windows')
     assert_that(outputs.failed, equal_to([]), label='failed')
+
+
+def test_pipeline_flag_turns_it_off():
+  from beam_dl.options import InferenceOptions
+
+  assert PipelineOptions([]).view_as(InferenceOptions).dispatch_ahead is True
+  assert PipelineOptions(['--no_dispatch_ahead']).view_as(InferenceOptions).dispatch_ahead is False
