@@ -57,6 +57,9 @@ _LAST_GOOD: dict[str, str] = {}
 _LAST_GOOD_LOCK = threading.Lock()
 # Per thread: where a running predict() reports its counts (see ServeCounts).
 _COUNTING = threading.local()
+# Per thread: where a running predict() may leave the read of its outputs for
+# later (see `deferred_reads`).
+_DEFERRING = threading.local()
 
 
 def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -157,6 +160,58 @@ def _report(counts: ServeCounts) -> None:
     stack[-1].add(counts)
 
 
+class deferred_reads:  # pylint: disable=invalid-name  # used as a context manager, like a function
+  """Inside the block, `LoadedModel.predict` on this thread returns as soon
+  as the forward pass is dispatched (JAX dispatches asynchronously), with its
+  outputs in a host buffer that is filled only when the caller runs the reads
+  collected here (a list of no-argument callables; each blocks until its
+  forward pass is done, and may raise the error the computation hit).
+
+  Why: the caller (the dispatch-ahead RunInference step,
+  transforms.inference) dispatches batch k, then reads and emits batch k-1
+  while the model computes batch k, as a hand-written loop does; everything
+  the bundle's thread does per batch (batching, formatting, writing, the next
+  batch's assembly) then overlaps the forward pass instead of adding to it.
+  Nobody outside the block ever sees an unfilled buffer: predict calls made
+  elsewhere (another thread, or no block) read their outputs before returning.
+
+  `enabled=False` opens a block where predict reads at once again (the
+  handler runs a custom inference_fn in one: it may use the outputs).
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.reads: Optional[list[Callable[[], None]]] = [] if enabled else None
+
+  def __enter__(self) -> Optional[list[Callable[[], None]]]:
+    _DEFERRING.__dict__.setdefault('stack', []).append(self.reads)
+    return self.reads
+
+  def __exit__(self, *exc):
+    _DEFERRING.stack.pop()
+
+
+def _deferring() -> bool:
+  """Whether this thread is inside an enabled `deferred_reads` block."""
+  stack = _DEFERRING.__dict__.get('stack')
+  return bool(stack) and stack[-1] is not None
+
+
+def _defer(read: Callable[[], None]) -> bool:
+  """Hands `read` to the innermost enabled `deferred_reads` block of this
+  thread; False (the caller reads now) when there is none."""
+  if not _deferring():
+    return False
+  _DEFERRING.stack[-1].append(read)
+  return True
+
+
+def _read_into(outputs: np.ndarray, pending: Sequence[tuple[int, int, Any]]) -> None:
+  """Copies each dispatched chunk's rows [start, start + n) into `outputs`
+  (blocks until each chunk's forward pass is done)."""
+  for start, n, out in pending:
+    outputs[start : start + n] = np.asarray(out)[:n]
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
   """A model ready to serve: module, device-resident variables, jitted forward.
@@ -189,7 +244,8 @@ class LoadedModel:
 
     Chunks of at most the largest bucket, each padded up to its bucket;
     every chunk is dispatched before any result is read, so host batch
-    assembly overlaps device compute. Safe to call from many threads.
+    assembly overlaps device compute. Inside a `deferred_reads` block the
+    outputs come back unread (see there). Safe to call from many threads.
     """
     largest = self.batch_buckets[-1]
     pending = []
@@ -200,11 +256,15 @@ class LoadedModel:
         counts.add(ServeCounts(padded_slots=padded, total_slots=total))
         if self.placement is not None:
           inputs = self.placement.put_batch(inputs)
-        pending.append((len(chunk), self.forward(self.variables, *inputs)))
-    if len(pending) == 1:
-      n, out = pending[0]
+        pending.append((start, len(chunk), self.forward(self.variables, *inputs)))
+    if len(pending) == 1 and not _deferring():
+      _, n, out = pending[0]
       return np.asarray(out)[:n], counts
-    return np.concatenate([np.asarray(out)[:n] for n, out in pending], axis=0), counts
+    first = pending[0][2]
+    outputs = np.empty((len(examples), *first.shape[1:]), first.dtype)  # shape and dtype known before the values
+    if not _defer(lambda: _read_into(outputs, pending)):
+      _read_into(outputs, pending)
+    return outputs, counts
 
   def model_id(self) -> str:
     return self.model_dir
@@ -461,7 +521,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
         outputs, used = model.predict_counted(examples)  # also through a large_model proxy
         counts.add(used)
         return outputs
-      with _Counting() as used:
+      with _Counting() as used, deferred_reads(enabled=False):  # it may read the outputs
         outputs = self._inference_fn(model, examples, inference_args)
       counts.add(used)
       return outputs

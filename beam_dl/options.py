@@ -117,6 +117,12 @@ class InferenceOptions(PipelineOptions):
     parser.add_argument(
         '--device', choices=['cpu', 'gpu', 'tpu'], default=None, help="JAX backend (default: JAX's default)."
     )
+    parser.add_argument(
+        '--no_dispatch_ahead', dest='dispatch_ahead', action='store_false', default=True,
+        help="Read each batch's outputs before the next batch is dispatched (Beam's own RunInference "
+        'step). By default the inference step dispatches batch k before emitting batch k-1, so the '
+        "bundle's other work overlaps the model (transforms.inference._DispatchAheadDoFn).",
+    )
 
   def handler_kwargs(self) -> dict:
     return {

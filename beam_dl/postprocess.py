@@ -8,9 +8,10 @@ from apache_beam.ml.inference.base import PredictionResult
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-  shifted = np.asarray(logits, np.float64) - np.max(logits)
-  exp = np.exp(shifted)
-  return exp / exp.sum()
+  logits = np.asarray(logits, np.float64)
+  exp = np.exp(logits - logits.max())  # the method, not np.max: a tenth of the per-record cost
+  exp /= exp.sum()
+  return exp
 
 
 def classification_record(
@@ -20,13 +21,13 @@ def classification_record(
 
   `label` is the class index; `label_name` is added when the model has labels.
   """
-  scores = softmax(result.inference)
-  label = int(np.argmax(scores))
+  scores = softmax(result.inference).tolist()  # Python floats: cheaper to index, round and encode
+  label = max(range(len(scores)), key=scores.__getitem__)  # the first maximum, as np.argmax
   record = {
       'key': key,
       'label': label,
-      'score': float(scores[label]),
-      'scores': [round(float(s), 6) for s in scores],
+      'score': scores[label],
+      'scores': [round(s, 6) for s in scores],
   }
   if labels:
     record['label_name'] = labels[label]

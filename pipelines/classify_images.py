@@ -62,7 +62,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   every = options.view_as(ProgressOptions).progress_every_secs
   if every > 0:
     images = images | 'Progress' >> beam.Map(CountProgressFn('classify_images: read', every))
-  outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, **inference.handler_kwargs())
+  outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, dispatch_ahead=inference.dispatch_ahead,
+                                                        **inference.handler_kwargs())
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
   failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))

@@ -200,7 +200,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   examples = sequences.records | 'ToExamples' >> beam.ParDo(ToModelInputFn(opts.forecast, opts.min_length)).with_outputs(
       'failed', main='examples')
   handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())
-  inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(handler)
+  inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=inference.dispatch_ahead)
   extra = spec.extra or {}
   scores = inferred.predictions | 'FormatScores' >> beam.ParDo(FormatScoreFn(
       float(extra.get('target_scale', 1.0)), float(extra.get('target_offset', 0.0)), clock=clock))

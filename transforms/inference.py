@@ -7,16 +7,18 @@
 """
 from __future__ import annotations
 
+import traceback
 from typing import Any, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, RunInference
 
 from beam_dl import checkpoints
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.element_types import DeadLetter, EncodedImage, Record
-from beam_dl.handler import JaxModelHandler
+from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
 from beam_dl.images import ImageSpec
 from beam_dl.isolate import Failed, isolate
 from beam_dl.postprocess import classification_record
@@ -169,6 +171,131 @@ class _PassIsolated:
     return result if isinstance(result, _Isolated) else self._fn(result)
 
 
+class _HeldBatch(NamedTuple):
+  """A batch whose forward pass was dispatched but whose outputs are not
+  read yet, with what it takes to emit or re-run it."""
+
+  windowed: Any  # the input batch's WindowedValue: its outputs keep its windows and timestamp
+  inference_args: Any
+  model: Any  # Beam's model wrapper it was dispatched on (a refresh may swap self._model)
+  predictions: list
+  reads: list
+
+
+class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=protected-access
+  """Beam's RunInference DoFn, one batch deep: dispatches batch k's forward
+  pass, then reads and emits batch k-1 while the model computes batch k.
+
+  Why: in a fused stage the bundle's thread runs every step (batching,
+  formatting, writing) and waited for each forward pass before doing any of
+  them for the next batch; a hand-written loop dispatches batch k+1 before
+  reading batch k, so its host work overlaps the model. Here the handler's
+  predict calls run inside `beam_dl.handler.deferred_reads`, which leaves the
+  outputs unread; the DoFn holds the batch and reads it on the next batch (or
+  in finish_bundle, so a streaming bundle ends with nothing held).
+  Everything else is Beam's own DoFn: shared model, metrics (the latency
+  metric covers the dispatch), model refresh from the side input.
+
+  Outputs keep their own batch's windows and timestamp. Failed batches go to
+  the `FAILED_BATCHES` output as Beam's exception handling writes them
+  ((batch, (type, repr, traceback))), each with its own batch: an error at
+  dispatch fails the batch being processed, never the held one; a batch
+  whose read fails (an error the computation hit after dispatch) is run
+  again, whole and synchronously, on the model it was dispatched on, so an
+  isolating handler (`_IsolatingModelHandler`) dead-letters exactly its bad
+  elements, and a batch that fails again is that batch's failure. Handlers
+  that read their outputs at once (a custom inference_fn, large_model) leave
+  nothing to read later: their batch is emitted at once. Counts
+  'late_read_failures' (batches re-run because their read failed).
+
+  One instance runs one bundle at a time (Beam's contract), so the held
+  batch needs no lock; the read buffers belong to that one batch.
+  """
+
+  FAILED_BATCHES = 'failed_batches'
+
+  def setup(self):
+    super().setup()
+    self._late_failures = Metrics.counter(METRICS_NAMESPACE, 'late_read_failures')
+
+  def start_bundle(self):
+    self._held: Optional[_HeldBatch] = None
+
+  def process(self, batch, inference_args, si_model_metadata, windowed=beam.DoFn.WindowedValueParam):
+    try:
+      with deferred_reads() as reads:
+        predictions = super().process(batch, inference_args, si_model_metadata)
+    except Exception as e:  # pylint: disable=broad-except  # this batch's failure, as Beam's handling records it
+      yield self._failed(windowed, e)
+      return
+    current = _HeldBatch(windowed, inference_args, self._model, predictions, reads)
+    held, self._held = self._held, (current if reads else None)
+    if held is not None:
+      yield from self._release(held)
+    if not reads:
+      yield from self._release(current)
+
+  def finish_bundle(self):
+    held, self._held = self._held, None
+    if held is not None:
+      yield from self._release(held)
+    super().finish_bundle()
+
+  def _release(self, held: _HeldBatch) -> Iterable:
+    """The held batch's outputs, read (or re-run), in its windows."""
+    try:
+      for read in held.reads:
+        read()
+      predictions = held.predictions
+    except Exception:  # pylint: disable=broad-except  # re-run to find whose error it is
+      self._late_failures.inc()
+      current, self._model = self._model, held.model
+      try:
+        predictions = self._run_inference(held.windowed.value, held.inference_args)
+      except Exception as e:  # pylint: disable=broad-except
+        yield self._failed(held.windowed, e)
+        return
+      finally:
+        self._model = current
+    for prediction in predictions:
+      yield held.windowed.with_value(prediction)
+
+  def _failed(self, windowed, error: Exception):
+    """The failed batch record Beam's `with_exception_handling` writes."""
+    info = (type(error), repr(error), traceback.format_exception(type(error), error, error.__traceback__))
+    return beam.pvalue.TaggedOutput(self.FAILED_BATCHES, windowed.with_value((windowed.value, info)))
+
+
+class _DispatchAheadRunInference(RunInference):
+  """RunInference whose inference step is `_DispatchAheadDoFn`.
+
+  Beam builds its DoFn inline in `RunInference.expand`, with no hook to swap
+  it, so this expand repeats Beam's wiring for what RunInferenceWithDeadLetters
+  uses: pre-processing fns, BatchElements, the inference ParDo with the model
+  metadata side input, post-processing fns, same step labels, and the same
+  dead-letter outputs (`RunInferenceDLQ`). The DoFn records its own failed
+  batches: Beam's exception-handling wrapper would hide the WindowedValue
+  parameter the held batch needs, and would charge a held batch's error to
+  the batch being processed.
+  """
+
+  def expand(self, pcoll):
+    handler = self._model_handler
+    handler.validate_inference_args(self._inference_args)
+    pcoll, bad_preprocessed = self._apply_fns(pcoll, handler.get_preprocess_fns(), 'BeamML_RunInference_Preprocess')
+    if not handler.should_skip_batching():
+      pcoll = pcoll | beam.BatchElements(**handler.batch_elements_kwargs())
+    metadata = self._model_metadata_pcoll
+    dofn = _DispatchAheadDoFn(handler, self._clock, self._metrics_namespace, metadata is not None, self._model_tag)
+    inferred = pcoll | 'BeamML_RunInference' >> beam.ParDo(
+        dofn, self._inference_args, beam.pvalue.AsSingleton(metadata) if metadata else None).with_resource_hints(
+            **handler.get_resource_hints()).with_outputs(_DispatchAheadDoFn.FAILED_BATCHES, main='results')
+    results, bad_postprocessed = self._apply_fns(inferred.results, handler.get_postprocess_fns(),
+                                                 'BeamML_RunInference_Postprocess')
+    return results, beam_inference.RunInferenceDLQ(
+        inferred[_DispatchAheadDoFn.FAILED_BATCHES], bad_preprocessed, bad_postprocessed)
+
+
 def _isolated_to_dead_letters(result) -> Iterable:
   """An `_Isolated` -> its dead letter (tagged FAILED); a prediction as is."""
   if isinstance(result, _Isolated):
@@ -197,6 +324,10 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
       model between steps that name the same one; default: unique).
     isolate_elements: False sends a failed batch straight to dead letters,
       one per element, all with the batch's reason.
+    dispatch_ahead: dispatch batch k's forward pass before reading and
+      emitting batch k-1's outputs (`_DispatchAheadDoFn`), so the bundle
+      thread's other work overlaps the model (default on; False: Beam's own
+      RunInference step).
     error_threshold: fail the job when more than this fraction of inputs
       (per window) become dead letters, as Beam's
       `with_exception_handling(threshold=...)`; 1 (default) never fails.
@@ -211,10 +342,12 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
       inference_args: Optional[dict] = None,
       model_identifier: Optional[str] = None,
       isolate_elements: bool = True,
+      dispatch_ahead: bool = True,
       error_threshold: float = 1.0,
   ):
     super().__init__()
     self._handler = _keyed(model_handler)
+    self._dispatch_ahead = dispatch_ahead
     self._metadata = model_metadata_pcoll
     self._inference_args = inference_args
     self._model_identifier = model_identifier
@@ -223,7 +356,8 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
 
   def expand(self, keyed_examples):
     handler = _IsolatingModelHandler(self._handler) if self._isolate else self._handler
-    main, dlq = keyed_examples | 'RunInference' >> RunInference(
+    run_inference = _DispatchAheadRunInference if self._dispatch_ahead else RunInference
+    main, dlq = keyed_examples | 'RunInference' >> run_inference(
         handler,
         model_metadata_pcoll=self._metadata,
         inference_args=self._inference_args,
@@ -273,10 +407,11 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
   dead letters. `error_threshold` (fraction of inputs, default 1: never)
   fails the job when more inputs than that become dead letters;
   `with_error_handler(ErrorHandler(...))` also sends them to Beam's handler.
+  `dispatch_ahead` (default on): see RunInferenceWithDeadLetters.
   """
 
   def __init__(self, model_dir: str, handler: Optional[JaxModelHandler] = None, *,
-               error_threshold: float = 1.0, **handler_kwargs):
+               error_threshold: float = 1.0, dispatch_ahead: bool = True, **handler_kwargs):
     super().__init__()
     spec = checkpoints.load_spec(model_dir)
     if len(spec.input_shape) != 3:
@@ -285,6 +420,7 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
     self._image_spec = ImageSpec(height=height, width=width, channels=channels)
     self._labels = spec.labels
     self._handler = handler or JaxModelHandler(model_dir, **handler_kwargs)
+    self._dispatch_ahead = dispatch_ahead
     self._set_error_threshold(error_threshold)
 
   def expand(self, keyed_bytes):
@@ -292,7 +428,7 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
     # Formatting needs only the outputs: results without the input image are
     # ~100x smaller wherever the runner buffers them.
     handler = _keyed(self._handler).with_postprocess_fn(without_example)
-    inferred = decoded.decoded | 'Infer' >> RunInferenceWithDeadLetters(handler)
+    inferred = decoded.decoded | 'Infer' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=self._dispatch_ahead)
     labels = self._labels
     predictions = inferred.predictions | 'FormatPredictions' >> beam.MapTuple(
         lambda key, result: classification_record(key, result, labels)
