@@ -118,10 +118,10 @@ class InferenceOptions(PipelineOptions):
         '--device', choices=['cpu', 'gpu', 'tpu'], default=None, help="JAX backend (default: JAX's default)."
     )
     parser.add_argument(
-        '--no_dispatch_ahead', dest='dispatch_ahead', action='store_false', default=True,
-        help="Read each batch's outputs before the next batch is dispatched (Beam's own RunInference "
-        'step). By default the inference step dispatches batch k before emitting batch k-1, so the '
-        "bundle's other work overlaps the model (transforms.inference._DispatchAheadDoFn).",
+        '--dispatch_ahead', type=switch, nargs='?', const=True, default=True,
+        help="true (default): the inference step dispatches batch k before emitting batch k-1, so the "
+        "bundle's other work overlaps the model (transforms.inference._DispatchAheadDoFn); false: read "
+        "each batch's outputs before the next batch is dispatched (Beam's own RunInference step).",
     )
 
   def handler_kwargs(self) -> dict:

@@ -206,4 +206,5 @@ def test_pipeline_flag_turns_it_off():
   from beam_dl.options import InferenceOptions
 
   assert PipelineOptions([]).view_as(InferenceOptions).dispatch_ahead is True
-  assert PipelineOptions(['--no_dispatch_ahead']).view_as(InferenceOptions).dispatch_ahead is False
+  assert PipelineOptions(['--dispatch_ahead=false']).view_as(InferenceOptions).dispatch_ahead is False
+  assert PipelineOptions(['--dispatch_ahead']).view_as(InferenceOptions).dispatch_ahead is True
