@@ -34,6 +34,8 @@ import io
 import json
 import os
 import pstats
+import shutil
+import statistics
 import tempfile
 import time
 
@@ -194,6 +196,7 @@ def main(argv=None):
     total = len(glob.glob(pattern))
     print(f'{total} images ({SIZE}x{SIZE} PNG/JPEG, {args.folders} folders), SmallCNN 32/64/128, batch {BATCH}, '
           f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
+    ratios: dict[str, list[float]] = {mode: [] for mode in args.modes.split(',')}
     for repeat in range(args.repeats):
       cpu0, main0 = time.process_time(), time.thread_time()
       loop_s, loop_labels = plain_loop(model_dir, pattern)
@@ -203,6 +206,7 @@ def main(argv=None):
             f'main CPU {loop_main:.1f} s) | load average {os.getloadavg()[0]:.1f}')
       for mode in args.modes.split(','):
         output = os.path.join(workdir, f'out-{mode}-{repeat}', 'predictions')
+        shutil.rmtree(os.path.dirname(output), ignore_errors=True)  # a fresh output, as a first run writes
         cpu0, main0 = time.process_time(), time.thread_time()
         seconds, labels, failed, stats = run_pipeline(
             model_dir, pattern, output, MODES[mode] + args.extra.split(),
@@ -214,6 +218,10 @@ def main(argv=None):
         print(f'  {mode:6s} pipeline {rate:8.1f} img/s ({seconds:.1f} s, {cpu:.1f} CPU s, main CPU {main:.1f} s) '
               f'| ratio {rate / loop_rate:.3f} of the loop '
               f'| predictions {len(labels)} + {failed} dead letters, match the loop: {match} | {stats}')
+        ratios[mode].append(rate / loop_rate)
+    if args.repeats > 1:
+      print('median ratio of the loop over', args.repeats, 'runs:',
+            ', '.join(f'{mode} {statistics.median(values):.3f}' for mode, values in ratios.items()))
 
 
 if __name__ == '__main__':

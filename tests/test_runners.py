@@ -59,6 +59,8 @@ class _Session:
     outcome = rm.run_pipeline(case.module, argv, os.path.join(out_dir, 'run.log'))
     print(f'{pipeline} on {runner}: {outcome.seconds:.1f} s')  # each cell's wall time, with -s or -rA
     assert outcome.returncode == 0, f'{pipeline} on {runner} exited {outcome.returncode}:\n{outcome.log[-4000:]}'
+    # Each SDK worker process's start-up warnings are noise a user can't act on (cli._DropBeamNoise).
+    assert 'Discarding unparseable args' not in outcome.log, outcome.log[-4000:]
     return case.read(out_dir)
 
   def reference(self, pipeline: str):

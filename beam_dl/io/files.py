@@ -92,17 +92,39 @@ def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
   root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
   if not os.path.isdir(root or '.'):
     return []
-  skipped = []
-  for dirpath, dirnames, filenames in os.walk(root or '.'):
-    skipped += [FileMetadata(os.path.join(dirpath, d), 0) for d in dirnames]
-    for name in filenames:
-      path = os.path.join(dirpath, name)
-      try:
-        os.path.getsize(path)
-      except OSError:  # what Beam's listing drops silently
-        skipped.append(FileMetadata(path, 0))
+  skipped = [FileMetadata(path, 0) for path in _entries_beam_skips(root or '.')]
   return sorted((m.path, not_regular_reason(m.path) or 'not listed by the file match')
                 for m in fs.match_files(skipped, pattern))
+
+
+def _entries_beam_skips(root: str) -> Iterator[str]:
+  """Paths under `root` that Beam's local listing (os.walk, then a size per
+  file) leaves out: directories, and files whose size can't be read
+  (dangling symlinks). The walk is os.walk's (no descent into symlinked
+  directories, unreadable directories passed over); a regular file's
+  directory entry says it is one, so only the other entries are stat'ed
+  (24,000 stat calls fewer for bench_flagship's 24,000 images)."""
+  pending = [root]
+  while pending:
+    try:
+      entries = os.scandir(pending.pop())
+    except OSError:
+      continue
+    with entries:
+      for entry in entries:
+        try:
+          is_dir = entry.is_dir()
+        except OSError:
+          is_dir = False
+        if is_dir:
+          yield entry.path
+          if not entry.is_symlink():
+            pending.append(entry.path)
+        elif not entry.is_file(follow_symlinks=False):
+          try:
+            os.path.getsize(entry.path)
+          except OSError:  # what Beam's listing drops silently
+            yield entry.path
 
 
 FILE_LIST_PREFIX = '@'
