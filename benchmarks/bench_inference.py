@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -129,6 +130,16 @@ def pipeline_run(handler, num: int, shape, batch: int, runner: str) -> tuple[flo
   return seconds, sum(c.committed for c in outputs)
 
 
+def difference_per_image(long_run: float, short_run: float, extra_images: int) -> float:
+  """(long_run - short_run) / extra_images: seconds per image with the
+  start-up both runs pay cancelled. NaN (printed as nan, left out of the
+  medians) when the difference is under a tenth of the long run: at tiny
+  sizes the start-up's own noise is larger than the work, and a difference
+  of two noisy start-ups is no rate (it came out negative)."""
+  difference = long_run - short_run
+  return difference / extra_images if difference > 0.1 * long_run else float('nan')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', choices=sorted(MODELS), default='small_cnn')
@@ -169,26 +180,27 @@ def main(argv=None):
       cpu3 = time.process_time()
       # CPU seconds per image, start-up cancelled like the steady-state rate;
       # unlike wall time it does not depend on what else the machine runs
-      cpu.append(((cpu1 - cpu0) / args.num, ((cpu2 - cpu1) - (cpu3 - cpu2)) / (args.num - small)))
+      cpu.append(((cpu1 - cpu0) / args.num, difference_per_image(cpu2 - cpu1, cpu3 - cpu2, args.num - small)))
       assert (outputs, small_outputs) == (args.num, small), (outputs, small_outputs)
       raw = args.num / raw_s
       end_to_end = args.num / beam_s
-      steady = (args.num - small) / (beam_s - small_s)  # start-up cancels out
+      steady = 1 / difference_per_image(beam_s, small_s, args.num - small)  # start-up cancels out
       rows.append((raw, end_to_end, steady))
       print(f'  run {repeat + 1}: raw loop {raw:8.1f} img/s | RunInference end to end {end_to_end:8.1f} img/s '
             f'({end_to_end / raw:.3f}) | steady state {steady:8.1f} img/s ({steady / raw:.3f}) | '
             f'CPU ms/img raw {1e3 * cpu[-1][0]:.3f} vs pipeline {1e3 * cpu[-1][1]:.3f} '
             f'(efficiency {cpu[-1][0] / cpu[-1][1]:.3f})')
     rows = np.array(rows)
-    raw, end_to_end, steady = np.median(rows, axis=0)
+    warnings.filterwarnings('ignore', 'All-NaN slice', RuntimeWarning)  # every run too short: nan says so
+    raw, end_to_end, steady = np.nanmedian(rows, axis=0)
     e2e_ratio = np.median(rows[:, 1] / rows[:, 0])  # per-run ratios: robust to a busy machine
-    steady_ratio = np.median(rows[:, 2] / rows[:, 0])
+    steady_ratio = np.nanmedian(rows[:, 2] / rows[:, 0])
     print(f'median: raw loop {raw:.1f} img/s | RunInference end to end {end_to_end:.1f} img/s | '
           f'steady state {steady:.1f} img/s | median per-run ratio: end to end {e2e_ratio:.3f}, '
           f'steady state {steady_ratio:.3f} of the raw loop')
     cpu = np.array(cpu)
     print(f'CPU time per image (start-up cancelled): raw {1e3 * np.median(cpu[:, 0]):.3f} ms, pipeline '
-          f'{1e3 * np.median(cpu[:, 1]):.3f} ms: the pipeline does {np.median(cpu[:, 0] / cpu[:, 1]):.3f} '
+          f'{1e3 * np.nanmedian(cpu[:, 1]):.3f} ms: the pipeline does {np.nanmedian(cpu[:, 0] / cpu[:, 1]):.3f} '
           'of the raw loop\'s work per CPU second')
     again = model.predict_counted(images[: args.batch])[1].compiles  # counts are per call, not on the model
     print(f'compiles of a further batch: {again} (the pipeline reused the loaded, compiled model)')
