@@ -111,3 +111,21 @@ gpu-wheels:
 	rm -f .whl/numpy-*.whl .whl/jax-*.whl .whl/jaxlib-*.whl .whl/ml_dtypes-*.whl .whl/opt_einsum-*.whl \
 		.whl/scipy-*.whl .whl/pillow-*.whl .whl/pyarrow-*.whl .whl/pymongo-*.whl .whl/dnspython-*.whl
 	du -sh .whl
+
+# A rehearsal of the device run on this machine: a Python 3.12 venv holding only
+# what the accelerator machine has (its jax stack, CPU build, at the versions
+# seen there), the carried wheels installed as gpu_suite.sh installs them, and
+# the suite at its tiny CPU sizes. Catches a wheel missing from .whl/ before a
+# session spends its few device minutes on it (google-crc32c once did).
+GPU_REHEARSAL_VENV ?= $(HOME)/.cache/beam_dl/gpu-rehearsal
+# Python 3.12, as the device machine has: pyenv's if it has one, else python3.12 on PATH.
+PYTHON312 ?= $(shell v=$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1); \
+	if [ -n "$$v" ]; then echo "$$(pyenv prefix $$v)/bin/python3.12"; else echo python3.12; fi)
+.PHONY: gpu-rehearsal
+gpu-rehearsal: gpu-wheels
+	test -x $(GPU_REHEARSAL_VENV)/bin/python || $(PYTHON312) -m venv $(GPU_REHEARSAL_VENV)
+	$(GPU_REHEARSAL_VENV)/bin/pip install -q jax==0.11.2 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 \
+		numpy==2.5.2 pillow
+	rm -rf /tmp/site
+	env -i HOME=$(HOME) PATH=/usr/bin:/bin PYTHON=$(GPU_REHEARSAL_VENV)/bin/python GPU_SUITE_TINY=1 \
+		bash benchmarks/gpu_suite.sh
