@@ -10,6 +10,7 @@ window; a streaming bundle ends with nothing held.
 """
 import dataclasses
 import threading
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -118,6 +119,44 @@ def test_outputs_equal_beams_step_on_real_images(digits_model_dir):
         | 'Both' >> beam.Flatten() | beam.Map(lambda r: (r['key'], tuple(r['scores'])))
         | beam.GroupByKey() | beam.MapTuple(lambda k, s: (k, len(s), len(set(s)))))
     assert_that(scores, equal_to([(k, 2, 1) for k in good]), label='same_scores')
+
+
+class _SlowToFinishModel(LoadedModel):
+  """The served model, except that each batch's outputs are there only
+  READY_AFTER_S after its dispatch, as a long forward pass's are: a
+  deferred read waits until then; outside `deferred_reads`, predict does."""
+
+  READY_AFTER_S = 0.05
+
+  def predict_counted(self, examples):
+    ready_at = time.perf_counter() + self.READY_AFTER_S
+    outputs, counts = super().predict_counted(examples)
+
+    def wait():
+      time.sleep(max(0.0, ready_at - time.perf_counter()))
+    if not handler_lib._defer(wait):  # pylint: disable=protected-access
+      wait()
+    return outputs, counts
+
+
+class _SlowToFinishHandler(JaxModelHandler):
+  def _load_uncached(self, model_dir):
+    model = super()._load_uncached(model_dir)
+    return _SlowToFinishModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+
+
+@pytest.mark.parametrize('dispatch_ahead', [True, False])
+def test_batch_latency_metric_runs_to_the_read_not_the_dispatch(digits_model_dir, digits, dispatch_ahead):
+  """Beam's `inference_batch_latency_micro_secs` is the time a batch's
+  outputs took; dispatched ahead, the dispatch alone returns in ~1 ms."""
+  handler = _SlowToFinishHandler(digits_model_dir, max_batch_size=BATCH)
+  with TestPipeline('FnApiRunner') as p:
+    outputs = p | beam.Create(digits) | RunInferenceWithDeadLetters(handler, dispatch_ahead=dispatch_ahead)
+    assert_that(outputs.predictions | beam.Keys(), equal_to([k for k, _ in digits]))
+  latency = p.result.metrics().query(MetricsFilter().with_name('inference_batch_latency_micro_secs'))
+  (dist,) = latency['distributions']
+  assert dist.committed.count == 6  # 44 examples in batches of 8: every batch counted once
+  assert dist.committed.min >= 1e6 * _SlowToFinishModel.READY_AFTER_S, dist.committed
 
 
 def _poisoned(digits):
