@@ -112,6 +112,19 @@ gpu-wheels:
 		.whl/scipy-*.whl .whl/pillow-*.whl .whl/pyarrow-*.whl .whl/pymongo-*.whl .whl/dnspython-*.whl
 	du -sh .whl
 
+# Ray Data for bench_flagship's `ray` mode (the same job written with Ray Data,
+# benchmarks/ray_flagship.py), in its own venv: Ray next to the project's pins
+# for what both sides import (Beam, the jax stack, Pillow), kept out of .venv
+# so it can never move a pin the tests run on.
+RAY_VENV ?= $(HOME)/.cache/beam_dl/ray-venv
+.PHONY: ray-venv
+ray-venv: $(RAY_VENV)/.installed
+$(RAY_VENV)/.installed: constraints.txt
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install -q -c constraints.txt apache-beam==2.77.0 objsize jax==0.10.2 jaxlib==0.10.2 \
+		flax==0.12.8 numpy==2.4.6 pillow==12.3.0 orbax-checkpoint==0.12.8 'ray[data]==2.60.0'
+	touch $@
+
 # A rehearsal of the device run on this machine: a Python 3.12 venv holding only
 # what the accelerator machine has (its jax stack, CPU build, at the versions
 # seen there), the carried wheels installed as gpu_suite.sh installs them, and

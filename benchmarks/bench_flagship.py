@@ -16,8 +16,11 @@ prediction (label per key) matches the loop's. Modes:
   single     the default DirectRunner (one in-process worker)
   mp2        --direct_num_workers=2 --direct_running_mode=multi_processing
   mt2        --direct_num_workers=2 --direct_running_mode=multi_threading
+  ray        the same job written with Ray Data (benchmarks/ray_flagship.py),
+             in the interpreter `make ray-venv` builds (--ray_python)
 
     python -m benchmarks.bench_flagship --num 24000 --modes single,mp2,mt2
+    python -m benchmarks.bench_flagship --num 24000 --modes single,ray --repeats 3
     python -m benchmarks.bench_flagship --num 8000 --profile 30   # cProfile top 30
 
 `main CPU` is the CPU time of the calling thread: the loop's decodes, and
@@ -36,6 +39,7 @@ import os
 import pstats
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 
@@ -127,6 +131,23 @@ def plain_loop(model_dir: str, pattern: str, batch: int = BATCH) -> tuple[float,
   return time.perf_counter() - start, labels
 
 
+RAY_PYTHON = os.path.expanduser('~/.cache/beam_dl/ray-venv/bin/python')
+
+
+def ray_data(model_dir: str, pattern: str, workdir: str, python: str) -> tuple[float, dict, float]:
+  """(seconds, labels, ray.init seconds) for benchmarks.ray_flagship, run by `python`."""
+  labels_path = os.path.join(workdir, 'ray-labels.json')
+  done = subprocess.run(
+      [python, '-m', 'benchmarks.ray_flagship', '--model_dir', model_dir, '--pattern', pattern,
+       '--batch', str(BATCH), '--labels', labels_path],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f'ray_flagship failed ({done.returncode}):\n{done.stderr[-3000:]}')
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  with open(labels_path) as f:
+    return result['seconds'], json.load(f), result['init_seconds']
+
+
 def pipeline_labels(output: str) -> tuple[dict, int]:
   """({key: label} from the prediction files, number of dead letters)."""
   labels = {}
@@ -187,6 +208,7 @@ def main(argv=None):
   parser.add_argument('--profile', type=int, default=0, help='cProfile the single-worker run, print top N')
   parser.add_argument('--workdir', default=None, help='keep images/model here (default: a temp dir)')
   parser.add_argument('--extra', default='', help='extra pipeline flags, space-separated')
+  parser.add_argument('--ray_python', default=RAY_PYTHON, help='interpreter with Ray Data for the ray mode')
   args = parser.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -205,6 +227,14 @@ def main(argv=None):
       print(f'run {repeat + 1}: plain loop {loop_rate:8.1f} img/s ({loop_s:.1f} s, {loop_cpu:.1f} CPU s in this process, '
             f'main CPU {loop_main:.1f} s) | load average {os.getloadavg()[0]:.1f}')
       for mode in args.modes.split(','):
+        if mode == 'ray':
+          seconds, labels, init_seconds = ray_data(model_dir, pattern, workdir, args.ray_python)
+          rate = total / seconds
+          print(f'  ray    Ray Data {rate:8.1f} img/s ({seconds:.1f} s; ray.init {init_seconds:.1f} s more, not '
+                f'counted) | ratio {rate / loop_rate:.3f} of the loop | labels {len(labels)}, match the loop: '
+                f'{labels == loop_labels}')
+          ratios[mode].append(rate / loop_rate)
+          continue
         output = os.path.join(workdir, f'out-{mode}-{repeat}', 'predictions')
         shutil.rmtree(os.path.dirname(output), ignore_errors=True)  # a fresh output, as a first run writes
         cpu0, main0 = time.process_time(), time.thread_time()
