@@ -53,10 +53,19 @@ class _LateFailingModel(LoadedModel):
     return outputs, counts
 
 
-class _LateFailingHandler(JaxModelHandler):
-  def _load_uncached(self, model_dir):
-    model = super()._load_uncached(model_dir)
-    return _LateFailingModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+def _handler_serving(model_class: type) -> type:
+  """A JaxModelHandler class whose loaded model is a `model_class` (a
+  LoadedModel subclass) over the loaded model's own fields."""
+
+  class _Handler(JaxModelHandler):
+    def _load_uncached(self, model_dir):
+      model = super()._load_uncached(model_dir)
+      return model_class(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+
+  return _Handler
+
+
+_LateFailingHandler = _handler_serving(_LateFailingModel)
 
 
 @pytest.fixture(scope='module')
@@ -139,10 +148,7 @@ class _SlowToFinishModel(LoadedModel):
     return outputs, counts
 
 
-class _SlowToFinishHandler(JaxModelHandler):
-  def _load_uncached(self, model_dir):
-    model = super()._load_uncached(model_dir)
-    return _SlowToFinishModel(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+_SlowToFinishHandler = _handler_serving(_SlowToFinishModel)
 
 
 @pytest.mark.parametrize('dispatch_ahead', [True, False])
