@@ -97,10 +97,11 @@ $(TOOLS_BIN)/pushgateway: third_party/pushgateway/go.mod third_party/pushgateway
 # Wheels for benchmarks/gpu_suite.sh on the accelerator machine (Python 3.12,
 # jax/flax/numpy/pillow present, no apache-beam): apache-beam 2.77 and its
 # dependencies for cp312 manylinux into the ignored .whl/, minus what that
-# machine already has (numpy, pillow, the jax stack: not shadowed) and what the
-# DirectRunner never imports (pyarrow is optional in Beam; pymongo, dnspython),
-# plus google-crc32c, which beam_dl.io.tfrecord needs and Beam does not pull in:
-# ~45 MB, under the 64 MiB a device run carries.
+# machine already has (numpy, pillow, the jax stack: not shadowed) and pyarrow
+# (optional in Beam, and large), plus google-crc32c, which beam_dl.io.tfrecord
+# needs and Beam does not pull in. pymongo stays: without its bson, importing
+# apache_beam.io logs "Could not find a compatible bson package" in every
+# process. Under the 64 MiB a device run carries.
 GPU_WHEEL_PLATFORMS := --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64
 .PHONY: gpu-wheels
@@ -109,7 +110,7 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q -d .whl --python-version 3.12 --implementation cp --only-binary=:all: \
 		$(GPU_WHEEL_PLATFORMS) apache-beam==2.77.0 google-crc32c==1.9.0
 	rm -f .whl/numpy-*.whl .whl/jax-*.whl .whl/jaxlib-*.whl .whl/ml_dtypes-*.whl .whl/opt_einsum-*.whl \
-		.whl/scipy-*.whl .whl/pillow-*.whl .whl/pyarrow-*.whl .whl/pymongo-*.whl .whl/dnspython-*.whl
+		.whl/scipy-*.whl .whl/pillow-*.whl .whl/pyarrow-*.whl
 	du -sh .whl
 
 # Ray Data for bench_flagship's `ray` mode (the same job written with Ray Data,
