@@ -92,6 +92,44 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
   return buckets[bisect.bisect_left(buckets, n)]
 
 
+class BatchShapes:
+  """Which padded batch shape each call runs in, per model, across threads.
+
+  A batch size seen for the first time runs in the smallest larger bucket
+  already compiled, when there is one, and gets its own bucket (a compile)
+  only when that size comes back. A bundle's short last batch, or a streaming
+  batch of an odd size, then costs some padding instead of an XLA compile
+  (0.1-0.3 s on CPU for bench_flagship's SmallCNN, seconds for a large model
+  on a GPU) that nothing else would use. Sizes that recur compile as before.
+  `key` separates shapes that are not interchangeable (a sequence batch's
+  padded length).
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._compiled: set = set()
+    self._seen: set = set()
+
+  def rows_for(self, n: int, buckets: Sequence[int], key: Any = None) -> int:
+    natural = bucket_for(n, buckets)
+    with self._lock:
+      if (natural, key) in self._compiled:
+        return natural
+      if (natural, key) not in self._seen:
+        self._seen.add((natural, key))
+        larger = [b for b in buckets if b > natural and (b, key) in self._compiled]
+        if larger:
+          return larger[0]
+      self._compiled.add((natural, key))
+      return natural
+
+  def __getstate__(self):  # the lock stays behind: a copy starts with nothing compiled
+    return {}
+
+  def __setstate__(self, state):
+    self.__init__()
+
+
 def length_bucket_for(length: int, buckets: Sequence[int]) -> int:
   """Smallest length bucket >= length; past the largest, a multiple of it."""
   if length <= buckets[-1]:
@@ -231,6 +269,7 @@ class LoadedModel:
   length_buckets: tuple[int, ...]
   num_bytes: int
   placement: Optional[Placement] = None
+  shapes: BatchShapes = dataclasses.field(default_factory=BatchShapes, compare=False, repr=False)
 
   def predict(self, examples: Sequence[np.ndarray]) -> np.ndarray:
     """Outputs for `examples` in order (see `predict_counted`); the counts go
@@ -271,10 +310,10 @@ class LoadedModel:
 
   def _assemble(self, chunk: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], int, int]:
     """(one padded host array (+ mask for sequences), padded slots, total
-    slots), filled without stacking."""
-    rows = bucket_for(len(chunk), self.batch_buckets)
+    slots), filled without stacking; its shape chosen by `BatchShapes`."""
     dtype = np.dtype(self.spec.input_dtype)
     if not self.spec.is_sequence:
+      rows = self.shapes.rows_for(len(chunk), self.batch_buckets)
       expected = tuple(self.spec.input_shape)
       batch = np.zeros((rows, *expected), dtype)
       for i, example in enumerate(chunk):
@@ -284,6 +323,7 @@ class LoadedModel:
       return (batch,), rows - len(chunk), rows
     feature_shape = tuple(self.spec.input_shape[1:])
     length = length_bucket_for(max(len(e) for e in chunk), self.length_buckets)
+    rows = self.shapes.rows_for(len(chunk), self.batch_buckets, key=length)
     batch = np.zeros((rows, length, *feature_shape), dtype)
     mask = np.zeros((rows, length), bool)
     for i, example in enumerate(chunk):
