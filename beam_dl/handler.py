@@ -96,8 +96,9 @@ class BatchShapes:
   """Which padded batch shape each call runs in, per model, across threads.
 
   A batch size seen for the first time runs in the smallest larger bucket
-  already compiled, when there is one, and gets its own bucket (a compile)
-  only when that size comes back. A bundle's short last batch, or a streaming
+  already compiled, when there is one at most twice its own (so the padded
+  forward pass costs at most one more of its own), and gets its own bucket
+  (a compile) only when that size comes back. A bundle's short last batch, or a streaming
   batch of an odd size, then costs some padding instead of an XLA compile
   (0.1-0.3 s on CPU for bench_flagship's SmallCNN, seconds for a large model
   on a GPU) that nothing else would use. Sizes that recur compile as before.
@@ -117,7 +118,7 @@ class BatchShapes:
         return natural
       if (natural, key) not in self._seen:
         self._seen.add((natural, key))
-        larger = [b for b in buckets if b > natural and (b, key) in self._compiled]
+        larger = [b for b in buckets if natural < b <= 2 * natural and (b, key) in self._compiled]
         if larger:
           return larger[0]
       self._compiled.add((natural, key))

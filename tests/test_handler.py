@@ -106,14 +106,16 @@ def test_compiles_bounded_by_buckets_when_batch_sizes_vary(linear_dir):
 
 def test_a_new_batch_size_runs_in_a_compiled_bucket_until_it_comes_back(linear_dir):
   """A bundle's short last batch pads into the compiled full bucket rather
-  than compiling its own; a size that recurs gets its own bucket."""
+  than compiling its own; a size that recurs gets its own bucket; a bucket
+  more than twice as large is not used (1 row padded to 4 would cost more
+  than it saves on a large model)."""
   model = JaxModelHandler(linear_dir, max_batch_size=16).load_model()
   sizes = [16, 8, 8, 3, 3, 3, 1]
   calls = [(n, tiny_images(n, seed=i)) for i, n in enumerate(sizes)]
   served = [model.predict_counted(images) for _, images in calls]
-  assert [c.compiles for _, c in served] == [1, 0, 1, 0, 1, 0, 0]
+  assert [c.compiles for _, c in served] == [1, 0, 1, 0, 1, 0, 1]
   assert [(c.padded_slots, c.total_slots) for _, c in served] == [
-      (0, 16), (8, 16), (0, 8), (5, 8), (1, 4), (1, 4), (3, 4)]
+      (0, 16), (8, 16), (0, 8), (5, 8), (1, 4), (1, 4), (0, 1)]
   for (n, images), (outputs, _) in zip(calls, served):  # padding never shows in the outputs
     np.testing.assert_allclose(outputs, by_hand(images), rtol=1e-5, atol=1e-6)
     assert len(outputs) == n
