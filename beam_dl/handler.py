@@ -98,12 +98,12 @@ class BatchShapes:
   A batch size seen for the first time runs in the smallest larger bucket
   already compiled, when there is one at most twice its own (so the padded
   forward pass costs at most one more of its own), and gets its own bucket
-  (a compile) only when that size comes back. A bundle's short last batch, or a streaming
-  batch of an odd size, then costs some padding instead of an XLA compile
-  (0.1-0.3 s on CPU for bench_flagship's SmallCNN, seconds for a large model
-  on a GPU) that nothing else would use. Sizes that recur compile as before.
-  `key` separates shapes that are not interchangeable (a sequence batch's
-  padded length).
+  (a compile) only when that size comes back. A bundle's short last batch,
+  or a streaming batch of an odd size, then costs some padding instead of an
+  XLA compile (0.1-0.3 s on CPU for bench_flagship's SmallCNN, seconds for a
+  large model on a GPU) that nothing else would use. Sizes that recur
+  compile as before. `key` separates shapes that are not interchangeable (a
+  sequence batch's padded length).
   """
 
   def __init__(self):
