@@ -76,24 +76,31 @@ def match_in_chunks(pattern: str) -> list[list[tuple[str, int, float]]]:
   if not metadata and not fileio.EmptyMatchTreatment.allow_empty_match(
       pattern, fileio.EmptyMatchTreatment.ALLOW_IF_WILDCARD):
     raise BeamIOError(f'Empty match for pattern {pattern}. Disallowed.')
-  return in_chunks([(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in metadata])
+  return in_chunks([_as_tuple(m) for m in metadata])
+
+
+def _as_tuple(metadata: FileMetadata) -> tuple[str, int, float]:
+  return metadata.path, metadata.size_in_bytes, metadata.last_updated_in_seconds
 
 
 def unchunk(chunk: list[tuple[str, int, float]]) -> list[FileMetadata]:
-  """One `match_in_chunks` chunk -> its FileMetadata, in order."""
+  """One chunk of (path, size, mtime) -> its FileMetadata, in order."""
   return [FileMetadata(path, size, mtime) for path, size, mtime in chunk]
 
 
 class _ListedFilesFn(beam.DoFn):
-  """A file list's pattern -> FileMetadata per listed path; the unreadable -> 'failed'."""
+  """A file list's pattern -> its readable paths as (path, size, mtime),
+  `in_chunks` (as `match_in_chunks`); each unreadable path -> 'failed'."""
 
   def process(self, pattern: str):
+    readable = []
     for path in files_lib.read_file_list(pattern):
       listed = files_lib.listed_metadata(path)
       if isinstance(listed, str):
         yield beam.pvalue.TaggedOutput('failed', unreadable_dead_letter(path, listed))
       else:
-        yield listed
+        readable.append(_as_tuple(listed))
+    yield from in_chunks(readable)
 
 
 class MatchReadableFiles(beam.PTransform):
@@ -110,15 +117,13 @@ class MatchReadableFiles(beam.PTransform):
       listed = (pbegin
                 | 'FileList' >> beam.Create([self._pattern])
                 | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files'))
-      files = (listed.files
-               | 'Reshuffle' >> beam.Reshuffle()
-               | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
-      return ReadableFiles(files, listed.failed)
-    pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])
-    files = (pattern
-             | 'MatchFiles' >> beam.FlatMap(match_in_chunks)
+      chunks, failed = listed.files, listed.failed
+    else:
+      pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])
+      chunks = pattern | 'MatchFiles' >> beam.FlatMap(match_in_chunks)
+      failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter)
+    files = (chunks
              | 'Reshuffle' >> beam.Reshuffle()
              | 'Unchunk' >> beam.FlatMap(unchunk)
              | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
-    failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter)
     return ReadableFiles(files, failed)
