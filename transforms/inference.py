@@ -282,8 +282,6 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
       for read in held.reads:
         read()
       predictions = held.predictions
-      if held.metrics:
-        held.metrics.commit()
     except Exception:  # pylint: disable=broad-except  # re-run to find whose error it is (the re-run counts itself)
       self._late_failures.inc()
       current, self._model = self._model, held.model
@@ -294,6 +292,9 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
         return
       finally:
         self._model = current
+    else:  # read as dispatched: Beam's per-batch metrics, latency up to the read
+      if held.metrics:
+        held.metrics.commit()
     for prediction in predictions:
       yield held.windowed.with_value(prediction)
 
