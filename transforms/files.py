@@ -1,12 +1,16 @@
 """Matching input files so that every match is read or reported.
 
+  MatchFileChunks(pattern)     -> `.chunks` (lists of (path, size, mtime)), `.failed`
   MatchReadableFiles(pattern)  -> `.files` (fileio.ReadableFile), `.failed`
 
 A match (`FileSystems.match`, as `fileio.MatchFiles`) + `ReadMatches`, with
 a reshuffle between them so a runner spreads the files over workers, plus
 one dead letter (stage 'read') for each
 entry that matches the glob but that Beam's match skips silently: a
-directory, a dangling symlink (see `beam_dl.io.files`). Readers downstream
+directory, a dangling symlink (see `beam_dl.io.files`). A reader that
+handles many files per element takes the chunks and makes each file's
+`ReadableFile` itself (`readable_files`): one Beam step per chunk instead
+of two per file. Readers downstream
 open each file with `beam_dl.io.files.open_regular`, which reports FIFOs,
 devices and unreadable files the same way.
 
@@ -83,9 +87,11 @@ def _as_tuple(metadata: FileMetadata) -> tuple[str, int, float]:
   return metadata.path, metadata.size_in_bytes, metadata.last_updated_in_seconds
 
 
-def unchunk(chunk: list[tuple[str, int, float]]) -> list[FileMetadata]:
-  """One chunk of (path, size, mtime) -> its FileMetadata, in order."""
-  return [FileMetadata(path, size, mtime) for path, size, mtime in chunk]
+def readable_files(chunk: list[tuple[str, int, float]],
+                   compression_type: str = CompressionTypes.AUTO) -> list[fileio.ReadableFile]:
+  """One chunk of (path, size, mtime) -> each file's `fileio.ReadableFile`
+  (what `fileio.ReadMatches` makes of its FileMetadata), in order."""
+  return [fileio.ReadableFile(FileMetadata(path, size, mtime), compression_type) for path, size, mtime in chunk]
 
 
 class _ListedFilesFn(beam.DoFn):
@@ -103,6 +109,35 @@ class _ListedFilesFn(beam.DoFn):
     yield from in_chunks(readable)
 
 
+class FileChunks(NamedTuple):
+  """MatchFileChunks' outputs: chunks of files to read, and the unreadable matches."""
+
+  chunks: beam.PCollection
+  failed: beam.PCollection
+
+
+class MatchFileChunks(beam.PTransform):
+  """A file pattern (or a file list, `@<path>`) -> `.chunks`, lists of
+  (path, size, mtime) spread over workers by a reshuffle (`readable_files`
+  opens them), and `.failed`."""
+
+  def __init__(self, file_pattern: str):
+    super().__init__()
+    self._pattern = file_pattern
+
+  def expand(self, pbegin) -> FileChunks:
+    if files_lib.is_file_list(self._pattern):
+      listed = (pbegin
+                | 'FileList' >> beam.Create([self._pattern])
+                | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files'))
+      chunks, failed = listed.files, listed.failed
+    else:
+      pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])
+      chunks = pattern | 'MatchFiles' >> beam.FlatMap(match_in_chunks)
+      failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter)
+    return FileChunks(chunks | 'Reshuffle' >> beam.Reshuffle(), failed)
+
+
 class MatchReadableFiles(beam.PTransform):
   """A file pattern (or a file list, `@<path>`) -> `.files` (ReadableFile per
   match) and `.failed`."""
@@ -113,17 +148,6 @@ class MatchReadableFiles(beam.PTransform):
     self._compression = compression_type
 
   def expand(self, pbegin) -> ReadableFiles:
-    if files_lib.is_file_list(self._pattern):
-      listed = (pbegin
-                | 'FileList' >> beam.Create([self._pattern])
-                | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files'))
-      chunks, failed = listed.files, listed.failed
-    else:
-      pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])
-      chunks = pattern | 'MatchFiles' >> beam.FlatMap(match_in_chunks)
-      failed = pattern | 'UnlistedMatches' >> beam.FlatMap(_unlisted).with_output_types(DeadLetter)
-    files = (chunks
-             | 'Reshuffle' >> beam.Reshuffle()
-             | 'Unchunk' >> beam.FlatMap(unchunk)
-             | 'ReadMatches' >> fileio.ReadMatches(self._compression, skip_directories=False))
-    return ReadableFiles(files, failed)
+    matched = pbegin | 'Chunks' >> MatchFileChunks(self._pattern)
+    files = matched.chunks | 'ReadMatches' >> beam.FlatMap(readable_files, self._compression)
+    return ReadableFiles(files, matched.failed)

@@ -29,7 +29,7 @@ from beam_dl.io import files as files_lib
 from beam_dl.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
 from beam_dl.lookahead import Lookahead
 
-from transforms.files import MatchReadableFiles, unreadable_dead_letter
+from transforms.files import MatchFileChunks, readable_files, unreadable_dead_letter
 from transforms.tfrecords import ReadTFRecords
 
 _NAMESPACE = 'beam_dl.images'
@@ -49,28 +49,30 @@ class ImageInputs(NamedTuple):
   failed: beam.PCollection
 
 
-class _ReadImageFileFn(beam.DoFn):
-  """fileio.ReadableFile -> (path, bytes[, meta]); unreadable files -> FAILED.
-  With defer_read: (path, the ReadableFile[, meta]), read where decoded."""
+class _ReadImageFilesFn(beam.DoFn):
+  """A chunk of matched files (`transforms.files.MatchFileChunks`) ->
+  (path, bytes[, meta]) per file; unreadable files -> FAILED. With
+  defer_read: (path, its fileio.ReadableFile[, meta]), read where decoded."""
 
   def __init__(self, with_metadata: bool, label_fn: Callable[[str], Any] | None, defer_read: bool = False):
     self._with_metadata = with_metadata
     self._label_fn = label_fn
     self._defer_read = defer_read
 
-  def process(self, readable) -> Iterable:
-    path = readable.metadata.path
-    data = readable
-    if not self._defer_read:
-      try:
-        data = files_lib.read_all(readable)
-      except files_lib.FileReadError as e:
-        yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
-        return
-    if not self._with_metadata:
-      yield path, data
-      return
-    yield path, data, {'path': path, 'label': self._label_fn(path) if self._label_fn else None}
+  def process(self, chunk) -> Iterable:
+    for readable in readable_files(chunk):
+      path = readable.metadata.path
+      data = readable
+      if not self._defer_read:
+        try:
+          data = files_lib.read_all(readable)
+        except files_lib.FileReadError as e:
+          yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
+          continue
+      if not self._with_metadata:
+        yield path, data
+      else:
+        yield path, data, {'path': path, 'label': self._label_fn(path) if self._label_fn else None}
 
 
 class ReadImageFiles(beam.PTransform):
@@ -101,11 +103,11 @@ class ReadImageFiles(beam.PTransform):
     self._defer_read = defer_read
 
   def expand(self, pbegin) -> ImageInputs:
-    matched = pbegin | 'Match' >> MatchReadableFiles(self._file_pattern)
+    matched = pbegin | 'Match' >> MatchFileChunks(self._file_pattern)
     content = fileio.ReadableFile if self._defer_read else bytes
     keyed = tuple[str, content, dict] if self._with_metadata else tuple[str, content]
-    read = matched.files | 'ReadFiles' >> beam.ParDo(
-        _ReadImageFileFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
+    read = matched.chunks | 'ReadFiles' >> beam.ParDo(
+        _ReadImageFilesFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
             keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
