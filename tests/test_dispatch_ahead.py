@@ -16,6 +16,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -245,6 +246,36 @@ def test_streaming_bundles_end_with_nothing_held(digits_model_dir, digits):
     outputs = keyed | RunInferenceWithDeadLetters(handler)
     assert_that(outputs.predictions | beam.Map(_window_start), equal_to(expected), label='windows')
     assert_that(outputs.failed, equal_to([]), label='failed')
+
+
+class _LabelUnlessThirteen:
+  """A post-processing fn: (key, result) -> (key, label), raising for d013."""
+
+  def __call__(self, keyed_result):
+    key, result = keyed_result
+    if key == 'd013':
+      raise ValueError(f'cannot label {key}')
+    return key, int(np.argmax(result.inference))
+
+
+@pytest.mark.parametrize('dispatch_ahead', [True, False])
+def test_post_processing_fns_run_per_element_with_their_own_dead_letters(digits_model_dir, digits, dispatch_ahead):
+  """The dispatch-ahead step runs the handler's post-processing fns itself
+  (no Beam step per fn): each fn in order on each output, in its batch's
+  window; an element whose fn raises is one 'postprocess' dead letter with
+  the fn's error, its batch's other elements go on. Same as Beam's step."""
+  model = JaxModelHandler(digits_model_dir).load_model()
+  labels = dict(zip([k for k, _ in digits], np.argmax(model.predict([x for _, x in digits]), axis=-1).tolist()))
+  handler = (KeyedModelHandler(JaxModelHandler(digits_model_dir, max_batch_size=BATCH))
+             .with_postprocess_fn(_LabelUnlessThirteen())
+             .with_postprocess_fn(lambda key_label: (key_label[0], key_label[1] + 100)))
+  with TestPipeline('FnApiRunner') as p:
+    keyed = p | beam.Create(digits)
+    outputs = keyed | RunInferenceWithDeadLetters(handler, dispatch_ahead=dispatch_ahead)
+    expected = [(k, label + 100) for k, label in labels.items() if k != 'd013']
+    assert_that(outputs.predictions, equal_to(expected), label='labels')
+    failed = outputs.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason']))
+    assert_that(failed, equal_to([('d013', 'postprocess', 'ValueError: cannot label d013')]), label='failed')
 
 
 def test_pipeline_flag_turns_it_off():

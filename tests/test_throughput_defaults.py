@@ -1,12 +1,8 @@
 """Defaults behind the flagship's throughput and flat memory (issues 15, 18)."""
 import pickle
 
-import numpy as np
-from apache_beam.ml.inference.base import PredictionResult
-
 from beam_dl.handler import JaxModelHandler, full_batches_by_default
 from beam_dl.progress import CountProgressFn
-from transforms.inference import without_example
 
 
 def test_full_batches_unless_told_otherwise():
@@ -15,14 +11,6 @@ def test_full_batches_unless_told_otherwise():
   assert full_batches_by_default(None, 128, 5) is None  # streaming latency bound: Beam's own default
   kwargs = JaxModelHandler('unused-dir', max_batch_size=64).batch_elements_kwargs()
   assert kwargs['min_batch_size'] == kwargs['max_batch_size'] == 64
-
-
-def test_results_lose_their_input_before_the_flatten():
-  image = np.zeros((64, 64, 3), np.uint8)
-  key, result = without_example(('k', PredictionResult(image, np.arange(10.0), 'm')))
-  assert key == 'k' and result.example is None and result.model_id == 'm'
-  assert result.inference.tolist() == list(range(10))
-  assert len(pickle.dumps(result)) < len(pickle.dumps(PredictionResult(image, np.arange(10.0), 'm'))) // 10
 
 
 def test_count_progress_passes_elements_through_and_logs(capsys):

@@ -17,7 +17,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHand
 
 from beam_dl import checkpoints
 from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
-from beam_dl.element_types import DeadLetter, EncodedImage, Record
+from beam_dl.element_types import DeadLetter, EncodedImage
 from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
 from beam_dl.images import ImageSpec
 from beam_dl.isolate import Failed, isolate
@@ -38,7 +38,9 @@ def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inferen
 
   The handler is keyed by construction (`_keyed`), so what failed is known:
   a failed inference is a batch, a list of (key, example); a failed pre- or
-  post-processing fn is one (key, value).
+  post-processing fn is one (key, value). The error info is what Beam's
+  exception handling records, an exception, or the reason itself (an
+  element the isolating handler failed alone).
   """
   failed, error = failure
   reason = _error_reason(error)
@@ -243,6 +245,12 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
   """
 
   FAILED_BATCHES = 'failed_batches'
+  FAILED_POSTPROCESS = 'failed_postprocess'
+
+  def __init__(self, model_handler, clock, metrics_namespace, enable_side_input_loading, model_tag,
+               postprocess_fns=()):
+    super().__init__(model_handler, clock, metrics_namespace, enable_side_input_loading, model_tag)
+    self._postprocess_fns = tuple(postprocess_fns)
 
   def setup(self):
     super().setup()
@@ -296,12 +304,31 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
       if held.metrics:
         held.metrics.commit()
     for prediction in predictions:
-      yield held.windowed.with_value(prediction)
+      yield self._postprocessed(held.windowed, prediction)
+
+  def _postprocessed(self, windowed, value):
+    """`value` through the post-processing fns, in `windowed`'s windows; the
+    failed record of the first fn that raises, tagged FAILED_POSTPROCESS. An
+    element the isolating handler failed alone (`_Isolated`) is a failed
+    batch of its own, (its (key, None), its reason), tagged FAILED_BATCHES:
+    its dead letter needs no step of its own downstream."""
+    if isinstance(value, _Isolated):
+      return beam.pvalue.TaggedOutput(self.FAILED_BATCHES, windowed.with_value(([(value.key, None)], value.reason)))
+    for fn in self._postprocess_fns:
+      try:
+        value = fn(value)
+      except Exception as e:  # pylint: disable=broad-except  # this element's failure, as Beam's handling records it
+        return beam.pvalue.TaggedOutput(self.FAILED_POSTPROCESS, windowed.with_value((value, _error_info(e))))
+    return windowed.with_value(value)
 
   def _failed(self, windowed, error: Exception):
     """The failed batch record Beam's `with_exception_handling` writes."""
-    info = (type(error), repr(error), traceback.format_exception(type(error), error, error.__traceback__))
-    return beam.pvalue.TaggedOutput(self.FAILED_BATCHES, windowed.with_value((windowed.value, info)))
+    return beam.pvalue.TaggedOutput(self.FAILED_BATCHES, windowed.with_value((windowed.value, _error_info(error))))
+
+
+def _error_info(error: Exception) -> tuple:
+  """(type, repr, traceback lines): the error as Beam's exception handling records it."""
+  return type(error), repr(error), traceback.format_exception(type(error), error, error.__traceback__)
 
 
 class _DispatchAheadRunInference(RunInference):
@@ -310,8 +337,8 @@ class _DispatchAheadRunInference(RunInference):
   Beam builds its DoFn inline in `RunInference.expand`, with no hook to swap
   it, so this expand repeats Beam's wiring for what RunInferenceWithDeadLetters
   uses: pre-processing fns, BatchElements, the inference ParDo with the model
-  metadata side input, post-processing fns, same step labels, and the same
-  dead-letter outputs (`RunInferenceDLQ`). The DoFn records its own failed
+  metadata side input, same step labels, and the same dead-letter outputs
+  (`RunInferenceDLQ`). The post-processing fns run inside the DoFn. The DoFn records its own failed
   batches: Beam's exception-handling wrapper would hide the WindowedValue
   parameter the held batch needs, and would charge a held batch's error to
   the batch being processed.
@@ -324,13 +351,15 @@ class _DispatchAheadRunInference(RunInference):
     if not handler.should_skip_batching():
       pcoll = pcoll | beam.BatchElements(**handler.batch_elements_kwargs())
     metadata = self._model_metadata_pcoll
-    dofn = _DispatchAheadDoFn(handler, self._clock, self._metrics_namespace, metadata is not None, self._model_tag)
+    postprocess_fns = handler.get_postprocess_fns()
+    dofn = _DispatchAheadDoFn(handler, self._clock, self._metrics_namespace, metadata is not None, self._model_tag,
+                              postprocess_fns)
     inferred = pcoll | 'BeamML_RunInference' >> beam.ParDo(
         dofn, self._inference_args, beam.pvalue.AsSingleton(metadata) if metadata else None).with_resource_hints(
-            **handler.get_resource_hints()).with_outputs(_DispatchAheadDoFn.FAILED_BATCHES, main='results')
-    results, bad_postprocessed = self._apply_fns(inferred.results, handler.get_postprocess_fns(),
-                                                 'BeamML_RunInference_Postprocess')
-    return results, beam_inference.RunInferenceDLQ(
+            **handler.get_resource_hints()).with_outputs(
+                _DispatchAheadDoFn.FAILED_BATCHES, _DispatchAheadDoFn.FAILED_POSTPROCESS, main='results')
+    bad_postprocessed = [inferred[_DispatchAheadDoFn.FAILED_POSTPROCESS]] if postprocess_fns else []
+    return inferred.results, beam_inference.RunInferenceDLQ(
         inferred[_DispatchAheadDoFn.FAILED_BATCHES], bad_preprocessed, bad_postprocessed)
 
 
@@ -348,9 +377,10 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   Steps: RunInference with Beam's exception handling, whose handler splits a
   batch that raises, in place, until each failing element stands alone (one
   bad element, e.g. one that runs out of device memory even by itself, must
-  not fail its neighbours); 'IsolatedDeadLetters' turns each into one dead
-  letter {"key", "stage": "inference", "reason"}. Pre- and post-processing
-  failures become dead letters too.
+  not fail its neighbours); each becomes one dead letter {"key", "stage":
+  "inference", "reason"} (made by the dispatch-ahead step itself, else by an
+  'IsolatedDeadLetters' step). Pre- and post-processing failures become dead
+  letters too.
 
   Args:
     model_handler: any ModelHandler over examples (wrapped in
@@ -415,7 +445,7 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
     # not the elements' (e.g. the model cannot be loaded).
     failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(
         failed_batch_to_dead_letters).with_output_types(DeadLetter))
-    if not self._isolate:
+    if not self._isolate or self._dispatch_ahead:  # the dispatch-ahead step fails isolated elements itself
       predictions = main
     else:
       separated = main | 'IsolatedDeadLetters' >> beam.FlatMap(_isolated_to_dead_letters).with_outputs(
@@ -427,11 +457,17 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
     return InferenceOutputs(predictions, self._report_failures(keyed_examples, failed))
 
 
-def without_example(keyed_result: tuple) -> tuple:
-  """(key, PredictionResult) with the result's input dropped (formatting
-  needs only the outputs)."""
-  key, result = keyed_result
-  return key, result._replace(example=None)
+class _ClassificationRecord:
+  """(key, PredictionResult) -> its classification record (a post-processing
+  fn: it runs where the prediction is made, and the decoded image goes no
+  further)."""
+
+  def __init__(self, labels):
+    self._labels = labels
+
+  def __call__(self, keyed_result: tuple) -> dict:
+    key, result = keyed_result
+    return classification_record(key, result, self._labels)
 
 
 @beam.typehints.with_input_types(EncodedImage)
@@ -463,13 +499,10 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
 
   def expand(self, keyed_bytes):
     decoded = keyed_bytes | 'DecodeImages' >> DecodeImages(self._image_spec)
-    # Formatting needs only the outputs: results without the input image are
-    # ~100x smaller wherever the runner buffers them.
-    handler = _keyed(self._handler).with_postprocess_fn(without_example)
+    # Records are made as each prediction is read: no result carries its
+    # input image past the inference step (~100x smaller wherever a runner
+    # buffers them), and a record that can't be made is one dead letter.
+    handler = _keyed(self._handler).with_postprocess_fn(_ClassificationRecord(self._labels))
     inferred = decoded.decoded | 'Infer' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=self._dispatch_ahead)
-    labels = self._labels
-    predictions = inferred.predictions | 'FormatPredictions' >> beam.MapTuple(
-        lambda key, result: classification_record(key, result, labels)
-    ).with_output_types(Record)
     failed = (decoded.failed, inferred.failed) | 'MergeFailures' >> beam.Flatten()
-    return InferenceOutputs(predictions, self._report_failures(keyed_bytes, failed))
+    return InferenceOutputs(inferred.predictions, self._report_failures(keyed_bytes, failed))
