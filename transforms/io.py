@@ -1,7 +1,6 @@
 """Writers for pipeline outputs."""
 from __future__ import annotations
 
-import json
 import os
 
 import apache_beam as beam
@@ -9,6 +8,7 @@ from apache_beam.io import fileio
 
 import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
 from beam_dl.element_types import Record
+from beam_dl.jsonl import JsonLineCoder, json_line
 
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam
@@ -35,13 +35,10 @@ class WriteJsonLines(beam.PTransform):
 
   def expand(self, records):
     write = beam.io.WriteToText(
-        self._prefix, file_name_suffix='.jsonl', num_shards=self._num_shards, shard_name_template='-SSSSS-of-NNNNN')
+        self._prefix, file_name_suffix='.jsonl', num_shards=self._num_shards, shard_name_template='-SSSSS-of-NNNNN',
+        coder=JsonLineCoder())
     write._sink.shard_name_glob_format = EXACT_SHARD_GLOB  # as WriteToText.expand itself sets it when unbounded
-    return (
-        records
-        | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-        | 'WriteText' >> write
-    )
+    return records | 'WriteText' >> write
 
 
 class WriteWindowedJsonLines(beam.PTransform):
@@ -60,6 +57,6 @@ class WriteWindowedJsonLines(beam.PTransform):
     directory, name = os.path.split(self._prefix)
     return (records
             | 'WriteWindows' >> beam.WindowInto(beam.window.FixedWindows(self._frequency))
-            | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+            | 'ToJson' >> beam.Map(json_line)
             | 'WriteFiles' >> fileio.WriteToFiles(
                 directory or '.', file_naming=fileio.default_file_naming(name, '.jsonl'), shards=1))

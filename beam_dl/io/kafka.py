@@ -21,7 +21,6 @@ record values with the record's CreateTime as timestamp.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional
@@ -32,6 +31,8 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import MonotonicWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration
+
+from beam_dl.jsonl import json_line
 
 _NAMESPACE = 'beam_dl.io.kafka'
 _UNBOUNDED = sys.maxsize
@@ -252,7 +253,7 @@ class _ProduceJsonFn(beam.DoFn):
 
   def process(self, record: dict[str, Any]):
     key = record.get(self._key_field) if self._key_field else None
-    self._producer.produce(self._topic, json.dumps(record, sort_keys=True).encode('utf-8'),
+    self._producer.produce(self._topic, json_line(record).encode('utf-8'),
                            key=None if key is None else str(key).encode('utf-8'), on_delivery=self._delivered)
     self._producer.poll(0)
     self._sent.inc()
