@@ -46,14 +46,15 @@ def direct_labels(model_dir, good):
   return {k: int(np.argmax(o)) for k, o in zip(keys, outputs)}
 
 
-def test_classify_images_predictions_and_dead_letters(digits_model_dir, inputs):
+@pytest.mark.parametrize('dispatch_ahead', [True, False])  # records made in the inference step, or in Beam's Map after it
+def test_classify_images_predictions_and_dead_letters(digits_model_dir, inputs, dispatch_ahead):
   good, bad = inputs
   expected = direct_labels(digits_model_dir, good)
   with TestPipeline() as p:
     outputs = (
         p
         | beam.Create(sorted({**good, **bad}.items()))
-        | ClassifyImages(digits_model_dir, max_batch_size=4)
+        | ClassifyImages(digits_model_dir, max_batch_size=4, dispatch_ahead=dispatch_ahead)
     )
     assert_that(
         outputs.predictions | 'KeyLabel' >> beam.Map(lambda r: (r['key'], r['label'])),
