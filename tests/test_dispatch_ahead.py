@@ -261,9 +261,9 @@ class _LabelUnlessThirteen:
 @pytest.mark.parametrize('dispatch_ahead', [True, False])
 def test_post_processing_fns_run_per_element_with_their_own_dead_letters(digits_model_dir, digits, dispatch_ahead):
   """The dispatch-ahead step runs the handler's post-processing fns itself
-  (no Beam step per fn): each fn in order on each output, in its batch's
-  window; an element whose fn raises is one 'postprocess' dead letter with
-  the fn's error, its batch's other elements go on. Same as Beam's step."""
+  (no Beam step per fn): each fn in order on each output; an element whose
+  fn raises is one 'postprocess' dead letter with the fn's error, its
+  batch's other elements go on. Same as Beam's step."""
   model = JaxModelHandler(digits_model_dir).load_model()
   labels = dict(zip([k for k, _ in digits], np.argmax(model.predict([x for _, x in digits]), axis=-1).tolist()))
   handler = (KeyedModelHandler(JaxModelHandler(digits_model_dir, max_batch_size=BATCH))

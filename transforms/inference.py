@@ -338,10 +338,10 @@ class _DispatchAheadRunInference(RunInference):
   it, so this expand repeats Beam's wiring for what RunInferenceWithDeadLetters
   uses: pre-processing fns, BatchElements, the inference ParDo with the model
   metadata side input, same step labels, and the same dead-letter outputs
-  (`RunInferenceDLQ`). The post-processing fns run inside the DoFn. The DoFn records its own failed
-  batches: Beam's exception-handling wrapper would hide the WindowedValue
-  parameter the held batch needs, and would charge a held batch's error to
-  the batch being processed.
+  (`RunInferenceDLQ`); the post-processing fns run inside the DoFn. The DoFn
+  records its own failed batches: Beam's exception-handling wrapper would
+  hide the WindowedValue parameter the held batch needs, and would charge a
+  held batch's error to the batch being processed.
   """
 
   def expand(self, pcoll):
