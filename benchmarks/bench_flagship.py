@@ -21,7 +21,7 @@ prediction (label per key) matches the loop's. Modes:
 
     python -m benchmarks.bench_flagship --num 24000 --modes single,mp2,mt2
     python -m benchmarks.bench_flagship --num 24000 --modes single,ray --repeats 3
-    python -m benchmarks.bench_flagship --num 8000 --profile 30   # cProfile top 30
+    python -m benchmarks.bench_flagship --num 8000 --profile 30   # cProfile top 30, and Python calls per input
 
 `main CPU` is the CPU time of the calling thread: the loop's decodes, and
 the single-worker pipeline's bundle thread (every Beam step, the model call
@@ -180,9 +180,11 @@ def run_pipeline(model_dir: str, pattern: str, output: str, extra: list[str],
   if profiler:
     profiler.disable()
   seconds = time.perf_counter() - start
+  profile_stats = None
   if profiler:
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats('cumulative').print_stats(profile)
+    profile_stats = pstats.Stats(profiler, stream=text)
+    profile_stats.sort_stats('cumulative').print_stats(profile)
     print(text.getvalue())
   stats = {}
   try:
@@ -196,6 +198,9 @@ def run_pipeline(model_dir: str, pattern: str, output: str, extra: list[str],
   except Exception as e:  # metrics are a diagnostic here, not the result
     stats['metrics_error'] = str(e)
   labels, failed = pipeline_labels(output)
+  if profile_stats:  # the host's speed does not move this one: a measure of per-image work
+    print(f'Python calls in the run: {profile_stats.total_calls:,}, '
+          f'{profile_stats.total_calls / max(1, len(labels) + failed):.0f} per input')
   return seconds, labels, failed, stats
 
 
