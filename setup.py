@@ -18,15 +18,15 @@ REQUIRED = [
     'pillow>=11',
     'numpy>=2,<2.5',
     'scipy>=1.11',  # STFT spectrograms (beam_dl.features.spectrogram)
-    'tifffile>=2024.8',  # 16-bit, float and multi-page TIFFs (beam_dl.images)
+    'tifffile>=2024.8',  # 16-bit, float and multi-page TIFFs (beam_dl.decoding.images)
     'google-crc32c>=1.5',  # TFRecord framing checks (beam_dl.io.tfrecord); also via apache-beam[gcp]
-    'prometheus-client>=0.20',  # pipelines' --metrics_port / --metrics_pushgateway (beam_dl.metrics_export)
+    'prometheus-client>=0.20',  # pipelines' --metrics_port / --metrics_pushgateway (beam_dl.operations.metrics_export)
     'tensorboard>=2.21,<2.22',  # tf.summary's writer for training summaries (TF 2.21 no longer pulls it in)
     'qwix>=0.1.8,<0.2',
     'pandas>=2,<4',  # key factorization in the windowed batch path (beam_dl.features.batch_windows)  # int8 quantization (beam_dl.compression); needed to serve quantized dirs
 ]
 EXTRAS = {
-    # Model registry (beam_dl.registry_mlflow) and the tracking server its tests start.
+    # Model registry (beam_dl.operations.registry_mlflow) and the tracking server its tests start.
     'mlflow': ['mlflow>=3.17,<3.18'],
     # Beam's hdfs:// filesystem talks WebHDFS through this client.
     'hdfs': ['hdfs>=2.7,<3'],
@@ -65,5 +65,8 @@ setuptools.setup(
     package_data={'pipelines': ['templates/*.json']},
     install_requires=REQUIRED,
     extras_require=EXTRAS,
+    # Model locations beyond Beam's filesystems (beam_dl.models.checkpoints.resolve):
+    # `models:/` URIs are fetched from the MLflow registry.
+    entry_points={'beam_dl.model_locations': ['models = beam_dl.operations.registry_mlflow:local_model_dir']},
     license='Apache-2.0',
 )

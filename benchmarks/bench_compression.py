@@ -123,7 +123,7 @@ def runinference_rate(model_dir: str, examples, repeat: int) -> float:
   import apache_beam as beam
   from apache_beam.ml.inference.base import RunInference
 
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.serving.handler import JaxModelHandler
 
   data = list(examples) * repeat
   t = time.perf_counter()
@@ -155,8 +155,8 @@ def evaluate(variants, cfg, examples, targets, repeat, rounds: int = 3) -> list[
   variants alike instead of whichever ran during a busy spell. A warm-up
   pipeline runs first, so the first variant's RunInference does not pay for
   Beam's start-up in the process."""
-  from beam_dl import checkpoints
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.models import checkpoints
+  from beam_dl.serving.handler import JaxModelHandler
   from pipelines.compress import dir_bytes
 
   models = {name: JaxModelHandler(d, max_batch_size=256).load_model() for name, d in variants}

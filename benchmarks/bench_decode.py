@@ -29,9 +29,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
-from beam_dl import padding
-from beam_dl.images import ImageSpec, decode_image
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding import padding
+from beam_dl.decoding.images import ImageSpec, decode_image
+from beam_dl.decoding.sequences import SequenceRecord
 from transforms.images import DecodeImages
 from transforms.sequences import BucketByLength, PadSequences
 

@@ -29,7 +29,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import drift
+from beam_dl.operations import drift
 from transforms.drift import ComputeDrift
 
 
@@ -56,7 +56,7 @@ def _line(name: str, n: int, unit: str, without: float, with_drift: float) -> di
 def bench_classify_images(workdir: str, n_images: int, repeats: int) -> dict:
   from PIL import Image
 
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
   from beam_dl.training.quick import fit_arrays
   from pipelines import classify_images, demo
 

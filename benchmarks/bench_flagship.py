@@ -88,7 +88,7 @@ def make_model(workdir: str) -> str:
   import jax
   import jax.numpy as jnp
 
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
 
   spec = checkpoints.ModelSpec(
       name='small_cnn', kwargs={'num_classes': 10, 'features': [32, 64, 128], 'hidden': 128},
@@ -102,8 +102,8 @@ def plain_loop(model_dir: str, pattern: str, batch: int = BATCH) -> tuple[float,
   """(seconds, {path: label}) for the hand-written loop, model load and compile included."""
   import jax
 
-  from beam_dl import checkpoints
-  from beam_dl.images import ImageSpec, decode_image
+  from beam_dl.models import checkpoints
+  from beam_dl.decoding.images import ImageSpec, decode_image
 
   start = time.perf_counter()
   spec, variables = checkpoints.load(model_dir)

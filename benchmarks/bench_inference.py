@@ -44,7 +44,7 @@ def build_model(name: str, workdir: str):
   import jax
   import jax.numpy as jnp
 
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
 
   kwargs, size, channels = MODELS[name]
   spec = checkpoints.ModelSpec(
@@ -153,7 +153,7 @@ def main(argv=None):
 
   import jax
 
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.serving.handler import JaxModelHandler
   from benchmarks.bench_inference import images_for  # pylint: disable=import-self  (the cache _Images reads)
 
   with tempfile.TemporaryDirectory() as workdir:

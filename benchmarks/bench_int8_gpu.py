@@ -16,7 +16,7 @@ relative to float32. Needs only jax, flax and qwix: it runs on a machine
 without Beam or TensorFlow (the device machines), so Beam's flush fix is
 stubbed out when apache_beam is absent and the qwix rules are the ones of
 `beam_dl.compression.quantize._rules` for dynamic activations, written out
-(that module imports beam_dl.checkpoints, hence Beam).
+(that module imports beam_dl.models.checkpoints, hence Beam).
 """
 from __future__ import annotations
 

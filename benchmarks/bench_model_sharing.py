@@ -34,7 +34,7 @@ def save_big_model(model_dir: str, hidden: int) -> float:
   import jax
   import jax.numpy as jnp
 
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
 
   spec = checkpoints.ModelSpec(
       name='small_cnn', kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': hidden},
@@ -57,7 +57,7 @@ def child(model_dir: str, large_model: bool, num: int, batch: int) -> None:
   from apache_beam.ml.inference.base import RunInference
   from apache_beam.options.pipeline_options import PipelineOptions
 
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.serving.handler import JaxModelHandler
 
   handler = JaxModelHandler(model_dir, max_batch_size=batch, large_model=large_model)
   options = PipelineOptions(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])

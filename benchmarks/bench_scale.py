@@ -1,4 +1,4 @@
-"""Wall time and peak memory of classify_images as the input grows (issue 18).
+"""Wall time and peak memory of classify_images as the input grows.
 
 Each size runs `python -m pipelines.classify_images` in a fresh subprocess on
 the DirectRunner over generated 64x64 PNG/JPEG images (2,000 distinct files,
@@ -17,7 +17,7 @@ with the highest RSS sampled so far. At the end every input is checked to be
 in exactly one output (predictions or dead letters).
 
 With --shard_files N the pipeline runs as a large local job
-(`beam_dl.local_shards`): shards of N files, one complete pipeline run each,
+(`beam_dl.operations.local_shards`): shards of N files, one complete pipeline run each,
 one after another in the same process; progress counts over all shards.
 --stop_after_secs ends a run that is taking too long and reports how far it
 got (inputs done, rate, ETA, peak RSS so far); with --shard_files, rerunning
@@ -55,7 +55,7 @@ import time
 import numpy as np
 
 from beam_dl.io.files import iter_inputs
-from beam_dl.local_shards import count_jsonl
+from beam_dl.operations.local_shards import count_jsonl
 from benchmarks.bench_flagship import MODES, make_images, make_model
 
 DISTINCT = 2000

@@ -57,7 +57,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 
 from beam_dl.features import WindowSpec
-from beam_dl.handler import JaxModelHandler
+from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.formats.events import Event
 from pipelines import score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters

@@ -3,7 +3,7 @@
 Writes FOLDERS x PER tiny PNGs, runs the flagship pipeline
 (pipelines.classify_images.build) with a stateless model that takes ~1 ms
 per image, and counts every input key in the outputs. `--unfixed` puts
-Beam 2.77's own time-based flush back (beam_dl/beam_fixes.py explains the
+Beam 2.77's own time-based flush back (beam_dl/beam_fixes/output_flush.py explains the
 race); `--flush_ms` shortens the embedded SDK harness's 1 s flush interval
 to make the race frequent.
 
@@ -57,13 +57,14 @@ def main() -> None:
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
 
-  from beam_dl import beam_fixes, checkpoints
+  from beam_dl.beam_fixes import output_flush
+  from beam_dl.models import checkpoints
   from pipelines import classify_images
   from transforms import inference
 
   if args.unfixed:
-    for name, method in beam_fixes.BEAM_METHODS.items():
-      setattr(beam_fixes._STREAM, name, method)  # pylint: disable=protected-access
+    for name, method in output_flush.BEAM_METHODS.items():
+      setattr(output_flush.STREAM, name, method)  # pylint: disable=protected-access
   if args.flush_ms:
     from apache_beam.runners.portability.fn_api_runner import worker_handlers
 

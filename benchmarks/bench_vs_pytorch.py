@@ -109,8 +109,8 @@ def main(argv=None):
   import torch
   from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 
-  from beam_dl import checkpoints
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.models import checkpoints
+  from beam_dl.serving.handler import JaxModelHandler
 
   torch.set_num_threads(os.cpu_count())
   kwargs, size, channels = MODELS['small_cnn']

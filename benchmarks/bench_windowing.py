@@ -37,7 +37,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.worker import statecache
 
-from beam_dl import beam_fixes
+from beam_dl.beam_fixes import state_cache_sizing
 from beam_dl.features import WindowSpec
 from beam_dl.features.batch_windows import EventBlock, event_block
 from beam_dl.formats.events import Event, EventSpec
@@ -102,16 +102,16 @@ class Case(NamedTuple):
   flags: list | None = None
   source: str = 'events'  # 'events', 'blocks' (EventBlocks), 'jsonl' / 'jsonl-blocks' (files)
   gate: bool = False  # user state: run on --gate_events only
-  beam_sizing: bool = False  # Beam's own state-cache sizing (beam_fixes undone)
+  beam_sizing: bool = False  # Beam's own state-cache sizing (the beam_fixes one undone)
 
 
 @contextlib.contextmanager
 def beams_own_state_cache_sizing():
-  statecache.get_deep_size = beam_fixes.BEAM_DEEP_SIZE
+  statecache.get_deep_size = state_cache_sizing.BEAM_DEEP_SIZE
   try:
     yield
   finally:
-    beam_fixes.apply_state_cache_sizing()
+    state_cache_sizing.apply()
 
 
 JSONL_SPEC = EventSpec(value_fields=('a', 'b'))

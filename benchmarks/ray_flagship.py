@@ -34,7 +34,7 @@ class _Classifier:
   def __init__(self, model_dir: str):
     import jax
 
-    from beam_dl import checkpoints
+    from beam_dl.models import checkpoints
 
     spec, self._variables = checkpoints.load(model_dir)
     module = spec.build()
@@ -49,8 +49,8 @@ def run(model_dir: str, pattern: str, batch: int) -> tuple[float, float, dict]:
   """(seconds, ray.init seconds, {path: label})."""
   import ray
 
-  from beam_dl import checkpoints
-  from beam_dl.images import ImageSpec, decode_image
+  from beam_dl.models import checkpoints
+  from beam_dl.decoding.images import ImageSpec, decode_image
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
   image_spec = ImageSpec(height=height, width=width, channels=channels)

@@ -15,12 +15,13 @@ import re
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import cli, local_shards
-from beam_dl.metrics_export import run_pipeline
-from beam_dl.deadletter import FailAboveErrorRate, failed_output
-from beam_dl.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
+from beam_dl import cli
+from beam_dl.operations import local_shards
+from beam_dl.operations.metrics_export import run_pipeline
+from beam_dl.core.deadletter import FailAboveErrorRate, failed_output
+from beam_dl.cli.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
                              OptionsError, ProgressOptions, require)
-from beam_dl.progress import CountProgressFn
+from beam_dl.operations.progress import CountProgressFn
 from transforms.drift import classify_images_drift, drift_enabled
 from transforms.images import ReadImageExamples, ReadImageFiles
 from transforms.inference import ClassifyImages

@@ -30,7 +30,7 @@ def dir_bytes(path: str) -> int:
 def compress(model_dir: str, output: str, *, method: str = 'auto', activations: str = 'static',
              calibration: str = '', calibration_examples: int = 256, fmt: str = 'msgpack') -> dict:
   """Quantizes `model_dir` to `output`; returns a summary dict."""
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
   from beam_dl.compression import calibration as calib, quantize
 
   spec, variables = checkpoints.load(model_dir)

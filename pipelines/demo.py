@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from beam_dl import cli
-from beam_dl import checkpoints
-from beam_dl.deadletter import failed_output
-from beam_dl.images import ImageSpec, decode_image
+from beam_dl.models import checkpoints
+from beam_dl.core.deadletter import failed_output
+from beam_dl.decoding.images import ImageSpec, decode_image
 from beam_dl.training.quick import fit_arrays
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 
 _log = logging.getLogger('beam_dl.demo')
 LABEL_IN_NAME = re.compile(r'_label(\d+)\.')

@@ -13,7 +13,8 @@ import argparse
 import logging
 import sys
 
-from beam_dl import checkpoints, export
+from beam_dl.models import checkpoints
+from beam_dl.serving import savedmodel_export as export
 
 
 def main(argv=None) -> float:

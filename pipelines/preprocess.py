@@ -35,8 +35,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
-from beam_dl.deadletter import failed_output
-from beam_dl.options import IOOptions, OptionsError, require, switch
+from beam_dl.core.deadletter import failed_output
+from beam_dl.cli.options import IOOptions, OptionsError, require, switch
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns, stats
 from beam_dl.preprocessing.config import PreprocessConfig

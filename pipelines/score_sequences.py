@@ -48,14 +48,15 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_dl import checkpoints, cli
-from beam_dl.deadletter import failed_output
+from beam_dl.models import checkpoints
+from beam_dl import cli
+from beam_dl.core.deadletter import failed_output
 from beam_dl.features.windows import WindowSpec
-from beam_dl.handler import JaxModelHandler
+from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.formats.events import EventSpec
-from beam_dl.metrics_export import run_pipeline
-from beam_dl.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
+from beam_dl.operations.metrics_export import run_pipeline
+from beam_dl.cli.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
 from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters

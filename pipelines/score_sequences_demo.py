@@ -11,7 +11,7 @@ Real data that ships with statsmodels (weekly atmospheric CO2, 1958-2001,
    on real input; three readings are shifted by +8 ppm (the anomalies to find);
 2. trains a small Flax LSTM (`rnn`) to predict a week's reading from the 11
    before it, on the clean series (`beam_dl.training.quick.fit_arrays`), and
-   saves it with `beam_dl.checkpoints.save`;
+   saves it with `beam_dl.models.checkpoints.save`;
 3. runs `pipelines.score_sequences` in batch with 12-week sliding windows
    (one-week step): each window's last reading is forecast from the others
    and scored by the absolute error;
@@ -27,9 +27,9 @@ import sys
 
 import numpy as np
 
-from beam_dl import checkpoints
-from beam_dl.checkpoints import ModelSpec
-from beam_dl.jsonl import read_jsonl
+from beam_dl.models import checkpoints
+from beam_dl.models.checkpoints import ModelSpec
+from beam_dl.formats.jsonl import read_jsonl
 
 WEEK = 7 * 24 * 3600.0
 SEQ_LEN = 12

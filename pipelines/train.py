@@ -12,7 +12,7 @@ python literals), e.g. `--set num_steps=50 --set sharding.mode=fsdp`.
 
 The run resumes from `WORKDIR/checkpoints` if present, logs step rate / ETA
 / input wait, evaluates, and exports the served model to `WORKDIR/model`
-(`beam_dl.checkpoints`); the summary is printed and written to
+(`beam_dl.models.checkpoints`); the summary is printed and written to
 `WORKDIR/summary.json`. TensorBoard summaries (loss, metrics, learning rate,
 throughput) go to `WORKDIR/tensorboard` (`--tensorboard_dir`, `none` for
 none); `--plot curves.png` also draws them to a PNG at the end.
@@ -21,7 +21,7 @@ With `--mlflow_tracking_uri` (or `--mlflow_model_name`) the run is also
 logged to MLflow: config as params, loss/metric curves, the exported model
 directory as the `model` artifact, registered as the next version of
 `--mlflow_model_name` with each `--mlflow_alias` pointed at it
-(`beam_dl.registry_mlflow`). Without a server, a local store works:
+(`beam_dl.operations.registry_mlflow`). Without a server, a local store works:
 `--mlflow_tracking_uri sqlite:///mlflow.db`.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def parse_args(argv=None):
 
 def log_to_mlflow(args, config, summary) -> dict:
   """Logs the finished run to MLflow; returns {'run_id', 'model_uri'}."""
-  from beam_dl import registry_mlflow
+  from beam_dl.operations import registry_mlflow
 
   registered = registry_mlflow.log_training_run(
       summary['model_dir'],

@@ -21,7 +21,7 @@ def digits_model_dir(tmp_path_factory):
   """
   from pipelines import demo
 
-  from beam_dl import checkpoints
+  from beam_dl.models import checkpoints
   from beam_dl.training.quick import fit_arrays
 
   x_train, _, y_train, _ = demo.digit_images()
@@ -54,7 +54,7 @@ def co2_lstm_dir(tmp_path_factory):
 
 def _direct_runner_in_process():
   """Tests' own pipelines on the DirectRunner run in process like the
-  pipelines' (`beam_dl.metrics_export.keep_direct_runner_in_process`), not
+  pipelines' (`beam_dl.operations.metrics_export.keep_direct_runner_in_process`), not
   on Prism after Beam's download attempt (~0.7 s a run offline)."""
   from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
 

@@ -1,7 +1,7 @@
 """Small model directories for tests, built one way.
 
 A seeded model is the spec's module initialised from `jax.random.key(seed)`
-on `checkpoints.example_inputs(spec)` and saved through `checkpoints.save`,
+on `spec.example_inputs()` and saved through `checkpoints.save`,
 the model-directory format the handler serves. Tests keep their own specs
 (the shapes they feed); a test that needs hand-set weights saves them itself.
 """
@@ -12,12 +12,12 @@ import os
 import flax.linen as nn
 import jax
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 
 
 def seeded_variables(spec: checkpoints.ModelSpec, seed: int = 0):
   """The spec's module's variables initialised from `seed` (unboxed, as saved)."""
-  return nn.meta.unbox(spec.build().init(jax.random.key(seed), *checkpoints.example_inputs(spec)))
+  return nn.meta.unbox(spec.build().init(jax.random.key(seed), *spec.example_inputs()))
 
 
 def save_seeded_model(path, spec: checkpoints.ModelSpec, seed: int = 0, fmt: str = 'orbax'):

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services.process import free_port, port_open, service_process, stop_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from beam_dl import checkpoints
-from beam_dl.checkpoints import CheckpointError, ModelSpec
+from beam_dl.models import checkpoints
+from beam_dl.models.checkpoints import CheckpointError, ModelSpec
 from tests.models import save_broken_model, seeded_variables
 
 SPEC = ModelSpec('small_cnn', {'num_classes': 4, 'features': [4], 'hidden': 8}, (8, 8, 1), 'uint8', 1 / 255)

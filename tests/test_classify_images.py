@@ -9,9 +9,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl import cli
 from beam_dl.formats import image_example
-from beam_dl.jsonl import read_jsonl
-from beam_dl.handler import JaxModelHandler
-from beam_dl.images import ImageSpec, decode_image
+from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.serving.handler import JaxModelHandler
+from beam_dl.decoding.images import ImageSpec, decode_image
 from pipelines import classify_images
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
 from transforms import ClassifyImages

@@ -5,7 +5,7 @@ import io
 import pytest
 
 from beam_dl import cli
-from beam_dl.options import InferenceOptions, IOOptions, OptionsError
+from beam_dl.cli.options import InferenceOptions, IOOptions, OptionsError
 
 GROUPS = [IOOptions, InferenceOptions]
 

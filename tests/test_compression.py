@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 from beam_dl.compression import pruning, quantize
 from beam_dl.formats.image_example import encode_image_example
-from beam_dl.handler import JaxModelHandler
-from beam_dl.jsonl import read_jsonl
+from beam_dl.serving.handler import JaxModelHandler
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.training import datasets
 from pipelines import classify_images, compress, demo
 from pipelines.train import resolve_config

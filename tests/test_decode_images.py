@@ -16,8 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 from skimage import data as skdata
 
-from beam_dl import images
-from beam_dl.images import ImageDecodeError, ImageSpec, decode_image
+from beam_dl.decoding import images
+from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image
 from tests.imaging import digits_uint8, encode, truncated_jpeg
 from transforms import images as image_transforms
 

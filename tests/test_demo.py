@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

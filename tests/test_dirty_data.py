@@ -27,7 +27,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_dl.formats.image_example import encode_file_example, encode_image_example
 from beam_dl.io import tfrecord
 from beam_dl.formats.events import EventSpec
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 from tests.imaging import digits_uint8, encode
 from transforms import sequences as seq_transforms
 from transforms.tfrecords import ReadTFRecords
@@ -310,7 +310,7 @@ def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
 
 def test_read_sequence_examples_keeps_records_around_damage_and_keys_bad_ones(tmp_path):
   from beam_dl.formats.sequence_example import SequenceSpec, encode_sequence_example
-  from beam_dl.sequences import SequenceRecord
+  from beam_dl.decoding.sequences import SequenceRecord
 
   spec = SequenceSpec(num_features=2)
   records = [SequenceRecord(f'r{i}', np.full((i + 1, 2), i, np.float32), np.arange(i + 1)) for i in range(4)]

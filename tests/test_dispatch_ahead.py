@@ -1,6 +1,6 @@
 """The dispatch-ahead inference step: batch k dispatched before batch k-1 is
 read and emitted (transforms.inference._DispatchAheadDoFn,
-beam_dl.handler.deferred_reads).
+beam_dl.serving.handler.deferred_reads).
 
 What must hold: the same outputs as Beam's own step on real images; every
 input once, in a prediction or a dead letter; a batch whose outputs fail only
@@ -23,9 +23,9 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from beam_dl import handler as handler_lib
-from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, LoadedModel, deferred_reads
-from beam_dl.images import ImageSpec, decode_image
+from beam_dl.serving import handler as handler_lib
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, LoadedModel, deferred_reads
+from beam_dl.decoding.images import ImageSpec, decode_image
 from tests.imaging import digits_uint8, encode, truncated_jpeg
 from transforms import ClassifyImages
 from transforms.inference import RunInferenceWithDeadLetters
@@ -279,7 +279,7 @@ def test_post_processing_fns_run_per_element_with_their_own_dead_letters(digits_
 
 
 def test_pipeline_flag_turns_it_off():
-  from beam_dl.options import InferenceOptions
+  from beam_dl.cli.options import InferenceOptions
 
   assert PipelineOptions([]).view_as(InferenceOptions).dispatch_ahead is True
   assert PipelineOptions(['--dispatch_ahead=false']).view_as(InferenceOptions).dispatch_ahead is False

@@ -14,8 +14,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
-from beam_dl import drift
-from beam_dl.jsonl import read_jsonl
+from beam_dl.operations import drift
+from beam_dl.formats.jsonl import read_jsonl
 from transforms.drift import BuildDriftProfile, ComputeDrift, HistogramsCombineFn
 from tests.waiting import wait_for, was_read
 from transforms.io import WriteJsonLines

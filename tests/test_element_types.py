@@ -17,13 +17,13 @@ from apache_beam.ml.inference.base import ModelMetadata
 from apache_beam.typehints.decorators import TypeCheckError
 from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 
-from beam_dl.element_types import (DeadLetter, DecodedImage, EncodedImage, KeyedArray, KeyedBytes,
+from beam_dl.core.element_types import (DeadLetter, DecodedImage, EncodedImage, KeyedArray, KeyedBytes,
                                    KeyedFeatures, Record, TextLine)
 from beam_dl.features.spectrogram import SpectrogramSpec
 from beam_dl.features.windows import WindowSpec
 from beam_dl.formats.events import Event, EventSpec
-from beam_dl.padding import PaddedBatch
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.padding import PaddedBatch
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.preprocessing import config as config_lib
 from transforms import drift as drift_t
 from transforms import images, io, metrics, preprocessing, sequences, tfrecords, windowing
@@ -140,7 +140,7 @@ def test_writers_drift_and_metrics(p, tmp_path):
   features = p | 'Features' >> beam.Create([{'x': 1.0}, {'x': 2.0}])
   _is(features | io.WriteJsonLines(str(tmp_path / 'out')), str)
   _is(features | drift_t.BuildDriftProfile(str(tmp_path / 'profile.json')), str)
-  from beam_dl import drift
+  from beam_dl.operations import drift
   profile = drift.build_profile({'x': [1.0, 2.0, 3.0]}, 4, 'test')
   out = features | drift_t.ComputeDrift(profile)
   _is(out.reports, Record)
@@ -151,7 +151,7 @@ def test_writers_drift_and_metrics(p, tmp_path):
 
 def test_beam_dl_transforms(p):
   from beam_dl.features.batch_windows import FeaturesByKeyBlock
-  from beam_dl.registry_mlflow import WatchModelAlias
+  from beam_dl.operations.registry_mlflow import WatchModelAlias
   _is(_events(p) | FeaturesByKeyBlock(WindowSpec(kind='fixed', size=10.0)), Record)
   _is(p | WatchModelAlias('m', 'champion', stop_timestamp=1.0), ModelMetadata)
 

@@ -8,7 +8,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from beam_dl import checkpoints, export, savedmodel_handler
+from beam_dl.models import checkpoints
+from beam_dl.serving import savedmodel_export as export, savedmodel_handler
 from pipelines import demo, export_savedmodel
 from tests.models import save_seeded_model
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from beam_dl.formats import image_example, sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.images import ImageDecodeError, ImageSpec, decode_image, fit_image
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image, fit_image
+from beam_dl.decoding.sequences import SequenceRecord
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'formats')
 
@@ -37,7 +37,7 @@ def golden():
 
   tests/data/formats/*.tfrecord were written at commit 1bb4010 by the encoders
   of that time: beam_dl.io.examples.encode_image_example,
-  beam_dl.sequences.encode_sequence_example, training.datasets'
+  beam_dl.decoding.sequences.encode_sequence_example, training.datasets'
   image_example / sequence_example, and hand-built image/encoded Examples
   (as the tests wrote them), from np.random.default_rng(12).
   """

@@ -12,15 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from beam_dl import checkpoints
-from beam_dl.handler import (
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import (
     JaxModelHandler,
     bucket_for,
     default_inference_fn,
     model_dir_for,
     power_of_two_buckets,
 )
-from beam_dl.inference_oom import call_with_oom_split, is_resource_exhausted
+from beam_dl.serving.oom import call_with_oom_split, is_resource_exhausted
 from tests.models import save_broken_model, save_seeded_model
 
 CNN_SPEC = checkpoints.ModelSpec(

@@ -20,8 +20,8 @@ from apache_beam.ml.inference.base import (
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl import checkpoints
-from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, default_inference_fn
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, default_inference_fn
 from tests.models import save_seeded_model
 from transforms.inference import RunInferenceWithDeadLetters
 

@@ -16,10 +16,10 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 from beam_dl.formats.image_example import encode_file_example
-from beam_dl.handler import JaxModelHandler
-from beam_dl.images import ImageSpec, decode_image
+from beam_dl.serving.handler import JaxModelHandler
+from beam_dl.decoding.images import ImageSpec, decode_image
 from pipelines import classify_images
 from tests import services
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode

@@ -1,4 +1,4 @@
-"""beam_dl.isolate: one batch function, real failures on real elements.
+"""beam_dl.core.isolate: one batch function, real failures on real elements.
 
 The batch function here parses a batch of JSON texts as one JSON array (one
 bad text fails the whole parse, as a bad record fails TensorFlow's batch
@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from beam_dl.isolate import Failed, any_error, failures, isolate
+from beam_dl.core.isolate import Failed, any_error, failures, isolate
 
 
 def parse_as_array(texts):

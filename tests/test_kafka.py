@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services import kafka as kafka_service
 from beam_dl.services import kafka_io
 from pipelines import score_sequences

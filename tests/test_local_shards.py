@@ -1,4 +1,4 @@
-"""Large local jobs in input shards (beam_dl.local_shards): the plan, and a
+"""Large local jobs in input shards (beam_dl.operations.local_shards): the plan, and a
 real classify_images job that fails in a shard, is rerun, and ends with the
 outputs of one unsharded run, every input once."""
 import json
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from beam_dl import local_shards
+from beam_dl.operations import local_shards
 from beam_dl.io import files as files_lib
-from beam_dl.jsonl import read_jsonl
-from beam_dl.options import OptionsError
+from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.cli.options import OptionsError
 from pipelines import classify_images
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
 

@@ -1,4 +1,4 @@
-"""beam_dl.lookahead and DecodeImages' decode-ahead: same outputs, order, windows."""
+"""beam_dl.core.lookahead and DecodeImages' decode-ahead: same outputs, order, windows."""
 import io
 
 import apache_beam as beam
@@ -9,8 +9,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from PIL import Image
 
-from beam_dl.images import ImageSpec
-from beam_dl.lookahead import Lookahead
+from beam_dl.decoding.images import ImageSpec
+from beam_dl.core.lookahead import Lookahead
 from transforms.images import DecodeImages
 
 

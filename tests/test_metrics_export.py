@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beam_dl import drift
-from beam_dl.jsonl import read_jsonl
-from beam_dl.metrics_export import family_name, labelled, parse_labelled
+from beam_dl.operations import drift
+from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.operations.metrics_export import family_name, labelled, parse_labelled
 from beam_dl.services.process import free_port, service_process
 from tests.services import http_ok
 from transforms.metrics import reason_kind
@@ -30,7 +30,7 @@ def test_labelled_names_round_trip_and_families_are_valid():
   name = labelled('dead_letters', stage='decode', reason='Image{Decode}=Error,x')
   assert parse_labelled(name) == ('dead_letters', {'reason': 'Image_Decode__Error_x', 'stage': 'decode'})
   assert parse_labelled('decoded') == ('decoded', {})
-  assert family_name('beam_dl.images', 'decoded') == 'beam_dl_images_decoded'
+  assert family_name('beam_dl.decoding.images', 'decoded') == 'beam_dl_images_decoded'
   assert family_name('BeamDL_Jax', 'inference-batch latency') == 'beamdl_jax_inference_batch_latency'
   assert family_name('9lives', 'x') == '_9lives_x'
   assert reason_kind('ImageDecodeError: corrupt or truncated image: ...') == 'ImageDecodeError'
@@ -220,7 +220,7 @@ def test_direct_runner_runs_in_process_even_where_prism_is_available():
   from apache_beam.options.pipeline_options import PipelineOptions
   from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-  from beam_dl.metrics_export import run_pipeline
+  from beam_dl.operations.metrics_export import run_pipeline
   from tests.runner_matrix import prism_binary
 
   if not prism_binary():

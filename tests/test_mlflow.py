@@ -21,10 +21,11 @@ from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
-from beam_dl import checkpoints, registry_mlflow  # noqa: E402
-from beam_dl.handler import JaxModelHandler  # noqa: E402
-from beam_dl.images import ImageSpec, decode_image  # noqa: E402
-from beam_dl.jsonl import read_jsonl  # noqa: E402
+from beam_dl.models import checkpoints  # noqa: E402
+from beam_dl.operations import registry_mlflow
+from beam_dl.serving.handler import JaxModelHandler  # noqa: E402
+from beam_dl.decoding.images import ImageSpec, decode_image  # noqa: E402
+from beam_dl.formats.jsonl import read_jsonl  # noqa: E402
 from pipelines import classify_images  # noqa: E402
 from pipelines import train as train_cli  # noqa: E402
 from tests import services  # noqa: E402

@@ -21,8 +21,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import trigger, window
 
-from beam_dl import checkpoints
-from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler
 from tests.models import save_broken_model, save_seeded_model, seeded_variables
 from transforms.inference import RunInferenceWithDeadLetters
 

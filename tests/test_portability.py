@@ -41,7 +41,7 @@ ALLOWED_MODULE_CONTAINERS = {
 # Per-process caches that running a pipeline may fill: each worker process
 # starts empty and behaves correctly without them.
 ALLOWED_PROCESS_CACHES = {
-    'beam_dl.handler._LAST_GOOD': 'the model dir each handler last loaded in this process: a refresh that '
+    'beam_dl.serving.handler._LAST_GOOD': 'the model dir each handler last loaded in this process: a refresh that '
                                   'fails falls back to it; a new worker falls back to the constructor\'s dir',
 }
 MUTABLE = (dict, list, set, bytearray)

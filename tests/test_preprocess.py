@@ -16,9 +16,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.formats import image_example
-from beam_dl.images import decode_image
+from beam_dl.decoding.images import decode_image
 from beam_dl.preprocessing import canonical, schemas
 from beam_dl.preprocessing import stats as stats_lib
 from beam_dl.training import input_pipeline
@@ -81,7 +81,7 @@ def test_image_training_records_are_z_scores_with_labels(images_run):
 
 def test_serving_pipeline_gives_the_training_features(images_run):
   """The same image file through the serving transform == its training record."""
-  from beam_dl import tft_jax
+  from beam_dl.preprocessing import tft_jax
 
   records = input_pipeline.transformed_examples(images_run['transform_dir'], images_run['output'] + '-*.tfrecord')
   expected = [(p, records[p]['image'].reshape(8, 8, 1)) for p in images_run['paths']]
@@ -104,7 +104,7 @@ def test_serving_pipeline_gives_the_training_features(images_run):
   raw = np.stack([images_run['pixels'][p] for p, _ in expected])
   want = np.stack([image for _, image in expected])
   np.testing.assert_allclose(np.asarray(tft_jax.image_fn(images_run['transform_dir'])(raw)), want, rtol=0, atol=1e-6)
-  from beam_dl.checkpoints import ModelSpec
+  from beam_dl.models.checkpoints import ModelSpec
 
   spec = tft_jax.fold_into_spec(ModelSpec('small_cnn', input_shape=(8, 8, 1)), images_run['transform_dir'])
   np.testing.assert_allclose(np.asarray(spec.normalize(raw)), want, rtol=1e-5, atol=1e-5)
@@ -269,7 +269,7 @@ def test_sequence_records_and_serving_agree(sequences_run):
   # an item it never saw takes its one OOV bucket, the id after the vocabulary.
   import tensorflow_transform as tft
 
-  from beam_dl.sequences import SequenceRecord
+  from beam_dl.decoding.sequences import SequenceRecord
 
   vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
   assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
@@ -302,9 +302,9 @@ def test_sequence_model_trained_on_records_serves_through_transform(sequences_ru
   import jax
   import tensorflow_transform as tft
 
-  from beam_dl import checkpoints
-  from beam_dl.handler import JaxModelHandler
-  from beam_dl.sequences import SequenceRecord
+  from beam_dl.models import checkpoints
+  from beam_dl.serving.handler import JaxModelHandler
+  from beam_dl.decoding.sequences import SequenceRecord
   from beam_dl.training import TrainConfig, train_and_evaluate
   from beam_dl.training.summaries import read_scalars
   from transforms.inference import RunInferenceWithDeadLetters
@@ -348,9 +348,9 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
   """TFRecords of SequenceExample -> scale_to_0_1 values, matching numpy and JAX."""
   import tensorflow as tf
 
-  from beam_dl import tft_jax
+  from beam_dl.preprocessing import tft_jax
   from beam_dl.formats.sequence_example import encode_sequence_example
-  from beam_dl.sequences import SequenceRecord
+  from beam_dl.decoding.sequences import SequenceRecord
 
   rng = np.random.default_rng(1)
   sequences = {}

@@ -1,5 +1,5 @@
 """Progress lines: rate and ETA leave out the first step (a compile, a start-up)."""
-from beam_dl.progress import Progress
+from beam_dl.operations.progress import Progress
 
 
 def test_eta_counts_from_the_first_update_not_the_slow_first_step():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 from pipelines import score_sequences, score_sequences_demo as demo
 
 WEEK = demo.WEEK

@@ -10,12 +10,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.formats import events as events_lib
-from beam_dl import padding
-from beam_dl import hashing
+from beam_dl.decoding import padding
+from beam_dl.features import hashing
 from beam_dl.formats.events import EventSpec
 from beam_dl.formats import sequence_example as seq_format
 from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 from transforms import sequences as T
 
 SPEC = SequenceSpec(num_features=2)

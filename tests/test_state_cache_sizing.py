@@ -1,11 +1,11 @@
-"""beam_fixes.state_cache_deep_size: Beam's state-cache weights, without the per-call module walk."""
+"""beam_fixes.state_cache_sizing: Beam's state-cache weights, without the per-call module walk."""
 import sys
 
 import pytest
 from apache_beam.runners.worker import statecache
 from apache_beam.utils.timestamp import Timestamp
 
-from beam_dl import beam_fixes
+from beam_dl.beam_fixes import state_cache_sizing
 from beam_dl.features.aggregates import WindowStats
 
 
@@ -30,16 +30,16 @@ VALUES = [
 
 @pytest.mark.parametrize('value', VALUES, ids=['gate-cell', 'bytes', 'window-stats', 'record'])
 def test_weights_are_beams(value):
-  assert beam_fixes.state_cache_deep_size(value) == beam_fixes.BEAM_DEEP_SIZE(value) > 0
+  assert state_cache_sizing.state_cache_deep_size(value) == state_cache_sizing.BEAM_DEEP_SIZE(value) > 0
 
 
 def test_installed_on_import_and_no_module_listing_per_call(monkeypatch):
-  assert beam_fixes.apply_state_cache_sizing() and statecache.get_deep_size is beam_fixes.state_cache_deep_size
+  assert state_cache_sizing.apply() and statecache.get_deep_size is state_cache_sizing.state_cache_deep_size
   monkeypatch.setitem(sys.modules, '_beam_dl_walked', _Walked())
   _Walked.calls = 0
-  beam_fixes.BEAM_DEEP_SIZE(VALUES[0])
+  state_cache_sizing.BEAM_DEEP_SIZE(VALUES[0])
   assert _Walked.calls == 1  # Beam's own: every call lists every module's globals
-  beam_fixes.state_cache_deep_size(VALUES[0])
+  state_cache_sizing.state_cache_deep_size(VALUES[0])
   assert _Walked.calls == 1
 
 

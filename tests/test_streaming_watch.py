@@ -1,6 +1,6 @@
 """Watched-directory streaming on the DirectRunner: files that land while the pipeline runs.
 
-Regression test for issue 14: a second file for keys already seen in the
+Regression test: a second file for keys already seen in the
 first one went to `late` (every one of its events) because the late-data
 gate's event-time timers fired as soon as the first file was read. Here the
 first file is there at start, the second is written by a thread a few polls
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from beam_dl.jsonl import read_jsonl
+from beam_dl.formats.jsonl import read_jsonl
 from pipelines import score_sequences
 
 KEYS = ('a', 'b')

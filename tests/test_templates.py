@@ -30,7 +30,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from beam_dl import options as options_lib
+from beam_dl.cli import options as options_lib
 from tests import runner_matrix as rm
 
 TEMPLATES = os.path.join(rm.REPO, 'pipelines', 'templates')
@@ -224,7 +224,7 @@ def test_classic_template_is_written_offline(classify_data, tmp_path):
   assert {'ReadImageFiles', 'ClassifyImages/DecodeImages', 'WritePredictions'} <= steps
   with tarfile.open(staging / 'workflow.tar.gz') as sdist:
     names = sdist.getnames()
-  for module in ('beam_dl/handler.py', 'transforms/images.py', 'pipelines/classify_images.py',
+  for module in ('beam_dl/serving/handler.py', 'transforms/images.py', 'pipelines/classify_images.py',
                  'pipelines/templates/classify_images.json'):
     assert any(n.endswith(module) for n in names), module
 

@@ -10,7 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl.formats import image_example
 from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 from transforms import sequences as seq_transforms
 from transforms import tfrecords
 

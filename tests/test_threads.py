@@ -16,8 +16,9 @@ import pytest
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from apache_beam.runners.worker import data_plane
 
-from beam_dl import beam_fixes, checkpoints
-from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, ServeCounts
+from beam_dl.beam_fixes import output_flush
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, ServeCounts
 from tests.models import save_broken_model, save_seeded_model
 
 STREAM = data_plane.TimeBasedBufferingClosableOutputStream
@@ -69,13 +70,13 @@ def write_through_a_timer_flush(stream_methods):
 def test_beams_timer_flush_loses_what_is_written_during_it():
   """The Beam bug itself (kept as a test so that a Beam upgrade that fixes or
   changes it is noticed): the timer thread's flush clears bytes it never sent."""
-  written, sent = write_through_a_timer_flush(beam_fixes.BEAM_METHODS)
+  written, sent = write_through_a_timer_flush(output_flush.BEAM_METHODS)
   assert len(sent) < len(written)
 
 
 def test_fixed_timer_flush_sends_every_byte_in_order():
-  assert beam_fixes.apply() and STREAM._beam_dl_fixed
-  written, sent = write_through_a_timer_flush(beam_fixes.FIXED_METHODS)
+  assert output_flush.apply() and STREAM._beam_dl_fixed
+  written, sent = write_through_a_timer_flush(output_flush.FIXED_METHODS)
   assert sent == written and len(written) > 0
 
 

@@ -28,9 +28,10 @@ IMAGES = 400  # training digits preprocessed, trained on and served
 def test_preprocess_train_serve_with_the_saved_transform(tmp_path):
   import jax
 
-  from beam_dl import checkpoints, tft_jax
-  from beam_dl.handler import JaxModelHandler
-  from beam_dl.images import decode_image
+  from beam_dl.models import checkpoints
+  from beam_dl.preprocessing import tft_jax
+  from beam_dl.serving.handler import JaxModelHandler
+  from beam_dl.decoding.images import decode_image
   from beam_dl.preprocessing import canonical
   from beam_dl.training import input_pipeline
   from beam_dl.training.summaries import read_scalars

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 from beam_dl.training import datasets, input_pipeline, trainer
 from beam_dl.training.config import DataConfig, ShardingConfig, TrainConfig
 from pipelines import train as train_cli
@@ -138,7 +138,7 @@ def test_co2_lstm_forecasts_next_month_with_skill(co2, tmp_path):
   assert spec.task == 'sequence_regression'
   # The serving handler loads the export and pads variable-length sequences
   # to its length buckets; answers match the model on the unpadded sequence.
-  from beam_dl.handler import JaxModelHandler
+  from beam_dl.serving.handler import JaxModelHandler
 
   handler = JaxModelHandler(str(tmp_path / 'model'))
   windows, _ = datasets.co2_windows(24)

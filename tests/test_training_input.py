@@ -4,7 +4,7 @@ import optax
 import pytest
 
 from beam_dl.formats.sequence_example import encode_sequence_example
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.training import datasets, input_pipeline, losses
 from beam_dl.training.config import DataConfig, TrainConfig
 from pipelines import train as train_cli

@@ -10,7 +10,7 @@ import os
 import jax
 import pytest
 
-from beam_dl.checkpoints import CheckpointError
+from beam_dl.models.checkpoints import CheckpointError
 from beam_dl.training import datasets, trainer
 from beam_dl.training.config import DataConfig, ShardingConfig, TrainConfig
 

@@ -7,7 +7,7 @@
 A feature dict is {name: number or list of numbers}: input features (an
 image's brightness, an event's value fields) and `prediction/...` fields of
 the model's outputs, in any mix; a name the profile lacks is ignored. The
-maths lives in `beam_dl.drift`.
+maths lives in `beam_dl.operations.drift`.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from beam_dl import drift
-from beam_dl.element_types import Record
-from beam_dl.metrics_export import labelled
+from beam_dl.operations import drift
+from beam_dl.core.element_types import Record
+from beam_dl.operations.metrics_export import labelled
 
-NAMESPACE = 'beam_dl.drift'
+NAMESPACE = 'beam_dl.operations.drift'
 ALERTS = 'alerts'
 FeatureDict = Mapping[str, Any]
 
@@ -32,7 +32,7 @@ class DriftOutputs(NamedTuple):
 
 
 class HistogramsCombineFn(beam.CombineFn):
-  """Feature dicts -> `beam_dl.drift.Histograms` in the profile's bins.
+  """Feature dicts -> `beam_dl.operations.drift.Histograms` in the profile's bins.
 
   Accumulators are counts, so partial results of bundles, workers and the
   panes of a sliding window merge by addition.
@@ -110,7 +110,7 @@ class ComputeDrift(beam.PTransform):
   numbers do not depend on bundling or on the runner.
 
   Args:
-    profile: a DriftProfile, or the path of one (`beam_dl.drift.load_profile`).
+    profile: a DriftProfile, or the path of one (`beam_dl.operations.drift.load_profile`).
     window_size, window_period: seconds of event time.
     warn_psi, alert_psi: the PSI conventions (0.1 moderate, 0.25 significant).
     min_count: features with fewer values in a window are not judged.
@@ -181,7 +181,7 @@ def _write_profile(columns: dict, path: str, num_bins: int, source: str) -> str:
 
 def drift_enabled(options) -> bool:
   """Whether --drift_profile or --write_drift_profile was given."""
-  from beam_dl.options import DriftOptions
+  from beam_dl.cli.options import DriftOptions
 
   opts = options.view_as(DriftOptions)
   return bool(opts.drift_profile or opts.write_drift_profile)
@@ -202,7 +202,7 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
   global window through WriteJsonLines; streaming pipelines pass theirs).
   Returns the DriftOutputs, or None when only a profile is written.
   """
-  from beam_dl.options import DriftOptions
+  from beam_dl.cli.options import DriftOptions
 
   opts = options.view_as(DriftOptions)
   # One windowing for the Flatten (inputs and predictions may come windowed
@@ -238,8 +238,8 @@ def _write(pcoll, label: str, prefix: str, writer):
 
 def classify_images_drift(options, images, predictions, model_dir: str, output: str):
   """classify_images' drift: image brightness/contrast and the predicted class and score."""
-  from beam_dl import checkpoints
-  from beam_dl.images import ImageSpec
+  from beam_dl.models import checkpoints
+  from beam_dl.decoding.images import ImageSpec
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
   spec = ImageSpec(height=height, width=width, channels=channels)
@@ -265,7 +265,7 @@ def image_features(element, spec) -> list[dict]:
   yields nothing here (it is already a dead letter of the classification path).
   """
   from beam_dl.io import files
-  from beam_dl.images import ImageDecodeError, decode_image
+  from beam_dl.decoding.images import ImageDecodeError, decode_image
 
   try:
     pixels = decode_image(files.content(element[1]), spec).astype(np.float32) / 255.0

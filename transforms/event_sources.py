@@ -23,7 +23,7 @@ from apache_beam.io import fileio
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from beam_dl.element_types import TextLine
+from beam_dl.core.element_types import TextLine
 from beam_dl.io.kafka import ReadKafkaValues, ReadKafkaXlang
 
 NAMESPACE = 'beam_dl.event_sources'
@@ -122,7 +122,7 @@ class ReadEventLines(beam.PTransform):
   """Event lines (bytes) from files (batch or watched), Pub/Sub or Kafka.
 
   The watched-directory and Kafka reads end with a Reshuffle, a stage
-  boundary, and that is the fix for issue 14. Beam 2.77's FnApiRunner (what the
+  boundary, and it keeps late data right. Beam 2.77's FnApiRunner (what the
   DirectRunner runs this pipeline on) takes the input watermark of the stage
   holding a splittable DoFn source (the file watch, the Kafka reader) from
   the Impulse before it, which is done at once: +inf. Without a boundary the FnApiRunner fuses the

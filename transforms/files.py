@@ -14,7 +14,7 @@ of two per file. Readers downstream
 open each file with `beam_dl.io.files.open_regular`, which reports FIFOs,
 devices and unreadable files the same way.
 
-A file list (`@<path>`, one input path a line; `beam_dl.local_shards` gives
+A file list (`@<path>`, one input path a line; `beam_dl.operations.local_shards` gives
 each shard one) is read on a worker and each listed path is taken literally:
 a regular file is read, anything else is one dead letter with the same
 reason a glob match would give it.
@@ -29,8 +29,8 @@ from apache_beam.io.filesystem import BeamIOError, FileMetadata
 from apache_beam.io.filesystems import CompressionTypes, FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import dead_letter
-from beam_dl.element_types import DeadLetter
+from beam_dl.core.deadletter import dead_letter
+from beam_dl.core.element_types import DeadLetter
 from beam_dl.io import files as files_lib
 
 NAMESPACE = 'beam_dl.files'

@@ -22,17 +22,17 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
-from beam_dl.element_types import DeadLetter, DecodedImage, EncodedImage
+from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter
+from beam_dl.core.element_types import DeadLetter, DecodedImage, EncodedImage
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
-from beam_dl.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
-from beam_dl.lookahead import Lookahead
+from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
+from beam_dl.core.lookahead import Lookahead
 
 from transforms.files import MatchFileChunks, readable_files, unreadable_dead_letter
 from transforms.tfrecords import ReadTFRecords
 
-_NAMESPACE = 'beam_dl.images'
+_NAMESPACE = 'beam_dl.decoding.images'
 # Elements decoded ahead of the outputs: two batches of the default 128, so
 # the next batch decodes while the model runs the current one.
 DECODE_AHEAD = 256
@@ -191,7 +191,7 @@ class _DecodeImageFn(beam.DoFn):
   """(key, bytes, ReadableFile or uint8 pixels) -> (key, array); undecodable
   inputs (and unreadable files) -> FAILED with reason.
 
-  With `ahead` > 0 the decodes run on a thread (beam_dl.lookahead) up to
+  With `ahead` > 0 the decodes run on a thread (beam_dl.core.lookahead) up to
   `ahead` elements ahead of the outputs, overlapping with the model's forward
   pass downstream in the same fused stage; outputs keep their order, window
   and timestamp, and the last ones are emitted in finish_bundle.
@@ -255,7 +255,7 @@ class DecodeImages(ErrorHandling, beam.PTransform):
 
   Already decoded uint8 pixels in place of the bytes (what `ReadImageExamples`
   gives for `image/raw` records) get the same mode conversion and resize
-  (`beam_dl.images.fit_image`), without an encode/decode round trip.
+  (`beam_dl.decoding.images.fit_image`), without an encode/decode round trip.
 
   (key, bytes, meta...) elements keep whatever follows the bytes:
   (key, array, meta...).
@@ -269,7 +269,7 @@ class DecodeImages(ErrorHandling, beam.PTransform):
 
   `error_threshold` (default 1: never) fails the job when more than that
   fraction of inputs fail; `with_error_handler(ErrorHandler(...))` also
-  sends the dead letters to Beam's error handler (beam_dl.deadletter).
+  sends the dead letters to Beam's error handler (beam_dl.core.deadletter).
   """
 
   def __init__(self, spec: ImageSpec = ImageSpec(), ahead: int = DECODE_AHEAD, *, error_threshold: float = 1.0):

@@ -15,13 +15,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, RunInference
 
-from beam_dl import checkpoints
-from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter, describe
-from beam_dl.element_types import DeadLetter, EncodedImage
-from beam_dl.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
-from beam_dl.images import ImageSpec
-from beam_dl.isolate import Failed, isolate
-from beam_dl.postprocess import classification_record
+from beam_dl.models import checkpoints
+from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter, describe
+from beam_dl.core.element_types import DeadLetter, EncodedImage
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
+from beam_dl.decoding.images import ImageSpec
+from beam_dl.core.isolate import Failed, isolate
+from beam_dl.serving.postprocess import classification_record
 from transforms.images import DecodeImages
 
 # Beam's wrappers that add pre/post-processing fns around a handler.
@@ -95,7 +95,7 @@ class _Isolated(NamedTuple):
 class _IsolatingModelHandler(ModelHandler):
   """`base` whose run_inference never fails a batch for a bad element.
 
-  A batch that raises is split in place (`beam_dl.isolate`) until each
+  A batch that raises is split in place (`beam_dl.core.isolate`) until each
   failing element stands alone; it comes out as an `_Isolated` (key, reason)
   in its position, and the rest keep their predictions. The same DoFn does
   it, so nothing extra crosses a stage boundary (a separate retry step and
@@ -219,7 +219,7 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
   formatting, writing) and waited for each forward pass before doing any of
   them for the next batch; a hand-written loop dispatches batch k+1 before
   reading batch k, so its host work overlaps the model. Here the handler's
-  predict calls run inside `beam_dl.handler.deferred_reads`, which leaves the
+  predict calls run inside `beam_dl.serving.handler.deferred_reads`, which leaves the
   outputs unread; the DoFn holds the batch and reads it on the next batch (or
   in finish_bundle, so a streaming bundle ends with nothing held).
   Everything else is Beam's own DoFn: shared model, metrics, model refresh

@@ -6,9 +6,9 @@ import os
 import apache_beam as beam
 from apache_beam.io import fileio
 
-import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes.py)
-from beam_dl.element_types import Record
-from beam_dl.jsonl import JsonLineCoder, json_line
+import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes/output_flush.py)
+from beam_dl.core.element_types import Record
+from beam_dl.formats.jsonl import JsonLineCoder, json_line
 
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam

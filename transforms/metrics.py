@@ -2,7 +2,7 @@
 
   CountDeadLetters()   dead letters -> counter `dead_letters{stage=...,reason=...}`
 
-`beam_dl.metrics_export` turns the labelled counter into
+`beam_dl.operations.metrics_export` turns the labelled counter into
 `beam_dl_deadletters_dead_letters_total{stage="decode", reason="ImageDecodeError"}`.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_dl.element_types import DeadLetter
-from beam_dl.metrics_export import labelled
+from beam_dl.core.element_types import DeadLetter
+from beam_dl.operations.metrics_export import labelled
 
 NAMESPACE = 'beam_dl.deadletters'
 _TYPE = re.compile(r'^([A-Za-z_][A-Za-z0-9_.]*)\s*:')
@@ -23,7 +23,7 @@ _WORD = re.compile(r'[A-Za-z]+')
 def reason_kind(reason: str, max_words: int = 4) -> str:
   """A dead letter's reason as a low-cardinality label.
 
-  'Type: message' (`beam_dl.deadletter.describe`) -> the exception type;
+  'Type: message' (`beam_dl.core.deadletter.describe`) -> the exception type;
   otherwise the leading plain words, up to the first number, bracket or
   colon ('not a recognised image format' -> 'not_a_recognised_image'), so
   keys and sizes in messages don't make a label value per element.

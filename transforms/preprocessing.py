@@ -25,10 +25,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from beam_dl.deadletter import FAILED, dead_letter, describe
-from beam_dl.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
-from beam_dl.sequences import SequenceRecord
-from beam_dl.isolate import Failed, failures, isolate
+from beam_dl.core.deadletter import FAILED, dead_letter, describe
+from beam_dl.core.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
+from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.core.isolate import Failed, failures, isolate
 from beam_dl.preprocessing import canonical, schemas, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import apache_beam as beam
 import numpy as np
 
-from beam_dl.deadletter import dead_letter
+from beam_dl.core.deadletter import dead_letter
 
 NAMESPACE = 'beam_dl.score_sequences'
 _log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ Typical pipelines:
 Each transform that can meet bad input returns a tuple with the good records
 under its main tag and dead letters under `.failed`, as
 `{'key', 'stage', 'reason'}` dicts; nothing is dropped silently. Counters live
-in the 'beam_dl.sequences' namespace.
+in the 'beam_dl.decoding.sequences' namespace.
 """
 from __future__ import annotations
 
@@ -25,20 +25,20 @@ from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, ErrorHandling, dead_letter
-from beam_dl.element_types import DeadLetter, TextLine
+from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter
+from beam_dl.core.element_types import DeadLetter, TextLine
 from beam_dl.formats import sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.features.batch_windows import events_block
 from beam_dl.formats import events as events_lib
-from beam_dl import padding as padding_lib
-from beam_dl import hashing
+from beam_dl.decoding import padding as padding_lib
+from beam_dl.features import hashing
 from beam_dl.formats.events import Event, EventSpec
-from beam_dl.padding import PaddedBatch
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.padding import PaddedBatch
+from beam_dl.decoding.sequences import SequenceRecord
 from transforms.tfrecords import ReadTFRecords
 
-NAMESPACE = 'beam_dl.sequences'
+NAMESPACE = 'beam_dl.decoding.sequences'
 _RECORD_PREVIEW = 200
 
 
@@ -469,7 +469,7 @@ class ChunkSequences(beam.PTransform):
   """`SequenceRecord`s -> fixed windows of `window` steps (truncated BPTT).
 
   Chunk keys are '<key>/<index>' and meta holds source_key, chunk, num_chunks
-  and start; see `beam_dl.padding.chunk`.
+  and start; see `beam_dl.decoding.padding.chunk`.
   """
 
   def __init__(self, window: int, stride: int | None = None, drop_remainder: bool = False):

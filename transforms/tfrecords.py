@@ -25,13 +25,13 @@ import apache_beam as beam
 from apache_beam.io.filesystems import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from beam_dl.deadletter import FAILED, dead_letter, describe
+from beam_dl.core.deadletter import FAILED, dead_letter, describe
 from beam_dl.formats import image_example, sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
+from beam_dl.core.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
 from beam_dl.io import files as files_lib
 from beam_dl.io import tfrecord as tfrecord_lib
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
 
 NAMESPACE = 'beam_dl.tfrecords'

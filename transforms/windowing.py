@@ -32,7 +32,7 @@ from beam_dl.features.aggregates import WindowStatsFn, features_record
 from beam_dl.features.lastn import LastNFn
 from beam_dl.features.late import LATE, LateDataGate
 from beam_dl.features.spectrogram import SpectrogramSpec, place_samples, spectrogram
-from beam_dl.element_types import Record
+from beam_dl.core.element_types import Record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.formats.events import Event
 

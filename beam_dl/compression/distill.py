@@ -77,7 +77,7 @@ class Teacher:
   """A trained beam_dl model directory, run on raw batches for distillation."""
 
   def __init__(self, model_dir: str, *, mixup: float = 0.0, seed: int = 0, start: int = 0):
-    from beam_dl import checkpoints
+    from beam_dl.models import checkpoints
 
     if mixup < 0:
       raise ValueError(f'distill_mixup must be >= 0, got {mixup}')

@@ -26,7 +26,7 @@ Two methods, both recorded in `spec.json` under `quantization`:
 On disk both are plain arrays (flax `to_state_dict` of qwix's `WithAux` /
 `QArray`: `kernel/array/qvalue` int8 + `kernel/array/scale` float32 for
 'qwix_ptq'; `kernel/qvalue` + `kernel/scale` for 'weight_only'), written by
-orbax or msgpack like any model. `beam_dl.checkpoints` calls `wrap_module`
+orbax or msgpack like any model. `beam_dl.models.checkpoints` calls `wrap_module`
 when it builds the module and `restore_variables` when it loads the
 variables, so the handler, `ClassifyImages` and every pipeline serve a
 quantized directory with no special case; `restore_variables` refuses
@@ -45,8 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from beam_dl import checkpoints
-from beam_dl.checkpoints import CheckpointError
+from beam_dl.models.errors import CheckpointError
 
 METHODS = ('qwix_ptq', 'weight_only')
 ACTIVATIONS = ('static', 'dynamic', 'none')
@@ -117,13 +116,13 @@ def qat_module(module: nn.Module, weight_dtype: str = 'int8') -> nn.Module:
 
 def _abstract_float(spec) -> Any:
   module = spec.build_float()
-  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *checkpoints.example_inputs(spec)))
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs()))
 
 
 def _abstract_qwix(spec) -> Any:
   """The qwix PTQ variable tree (WithAux/QArray leaves, shapes only)."""
   module = spec.build()
-  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *checkpoints.example_inputs(spec)))
+  return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *spec.example_inputs()))
 
 
 def _weight_only_layout(float_tree: Any) -> Any:
@@ -188,7 +187,7 @@ def check_variables(spec, variables: Any, source: str) -> None:
 
 def restore_variables(spec, variables: Any, source: str) -> Any:
   """Variables ready for `spec.build().apply` from the stored plain arrays
-  (the `beam_dl.checkpoints.load` hook): checked, then qwix's WithAux/QArray
+  (the `beam_dl.models.checkpoints.load` hook): checked, then qwix's WithAux/QArray
   tree ('qwix_ptq') or float kernels dequantized with qwix ('weight_only')."""
   import qwix
 

@@ -41,7 +41,7 @@ from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
-from beam_dl.element_types import Record
+from beam_dl.core.element_types import Record
 from beam_dl.features.aggregates import features_record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.formats.events import Event

@@ -5,7 +5,7 @@ sensor's reading. `parse_json_event` / `parse_csv_event` turn one text line
 into an `Event` (or raise `EventParseError` with the reason), and
 `assemble_sequence` orders one key's events by time into a `SequenceRecord`.
 Categorical ids stay strings here: tf.Transform's vocabulary maps them to
-integers (`pipelines.preprocess`), or `beam_dl.hashing` hashes them.
+integers (`pipelines.preprocess`), or `beam_dl.features.hashing` hashes them.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
 from beam_dl.formats.features import int64_label
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 
 # Event times must be Beam timestamps (int64 microseconds, at most the global
 # window's end): beyond them windowing or encoding fails and takes the job down.

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from beam_dl.deadletter import describe
+from beam_dl.core.deadletter import describe
 from beam_dl.formats.features import bytes_feature, feature_values, int64_feature, int64_label, tensorflow
 
 RAW, SHAPE, LABEL, KEY = 'image/raw', 'image/shape', 'label', 'key'

@@ -19,7 +19,7 @@ Training side (tf.data): `tf_feature_spec` and `parse_single`.
 Parsing goes through TensorFlow's vectorised parsers (`tf.io.parse_sequence_example`,
 `tf.io.parse_example`) on a whole batch at once: about 3 us a record against
 ~250 us for one `parse_single_sequence_example` call; a batch TensorFlow
-rejects is split until the bad records are isolated (`beam_dl.sequences`).
+rejects is split until the bad records are isolated (`beam_dl.decoding.sequences`).
 Every feature is parsed as a `RaggedFeature` so that the checks TF cannot make
 (a missing key, steps of the wrong width, ids out of step with values) give a
 per-record reason instead of an opaque batch error.
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from beam_dl.formats.features import bytes_feature, feature_values, float_feature, int64_feature, tensorflow
-from beam_dl.sequences import SequenceParseError, SequenceRecord, _isolating
+from beam_dl.decoding.sequences import SequenceParseError, SequenceRecord, _isolating
 
 KEY, LABEL, TARGET, VALUES, IDS = 'key', 'label', 'target', 'values', 'ids'
 

@@ -1,3 +1,3 @@
 """Reading and writing bytes where they live: files (`files`), TFRecord
 framing (`tfrecord`), Kafka (`kafka`). Formats live in `beam_dl.formats`,
-decoders beside them (`beam_dl.images`, `beam_dl.sequences`)."""
+decoders beside them (`beam_dl.decoding.images`, `beam_dl.decoding.sequences`)."""

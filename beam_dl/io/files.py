@@ -13,7 +13,7 @@ dead letter (stage 'read') instead of losing it or hanging:
   content(data)              -> bytes as they are, a ReadableFile read_all
 
 An input may also be a file list, `@<path>`: a text file naming one input
-path per line (what `beam_dl.local_shards` hands each shard). Its paths are
+path per line (what `beam_dl.operations.local_shards` hands each shard). Its paths are
 taken literally, never as globs:
 
   iter_inputs(pattern)       -> every path a pattern (or file list) names, in a fixed order
@@ -31,7 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from beam_dl.deadletter import describe
+from beam_dl.core.deadletter import describe
 
 _KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
           (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),

@@ -32,7 +32,7 @@ from apache_beam.io.watermark_estimators import MonotonicWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration
 
-from beam_dl.jsonl import json_line
+from beam_dl.formats.jsonl import json_line
 
 _NAMESPACE = 'beam_dl.io.kafka'
 _UNBOUNDED = sys.maxsize

@@ -1,7 +1,7 @@
 """Name -> Flax module factory registry.
 
 Checkpoints store a model by registry name plus constructor kwargs (see
-`beam_dl.checkpoints.ModelSpec`), so a worker can rebuild the module without
+`beam_dl.models.checkpoints.ModelSpec`), so a worker can rebuild the module without
 unpickling code: the registry is the only place a name becomes a class.
 """
 from __future__ import annotations

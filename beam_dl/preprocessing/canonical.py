@@ -11,8 +11,8 @@ import re
 import numpy as np
 
 from beam_dl.formats import image_example
-from beam_dl.images import ImageDecodeError, ImageSpec, decode_image
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.preprocessing import schemas
 
 LABEL_IN_NAME = re.compile(r'_label(\d+)\.')

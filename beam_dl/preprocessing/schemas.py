@@ -29,7 +29,7 @@ import numpy as np
 from beam_dl.formats import image_example
 from beam_dl.formats.features import bytes_feature, float_feature, int64_feature
 from beam_dl.formats.image_example import KEY, LABEL, RAW as IMAGE_RAW, SHAPE as IMAGE_SHAPE
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 
 LENGTH, ITEM = 'length', 'item'
 

@@ -3,7 +3,7 @@
 The state (step, params, optimizer state, batch stats) is saved as it lies
 on the devices -- sharded arrays stay sharded, every host writes its own
 shards -- and restored straight into the sharded layout of the current run.
-The served model is exported separately (`beam_dl.checkpoints.save`).
+The served model is exported separately (`beam_dl.models.checkpoints.save`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 
 import orbax.checkpoint as ocp
 
-from beam_dl.checkpoints import CheckpointError
+from beam_dl.models.checkpoints import CheckpointError
 
 _log = logging.getLogger(__name__)
 

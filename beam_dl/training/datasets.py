@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from beam_dl.formats.image_example import encode_image_example
 from beam_dl.formats.sequence_example import encode_sequence_example
-from beam_dl.sequences import SequenceRecord
+from beam_dl.decoding.sequences import SequenceRecord
 
 
 def write_shards(records: list[bytes], prefix: str, num_shards: int) -> str:

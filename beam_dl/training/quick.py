@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_dl.checkpoints import ModelSpec
-from beam_dl.progress import Progress
+from beam_dl.models.checkpoints import ModelSpec
+from beam_dl.operations.progress import Progress
 
 LOSSES = {
     'softmax_cross_entropy': lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y),

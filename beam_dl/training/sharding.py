@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from beam_dl.partitioning import fit_spec
+from beam_dl.core.partitioning import fit_spec
 from beam_dl.training.config import ShardingConfig
 
 log = logging.getLogger(__name__)

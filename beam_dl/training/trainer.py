@@ -5,7 +5,7 @@ is one (a killed run resumes where its last checkpoint left off and, because
 batch k and the dropout key of step k depend only on the seed, ends exactly
 where an uninterrupted run ends), streams batches from the tf.data pipeline
 to the devices, logs step rate / ETA / input wait, evaluates, checkpoints,
-and finally exports the model for serving with `beam_dl.checkpoints.save`.
+and finally exports the model for serving with `beam_dl.models.checkpoints.save`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import beam_dl.models  # noqa: F401  (before checkpoints: registers models)
-import beam_dl.checkpoints as checkpoints
+import beam_dl.models.checkpoints as checkpoints
 from beam_dl.training import checkpointing, input_pipeline, losses
 from beam_dl.training.config import TrainConfig
 from beam_dl.training.sharding import maybe_initialize_distributed

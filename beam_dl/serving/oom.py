@@ -4,7 +4,7 @@ XLA reports an allocation failure as a runtime error whose message starts
 with RESOURCE_EXHAUSTED (`jax.errors.JaxRuntimeError`, formerly jaxlib's
 XlaRuntimeError). Instead of failing the bundle (Beam issue 21447), the batch
 is split in halves and each half retried, recursively, down to single
-examples (`beam_dl.isolate`, split only on out-of-memory); an example that
+examples (`beam_dl.core.isolate`, split only on out-of-memory); an example that
 fails alone re-raises, so only it becomes a dead letter (see
 transforms.inference.RunInferenceWithDeadLetters).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from beam_dl.isolate import isolate
+from beam_dl.core.isolate import isolate
 
 _log = logging.getLogger(__name__)
 OOM_MARKERS = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')

@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 from apache_beam.io.fileio import ReadableFile
 
-# A dead letter {"key", "stage", "reason", ...} (beam_dl.deadletter).
+# A dead letter {"key", "stage", "reason", ...} (beam_dl.core.deadletter).
 DeadLetter = Dict[str, Any]
 # A JSON-able output record: features, predictions, drift reports, late events.
 Record = Dict[str, Any]

@@ -1,6 +1,6 @@
 """Export a beam_dl Flax model directory to a TF SavedModel with jax2tf.
 
-    from beam_dl import export
+    from beam_dl.serving import savedmodel_export as export
     export.export_saved_model('model', 'saved_model')
     # or: python -m pipelines.export_savedmodel --model_dir model --export_dir saved_model
 
@@ -12,7 +12,7 @@ inside, exactly as `JaxModelHandler` does) with a polymorphic batch dimension
 (not constants folded into the graph) and the computation is the model's own
 StableHLO (jax2tf native serialization), so TF Serving, tfx-bsl's RunInference
 and Beam's `TFModelHandlerTensor` serve the very function JAX runs
-(`beam_dl.savedmodel_handler` holds the RunInference handlers for it).
+(`beam_dl.serving.savedmodel_handler` holds the RunInference handlers for it).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from beam_dl import checkpoints
+from beam_dl.models import checkpoints
 
 SPEC_COPY = 'beam_dl_spec.json'
 _log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""RunInference handlers for a SavedModel that `beam_dl.export` wrote.
+"""RunInference handlers for a SavedModel that `beam_dl.serving.savedmodel_export` wrote.
 
 The export is JAX's own function (jax2tf), so these serve exactly what
 `JaxModelHandler` serves, for users whose workers have TensorFlow and not JAX:
 
-    from beam_dl.savedmodel_handler import SavedModelHandler
+    from beam_dl.serving.savedmodel_handler import SavedModelHandler
     predictions = images | RunInference(SavedModelHandler('saved_model'))
 """
 from __future__ import annotations

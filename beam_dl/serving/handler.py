@@ -1,12 +1,12 @@
 """`JaxModelHandler`: Beam RunInference for Flax models saved by beam_dl.
 
-Loads `beam_dl.checkpoints` model directories (orbax or msgpack; never
+Loads `beam_dl.models.checkpoints` model directories (orbax or msgpack; never
 pickle), compiles the forward pass once per padded batch shape, and returns
 one `PredictionResult` per example with the padding stripped. Beyond Beam's
 contract (keyed, pre/post-processing, dead letters, inference_args, env_vars,
 resource hints, shared models, side-input model refresh) it serves on one
-device or shards over a mesh (`beam_dl.inference_devices`), splits a batch
-that runs out of device memory (`beam_dl.inference_oom`), and keeps the last
+device or shards over a mesh (`beam_dl.serving.devices`), splits a batch
+that runs out of device memory (`beam_dl.serving.oom`), and keeps the last
 good model serving when a refresh points at a checkpoint that won't load.
 
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -27,9 +27,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_dl import checkpoints
-from beam_dl.inference_devices import Placement, round_buckets
-from beam_dl.inference_oom import call_with_oom_split
+from beam_dl.models import checkpoints
+from beam_dl.serving.devices import Placement, round_buckets
+from beam_dl.serving.oom import call_with_oom_split
 
 METRICS_NAMESPACE = 'BeamDL_Jax'
 # Set before the JAX backend starts in each worker: without it every SDK
@@ -351,7 +351,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   """Serves a beam_dl Flax model directory in Beam's RunInference.
 
   Args:
-    model_dir: a directory written by `beam_dl.checkpoints.save` (local or
+    model_dir: a directory written by `beam_dl.models.checkpoints.save` (local or
       any Beam filesystem).
     max_batch_size: largest batch handed to the model; also the largest
       padded bucket.
@@ -526,7 +526,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     overrides = {'dtype': jnp.bfloat16} if self._precision == 'bfloat16' else {}
     module = spec.build(**overrides)
     placement = Placement.create(self._device, self._data_parallel, self._model_parallelism)
-    variables = placement.put_variables(variables, module, checkpoints.example_inputs(spec))
+    variables = placement.put_variables(variables, module, spec.example_inputs())
 
     def forward(variables, x, *rest):
       _report(ServeCounts(compiles=1))  # Python side effect: runs once per trace

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_dl.checkpoints import ModelSpec
+from beam_dl.models.checkpoints import ModelSpec
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns
 from beam_dl.preprocessing import stats as stats_lib

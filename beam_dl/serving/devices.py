@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from beam_dl.partitioning import fit_spec
+from beam_dl.core.partitioning import fit_spec
 
 DATA, MODEL = 'data', 'model'
 # Logical parameter axes -> mesh axes for model-parallel serving (the same

@@ -1,5 +1,5 @@
 """Fitting a PartitionSpec to an array on a mesh: shared by serving
-(`beam_dl.inference_devices`) and training (`beam_dl.training.sharding`).
+(`beam_dl.serving.devices`) and training (`beam_dl.training.sharding`).
 
 A mesh axis that does not divide an array dimension is dropped for that array
 (the dimension is replicated), so small heads (10 classes on 8 devices) never

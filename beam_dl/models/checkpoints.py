@@ -12,11 +12,12 @@ Nothing is ever unpickled: the module is rebuilt from the registry by name,
 and the variables are plain arrays. Paths may be local or any filesystem Beam
 knows (gs://...) for spec.json; orbax handles gs:// itself. A model registry
 URI (`models:/<name>/<version>`, `models:/<name>@<alias>`) loads the
-registered version's directory (`resolve`, beam_dl.registry_mlflow).
+registered version's directory (`resolve`, beam_dl.operations.registry_mlflow).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import numbers
@@ -30,14 +31,11 @@ from apache_beam.io.filesystems import FileSystems
 from flax import serialization
 
 from beam_dl import models
+from beam_dl.models.errors import CheckpointError
 
 SPEC_FILE = 'spec.json'
 ORBAX_DIR = 'variables'
 MSGPACK_FILE = 'variables.msgpack'
-
-
-class CheckpointError(ValueError):
-  """A model directory that cannot be loaded, with the reason."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +96,12 @@ class ModelSpec:
   def is_sequence(self) -> bool:
     """Variable-length inputs [T, F]: the model also takes a [T] mask."""
     return len(self.input_shape) > 0 and self.input_shape[0] is None
+
+  def example_inputs(self) -> tuple[np.ndarray, ...]:
+    """A one-example model input (after normalize): shapes for `jax.eval_shape`."""
+    if self.is_sequence:
+      return np.zeros((1, 1, *self.input_shape[1:]), np.float32), np.ones((1, 1), bool)
+    return (np.zeros((1, *self.input_shape), np.float32),)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -177,18 +181,27 @@ def validate_spec(spec: ModelSpec) -> None:
     raise _field_error('kwargs', f'not accepted by {spec.name}: {type(e).__name__}: {e}') from None
 
 
+# Entry points that turn a registry URI into a model directory (`resolve`).
+LOCATION_PLUGINS = 'beam_dl.model_locations'
+
+
 def _join(model_dir: str, name: str) -> str:
   return FileSystems.join(model_dir, name)
 
 
 def resolve(model_dir: str) -> str:
-  """A local directory for a registry URI (`models:/<name>/<version>` or
-  `models:/<name>@<alias>`, downloaded once per process by
-  `beam_dl.registry_mlflow`); any other path unchanged."""
-  if model_dir.startswith('models:/'):
-    from beam_dl import registry_mlflow  # imports mlflow only for registry URIs
+  """A directory Beam's FileSystems can read for `model_dir`.
 
-    return registry_mlflow.local_model_dir(model_dir)
+  A registry URI `<scheme>:/<...>` whose scheme a plugin serves is handed to
+  it (entry point group `beam_dl.model_locations`, name = scheme, value = a
+  function URI -> directory; beam_dl's own is `models:/<name>/<version>` and
+  `models:/<name>@<alias>` from the MLflow registry, setup.py). Any other path,
+  `gs://...` and `hdfs://...` included, comes back unchanged.
+  """
+  scheme, sep, rest = model_dir.partition(':/')
+  if sep and not rest.startswith('/'):
+    for plugin in importlib.metadata.entry_points(group=LOCATION_PLUGINS, name=scheme):
+      return plugin.load()(model_dir)
   return model_dir
 
 
@@ -273,18 +286,11 @@ def load(model_dir: str) -> tuple[ModelSpec, Any]:
   return spec, variables
 
 
-def example_inputs(spec: ModelSpec) -> tuple[np.ndarray, ...]:
-  """A one-example model input (after normalize): shapes for `jax.eval_shape`."""
-  if spec.is_sequence:
-    return np.zeros((1, 1, *spec.input_shape[1:]), np.float32), np.ones((1, 1), bool)
-  return (np.zeros((1, *spec.input_shape), np.float32),)
-
-
 def expected_variables(spec: ModelSpec) -> Any:
   """The variables `spec`'s module makes, as shapes only (`jax.eval_shape`
   of init: nothing is computed or allocated)."""
   module = spec.build()
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(spec)))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *spec.example_inputs()))
   return nn.meta.unbox(abstract)
 
 

@@ -263,7 +263,7 @@ def run_pipeline(pipeline, options, name: str | None = None):
   Without --metrics_port or --metrics_pushgateway this is `run()` +
   `wait_until_finish()`. Returns the PipelineResult.
   """
-  from beam_dl.options import MetricsOptions
+  from beam_dl.cli.options import MetricsOptions
 
   keep_direct_runner_in_process(pipeline)
   opts = options.view_as(MetricsOptions)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from beam_dl.isolate import Failed, isolate
+from beam_dl.core.isolate import Failed, isolate
 
 
 def _tf():
@@ -104,7 +104,7 @@ def tf_error_message(err: Exception) -> str:
 def _isolating(parse_batch: Callable[[list[bytes]], list],
                records: list[bytes], what: str) -> list:
   """`parse_batch(records)`, splitting the batch until TF's errors are isolated
-  (`beam_dl.isolate`); a record TF rejects alone gets its own parse error."""
+  (`beam_dl.core.isolate`); a record TF rejects alone gets its own parse error."""
   op_error = _tf().errors.OpError  # InvalidArgument (types, bad bytes), DataLoss, ...
   outcomes = isolate(parse_batch, records, splits=lambda e: isinstance(e, op_error))
   return [SequenceParseError(f'cannot parse {what}: {tf_error_message(o.error)}')

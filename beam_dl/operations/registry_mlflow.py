@@ -12,7 +12,7 @@ directory:
 through MLflow's own artifact download (from the tracking server's artifact
 proxy, or the store's artifact root), once per process: the handler's
 shared-model loading and every pipeline step that reads the spec reuse the
-first download. `beam_dl.checkpoints` calls it, so the handler, the
+first download. `beam_dl.models.checkpoints` calls it, so the handler, the
 pipelines and `checkpoints.load` all take registry URIs unchanged.
 
 An alias is resolved once, to a version, when first served; to follow it

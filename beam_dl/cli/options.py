@@ -192,7 +192,7 @@ class DriftOptions(PipelineOptions):
 
 
 class MetricsOptions(PipelineOptions):
-  """Exporting a run's Beam metrics to Prometheus (`beam_dl.metrics_export`)."""
+  """Exporting a run's Beam metrics to Prometheus (`beam_dl.operations.metrics_export`)."""
 
   @classmethod
   def _add_argparse_args(cls, parser):

@@ -24,8 +24,9 @@ from typing import Callable, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.deadletter import ERROR_RATE_MARKER, error_rate_message
-from beam_dl.options import OptionsError
+from beam_dl import beam_fixes
+from beam_dl.cli.options import OptionsError
+from beam_dl.core.deadletter import ERROR_RATE_MARKER, error_rate_message
 
 _log = logging.getLogger('beam_dl')
 BEAM_OPTIONS_NOTE = (
@@ -163,6 +164,7 @@ def configure_logging() -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every file it touches
   for handler in logging.getLogger().handlers:
     handler.addFilter(_DropBeamNoise())
+  beam_fixes.log_active()
 
 
 def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None) -> None:
@@ -172,7 +174,7 @@ def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Seque
   line `name: error: ...` on stderr with exit code 2, as argparse does; a
   job that failed for more dead letters than --max_error_rate allows as
   one such line with exit code 1."""
-  from beam_dl.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
+  from beam_dl.models.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
 
   configure_logging()
   try:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from beam_dl.sequences import _tf
+from beam_dl.decoding.sequences import _tf
 
 
 def hash_ids(tokens: Sequence[str] | np.ndarray, num_buckets: int) -> np.ndarray:

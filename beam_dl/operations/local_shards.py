@@ -1,4 +1,4 @@
-"""Large local jobs as input shards, run one after another, resumable (issue 18).
+"""Large local jobs as input shards, run one after another, resumable.
 
 The embedded DirectRunner (Beam's FnApiRunner) holds some state per input
 until a job ends: a Reshuffle's and a Flatten's buffers live in memory for
@@ -45,12 +45,12 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.deadletter import failed_output
+from beam_dl.core.deadletter import failed_output
 from beam_dl.io import files as files_lib
-from beam_dl.options import IOOptions, OptionsError
-from beam_dl.progress import Progress
+from beam_dl.cli.options import IOOptions, OptionsError
+from beam_dl.operations.progress import Progress
 
-_log = logging.getLogger('beam_dl.local_shards')
+_log = logging.getLogger('beam_dl.operations.local_shards')
 PLAN = 'shards.json'
 SUMMARY = 'summary.json'
 SUCCESS = '_SUCCESS.json'
