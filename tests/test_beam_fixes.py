@@ -3,7 +3,7 @@ that fixes it upstream fails here and the fix can go), refuses Beam versions
 it was not written for, can be turned off, and is logged once.
 
 The data-plane flush is shown in test_threads.py, the state-cache sizing in
-test_state_cache_sizing.py; the other two bugs, and the machinery, here.
+test_state_cache_sizing.py; the other bugs, and the machinery, here.
 """
 import json
 import logging
@@ -11,16 +11,24 @@ import os
 import subprocess
 import sys
 
+import apache_beam as beam
 import pytest
 from apache_beam.ml.inference import base
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.runners import pipeline_context
 from apache_beam.transforms import trigger
 
 import beam_dl  # noqa: F401  (applies the fixes)
 from beam_dl import beam_fixes
-from beam_dl.beam_fixes import inference_resource, processing_time_delay
+from beam_dl.beam_fixes import batch_trigger_clock, inference_resource, processing_time_delay, side_input_commit
 
-ALL = ['output_flush', 'state_cache_sizing', 'processing_time_delay', 'inference_resource']
+ALL = ['output_flush', 'state_cache_sizing', 'processing_time_delay', 'inference_resource', 'side_input_commit',
+       'batch_trigger_clock']
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -84,7 +92,8 @@ def test_off_leaves_beam_as_it_is():
 
 def test_named_fixes_can_be_turned_off():
   got = json.loads(run_python(CHECK, BEAM_DL_BEAM_FIXES='-output_flush,-processing_time_delay').stdout)
-  assert got['active'] == ['state_cache_sizing', 'inference_resource']
+  assert got['active'] == ['state_cache_sizing', 'inference_resource', 'side_input_commit',
+       'batch_trigger_clock']
   assert not got['flush'] and not got['trigger'] and got['sizing'] == 'beam_dl.beam_fixes.state_cache_sizing'
 
 
@@ -113,3 +122,67 @@ cli.configure_logging(); beam_fixes.log_active()
 '''
   lines = [line for line in run_python(code).stderr.splitlines() if 'fixes in place' in line]
   assert len(lines) == 1 and ', '.join(ALL) in lines[0] and 'BEAM_DL_BEAM_FIXES=off' in lines[0]
+
+
+class _EmitOnce(beam.DoFn):
+  """Passes the first element per key on, as `WatchModelAlias` passes the
+  first version of an alias on."""
+
+  SEEN = ReadModifyWriteStateSpec('seen', beam.coders.PickleCoder())
+
+  def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
+    if seen.read() is None:
+      seen.write(True)
+      yield 'model-v2'
+
+
+def side_input_seen_by_a_consumer() -> list:
+  """The list side input a main input sees, fed by a stage that runs in
+  several bundles (a PeriodicImpulse whose ticks lie ahead defers) and emits
+  once, in its first bundle."""
+  start = Timestamp.now() + 2
+  with TestPipeline('FnApiRunner') as p:
+    once = (
+        p
+        | PeriodicImpulse(start_timestamp=start, stop_timestamp=start + 1, fire_interval=0.25)
+        | beam.Map(lambda tick: ('alias', float(tick)))
+        | beam.ParDo(_EmitOnce())
+        | beam.WindowInto(window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+                          accumulation_mode=trigger.AccumulationMode.DISCARDING))
+    seen = p | beam.Create([None]) | beam.Map(lambda _, side: sorted(side), side=beam.pvalue.AsList(once))
+    assert_that(seen, equal_to([['model-v2']]))
+
+
+def test_fn_api_runners_side_input_repeats_elements_per_producer_bundle():
+  side_input_commit.revert()
+  try:
+    with pytest.raises(Exception, match=r"model-v2', 'model-v2'"):  # one copy per later bundle
+      side_input_seen_by_a_consumer()
+  finally:
+    assert side_input_commit.apply()
+  side_input_seen_by_a_consumer()  # fixed: the element once
+
+
+def sum_per_window_with_early_firings() -> None:
+  """A batch GroupByKey whose windowing fires early on processing time."""
+  with TestPipeline('FnApiRunner') as p:
+    sums = (
+        p
+        | beam.Create(list(range(10)))
+        | beam.Map(lambda n: window.TimestampedValue(('k', n), n))
+        | beam.WindowInto(window.FixedWindows(5), trigger=trigger.AfterWatermark(early=trigger.AfterProcessingTime(10)),
+                          accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        | beam.CombinePerKey(sum)
+        | beam.MapTuple(lambda key, total: total)
+    )
+    assert_that(sums, equal_to([0 + 1 + 2 + 3 + 4, 5 + 6 + 7 + 8 + 9]))  # once per window, nothing early
+
+
+def test_beams_batch_group_by_key_has_no_clock_for_processing_time_triggers():
+  batch_trigger_clock.revert()
+  try:
+    with pytest.raises(Exception, match="'NoneType' object has no attribute 'time'"):
+      sum_per_window_with_early_firings()
+  finally:
+    assert batch_trigger_clock.apply()
+  sum_per_window_with_early_firings()

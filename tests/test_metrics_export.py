@@ -30,7 +30,7 @@ def test_labelled_names_round_trip_and_families_are_valid():
   name = labelled('dead_letters', stage='decode', reason='Image{Decode}=Error,x')
   assert parse_labelled(name) == ('dead_letters', {'reason': 'Image_Decode__Error_x', 'stage': 'decode'})
   assert parse_labelled('decoded') == ('decoded', {})
-  assert family_name('beam_dl.decoding.images', 'decoded') == 'beam_dl_images_decoded'
+  assert family_name('beam_dl.images', 'decoded') == 'beam_dl_images_decoded'
   assert family_name('BeamDL_Jax', 'inference-batch latency') == 'beamdl_jax_inference_batch_latency'
   assert family_name('9lives', 'x') == '_9lives_x'
   assert reason_kind('ImageDecodeError: corrupt or truncated image: ...') == 'ImageDecodeError'

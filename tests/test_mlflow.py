@@ -19,8 +19,11 @@ import pytest  # noqa: E402
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelMetadata, RunInference  # noqa: E402
 from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
+from apache_beam.transforms import trigger, window  # noqa: E402
+from apache_beam.transforms.window import TimestampedValue  # noqa: E402
 from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
+from beam_dl.beam_fixes import side_input_commit  # noqa: E402
 from beam_dl.models import checkpoints  # noqa: E402
 from beam_dl.operations import registry_mlflow
 from beam_dl.serving.handler import JaxModelHandler  # noqa: E402
@@ -169,20 +172,51 @@ def test_alias_moves_become_model_metadata(server, registered):
     )
 
 
+def test_newest_per_firing_keeps_one_element_the_newest():
+  """Repeated and several moves in one firing: one element, the newest."""
+  v1, v2 = ModelMetadata('models:/m/1', 'models:/m@a'), ModelMetadata('models:/m/2', 'models:/m@a')
+  stamped = [TimestampedValue(v1, 10), TimestampedValue(v2, 20), TimestampedValue(v2, 20), TimestampedValue(v1, 5)]
+  with TestPipeline('FnApiRunner') as p:
+    newest = (
+        p
+        | beam.Create(stamped)
+        | beam.WindowInto(window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+                          accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        | registry_mlflow.NewestPerFiring()
+    )
+    assert_that(newest, equal_to([v2]))
+
+
 @SLOW
-def test_run_inference_follows_the_alias_watcher(server, registered, monkeypatch):
+@pytest.mark.parametrize('beam_side_inputs', [False, True], ids=['fixed-runner', 'beams-runner'])
+def test_run_inference_follows_the_alias_watcher(server, registered, monkeypatch, beam_side_inputs):
   """The handler starts on version 1; the watcher reports the alias at
-  version 2 and RunInference serves version 2's weights."""
+  version 2 and RunInference serves version 2's weights.
+
+  The polls start 2 s ahead, so the watcher's stages run in several bundles
+  (each poll defers until its time): on Beam's own FnApiRunner that repeats
+  the side input's element once per bundle (docs/beam_fixes.md,
+  `side_input_commit`), and the watcher's one element per firing must hold
+  with or without that fix."""
+  if beam_side_inputs:
+    side_input_commit.revert()
   monkeypatch.setenv('MLFLOW_TRACKING_URI', server)
   registry_mlflow.set_alias('digits', 'production', 2, tracking_uri=server)
   images, _ = digits_uint8()
   examples = [(f'd{i}', images[i][..., None]) for i in range(4)]
   v2 = JaxModelHandler(registered['v2_dir']).load_model()
   want = dict(zip([k for k, _ in examples], np.argmax(v2.predict([x for _, x in examples]), -1)))
-  now = Timestamp.now()
+  start = Timestamp.now() + 2
+  try:
+    run_following_the_alias(server, examples, want, start)
+  finally:
+    side_input_commit.apply()
+
+
+def run_following_the_alias(server, examples, want, start):
   with TestPipeline('FnApiRunner') as p:
     watch = p | registry_mlflow.WatchModelAlias(
-        'digits', 'production', interval=0.5, tracking_uri=server, start_timestamp=now, stop_timestamp=now + 1
+        'digits', 'production', interval=0.5, tracking_uri=server, start_timestamp=start, stop_timestamp=start + 1
     )
     served = (
         p

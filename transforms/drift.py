@@ -21,7 +21,7 @@ from beam_dl.operations import drift
 from beam_dl.core.element_types import Record
 from beam_dl.operations.metrics_export import labelled
 
-NAMESPACE = 'beam_dl.operations.drift'
+NAMESPACE = 'beam_dl.drift'
 ALERTS = 'alerts'
 FeatureDict = Mapping[str, Any]
 

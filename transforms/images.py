@@ -32,7 +32,7 @@ from beam_dl.core.lookahead import Lookahead
 from transforms.files import MatchFileChunks, readable_files, unreadable_dead_letter
 from transforms.tfrecords import ReadTFRecords
 
-_NAMESPACE = 'beam_dl.decoding.images'
+_NAMESPACE = 'beam_dl.images'  # metric names (Prometheus: beam_dl_images_*) stay stable
 # Elements decoded ahead of the outputs: two batches of the default 128, so
 # the next batch decodes while the model runs the current one.
 DECODE_AHEAD = 256

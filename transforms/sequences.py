@@ -14,7 +14,7 @@ Typical pipelines:
 Each transform that can meet bad input returns a tuple with the good records
 under its main tag and dead letters under `.failed`, as
 `{'key', 'stage', 'reason'}` dicts; nothing is dropped silently. Counters live
-in the 'beam_dl.decoding.sequences' namespace.
+in the 'beam_dl.sequences' namespace.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from beam_dl.decoding.padding import PaddedBatch
 from beam_dl.decoding.sequences import SequenceRecord
 from transforms.tfrecords import ReadTFRecords
 
-NAMESPACE = 'beam_dl.decoding.sequences'
+NAMESPACE = 'beam_dl.sequences'
 _RECORD_PREVIEW = 200
 
 

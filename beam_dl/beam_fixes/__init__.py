@@ -11,6 +11,8 @@ it upstream makes that test fail, and the fix can be retired):
 | `state_cache_sizing` | the state cache listing every loaded module on each put (~7 ms a write) |
 | `processing_time_delay` | a sub-second `AfterProcessingTime` delay failing to translate, or firing at once |
 | `inference_resource` | RunInference's memory readings (and a warning per reading) without PyTorch |
+| `side_input_commit` | the FnApiRunner repeating a side input's elements once per producer bundle |
+| `batch_trigger_clock` | a processing-time trigger failing a batch GroupByKey on the FnApiRunner |
 
 Every fix names the Beam versions it was written against
 (`BeamFix.beam_versions`) and refuses to apply outside them: on another
@@ -52,9 +54,17 @@ class BeamFix:
 
 
 def _all_fixes() -> list[BeamFix]:
-  from beam_dl.beam_fixes import inference_resource, output_flush, processing_time_delay, state_cache_sizing
+  from beam_dl.beam_fixes import (
+      batch_trigger_clock,
+      inference_resource,
+      output_flush,
+      processing_time_delay,
+      side_input_commit,
+      state_cache_sizing,
+  )
 
-  return [output_flush.FIX, state_cache_sizing.FIX, processing_time_delay.FIX, inference_resource.FIX]
+  return [output_flush.FIX, state_cache_sizing.FIX, processing_time_delay.FIX, inference_resource.FIX,
+          side_input_commit.FIX, batch_trigger_clock.FIX]
 
 
 def disabled_by_env(environ=os.environ) -> set[str] | None:

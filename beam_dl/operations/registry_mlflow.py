@@ -38,6 +38,7 @@ from apache_beam.ml.inference.base import ModelMetadata
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 SCHEME = 'models:/'
@@ -265,8 +266,8 @@ class _EmitOnMove(beam.DoFn):
     alias_uri, (tick, uri) = element
     state, emit = after_poll(last.read(), tick, uri)
     last.write(state)
-    if emit:
-      yield ModelMetadata(model_id=uri, model_name=alias_uri)
+    if emit:  # stamped with its poll's time: `NewestPerFiring` keeps the newest
+      yield TimestampedValue(ModelMetadata(model_id=uri, model_name=alias_uri), tick)
 
 
 @beam.typehints.with_output_types(ModelMetadata)
@@ -331,5 +332,34 @@ class WatchModelAlias(beam.PTransform):
             trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
             accumulation_mode=trigger.AccumulationMode.DISCARDING,
         )
+        | 'NewestPerFiring' >> NewestPerFiring()
+    )
+
+
+def _stamped(element: Any, timestamp=beam.DoFn.TimestampParam) -> tuple[float, Any]:
+  return float(timestamp), element
+
+
+def _newest(stamped: Iterable[tuple[float, Any]]) -> Optional[tuple[float, Any]]:
+  return max((pair for pair in stamped if pair is not None), key=lambda pair: pair[0], default=None)
+
+
+@beam.typehints.with_output_types(ModelMetadata)
+class NewestPerFiring(beam.PTransform):
+  """At most one element per trigger firing: the one with the newest
+  timestamp (ties: any one of them).
+
+  A singleton side input must hold one element, and a poll that repeats (a
+  retried bundle, a runner that delivers a pane twice, two moves of an alias
+  inside one firing) must not fail the pipeline that reads it: the newest
+  move wins, as it would have a moment later.
+  """
+
+  def expand(self, pcoll):
+    return (
+        pcoll
+        | 'Stamp' >> beam.Map(_stamped)
+        | 'Newest' >> beam.CombineGlobally(_newest).without_defaults()
+        | 'Unstamp' >> beam.Map(lambda pair: pair[1])
     )
 
