@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick services install clean hdfs runners kafka-jars kafka-io pushgateway
+.PHONY: demo test test-quick lint format services install clean hdfs runners kafka-jars kafka-io pushgateway
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,19 @@ demo: install
 # Prometheus Pushgateway.
 services: runners kafka-jars kafka-io hdfs pushgateway
 
-# The whole test suite (CI runs this), real runners and services included.
-test: install services
+# The whole test suite (CI runs this), real runners and services included,
+# after the linter and the formatter's check (seconds).
+test: install lint services
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# ruff (ruff.toml): lint and formatting checks; `make format` rewrites in place.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The quick tier for local iteration: no end-to-end runs over ~20 s, no
 # real-runner cells, nothing to fetch (tests needing a service skip).

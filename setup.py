@@ -40,6 +40,7 @@ EXTRAS = {
         'pytest>=8',
         'pytest-timeout>=2.3',
         'pytest-xdist>=3.6',
+        'ruff==0.17.6',  # lint and format (ruff.toml), run first by .ci/run
         'scikit-learn>=1.5',
         'statsmodels>=0.14',
         'scikit-image>=0.24',
