@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from beam_dl.services import hdfs as hdfs_service
 from beam_dl.services import kafka as kafka_service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,3 +106,23 @@ def test_sigterm_stops_the_kafka_broker_and_topics_were_made(tmp_path):
     wrapper.kill()
     raise
   _stop_and_check(wrapper, _children(wrapper.pid), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not hdfs_service.hadoop_jars(), reason='no Hadoop jars: run `make hdfs` (CI does)')
+def test_sigterm_stops_hdfs_and_it_leaves_nothing_in_the_current_directory(tmp_path):
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  wrapper = subprocess.Popen([sys.executable, '-m', 'beam_dl.services.hdfs'], cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=open(tmp_path / 'stderr', 'wb'), text=True, env={**os.environ, 'PYTHONPATH': REPO})
+  try:
+    flags = wrapper.stdout.readline().split()
+    assert flags[0] == '--hdfs_host=127.0.0.1', (tmp_path / 'stderr').read_text()[-3000:]
+    port = flags[1].split('=')[1]
+    assert hdfs_service.http_ok(f'http://127.0.0.1:{port}/webhdfs/v1/?op=GETFILESTATUS&user.name=beam')
+  except BaseException:
+    wrapper.kill()
+    raise
+  _stop_and_check(wrapper, _children(wrapper.pid), tmp_path)
+  assert os.listdir(cwd) == []  # no ./target
