@@ -28,15 +28,8 @@ import tempfile
 import time
 import uuid
 
-from beam_dl.services.process import (
-  ServiceError,
-  free_port,
-  log_tail,
-  port_open,
-  serve_until_stopped,
-  stop_process_group,
-  stopped_by_signals,
-)
+from beam_dl.services.process import (ServiceError, free_port, log_tail, port_open, serve_until_stopped,
+                                      stop_process_group, stopped_by_signals)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
