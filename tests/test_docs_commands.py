@@ -57,9 +57,6 @@ NOT_YET = {
     ('docs/registry_and_hdfs.md', "--input 'hdfs://data/images/*.png'"): 'needs images on HDFS first',
     ('docs/operations.md', 'tensorboard --logdir'): 'tensorboard serves until stopped and prints nothing first',
     ('docs/compression.md', '--workdir /tmp/compress_pruned'): 'three trainings of the full digits config (minutes)',
-    ('docs/registry_and_hdfs.md', "-m pipelines.train --config pipelines/configs/digits_cnn.py:runlocal --workdir /tmp/registry"):
-        'runs through tests/test_mlflow.py (same flags, 40 steps, against a server)',
-    ('docs/registry_and_hdfs.md', "--model_dir 'models:/digits@champion'"): 'needs the block above',
 }
 # docs/runners.md's running example is `PIPELINE_FLAGS` on gs://; tests/test_runners.py runs these runners locally.
 NOT_YET.update({('docs/runners.md', text): 'PIPELINE_FLAGS is the doc\'s gs:// example' for text in (
