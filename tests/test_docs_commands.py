@@ -44,7 +44,7 @@ SHELL_TAGS = ('', 'sh', 'bash', 'shell')
 LINKED = ('beam_dl', 'pipelines', 'transforms', 'tests', 'docs', 'docker', 'third_party', 'benchmarks', 'Makefile',
           'setup.py', 'constraints.txt', 'pytest.ini', '.cache', '.runners', '.venv')
 
-# Blocks that still hold placeholders, with what they would need: (doc, a string of the block) -> reason.
+# Blocks not run yet, each with why: (doc, a string of the block) -> reason.
 NOT_YET = {
     ('README.md', '--model_dir M --quantize int8'): 'placeholders M, Q, C, W: a summary of docs/compression.md',
     ('README.md', "--input 'imgs/*'"): 'placeholder inputs imgs/*, model; the second command needs Dataflow',
