@@ -16,6 +16,7 @@ import pytest
 
 from beam_dl.services import hdfs as hdfs_service
 from beam_dl.services import kafka as kafka_service
+from beam_dl.services import kafka_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A service entry: a child in its own group (never signalled by the shell), ready after `READY_S` seconds.
@@ -126,3 +127,19 @@ def test_sigterm_stops_hdfs_and_it_leaves_nothing_in_the_current_directory(tmp_p
     raise
   _stop_and_check(wrapper, _children(wrapper.pid), tmp_path)
   assert os.listdir(cwd) == []  # no ./target
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(bool(kafka_io.unavailable()), reason=f'{kafka_io.unavailable()} (CI does)')
+def test_sigterm_stops_the_flink_job_server_and_expansion_service(tmp_path):
+  wrapper = _start(['-m', 'beam_dl.services.kafka_io'], tmp_path)
+  try:
+    flags = wrapper.stdout.readline()
+    assert flags.startswith('--runner FlinkRunner --job_endpoint localhost:'), (tmp_path / 'stderr').read_text()[-3000:]
+  except BaseException:
+    wrapper.kill()
+    raise
+  children = _children(wrapper.pid)
+  assert len(children) == 2  # the expansion service and the job server, each a JVM in its own group
+  _stop_and_check(wrapper, children, tmp_path)
