@@ -22,7 +22,7 @@ from beam_dl.core.deadletter import FailAboveErrorRate, failed_output
 from beam_dl.cli.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
                              OptionsError, ProgressOptions, require)
 from beam_dl.operations.progress import CountProgressFn
-from transforms.drift import classify_images_drift, drift_enabled
+from transforms.drift import classify_images_drift
 from transforms.images import ReadImageExamples, ReadImageFiles
 from transforms.inference import ClassifyImages
 from transforms.io import WriteJsonLines
@@ -72,8 +72,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   max_error_rate = options.view_as(DeadLetterOptions).max_error_rate
   if max_error_rate is not None:
     failed | 'MaxErrorRate' >> FailAboveErrorRate((read.images, read.failed), max_error_rate)
-  if drift_enabled(options):
-    classify_images_drift(options, images, outputs.predictions, inference.model_dir, io.output)
+  classify_images_drift(options, images, outputs.predictions, inference.model_dir, io.output)
   return outputs.predictions, failed
 
 

@@ -279,3 +279,42 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
   assert sum(r['features']['co2']['count'] for r in reports if 'co2' in r['features']) == 60
   assert 'significant' in {r['features']['co2']['level'] for r in reports if 'co2' in r['features']}
   assert {a['feature'] for a in alerts} >= {'co2'}
+
+
+# -- serving checks its inputs against training's profile by default ------------------------
+
+
+@pytest.mark.slow
+def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(digits_model_dir, tmp_path, caplog):
+  """The model directory holds the profile of its training inputs (0..255 digits). Digits on the 0..16
+  scale give one warning line and the PSI gauge; the same digits on 0..255 give neither; `none` turns it off."""
+  import logging
+  import shutil
+
+  from apache_beam.metrics.metric import MetricsFilter
+  from pipelines import classify_images, demo
+
+  x_train, x_test, _, _ = demo.digit_images()
+  model_dir = str(tmp_path / 'model')
+  shutil.copytree(digits_model_dir, model_dir)
+  drift.save_profile(drift.input_profile([x_train[..., None]]), os.path.join(model_dir, drift.PROFILE_FILE))
+  small = np.round(x_test.astype(np.float32) * 16 / 255).astype(np.uint8)  # what load_digits holds
+  runs = {}
+  for name, images, extra in (('same', x_test, []), ('small', small, []), ('off', small, ['--drift_profile', 'none'])):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='beam_dl'):
+      result = classify_images.run(['--input', _write_pngs(tmp_path / name, images), '--model_dir', model_dir,
+                                    '--output', str(tmp_path / name / 'pred'), '--runner', 'FnApiRunner', *extra])
+    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.operations.drift'))['gauges']
+    runs[name] = ([r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
+                  {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name})
+    assert len(read_jsonl(str(tmp_path / name / 'pred-0*.jsonl'))) == len(x_test)  # predictions unaffected
+  warnings, gauges = runs['small']
+  assert len(warnings) == 1 and 'image/brightness PSI' in warnings[0], warnings
+  (brightness,) = [v for k, v in gauges.items() if 'brightness' in k]
+  assert brightness > 250_000  # PSI in millionths: significant
+  warnings, gauges = runs['same']
+  (brightness,) = [v for k, v in gauges.items() if 'brightness' in k]
+  assert warnings == [] and brightness < 100_000
+  assert runs['off'] == ([], {})
+  assert not [p for p in os.listdir(tmp_path / 'small') if 'drift' in p or 'alerts' in p]  # no files by default

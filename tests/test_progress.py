@@ -25,3 +25,23 @@ def test_the_last_line_has_no_eta_left():
   now[0] = 2.0
   progress.update(loss=0.5)
   assert lines[-1] == 'progress: 2/2 steps 1.0 steps/s eta 0s loss=0.5'
+
+
+def test_an_unknown_total_is_never_reached():
+  now = [0.0]
+  lines = []
+  progress = Progress(None, unit='elements', every_secs=60, clock=lambda: now[0], log=lines.append)
+  for _ in range(900):  # 900 inputs in 90 s: a line on the first and then once a minute
+    now[0] += 0.1
+    progress.update()
+  assert len(lines) == 2, lines
+  assert lines[-1] == 'progress: 601 elements 10.0 elements/s'
+  assert not progress.finished
+
+
+def test_count_progress_logs_every_interval_not_every_element(capsys):
+  from beam_dl.operations.progress import CountProgressFn
+  fn = CountProgressFn('read', every_secs=60)
+  for x in range(900):
+    fn(x)
+  assert len(capsys.readouterr().err.strip().splitlines()) == 1

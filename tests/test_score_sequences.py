@@ -6,7 +6,9 @@ applied directly to the hand-built window sequences.
 """
 import glob
 import json
+import logging
 import os
+import re
 import threading
 import time
 
@@ -50,7 +52,7 @@ def _model_outputs(model_dir, steps):
   return np.asarray(spec.build().apply(variables, x, jnp.ones((1, len(steps)), bool)))[0]
 
 
-def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir):
+def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir, caplog):
   times, values = co2
   events = tmp_path / 'events.jsonl'
   with open(events, 'w') as f:
@@ -59,11 +61,15 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir):
     f.write('{"key": "mlo", "time": 5\n')  # truncated
     f.write(json.dumps({'key': 'mlo', 'time': 'soon', 'co2': 1.0}) + '\n')
   out = str(tmp_path / 'scores')
-  score_sequences.run([
-      '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
-      '--event_value_fields', 'co2', '--window', 'sliding', '--window_size', str(12 * WEEK),
-      '--window_period', str(WEEK), '--seq_len', '12', '--min_length', '8', '--forecast'])
+  with caplog.at_level(logging.INFO, logger='beam_dl'):
+    score_sequences.run([
+        '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
+        '--event_value_fields', 'co2', '--window', 'sliding', '--window_size', str(12 * WEEK),
+        '--window_period', str(WEEK), '--seq_len', '12', '--min_length', '8', '--forecast'])
   scores, failed = _read(f'{out}-0*.jsonl'), _read(f'{out}_failed-*.jsonl')
+  # The documented log line, even in a run shorter than the 10 s log interval.
+  assert any(re.match(r'score_sequences latency over last \d+ outputs: p50 [\d.]+ ms, p99 [\d.]+ ms', r.getMessage())
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
 
   valid = ~np.isnan(values)
   stages = [f['stage'] for f in failed]

@@ -17,7 +17,7 @@ def test_count_progress_passes_elements_through_and_logs(capsys):
   fn = CountProgressFn('read', every_secs=0)
   assert [fn(x) for x in 'abc'] == ['a', 'b', 'c']
   lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 3 and lines[-1].startswith('read[pid ') and ': 3/0 elements' in lines[-1]
+  assert len(lines) == 3 and lines[-1].startswith('read[pid ') and ': 3 elements' in lines[-1]
   copy = pickle.loads(pickle.dumps(fn))  # a fresh count per worker copy
   copy('d')
-  assert ': 1/0 elements' in capsys.readouterr().err
+  assert ': 1 elements' in capsys.readouterr().err

@@ -124,6 +124,12 @@ def test_digits_cnn_cli_reaches_97_percent_and_the_export_serves_it(tmp_path):
     total += len(batch['label'])
   assert total == 359
   assert correct / total == pytest.approx(summary['eval']['accuracy'], abs=1e-9)
+  # The export carries the profile of its training inputs (pixels 0..16: brightness near 0.02 of 255).
+  from beam_dl.operations import drift
+  profile = drift.load_profile(os.path.join(workdir, 'model'))
+  assert set(profile.features) == set(drift.IMAGE_FEATURES)
+  assert profile.features['image/brightness'].count == 1438  # every training example (< PROFILE_EXAMPLES)
+  assert 0.01 < profile.features['image/brightness'].edges[0] < profile.features['image/brightness'].edges[-1] < 0.04
 
 
 def test_co2_lstm_forecasts_next_month_with_skill(co2, tmp_path):

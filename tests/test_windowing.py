@@ -196,3 +196,39 @@ def test_streaming_event_late_for_one_sliding_window_counts_in_the_other():
         ('a', -5.0, 'ON_TIME', 1, 1.0), ('a', 0.0, 'ON_TIME', 2, 4.0)]))
     assert_that(out.late | beam.Map(lambda r: (r['event_time'], r['window_start'], r['window_end'])),
                 equal_to([(3.0, -5.0, 5.0)]), label='LateForOneWindow')
+
+
+@pytest.mark.parametrize('kind', ['sliding', 'session', 'global'])
+def test_processing_time_early_trigger_in_batch_fires_nothing_early(kind):
+  """In batch a processing-time early trigger (the README's sliding spec) runs on the FnApiRunner and gives
+  exactly the records of the same spec without it: on-time panes only, for features and sequences."""
+  kwargs = {'sliding': dict(size=10, period=5, allowed_lateness=120), 'session': dict(gap=5),
+            'global': {}}[kind]
+  early, plain = WindowSpec(kind, early_after_secs=10, **kwargs), WindowSpec(kind, **kwargs)
+  with _batch() as p:
+    events = p | beam.Create(EVENTS) | EventTimestamps()
+    for label, spec in (('Early', early), ('Plain', plain)):
+      feats = events | f'{label}Features' >> WindowedFeatures(spec, clock=_clock)
+      seqs = events | f'{label}Sequences' >> WindowedSequences(spec, n=3, clock=_clock)
+      assert_that(feats.records | f'{label}Summary' >> beam.Map(_summary), equal_to({
+          'sliding': [('a', -5.0, 'ON_TIME', 2, 4.0), ('a', 0.0, 'ON_TIME', 2, 4.0), ('a', 5.0, 'ON_TIME', 1, 5.0),
+                      ('a', 10.0, 'ON_TIME', 1, 5.0), ('b', -5.0, 'ON_TIME', 1, 2.0), ('b', 0.0, 'ON_TIME', 2, 4.0),
+                      ('b', 5.0, 'ON_TIME', 1, 2.0)],
+          'session': [('a', 1.0, 'ON_TIME', 2, 4.0), ('a', 12.0, 'ON_TIME', 1, 5.0), ('b', 4.0, 'ON_TIME', 2, 4.0)],
+          'global': [('a', -9223372036854.775, 'ON_TIME', 3, 9.0), ('b', -9223372036854.775, 'ON_TIME', 2, 4.0)],
+      }[kind]), label=f'{label}FeaturesOnTime')
+      assert_that(seqs.records | f'{label}Panes' >> beam.Map(lambda r: (r['key'], r['pane'], r['length'])),
+                  equal_to({'sliding': [('a', 'ON_TIME', 2)] * 2 + [('a', 'ON_TIME', 1)] * 2
+                            + [('b', 'ON_TIME', 2)] + [('b', 'ON_TIME', 1)] * 2,
+                            'session': [('a', 'ON_TIME', 2), ('a', 'ON_TIME', 1), ('b', 'ON_TIME', 2)],
+                            'global': [('a', 'ON_TIME', 3), ('b', 'ON_TIME', 2)]}[kind]),
+                  label=f'{label}SequencesOnTime')
+
+
+def test_streaming_keeps_the_processing_time_early_trigger():
+  spec = WindowSpec('fixed', size=10, early_after_secs=5)
+  with _streaming() as p:
+    stream = p | TestStream().add_elements([_tv('a', 1, 1.0)]).advance_watermark_to_infinity()
+    assert spec.as_run_on(stream) is spec
+  with _batch() as p:
+    assert spec.as_run_on(p | beam.Create([EVENTS[0]])).early_after_secs is None

@@ -3,6 +3,8 @@
   ComputeDrift(profile)        feature dicts -> per-window drift reports, plus alerts
   BuildDriftProfile(path)      feature dicts -> a reference profile written to `path`
   attach_drift(options, ...)   the --drift_profile / --write_drift_profile wiring of a pipeline
+  CheckAgainstTraining(dir)    images -> a drift report against the profile training saved in
+                               the model directory: a metric and one warning line when drifted
 
 A feature dict is {name: number or list of numbers}: input features (an
 image's brightness, an event's value fields) and `prediction/...` fields of
@@ -11,6 +13,7 @@ maths lives in `beam_dl.operations.drift`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
@@ -18,10 +21,13 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_dl.operations import drift
-from beam_dl.core.element_types import Record
+from beam_dl.core.element_types import EncodedImage, Record
 from beam_dl.operations.metrics_export import labelled
 
 NAMESPACE = 'beam_dl.drift'
+OFF = 'none'  # --drift_profile none: no drift check, not even the default one
+TRAINING_SAMPLE = 256  # images the default check decodes once more, whatever the input's size
+_log = logging.getLogger('beam_dl')
 ALERTS = 'alerts'
 FeatureDict = Mapping[str, Any]
 
@@ -180,11 +186,64 @@ def _write_profile(columns: dict, path: str, num_bins: int, source: str) -> str:
 
 
 def drift_enabled(options) -> bool:
-  """Whether --drift_profile or --write_drift_profile was given."""
+  """Whether --drift_profile (other than `none`) or --write_drift_profile was given."""
   from beam_dl.cli.options import DriftOptions
 
   opts = options.view_as(DriftOptions)
-  return bool(opts.drift_profile or opts.write_drift_profile)
+  return bool((opts.drift_profile and opts.drift_profile != OFF) or opts.write_drift_profile)
+
+
+def training_profile(model_dir: str) -> str | None:
+  """The input profile training saved in `model_dir` (also `models:/...`), or None."""
+  from apache_beam.io.filesystems import FileSystems
+  from beam_dl.models import checkpoints
+
+  path = FileSystems.join(checkpoints.resolve(model_dir), drift.PROFILE_FILE)
+  return path if FileSystems.exists(path) else None
+
+
+class _WarnOnDriftFn(beam.DoFn):
+  """A drift report -> one warning line when a feature drifted (the report passes through)."""
+
+  def __init__(self, profile_path: str, alert: float):
+    self._path, self._alert = profile_path, alert
+
+  def process(self, report):
+    if report['drifted']:
+      features = report['features']
+      worst = ', '.join(f"{name} PSI {features[name]['psi']:.2f}" for name in report['drifted'])
+      count = max(v['count'] for v in features.values())
+      _log.warning('inputs differ from the model\'s training inputs (%s >= %g over %d sampled inputs): are they on '
+                   'the scale and preprocessing it was trained on? (profile %s; --drift_profile none turns the '
+                   'check off)', worst, self._alert, count, self._path)
+    yield report
+
+
+@beam.typehints.with_input_types(EncodedImage)
+class CheckAgainstTraining(beam.PTransform):
+  """(key, image) in batch -> drift reports of a sample of images against
+  the profile training saved in the model directory.
+
+  `TRAINING_SAMPLE` images (Beam's reservoir sample, so the cost does not
+  grow with the input) are decoded at the model's input size and compared
+  by `image_statistics` with the training inputs: the gauges
+  `beam_dl.operations.drift` psi_e6/js_e6 per feature, an `alerts` counter,
+  and one warning line when a feature drifted (PSI >= alert_psi), so a
+  model served on data of another scale is noticed at once.
+  """
+
+  def __init__(self, profile_path: str, spec, alert_psi: float = drift.ALERT_PSI, min_count: int = 20,
+               sample: int = TRAINING_SAMPLE):
+    super().__init__()
+    self._path, self._spec, self._alert, self._min_count, self._sample = profile_path, spec, alert_psi, min_count, sample
+
+  def expand(self, images):
+    reports = (images
+               | 'SampleImages' >> beam.combiners.Sample.FixedSizeGlobally(self._sample)
+               | 'Unlist' >> beam.FlatMap(lambda sample: sample)
+               | 'ImageDriftFeatures' >> beam.FlatMap(image_features, self._spec)
+               | 'ComputeDrift' >> ComputeDrift(self._path, alert_psi=self._alert, min_count=self._min_count))
+    return reports.reports | 'WarnOnDrift' >> beam.ParDo(_WarnOnDriftFn(self._path, self._alert))
 
 
 def attach_drift(options, features: dict[str, beam.PCollection], output: str,
@@ -236,13 +295,32 @@ def _write(pcoll, label: str, prefix: str, writer):
 # -- features of beam_dl's pipelines -----------------------------------------------
 
 
-def classify_images_drift(options, images, predictions, model_dir: str, output: str):
-  """classify_images' drift: image brightness/contrast and the predicted class and score."""
+def _model_image_spec(model_dir: str):
   from beam_dl.models import checkpoints
   from beam_dl.decoding.images import ImageSpec
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
-  spec = ImageSpec(height=height, width=width, channels=channels)
+  return ImageSpec(height=height, width=width, channels=channels)
+
+
+def classify_images_drift(options, images, predictions, model_dir: str, output: str):
+  """classify_images' drift: image brightness/contrast and the predicted class and score.
+
+  Without --drift_profile / --write_drift_profile, a batch run whose model
+  directory holds training's input profile is checked against it
+  (`CheckAgainstTraining`); --drift_profile none turns that off.
+  """
+  from beam_dl.cli.options import DriftOptions
+  from beam_dl.features.windows import is_batch
+
+  if not drift_enabled(options):
+    opts = options.view_as(DriftOptions)
+    path = None if opts.drift_profile == OFF or not is_batch(images) else training_profile(model_dir)
+    if path is None:
+      return None
+    return images | 'CheckAgainstTraining' >> CheckAgainstTraining(
+        path, _model_image_spec(model_dir), opts.drift_alert_psi, opts.drift_min_count)
+  spec = _model_image_spec(model_dir)
   return attach_drift(options, {
       'Images': images | 'ImageDriftFeatures' >> beam.FlatMap(image_features, spec),
       'Predictions': predictions | 'PredictionDriftFeatures' >> beam.Map(classification_features),
@@ -258,8 +336,8 @@ def score_sequences_drift(options, events, scores, fields, output: str, streamin
 
 
 def image_features(element, spec) -> list[dict]:
-  """(key, encoded image or its fileio.ReadableFile) -> [{"image/brightness",
-  "image/contrast"}] (0..1).
+  """(key, encoded image, its fileio.ReadableFile, or decoded pixels) ->
+  [{"image/brightness", "image/contrast"}] (`drift.image_statistics`).
 
   Decoded at the model's input size; an image that does not read or decode
   yields nothing here (it is already a dead letter of the classification path).
@@ -268,10 +346,10 @@ def image_features(element, spec) -> list[dict]:
   from beam_dl.decoding.images import ImageDecodeError, decode_image
 
   try:
-    pixels = decode_image(files.content(element[1]), spec).astype(np.float32) / 255.0
+    pixels = element[1] if isinstance(element[1], np.ndarray) else decode_image(files.content(element[1]), spec)
   except (ImageDecodeError, files.FileReadError):
     return []
-  return [{'image/brightness': float(pixels.mean()), 'image/contrast': float(pixels.std())}]
+  return [{name: float(value) for name, value in drift.image_statistics(pixels).items()}]
 
 
 def classification_features(record: dict) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from beam_dl.core.deadletter import dead_letter
 
 NAMESPACE = 'beam_dl.score_sequences'
-_log = logging.getLogger(__name__)
+_log = logging.getLogger('beam_dl.score_sequences')  # under beam_dl: the CLI shows its INFO lines
 
 
 def min_scoring_length(forecast: bool, min_length: int | None = None) -> int:
@@ -107,7 +107,9 @@ class FormatScoreFn(beam.DoFn):
 
   Latency is `clock()` minus the newest event's arrival; the distribution
   goes to Beam metrics, and p50/p99 over this worker's last `window`
-  outputs to gauges and the log (every `log_every_secs`).
+  outputs to gauges and the log: after the first bundle, then every
+  `log_every_secs`, and once more when the worker ends if outputs came
+  since (so a short batch run logs them too).
   """
 
   def __init__(self, target_scale: float = 1.0, target_offset: float = 0.0,
@@ -123,7 +125,8 @@ class FormatScoreFn(beam.DoFn):
 
   def setup(self):
     self._latencies: list[float] = []
-    self._last_log = self._clock()
+    self._last_log = float('-inf')
+    self._unlogged = 0
 
   def process(self, element):
     context_json, result = element
@@ -135,6 +138,7 @@ class FormatScoreFn(beam.DoFn):
       self._dist.update(int(latency * 1000))
       self._latencies.append(latency)
       del self._latencies[: -self._window]
+      self._unlogged += 1
     yield record
 
   def finish_bundle(self):
@@ -146,8 +150,16 @@ class FormatScoreFn(beam.DoFn):
     now = self._clock()
     if now - self._last_log >= self._log_every:
       self._last_log = now
-      _log.info('score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
-                len(self._latencies), p50 * 1000, p99 * 1000)
+      self._log_latency(p50, p99)
+
+  def teardown(self):
+    if getattr(self, '_unlogged', 0):
+      self._log_latency(*np.percentile(self._latencies, [50, 99]))
+
+  def _log_latency(self, p50: float, p99: float) -> None:
+    self._unlogged = 0
+    _log.info('score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
+              len(self._latencies), p50 * 1000, p99 * 1000)
 
 
 class LateDeadLetterFn(beam.DoFn):

@@ -107,7 +107,7 @@ class _KeyGateAndWindow(beam.PTransform):
       keyed, late = gated.on_time, gated[LATE]
     else:
       late = keyed.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record)
-    windowed = keyed | 'Window' >> self._spec.window_into()
+    windowed = keyed | 'Window' >> self._spec.as_run_on(events).window_into()
     return windowed, late
 
 
@@ -152,7 +152,7 @@ class WindowedFeatures(beam.PTransform):
   def expand(self, events) -> WindowedOutputs:
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
       records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
-          self._spec, event_blocks=self._event_blocks)
+          self._spec.as_run_on(events), event_blocks=self._event_blocks)
       return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record))
     if self._event_blocks:
       events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)

@@ -175,7 +175,8 @@ class DriftOptions(PipelineOptions):
     add('--drift_profile', default=None,
         help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
              'Jensen-Shannon per feature and prediction; writes <output>-drift-*.jsonl and '
-             '<output>-alerts-*.jsonl.')
+             '<output>-alerts-*.jsonl. Default: images are checked against the input profile training '
+             'saved in the model directory (a metric and one warning line if they drift); `none`: no check.')
     add('--write_drift_profile', default=None,
         help='Build a reference profile from this run (e.g. over training or held-out data) and '
              'write it to this path, from the same features the comparison uses.')

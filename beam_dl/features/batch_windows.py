@@ -36,14 +36,13 @@ from typing import Iterable, NamedTuple
 import apache_beam as beam
 import numpy as np
 import pandas as pd
-from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from beam_dl.core.element_types import Record
 from beam_dl.features.aggregates import features_record
-from beam_dl.features.windows import WindowSpec
+from beam_dl.features.windows import WindowSpec, is_batch
 from beam_dl.formats.events import Event
 
 DEFAULT_BLOCKS = 64
@@ -97,10 +96,10 @@ def unblock(block: EventBlock) -> Iterable[beam.window.TimestampedValue]:
 
 def applies(spec: WindowSpec, pcoll: beam.PCollection) -> bool:
   """True when `pcoll` is bounded in a batch pipeline and `spec` is fixed or
-  sliding without early firings: then every window fires exactly once."""
-  options = pcoll.pipeline._options  # pylint: disable=protected-access
-  streaming = options is not None and options.view_as(StandardOptions).streaming
-  return (not streaming and pcoll.is_bounded and spec.kind in ('fixed', 'sliding')
+  sliding without early firings (as run on `pcoll`: processing-time ones
+  are dropped in batch): then every window fires exactly once."""
+  spec = spec.as_run_on(pcoll)
+  return (is_batch(pcoll) and spec.kind in ('fixed', 'sliding')
           and spec.early_after_secs is None and spec.early_after_count is None)
 
 

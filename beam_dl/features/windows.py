@@ -12,12 +12,22 @@ speculative results every so many seconds of processing time / events
 before the watermark reaches the end of the window. `accumulation` says
 whether a later pane of a window includes the events of earlier panes
 ('accumulating') or only the new ones ('discarding').
+
+In batch (`is_batch`: a bounded input, not `--streaming`) every event is
+read before the watermark moves, so a processing-time EARLY pane has nothing
+early to show: `WindowSpec.as_run_on` drops `early_after_secs` there, and a
+batch run gives the on-time panes only. It has to: Beam's FnApiRunner groups
+batch input with a trigger driver that has no processing-time clock, so an
+`AfterProcessingTime` trigger fails there on its first element
+(`TriggerContext.get_current_time`: 'NoneType' object has no attribute
+'time'). Count-based EARLY panes need no clock and stay.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import trigger as tr
 from apache_beam.transforms import window as bw
 from apache_beam.utils.timestamp import Duration, Timestamp
@@ -27,6 +37,13 @@ ACCUMULATION = {
     'discarding': tr.AccumulationMode.DISCARDING,
     'accumulating': tr.AccumulationMode.ACCUMULATING,
 }
+
+
+def is_batch(pcoll: beam.PCollection) -> bool:
+  """True when `pcoll` is bounded and the pipeline is not `--streaming`."""
+  options = pcoll.pipeline._options  # pylint: disable=protected-access
+  streaming = options is not None and options.view_as(StandardOptions).streaming
+  return not streaming and pcoll.is_bounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +88,13 @@ class WindowSpec:
       raise ValueError('give early_after_secs or early_after_count, not both')
     if self.accumulation not in ACCUMULATION:
       raise ValueError(f'accumulation must be one of {sorted(ACCUMULATION)}')
+
+  def as_run_on(self, pcoll: beam.PCollection) -> WindowSpec:
+    """This spec as it runs on `pcoll`: in batch without processing-time
+    EARLY panes (module docstring), otherwise unchanged."""
+    if self.early_after_secs is not None and is_batch(pcoll):
+      return dataclasses.replace(self, early_after_secs=None)
+    return self
 
   def window_fn(self) -> bw.WindowFn:
     if self.kind == 'fixed':

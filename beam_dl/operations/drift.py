@@ -13,6 +13,11 @@ The plain functions behind `transforms.drift.ComputeDrift` (no Beam here):
   two histograms merge by addition: one accumulator serves a whole batch, a
   sliding window, or the partial results of many workers (a CombineFn).
   Values are buffered and binned with numpy in chunks, not one by one.
+- `image_statistics` is the one definition of an image's input features
+  (brightness and contrast on the 0..255 pixel scale), used by serving and
+  by training, which saves a profile of its own inputs in the model
+  directory (`input_profile`), so a model is served against the data it
+  was trained on by default.
 - `compare` turns a window's histograms into per-feature PSI and
   Jensen-Shannon distance, and a level by the usual PSI conventions
   (< 0.1 stable, 0.1-0.25 moderate, >= 0.25 significant; configurable).
@@ -151,6 +156,29 @@ def feature_profile(values, num_bins: int = DEFAULT_BINS) -> FeatureProfile:
 def build_profile(columns: Mapping[str, Any], num_bins: int = DEFAULT_BINS, source: str = '') -> DriftProfile:
   """{feature: values} from training (or reference) data -> DriftProfile."""
   return DriftProfile({name: feature_profile(values, num_bins) for name, values in columns.items()}, source)
+
+
+IMAGE_FEATURES = ('image/brightness', 'image/contrast')
+
+
+def image_statistics(pixels: np.ndarray) -> dict[str, np.ndarray]:
+  """Images [..., H, W, C] (raw pixel values, before the model's input
+  scaling) -> {"image/brightness", "image/contrast"}: mean and standard
+  deviation over each image, divided by 255. A uint8 image gives 0..1; data
+  on another scale (pixels 0..16, or already scaled to 0..1) lands far from
+  it, which is what a reference profile should notice."""
+  pixels = np.asarray(pixels, np.float32)
+  axes = tuple(range(pixels.ndim - 3, pixels.ndim))
+  return {'image/brightness': pixels.mean(axis=axes) / 255.0, 'image/contrast': pixels.std(axis=axes) / 255.0}
+
+
+def input_profile(batches: Iterable[np.ndarray], num_bins: int = DEFAULT_BINS, source: str = '') -> DriftProfile:
+  """The profile of image inputs (batches [B, H, W, C], raw values) by `image_statistics`."""
+  columns: dict[str, list[float]] = {name: [] for name in IMAGE_FEATURES}
+  for batch in batches:
+    for name, values in image_statistics(batch).items():
+      columns[name].extend(np.asarray(values, np.float64).reshape(-1).tolist())
+  return build_profile(columns, num_bins, source)
 
 
 def columns_of(records: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:

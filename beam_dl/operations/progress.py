@@ -11,12 +11,14 @@ _log = logging.getLogger('beam_dl')
 class Progress:
   """Logs `done/total`, items per second and ETA every `every` seconds.
 
+  A `total` of None (or 0) is unknown: lines say `done` and the rate, no ETA,
+  and nothing counts as finished, so lines still come every `every` seconds.
   `clock` is injectable so tests can drive time.
   """
 
   def __init__(
       self,
-      total: int,
+      total: int | None,
       *,
       name: str = 'progress',
       unit: str = 'steps',
@@ -24,7 +26,7 @@ class Progress:
       clock: Callable[[], float] = time.monotonic,
       log: Callable[[str], None] | None = None,
   ):
-    self._total = total
+    self._total = total or None
     self._name = name
     self._unit = unit
     self._every = every_secs
@@ -40,7 +42,7 @@ class Progress:
     now = self._clock()
     if self._first is None:
       self._first = (now, self.done)
-    if now - self._last >= self._every or self.done >= self._total:
+    if now - self._last >= self._every or self.finished:
       self._last = now
       self._log(self.line(now, **extra))
 
@@ -52,13 +54,20 @@ class Progress:
     fields = ''.join(f' {k}={v:.4g}' if isinstance(v, float) else f' {k}={v}' for k, v in extra.items())
     first_time, first_done = self._first if self._first is not None else (self._start, 0)
     steps = self.done - first_done
-    if steps <= 0 or self.done >= self._total:
+    if steps <= 0 or self.finished:
       rate = self.done / max(now - self._start, 1e-9)
-      eta = '0s' if self.done >= self._total else '?'
+      eta = '0s' if self.finished else '?'
     else:
       rate = steps / max(now - first_time, 1e-9)
-      eta = f'{(self._total - self.done) / rate:.0f}s'
+      eta = f'{(self._total - self.done) / rate:.0f}s' if self._total else None
+    if self._total is None:
+      return f'{self._name}: {self.done} {self._unit} {rate:.1f} {self._unit}/s{fields}'
     return f'{self._name}: {self.done}/{self._total} {self._unit} {rate:.1f} {self._unit}/s eta {eta}{fields}'
+
+  @property
+  def finished(self) -> bool:
+    """Whether a known total has been reached (never, for an unknown total)."""
+    return self._total is not None and self.done >= self._total
 
   @property
   def rate(self) -> float:
@@ -75,7 +84,7 @@ class CountProgressFn:
   its pid).
   """
 
-  def __init__(self, name: str, every_secs: float, total: int = 0):
+  def __init__(self, name: str, every_secs: float, total: int | None = None):
     self._name, self._every, self._total = name, every_secs, total
     self._progress = None
 

@@ -1,7 +1,9 @@
 """A single-node Kafka broker (KRaft: broker and controller in one JVM) on 127.0.0.1.
 
     make kafka-jars                      # once: Maven Central -> .cache/kafka/lib
-    python -m beam_dl.services.kafka     # prints the bootstrap address, runs until Ctrl-C
+    python -m beam_dl.services.kafka --topics events,scores
+                                         # prints the bootstrap address once the topics exist,
+                                         # runs until Ctrl-C or SIGTERM
 
     with KafkaBroker() as broker:        # tests and benchmarks
       broker.create_topic('events')
@@ -15,6 +17,7 @@ the whole group on exit. Jars come from `third_party/kafka/pom.xml`
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import glob
 import os
@@ -26,7 +29,7 @@ import time
 import uuid
 
 from beam_dl.services.process import (ServiceError, free_port, log_tail, port_open, serve_until_stopped,
-                                      stop_process_group)
+                                      stop_process_group, stopped_by_signals)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
@@ -156,8 +159,21 @@ class KafkaBroker:
     self.stop()
 
 
-def main():
-  with KafkaBroker() as broker:
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m beam_dl.services.kafka',
+      description='A local single-node Kafka broker: prints its bootstrap address once ready (and its topics made), '
+                  'runs until Ctrl-C or SIGTERM, and stops its JVM either way.')
+  parser.add_argument('--topics', default='', help='comma-separated topics to create before the address is printed '
+                      '(the broker does not create topics on first use)')
+  parser.add_argument('--partitions', type=int, default=1, help='partitions per created topic')
+  args = parser.parse_args(argv)
+  topics = list(dict.fromkeys(t.strip() for t in args.topics.split(',') if t.strip()))
+  if args.partitions < 1:
+    parser.error(f'--partitions must be >= 1, got {args.partitions}')
+  with stopped_by_signals(), KafkaBroker() as broker:
+    for topic in topics:
+      broker.create_topic(topic, args.partitions)
     print(broker.bootstrap, flush=True)
     serve_until_stopped()
 

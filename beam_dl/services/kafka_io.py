@@ -35,7 +35,8 @@ import sys
 import tempfile
 from typing import Iterator
 
-from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, service_process
+from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped, service_process,
+                                      stopped_by_signals)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
@@ -120,7 +121,7 @@ def cancel_running_jobs(job_endpoint: str, timeout_s: float = 30.0) -> list[str]
 
 
 def main():
-  with flink_with_kafka_io() as (job, expansion):
+  with stopped_by_signals(), flink_with_kafka_io() as (job, expansion):
     print(f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
           f'--kafka_reader xlang --kafka_expansion_service {expansion}', flush=True)
     serve_until_stopped()

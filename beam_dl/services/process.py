@@ -5,7 +5,10 @@ Tests, benchmarks and `python -m beam_dl.services.kafka` start real services
 127.0.0.1. Each runs in its own process group, is polled ready with a
 deadline (a service that exits or never answers raises `ServiceError` with
 the tail of its log) and has its whole group terminated, then killed, when
-the block exits, so no JVM or worker outlives a test.
+the block exits, so no JVM or worker outlives a test. A `python -m` entry
+runs inside `stopped_by_signals()`: SIGTERM (`kill`, a supervisor) then
+unwinds its `with` blocks exactly as Ctrl-C does, so the JVMs it started in
+their own groups stop with it instead of outliving it.
 """
 from __future__ import annotations
 
@@ -98,10 +101,34 @@ def service_process(
     stop_process_group(process, grace_s)
 
 
-def serve_until_stopped() -> None:
-  """Blocks until SIGINT or SIGTERM: what a service's `python -m` entry does
-  after printing its address, so the `with` block around it tears it down."""
+class Stopped(KeyboardInterrupt):
+  """Raised in the main thread by SIGTERM inside `stopped_by_signals()`."""
+
+
+def _raise_stopped(signum, frame):  # pylint: disable=unused-argument
+  # Cleanup must not be cut short by a second signal: ignore both from now on.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+  """Runs the block until it ends or SIGINT/SIGTERM arrives (at start-up too);
+  either signal raises in the main thread, so every `with` block inside stops
+  what it started, and the block then returns quietly. Main thread only."""
+  previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    yield
   except KeyboardInterrupt:
     pass
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def serve_until_stopped() -> None:
+  """Blocks until a signal ends the process's `stopped_by_signals()` block:
+  what a service's `python -m` entry does after printing its address."""
+  while True:
+    signal.pause()

@@ -240,6 +240,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   if jax.process_index() == 0:
     spec = model_spec(cfg, {**final_eval, **compressed})
     checkpoints.save(model_dir, spec, variables)
+    _save_input_profile(cfg, model_dir)
     if cfg.compression.qat:
       compressed['quantized_model_dir'] = _export_quantized(cfg, spec, variables, workdir)
   steps_run = step - start
@@ -267,6 +268,23 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
            steps_run, wall, summary['steps_per_s'] or 0, _fmt(final_eval), model_dir)
   summary['history'] = history
   return summary
+
+
+PROFILE_EXAMPLES = 2048
+
+
+def _save_input_profile(cfg: TrainConfig, model_dir: str) -> None:
+  """Image models: the profile of up to PROFILE_EXAMPLES training inputs
+  (raw, before `input_scale`) in the model directory, which serving compares
+  its inputs with by default (`transforms.drift`)."""
+  if cfg.data.kind != 'images':
+    return
+  from beam_dl.compression import calibration as calib
+  from beam_dl.operations import drift
+
+  batches = calib.calibration_batches(cfg.data, cfg.data.train_files, PROFILE_EXAMPLES)
+  profile = drift.input_profile((b[0] for b in batches), source=f'training inputs {cfg.data.train_files}')
+  drift.save_profile(profile, os.path.join(model_dir, drift.PROFILE_FILE))
 
 
 def _export_quantized(cfg: TrainConfig, spec, variables, workdir: str) -> str:
