@@ -63,9 +63,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   require(options, 'input', 'model_dir', 'output')
   io, inference = options.view_as(IOOptions), options.view_as(InferenceOptions)
   cli.require_matches(io.input)
-  cli.require_writable(io.output)
+  fmt = input_format(io.input, io.input_format)
   check_model(inference.model_dir)
-  if input_format(io.input, io.input_format) == 'tfrecord':
+  cli.require_writable(io.output)  # last: it makes the output's directory
+  if fmt == 'tfrecord':
     read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
   else:
     # Files are read on DecodeImages' decode thread, off the bundle's thread.

@@ -54,6 +54,7 @@ def compress(model_dir: str, output: str, *, method: str = 'auto', activations: 
              calibration: str = '', calibration_examples: int = 256, fmt: str = 'msgpack',
              calibration_format: str = 'auto') -> dict:
   """Quantizes `model_dir` to `output`; returns a summary dict."""
+  from beam_dl import cli
   from beam_dl.cli.options import OptionsError
   from beam_dl.compression import quantize
   from beam_dl.models import checkpoints
@@ -64,6 +65,7 @@ def compress(model_dir: str, output: str, *, method: str = 'auto', activations: 
   batches = []
   if activations == 'static' and method != 'weight_only':
     batches = calibration_inputs(spec, calibration, calibration_examples, calibration_format)
+  cli.require_writable(output, directory=True)  # after the checks above: it makes the directory
   qspec, qvars = quantize.quantize(spec, variables, method=method, activations=activations, calibration=batches)
   checkpoints.save(output, qspec, qvars, fmt=fmt)
   before, after = dir_bytes(model_dir), dir_bytes(output)
@@ -94,12 +96,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-  from beam_dl import cli
-
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  cli.require_writable(args.output, directory=True)
   summary = compress(
       args.model_dir, args.output, method=args.method, activations=args.activations,
       calibration=args.calibration, calibration_examples=args.calibration_examples, fmt=args.format,

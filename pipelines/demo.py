@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
                               epilog=cli.BEAM_OPTIONS_NOTE)
   parser.add_argument('--workdir', required=True, help='Where images, model and outputs go.')
   parser.add_argument('--train_steps', type=positive_int, default=600)
-  parser.add_argument('--limit', type=non_negative_int, default=0, help='Use only this many images per split (0 = all).')
+  parser.add_argument('--limit', type=non_negative_int, default=0,
+                      help='Use only this many images per split (0 = all).')
   parser.add_argument('--seed', type=int, default=0)
   args, beam_args = parser.parse_known_args(argv)
   cli.check_known_flags(beam_args)  # before minutes of training, not after

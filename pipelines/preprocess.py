@@ -163,10 +163,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
   require(options, 'input', 'output', 'transform_dir')
   io, opts = options.view_as(IOOptions), options.view_as(PreprocessOptions)
   cli.require_matches(io.input)
-  cli.require_writable(io.output)
-  cli.require_writable(opts.transform_dir, 'transform_dir', directory=True)
   fmt = input_format(opts.preprocess_kind, io.input, io.input_format)
   config = make_config(opts, fmt)
+  cli.require_writable(io.output)  # last: they make directories
+  cli.require_writable(opts.transform_dir, 'transform_dir', directory=True)
   transform_dir = opts.transform_dir
   config_lib.save(transform_dir, config)
   write_raw_metadata(transform_dir, config)

@@ -187,8 +187,6 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     logging.getLogger(__name__).info('streaming mode turned on for the unbounded source')
   if not streaming and not external:
     cli.require_matches(io.input)
-  if io.output:
-    cli.require_writable(io.output)
   spec, _ = checkpoints.load(inference.model_dir)  # a model that won't load is refused before the job starts
   fields = tuple(f.strip() for f in opts.event_value_fields.split(',') if f.strip())
   if not spec.is_sequence or tuple(spec.input_shape[1:]) != (len(fields),):
@@ -199,6 +197,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     windows = window_spec(opts, streaming)
   except ValueError as e:  # a size, period, gap or lateness out of range
     raise OptionsError(f'--window {opts.window}: {e}') from None
+  if io.output:
+    cli.require_writable(io.output)  # last: it makes the output's directory
 
   lines = pipeline | 'ReadEvents' >> ReadEventLines(source, clock, NAMESPACE)
   parsed = lines | 'ParseEvents' >> ParseEvents(event_spec, with_timestamps=not streaming)

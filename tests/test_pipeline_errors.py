@@ -71,7 +71,8 @@ def _inputs(root) -> dict:
   deep.mkdir()
   spec = json.loads(IMAGE_SPEC.to_json())
   spec['extra'] = '@'
-  (deep / checkpoints.SPEC_FILE).write_text(json.dumps(spec).replace('"@"', '{"a": ' + '[' * 50_000 + ']' * 50_000 + '}'))
+  nested = '{"a": ' + '[' * 50_000 + ']' * 50_000 + '}'
+  (deep / checkpoints.SPEC_FILE).write_text(json.dumps(spec).replace('"@"', nested))
   (deep / checkpoints.MSGPACK_FILE).write_bytes((root / 'model' / checkpoints.MSGPACK_FILE).read_bytes())
   broken = root / 'broken'
   broken.mkdir()
@@ -80,7 +81,8 @@ def _inputs(root) -> dict:
   a_file = root / 'a_file'
   a_file.write_text('in the way\n')
   return {'images': str(images / '*.png'), 'not_images': str(not_images / '*'), 'events': str(events),
-          'model': model, 'sequence_model': sequence_model, 'object_dtype': str(object_dtype), 'deep': str(deep), 'broken': str(broken),
+          'model': model, 'sequence_model': sequence_model, 'object_dtype': str(object_dtype), 'deep': str(deep),
+          'broken': str(broken),
           'under_a_file': str(a_file / 'sub' / 'out'), 'out': str(root / 'out' / 'pred'), 'root': str(root)}
 
 
@@ -113,8 +115,8 @@ def _cases(d: dict) -> dict:
                                           'did you mean --model_dir'),
       'score_sequences-image-model': ('score_sequences', [*seq, '--model_dir', d['model']], {},
                                       'does not take sequences'),
-      'score_sequences-zero-window': ('score_sequences', [*seq, '--model_dir', d['sequence_model'], '--window_size', '0'], {},
-                                      'windows need size > 0'),
+      'score_sequences-zero-window': ('score_sequences', [*seq, '--model_dir', d['sequence_model'],
+                                                          '--window_size', '0'], {}, 'windows need size > 0'),
       'preprocess-no-transform-dir': ('preprocess', pre, {}, '--transform_dir'),
       'preprocess-transform-dir-under-a-file': ('preprocess', [*pre, '--transform_dir', d['under_a_file']], {},
                                                 '--transform_dir'),

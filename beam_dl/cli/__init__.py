@@ -15,7 +15,7 @@ through `parse_options()` and `main()` here instead, so that:
 - a flag's bad value is an `OptionsError`, in Beam's parser and in
   `ArgumentParser` (what pipelines with their own flags use): argparse would
   print the whole usage first;
-- a user error (`USER_ERRORS`: a bad option, a model directory or registry
+- a user error (`user_errors()`: a bad option, a model directory or registry
   URI that won't load, a file that is missing or can't be written) ends the
   process with one line on stderr and exit code 2.
 """
