@@ -18,7 +18,7 @@ __version__ = '0.1.0'
 from beam_dl import beam_fixes as _beam_fixes  # noqa: E402
 
 _beam_fixes.apply_all()
-if __import__('logging').getLogger().hasHandlers():  # else the CLI logs them once it has set logging up
+if __import__('logging').getLogger().hasHandlers():  # else pipelines log them when their job starts
   _beam_fixes.log_active()
 
 

@@ -10,12 +10,12 @@ every input lands in exactly one of them.
 """
 from __future__ import annotations
 
-import re
-
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
+from beam_dl.io import files
+from beam_dl.models import checkpoints
 from beam_dl.operations import local_shards
 from beam_dl.operations.metrics_export import run_pipeline
 from beam_dl.core.deadletter import FailAboveErrorRate, failed_output
@@ -46,7 +46,16 @@ def input_format(pattern: str, declared: str = 'auto') -> str:
     raise OptionsError(f'--input_format must be one of {INPUT_FORMATS}, got {declared!r}')
   if declared != 'auto':
     return declared
-  return 'tfrecord' if re.search(r'\.tfr(ecords?)?\b', pattern) else 'files'
+  return 'tfrecord' if files.names_tfrecords(pattern) else 'files'
+
+
+def check_model(model_dir: str) -> None:
+  """Loads the model once before the job starts: a directory that won't load
+  (CheckpointError) or whose input is not an image is refused in one line
+  here, not by every worker's setup with Beam's traceback."""
+  spec, _ = checkpoints.load(model_dir)
+  if len(spec.input_shape) != 3:
+    raise OptionsError(f'--model_dir {model_dir!r}: model input {list(spec.input_shape)} is not an image [H, W, C]')
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions):
@@ -54,7 +63,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   require(options, 'input', 'model_dir', 'output')
   io, inference = options.view_as(IOOptions), options.view_as(InferenceOptions)
   cli.require_matches(io.input)
-  if input_format(io.input, io.input_format) == 'tfrecord':
+  fmt = input_format(io.input, io.input_format)
+  check_model(inference.model_dir)
+  cli.require_writable(io.output)  # last: it makes the output's directory
+  if fmt == 'tfrecord':
     read = pipeline | 'ReadImageExamples' >> ReadImageExamples(io.input)
   else:
     # Files are read on DecodeImages' decode thread, off the bundle's thread.

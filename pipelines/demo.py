@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from beam_dl import cli
+from beam_dl.cli.options import non_negative_int, positive_int
 from beam_dl.models import checkpoints
 from beam_dl.core.deadletter import failed_output
 from beam_dl.decoding.images import ImageSpec, decode_image
@@ -106,12 +106,16 @@ def summarize(predictions: list[dict], failed: list[dict], num_inputs: int, seco
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog='python -m pipelines.demo', description=__doc__.splitlines()[0],
+                              epilog=cli.BEAM_OPTIONS_NOTE)
   parser.add_argument('--workdir', required=True, help='Where images, model and outputs go.')
-  parser.add_argument('--train_steps', type=int, default=600)
-  parser.add_argument('--limit', type=int, default=0, help='Use only this many images per split (0 = all).')
+  parser.add_argument('--train_steps', type=positive_int, default=600)
+  parser.add_argument('--limit', type=non_negative_int, default=0,
+                      help='Use only this many images per split (0 = all).')
   parser.add_argument('--seed', type=int, default=0)
   args, beam_args = parser.parse_known_args(argv)
+  cli.check_known_flags(beam_args)  # before minutes of training, not after
+  cli.require_writable(args.workdir, 'workdir', directory=True)
 
   from pipelines import classify_images
 
@@ -149,5 +153,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  cli.configure_logging()
-  main()
+  cli.main(main, 'demo')

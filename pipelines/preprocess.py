@@ -27,14 +27,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import re
 import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import cli
+from beam_dl import beam_fixes, cli
+from beam_dl.io.files import names_tfrecords
 from beam_dl.core.deadletter import failed_output
 from beam_dl.cli.options import IOOptions, OptionsError, require, switch
 from beam_dl.preprocessing import config as config_lib
@@ -76,7 +76,7 @@ def input_format(kind: str, pattern: str, declared: str = 'auto') -> str:
     if declared not in allowed:
       raise OptionsError(f'--input_format for {kind} must be one of {allowed} or auto, got {declared!r}')
     return declared
-  if re.search(r'\.tfr(ecords?)?\b', pattern):
+  if names_tfrecords(pattern):
     return allowed[1] if kind == 'images' else 'sequence_example'
   return 'files' if kind == 'images' else 'json'
 
@@ -165,6 +165,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
   cli.require_matches(io.input)
   fmt = input_format(opts.preprocess_kind, io.input, io.input_format)
   config = make_config(opts, fmt)
+  cli.require_writable(io.output)  # last: they make directories
+  cli.require_writable(opts.transform_dir, 'transform_dir', directory=True)
   transform_dir = opts.transform_dir
   config_lib.save(transform_dir, config)
   write_raw_metadata(transform_dir, config)
@@ -217,6 +219,7 @@ def run(argv=None):
                               description=__doc__)
   pipeline = beam.Pipeline(options=options)
   config = build(pipeline, options)
+  beam_fixes.log_active()
   start = time.perf_counter()
   result = pipeline.run()
   result.wait_until_finish()

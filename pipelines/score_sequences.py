@@ -56,7 +56,8 @@ from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.formats.events import EventSpec
 from beam_dl.operations.metrics_export import run_pipeline
-from beam_dl.cli.options import DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, require, switch
+from beam_dl.cli.options import (DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, positive_int,
+                                 require, switch)
 from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters
@@ -87,12 +88,12 @@ class ScoreSequencesOptions(PipelineOptions):
     add('--session_gap', type=float, default=300.0, help='Session gap, seconds.')
     add('--allowed_lateness', type=float, default=0.0, help='Late events within this many seconds update windows.')
     add('--early_after_secs', type=float, default=None, help='EARLY panes every N seconds of processing time.')
-    add('--early_after_count', type=int, default=None,
+    add('--early_after_count', type=positive_int, default=None,
         help='EARLY panes every N events (streaming default 1: a score per event).')
     add('--accumulation', choices=['accumulating', 'discarding'], default='accumulating',
         help='Whether later panes of a window include earlier events (default accumulating).')
-    add('--seq_len', type=int, default=32, help='Events per sequence: the last N of the window.')
-    add('--min_length', type=int, default=None,
+    add('--seq_len', type=positive_int, default=32, help='Events per sequence: the last N of the window.')
+    add('--min_length', type=positive_int, default=None,
         help='Windows with fewer events are dead letters, not scored (default 1; 2 with --forecast).')
     add('--forecast', type=switch, nargs='?', const=True, default=False,
         help='Model predicts the last event from the ones before; score = mean |error| '
@@ -186,18 +187,24 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     logging.getLogger(__name__).info('streaming mode turned on for the unbounded source')
   if not streaming and not external:
     cli.require_matches(io.input)
-  spec = checkpoints.load_spec(inference.model_dir)
+  spec, _ = checkpoints.load(inference.model_dir)  # a model that won't load is refused before the job starts
   fields = tuple(f.strip() for f in opts.event_value_fields.split(',') if f.strip())
   if not spec.is_sequence or tuple(spec.input_shape[1:]) != (len(fields),):
     raise OptionsError(f'{inference.model_dir}: model input {spec.input_shape} does not take sequences '
                        f'of the {len(fields)} --event_value_fields {fields}')
   event_spec = EventSpec(value_fields=fields, key_field=opts.event_key_field, time_field=opts.event_time_field)
+  try:
+    windows = window_spec(opts, streaming)
+  except ValueError as e:  # a size, period, gap or lateness out of range
+    raise OptionsError(f'--window {opts.window}: {e}') from None
+  if io.output:
+    cli.require_writable(io.output)  # last: it makes the output's directory
 
   lines = pipeline | 'ReadEvents' >> ReadEventLines(source, clock, NAMESPACE)
   parsed = lines | 'ParseEvents' >> ParseEvents(event_spec, with_timestamps=not streaming)
   events = parsed.events | 'Timestamps' >> EventTimestamps(from_source=True)
   sequences = events | 'Sequences' >> WindowedSequences(
-      window_spec(opts, streaming), opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock)
+      windows, opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock)
   examples = sequences.records | 'ToExamples' >> beam.ParDo(ToModelInputFn(opts.forecast, opts.min_length)).with_outputs(
       'failed', main='examples')
   handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())

@@ -19,11 +19,9 @@ Real data that ships with statsmodels (weekly atmospheric CO2, 1958-2001,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 
@@ -98,13 +96,18 @@ def train_model(model_dir: str, values: np.ndarray, steps: int = 400, seed: int 
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  from beam_dl import cli  # pylint: disable=g-import-not-at-top
+  from beam_dl.cli.options import positive_int  # pylint: disable=g-import-not-at-top
+
+  parser = cli.ArgumentParser(prog='python -m pipelines.score_sequences_demo', description=__doc__.splitlines()[0],
+                              epilog=cli.BEAM_OPTIONS_NOTE)
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--train_steps', type=int, default=400)
+  parser.add_argument('--train_steps', type=positive_int, default=400)
   parser.add_argument('--cell', choices=['lstm', 'gru'], default='lstm')
   parser.add_argument('--pooling', choices=['last', 'mean', 'attention'], default='last')
   args, beam_args = parser.parse_known_args(argv)
-  os.makedirs(args.workdir, exist_ok=True)
+  cli.check_known_flags(beam_args)  # before training, not after
+  cli.require_writable(args.workdir, 'workdir', directory=True)
   times, values = load_series()
   events_path = os.path.join(args.workdir, 'co2_events.jsonl')
   counts = write_events(events_path, times, values)
@@ -146,5 +149,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from beam_dl import cli  # pylint: disable=g-import-not-at-top
+
   logging.basicConfig(level=logging.WARNING)
-  main(sys.argv[1:])
+  cli.main(main, 'score_sequences_demo', logs=False)

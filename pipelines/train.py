@@ -26,12 +26,12 @@ directory as the `model` artifact, registered as the next version of
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import sys
 
@@ -59,27 +59,60 @@ def apply_override(config, assignment: str):
   head, _, rest = key.partition('.')
   if not hasattr(config, head):
     raise ValueError(f'unknown config field {head!r}')
+  current = getattr(config, head)
+  if not rest and not _same_kind(current, value):
+    raise ValueError(f'{key} takes a {type(current).__name__} (now {current!r}), got {raw!r}')
   if rest:
-    current = getattr(config, head)
     if isinstance(current, dict):
       return dataclasses.replace(config, **{head: {**current, rest: value}})
     return dataclasses.replace(config, **{head: apply_override(current, f'{rest}={raw}')})
   return dataclasses.replace(config, **{head: value})
 
 
+def _same_kind(current, value) -> bool:
+  """Whether `value` may replace a config field holding `current`: any value
+  for an unset (None) field, else one of its kind (a number for a number, a
+  list for a tuple), so a typo fails here and not in the middle of training."""
+  if current is None:
+    return True
+  if isinstance(current, bool) or isinstance(value, bool):
+    return isinstance(current, bool) and isinstance(value, bool)
+  if isinstance(current, numbers.Real):
+    return isinstance(value, numbers.Real)
+  if isinstance(current, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(current))
+
+
 def resolve_config(spec: str, data_dir: str, overrides=()):
+  """The config `--config PATH[:VARIANT]` names, with `--set` overrides
+  applied, after its `prepare()`; a variant or an override that does not
+  fit is an OptionsError."""
+  from beam_dl.cli.options import OptionsError
+
   path, _, variant = spec.partition(':')
   module = load_config_module(path)
-  config = module.get_config(variant or None)
+  if not hasattr(module, 'get_config'):
+    raise OptionsError(f'--config {path}: defines no get_config(variant)')
+  try:
+    config = module.get_config(variant or None)
+  except ValueError as e:  # an unknown variant
+    raise OptionsError(f'--config {spec}: {e}') from None
   for assignment in overrides:
-    config = apply_override(config, assignment)
+    try:
+      config = apply_override(config, assignment)
+    except ValueError as e:
+      raise OptionsError(f'--set {assignment}: {e}') from None
   if hasattr(module, 'prepare'):
     config = module.prepare(config, data_dir) or config
   return config
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  from beam_dl import cli
+  from beam_dl.cli.options import positive_int
+
+  parser = cli.ArgumentParser(prog='python -m pipelines.train', description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='path/to/config.py[:variant]')
   parser.add_argument('--workdir', required=True, help='checkpoints, exported model, summary')
   parser.add_argument('--data_dir', default=None, help='where prepare() writes data (default WORKDIR/data)')
@@ -87,9 +120,9 @@ def parse_args(argv=None):
   parser.add_argument('--tensorboard_dir', default='tensorboard',
                       help="TensorBoard summaries, relative to WORKDIR (default tensorboard; 'none': off)")
   parser.add_argument('--plot', default=None, metavar='PNG', help='write a PNG of the training curves at the end')
-  parser.add_argument('--log_level', default='INFO')
+  parser.add_argument('--log_level', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
   parser.add_argument(
-      '--cpu_devices', type=int, default=None, metavar='N',
+      '--cpu_devices', type=positive_int, default=None, metavar='N',
       help='on CPU, split the host into N XLA devices (for model-parallel configs such as digits_cnn.py:tensor)',
   )
   parser.add_argument(
@@ -130,8 +163,10 @@ def main(argv=None):
                                f'--xla_force_host_platform_device_count={args.cpu_devices}').strip()
   import jax  # heavy imports after arg parsing
 
+  from beam_dl import cli
   from beam_dl.training import train_and_evaluate
 
+  cli.require_writable(args.workdir, 'workdir', directory=True)
   config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
   tensorboard = None if args.tensorboard_dir.lower() == 'none' else args.tensorboard_dir
   try:
@@ -154,4 +189,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  from beam_dl import cli
+
+  cli.main(main, 'train', logs=False)

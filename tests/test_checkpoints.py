@@ -47,6 +47,31 @@ def test_corrupt_msgpack_and_unknown_spec_fields(tmp_path):
     checkpoints.load_spec(str(tmp_path / 'm'))
 
 
+@pytest.mark.parametrize('leaf, says', [
+    (lambda kernel: [[str(x) for x in row] for row in kernel.tolist()], r"\['kernel'\]\[0\]\[0\] has dtype <U"),
+    (lambda kernel: b'weights', r"\['kernel'\] has dtype \|S7"),
+])
+def test_variables_that_are_not_numbers_are_refused_at_load(tmp_path, leaf, says):
+  """msgpack restores what was written: strings where numbers belong load,
+  then fail every batch that reaches the model; load refuses them."""
+  from flax import serialization
+
+  variables = seeded_variables(SPEC)
+  kernel = np.asarray(variables['params']['Dense_0']['kernel'])
+  bad = {'params': {**variables['params'], 'Dense_0': {**variables['params']['Dense_0'], 'kernel': leaf(kernel)}}}
+  directory = save_broken_model(tmp_path / 'm', SPEC, serialization.msgpack_serialize(bad))
+  with pytest.raises(CheckpointError, match=rf"{directory}: variable \['params'\]\['Dense_0'\]{says}"):
+    checkpoints.load(directory)
+
+
+@pytest.mark.parametrize('depth', [checkpoints.MAX_SPEC_DEPTH + 1, 100_000])
+def test_a_deeply_nested_spec_is_refused_in_one_line(depth):
+  nested = '{"name": "small_cnn", "extra": {"a": ' + '[' * (depth - 2) + ']' * (depth - 2) + '}}'
+  with pytest.raises(CheckpointError, match=f'nested more than {checkpoints.MAX_SPEC_DEPTH} levels deep'):
+    ModelSpec.from_json(nested)
+  ModelSpec.from_json(json.dumps(json.loads(SPEC.to_json()) | {'extra': {'a': [[[1]]]}}))  # ordinary nesting loads
+
+
 def test_unknown_model_name_lists_registered_models():
   with pytest.raises(ValueError, match='small_cnn'):
     ModelSpec('no_such_model').build()

@@ -53,6 +53,49 @@ def test_main_turns_an_options_error_into_one_line_and_exit_2(capsys):
   assert capsys.readouterr().err.strip() == "classify_images: error: --input 'nothing/*' matches no file"
 
 
+def test_main_reports_registry_errors_and_missing_files_on_one_line(capsys):
+  from beam_dl.operations.registry_mlflow import RegistryError
+
+  for error in (RegistryError('models:/digits@nope: API request failed\n  Caused by: refused'),
+                FileNotFoundError(2, 'No such file or directory', '/no/config.py')):
+    def run(argv, error=error):
+      raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(run, 'train', [], logs=False)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith('train: error: ') and ('Caused by: refused' in line or '/no/config.py' in line)
+
+
+def test_a_bug_is_not_a_user_error():
+  def run(argv):
+    raise KeyError('a bug keeps its traceback')
+
+  with pytest.raises(KeyError):
+    cli.main(run, 'classify_images', [], logs=False)
+
+
+def test_argument_parser_errors_are_options_errors():
+  parser = cli.ArgumentParser(prog='p')
+  parser.add_argument('--workdir', required=True)
+  with pytest.raises(OptionsError, match='required: --workdir'):
+    parser.parse_args([])
+  with pytest.raises(OptionsError, match='--max_batch_size: expected a positive integer'):
+    cli.check_known_flags(['--max_batch_size', '0'])
+
+
+def test_require_writable_makes_the_directory_and_refuses_a_file_in_the_way(tmp_path):
+  cli.require_writable(str(tmp_path / 'new' / 'pred'))
+  assert (tmp_path / 'new').is_dir()
+  cli.require_writable(str(tmp_path / 'workdir'), 'workdir', directory=True)
+  assert (tmp_path / 'workdir').is_dir()
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(OptionsError, match="--output .*cannot make the directory"):
+    cli.require_writable(str(tmp_path / 'a_file' / 'pred'))
+  cli.require_writable('gs://bucket/out/pred')  # other filesystems: the job's to check
+
+
 def _train(tmp_path, *extra):
   """`pipelines.train` on the digits config's `tensor` variant (2-way model
   parallel) in a fresh process with one CPU device unless told otherwise."""

@@ -86,6 +86,26 @@ def test_int8_model_serves_in_classify_images_close_to_float(digits_model_dir, d
   assert diff < 0.25, diff  # softmax scores
 
 
+def test_calibration_from_image_files_serves_as_well_as_from_tfrecords(
+    digits_model_dir, digits, digits_int8_dir, test_images, tmp_path):
+  """`--calibration` takes the image files classify_images reads (here the
+  training digits as PNG and JPEG files), decoded as served."""
+  x_train, _, y_train, _ = digits
+  demo.write_images(str(tmp_path / 'train'), x_train[:256], y_train[:256])
+  (tmp_path / 'train' / 'notes.png').write_text('not an image: skipped and counted\n')
+  out = str(tmp_path / 'model_int8')
+  summary = compress.main(['--model_dir', digits_model_dir, '--output', out,
+                           '--calibration', str(tmp_path / 'train' / '*'), '--calibration_examples', '200'])
+  assert summary['quantization']['calibration_examples'] == 200
+  assert checkpoints.load_spec(out).quantization['activations'] == 'static'
+  image_dir, labels = test_images
+  from_images = _classify(out, image_dir, str(tmp_path / 'images' / 'pred'))
+  from_records = _classify(digits_int8_dir, image_dir, str(tmp_path / 'records' / 'pred'))
+  acc = lambda rows: np.mean([rows[k]['label'] == labels[k] for k in labels])
+  assert acc(from_images) >= acc(from_records) - 0.02
+  assert np.mean([from_images[k]['label'] == from_records[k]['label'] for k in labels]) >= 0.95
+
+
 def _corrupt(src, dst, edit_vars=None, edit_spec=None):
   spec, _ = checkpoints.load_spec(src), None
   stored = serialization.msgpack_restore(open(f'{src}/{checkpoints.MSGPACK_FILE}', 'rb').read())

@@ -217,8 +217,8 @@ def test_classify_images_drift_flags_on_real_digits(digits_model_dir, tmp_path):
     out = str(tmp_path / name / 'pred')
     classify_images.run(['--input', _write_pngs(tmp_path / name, x_test, brighten), '--output', out,
                          '--drift_profile', profile, *common])
-    (report,) = read_jsonl(f'{out}-drift-0*.jsonl')
-    alerts = read_jsonl(f'{out}-alerts-*.jsonl')
+    (report,) = read_jsonl(f'{out}_drift-0*.jsonl')
+    alerts = read_jsonl(f'{out}_alerts-*.jsonl')
     assert report['features']['image/brightness']['count'] == len(x_test)
     assert len(read_jsonl(f'{out}-0*.jsonl')) == len(x_test)  # predictions unaffected
     if brighten:
@@ -271,8 +271,8 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
       '--drift_profile', profile, '--drift_min_count', '20'])
   writer.join()
   assert read['first'], 'the pipeline never read the first file'
-  reports = read_jsonl(f'{out}-drift-*.jsonl')
-  alerts = read_jsonl(f'{out}-alerts-*.jsonl')
+  reports = read_jsonl(f'{out}_drift-*.jsonl')
+  alerts = read_jsonl(f'{out}_alerts-*.jsonl')
   # Streaming windows follow the source's timestamps (file read time): one hour-long window,
   # two if the run crosses an hour; one report per window (the default trigger fires once).
   assert len({r['window_start'] for r in reports}) == len(reports) >= 1

@@ -134,7 +134,7 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
   assert len(read_jsonl(f'{out}_failed-*.jsonl')) == 2
   batches = sum(v for _, v in samples['beamdl_jax_inference_batch_latency_micro_secs_count'])
   assert batches >= 1 and sum(v for _, v in samples['beamdl_jax_inference_batch_latency_micro_secs_sum']) > 0
-  (report,) = read_jsonl(f'{out}-drift-0*.jsonl')
+  (report,) = read_jsonl(f'{out}_drift-0*.jsonl')
   psi = {l['feature']: v for l, v in samples['beam_dl_drift_psi']}
   assert psi == pytest.approx({name: f['psi'] for name, f in report['features'].items()}, abs=1e-6)
   assert set(psi) == {'image/brightness', 'image/contrast'}

@@ -21,6 +21,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_dl.operations import drift
+from beam_dl.core.deadletter import side_output
 from beam_dl.core.element_types import EncodedImage, Record
 from beam_dl.operations.metrics_export import labelled
 
@@ -28,7 +29,7 @@ NAMESPACE = 'beam_dl.drift'
 OFF = 'none'  # --drift_profile none: no drift check, not even the default one
 TRAINING_SAMPLE = 256  # images the default check decodes once more, whatever the input's size
 _log = logging.getLogger('beam_dl')
-ALERTS = 'alerts'
+DRIFT, ALERTS = 'drift', 'alerts'  # side outputs <output>_drift-*, <output>_alerts-*
 FeatureDict = Mapping[str, Any]
 
 
@@ -253,8 +254,9 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
   --write_drift_profile PATH: the features build a reference profile
   (a batch run over reference data: the profile is written when the input
   ends, so an unbounded stream never writes it).
-  --drift_profile PATH: ComputeDrift, writing `<output>-drift-*.jsonl`
-  (reports) and `<output>-alerts-*.jsonl`. `default_window`
+  --drift_profile PATH: ComputeDrift, writing `<output>_drift-*.jsonl`
+  (reports) and `<output>_alerts-*.jsonl` (side outputs, apart from the
+  main output's `<output>-*`). `default_window`
   (size, period) is used when --drift_window_size is not given (streaming
   pipelines pass their scoring window; a batch run is then one window).
   `writer(prefix)` is the PTransform that writes records (default: one
@@ -278,8 +280,8 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
     size, period = default_window
   outputs = merged | 'ComputeDrift' >> ComputeDrift(
       opts.drift_profile, size, period, opts.drift_warn_psi, opts.drift_alert_psi, opts.drift_min_count)
-  _write(outputs.reports, 'WriteDriftReports', f'{output}-drift', writer)
-  _write(outputs.alerts, 'WriteDriftAlerts', f'{output}-alerts', writer)
+  _write(outputs.reports, 'WriteDriftReports', side_output(output, DRIFT), writer)
+  _write(outputs.alerts, 'WriteDriftAlerts', side_output(output, ALERTS), writer)
   return outputs
 
 

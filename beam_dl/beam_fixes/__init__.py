@@ -104,8 +104,8 @@ def active() -> list[str]:
 
 
 def log_active(force: bool = False) -> None:
-  """Logs the fixes in place, once per process (pipelines call it after
-  configuring logging; `import beam_dl` calls it when logging already is)."""
+  """Logs the fixes in place, once per process (pipelines call it when the
+  job starts; `import beam_dl` calls it when logging already is configured)."""
   global _logged
   if _logged and not force:
     return

@@ -10,21 +10,27 @@ through `parse_options()` and `main()` here instead, so that:
   that every Beam option (--runner, ...) is accepted too;
 - a flag that no option class defines is refused before the job starts, with
   the closest known flag as a suggestion (as Beam's own validation words it);
-- `require_matches()` refuses an input pattern that matches no file;
-- an `OptionsError` ends the process with one line on stderr and exit code 2.
+- `require_matches()` refuses an input pattern that matches no file, and
+  `require_writable()` an output where nothing can be written;
+- a flag's bad value is an `OptionsError`, in Beam's parser and in
+  `ArgumentParser` (what pipelines with their own flags use): argparse would
+  print the whole usage first;
+- a user error (`user_errors()`: a bad option, a model directory or registry
+  URI that won't load, a file that is missing or can't be written) ends the
+  process with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl import beam_fixes
 from beam_dl.cli.options import OptionsError
 from beam_dl.core.deadletter import ERROR_RATE_MARKER, error_rate_message
 
@@ -66,11 +72,25 @@ class _UniqueFlags:
     return getattr(self._group, name)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for a command's own flags, its errors raised as OptionsError
+  (argparse prints the usage, many lines, before its one-line error)."""
+
+  def error(self, message: str):
+    raise OptionsError(message)
+
+
+def _raise_options_error(message: str):
+  raise OptionsError(message)
+
+
 def beam_parser() -> argparse.ArgumentParser:
-  """Beam's parser with the flags of every registered PipelineOptions class."""
+  """Beam's parser with the flags of every registered PipelineOptions class;
+  a bad value is an OptionsError."""
   from apache_beam.options.pipeline_options import _BeamArgumentParser  # pylint: disable=import-outside-toplevel
 
   parser = _BeamArgumentParser(allow_abbrev=False)
+  parser.error = _raise_options_error
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return parser
@@ -132,6 +152,24 @@ def require_matches(pattern: str, flag: str = 'input') -> None:
     raise OptionsError(f'--{flag} {pattern!r} matches no file')
 
 
+def require_writable(path: str, flag: str = 'output', *, directory: bool = False) -> None:
+  """OptionsError when nothing can be written at a local output: the prefix
+  `path` (files `<path>-*`), or with `directory=True` the directory `path`.
+  Its directory is made if missing; a file in the way, or a directory that
+  can't be made or written, is refused before the job starts. Other
+  filesystems (gs://, hdfs://) are left to the job."""
+  if FileSystems.get_scheme(path) not in (None, 'file'):
+    return
+  local = os.path.abspath(path[len('file://'):] if path.startswith('file://') else path)
+  folder = local if directory else os.path.dirname(local)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise OptionsError(f'--{flag} {path!r}: cannot make the directory {folder}: {e.strerror or e}') from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise OptionsError(f'--{flag} {path!r}: the directory {folder} is not writable')
+
+
 class _DropBeamNoise(logging.Filter):
   """Drops log lines a user cannot act on: Beam 2.77's RunInference warns on
   every batch that "Resource module is not available" (its optional
@@ -158,33 +196,51 @@ class _DropBeamNoise(logging.Filter):
 
 def configure_logging() -> None:
   """INFO from beam_dl (progress, summaries), WARNING and up from everything
-  else (Beam's INFO lines about type hints and sinks), without Beam's noise."""
+  else (Beam's INFO lines about type hints and sinks, MLflow's about its
+  store: MLFLOW_LOGGING_LEVEL, unless set), without Beam's noise. The Beam
+  fixes in place are logged when the job starts (`run_pipeline`): a command
+  refused for its options says that one line only."""
+  os.environ.setdefault('MLFLOW_LOGGING_LEVEL', 'WARNING')
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('beam_dl').setLevel(logging.INFO)
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every file it touches
   for handler in logging.getLogger().handlers:
     handler.addFilter(_DropBeamNoise())
-  beam_fixes.log_active()
 
 
-def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None) -> None:
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions that are a user's to fix, not a bug: a bad option, a
+  model directory or registry URI that won't load, a file that is missing,
+  unreadable or in the way."""
+  from beam_dl.models.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  from beam_dl.operations.registry_mlflow import RegistryError  # pylint: disable=import-outside-toplevel
+
+  return (OptionsError, CheckpointError, RegistryError, FileNotFoundError, PermissionError, NotADirectoryError,
+          IsADirectoryError, FileExistsError)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line (MLflow's and Beam's span several)."""
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
+def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None, *,
+         logs: bool = True) -> None:
   """Runs `run(argv)` as the command `name`: INFO logs from beam_dl, Beam's
-  chatter at WARNING, and a configuration error found before the job starts
-  (OptionsError, a model directory that won't load: CheckpointError) as one
-  line `name: error: ...` on stderr with exit code 2, as argparse does; a
-  job that failed for more dead letters than --max_error_rate allows as
-  one such line with exit code 1."""
-  from beam_dl.models.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
-
-  configure_logging()
+  chatter at WARNING (`logs=False`: the command sets up logging itself), and
+  a user error (`user_errors()`) as one line `name: error: ...` on stderr
+  with exit code 2, as argparse does; a job that failed for more dead
+  letters than --max_error_rate allows as one such line with exit code 1."""
+  if logs:
+    configure_logging()
   try:
     run(list(sys.argv[1:] if argv is None else argv))
-  except (OptionsError, CheckpointError) as e:
-    print(f'{name}: error: {e}', file=sys.stderr)
+  except user_errors() as e:
+    print(f'{name}: error: {one_line(e)}', file=sys.stderr)
     raise SystemExit(2) from None
   except Exception as e:  # pylint: disable=broad-except
     too_many_failed = error_rate_message(e)  # --max_error_rate: the job failed by design
     if too_many_failed is None:
       raise
-    print(f'{name}: error: {too_many_failed}', file=sys.stderr)
+    print(f'{name}: error: {" ".join(too_many_failed.split())}', file=sys.stderr)
     raise SystemExit(1) from None

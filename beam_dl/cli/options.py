@@ -53,6 +53,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_int(text: str) -> int:
+  """argparse `type=` for counts where 0 means none or all: 0 or more."""
+  try:
+    value = int(text)
+  except (TypeError, ValueError):
+    value = -1
+  if value < 0 or str(text).strip() != str(value):
+    raise argparse.ArgumentTypeError(f'expected an integer of 0 or more, got {text!r}')
+  return value
+
+
 class IOOptions(PipelineOptions):
   """Where a pipeline reads and writes."""
 
@@ -174,8 +185,8 @@ class DriftOptions(PipelineOptions):
     add = parser.add_argument
     add('--drift_profile', default=None,
         help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
-             'Jensen-Shannon per feature and prediction; writes <output>-drift-*.jsonl and '
-             '<output>-alerts-*.jsonl. Default: images are checked against the input profile training '
+             'Jensen-Shannon per feature and prediction; writes <output>_drift-*.jsonl and '
+             '<output>_alerts-*.jsonl. Default: images are checked against the input profile training '
              'saved in the model directory (a metric and one warning line if they drift); `none`: no check.')
     add('--write_drift_profile', default=None,
         help='Build a reference profile from this run (e.g. over training or held-out data) and '

@@ -13,11 +13,18 @@ import apache_beam as beam
 FAILED = 'failed'
 
 
+def side_output(output: str, name: str) -> str:
+  """The prefix of a side output `name` (dead letters, drift reports, ...)
+  of a pipeline writing its main output to `<output>-SSSSS-of-NNNNN.*`:
+  `<output>_<name>`, whose files the main output's documented glob
+  `<output>-*` does not match."""
+  return f'{output}_{name}'
+
+
 def failed_output(output: str) -> str:
   """Where a pipeline writing `<output>-SSSSS-of-NNNNN.*` writes its dead
-  letters: `<output>_failed-SSSSS-of-NNNNN.jsonl`, which a reader's
-  `<output>-*` glob does not pick up."""
-  return f'{output}_{FAILED}'
+  letters: `<output>_failed-SSSSS-of-NNNNN.jsonl` (`side_output`)."""
+  return side_output(output, FAILED)
 
 
 def dead_letter(key: Any, stage: str, reason: str, **extra: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ path per line (what `beam_dl.operations.local_shards` hands each shard). Its pat
 taken literally, never as globs:
 
   iter_inputs(pattern)       -> every path a pattern (or file list) names, in a fixed order
+  names_tfrecords(pattern)   -> whether it names TFRecord files (--input_format auto)
   write_file_list(path, ps)  /  read_file_list(pattern)
 """
 from __future__ import annotations
@@ -128,6 +129,14 @@ def _entries_beam_skips(root: str) -> Iterator[str]:
 
 
 FILE_LIST_PREFIX = '@'
+_TFRECORD_NAME = re.compile(r'\.tfr(ecords?)?\b')
+
+
+def names_tfrecords(pattern: str) -> bool:
+  """Whether an input pattern names TFRecord files (`.tfr`, `.tfrecord`,
+  `.tfrecords`), not files of their own format such as images: how the
+  pipelines' `--input_format auto` decides."""
+  return bool(_TFRECORD_NAME.search(pattern))
 
 
 def is_file_list(pattern: str) -> bool:

@@ -36,6 +36,9 @@ from beam_dl.models.errors import CheckpointError
 SPEC_FILE = 'spec.json'
 ORBAX_DIR = 'variables'
 MSGPACK_FILE = 'variables.msgpack'
+# Lists and objects in spec.json nest at most this deep (kwargs of real
+# models nest two or three levels).
+MAX_SPEC_DEPTH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +117,10 @@ class ModelSpec:
       raw = json.loads(text)
     except json.JSONDecodeError as e:
       raise CheckpointError(f'not JSON: {e}') from None
+    except RecursionError:  # the parser recurses once per level
+      raise CheckpointError(f'lists and objects nested more than {MAX_SPEC_DEPTH} levels deep') from None
+    if _nesting_depth(raw) > MAX_SPEC_DEPTH:
+      raise CheckpointError(f'lists and objects nested more than {MAX_SPEC_DEPTH} levels deep')
     if not isinstance(raw, dict):
       raise CheckpointError(f'expected a JSON object, got {type(raw).__name__}')
     known = {f.name for f in dataclasses.fields(cls)}
@@ -127,6 +134,22 @@ class ModelSpec:
     spec = cls(**raw)
     validate_spec(spec)
     return spec
+
+
+def _nesting_depth(value: Any) -> int:
+  """How deeply lists and objects nest in parsed JSON (counted up to one
+  past MAX_SPEC_DEPTH), without recursion: a spec nested as deep as the
+  parser allows would overflow the stack of whatever walks it recursively
+  next (copying, pickling, repr)."""
+  deepest, stack = 0, [(value, 1)]
+  while stack:
+    item, depth = stack.pop()
+    children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+    if children is not None:
+      deepest = max(deepest, depth)
+      if depth <= MAX_SPEC_DEPTH:
+        stack.extend((child, depth + 1) for child in children)
+  return deepest
 
 
 def _field_error(field: str, problem: str) -> CheckpointError:
@@ -278,7 +301,7 @@ def load(model_dir: str) -> tuple[ModelSpec, Any]:
     quantize.check_metadata(spec.quantization, _join(model_dir, SPEC_FILE))
     source = orbax_path if FileSystems.exists(orbax_path) else msgpack_path
     variables = quantize.restore_variables(spec, _to_numpy(variables), source)
-  variables = _to_numpy(variables)
+  variables = _numeric_arrays(variables, model_dir)
   problems = variable_mismatches(spec, variables)
   if problems:
     shown = '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else '')
@@ -323,3 +346,20 @@ def variable_mismatches(spec: ModelSpec, variables: Any) -> list[str]:
 
 def _to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _numeric_arrays(tree: Any, model_dir: str) -> Any:
+  """`tree`'s leaves as numpy arrays; CheckpointError naming the first leaf
+  that is not an array of numbers (object or string dtype, a ragged list):
+  such a leaf restores, but fails every batch that reaches the model."""
+  def as_array(path, leaf):
+    name = jax.tree_util.keystr(path)
+    try:
+      array = np.asarray(leaf)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+      raise CheckpointError(f'{model_dir}: variable {name} is not an array: {e}') from None
+    if array.dtype != np.bool_ and not jax.dtypes.issubdtype(array.dtype, np.number):
+      raise CheckpointError(f'{model_dir}: variable {name} has dtype {array.dtype}, not numbers')
+    return array
+
+  return jax.tree_util.tree_map_with_path(as_array, tree)

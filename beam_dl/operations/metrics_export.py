@@ -263,8 +263,10 @@ def run_pipeline(pipeline, options, name: str | None = None):
   Without --metrics_port or --metrics_pushgateway this is `run()` +
   `wait_until_finish()`. Returns the PipelineResult.
   """
+  from beam_dl import beam_fixes
   from beam_dl.cli.options import MetricsOptions
 
+  beam_fixes.log_active()
   keep_direct_runner_in_process(pipeline)
   opts = options.view_as(MetricsOptions)
   if opts.metrics_port is None and not opts.metrics_pushgateway:
