@@ -210,6 +210,11 @@ def main(argv=None):
   if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
     summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)
+  if jax.process_count() > 1:
+    # Leave the cluster here, where every process has finished, rather than
+    # at interpreter exit: teardown takes longer on some processes than
+    # others, and the exit barrier would time out waiting for them.
+    jax.distributed.shutdown()
   if jax.process_index() != 0:  # process 0 reports the run
     return summary
   if args.plot and summary.get('tensorboard_dir'):

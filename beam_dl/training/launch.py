@@ -7,9 +7,14 @@ SIGINT or SIGTERM to the launcher stops them all, and when one exits with
 an error the others get `grace_s` seconds to end on their own (JAX's
 heartbeat timeout ends them) before the group is terminated, so no process
 outlives the launch. The exit code is 0 only if every process succeeded.
+
+    python -m beam_dl.training.launch --processes 2 -- python my_jax_script.py ARGS
+
+(`pipelines.train --processes N` launches itself this way.)
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -54,7 +59,9 @@ def launch_local(command: Sequence[str], num_processes: int, *, grace_s: float =
   """Runs `command` as `num_processes` JAX processes; returns the exit code.
 
   Their output goes to this process's stdout/stderr (each log line names its
-  process). Returns 0 when all exit 0; otherwise 1 after stopping the rest.
+  process). Returns 0 when all exit 0; otherwise, after stopping the rest,
+  the exit code of the first process that failed (1 if a signal ended it);
+  128 + the signal when SIGINT or SIGTERM stopped the launch.
   """
   if num_processes < 1:
     raise ValueError(f'num_processes must be >= 1, got {num_processes}')
@@ -74,23 +81,23 @@ def launch_local(command: Sequence[str], num_processes: int, *, grace_s: float =
       ))
       log.info('process %d of %d: pid %d', i, num_processes, procs[-1].pid)
     group = procs[0].pid
-    failed_at = None
+    failed_at, first_failure = None, None
     while True:
       codes = [p.poll() for p in procs]
       if stopping:
         log.error('launcher got %s: stopping all %d processes', signal.Signals(stopping[0]).name, num_processes)
         _stop(group, procs, grace_s)
-        return 1
+        return 128 + stopping[0]
       if all(c == 0 for c in codes):
         return 0
       bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if bad and failed_at is None:
-        failed_at = time.monotonic()
+        failed_at, first_failure = time.monotonic(), bad[0][1]
         log.error('process %d failed (%s); the others get %.0fs to end', bad[0][0], _describe(bad[0][1]), grace_s)
       if failed_at is not None and (all(c is not None for c in codes) or time.monotonic() - failed_at > grace_s):
         _stop(group, procs, grace_s)
         log.error('run failed: %s', ', '.join(f'process {i}: {_describe(p.returncode)}' for i, p in enumerate(procs)))
-        return 1
+        return first_failure if first_failure > 0 else 1
       time.sleep(0.2)
   except BaseException:
     if procs:
@@ -104,3 +111,20 @@ def launch_local(command: Sequence[str], num_processes: int, *, grace_s: float =
 def main_module_command(module: str, argv: Sequence[str]) -> list[str]:
   """`python -m module argv` with this interpreter."""
   return [sys.executable, '-m', module, *argv]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m beam_dl.training.launch',
+                                   description='Runs COMMAND as N JAX processes on this machine.')
+  parser.add_argument('--processes', type=int, required=True, metavar='N')
+  parser.add_argument('command', nargs=argparse.REMAINDER, help='-- COMMAND ARGS...')
+  args = parser.parse_args(argv)
+  command = args.command[1:] if args.command[:1] == ['--'] else args.command
+  if not command or args.processes < 1:
+    parser.error('needs --processes N >= 1 and a COMMAND after --')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  return launch_local(command, args.processes)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -35,8 +35,9 @@ def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` when the environment is a cluster.
 
   A cluster is recognised by JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID), or by a multi-task SLURM / Open MPI job, which jax
-  auto-detects. CPU collectives go through gloo (the CPU backend has no other
+  and JAX_PROCESS_ID), or by a multi-task SLURM / Open MPI job or a
+  multi-host TPU slice (TPU_WORKER_HOSTNAMES), which jax auto-detects;
+  JAX_DISTRIBUTED=1 asks for auto-detection elsewhere. CPU collectives go through gloo (the CPU backend has no other
   cross-process implementation). A peer silent for JAX_DISTRIBUTED_TIMEOUT_S
   seconds ends every process with an error rather than a hang. Returns True
   when this process is (now or already) part of a multi-process run.
@@ -50,7 +51,8 @@ def maybe_initialize_distributed() -> bool:
   if env.get('JAX_COORDINATOR_ADDRESS'):
     kwargs.update(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
                   num_processes=int(env['JAX_NUM_PROCESSES']), process_id=int(env['JAX_PROCESS_ID']))
-  elif not (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+  elif not (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+             or ',' in env.get('TPU_WORKER_HOSTNAMES', '') or env.get('JAX_DISTRIBUTED') == '1'):
     return False
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
