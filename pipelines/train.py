@@ -23,6 +23,14 @@ directory as the `model` artifact, registered as the next version of
 `--mlflow_model_name` with each `--mlflow_alias` pointed at it
 (`beam_dl.operations.registry_mlflow`). Without a server, a local store works:
 `--mlflow_tracking_uri sqlite:///mlflow.db`.
+
+Multi-process (one process per host, or several on one machine): each
+process runs this same command with JAX_COORDINATOR_ADDRESS (host:port of
+process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set (SLURM and Open MPI
+jobs are detected without them); `--processes N` starts N such processes on
+this machine. Every log line names its process; process 0 alone writes the
+summary, TensorBoard, the exported model and the MLflow run; checkpoints
+are written by all. See docs/training.md.
 """
 from __future__ import annotations
 
@@ -126,6 +134,10 @@ def parse_args(argv=None):
       help='on CPU, split the host into N XLA devices (for model-parallel configs such as digits_cnn.py:tensor)',
   )
   parser.add_argument(
+      '--processes', type=positive_int, default=1, metavar='N',
+      help='run as N JAX processes on this machine (a local multi-host run; see docs/training.md)',
+  )
+  parser.add_argument(
       '--mlflow_tracking_uri', default=None,
       help='log the run to MLflow here (http://host:port, sqlite:///mlflow.db; default MLFLOW_TRACKING_URI)',
   )
@@ -154,10 +166,58 @@ def log_to_mlflow(args, config, summary) -> dict:
   return {'run_id': registered.run_id, 'model_uri': registered.uri}
 
 
+def _without_processes(argv):
+  """argv minus its --processes flag: what each launched process runs."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == '--processes':
+      skip = True
+    elif not arg.startswith('--processes='):
+      out.append(arg)
+  return out
+
+
+def launch(args, argv) -> int:
+  """Runs this command as `args.processes` JAX processes on this machine."""
+  from beam_dl.training import launch as launch_lib
+
+  logging.info('launching %d processes', args.processes)
+  return launch_lib.launch_local(
+      launch_lib.main_module_command('pipelines.train', _without_processes(argv)), args.processes)
+
+
+def setup_logging(level: str) -> None:
+  """Log lines carry `[process i/n]` in a multi-process run."""
+  import jax
+
+  if jax.process_count() > 1:
+    tag = f'[process {jax.process_index()}/{jax.process_count()}]'
+    logging.basicConfig(level=level, format=f'%(asctime)s {tag} %(levelname)s %(message)s', force=True)
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
+
+
+def prepared_config(args):
+  """The config, its data prepared by process 0 while the others wait."""
+  import jax
+
+  data_dir = args.data_dir or os.path.join(args.workdir, 'data')
+  if jax.process_count() == 1:
+    return resolve_config(args.config, data_dir, args.set)
+  from jax.experimental import multihost_utils
+
+  config = resolve_config(args.config, data_dir, args.set) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('pipelines.train: data prepared')
+  return config or resolve_config(args.config, data_dir, args.set)
+
+
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax is chatty at INFO
+  if args.processes > 1 and 'JAX_PROCESS_ID' not in os.environ:
+    raise SystemExit(launch(args, argv))
   if args.cpu_devices:  # read by XLA when jax initialises its backends: before the import
     os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f'--xla_force_host_platform_device_count={args.cpu_devices}').strip()
@@ -165,9 +225,12 @@ def main(argv=None):
 
   from beam_dl import cli
   from beam_dl.training import train_and_evaluate
+  from beam_dl.training.sharding import maybe_initialize_distributed
 
   cli.require_writable(args.workdir, 'workdir', directory=True)
-  config = resolve_config(args.config, args.data_dir or os.path.join(args.workdir, 'data'), args.set)
+  maybe_initialize_distributed()
+  setup_logging(args.log_level)
+  config = prepared_config(args)
   tensorboard = None if args.tensorboard_dir.lower() == 'none' else args.tensorboard_dir
   try:
     summary = train_and_evaluate(config, args.workdir, summary_dir=tensorboard)
@@ -179,6 +242,13 @@ def main(argv=None):
   if (args.mlflow_tracking_uri or args.mlflow_model_name) and jax.process_index() == 0:
     summary['mlflow'] = log_to_mlflow(args, config, summary)
   summary.pop('history', None)
+  if jax.process_count() > 1:
+    # Leave the cluster here, where every process has finished, rather than
+    # at interpreter exit: teardown takes longer on some processes than
+    # others, and the exit barrier would time out waiting for them.
+    jax.distributed.shutdown()
+  if jax.process_index() != 0:  # process 0 reports the run
+    return summary
   if args.plot and summary.get('tensorboard_dir'):
     from beam_dl.training.summaries import plot_curves
 

@@ -61,6 +61,25 @@ def test_each_process_reads_its_own_files(digits):
     input_pipeline.make_dataset(IMAGES, digits[1] + '.missing', 8, train=False)
 
 
+def test_batch_split_slices_the_one_process_batches(digits):
+  """process_split='batch': process i's batch k is rows [i*b, (i+1)*b) of the 1-process batch k."""
+  cfg = DataConfig(kind='images', shape=(8, 8, 1), shuffle_buffer=64, process_split='batch')
+
+  def batches(pi, pc, n=3, skip=0):
+    ds = input_pipeline.make_dataset(cfg, digits[0], 32 // pc, train=True, seed=5, skip_batches=skip,
+                                     process_index=pi, process_count=pc)
+    return _batches(ds, n)
+
+  whole = batches(0, 1, n=4)
+  parts = [batches(0, 2), batches(1, 2)]
+  for k in range(3):
+    for key in ('inputs', 'label'):
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
+  np.testing.assert_array_equal(batches(1, 2, n=1, skip=3)[0]['inputs'], whole[3]['inputs'][16:])
+  with pytest.raises(ValueError, match='process_split'):
+    input_pipeline.make_dataset(DataConfig(process_split='hosts'), digits[0], 8, train=True)
+
+
 def test_sequences_keep_recent_steps_pad_mask_and_put_ids_first(tmp_path):
   records = [
       encode_sequence_example(SequenceRecord('a', np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(4, 9), label=1)),

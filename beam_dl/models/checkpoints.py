@@ -245,7 +245,12 @@ def save(model_dir: str, spec: ModelSpec, variables: Any, *, fmt: str = 'orbax')
   if fmt == 'orbax':
     import orbax.checkpoint as ocp  # heavy import, only when writing orbax
 
-    with ocp.StandardCheckpointer() as ckptr:
+    # The variables are host arrays and this process writes them alone: in a
+    # multi-process JAX run orbax would otherwise wait at barriers for peers
+    # that never save (only process 0 exports), and hang.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
       ckptr.save(_abs(_join(model_dir, ORBAX_DIR)), variables, force=True)
   elif fmt == 'msgpack':
     with FileSystems.create(_join(model_dir, MSGPACK_FILE)) as f:

@@ -95,6 +95,13 @@ class DataConfig:
       `shape`; per-step ones (max_len > 0) are stacked into [T, F].
     label_feature: 'transformed': the feature fed as `target` ('label' or
       'target').
+    process_split: how the processes of a multi-process run share the data.
+      'files': each reads `files[process_index::process_count]` (no example
+      read twice; write a multiple of process_count shards of equal size so
+      every process has the same number of examples per epoch). 'batch':
+      each reads every file in the same seeded order and keeps its slice of
+      each global batch, so the global batches do not depend on the number of
+      processes (reproducible across topologies, at N times the reading).
   """
 
   kind: str = 'images'
@@ -109,6 +116,7 @@ class DataConfig:
   transform_dir: str = ''
   features: Sequence[str] = ()
   label_feature: str = 'label'
+  process_split: str = 'files'
 
   @property
   def is_sequence(self) -> bool:

@@ -9,8 +9,12 @@ Batches are dicts of numpy arrays: `inputs` (raw dtype: scaling happens in
 the jitted step, as in serving), `label` or `target`, `mask` for sequences,
 and `weight` (1 real, 0 padding). Training batches are shuffled with a fixed
 seed and repeat forever, so batch k is the same in every run: a resumed run
-skips the batches it already consumed and continues bit-for-bit. Each
-process reads only its own subset of the files (multi-host).
+skips the batches it already consumed and continues bit-for-bit.
+
+In a multi-process run each process yields only its own part of the global
+batch (`DataConfig.process_split`): from its own subset of the files, or its
+slice of a global batch that every process reads alike;
+`sharding.shard_batch` assembles the global arrays.
 """
 from __future__ import annotations
 
@@ -194,26 +198,32 @@ def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
   keep_tensorflow_on_host()
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  ds = tf.data.TFRecordDataset(_files(pattern, pi, pc))
+  if cfg.process_split not in ('files', 'batch'):
+    raise ValueError(f"DataConfig.process_split must be 'files' or 'batch', got {cfg.process_split!r}")
+  by_batch = cfg.process_split == 'batch' and pc > 1
+  ds = tf.data.TFRecordDataset(_files(pattern, 0, 1) if by_batch else _files(pattern, pi, pc))
   if train:
     ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+  def batched(ds):
+    """Batches of this process's records, the first `skip_batches` skipped."""
+    if by_batch:  # the global batch, of which this process keeps its slice
+      ds = ds.batch(batch_size * pc, drop_remainder=train)
+      ds = ds.map(lambda records: records[pi * batch_size:(pi + 1) * batch_size])
+    else:
+      ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.skip(skip_batches) if skip_batches else ds
+
   if cfg.kind == 'images':
-    ds = ds.batch(batch_size, drop_remainder=train)
-    if skip_batches:
-      ds = ds.skip(skip_batches)
+    ds = batched(ds)
     ds = ds.map(_image_parser(cfg), num_parallel_calls=AUTOTUNE, deterministic=True)
   elif cfg.kind == 'sequences':
     if not cfg.max_len:
       raise ValueError('sequence data needs DataConfig.max_len')
-    ds = ds.batch(batch_size, drop_remainder=train)
-    if skip_batches:
-      ds = ds.skip(skip_batches)
-    ds = ds.unbatch().map(_sequence_parser(cfg, use_ids), num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = batched(ds).unbatch().map(_sequence_parser(cfg, use_ids), num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=train)
   elif cfg.kind == 'transformed':
-    ds = ds.batch(batch_size, drop_remainder=train)
-    if skip_batches:
-      ds = ds.skip(skip_batches)
+    ds = batched(ds)
     ds = ds.map(_transformed_parser(cfg), num_parallel_calls=AUTOTUNE, deterministic=True)
   else:
     raise ValueError(f"DataConfig.kind must be 'images', 'sequences' or 'transformed', got {cfg.kind!r}")

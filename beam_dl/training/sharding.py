@@ -25,25 +25,39 @@ log = logging.getLogger(__name__)
 DATA, MODEL = 'data', 'model'
 
 
+# Seconds a process waits for a peer that stopped answering (killed, hung)
+# before it ends with an error instead of blocking forever in a collective,
+# and at most at the shutdown barrier; JAX_DISTRIBUTED_TIMEOUT_S overrides it.
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 60
+
+
 def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` when the environment is a cluster.
 
   A cluster is recognised by JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID), or by a multi-task SLURM / Open MPI job, which jax
-  auto-detects. Returns True when it initialised.
+  and JAX_PROCESS_ID), or by a multi-task SLURM / Open MPI job or a
+  multi-host TPU slice (TPU_WORKER_HOSTNAMES), which jax auto-detects;
+  JAX_DISTRIBUTED=1 asks for auto-detection elsewhere. CPU collectives go through gloo (the CPU backend has no other
+  cross-process implementation). A peer silent for JAX_DISTRIBUTED_TIMEOUT_S
+  seconds ends every process with an error rather than a hang. Returns True
+  when this process is (now or already) part of a multi-process run.
   """
+  if jax.distributed.is_initialized():
+    return True
   env = os.environ
+  timeout = int(env.get('JAX_DISTRIBUTED_TIMEOUT_S', DEFAULT_DISTRIBUTED_TIMEOUT_S))
+  kwargs = dict(heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout,
+                initialization_timeout=max(timeout, 60))
   if env.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize(
-        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']),
-    )
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    jax.distributed.initialize()
-  else:
+    kwargs.update(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                  num_processes=int(env['JAX_NUM_PROCESSES']), process_id=int(env['JAX_PROCESS_ID']))
+  elif not (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+             or ',' in env.get('TPU_WORKER_HOSTNAMES', '') or env.get('JAX_DISTRIBUTED') == '1'):
     return False
-  log.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**kwargs)
+  log.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
 
 

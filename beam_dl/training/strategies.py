@@ -195,5 +195,8 @@ class PmapStrategy:
 
 def make_strategy(cfg: TrainConfig, devices=None):
   if cfg.sharding.mode == 'pmap':
+    if jax.process_count() > 1:
+      raise ValueError(f'sharding.mode=pmap runs in one process, this run has {jax.process_count()}: '
+                       'use dp, fsdp or tensor (jit over a mesh of every process\'s devices)')
     return PmapStrategy(cfg, devices)
   return MeshStrategy(cfg, devices)

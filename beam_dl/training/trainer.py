@@ -10,6 +10,7 @@ and finally exports the model for serving with `beam_dl.models.checkpoints.save`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -113,10 +114,30 @@ def evaluate(cfg: TrainConfig, strategy, state) -> dict:
       use_ids=bool(cfg.model_kwargs.get('vocab_size')),
   )
   totals = None
-  for batch in ds.as_numpy_iterator():
+  for batch in _in_step(ds):
     sums = strategy.eval_sums(state, strategy.put(input_pipeline.pad_batch(batch, batch_size)))
     totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
   return losses.finalize(jax.device_get(totals)) if totals is not None else {}
+
+
+def _in_step(ds):
+  """The batches of a finite tf.data pass, kept in step across processes.
+
+  Each eval step is a collective, so every process must run as many: while
+  any process still has a batch, one that has run out contributes an empty
+  batch (padded to weight 0). One process: the batches as they come.
+  """
+  if jax.process_count() == 1:
+    yield from ds.as_numpy_iterator()
+    return
+  from jax.experimental import multihost_utils
+
+  empty = {k: np.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype.as_numpy_dtype)
+           for k, spec in ds.element_spec.items()}
+  for batch in itertools.chain(ds.as_numpy_iterator(), itertools.repeat(None)):
+    if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+      return
+    yield empty if batch is None else batch
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] = (),
