@@ -305,7 +305,7 @@ def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(di
     with caplog.at_level(logging.WARNING, logger='beam_dl'):
       result = classify_images.run(['--input', _write_pngs(tmp_path / name, images), '--model_dir', model_dir,
                                     '--output', str(tmp_path / name / 'pred'), '--runner', 'FnApiRunner', *extra])
-    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.operations.drift'))['gauges']
+    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
     runs[name] = ([r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
                   {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name})
     assert len(read_jsonl(str(tmp_path / name / 'pred-0*.jsonl'))) == len(x_test)  # predictions unaffected
