@@ -110,3 +110,25 @@ def hdfs_cluster(workdir: str, timeout_s: float = 240):
     with open(details) as f:
       namenode_port = json.load(f)['namenode_port']
     yield Hdfs('127.0.0.1', http_port, namenode_port)
+
+
+def cluster_env() -> dict[str, str]:
+  """The environment a test cluster's JVMs, and so its Python SDK workers, run
+  in: the repository on PYTHONPATH (workers unpickle `transforms.*` DoFns by
+  reference), JAX on CPU with one device per worker."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH', '')) if p)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['XLA_FLAGS'] = ''
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return env
+
+
+@contextlib.contextmanager
+def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1):
+  """`beam_dl.services.flink_cluster.FlinkCluster` (the code behind `python -m
+  beam_dl.services.flink_cluster`) with its config and logs under workdir."""
+  from beam_dl.services.flink_cluster import FlinkCluster  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env()) as cluster:
+    yield cluster

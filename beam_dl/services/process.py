@@ -98,10 +98,64 @@ def service_process(
     stop_process_group(process, grace_s)
 
 
+def interrupt_on_sigterm() -> None:
+  """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so
+  the `with` blocks of a service's `python -m` entry stop what they started
+  (by default SIGTERM ends Python at once and its JVMs outlive it)."""
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+  signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve_until_stopped() -> None:
   """Blocks until SIGINT or SIGTERM: what a service's `python -m` entry does
-  after printing its address, so the `with` block around it tears it down."""
+  after printing its address, so the `with` block around it tears it down.
+  Later SIGINTs and SIGTERMs are ignored, so the teardown runs to its end."""
+  interrupt_on_sigterm()
   try:
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    while True:
+      signal.pause()
   except KeyboardInterrupt:
     pass
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+# A process a cluster member starts may leave the member's process group (Beam's
+# Python boot binary puts each SDK worker in a group of its own) and outlive the
+# member when it is killed with SIGKILL. Members are therefore started with an
+# environment variable naming them; every descendant inherits it, so a
+# member's leftovers can be found and ended whatever group they are in.
+MEMBER_ENV = 'BEAM_DL_SERVICE_MEMBER'
+
+
+def processes_tagged(prefix: str) -> list[int]:
+  """Pids of this user's processes whose MEMBER_ENV value starts with prefix (Linux /proc)."""
+  needle = f'{MEMBER_ENV}={prefix}'.encode()
+  pids = []
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit() or int(entry) == os.getpid():
+      continue
+    try:
+      with open(f'/proc/{entry}/environ', 'rb') as f:
+        variables = f.read().split(b'\0')
+    except OSError:  # gone, or another user's
+      continue
+    if any(v.startswith(needle) for v in variables):
+      pids.append(int(entry))
+  return pids
+
+
+def kill_tagged(prefix: str, grace_s: float = 5) -> list[int]:
+  """SIGTERM to every process tagged with prefix, SIGKILL to any left after
+  grace_s; returns the pids it signalled."""
+  pids = processes_tagged(prefix)
+  for pid in pids:
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline and processes_tagged(prefix):
+    time.sleep(0.1)
+  for pid in processes_tagged(prefix):
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGKILL)
+  return pids
