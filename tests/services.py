@@ -132,3 +132,13 @@ def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1):
   os.makedirs(workdir, exist_ok=True)
   with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env()) as cluster:
     yield cluster
+
+
+@contextlib.contextmanager
+def spark_cluster(workdir: str, workers: int = 2):
+  """`beam_dl.services.spark_cluster.SparkCluster` (the code behind `python -m
+  beam_dl.services.spark_cluster`) with its SPARK_HOME, work dirs and logs under workdir."""
+  from beam_dl.services.spark_cluster import SparkCluster  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with SparkCluster(workers, workdir=workdir, env=cluster_env()) as cluster:
+    yield cluster

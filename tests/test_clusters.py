@@ -1,4 +1,4 @@
-"""Pipelines on real local clusters, and faults a cluster user meets.
+"""Pipelines on real local clusters (Flink, Spark standalone), and faults a cluster user meets.
 
 A Flink session cluster (`beam_dl.services.flink_cluster`: a JobManager, two
 TaskManagers of one slot, Beam's job server, Python SDK workers run by Beam's
@@ -8,6 +8,10 @@ job's Python workers run on it: the job must still finish with every input
 in exactly one output record, no temporary folder left, and nothing the
 killed TaskManager started still running. The service's own entry point
 prints one line of flags and stops every process it started on SIGTERM.
+A Spark standalone cluster (`beam_dl.services.spark_cluster`: a Master, two
+one-core Workers, Beam's job server as the driver) runs classify_images too,
+equal to the DirectRunner, with Python workers under both Workers' executors;
+then again with one executor killed with SIGKILL mid-job: every input once.
 
 Each test starts JVMs (one cluster at a time): marked slow, with hard timeouts.
 Skipped with the reason where `make runners` (job server, boot binary) has not run.
@@ -27,6 +31,7 @@ import pytest
 
 from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services import flink_cluster as fc
+from beam_dl.services import spark_cluster as sc
 from beam_dl.services.process import processes_tagged
 from tests import runner_matrix as rm
 from tests import services
@@ -95,8 +100,9 @@ def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
   workdir = str(tmp_path / 'cluster')
   command = [sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '2', '--slots', '1',
              '--workdir', workdir]
-  process = subprocess.Popen(command, env=services.cluster_env(), cwd=rm.REPO, stdout=subprocess.PIPE,
-                             stderr=open(tmp_path / 'service.log', 'wb'), text=True)  # pylint: disable=consider-using-with
+  stderr = open(tmp_path / 'service.log', 'wb')  # pylint: disable=consider-using-with
+  process = subprocess.Popen(command, env=services.cluster_env(), cwd=rm.REPO, stdout=subprocess.PIPE, stderr=stderr,
+                             text=True)
   try:
     line = process.stdout.readline()
     flags = shlex.split(line)
@@ -122,54 +128,111 @@ def test_bad_flags_fail_with_one_line_and_exit_code_2():
   assert result.stderr.strip().count('\n') == 0 and '--taskmanagers' in result.stderr, result.stderr
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='class')
 def cluster(tmp_path_factory):
   with services.flink_cluster(str(tmp_path_factory.mktemp('flink_cluster'))) as c:
     yield c
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
-@pytest.mark.timeout(600)
-def test_classify_images_on_the_flink_cluster_equals_direct(cluster, data_dir, reference, tmp_path):
-  out_dir = str(tmp_path / 'out')
-  before = [_harness_starts(cluster, i) for i in range(2)]
-  _finish(_run(data_dir, out_dir, cluster.runner_flags), out_dir)
-  rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
-  assert set(_records_per_input(out_dir).values()) == {1}
-  # Parallelism 2 over two one-slot TaskManagers: both ran Python workers for this job.
-  after = [_harness_starts(cluster, i) for i in range(2)]
-  assert all(a > b for a, b in zip(after, before)), (before, after)
+class TestFlinkCluster:
+  """One Flink cluster (stopped before any other starts) for a clean run and a run with a fault."""
+
+  @pytest.mark.slow
+  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+  @pytest.mark.timeout(600)
+  def test_classify_images_on_the_flink_cluster_equals_direct(self, cluster, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    before = [_harness_starts(cluster, i) for i in range(2)]
+    _finish(_run(data_dir, out_dir, cluster.runner_flags), out_dir)
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert set(_records_per_input(out_dir).values()) == {1}
+    # Parallelism 2 over two one-slot TaskManagers: both ran Python workers for this job.
+    after = [_harness_starts(cluster, i) for i in range(2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+  @pytest.mark.slow
+  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+  @pytest.mark.timeout(600)
+  def test_a_taskmanager_killed_mid_job_loses_and_doubles_nothing(self, cluster, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    victim = cluster.processes.tag('taskmanager-0')
+    generation = cluster.processes.member('taskmanager-0').generation
+    restarts = cluster.processes.member('taskmanager-0').restarts
+    job = _run(data_dir, out_dir, cluster.runner_flags)
+    # Kill once the TaskManager runs Python workers for this job (its boot binary started one).
+    deadline = time.monotonic() + 300
+    while not any('sdk_worker_main' in _cmdline(p) for p in processes_tagged(victim)):
+      assert job.poll() is None, 'the job ended before a worker ran on taskmanager-0'
+      assert time.monotonic() < deadline, 'no Python worker on taskmanager-0'
+      time.sleep(0.2)
+    jvm = cluster.processes.member('taskmanager-0').process.pid
+    orphans = [p for p in processes_tagged(f'{victim}{generation}') if p != jvm]  # its boot binary, SDK workers
+    cluster.kill_taskmanager(0)
+    _finish(job, out_dir)
+
+    counts = _records_per_input(out_dir)
+    assert sorted(counts) == sorted(list(reference['predictions']) + [f for f, _, _ in reference['failed']])
+    assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+    # The supervisor ended what the killed TaskManager started and brought up a new one.
+    assert orphans and not processes_tagged(f'{victim}{generation}')
+    assert cluster.processes.member('taskmanager-0').restarts == restarts + 1
+    deadline = time.monotonic() + 60
+    while cluster.registered_taskmanagers() < 2 and time.monotonic() < deadline:
+      time.sleep(0.5)
+    assert cluster.registered_taskmanagers() >= 2
+
+
+@pytest.fixture(scope='class')
+def spark(tmp_path_factory):
+  with services.spark_cluster(str(tmp_path_factory.mktemp('spark_cluster'))) as c:
+    yield c
+
+
+def _executor_logs(cluster, i: int) -> str:
+  """The stderr of every executor Worker i has run (where their Python workers log)."""
+  text = ''
+  for path in glob.glob(os.path.join(cluster.workdir, f'worker-{i}', 'app-*', '*', 'stderr')):
+    with open(path, errors='replace') as f:
+      text += f.read()
+  return text
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
-@pytest.mark.timeout(600)
-def test_a_taskmanager_killed_mid_job_loses_and_doubles_nothing(cluster, data_dir, reference, tmp_path):
-  out_dir = str(tmp_path / 'out')
-  victim = cluster.processes.tag('taskmanager-0')
-  generation = cluster.processes.member('taskmanager-0').generation
-  restarts = cluster.processes.member('taskmanager-0').restarts
-  job = _run(data_dir, out_dir, cluster.runner_flags)
-  # Kill once the TaskManager runs Python workers for this job (its boot binary started one).
-  deadline = time.monotonic() + 300
-  while not any('sdk_worker_main' in _cmdline(p) for p in processes_tagged(victim)):
-    assert job.poll() is None, 'the job ended before a worker ran on taskmanager-0'
-    assert time.monotonic() < deadline, 'no Python worker on taskmanager-0'
-    time.sleep(0.2)
-  orphans = [p for p in processes_tagged(f'{victim}{generation}') if p != cluster.processes.member('taskmanager-0').process.pid]
-  cluster.kill_taskmanager(0)
-  _finish(job, out_dir)
+@pytest.mark.skipif(bool(sc.unavailable()), reason=sc.unavailable() or '')
+class TestSparkCluster:
+  """One Spark cluster, started after the Flink cluster has stopped."""
 
-  counts = _records_per_input(out_dir)
-  assert sorted(counts) == sorted(list(reference['predictions']) + [f for f, _, _ in reference['failed']])
-  assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
-  rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
-  assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
-  # The supervisor ended what the killed TaskManager started and brought up a new one.
-  assert orphans and not processes_tagged(f'{victim}{generation}')
-  assert cluster.processes.member('taskmanager-0').restarts == restarts + 1
-  deadline = time.monotonic() + 60
-  while cluster.registered_taskmanagers() < 2 and time.monotonic() < deadline:
-    time.sleep(0.5)
-  assert cluster.registered_taskmanagers() >= 2
+  @pytest.mark.timeout(600)
+  def test_classify_images_on_the_spark_cluster_equals_direct(self, spark, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    before = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
+    _finish(_run(data_dir, out_dir, spark.runner_flags), out_dir)
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert set(_records_per_input(out_dir).values()) == {1}
+    # Both Workers' executors ran Python workers for this job.
+    after = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+  @pytest.mark.timeout(600)
+  def test_an_executor_killed_mid_job_loses_and_doubles_nothing(self, spark, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    worker = spark.processes.tag('worker-0')
+    job = _run(data_dir, out_dir, spark.runner_flags)
+    # Kill worker-0's executor JVM once it runs Python workers for this job.
+    deadline = time.monotonic() + 300
+    while not any('sdk_worker_main' in _cmdline(p) for p in processes_tagged(worker)):
+      assert job.poll() is None, 'the job ended before a worker ran under worker-0'
+      assert time.monotonic() < deadline, 'no Python worker under worker-0'
+      time.sleep(0.2)
+    executors = [p for p in processes_tagged(worker) if 'CoarseGrainedExecutorBackend' in _cmdline(p)]
+    assert len(executors) == 1, executors
+    os.kill(executors[0], signal.SIGKILL)
+    _finish(job, out_dir)
+
+    counts = _records_per_input(out_dir)
+    assert sorted(counts) == sorted(list(reference['predictions']) + [f for f, _, _ in reference['failed']])
+    assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)

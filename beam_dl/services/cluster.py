@@ -8,8 +8,9 @@ so that what a member starts and then leaves behind (the Python SDK workers
 Beam's boot binary runs in process groups of their own) is found and ended
 with it. A supervisor thread restarts a member that exits, as Kubernetes or
 YARN would, after ending its leftovers; `stop()` ends the group, then every
-tagged process. Readiness and the commands themselves belong to the
-cluster's own module (flink_cluster.py, spark_cluster.py).
+tagged process. `LocalCluster` is the context manager around them; the
+commands and readiness checks belong to each cluster's own module
+(flink_cluster.py, spark_cluster.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -140,3 +143,57 @@ class ClusterProcesses:
         with contextlib.suppress(subprocess.TimeoutExpired):
           member.process.wait(5)
       kill_tagged(self.tag(), grace_s=2)
+
+
+class LocalCluster:
+  """What the Flink and Spark clusters share: start (stopping what started
+  if any step fails), wait for readiness with the members' logs on failure,
+  stop, and the context-manager protocol. Subclasses write `_start()`."""
+
+  name = 'cluster'
+
+  def __init__(self, workdir: Optional[str], env: Mapping[str, str], start_timeout_s: float):
+    self._own_dir = workdir is None
+    self.workdir = workdir or tempfile.mkdtemp(prefix=f'{self.name.lower()}_cluster_')
+    self._timeout = start_timeout_s
+    self.processes = ClusterProcesses(env, cwd=self.workdir)
+    self.started_s: Optional[float] = None
+
+  def _start(self) -> None:
+    raise NotImplementedError
+
+  def start(self):
+    start = time.monotonic()
+    try:
+      self._start()
+    except BaseException:
+      self.stop()
+      raise
+    self.started_s = time.monotonic() - start
+    return self
+
+  def log_path(self, member: str) -> str:
+    return os.path.join(self.workdir, f'{member}.log')
+
+  def wait_until(self, ready: Callable[[], bool], members: Sequence[str]) -> None:
+    """Returns once ready(); ServiceError with the logs' tails if a member exits or time runs out."""
+    deadline = time.monotonic() + self._timeout
+    while not ready():
+      for member in members:
+        self.processes.check_alive(member)
+      if time.monotonic() > deadline:
+        tails = '\n'.join(f'--- {m}\n{log_tail(self.log_path(m), 1500)}' for m in members)
+        raise ServiceError(f'{self.name} cluster not ready after {self._timeout:g} s:\n{tails}')
+      time.sleep(0.3)
+
+  def stop(self) -> None:
+    """Stops every process of the cluster (SDK workers included); removes its own workdir."""
+    self.processes.stop()
+    if self._own_dir:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()

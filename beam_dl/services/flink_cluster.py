@@ -38,12 +38,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 
-from beam_dl.services.cluster import ClusterProcesses
-from beam_dl.services.process import ServiceError, free_port, log_tail, port_open, serve_until_stopped
+from beam_dl.services.cluster import LocalCluster
+from beam_dl.services.process import ServiceError, free_port, interrupt_on_sigterm, port_open, serve_until_stopped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
@@ -58,6 +56,8 @@ JAVA_17_OPTS = (
         'java.lang', 'java.net', 'java.io', 'java.nio', 'sun.nio.ch', 'java.lang.reflect', 'java.text', 'java.time',
         'java.util', 'java.util.concurrent', 'java.util.concurrent.atomic', 'java.util.concurrent.locks')),
 )
+# Flink's and Beam's logs go through slf4j-simple on this classpath: time-stamped, to read recovery times.
+LOG_OPTS = ('-Dorg.slf4j.simpleLogger.showDateTime=true', '-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS')
 
 
 def flink_lib() -> str | None:
@@ -153,10 +153,21 @@ def resource_params(lib: str, conf_dir: str, which: str) -> tuple[list[str], lis
       ['java', '-cp', os.path.join(lib, '*'), 'org.apache.flink.runtime.util.bash.BashJavaUtils',
        f'GET_{which}_RESOURCE_PARAMS', '--configDir', conf_dir],
       capture_output=True, text=True, timeout=120, check=False)
-  lines = [line.split(':', 1)[1] for line in result.stdout.splitlines() if line.startswith('BASH_JAVA_UTILS_EXEC_RESULT:')]
+  marker = 'BASH_JAVA_UTILS_EXEC_RESULT:'
+  lines = [line[len(marker):] for line in result.stdout.splitlines() if line.startswith(marker)]
   if result.returncode or len(lines) < 2:
     raise ServiceError(f'Flink could not size the {which} from {conf_dir}:\n{(result.stdout + result.stderr)[-3000:]}')
   return shlex.split(lines[-2]), shlex.split(lines[-1])
+
+
+def worker_env(env: dict | None) -> dict[str, str]:
+  """The environment of a cluster's JVMs, which its Python workers inherit:
+  this interpreter first on PATH (the boot binary runs `python`), and no venv
+  of the boot binary's own (the workers run in this environment)."""
+  env = dict(os.environ if env is None else env)
+  env['PATH'] = os.pathsep.join((os.path.dirname(sys.executable), env.get('PATH', '')))
+  env['RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT'] = '1'
+  return env
 
 
 def rest_json(port: int, path: str) -> dict | None:
@@ -168,9 +179,11 @@ def rest_json(port: int, path: str) -> dict | None:
     return None
 
 
-class FlinkCluster:
+class FlinkCluster(LocalCluster):
   """Context manager: a Flink session cluster, Beam's job server on it, and
   Python workers it owns; `runner_flags` are what a pipeline passes."""
+
+  name = 'Flink'
 
   def __init__(self, taskmanagers: int = 2, slots: int = 1, *, workdir: str | None = None,
                bind_host: str = '127.0.0.1', tm_memory_mb: int = 512, jm_memory_mb: int = 640,
@@ -180,39 +193,13 @@ class FlinkCluster:
       raise ServiceError(reason)
     if taskmanagers < 1 or slots < 1:
       raise ValueError(f'taskmanagers and slots must be >= 1, got {taskmanagers}, {slots}')
+    super().__init__(workdir, worker_env(env), start_timeout_s)
     self.taskmanagers, self.slots = taskmanagers, slots
-    self._own_dir = workdir is None
-    self.workdir = workdir or tempfile.mkdtemp(prefix='flink_cluster_')
     self.bind_host = bind_host
     self._tm_mb, self._jm_mb, self._js_mb = tm_memory_mb, jm_memory_mb, job_server_heap_mb
-    self._timeout = start_timeout_s
     self.lib = flink_lib()
     self.rest_port = free_port()
     self.job_port = free_port()
-    self.processes = ClusterProcesses(self._process_env(env), cwd=self.workdir)
-    self.started_s: float | None = None
-
-  @staticmethod
-  def _process_env(env: dict | None) -> dict[str, str]:
-    """The JVMs' environment, which the Python workers inherit: this
-    interpreter first on PATH (the boot binary runs `python`), no venv of the
-    boot binary's own (the workers run in this environment)."""
-    env = dict(os.environ if env is None else env)
-    env['PATH'] = os.pathsep.join((os.path.dirname(sys.executable), env.get('PATH', '')))
-    env['RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT'] = '1'
-    return env
-
-  # ----------------------------------------------------------------- start
-
-  def start(self) -> 'FlinkCluster':
-    start = time.monotonic()
-    try:
-      self._start()
-    except BaseException:
-      self.stop()
-      raise
-    self.started_s = time.monotonic() - start
-    return self
 
   def _start(self) -> None:
     conf = os.path.join(self.workdir, 'conf')
@@ -224,39 +211,26 @@ class FlinkCluster:
     jm_jvm, jm_props = resource_params(self.lib, conf, 'JM')
     tm_jvm, tm_props = resource_params(self.lib, conf, 'TM')
     classpath = os.path.join(self.lib, '*')
-    java = ['java', *JAVA_17_OPTS, '-XX:+UseSerialGC', '-cp', classpath]
+    java = ['java', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath]
     self.processes.start('jobmanager', [
         *java[:1], *jm_jvm, *java[1:], 'org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint',
-        '--configDir', conf, *jm_props], self._log('jobmanager'))
+        '--configDir', conf, *jm_props], self.log_path('jobmanager'))
     for i in range(self.taskmanagers):
       # Its own working directory: the boot binary writes each job's pipeline_options.json there.
       cwd = os.path.join(self.workdir, f'taskmanager-{i}')
       os.makedirs(cwd, exist_ok=True)
       self.processes.start(f'taskmanager-{i}', [
           *java[:1], *tm_jvm, *java[1:], 'org.apache.flink.runtime.taskexecutor.TaskManagerRunner',
-          '--configDir', conf, *tm_props], self._log(f'taskmanager-{i}'), restart=True, cwd=cwd)
+          '--configDir', conf, *tm_props], self.log_path(f'taskmanager-{i}'), restart=True, cwd=cwd)
     self.processes.start('job_server', [
-        'java', f'-Xmx{self._js_mb}m', *JAVA_17_OPTS, '-XX:+UseSerialGC', '-cp', classpath,
+        'java', f'-Xmx{self._js_mb}m', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath,
         'org.apache.beam.runners.flink.FlinkJobServerDriver', '--flink-master', self.flink_master,
         '--artifacts-dir', os.path.join(self.workdir, 'artifacts'), '--job-host', '127.0.0.1',
         '--job-port', str(self.job_port), '--artifact-port', '0', '--expansion-port', '0'],
-        self._log('job_server'))
-    self._wait(lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
-               ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))))
+        self.log_path('job_server'))
+    self.wait_until(lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
+                    ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))))
     self.processes.supervise()
-
-  def _log(self, name: str) -> str:
-    return os.path.join(self.workdir, f'{name}.log')
-
-  def _wait(self, ready, names) -> None:
-    deadline = time.monotonic() + self._timeout
-    while not ready():
-      for name in names:
-        self.processes.check_alive(name)
-      if time.monotonic() > deadline:
-        tails = '\n'.join(f'--- {n}\n{log_tail(self._log(n), 1500)}' for n in names)
-        raise ServiceError(f'Flink cluster not ready after {self._timeout:g} s:\n{tails}')
-      time.sleep(0.3)
 
   # ----------------------------------------------------------------- state
 
@@ -293,20 +267,6 @@ class FlinkCluster:
     process.kill()
     return process.pid
 
-  # ------------------------------------------------------------------ stop
-
-  def stop(self) -> None:
-    """Stops every process of the cluster (SDK workers included); removes its own workdir."""
-    self.processes.stop()
-    if self._own_dir:
-      shutil.rmtree(self.workdir, ignore_errors=True)
-
-  def __enter__(self) -> 'FlinkCluster':
-    return self.start()
-
-  def __exit__(self, *exc) -> None:
-    self.stop()
-
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m beam_dl.services.flink_cluster', description=__doc__.split('\n')[0])
@@ -331,6 +291,7 @@ def main(argv=None):
   import logging  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stderr)
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  interrupt_on_sigterm()  # a SIGTERM while the cluster starts also stops what has started
   cluster = FlinkCluster(args.taskmanagers, args.slots, workdir=args.workdir, bind_host=args.bind_host,
                          tm_memory_mb=args.taskmanager_memory_mb)
   with cluster:
