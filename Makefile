@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint format services install clean hdfs runners kafka-jars kafka-io pushgateway
+.PHONY: demo test test-quick lint format services install clean hdfs runners boot kafka-jars kafka-io pushgateway
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,8 +63,8 @@ $(HADOOP_LIB)/.fetched: third_party/hadoop/pom.xml
 RUNNERS_DIR ?= .runners
 PRISM_VERSION ?= v2.77.0
 
-runners: $(RUNNERS_DIR)/.job-servers $(RUNNERS_DIR)/prism
-	@ls -1 $(abspath $(RUNNERS_DIR))/*job-server*.jar $(abspath $(RUNNERS_DIR))/prism
+runners: $(RUNNERS_DIR)/.job-servers $(RUNNERS_DIR)/prism boot
+	@ls -1 $(abspath $(RUNNERS_DIR))/*job-server*.jar $(abspath $(RUNNERS_DIR))/prism $(abspath $(RUNNERS_DIR))/python_boot
 
 $(RUNNERS_DIR)/.job-servers: third_party/beam-runners/pom.xml third_party/beam-runners/flink/pom.xml \
 		third_party/beam-runners/spark/pom.xml
@@ -74,6 +74,16 @@ $(RUNNERS_DIR)/.job-servers: third_party/beam-runners/pom.xml third_party/beam-r
 $(RUNNERS_DIR)/prism:
 	mkdir -p $(RUNNERS_DIR)
 	GOBIN=$(abspath $(RUNNERS_DIR)) go install github.com/apache/beam/sdks/v2/go/cmd/prism@$(PRISM_VERSION)
+
+# Beam's Python SDK boot binary (the entry point of Beam's Python containers), which
+# the Flink and Spark clusters of beam_dl.services run as PROCESS environments: it
+# starts sdk_worker_main for each worker a TaskManager or executor asks for. Built
+# with Go from the same Beam module as Prism (the Python SDK's version, $(PRISM_VERSION)).
+boot: $(RUNNERS_DIR)/python_boot
+$(RUNNERS_DIR)/python_boot:
+	mkdir -p $(RUNNERS_DIR)/.boot
+	GOBIN=$(abspath $(RUNNERS_DIR))/.boot go install github.com/apache/beam/sdks/v2/python/container@$(PRISM_VERSION)
+	mv $(RUNNERS_DIR)/.boot/container $@ && rmdir $(RUNNERS_DIR)/.boot
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache .runners .cache

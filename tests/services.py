@@ -39,3 +39,35 @@ def mlflow_server(workdir: str, timeout_s: float = 240):
       ready=lambda: http_ok(f'{uri}/health'), timeout_s=timeout_s,
   ):  # fmt: skip
     yield uri
+
+
+def cluster_env() -> dict[str, str]:
+  """The environment a test cluster's JVMs, and so its Python SDK workers, run
+  in: the repository on PYTHONPATH (workers unpickle `transforms.*` DoFns by
+  reference), JAX on CPU with one device per worker."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH', '')) if p)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['XLA_FLAGS'] = ''
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return env
+
+
+@contextlib.contextmanager
+def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1):
+  """`beam_dl.services.flink_cluster.FlinkCluster` (the code behind `python -m
+  beam_dl.services.flink_cluster`) with its config and logs under workdir."""
+  from beam_dl.services.flink_cluster import FlinkCluster  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env()) as cluster:
+    yield cluster
+
+
+@contextlib.contextmanager
+def spark_cluster(workdir: str, workers: int = 2):
+  """`beam_dl.services.spark_cluster.SparkCluster` (the code behind `python -m
+  beam_dl.services.spark_cluster`) with its SPARK_HOME, work dirs and logs under workdir."""
+  from beam_dl.services.spark_cluster import SparkCluster  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with SparkCluster(workers, workdir=workdir, env=cluster_env()) as cluster:
+    yield cluster

@@ -132,3 +132,44 @@ def serve_until_stopped() -> None:
   what a service's `python -m` entry does after printing its address."""
   while True:
     signal.pause()
+
+
+# A process a cluster member starts may leave the member's process group (Beam's
+# Python boot binary puts each SDK worker in a group of its own) and outlive the
+# member when it is killed with SIGKILL. Members are therefore started with an
+# environment variable naming them; every descendant inherits it, so a
+# member's leftovers can be found and ended whatever group they are in.
+MEMBER_ENV = 'BEAM_DL_SERVICE_MEMBER'
+
+
+def processes_tagged(prefix: str) -> list[int]:
+  """Pids of this user's processes whose MEMBER_ENV value starts with prefix (Linux /proc)."""
+  needle = f'{MEMBER_ENV}={prefix}'.encode()
+  pids = []
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit() or int(entry) == os.getpid():
+      continue
+    try:
+      with open(f'/proc/{entry}/environ', 'rb') as f:
+        variables = f.read().split(b'\0')
+    except OSError:  # gone, or another user's
+      continue
+    if any(v.startswith(needle) for v in variables):
+      pids.append(int(entry))
+  return pids
+
+
+def kill_tagged(prefix: str, grace_s: float = 5) -> list[int]:
+  """SIGTERM to every process tagged with prefix, SIGKILL to any left after
+  grace_s; returns the pids it signalled."""
+  pids = processes_tagged(prefix)
+  for pid in pids:
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline and processes_tagged(prefix):
+    time.sleep(0.1)
+  for pid in processes_tagged(prefix):
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGKILL)
+  return pids

@@ -1,0 +1,199 @@
+"""The processes of a local cluster (Flink, Spark): one group, supervised, stopped together.
+
+A cluster is a coordinator (Flink's JobManager, Spark's Master), members
+(TaskManagers, Workers) and Beam's job server, each a JVM. `ClusterProcesses`
+starts them all in ONE process group (the coordinator's), so the group is
+the cluster, and tags each with `MEMBER_ENV` (`<cluster>/<member>/<generation>`)
+so that what a member starts and then leaves behind (the Python SDK workers
+Beam's boot binary runs in process groups of their own) is found and ended
+with it. A supervisor thread restarts a member that exits, as Kubernetes or
+YARN would, after ending its leftovers; `stop()` ends the group, then every
+tagged process. `LocalCluster` is the context manager around them; the
+commands and readiness checks belong to each cluster's own module
+(flink_cluster.py, spark_cluster.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Mapping, Optional, Sequence
+
+from beam_dl.services.process import MEMBER_ENV, ServiceError, kill_tagged, log_tail, processes_tagged
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Member:
+  """One supervised process: how to start it, and its current Popen."""
+
+  name: str
+  command: Sequence[str]
+  log_path: str
+  restart: bool
+  cwd: str
+  process: Optional[subprocess.Popen] = None
+  generation: int = 0
+  restarts: int = 0
+
+
+class ClusterProcesses:
+  """Starts, supervises and stops the processes of one cluster."""
+
+  def __init__(self, env: Mapping[str, str], cwd: str, *, poll_s: float = 0.5, grace_s: float = 10):
+    self.cluster_id = uuid.uuid4().hex[:12]
+    self._env = dict(env)
+    self._cwd = cwd
+    self._poll_s = poll_s
+    self._grace_s = grace_s
+    self._members: dict[str, Member] = {}
+    self._pgid: Optional[int] = None
+    self._lock = threading.Lock()
+    self._stopping = threading.Event()
+    self._supervisor: Optional[threading.Thread] = None
+    self.on_restart: Callable[[str], None] = lambda name: None
+
+  def tag(self, name: str = '') -> str:
+    """The MEMBER_ENV prefix of the cluster (name='') or of one member."""
+    return f'{self.cluster_id}/{name}/' if name else f'{self.cluster_id}/'
+
+  def start(self, name: str, command: Sequence[str], log_path: str, *, restart: bool = False,
+            cwd: Optional[str] = None) -> Member:
+    """Starts `command` as member `name` in the cluster's process group
+    (the first member's group); restart: the supervisor restarts it when it
+    exits; cwd: its working directory (default: the cluster's)."""
+    member = Member(name, list(command), log_path, restart, cwd or self._cwd)
+    with self._lock:
+      self._launch(member)
+      self._members[name] = member
+    return member
+
+  def _launch(self, member: Member) -> None:
+    env = {**self._env, MEMBER_ENV: f'{self.tag(member.name)}{member.generation}'}
+    with open(member.log_path, 'ab') as out:
+      # A new group in this session (a group of another session cannot be joined).
+      group = {'process_group': 0 if self._pgid is None else self._pgid}
+      member.process = subprocess.Popen(member.command, cwd=member.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, **group)
+    if self._pgid is None:
+      self._pgid = member.process.pid
+
+  def member(self, name: str) -> Member:
+    return self._members[name]
+
+  def pids(self, name: str) -> list[int]:
+    """Every live process of member `name`: the JVM and what it started."""
+    return processes_tagged(self.tag(name))
+
+  def check_alive(self, name: str) -> None:
+    """ServiceError with the log's tail if member `name` has exited."""
+    member = self._members[name]
+    if member.process.poll() is not None:
+      raise ServiceError(f'{name} exited with {member.process.returncode}:\n{log_tail(member.log_path)}')
+
+  def supervise(self) -> None:
+    """Starts the thread that restarts members (restart=True) that exit."""
+    self._supervisor = threading.Thread(target=self._watch, name=f'supervise-{self.cluster_id}', daemon=True)
+    self._supervisor.start()
+
+  def _watch(self) -> None:
+    while not self._stopping.wait(self._poll_s):
+      for member in list(self._members.values()):
+        if not member.restart or member.process.poll() is None:
+          continue
+        with self._lock:
+          if self._stopping.is_set():
+            return
+          old = f'{self.tag(member.name)}{member.generation}'
+          leftovers = kill_tagged(old, grace_s=2)
+          log.warning('%s exited with %s; ended %d of its processes; restarting it', member.name,
+                      member.process.returncode, len(leftovers))
+          member.generation += 1
+          member.restarts += 1
+          self._launch(member)
+        self.on_restart(member.name)
+
+  def stop(self) -> None:
+    """Stops supervising; SIGTERM to the group, SIGKILL after grace_s; then
+    ends every process still tagged with the cluster (SDK workers included)."""
+    self._stopping.set()
+    if self._supervisor is not None:
+      self._supervisor.join(10)
+    with self._lock:
+      if self._pgid is not None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(self._pgid, signal.SIGTERM)
+      deadline = time.monotonic() + self._grace_s
+      for member in self._members.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+          member.process.wait(max(0.1, deadline - time.monotonic()))
+      if self._pgid is not None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(self._pgid, signal.SIGKILL)
+      for member in self._members.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+          member.process.wait(5)
+      kill_tagged(self.tag(), grace_s=2)
+
+
+class LocalCluster:
+  """What the Flink and Spark clusters share: start (stopping what started
+  if any step fails), wait for readiness with the members' logs on failure,
+  stop, and the context-manager protocol. Subclasses write `_start()`."""
+
+  name = 'cluster'
+
+  def __init__(self, workdir: Optional[str], env: Mapping[str, str], start_timeout_s: float):
+    self._own_dir = workdir is None
+    self.workdir = workdir or tempfile.mkdtemp(prefix=f'{self.name.lower()}_cluster_')
+    self._timeout = start_timeout_s
+    self.processes = ClusterProcesses(env, cwd=self.workdir)
+    self.started_s: Optional[float] = None
+
+  def _start(self) -> None:
+    raise NotImplementedError
+
+  def start(self):
+    start = time.monotonic()
+    try:
+      self._start()
+    except BaseException:
+      self.stop()
+      raise
+    self.started_s = time.monotonic() - start
+    return self
+
+  def log_path(self, member: str) -> str:
+    return os.path.join(self.workdir, f'{member}.log')
+
+  def wait_until(self, ready: Callable[[], bool], members: Sequence[str]) -> None:
+    """Returns once ready(); ServiceError with the logs' tails if a member exits or time runs out."""
+    deadline = time.monotonic() + self._timeout
+    while not ready():
+      for member in members:
+        self.processes.check_alive(member)
+      if time.monotonic() > deadline:
+        tails = '\n'.join(f'--- {m}\n{log_tail(self.log_path(m), 1500)}' for m in members)
+        raise ServiceError(f'{self.name} cluster not ready after {self._timeout:g} s:\n{tails}')
+      time.sleep(0.3)
+
+  def stop(self) -> None:
+    """Stops every process of the cluster (SDK workers included); removes its own workdir."""
+    self.processes.stop()
+    if self._own_dir:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()

@@ -1,0 +1,306 @@
+"""A Flink 1.19 session cluster on this machine, with Beam's job server and Python workers it owns.
+
+    make runners boot                                    # once: .runners/ (job server, -lib/, boot binary)
+    python -m beam_dl.services.flink_cluster --taskmanagers 2 --slots 1
+    # prints one line of runner flags, runs until Ctrl-C or SIGTERM:
+    # --runner=FlinkRunner --flink_master=127.0.0.1:P --job_endpoint=localhost:J --parallelism=2
+    #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
+
+    with FlinkCluster(taskmanagers=2) as cluster:        # tests and benchmarks
+      ... cluster.runner_flags ...
+      cluster.kill_taskmanager(0)                        # kill -9; the cluster restarts it
+
+A JobManager (`StandaloneSessionClusterEntrypoint`), TaskManagers
+(`TaskManagerRunner`) and Beam's Flink job server (`FlinkJobServerDriver`,
+pointed at the JobManager) run as separate JVMs on the job server's own
+`-lib/` classpath, which bundles Flink's runtime: nothing else to fetch.
+The JVM flags and `-D` memory properties are the ones Flink's own scripts
+compute (`BashJavaUtils GET_JM_RESOURCE_PARAMS / GET_TM_RESOURCE_PARAMS`).
+Config lives in a temp dir; every port is free and bound to 127.0.0.1
+unless `bind_host` says otherwise.
+
+Python SDK workers run as PROCESS environments: each TaskManager starts
+Beam's Python boot binary (built by `make boot` with Go), which runs
+`sdk_worker_main` with this interpreter (the cluster's PATH starts with its
+bin/). A TaskManager killed with SIGKILL leaves its boot process and workers
+behind; the supervisor (`ClusterProcesses`) ends them and starts a new
+TaskManager, and Flink restarts the job from its last checkpoint (batch:
+the failed region) under a fixed-delay restart strategy. Jobs spread over
+every TaskManager (`cluster.evenly-spread-out-slots`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import urllib.request
+
+from beam_dl.services.cluster import LocalCluster
+from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped,
+                                      stopped_by_signals
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
+START_TIMEOUT_S = 240  # four JVMs starting on 2 loaded cores
+# Flink's default env.java.opts.all for Java 17 (its config.yaml): Kryo and Pekko reflect into java.base.
+JAVA_17_OPTS = (
+    '-XX:+IgnoreUnrecognizedVMOptions',
+    '--add-exports=java.base/sun.net.util=ALL-UNNAMED',
+    '--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED',
+    '--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED',
+    *(f'--add-opens=java.base/{p}=ALL-UNNAMED' for p in (
+        'java.lang', 'java.net', 'java.io', 'java.nio', 'sun.nio.ch', 'java.lang.reflect', 'java.text', 'java.time',
+        'java.util', 'java.util.concurrent', 'java.util.concurrent.atomic', 'java.util.concurrent.locks')),
+)
+# Flink's and Beam's logs go through slf4j-simple on this classpath: time-stamped, to read recovery times.
+LOG_OPTS = ('-Dorg.slf4j.simpleLogger.showDateTime=true', '-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS')
+
+
+def flink_lib() -> str | None:
+  """The Flink job server's classpath folder from `make runners` (BEAM_DL_FLINK_LIB overrides)."""
+  if os.environ.get('BEAM_DL_FLINK_LIB'):
+    return os.environ['BEAM_DL_FLINK_LIB']
+  found = sorted(glob.glob(os.path.join(RUNNERS_DIR, 'beam-runners-flink-*-job-server-*-lib')))
+  return found[-1] if found else None
+
+
+def python_boot() -> str:
+  """Beam's Python SDK boot binary (`make boot`); BEAM_DL_PYTHON_BOOT overrides."""
+  return os.environ.get('BEAM_DL_PYTHON_BOOT') or os.path.join(RUNNERS_DIR, 'python_boot')
+
+
+def unavailable() -> str | None:
+  """None when the cluster can start here, else what to run."""
+  lib = flink_lib()
+  if not lib or not glob.glob(os.path.join(lib, 'flink-runtime-*.jar')):
+    return f'no Flink job server classpath in {RUNNERS_DIR}: run `make runners`'
+  if not os.access(python_boot(), os.X_OK):
+    return f'no Python boot binary at {python_boot()}: run `make boot`'
+  if not shutil.which('java'):
+    return 'no `java` on PATH (Java 17)'
+  return None
+
+
+def flink_config(*, rpc_port: int, rest_port: int, blob_port: int, slots: int, bind_host: str, tm_memory_mb: int,
+                 jm_memory_mb: int, tmp_dir: str) -> dict[str, object]:
+  """The cluster's config.yaml (flat keys).
+
+  Memory: a JobManager of jm_memory_mb, TaskManagers of tm_memory_mb with a
+  small managed memory (the Python workers, not Flink, hold the data) and
+  enough network buffers for a batch job's blocking shuffles.
+  Heartbeats of 2 s / 10 s: a TaskManager killed mid-job is declared lost
+  within seconds, and the fixed-delay restart strategy reruns its work.
+  """
+  return {
+      'jobmanager.rpc.address': '127.0.0.1',
+      'jobmanager.rpc.port': rpc_port,
+      'jobmanager.bind-host': bind_host,
+      'taskmanager.bind-host': bind_host,
+      'taskmanager.host': '127.0.0.1',
+      'taskmanager.rpc.port': '0',
+      'taskmanager.data.port': 0,
+      'rest.address': '127.0.0.1',
+      'rest.bind-address': bind_host,
+      'rest.port': rest_port,
+      'blob.server.port': str(blob_port),
+      'metrics.internal.query-service.port': '0',
+      'jobmanager.memory.process.size': f'{jm_memory_mb}m',
+      'jobmanager.memory.jvm-metaspace.size': '192m',
+      'jobmanager.memory.jvm-overhead.min': '64m',
+      'taskmanager.memory.process.size': f'{tm_memory_mb}m',
+      'taskmanager.memory.jvm-metaspace.size': '160m',
+      'taskmanager.memory.jvm-overhead.min': '48m',
+      'taskmanager.memory.framework.heap.size': '64m',
+      # Batch shuffles read through a direct-memory pool inside the framework's off-heap memory.
+      'taskmanager.memory.framework.off-heap.size': '64m',
+      'taskmanager.memory.framework.off-heap.batch-shuffle.size': '32m',
+      # Each blocking (batch) result partition holds sort-shuffle.min-buffers (512 by default)
+      # of the TaskManager's network buffers: a batch job of a dozen steps needs them smaller.
+      'taskmanager.memory.network.min': '48m',
+      'taskmanager.memory.network.max': '48m',
+      'taskmanager.memory.segment-size': '16kb',
+      'taskmanager.network.sort-shuffle.min-buffers': 64,
+      'taskmanager.memory.managed.fraction': '0.05',
+      'taskmanager.numberOfTaskSlots': slots,
+      'cluster.evenly-spread-out-slots': 'true',
+      'restart-strategy.type': 'fixed-delay',
+      'restart-strategy.fixed-delay.attempts': 20,
+      'restart-strategy.fixed-delay.delay': '2 s',
+      'heartbeat.interval': 2000,
+      'heartbeat.timeout': 10000,
+      'io.tmp.dirs': tmp_dir,
+      'web.tmpdir': tmp_dir,
+      'blob.storage.directory': tmp_dir,
+      'env.java.opts.all': ' '.join(JAVA_17_OPTS),
+  }
+
+
+def write_config(conf_dir: str, config: dict[str, object]) -> None:
+  os.makedirs(conf_dir, exist_ok=True)
+  with open(os.path.join(conf_dir, 'config.yaml'), 'w', encoding='utf-8') as f:
+    for key, value in config.items():
+      f.write(f'{key}: {json.dumps(value) if isinstance(value, str) else value}\n')
+
+
+def resource_params(lib: str, conf_dir: str, which: str) -> tuple[list[str], list[str]]:
+  """(JVM flags, `-D key=value` dynamic properties) Flink's scripts compute
+  for the JobManager ('JM') or a TaskManager ('TM') from the config."""
+  result = subprocess.run(
+      ['java', '-cp', os.path.join(lib, '*'), 'org.apache.flink.runtime.util.bash.BashJavaUtils',
+       f'GET_{which}_RESOURCE_PARAMS', '--configDir', conf_dir],
+      capture_output=True, text=True, timeout=120, check=False)
+  marker = 'BASH_JAVA_UTILS_EXEC_RESULT:'
+  lines = [line[len(marker):] for line in result.stdout.splitlines() if line.startswith(marker)]
+  if result.returncode or len(lines) < 2:
+    raise ServiceError(f'Flink could not size the {which} from {conf_dir}:\n{(result.stdout + result.stderr)[-3000:]}')
+  return shlex.split(lines[-2]), shlex.split(lines[-1])
+
+
+def worker_env(env: dict | None) -> dict[str, str]:
+  """The environment of a cluster's JVMs, which its Python workers inherit:
+  this interpreter first on PATH (the boot binary runs `python`), and no venv
+  of the boot binary's own (the workers run in this environment)."""
+  env = dict(os.environ if env is None else env)
+  env['PATH'] = os.pathsep.join((os.path.dirname(sys.executable), env.get('PATH', '')))
+  env['RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT'] = '1'
+  return env
+
+
+def rest_json(port: int, path: str) -> dict | None:
+  """GET http://127.0.0.1:port/path as JSON; None while it does not answer."""
+  try:
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=3) as r:
+      return json.load(r)
+  except (OSError, ValueError):
+    return None
+
+
+class FlinkCluster(LocalCluster):
+  """Context manager: a Flink session cluster, Beam's job server on it, and
+  Python workers it owns; `runner_flags` are what a pipeline passes."""
+
+  name = 'Flink'
+
+  def __init__(self, taskmanagers: int = 2, slots: int = 1, *, workdir: str | None = None,
+               bind_host: str = '127.0.0.1', tm_memory_mb: int = 512, jm_memory_mb: int = 640,
+               job_server_heap_mb: int = 512, start_timeout_s: float = START_TIMEOUT_S, env: dict | None = None):
+    reason = unavailable()
+    if reason:
+      raise ServiceError(reason)
+    if taskmanagers < 1 or slots < 1:
+      raise ValueError(f'taskmanagers and slots must be >= 1, got {taskmanagers}, {slots}')
+    super().__init__(workdir, worker_env(env), start_timeout_s)
+    self.taskmanagers, self.slots = taskmanagers, slots
+    self.bind_host = bind_host
+    self._tm_mb, self._jm_mb, self._js_mb = tm_memory_mb, jm_memory_mb, job_server_heap_mb
+    self.lib = flink_lib()
+    self.rest_port = free_port()
+    self.job_port = free_port()
+
+  def _start(self) -> None:
+    conf = os.path.join(self.workdir, 'conf')
+    tmp = os.path.join(self.workdir, 'tmp')
+    os.makedirs(tmp, exist_ok=True)
+    write_config(conf, flink_config(
+        rpc_port=free_port(), rest_port=self.rest_port, blob_port=free_port(), slots=self.slots,
+        bind_host=self.bind_host, tm_memory_mb=self._tm_mb, jm_memory_mb=self._jm_mb, tmp_dir=tmp))
+    jm_jvm, jm_props = resource_params(self.lib, conf, 'JM')
+    tm_jvm, tm_props = resource_params(self.lib, conf, 'TM')
+    classpath = os.path.join(self.lib, '*')
+    java = ['java', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath]
+    self.processes.start('jobmanager', [
+        *java[:1], *jm_jvm, *java[1:], 'org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint',
+        '--configDir', conf, *jm_props], self.log_path('jobmanager'))
+    for i in range(self.taskmanagers):
+      # Its own working directory: the boot binary writes each job's pipeline_options.json there.
+      cwd = os.path.join(self.workdir, f'taskmanager-{i}')
+      os.makedirs(cwd, exist_ok=True)
+      self.processes.start(f'taskmanager-{i}', [
+          *java[:1], *tm_jvm, *java[1:], 'org.apache.flink.runtime.taskexecutor.TaskManagerRunner',
+          '--configDir', conf, *tm_props], self.log_path(f'taskmanager-{i}'), restart=True, cwd=cwd)
+    self.processes.start('job_server', [
+        'java', f'-Xmx{self._js_mb}m', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath,
+        'org.apache.beam.runners.flink.FlinkJobServerDriver', '--flink-master', self.flink_master,
+        '--artifacts-dir', os.path.join(self.workdir, 'artifacts'), '--job-host', '127.0.0.1',
+        '--job-port', str(self.job_port), '--artifact-port', '0', '--expansion-port', '0'],
+        self.log_path('job_server'))
+    self.wait_until(lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
+                    ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))))
+    self.processes.supervise()
+
+  # ----------------------------------------------------------------- state
+
+  @property
+  def flink_master(self) -> str:
+    return f'127.0.0.1:{self.rest_port}'
+
+  @property
+  def runner_flags(self) -> list[str]:
+    """The flags that run a pipeline on this cluster, at one task per slot."""
+    config = json.dumps({'command': python_boot()})
+    return ['--runner=FlinkRunner', f'--flink_master={self.flink_master}', f'--job_endpoint=127.0.0.1:{self.job_port}',
+            f'--parallelism={self.taskmanagers * self.slots}', '--environment_type=PROCESS',
+            f'--environment_config={config}']
+
+  def registered_taskmanagers(self) -> int:
+    """TaskManagers the JobManager counts now (a killed one until its heartbeat times out)."""
+    overview = rest_json(self.rest_port, '/taskmanagers')
+    return len(overview['taskmanagers']) if overview else 0
+
+  def jobs(self) -> list[dict]:
+    """[{'id', 'status'}] of the JobManager's jobs."""
+    overview = rest_json(self.rest_port, '/jobs')
+    return overview['jobs'] if overview else []
+
+  def taskmanager_pids(self, i: int) -> list[int]:
+    """The TaskManager JVM and every process it started (boot binary, SDK workers)."""
+    return self.processes.pids(f'taskmanager-{i}')
+
+  def kill_taskmanager(self, i: int) -> int:
+    """SIGKILL to TaskManager i's JVM only (as the kernel or a preemption
+    would); returns its pid. The supervisor ends its workers and restarts it."""
+    process = self.processes.member(f'taskmanager-{i}').process
+    process.kill()
+    return process.pid
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog='python -m beam_dl.services.flink_cluster', description=__doc__.split('\n')[0])
+  parser.add_argument('--taskmanagers', type=int, default=2)
+  parser.add_argument('--slots', type=int, default=1, help='task slots per TaskManager')
+  parser.add_argument('--taskmanager_memory_mb', type=int, default=512)
+  parser.add_argument('--bind_host', default='127.0.0.1',
+                      help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)')
+  parser.add_argument('--workdir', help='config and logs (default: a temp dir removed on exit)')
+  args = parser.parse_args(argv)
+  if args.taskmanagers < 1 or args.slots < 1:
+    parser.exit(2, f'{parser.prog}: error: --taskmanagers and --slots must be >= 1\n')
+  if args.taskmanager_memory_mb < 400:
+    parser.exit(2, f'{parser.prog}: error: --taskmanager_memory_mb must be >= 400 (Flink needs its metaspace)\n')
+  reason = unavailable()
+  if reason:
+    parser.exit(2, f'{parser.prog}: error: {reason}\n')
+  return args
+
+
+def main(argv=None):
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stderr)
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  cluster = FlinkCluster(args.taskmanagers, args.slots, workdir=args.workdir, bind_host=args.bind_host,
+                         tm_memory_mb=args.taskmanager_memory_mb)
+  with stopped_by_signals(), cluster:  # SIGTERM, also while it starts, stops what it started
+    logging.info('Flink cluster up in %.1f s: %d TaskManagers x %d slots, logs in %s', cluster.started_s,
+                 args.taskmanagers, args.slots, cluster.workdir)
+    print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
+    serve_until_stopped()
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,238 @@
+"""Pipelines on real local clusters (Flink, Spark standalone), and faults a cluster user meets.
+
+A Flink session cluster (`beam_dl.services.flink_cluster`: a JobManager, two
+TaskManagers of one slot, Beam's job server, Python SDK workers run by Beam's
+boot binary) runs classify_images at parallelism 2; its outputs must equal
+the DirectRunner's. Then a TaskManager is killed with SIGKILL while the
+job's Python workers run on it: the job must still finish with every input
+in exactly one output record, no temporary folder left, and nothing the
+killed TaskManager started still running. The service's own entry point
+prints one line of flags and stops every process it started on SIGTERM.
+A Spark standalone cluster (`beam_dl.services.spark_cluster`: a Master, two
+one-core Workers, Beam's job server as the driver) runs classify_images too,
+equal to the DirectRunner, with Python workers under both Workers' executors;
+then again with one executor killed with SIGKILL mid-job: every input once.
+
+Each test starts JVMs (one cluster at a time): marked slow, with hard timeouts.
+Skipped with the reason where `make runners` (job server, boot binary) has not run.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.services import flink_cluster as fc
+from beam_dl.services import spark_cluster as sc
+from beam_dl.services.process import processes_tagged
+from tests import runner_matrix as rm
+from tests import services
+
+PIPELINE = 'classify_images'
+
+
+def _cmdline(pid: int) -> str:
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      return f.read().replace(b'\0', b' ').decode(errors='replace')
+  except OSError:
+    return ''
+
+
+def _records_per_input(out_dir: str) -> collections.Counter:
+  """How many output records (predictions and dead letters) name each input file."""
+  prefix = os.path.join(out_dir, 'predictions')
+  records = read_jsonl(prefix + '-[0-9]*.jsonl') + read_jsonl(prefix + '_failed-*.jsonl')
+  return collections.Counter(os.path.basename(r['key']) for r in records)
+
+
+def _run(data_dir: str, out_dir: str, flags: list[str], timeout_s: float = 420) -> subprocess.Popen:
+  os.makedirs(out_dir, exist_ok=True)
+  log = open(os.path.join(out_dir, 'run.log'), 'wb')  # pylint: disable=consider-using-with
+  argv = rm.PIPELINES[PIPELINE].argv(data_dir, out_dir) + flags
+  return subprocess.Popen([rm.PYTHON, '-m', rm.PIPELINES[PIPELINE].module, *argv], env=rm.subprocess_env(),
+                          cwd=rm.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, out_dir: str, timeout_s: float = 420) -> None:
+  try:
+    returncode = process.wait(timeout_s)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    returncode = 'killed after timeout'
+  with open(os.path.join(out_dir, 'run.log'), errors='replace') as f:
+    log = f.read()
+  assert returncode == 0, f'exited {returncode}:\n{log[-4000:]}'
+
+
+def _harness_starts(cluster, i: int) -> int:
+  """Python SDK workers TaskManager i has started so far (their log lines reach its log)."""
+  with open(os.path.join(cluster.workdir, f'taskmanager-{i}.log'), errors='replace') as f:
+    return f.read().count('Python sdk harness starting')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return rm.prepared_data(str(tmp_path_factory.getbasetemp() / 'matrix_data'), PIPELINE)
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  out_dir = str(tmp_path_factory.mktemp('direct'))
+  _finish(_run(data_dir, out_dir, ['--runner=DirectRunner']), out_dir)
+  canonical = rm.PIPELINES[PIPELINE].read(out_dir)
+  rm.PIPELINES[PIPELINE].check(canonical)
+  return canonical
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+@pytest.mark.timeout(300)
+def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
+  workdir = str(tmp_path / 'cluster')
+  command = [sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '2', '--slots', '1',
+             '--workdir', workdir]
+  stderr = open(tmp_path / 'service.log', 'wb')  # pylint: disable=consider-using-with
+  process = subprocess.Popen(command, env=services.cluster_env(), cwd=rm.REPO, stdout=subprocess.PIPE, stderr=stderr,
+                             text=True)
+  try:
+    line = process.stdout.readline()
+    flags = shlex.split(line)
+    assert flags[0] == '--runner=FlinkRunner' and '--environment_type=PROCESS' in flags, line
+    master = next(f.split('=', 1)[1] for f in flags if f.startswith('--flink_master='))
+    assert master.startswith('127.0.0.1:')
+    assert fc.rest_json(int(master.split(':')[1]), '/taskmanagers')['taskmanagers'].__len__() == 2
+    tagged = [pid for pid in processes_tagged('') if workdir in _cmdline(pid)]
+    assert len(tagged) == 4, [_cmdline(p)[:200] for p in tagged]  # JobManager, 2 TaskManagers, job server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    assert not [pid for pid in tagged if os.path.exists(f'/proc/{pid}') and _cmdline(pid)], 'JVMs outlived the service'
+  finally:
+    if process.poll() is None:
+      process.kill()
+
+
+@pytest.mark.timeout(120)
+def test_bad_flags_fail_with_one_line_and_exit_code_2():
+  result = subprocess.run([sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '0'],
+                          env=services.cluster_env(), cwd=rm.REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip().count('\n') == 0 and '--taskmanagers' in result.stderr, result.stderr
+
+
+@pytest.fixture(scope='class')
+def cluster(tmp_path_factory):
+  with services.flink_cluster(str(tmp_path_factory.mktemp('flink_cluster'))) as c:
+    yield c
+
+
+class TestFlinkCluster:
+  """One Flink cluster (stopped before any other starts) for a clean run and a run with a fault."""
+
+  @pytest.mark.slow
+  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+  @pytest.mark.timeout(600)
+  def test_classify_images_on_the_flink_cluster_equals_direct(self, cluster, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    before = [_harness_starts(cluster, i) for i in range(2)]
+    _finish(_run(data_dir, out_dir, cluster.runner_flags), out_dir)
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert set(_records_per_input(out_dir).values()) == {1}
+    # Parallelism 2 over two one-slot TaskManagers: both ran Python workers for this job.
+    after = [_harness_starts(cluster, i) for i in range(2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+  @pytest.mark.slow
+  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+  @pytest.mark.timeout(600)
+  def test_a_taskmanager_killed_mid_job_loses_and_doubles_nothing(self, cluster, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    victim = cluster.processes.tag('taskmanager-0')
+    generation = cluster.processes.member('taskmanager-0').generation
+    restarts = cluster.processes.member('taskmanager-0').restarts
+    job = _run(data_dir, out_dir, cluster.runner_flags)
+    # Kill once the TaskManager runs Python workers for this job (its boot binary started one).
+    deadline = time.monotonic() + 300
+    while not any('sdk_worker_main' in _cmdline(p) for p in processes_tagged(victim)):
+      assert job.poll() is None, 'the job ended before a worker ran on taskmanager-0'
+      assert time.monotonic() < deadline, 'no Python worker on taskmanager-0'
+      time.sleep(0.2)
+    jvm = cluster.processes.member('taskmanager-0').process.pid
+    orphans = [p for p in processes_tagged(f'{victim}{generation}') if p != jvm]  # its boot binary, SDK workers
+    cluster.kill_taskmanager(0)
+    _finish(job, out_dir)
+
+    counts = _records_per_input(out_dir)
+    assert sorted(counts) == sorted(list(reference['predictions']) + [f for f, _, _ in reference['failed']])
+    assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+    # The supervisor ended what the killed TaskManager started and brought up a new one.
+    assert orphans and not processes_tagged(f'{victim}{generation}')
+    assert cluster.processes.member('taskmanager-0').restarts == restarts + 1
+    deadline = time.monotonic() + 60
+    while cluster.registered_taskmanagers() < 2 and time.monotonic() < deadline:
+      time.sleep(0.5)
+    assert cluster.registered_taskmanagers() >= 2
+
+
+@pytest.fixture(scope='class')
+def spark(tmp_path_factory):
+  with services.spark_cluster(str(tmp_path_factory.mktemp('spark_cluster'))) as c:
+    yield c
+
+
+def _executor_logs(cluster, i: int) -> str:
+  """The stderr of every executor Worker i has run (where their Python workers log)."""
+  text = ''
+  for path in glob.glob(os.path.join(cluster.workdir, f'worker-{i}', 'app-*', '*', 'stderr')):
+    with open(path, errors='replace') as f:
+      text += f.read()
+  return text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(sc.unavailable()), reason=sc.unavailable() or '')
+class TestSparkCluster:
+  """One Spark cluster, started after the Flink cluster has stopped."""
+
+  @pytest.mark.timeout(600)
+  def test_classify_images_on_the_spark_cluster_equals_direct(self, spark, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    before = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
+    _finish(_run(data_dir, out_dir, spark.runner_flags), out_dir)
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert set(_records_per_input(out_dir).values()) == {1}
+    # Both Workers' executors ran Python workers for this job.
+    after = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+  @pytest.mark.timeout(600)
+  def test_an_executor_killed_mid_job_loses_and_doubles_nothing(self, spark, data_dir, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    worker = spark.processes.tag('worker-0')
+    job = _run(data_dir, out_dir, spark.runner_flags)
+    # Kill worker-0's executor JVM once it runs Python workers for this job.
+    deadline = time.monotonic() + 300
+    while not any('sdk_worker_main' in _cmdline(p) for p in processes_tagged(worker)):
+      assert job.poll() is None, 'the job ended before a worker ran under worker-0'
+      assert time.monotonic() < deadline, 'no Python worker under worker-0'
+      time.sleep(0.2)
+    executors = [p for p in processes_tagged(worker) if 'CoarseGrainedExecutorBackend' in _cmdline(p)]
+    assert len(executors) == 1, executors
+    os.kill(executors[0], signal.SIGKILL)
+    _finish(job, out_dir)
+
+    counts = _records_per_input(out_dir)
+    assert sorted(counts) == sorted(list(reference['predictions']) + [f for f, _, _ in reference['failed']])
+    assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
+    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
