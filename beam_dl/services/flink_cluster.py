@@ -41,8 +41,8 @@ import sys
 import urllib.request
 
 from beam_dl.services.cluster import LocalCluster
-from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped,
-                                      stopped_by_signals
+from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped,
+                                      stopped_by_signals)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))

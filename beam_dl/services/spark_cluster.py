@@ -38,8 +38,8 @@ import urllib.request
 
 from beam_dl.services.cluster import ClusterProcesses, LocalCluster
 from beam_dl.services.flink_cluster import python_boot, worker_env
-from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped,
-                                      stopped_by_signals
+from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped,
+                                      stopped_by_signals)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
