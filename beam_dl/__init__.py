@@ -10,6 +10,7 @@ The public PTransforms live in the top-level `transforms` package, which
 imports from here and never the other way round:
 `from transforms import ClassifyImages`.
 """
+
 __version__ = '0.1.0'
 
 # Every process that runs beam_dl code (launcher, SDK workers unpickling its

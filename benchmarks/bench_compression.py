@@ -24,6 +24,7 @@ RunInference (examples/s, whole DirectRunner pipeline incl. start-up and
 compiles). Printed as a table with ratios against the float model; `--json`
 writes the rows too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,13 +61,21 @@ class Family:
 # layer (the stem convolution; the LSTM's input kernels) and the head dense:
 # a few hundred weights that every input or output passes through.
 FAMILIES = {
-    'digits SmallCNN': Family({'num_classes': 10, 'features': [16, 32], 'hidden': 64}, student_steps=2.0,
-                              prune_exclude=('^Conv_0/', '^Dense_1/')),
-    'ResNet 32x32': Family({'stage_sizes': [1, 1, 1], 'num_filters': 8, 'small_inputs': True, 'num_classes': 10},
-                           student_steps=2.0, prune_exclude=('^conv_init/', '^head/')),
-    'CO2 LSTM': Family({'cell': 'lstm', 'hidden_size': 16, 'pooling': 'last', 'num_outputs': 1,
-                        'head': 'regression'}, student_steps=3.0, weight=1.0, mixup=1.0,
-                       prune_exclude=('^head/', '/i[ifgo]/kernel$')),
+  'digits SmallCNN': Family(
+    {'num_classes': 10, 'features': [16, 32], 'hidden': 64}, student_steps=2.0, prune_exclude=('^Conv_0/', '^Dense_1/')
+  ),
+  'ResNet 32x32': Family(
+    {'stage_sizes': [1, 1, 1], 'num_filters': 8, 'small_inputs': True, 'num_classes': 10},
+    student_steps=2.0,
+    prune_exclude=('^conv_init/', '^head/'),
+  ),
+  'CO2 LSTM': Family(
+    {'cell': 'lstm', 'hidden_size': 16, 'pooling': 'last', 'num_outputs': 1, 'head': 'regression'},
+    student_steps=3.0,
+    weight=1.0,
+    mixup=1.0,
+    prune_exclude=('^head/', '/i[ifgo]/kernel$'),
+  ),
 }
 
 
@@ -84,18 +93,29 @@ def float_configs(data_dir: str, steps: int) -> dict:
 def pruned_config(cfg, family: Family, float_dir: str, sparsity: float, steps: int):
   """Gradual magnitude pruning of the trained float model: the cubic ramp
   over the first half of `steps`, then recovery, at 1/3 of the float LR."""
-  c = cfg.compression.__class__(prune_sparsity=sparsity, prune_start_step=0, prune_end_step=steps // 2,
-                                prune_every=5, prune_exclude=family.prune_exclude)
-  return cfg.replace(init_dir=float_dir, num_steps=steps, learning_rate=cfg.learning_rate / 3, warmup_steps=0,
-                     compression=c)
+  c = cfg.compression.__class__(
+    prune_sparsity=sparsity,
+    prune_start_step=0,
+    prune_end_step=steps // 2,
+    prune_every=5,
+    prune_exclude=family.prune_exclude,
+  )
+  return cfg.replace(
+    init_dir=float_dir, num_steps=steps, learning_rate=cfg.learning_rate / 3, warmup_steps=0, compression=c
+  )
 
 
 def student_config(cfg, family: Family, teacher_dir: str):
-  c = cfg.compression.__class__(teacher_dir=teacher_dir, distill_temperature=family.temperature,
-                                distill_weight=family.weight, distill_mixup=family.mixup,
-                                distill_loss=family.soft_loss)
-  return cfg.replace(model_kwargs=dict(family.student_kwargs), num_steps=int(family.student_steps * cfg.num_steps),
-                     compression=c)
+  c = cfg.compression.__class__(
+    teacher_dir=teacher_dir,
+    distill_temperature=family.temperature,
+    distill_weight=family.weight,
+    distill_mixup=family.mixup,
+    distill_loss=family.soft_loss,
+  )
+  return cfg.replace(
+    model_kwargs=dict(family.student_kwargs), num_steps=int(family.student_steps * cfg.num_steps), compression=c
+  )
 
 
 def held_out(cfg):
@@ -128,9 +148,12 @@ def runinference_rate(model_dir: str, examples, repeat: int) -> float:
   data = list(examples) * repeat
   t = time.perf_counter()
   with beam.Pipeline() as p:
-    _ = (p | beam.Create(data, reshuffle=False)
-         | RunInference(JaxModelHandler(model_dir, max_batch_size=256))
-         | beam.combiners.Count.Globally())
+    _ = (
+      p
+      | beam.Create(data, reshuffle=False)
+      | RunInference(JaxModelHandler(model_dir, max_batch_size=256))
+      | beam.combiners.Count.Globally()
+    )
   return len(data) / (time.perf_counter() - t)
 
 
@@ -164,19 +187,19 @@ def evaluate(variants, cfg, examples, targets, repeat, rounds: int = 3) -> list[
   for name, d in variants:
     spec, variables = checkpoints.load(d)
     rows[name] = {
-        'variant': name,
-        'quality': round(quality(models[name].predict(examples), targets, cfg.task), 4),
-        'params': num_params(variables) if not spec.quantization else None,
-        'dir_bytes': dir_bytes(d),
-        'variable_bytes': int(models[name].num_bytes),
-        'predict_per_s': 0.0,
-        'runinference_per_s': 0.0,
-        'model_dir': d,
+      'variant': name,
+      'quality': round(quality(models[name].predict(examples), targets, cfg.task), 4),
+      'params': num_params(variables) if not spec.quantization else None,
+      'dir_bytes': dir_bytes(d),
+      'variable_bytes': int(models[name].num_bytes),
+      'predict_per_s': 0.0,
+      'runinference_per_s': 0.0,
+      'model_dir': d,
     }
     if 'pruning' in (spec.extra.get('metrics') or {}):
       rows[name]['sparsity'] = spec.extra['metrics']['pruning']['sparsity']
   for _ in range(rounds):
-    for name, d in variants:
+    for name, _dir in variants:
       rows[name]['predict_per_s'] = max(rows[name]['predict_per_s'], round(predict_rate(models[name], examples), 1))
   runinference_rate(variants[0][1], examples[:16], 1)  # warm-up
   for name, d in variants:
@@ -196,7 +219,7 @@ def run_family(family: str, cfg, workdir: str, *, repeat: int, prune_steps: int,
   times['float'] = time.perf_counter() - t
   t = time.perf_counter()
   qsummary = compress.compress(teacher, f'{base}/int8', calibration=cfg.data.train_files, calibration_examples=256)
-  int8 = f"int8 ({qsummary['quantization']['method']})"
+  int8 = f'int8 ({qsummary["quantization"]["method"]})'
   times[int8] = time.perf_counter() - t
   variants = [('float', teacher), (int8, f'{base}/int8')]
   for sparsity in sparsities:
@@ -220,18 +243,27 @@ def run_family(family: str, cfg, workdir: str, *, repeat: int, prune_steps: int,
 
 
 def table(rows) -> str:
-  lines = ['| model | variant | quality | vs float | params | sparsity | dir bytes | size ratio | variables bytes | '
-           'predict ex/s | ratio | RunInference ex/s | ratio |', '|' + '---|' * 13]
+  lines = [
+    '| model | variant | quality | vs float | params | sparsity | dir bytes | size ratio | variables bytes | '
+    'predict ex/s | ratio | RunInference ex/s | ratio |',
+    '|' + '---|' * 13,
+  ]
   floats = {r['family']: r for r in rows if r['variant'] == 'float'}
   for r in rows:
     f = floats[r['family']]
-    params = ('int8' if not r['params'] else f"{r['params']:,}" if r['params'] == f['params']
-              else f"{r['params']:,} ({f['params'] / r['params']:.1f}x fewer)")
+    params = (
+      'int8'
+      if not r['params']
+      else f'{r["params"]:,}'
+      if r['params'] == f['params']
+      else f'{r["params"]:,} ({f["params"] / r["params"]:.1f}x fewer)'
+    )
     lines.append(
-        f"| {r['family']} | {r['variant']} | {r['quality']:.4f} | {r['quality'] - f['quality']:+.4f} | {params} | "
-        f"{r.get('sparsity', '')} | {r['dir_bytes']:,} | {r['dir_bytes'] / f['dir_bytes']:.2f} | "
-        f"{r['variable_bytes']:,} | {r['predict_per_s']:,.0f} | {r['predict_per_s'] / f['predict_per_s']:.2f}x | "
-        f"{r['runinference_per_s']:,.0f} | {r['runinference_per_s'] / f['runinference_per_s']:.2f}x |")
+      f'| {r["family"]} | {r["variant"]} | {r["quality"]:.4f} | {r["quality"] - f["quality"]:+.4f} | {params} | '
+      f'{r.get("sparsity", "")} | {r["dir_bytes"]:,} | {r["dir_bytes"] / f["dir_bytes"]:.2f} | '
+      f'{r["variable_bytes"]:,} | {r["predict_per_s"]:,.0f} | {r["predict_per_s"] / f["predict_per_s"]:.2f}x | '
+      f'{r["runinference_per_s"]:,.0f} | {r["runinference_per_s"] / f["runinference_per_s"]:.2f}x |'
+    )
   return '\n'.join(lines)
 
 
@@ -244,8 +276,13 @@ def main(argv=None):
   parser.add_argument('--repeat', type=int, default=2, help='held-out set repeats fed to RunInference')
   parser.add_argument('--only', default='', help='comma-separated subset: digits,resnet,co2')
   parser.add_argument('--json', default='', help='also write the rows here')
-  parser.add_argument('--table', nargs='+', default=(), metavar='JSON',
-                      help='only print one table of the rows in these --json files (e.g. one run per family)')
+  parser.add_argument(
+    '--table',
+    nargs='+',
+    default=(),
+    metavar='JSON',
+    help='only print one table of the rows in these --json files (e.g. one run per family)',
+  )
   args = parser.parse_args(argv)
   if args.table:
     rows = [row for path in args.table for row in json.load(open(path))]
@@ -256,16 +293,20 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING)
   import jax
 
-  print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), steps={args.steps}, '
-        f'prune_steps={args.prune_steps}', flush=True)
+  print(
+    f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), steps={args.steps}, '
+    f'prune_steps={args.prune_steps}',
+    flush=True,
+  )
   sparsities = [float(s) for s in args.sparsities.split(',') if s]
   rows = []
   t = time.perf_counter()
   for family, cfg in float_configs(os.path.join(args.workdir, 'data'), args.steps).items():
     if args.only and not any(k in family.lower() for k in args.only.split(',')):
       continue
-    rows += run_family(family, cfg, args.workdir, repeat=args.repeat, prune_steps=args.prune_steps,
-                       sparsities=sparsities)
+    rows += run_family(
+      family, cfg, args.workdir, repeat=args.repeat, prune_steps=args.prune_steps, sparsities=sparsities
+    )
   print(table(rows))
   print(f'total {time.perf_counter() - t:.0f}s')
   if args.json:

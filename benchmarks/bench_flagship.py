@@ -28,6 +28,7 @@ the single-worker pipeline's bundle thread (every Beam step, the model call
 and its wait-free parts), the part that does not overlap the forward pass.
 Unlike wall time it holds up on a loaded machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,9 @@ import numpy as np
 SIZE = 64
 BATCH = 128
 MODES = {
-    'single': [],
-    'mp2': ['--direct_num_workers=2', '--direct_running_mode=multi_processing'],
-    'mt2': ['--direct_num_workers=2', '--direct_running_mode=multi_threading'],
+  'single': [],
+  'mp2': ['--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+  'mt2': ['--direct_num_workers=2', '--direct_running_mode=multi_threading'],
 }
 
 
@@ -67,7 +68,7 @@ def make_images(root: str, num: int, folders: int = 12, seed: int = 0) -> str:
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:SIZE, 0:SIZE]
   for i in range(per_folder):
-    base = (xx * rng.uniform(1, 4) + yy * rng.uniform(1, 4) + rng.uniform(0, 255, 3)[:, None, None])
+    base = xx * rng.uniform(1, 4) + yy * rng.uniform(1, 4) + rng.uniform(0, 255, 3)[:, None, None]
     pixels = (base.transpose(1, 2, 0) + rng.normal(0, 12, (SIZE, SIZE, 3))) % 256
     image = Image.fromarray(pixels.astype(np.uint8))
     ext = 'png' if i % 2 == 0 else 'jpg'
@@ -91,8 +92,11 @@ def make_model(workdir: str) -> str:
   from beam_dl.models import checkpoints
 
   spec = checkpoints.ModelSpec(
-      name='small_cnn', kwargs={'num_classes': 10, 'features': [32, 64, 128], 'hidden': 128},
-      input_shape=(SIZE, SIZE, 3), input_dtype='uint8', input_scale=1 / 255,
+    name='small_cnn',
+    kwargs={'num_classes': 10, 'features': [32, 64, 128], 'hidden': 128},
+    input_shape=(SIZE, SIZE, 3),
+    input_dtype='uint8',
+    input_scale=1 / 255,
   )
   variables = nn.meta.unbox(spec.build().init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))
   return checkpoints.save(os.path.join(workdir, 'model'), spec, variables, fmt='msgpack')
@@ -102,8 +106,8 @@ def plain_loop(model_dir: str, pattern: str, batch: int = BATCH) -> tuple[float,
   """(seconds, {path: label}) for the hand-written loop, model load and compile included."""
   import jax
 
-  from beam_dl.models import checkpoints
   from beam_dl.decoding.images import ImageSpec, decode_image
+  from beam_dl.models import checkpoints
 
   start = time.perf_counter()
   spec, variables = checkpoints.load(model_dir)
@@ -138,9 +142,24 @@ def ray_data(model_dir: str, pattern: str, workdir: str, python: str) -> tuple[f
   """(seconds, labels, ray.init seconds) for benchmarks.ray_flagship, run by `python`."""
   labels_path = os.path.join(workdir, 'ray-labels.json')
   done = subprocess.run(
-      [python, '-m', 'benchmarks.ray_flagship', '--model_dir', model_dir, '--pattern', pattern,
-       '--batch', str(BATCH), '--labels', labels_path],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, check=False)
+    [
+      python,
+      '-m',
+      'benchmarks.ray_flagship',
+      '--model_dir',
+      model_dir,
+      '--pattern',
+      pattern,
+      '--batch',
+      str(BATCH),
+      '--labels',
+      labels_path,
+    ],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if done.returncode:
     raise RuntimeError(f'ray_flagship failed ({done.returncode}):\n{done.stderr[-3000:]}')
   result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -163,15 +182,15 @@ def pipeline_labels(output: str) -> tuple[dict, int]:
   return labels, failed
 
 
-def run_pipeline(model_dir: str, pattern: str, output: str, extra: list[str],
-                 profile: int = 0) -> tuple[float, dict, int, dict]:
+def run_pipeline(
+  model_dir: str, pattern: str, output: str, extra: list[str], profile: int = 0
+) -> tuple[float, dict, int, dict]:
   """(seconds, labels, dead letters, batch-size stats) for classify_images.run."""
   from apache_beam.metrics.metric import MetricsFilter
 
   from pipelines import classify_images
 
-  argv = ['--input', pattern, '--model_dir', model_dir, '--output', output,
-          '--max_batch_size', str(BATCH), *extra]
+  argv = ['--input', pattern, '--model_dir', model_dir, '--output', output, '--max_batch_size', str(BATCH), *extra]
   profiler = cProfile.Profile() if profile else None
   start = time.perf_counter()
   if profiler:
@@ -199,8 +218,10 @@ def run_pipeline(model_dir: str, pattern: str, output: str, extra: list[str],
     stats['metrics_error'] = str(e)
   labels, failed = pipeline_labels(output)
   if profile_stats:  # the host's speed does not move this one: a measure of per-image work
-    print(f'Python calls in the run: {profile_stats.total_calls:,}, '
-          f'{profile_stats.total_calls / max(1, len(labels) + failed):.0f} per input')
+    print(
+      f'Python calls in the run: {profile_stats.total_calls:,}, '
+      f'{profile_stats.total_calls / max(1, len(labels) + failed):.0f} per input'
+    )
   return seconds, labels, failed, stats
 
 
@@ -221,42 +242,54 @@ def main(argv=None):
     pattern = make_images(os.path.join(workdir, 'images'), args.num, args.folders)
     model_dir = make_model(workdir)
     total = len(glob.glob(pattern))
-    print(f'{total} images ({SIZE}x{SIZE} PNG/JPEG, {args.folders} folders), SmallCNN 32/64/128, batch {BATCH}, '
-          f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
+    print(
+      f'{total} images ({SIZE}x{SIZE} PNG/JPEG, {args.folders} folders), SmallCNN 32/64/128, batch {BATCH}, '
+      f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}'
+    )
     ratios: dict[str, list[float]] = {mode: [] for mode in args.modes.split(',')}
     for repeat in range(args.repeats):
       cpu0, main0 = time.process_time(), time.thread_time()
       loop_s, loop_labels = plain_loop(model_dir, pattern)
       loop_cpu, loop_main = time.process_time() - cpu0, time.thread_time() - main0
       loop_rate = total / loop_s
-      print(f'run {repeat + 1}: plain loop {loop_rate:8.1f} img/s ({loop_s:.1f} s, {loop_cpu:.1f} CPU s in this process, '
-            f'main CPU {loop_main:.1f} s) | load average {os.getloadavg()[0]:.1f}')
+      print(
+        f'run {repeat + 1}: plain loop {loop_rate:8.1f} img/s ({loop_s:.1f} s, {loop_cpu:.1f} CPU s in this process, '
+        f'main CPU {loop_main:.1f} s) | load average {os.getloadavg()[0]:.1f}'
+      )
       for mode in args.modes.split(','):
         if mode == 'ray':
           seconds, labels, init_seconds = ray_data(model_dir, pattern, workdir, args.ray_python)
           rate = total / seconds
-          print(f'  ray    Ray Data {rate:8.1f} img/s ({seconds:.1f} s; ray.init {init_seconds:.1f} s more, not '
-                f'counted) | ratio {rate / loop_rate:.3f} of the loop | labels {len(labels)}, match the loop: '
-                f'{labels == loop_labels}')
+          print(
+            f'  ray    Ray Data {rate:8.1f} img/s ({seconds:.1f} s; ray.init {init_seconds:.1f} s more, not '
+            f'counted) | ratio {rate / loop_rate:.3f} of the loop | labels {len(labels)}, match the loop: '
+            f'{labels == loop_labels}'
+          )
           ratios[mode].append(rate / loop_rate)
           continue
         output = os.path.join(workdir, f'out-{mode}-{repeat}', 'predictions')
         shutil.rmtree(os.path.dirname(output), ignore_errors=True)  # a fresh output, as a first run writes
         cpu0, main0 = time.process_time(), time.thread_time()
         seconds, labels, failed, stats = run_pipeline(
-            model_dir, pattern, output, MODES[mode] + args.extra.split(),
-            args.profile if mode == 'single' else 0)
+          model_dir, pattern, output, MODES[mode] + args.extra.split(), args.profile if mode == 'single' else 0
+        )
         cpu = time.process_time() - cpu0  # worker processes (mp2) not included
         main = time.thread_time() - main0
         rate = total / seconds
         match = labels == loop_labels
-        print(f'  {mode:6s} pipeline {rate:8.1f} img/s ({seconds:.1f} s, {cpu:.1f} CPU s, main CPU {main:.1f} s) '
-              f'| ratio {rate / loop_rate:.3f} of the loop '
-              f'| predictions {len(labels)} + {failed} dead letters, match the loop: {match} | {stats}')
+        print(
+          f'  {mode:6s} pipeline {rate:8.1f} img/s ({seconds:.1f} s, {cpu:.1f} CPU s, main CPU {main:.1f} s) '
+          f'| ratio {rate / loop_rate:.3f} of the loop '
+          f'| predictions {len(labels)} + {failed} dead letters, match the loop: {match} | {stats}'
+        )
         ratios[mode].append(rate / loop_rate)
     if args.repeats > 1:
-      print('median ratio of the loop over', args.repeats, 'runs:',
-            ', '.join(f'{mode} {statistics.median(values):.3f}' for mode, values in ratios.items()))
+      print(
+        'median ratio of the loop over',
+        args.repeats,
+        'runs:',
+        ', '.join(f'{mode} {statistics.median(values):.3f}' for mode, values in ratios.items()),
+      )
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ GPU (needs an accelerator; none on this machine):
 
     python -m benchmarks.bench_inference --model resnet50 --batch 256 --dtype bfloat16 --device gpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,13 @@ import warnings
 import numpy as np
 
 MODELS = {
-    # name: (ModelSpec kwargs, image size, channels)
-    'small_cnn': ({'num_classes': 10, 'features': [64, 128], 'hidden': 256}, 32, 3),
-    'resnet50': ({'num_classes': 1000}, 224, 3),
-    'resnet_tiny': ({'num_classes': 10}, 32, 3),
-    # almost no compute on ResNet-50-sized inputs: what the host path alone
-    # (elements, batching, assembly, transfer) costs per image
-    'linear': ({'num_outputs': 10}, 224, 3),
+  # name: (ModelSpec kwargs, image size, channels)
+  'small_cnn': ({'num_classes': 10, 'features': [64, 128], 'hidden': 256}, 32, 3),
+  'resnet50': ({'num_classes': 1000}, 224, 3),
+  'resnet_tiny': ({'num_classes': 10}, 32, 3),
+  # almost no compute on ResNet-50-sized inputs: what the host path alone
+  # (elements, batching, assembly, transfer) costs per image
+  'linear': ({'num_outputs': 10}, 224, 3),
 }
 
 
@@ -48,7 +49,7 @@ def build_model(name: str, workdir: str):
 
   kwargs, size, channels = MODELS[name]
   spec = checkpoints.ModelSpec(
-      name=name, kwargs=kwargs, input_shape=(size, size, channels), input_dtype='uint8', input_scale=1 / 255
+    name=name, kwargs=kwargs, input_shape=(size, size, channels), input_dtype='uint8', input_scale=1 / 255
   )
   variables = nn.meta.unbox(spec.build().init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
   return checkpoints.save(os.path.join(workdir, name), spec, variables, fmt='msgpack'), spec
@@ -117,11 +118,11 @@ def pipeline_run(handler, num: int, shape, batch: int, runner: str) -> tuple[flo
   start = time.perf_counter()
   pipeline = beam.Pipeline(runner=runner, options=PipelineOptions([]))
   _ = (
-      pipeline
-      | beam.Create([(i, batch) for i in range(0, num, batch)])
-      | 'Examples' >> beam.FlatMap(_Images(num, shape))
-      | RunInference(handler)
-      | beam.Map(count)
+    pipeline
+    | beam.Create([(i, batch) for i in range(0, num, batch)])
+    | 'Examples' >> beam.FlatMap(_Images(num, shape))
+    | RunInference(handler)
+    | beam.Map(count)
   )
   result = pipeline.run()
   result.wait_until_finish()
@@ -160,13 +161,19 @@ def main(argv=None):
     model_dir, spec = build_model(args.model, workdir)
     images = images_for(args.num, spec.input_shape)
     handler = JaxModelHandler(
-        model_dir, max_batch_size=args.batch, min_batch_size=args.batch, batch_buckets=[args.batch],
-        precision=args.dtype, device=args.device,
+      model_dir,
+      max_batch_size=args.batch,
+      min_batch_size=args.batch,
+      batch_buckets=[args.batch],
+      precision=args.dtype,
+      device=args.device,
     )
     model = handler.load_model()  # held here: the pipeline's handler reuses this copy
     raw_loop(model, images[: args.batch * 2], args.batch)  # compile
-    print(f'{args.model} batch {args.batch} {args.dtype} on {jax.devices(args.device)[0].platform}, '
-          f'{args.num} images of {spec.input_shape} uint8, runner {args.runner}, {os.cpu_count()} CPUs')
+    print(
+      f'{args.model} batch {args.batch} {args.dtype} on {jax.devices(args.device)[0].platform}, '
+      f'{args.num} images of {spec.input_shape} uint8, runner {args.runner}, {os.cpu_count()} CPUs'
+    )
     small = max(args.batch, args.num // 4 // args.batch * args.batch)
     images_for(small, spec.input_shape)  # the short run's inputs too, before any timing
     rows, cpu = [], []
@@ -186,24 +193,32 @@ def main(argv=None):
       end_to_end = args.num / beam_s
       steady = 1 / difference_per_image(beam_s, small_s, args.num - small)  # start-up cancels out
       rows.append((raw, end_to_end, steady))
-      print(f'  run {repeat + 1}: raw loop {raw:8.1f} img/s | RunInference end to end {end_to_end:8.1f} img/s '
-            f'({end_to_end / raw:.3f}) | steady state {steady:8.1f} img/s ({steady / raw:.3f}) | '
-            f'CPU ms/img raw {1e3 * cpu[-1][0]:.3f} vs pipeline {1e3 * cpu[-1][1]:.3f} '
-            f'(efficiency {cpu[-1][0] / cpu[-1][1]:.3f})')
+      print(
+        f'  run {repeat + 1}: raw loop {raw:8.1f} img/s | RunInference end to end {end_to_end:8.1f} img/s '
+        f'({end_to_end / raw:.3f}) | steady state {steady:8.1f} img/s ({steady / raw:.3f}) | '
+        f'CPU ms/img raw {1e3 * cpu[-1][0]:.3f} vs pipeline {1e3 * cpu[-1][1]:.3f} '
+        f'(efficiency {cpu[-1][0] / cpu[-1][1]:.3f})'
+      )
     rows = np.array(rows)
     warnings.filterwarnings('ignore', 'All-NaN slice', RuntimeWarning)  # every run too short: nan says so
     raw, end_to_end, steady = np.nanmedian(rows, axis=0)
     e2e_ratio = np.median(rows[:, 1] / rows[:, 0])  # per-run ratios: robust to a busy machine
     steady_ratio = np.nanmedian(rows[:, 2] / rows[:, 0])
-    print(f'median: raw loop {raw:.1f} img/s | RunInference end to end {end_to_end:.1f} img/s | '
-          f'steady state {steady:.1f} img/s | median per-run ratio: end to end {e2e_ratio:.3f}, '
-          f'steady state {steady_ratio:.3f} of the raw loop')
+    print(
+      f'median: raw loop {raw:.1f} img/s | RunInference end to end {end_to_end:.1f} img/s | '
+      f'steady state {steady:.1f} img/s | median per-run ratio: end to end {e2e_ratio:.3f}, '
+      f'steady state {steady_ratio:.3f} of the raw loop'
+    )
     cpu = np.array(cpu)
-    print(f'CPU time per image (start-up cancelled): raw {1e3 * np.median(cpu[:, 0]):.3f} ms, pipeline '
-          f'{1e3 * np.nanmedian(cpu[:, 1]):.3f} ms: the pipeline does {np.nanmedian(cpu[:, 0] / cpu[:, 1]):.3f} '
-          'of the raw loop\'s work per CPU second')
+    print(
+      f'CPU time per image (start-up cancelled): raw {1e3 * np.median(cpu[:, 0]):.3f} ms, pipeline '
+      f'{1e3 * np.nanmedian(cpu[:, 1]):.3f} ms: the pipeline does {np.nanmedian(cpu[:, 0] / cpu[:, 1]):.3f} '
+      "of the raw loop's work per CPU second"
+    )
     again = model.predict_counted(images[: args.batch])[1].compiles  # counts are per call, not on the model
     print(f'compiles of a further batch: {again} (the pipeline reused the loaded, compiled model)')
+
+
 if __name__ == '__main__':
   logging.getLogger().setLevel(logging.WARNING)
   main()

@@ -18,6 +18,7 @@ stubbed out when apache_beam is absent and the qwix rules are the ones of
 `beam_dl.compression.quantize._rules` for dynamic activations, written out
 (that module imports beam_dl.models.checkpoints, hence Beam).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 MODELS = {
-    'resnet50': ('resnet50', {'num_classes': 1000}, (224, 224, 3)),
-    'resnet32': ('resnet', {'stage_sizes': [1, 1, 1], 'num_filters': 16, 'small_inputs': True,
-                            'num_classes': 10}, (32, 32, 3)),
+  'resnet50': ('resnet50', {'num_classes': 1000}, (224, 224, 3)),
+  'resnet32': (
+    'resnet',
+    {'stage_sizes': [1, 1, 1], 'num_filters': 16, 'small_inputs': True, 'num_classes': 10},
+    (32, 32, 3),
+  ),
 }
 
 
@@ -46,10 +50,20 @@ def int8_rules():
   import qwix
 
   return [
-      qwix.QuantizationRule(module_path='.*', op_names=('conv_general_dilated',), weight_qtype='int8',
-                            act_qtype='int8', act_static_scale=False),
-      qwix.QuantizationRule(module_path='.*', op_names=('dot_general', 'einsum'), weight_qtype='int8',
-                            act_qtype='int8', act_static_scale=False),
+    qwix.QuantizationRule(
+      module_path='.*',
+      op_names=('conv_general_dilated',),
+      weight_qtype='int8',
+      act_qtype='int8',
+      act_static_scale=False,
+    ),
+    qwix.QuantizationRule(
+      module_path='.*',
+      op_names=('dot_general', 'einsum'),
+      weight_qtype='int8',
+      act_qtype='int8',
+      act_static_scale=False,
+    ),
   ]
 
 
@@ -83,8 +97,9 @@ def run(name: str, batch: int, iters: int) -> list[dict]:
   for label, (module, v) in variants.items():
     fn = jax.jit(module.apply)
     outputs[label] = np.asarray(fn(v, x), np.float32)
-    rows.append({'model': name, 'variant': label, 'batch': batch,
-                 'images_per_s': round(batch / timed(fn, v, x, iters), 1)})
+    rows.append(
+      {'model': name, 'variant': label, 'batch': batch, 'images_per_s': round(batch / timed(fn, v, x, iters), 1)}
+    )
   base = rows[0]['images_per_s']
   scale = float(np.max(np.abs(outputs['float32']))) or 1.0
   for row in rows:
@@ -109,8 +124,10 @@ def main(argv=None):
   print('| model | variant | batch | images/s | vs float32 | max abs error / max abs output |')
   print('|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['images_per_s']:,.0f} | {r['vs_float32']:.2f}x | "
-          f"{r['max_abs_err_rel']} |")
+    print(
+      f'| {r["model"]} | {r["variant"]} | {r["batch"]} | {r["images_per_s"]:,.0f} | {r["vs_float32"]:.2f}x | '
+      f'{r["max_abs_err_rel"]} |'
+    )
   return rows
 
 

@@ -12,6 +12,7 @@ total), and the largest single process.
 
     python -m benchmarks.bench_model_sharing [--hidden 12288] [--num 2048]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def save_big_model(model_dir: str, hidden: int) -> float:
   from beam_dl.models import checkpoints
 
   spec = checkpoints.ModelSpec(
-      name='small_cnn', kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': hidden},
-      input_shape=(SIZE, SIZE, CHANNELS), input_dtype='uint8', input_scale=1 / 255,
+    name='small_cnn',
+    kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': hidden},
+    input_shape=(SIZE, SIZE, CHANNELS),
+    input_dtype='uint8',
+    input_scale=1 / 255,
   )
   variables = nn.meta.unbox(spec.build().init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, CHANNELS))))
   checkpoints.save(model_dir, spec, variables, fmt='msgpack')
@@ -63,12 +67,12 @@ def child(model_dir: str, large_model: bool, num: int, batch: int) -> None:
   options = PipelineOptions(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
   with beam.Pipeline(runner='DirectRunner', options=options) as pipeline:
     counts = (
-        pipeline
-        | beam.Create([(i, batch) for i in range(0, num, batch)])
-        | beam.Reshuffle()  # spread batches over both workers
-        | 'Examples' >> beam.FlatMap(_Images())
-        | RunInference(handler)
-        | beam.combiners.Count.Globally()
+      pipeline
+      | beam.Create([(i, batch) for i in range(0, num, batch)])
+      | beam.Reshuffle()  # spread batches over both workers
+      | 'Examples' >> beam.FlatMap(_Images())
+      | RunInference(handler)
+      | beam.combiners.Count.Globally()
     )
     counts | beam.Map(lambda n: print(f'predictions: {n}', flush=True))
 
@@ -115,20 +119,36 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as workdir:
     model_dir = os.path.join(workdir, 'big')
     megabytes = save_big_model(model_dir, args.hidden)
-    print(f'model: SmallCNN hidden={args.hidden}, {megabytes:.0f} MB of float32 params (msgpack); '
-          f'{args.num} images; DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing')
+    print(
+      f'model: SmallCNN hidden={args.hidden}, {megabytes:.0f} MB of float32 params (msgpack); '
+      f'{args.num} images; DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing'
+    )
     results = {}
     for label, flags in (('per-worker copies', []), ('large_model=True (shared)', ['--large_model'])):
-      cmd = [sys.executable, '-m', 'benchmarks.bench_model_sharing', '--child', model_dir,
-             '--num', str(args.num), '--batch', str(args.batch), *flags]
+      cmd = [
+        sys.executable,
+        '-m',
+        'benchmarks.bench_model_sharing',
+        '--child',
+        model_dir,
+        '--num',
+        str(args.num),
+        '--batch',
+        str(args.batch),
+        *flags,
+      ]
       start = time.perf_counter()
       results[label] = r = measure(cmd)
       seconds = time.perf_counter() - start
       predictions = [line for line in r['output'].splitlines() if line.startswith('predictions')]
-      print(f'  {label:27s} peak PSS {r["pss"]:7.0f} MB | peak RSS sum {r["rss"]:7.0f} MB | '
-            f'largest process {r["one"]:6.0f} MB | {r["procs"]} processes | {seconds:5.1f} s | {predictions}')
+      print(
+        f'  {label:27s} peak PSS {r["pss"]:7.0f} MB | peak RSS sum {r["rss"]:7.0f} MB | '
+        f'largest process {r["one"]:6.0f} MB | {r["procs"]} processes | {seconds:5.1f} s | {predictions}'
+      )
     plain, shared = results['per-worker copies'], results['large_model=True (shared)']
-    print(f'sharing saves {plain["pss"] - shared["pss"]:.0f} MB PSS ({shared["pss"] / plain["pss"]:.2f}x of per-worker)')
+    print(
+      f'sharing saves {plain["pss"] - shared["pss"]:.0f} MB PSS ({shared["pss"] / plain["pss"]:.2f}x of per-worker)'
+    )
 
 
 if __name__ == '__main__':

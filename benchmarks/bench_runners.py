@@ -14,6 +14,7 @@ and Spark job servers are started (and timed) before their run, as the tests
 share them; Prism starts inside its run. Also checks every runner wrote the
 same predictions and dead letters as the first one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,29 +91,36 @@ def main(argv=None) -> list[dict]:
       except AssertionError:
         same = False
     row = {
-        'runner': name,
-        'seconds': outcome.seconds,
-        'images_per_second': args.images / outcome.seconds,
-        'beyond_imports': outcome.seconds - floor,
-        'predictions': len(canonical['predictions']),
-        'dead_letters': len(canonical['failed']),
-        'same_as_first': same,
-        'services_s': services_s,
+      'runner': name,
+      'seconds': outcome.seconds,
+      'images_per_second': args.images / outcome.seconds,
+      'beyond_imports': outcome.seconds - floor,
+      'predictions': len(canonical['predictions']),
+      'dead_letters': len(canonical['failed']),
+      'same_as_first': same,
+      'services_s': services_s,
     }
     rows.append(row)
     elapsed = time.perf_counter() - start
-    print(f'[{i + 1}/{len(names)}] {name}: {row["seconds"]:.1f} s, {row["images_per_second"]:.0f} images/s '
-          f'({elapsed:.0f} s so far)', flush=True)
+    print(
+      f'[{i + 1}/{len(names)}] {name}: {row["seconds"]:.1f} s, {row["images_per_second"]:.0f} images/s '
+      f'({elapsed:.0f} s so far)',
+      flush=True,
+    )
 
   print(f'\nclassify_images, {args.images} images + 2 broken, one fresh process per run, 2-core machine')
   first = rows[0] if rows else None
-  print(f'{"runner":<20} {"wall s":>7} {"img/s":>7} {"vs " + (first["runner"] if first else ""):>14} '
-        f'{"s beyond imports":>17} {"services s":>10} {"predictions":>11} {"dead":>5} same')
+  print(
+    f'{"runner":<20} {"wall s":>7} {"img/s":>7} {"vs " + (first["runner"] if first else ""):>14} '
+    f'{"s beyond imports":>17} {"services s":>10} {"predictions":>11} {"dead":>5} same'
+  )
   for r in rows:
     ratio = first['seconds'] / r['seconds']
-    print(f'{r["runner"]:<20} {r["seconds"]:>7.1f} {r["images_per_second"]:>7.0f} {ratio:>13.2f}x '
-          f'{r["beyond_imports"]:>17.1f} {r["services_s"]:>10.1f} {r["predictions"]:>11} {r["dead_letters"]:>5} '
-          f'{"yes" if r["same_as_first"] else "NO"}')
+    print(
+      f'{r["runner"]:<20} {r["seconds"]:>7.1f} {r["images_per_second"]:>7.0f} {ratio:>13.2f}x '
+      f'{r["beyond_imports"]:>17.1f} {r["services_s"]:>10.1f} {r["predictions"]:>11} {r["dead_letters"]:>5} '
+      f'{"yes" if r["same_as_first"] else "NO"}'
+    )
   return rows
 
 

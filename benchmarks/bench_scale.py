@@ -38,6 +38,7 @@ The other two pipelines, peak RSS at each size (`--pipeline`; inputs made here):
     python -m benchmarks.bench_scale --pipeline score_sequences --sizes 20000,120000
     python -m benchmarks.bench_scale --pipeline preprocess --sizes 2000,12000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,7 +130,8 @@ def _tree_rss_kb(pid: int) -> int:
     except OSError:
       continue
     children.setdefault(fields.get('PPid', '').strip(), []).append(
-        (fields.get('Pid', '').strip(), int(fields.get('VmRSS', '0 kB').split()[0])))
+      (fields.get('Pid', '').strip(), int(fields.get('VmRSS', '0 kB').split()[0]))
+    )
   total, todo = 0, [str(pid)]
   while todo:
     for child, rss in children.get(todo.pop(), []):
@@ -151,8 +153,16 @@ def _keys(output: str, sharded: bool) -> tuple[list, int]:
   return keys, failed
 
 
-def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shard_files: int = 0,
-             stop_after: float = 0, resume: bool = False) -> dict:
+def run_size(
+  root: str,
+  model_dir: str,
+  size: int,
+  mode: str,
+  every: float,
+  shard_files: int = 0,
+  stop_after: float = 0,
+  resume: bool = False,
+) -> dict:
   folders = -(-size // DISTINCT)
   pattern = make_images(os.path.join(root, f'images-{folders}'), folders * DISTINCT, folders)
   total = sum(1 for _ in iter_inputs(pattern))
@@ -160,9 +170,22 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
   if os.path.exists(out_dir) and not resume:
     shutil.rmtree(out_dir)
   output = os.path.join(out_dir, 'predictions')
-  argv = [sys.executable, '-m', 'pipelines.classify_images', '--input', pattern, '--model_dir', model_dir,
-          '--output', output, '--max_batch_size', '128', f'--progress_every_secs={every}', *MODES[mode],
-          *([f'--shard_files={shard_files}'] if shard_files else [])]
+  argv = [
+    sys.executable,
+    '-m',
+    'pipelines.classify_images',
+    '--input',
+    pattern,
+    '--model_dir',
+    model_dir,
+    '--output',
+    output,
+    '--max_batch_size',
+    '128',
+    f'--progress_every_secs={every}',
+    *MODES[mode],
+    *([f'--shard_files={shard_files}'] if shard_files else []),
+  ]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
   start = time.perf_counter()
   peak_file = os.path.join(root, f'peak-{os.getpid()}.txt')
@@ -189,9 +212,12 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
       next_report += every
       rate = done_so_far / elapsed
       eta = (total - done_so_far) / rate if rate else float('inf')
-      print(f'  [{size}] {elapsed:7.0f} s: {done_so_far}/{total} read, {rate:.0f} img/s, eta {eta:.0f} s, '
-            f'RSS now {(_rss_kb(main) + workers_kb) / 1024:.0f} MB, highest so far '
-            f'{sampled_peak_kb / 1024:.0f} MB', flush=True)
+      print(
+        f'  [{size}] {elapsed:7.0f} s: {done_so_far}/{total} read, {rate:.0f} img/s, eta {eta:.0f} s, '
+        f'RSS now {(_rss_kb(main) + workers_kb) / 1024:.0f} MB, highest so far '
+        f'{sampled_peak_kb / 1024:.0f} MB',
+        flush=True,
+      )
     if stop_after and elapsed > stop_after and not stopped:
       stopped = True
       print(f'  [{size}] stopping after {elapsed:.0f} s (--stop_after_secs)', flush=True)
@@ -200,8 +226,14 @@ def run_size(root: str, model_dir: str, size: int, mode: str, every: float, shar
   peak_kb = _peak_kb(peak_file, usage)
   proc.returncode = os.waitstatus_to_exitcode(status)
   stderr_tail = (stderr_tail + (proc.stderr.read() or b''))[-4000:]
-  row = {'images': total, 'seconds': seconds, 'peak_rss_mb': peak_kb / 1024,
-         'workers_peak_rss_mb': worker_peak_kb / 1024, 'stopped': stopped, 'read': done_so_far}
+  row = {
+    'images': total,
+    'seconds': seconds,
+    'peak_rss_mb': peak_kb / 1024,
+    'workers_peak_rss_mb': worker_peak_kb / 1024,
+    'stopped': stopped,
+    'read': done_so_far,
+  }
   if stopped:
     return row
   if proc.returncode:
@@ -260,17 +292,47 @@ def run_other(pipeline: str, root: str, size: int) -> dict:
     model = os.path.join(root, 'co2_lstm')
     if not os.path.exists(model):
       demo.train_model(model, demo.load_series()[1][:120], steps=5)
-    argv = [sys.executable, '-m', 'pipelines.score_sequences', '--input', make_events(root, size),
-            '--model_dir', model, '--output', os.path.join(out, 'scores'), '--event_value_fields', 'co2',
-            '--window', 'fixed', '--window_size', str(12 * demo.WEEK), '--seq_len', '12', '--forecast',
-            '--min_length', '8']
+    argv = [
+      sys.executable,
+      '-m',
+      'pipelines.score_sequences',
+      '--input',
+      make_events(root, size),
+      '--model_dir',
+      model,
+      '--output',
+      os.path.join(out, 'scores'),
+      '--event_value_fields',
+      'co2',
+      '--window',
+      'fixed',
+      '--window_size',
+      str(12 * demo.WEEK),
+      '--seq_len',
+      '12',
+      '--forecast',
+      '--min_length',
+      '8',
+    ]
     prefix = os.path.join(out, 'scores')
   else:
     folders = -(-size // DISTINCT)
     pattern = make_images(os.path.join(root, f'images-{folders}'), folders * DISTINCT, folders)
-    argv = [sys.executable, '-m', 'pipelines.preprocess', '--preprocess_kind', 'images', '--input', pattern,
-            '--preprocess_image_shape', '16,16,3', '--transform_dir', os.path.join(out, 'transform'),
-            '--output', os.path.join(out, 'train')]
+    argv = [
+      sys.executable,
+      '-m',
+      'pipelines.preprocess',
+      '--preprocess_kind',
+      'images',
+      '--input',
+      pattern,
+      '--preprocess_image_shape',
+      '16,16,3',
+      '--transform_dir',
+      os.path.join(out, 'transform'),
+      '--output',
+      os.path.join(out, 'train'),
+    ]
     prefix = os.path.join(out, 'train')
     size = folders * DISTINCT
   row = {'inputs': size, **run_command(argv)}
@@ -281,13 +343,14 @@ def run_other(pipeline: str, root: str, size: int) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='10000,100000', help='comma-separated numbers of images (or events)')
-  parser.add_argument('--pipeline', choices=['classify_images', 'score_sequences', 'preprocess'],
-                      default='classify_images')
+  parser.add_argument(
+    '--pipeline', choices=['classify_images', 'score_sequences', 'preprocess'], default='classify_images'
+  )
   parser.add_argument('--mode', choices=sorted(MODES), default='single')
   parser.add_argument('--every', type=float, default=15.0, help='seconds between progress lines')
   parser.add_argument('--workdir', default=None, help='keep images here (default: a temp dir)')
   parser.add_argument('--shard_files', type=int, default=0, help='run as shards of this many files (0: one run)')
-  parser.add_argument('--stop_after_secs', type=float, default=0, help='end a size\'s run after this long, report')
+  parser.add_argument('--stop_after_secs', type=float, default=0, help="end a size's run after this long, report")
   parser.add_argument('--resume', action='store_true', help='keep earlier outputs (sharded: finished shards)')
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
@@ -297,32 +360,44 @@ def main(argv=None):
     if args.pipeline != 'classify_images':
       for size in (int(s) for s in args.sizes.split(',')):
         rows.append(run_other(args.pipeline, root, size))
-        print(f'{args.pipeline} {rows[-1]["inputs"]:>8d} inputs | {rows[-1]["seconds"]:7.1f} s | '
-              f'peak RSS {rows[-1]["peak_rss_mb"]:6.0f} MB | {rows[-1]["outputs"]} JSON-lines outputs + '
-              f'{rows[-1]["dead_letters"]} dead letters', flush=True)
-      print(f'{args.pipeline} peak RSS {rows[-1]["inputs"]} vs {rows[0]["inputs"]} inputs: '
-            f'{rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]:.2f}x')
+        print(
+          f'{args.pipeline} {rows[-1]["inputs"]:>8d} inputs | {rows[-1]["seconds"]:7.1f} s | '
+          f'peak RSS {rows[-1]["peak_rss_mb"]:6.0f} MB | {rows[-1]["outputs"]} JSON-lines outputs + '
+          f'{rows[-1]["dead_letters"]} dead letters',
+          flush=True,
+        )
+      print(
+        f'{args.pipeline} peak RSS {rows[-1]["inputs"]} vs {rows[0]["inputs"]} inputs: '
+        f'{rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]:.2f}x'
+      )
       return
     for size in (int(s) for s in args.sizes.split(',')):
-      row = run_size(root, model_dir, size, args.mode, args.every, args.shard_files, args.stop_after_secs,
-                     args.resume)
+      row = run_size(root, model_dir, size, args.mode, args.every, args.shard_files, args.stop_after_secs, args.resume)
       mode = args.mode + (f', shards of {args.shard_files}' if args.shard_files else '')
       if row['stopped']:
         rate = row['read'] / row['seconds']
-        print(f'{row["images"]:>9d} images | stopped after {row["seconds"]:.1f} s with {row["read"]} read | '
-              f'{rate:7.1f} img/s | eta {(row["images"] - row["read"]) / max(rate, 1e-9):.0f} s more | '
-              f'peak RSS so far {row["peak_rss_mb"]:7.0f} MB (main process) ({mode})', flush=True)
+        print(
+          f'{row["images"]:>9d} images | stopped after {row["seconds"]:.1f} s with {row["read"]} read | '
+          f'{rate:7.1f} img/s | eta {(row["images"] - row["read"]) / max(rate, 1e-9):.0f} s more | '
+          f'peak RSS so far {row["peak_rss_mb"]:7.0f} MB (main process) ({mode})',
+          flush=True,
+        )
         continue
       rows.append(row)
-      print(f'{row["images"]:>9d} images | {row["seconds"]:8.1f} s | {row["images"] / row["seconds"]:7.1f} img/s | '
-            f'peak RSS {row["peak_rss_mb"]:7.0f} MB (main process)'
-            + (f' + workers {row["workers_peak_rss_mb"]:.0f} MB' if args.mode != 'single' else '')
-            + f' | {row["predictions"]} predictions + {row["dead_letters"]} dead letters, '
-            f'every input once: {row["accounted"]} ({mode})', flush=True)
+      print(
+        f'{row["images"]:>9d} images | {row["seconds"]:8.1f} s | {row["images"] / row["seconds"]:7.1f} img/s | '
+        f'peak RSS {row["peak_rss_mb"]:7.0f} MB (main process)'
+        + (f' + workers {row["workers_peak_rss_mb"]:.0f} MB' if args.mode != 'single' else '')
+        + f' | {row["predictions"]} predictions + {row["dead_letters"]} dead letters, '
+        f'every input once: {row["accounted"]} ({mode})',
+        flush=True,
+      )
     if len(rows) > 1:
       first, last = rows[0], rows[-1]
-      print(f'peak RSS {last["images"]} vs {first["images"]} images: '
-            f'{last["peak_rss_mb"] / first["peak_rss_mb"]:.2f}x ({mode})')
+      print(
+        f'peak RSS {last["images"]} vs {first["images"]} images: '
+        f'{last["peak_rss_mb"] / first["peak_rss_mb"]:.2f}x ({mode})'
+      )
 
 
 if __name__ == '__main__':

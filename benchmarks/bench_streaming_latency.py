@@ -38,6 +38,7 @@ rate is what the runner sustained (events / wall seconds), stated beside the
 latency. The model is trained for a few steps on the CO2 series
 (statsmodels); its accuracy is irrelevant here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 
 from beam_dl.features import WindowSpec
-from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.formats.events import Event
+from beam_dl.serving.handler import JaxModelHandler
 from pipelines import score_sequences_demo as demo
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.sequence_scoring import FormatScoreFn, ToModelInputFn
@@ -73,6 +74,7 @@ def _collect(record):
   # Imported by name: under `python -m` this file is also `__main__`, whose
   # globals cloudpickle would copy rather than share.
   from benchmarks import bench_streaming_latency as shared  # pylint: disable=g-import-not-at-top
+
   shared.LATENCIES.append(record['latency_s'])
 
 
@@ -82,13 +84,17 @@ def stream(ticks: int, per_tick: int, keys: int = 10) -> TestStream:
   for tick in range(ticks):
     base = 1000.0 + tick
     events = [Event(f'k{i % keys}', base + i / per_tick, (float(330 + rng.normal()),)) for i in range(per_tick)]
-    ts = (ts.add_elements([beam.window.TimestampedValue(e, e.time) for e in events])
-          .advance_watermark_to(base + 1).advance_processing_time(1))
+    ts = (
+      ts.add_elements([beam.window.TimestampedValue(e, e.time) for e in events])
+      .advance_watermark_to(base + 1)
+      .advance_processing_time(1)
+    )
   return ts.advance_watermark_to_infinity()
 
 
 def run(model_dir: str, ticks: int, per_tick: int) -> dict:
   from benchmarks import bench_streaming_latency as shared  # pylint: disable=g-import-not-at-top
+
   shared.LATENCIES.clear()
   spec = WindowSpec('fixed', size=60, early_after_count=1, accumulation='accumulating')
   start = time.perf_counter()
@@ -99,11 +105,19 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
     scored.predictions | beam.ParDo(FormatScoreFn()) | beam.Map(_collect)
   seconds = time.perf_counter() - start
   lat = np.array(shared.LATENCIES) * 1000
-  warm = lat[len(lat) // 10:]  # the first outputs include JIT compiles of the model
+  warm = lat[len(lat) // 10 :]  # the first outputs include JIT compiles of the model
   events = ticks * per_tick
-  return {'events': events, 'seconds': seconds, 'rate': events / seconds, 'outputs': len(lat),
-          'p50': np.percentile(lat, 50), 'p99': np.percentile(lat, 99), 'max': lat.max(),
-          'warm_p50': np.percentile(warm, 50), 'warm_p99': np.percentile(warm, 99)}
+  return {
+    'events': events,
+    'seconds': seconds,
+    'rate': events / seconds,
+    'outputs': len(lat),
+    'p50': np.percentile(lat, 50),
+    'p99': np.percentile(lat, 99),
+    'max': lat.max(),
+    'warm_p50': np.percentile(warm, 50),
+    'warm_p99': np.percentile(warm, 99),
+  }
 
 
 # -- Kafka end to end -------------------------------------------------------------
@@ -112,8 +126,16 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
 def _consume_scores(servers: str, topic: str, stop: threading.Event, into: list):
   """(receive time, record) for each score on `topic` until `stop` is set."""
   from confluent_kafka import Consumer  # pylint: disable=g-import-not-at-top
-  consumer = Consumer({'bootstrap.servers': servers, 'group.id': f'bench-{topic}', 'log_level': 0,
-                       'auto.offset.reset': 'earliest', 'fetch.wait.max.ms': 5})
+
+  consumer = Consumer(
+    {
+      'bootstrap.servers': servers,
+      'group.id': f'bench-{topic}',
+      'log_level': 0,
+      'auto.offset.reset': 'earliest',
+      'fetch.wait.max.ms': 5,
+    }
+  )
   consumer.subscribe([topic])
   try:
     while not stop.is_set():
@@ -145,17 +167,48 @@ def _produce_steady(producer, topic: str, rate: float, seconds: float, keys: int
   return sent, last
 
 
-def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags: list[str],
-              startup_timeout_s: float = 400.0, job_endpoint: str | None = None) -> dict:
+def run_kafka(
+  broker,
+  model_dir: str,
+  rate: float,
+  seconds: float,
+  runner_flags: list[str],
+  startup_timeout_s: float = 400.0,
+  job_endpoint: str | None = None,
+) -> dict:
   """One rate, end to end through Kafka; returns latency percentiles (ms) and whether it held."""
   from confluent_kafka import Producer  # pylint: disable=g-import-not-at-top
+
   topic, out = f'events-{int(rate)}', f'scores-{int(rate)}'
   for name in (topic, out, f'{out}-failed'):
     broker.create_topic(name)
-  cmd = [sys.executable, '-m', 'pipelines.score_sequences', '--streaming', '--kafka_bootstrap', broker.bootstrap,
-         '--kafka_topic', topic, '--kafka_output_topic', out, '--kafka_stop_after_idle_secs', '5',
-         '--model_dir', model_dir, '--event_value_fields', 'value', '--window', 'fixed', '--window_size', '10',
-         '--seq_len', '16', '--max_batch_size', '64', *runner_flags]
+  cmd = [
+    sys.executable,
+    '-m',
+    'pipelines.score_sequences',
+    '--streaming',
+    '--kafka_bootstrap',
+    broker.bootstrap,
+    '--kafka_topic',
+    topic,
+    '--kafka_output_topic',
+    out,
+    '--kafka_stop_after_idle_secs',
+    '5',
+    '--model_dir',
+    model_dir,
+    '--event_value_fields',
+    'value',
+    '--window',
+    'fixed',
+    '--window_size',
+    '10',
+    '--seq_len',
+    '16',
+    '--max_batch_size',
+    '64',
+    *runner_flags,
+  ]
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])}
   received: list = []
   stop = threading.Event()
@@ -166,8 +219,9 @@ def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags:
   producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 1, 'log_level': 0})
   try:
     probe_t = time.time()  # the pipeline is up once a probe event comes back scored
-    producer.produce(topic, json.dumps({'key': 'probe', 'time': probe_t, 'value': 330.0}).encode(),
-                     timestamp=int(probe_t * 1000))
+    producer.produce(
+      topic, json.dumps({'key': 'probe', 'time': probe_t, 'value': 330.0}).encode(), timestamp=int(probe_t * 1000)
+    )
     producer.flush(30)
     deadline = time.time() + startup_timeout_s
     while not any(r.get('key') == 'probe' for _, r in list(received)):
@@ -193,77 +247,119 @@ def run_kafka(broker, model_dir: str, rate: float, seconds: float, runner_flags:
     consumer.join(10)
     if job_endpoint:  # the job outlives its submitter on a job server
       from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
+
       kafka_io.cancel_running_jobs(job_endpoint)
   timed = [(t, r) for t, r in received if r.get('key') != 'probe' and r.get('last_time', 0) >= t0]
   lat = np.array([t - r['last_time'] for t, r in timed]) * 1000
   warm = np.array([t - r['last_time'] for t, r in timed if r['last_time'] >= t0 + WARM_UP_S]) * 1000
   done = [t for t, r in timed if r['last_time'] >= last_sent - 1e-3]
   tail_ms = (min(done) - last_sent) * 1000 if done else float('inf')
-  return {'rate': rate, 'sent': sent, 'produce_s': produce_s, 'achieved': sent / produce_s, 'scores': len(lat),
-          'probe_s': probe, 'p50': np.percentile(lat, 50) if len(lat) else float('nan'),
-          'p99': np.percentile(lat, 99) if len(lat) else float('nan'), 'max': lat.max() if len(lat) else float('nan'),
-          'warm_p50': np.percentile(warm, 50) if len(warm) else float('nan'),
-          'warm_p99': np.percentile(warm, 99) if len(warm) else float('nan'),
-          'last_event_ms': tail_ms, 'held': tail_ms <= 2000, 'log': log.name}
+  return {
+    'rate': rate,
+    'sent': sent,
+    'produce_s': produce_s,
+    'achieved': sent / produce_s,
+    'scores': len(lat),
+    'probe_s': probe,
+    'p50': np.percentile(lat, 50) if len(lat) else float('nan'),
+    'p99': np.percentile(lat, 99) if len(lat) else float('nan'),
+    'max': lat.max() if len(lat) else float('nan'),
+    'warm_p50': np.percentile(warm, 50) if len(warm) else float('nan'),
+    'warm_p99': np.percentile(warm, 99) if len(warm) else float('nan'),
+    'last_event_ms': tail_ms,
+    'held': tail_ms <= 2000,
+    'log': log.name,
+  }
 
 
 def main_kafka(args, runner_flags: list[str]):
   from beam_dl.services.kafka import KafkaBroker  # pylint: disable=g-import-not-at-top
+
   model_dir = tempfile.mkdtemp(prefix='latency_model_')
   _, values = demo.load_series()
   demo.train_model(model_dir, values[:400], steps=20)
-  print(f'Kafka -> score_sequences ({" ".join(runner_flags) or "DirectRunner"}) -> Kafka; '
-        f'{args.seconds:g} s per rate; latency = consumer receive time - produce time of the newest event '
-        'in the scored pane')
-  print(f'{"target/s":>8s} {"sent":>7s} {"sent/s":>7s} {"scores":>7s} {"probe s":>7s} '
-        f'{"p50 ms":>8s} {"p99 ms":>8s} {"max ms":>8s} {"warm p50":>8s} {"warm p99":>8s} {"last ev ms":>10s} held',
-        flush=True)
+  print(
+    f'Kafka -> score_sequences ({" ".join(runner_flags) or "DirectRunner"}) -> Kafka; '
+    f'{args.seconds:g} s per rate; latency = consumer receive time - produce time of the newest event '
+    'in the scored pane'
+  )
+  print(
+    f'{"target/s":>8s} {"sent":>7s} {"sent/s":>7s} {"scores":>7s} {"probe s":>7s} '
+    f'{"p50 ms":>8s} {"p99 ms":>8s} {"max ms":>8s} {"warm p50":>8s} {"warm p99":>8s} {"last ev ms":>10s} held',
+    flush=True,
+  )
   with contextlib.ExitStack() as stack:
     broker = stack.enter_context(KafkaBroker(heap_mb=1024))
     job_endpoint = None
     if args.flink_kafka_io:
       from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
+
       job_endpoint, expansion = stack.enter_context(kafka_io.flink_with_kafka_io())
-      runner_flags = ['--runner', 'FlinkRunner', '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK',
-                      '--kafka_reader', 'xlang', '--kafka_expansion_service', expansion, *runner_flags]
-      print(f'Flink job server {job_endpoint}, KafkaIO expansion service {expansion}; flags: {" ".join(runner_flags)}',
-            flush=True)
+      runner_flags = [
+        '--runner',
+        'FlinkRunner',
+        '--job_endpoint',
+        job_endpoint,
+        '--environment_type',
+        'LOOPBACK',
+        '--kafka_reader',
+        'xlang',
+        '--kafka_expansion_service',
+        expansion,
+        *runner_flags,
+      ]
+      print(
+        f'Flink job server {job_endpoint}, KafkaIO expansion service {expansion}; flags: {" ".join(runner_flags)}',
+        flush=True,
+      )
     for rate in args.rates:
       r = run_kafka(broker, model_dir, rate, args.seconds, runner_flags, job_endpoint=job_endpoint)
       probe = f'{r["probe_s"]:7.1f}' if r['probe_s'] is not None else '   none'
-      print(f'{rate:8.0f} {r["sent"]:7d} {r["achieved"]:7.0f} {r["scores"]:7d} {probe} {r["p50"]:8.1f} '
-            f'{r["p99"]:8.1f} {r["max"]:8.1f} {r["warm_p50"]:8.1f} {r["warm_p99"]:8.1f} {r["last_event_ms"]:10.0f} '
-            f'{"yes" if r["held"] else "no"}'
-            f'   (pipeline log: {r["log"]})', flush=True)
+      print(
+        f'{rate:8.0f} {r["sent"]:7d} {r["achieved"]:7.0f} {r["scores"]:7d} {probe} {r["p50"]:8.1f} '
+        f'{r["p99"]:8.1f} {r["max"]:8.1f} {r["warm_p50"]:8.1f} {r["warm_p99"]:8.1f} {r["last_event_ms"]:10.0f} '
+        f'{"yes" if r["held"] else "no"}'
+        f'   (pipeline log: {r["log"]})',
+        flush=True,
+      )
 
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  runner_flags = argv[argv.index('--') + 1:] if '--' in argv else []
-  argv = argv[:argv.index('--')] if '--' in argv else argv
+  runner_flags = argv[argv.index('--') + 1 :] if '--' in argv else []
+  argv = argv[: argv.index('--')] if '--' in argv else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--ticks', type=int, default=40)
   parser.add_argument('--per_tick', type=int, nargs='+', default=[10, 100])
   parser.add_argument('--kafka', action='store_true', help='Kafka end to end instead of TestStream.')
   parser.add_argument('--rates', type=float, nargs='+', default=[200, 1000, 5000])
   parser.add_argument('--seconds', type=float, default=60.0)
-  parser.add_argument('--flink_kafka_io', action='store_true',
-                      help="Kafka mode on the FlinkRunner with Beam's Java KafkaIO (make runners kafka-io).")
+  parser.add_argument(
+    '--flink_kafka_io',
+    action='store_true',
+    help="Kafka mode on the FlinkRunner with Beam's Java KafkaIO (make runners kafka-io).",
+  )
   args = parser.parse_args(argv)
   if args.kafka:
     return main_kafka(args, runner_flags)
   model_dir = tempfile.mkdtemp(prefix='latency_model_')
   _, values = demo.load_series()
   demo.train_model(model_dir, values[:400], steps=20)
-  print('latency ms: all outputs | after the first 10% (JIT warm-up); one output per key per tick '
-        '(an EARLY pane fires per bundle)')
-  print(f'{"events/tick":>11s} {"events":>7s} {"seconds":>8s} {"input ev/s":>10s} {"outputs":>8s} '
-        f'{"p50":>7s} {"p99":>7s} {"max":>7s} | {"p50":>6s} {"p99":>6s}')
+  print(
+    'latency ms: all outputs | after the first 10% (JIT warm-up); one output per key per tick '
+    '(an EARLY pane fires per bundle)'
+  )
+  print(
+    f'{"events/tick":>11s} {"events":>7s} {"seconds":>8s} {"input ev/s":>10s} {"outputs":>8s} '
+    f'{"p50":>7s} {"p99":>7s} {"max":>7s} | {"p50":>6s} {"p99":>6s}'
+  )
   for per_tick in args.per_tick:
     r = run(model_dir, args.ticks, per_tick)
-    print(f'{per_tick:11d} {r["events"]:7d} {r["seconds"]:8.2f} {r["rate"]:10.1f} {r["outputs"]:8d} '
-          f'{r["p50"]:7.1f} {r["p99"]:7.1f} {r["max"]:7.1f} | {r["warm_p50"]:6.1f} {r["warm_p99"]:6.1f}',
-          flush=True)
+    print(
+      f'{per_tick:11d} {r["events"]:7d} {r["seconds"]:8.2f} {r["rate"]:10.1f} {r["outputs"]:8d} '
+      f'{r["p50"]:7.1f} {r["p99"]:7.1f} {r["max"]:7.1f} | {r["warm_p50"]:6.1f} {r["warm_p99"]:6.1f}',
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

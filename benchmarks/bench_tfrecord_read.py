@@ -8,6 +8,7 @@ prints records/s, then the medians and the ratio ReadTFRecords / Beam. A
 third line times the framing loop alone (`beam_dl.io.tfrecord.read_records`
 over one file, no Beam) against Beam's own `_TFRecordUtil.read_record` loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,11 +95,15 @@ def main():
         rates[name].append(n / seconds)
         print(f'run {i} {name:17s} {n} records in {seconds:.2f} s: {n / seconds:,.0f} records/s')
     ours, theirs = (statistics.median(rates[k]) for k in ('ReadTFRecords', 'ReadFromTFRecord'))
-    print(f'median ReadTFRecords {ours:,.0f} records/s | ReadFromTFRecord {theirs:,.0f} records/s '
-          f'| ratio {ours / theirs:.2f}')
+    print(
+      f'median ReadTFRecords {ours:,.0f} records/s | ReadFromTFRecord {theirs:,.0f} records/s '
+      f'| ratio {ours / theirs:.2f}'
+    )
     loop_ours, loop_theirs = framing_loops(pattern.replace('*', 'part-0'))
-    print(f'framing loop alone: read_records {loop_ours:,.0f} records/s | Beam read_record '
-          f'{loop_theirs:,.0f} records/s | ratio {loop_ours / loop_theirs:.2f}')
+    print(
+      f'framing loop alone: read_records {loop_ours:,.0f} records/s | Beam read_record '
+      f'{loop_theirs:,.0f} records/s | ratio {loop_ours / loop_theirs:.2f}'
+    )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ Prints one line: inputs, predicted, dead letters, missing, duplicated, or
 the error that failed the run (torn elements fail decoding, or allocate
 tens of GB: run `--unfixed` under a memory limit, e.g. `prlimit --data=8G`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,9 +80,15 @@ def main() -> None:
     f.write(SPEC.to_json())
   out = os.path.join(args.workdir, f'run-{os.getpid()}', 'pred')
   inference.JaxModelHandler = lambda *a, **k: SlowHandler()
-  options = PipelineOptions([
-      f'--input={args.workdir}/images/*/*.png', f'--model_dir={model_dir}', f'--output={out}',
-      f'--direct_num_workers={args.workers}', '--direct_running_mode=multi_threading'])
+  options = PipelineOptions(
+    [
+      f'--input={args.workdir}/images/*/*.png',
+      f'--model_dir={model_dir}',
+      f'--output={out}',
+      f'--direct_num_workers={args.workers}',
+      '--direct_running_mode=multi_threading',
+    ]
+  )
   start, error = time.time(), None
   try:
     with beam.Pipeline(options=options) as pipeline:
@@ -94,9 +101,11 @@ def main() -> None:
       keys += [json.loads(line)['key'] for line in f]
   failed = sum(1 for path in glob.glob(out + '_failed-*.jsonl') for _ in open(path))
   missing = len(set(inputs) - set(keys))
-  print(f"{'unfixed' if args.unfixed else 'fixed'} workers={args.workers} flush_ms={args.flush_ms or 1000} "
-        f'inputs={len(inputs)} predicted={len(keys)} dead_letters={failed} missing={missing} '
-        f'duplicated={len(keys) - len(set(keys))} secs={time.time() - start:.0f}' + (f' ERROR {error}' if error else ''))
+  print(
+    f'{"unfixed" if args.unfixed else "fixed"} workers={args.workers} flush_ms={args.flush_ms or 1000} '
+    f'inputs={len(inputs)} predicted={len(keys)} dead_letters={failed} missing={missing} '
+    f'duplicated={len(keys) - len(set(keys))} secs={time.time() - start:.0f}' + (f' ERROR {error}' if error else '')
+  )
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ pipelines write), then measures, for the same global batch:
 The pipeline keeps the accelerator fed when (1) exceeds (2). Compilation is
 excluded (a warm-up step runs first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,18 +63,25 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
   records = [
-      encode_image_example(f's/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(args.num_classes)))
-      for i in range(n)
+    encode_image_example(f's/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(args.num_classes)))
+    for i in range(n)
   ]
   pattern = datasets.write_shards(records, os.path.join(workdir, 'synthetic'), 8)
   write_s = time.perf_counter() - t0
   kwargs = {'num_classes': args.num_classes, 'dtype': args.dtype}
   cfg = TrainConfig(
-      model=args.model, model_kwargs=kwargs, input_scale=1 / 255,
-      data=DataConfig(kind='images', train_files=pattern, eval_files=pattern, shape=shape,
-                      shuffle_buffer=min(n, 1024), prefetch=2),
-      batch_size=args.batch, num_steps=10**9, optimizer='sgd', learning_rate=0.1, label_smoothing=0.1,
-      sharding=ShardingConfig(mode=args.sharding, model_parallelism=2 if 'tensor' in args.sharding else 1),
+    model=args.model,
+    model_kwargs=kwargs,
+    input_scale=1 / 255,
+    data=DataConfig(
+      kind='images', train_files=pattern, eval_files=pattern, shape=shape, shuffle_buffer=min(n, 1024), prefetch=2
+    ),
+    batch_size=args.batch,
+    num_steps=10**9,
+    optimizer='sgd',
+    learning_rate=0.1,
+    label_smoothing=0.1,
+    sharding=ShardingConfig(mode=args.sharding, model_parallelism=2 if 'tensor' in args.sharding else 1),
   )
   strategy = make_strategy(cfg)
   local_batch = args.batch // jax.process_count()
@@ -129,23 +137,27 @@ def main(argv=None):
   infer_rate = _rate(steps * args.batch, time.perf_counter() - t0)
 
   dev = jax.devices()[0]
-  print(f'\nbench_training: {args.model} {args.dtype} {shape[0]}x{shape[1]}x3 global batch {args.batch}, '
-        f'{args.sharding} on {len(jax.devices())} x {dev.platform} ({dev.device_kind}); '
-        f'{steps} timed steps; data: {n} synthetic examples ({write_s:.1f}s to write), compile {compile_s:.1f}s')
+  print(
+    f'\nbench_training: {args.model} {args.dtype} {shape[0]}x{shape[1]}x3 global batch {args.batch}, '
+    f'{args.sharding} on {len(jax.devices())} x {dev.platform} ({dev.device_kind}); '
+    f'{steps} timed steps; data: {n} synthetic examples ({write_s:.1f}s to write), compile {compile_s:.1f}s'
+  )
   rows = [
-      ('input pipeline (tf.data -> numpy)', host_rate),
-      ('input pipeline + sharded device_put', device_rate),
-      ('train step consumption (resident batch)', step_rate),
-      ('end to end training (pipeline -> step)', e2e_rate),
-      ('inference forward (eval mode)', infer_rate),
+    ('input pipeline (tf.data -> numpy)', host_rate),
+    ('input pipeline + sharded device_put', device_rate),
+    ('train step consumption (resident batch)', step_rate),
+    ('end to end training (pipeline -> step)', e2e_rate),
+    ('inference forward (eval mode)', infer_rate),
   ]
   width = max(len(r[0]) for r in rows)
   print(f'{"measurement":<{width}}  {"examples/s":>12}  {"per device":>12}')
   for name, rate in rows:
     print(f'{name:<{width}}  {rate:>12.1f}  {rate / len(jax.devices()):>12.1f}')
   verdict = 'keeps up' if device_rate >= step_rate else 'is the bottleneck'
-  print(f'supply/demand = {device_rate / step_rate:.2f}x: the input pipeline {verdict}; '
-        f'end-to-end input wait {100 * wait / e2e_s:.0f}% of step time')
+  print(
+    f'supply/demand = {device_rate / step_rate:.2f}x: the input pipeline {verdict}; '
+    f'end-to-end input wait {100 * wait / e2e_s:.0f}% of step time'
+  )
   return dict(rows)
 
 

@@ -10,6 +10,7 @@ inside the model, and run on the same runner with the same fixed batch size.
     pip install -r benchmarks/requirements.txt   # torch==2.13.0 (CPU)
     python -m benchmarks.bench_vs_pytorch --batch 256 --num 16384
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,13 +88,13 @@ def run_pipeline(handler, elements_fn, num, batch, runner) -> float:
   start = time.perf_counter()
   with beam.Pipeline(runner=runner, options=PipelineOptions([])) as pipeline:
     _ = (
-        pipeline
-        | beam.Create([(i, batch) for i in range(0, num, batch)])
-        | 'Examples' >> beam.FlatMap(elements_fn)
-        | RunInference(handler)
-        | 'Drop' >> beam.Map(lambda result: 1)  # don't ship examples to the count
-        | beam.CombineGlobally(sum)
-        | beam.Map(lambda n: None if n == num else (_ for _ in ()).throw(AssertionError(n)))
+      pipeline
+      | beam.Create([(i, batch) for i in range(0, num, batch)])
+      | 'Examples' >> beam.FlatMap(elements_fn)
+      | RunInference(handler)
+      | 'Drop' >> beam.Map(lambda result: 1)  # don't ship examples to the count
+      | beam.CombineGlobally(sum)
+      | beam.Map(lambda n: None if n == num else (_ for _ in ()).throw(AssertionError(n)))
     )
   return time.perf_counter() - start
 
@@ -121,10 +122,15 @@ def main(argv=None):
     state_path = os.path.join(workdir, 'small_cnn.pt')
     torch.save(flax_to_torch_state(variables['params']), state_path)
 
-    jax_handler = JaxModelHandler(model_dir, max_batch_size=args.batch, min_batch_size=args.batch, batch_buckets=[args.batch])
+    jax_handler = JaxModelHandler(
+      model_dir, max_batch_size=args.batch, min_batch_size=args.batch, batch_buckets=[args.batch]
+    )
     torch_handler = PytorchModelHandlerTensor(
-        state_dict_path=state_path, model_class=model_class, model_params={},
-        min_batch_size=args.batch, max_batch_size=args.batch,
+      state_dict_path=state_path,
+      model_class=model_class,
+      model_params={},
+      min_batch_size=args.batch,
+      max_batch_size=args.batch,
     )
     jax_model = jax_handler.load_model()  # the pipeline reuses this compiled copy
     torch_model = torch_handler.load_model()
@@ -134,8 +140,10 @@ def main(argv=None):
     jax_out = jax_model.predict(list(images[: args.batch]))
     max_diff = float(np.abs(torch_out - jax_out).max())
     assert np.allclose(torch_out, jax_out, atol=1e-3), max_diff
-    print(f'SmallCNN {kwargs} on {spec.input_shape} uint8, batch {args.batch}, {args.num} images, '
-          f'runner {args.runner}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)')
+    print(
+      f'SmallCNN {kwargs} on {spec.input_shape} uint8, batch {args.batch}, {args.num} images, '
+      f'runner {args.runner}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)'
+    )
     print(f'outputs agree: max |torch - jax| = {max_diff:.2e}')
 
     def torch_raw():
@@ -151,14 +159,22 @@ def main(argv=None):
     for repeat in range(args.repeats):
       jax_raw = args.num / raw_loop(jax_model, images, args.batch)
       pt_raw = args.num / torch_raw()
-      jax_beam = args.num / run_pipeline(jax_handler, _Images(args.num, spec.input_shape), args.num, args.batch, args.runner)
-      pt_beam = args.num / run_pipeline(torch_handler, _TorchImages(args.num, spec.input_shape), args.num, args.batch, args.runner)
+      jax_beam = args.num / run_pipeline(
+        jax_handler, _Images(args.num, spec.input_shape), args.num, args.batch, args.runner
+      )
+      pt_beam = args.num / run_pipeline(
+        torch_handler, _TorchImages(args.num, spec.input_shape), args.num, args.batch, args.runner
+      )
       rows.append((jax_beam, pt_beam, jax_raw, pt_raw))
-      print(f'  run {repeat + 1}: RunInference JAX {jax_beam:8.1f} img/s | PyTorch {pt_beam:8.1f} img/s | '
-            f'JAX/PyTorch {jax_beam / pt_beam:.2f} || raw loops: JAX {jax_raw:8.1f} | PyTorch {pt_raw:8.1f}')
+      print(
+        f'  run {repeat + 1}: RunInference JAX {jax_beam:8.1f} img/s | PyTorch {pt_beam:8.1f} img/s | '
+        f'JAX/PyTorch {jax_beam / pt_beam:.2f} || raw loops: JAX {jax_raw:8.1f} | PyTorch {pt_raw:8.1f}'
+      )
     jax_beam, pt_beam, jax_raw, pt_raw = np.median(np.array(rows), axis=0)
-    print(f'median: RunInference JaxModelHandler {jax_beam:.1f} img/s vs PytorchModelHandlerTensor {pt_beam:.1f} img/s '
-          f'= {jax_beam / pt_beam:.2f}x | raw loops JAX {jax_raw:.1f} vs PyTorch {pt_raw:.1f} = {jax_raw / pt_raw:.2f}x')
+    print(
+      f'median: RunInference JaxModelHandler {jax_beam:.1f} img/s vs PytorchModelHandlerTensor {pt_beam:.1f} img/s '
+      f'= {jax_beam / pt_beam:.2f}x | raw loops JAX {jax_raw:.1f} vs PyTorch {pt_raw:.1f} = {jax_raw / pt_raw:.2f}x'
+    )
 
 
 if __name__ == '__main__':

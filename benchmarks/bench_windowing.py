@@ -20,6 +20,7 @@ Beside it: the same features computed with numpy over sorted arrays
 for. A generate-and-count pipeline shows Beam's own per-element cost.
 Events/s are per core: every Beam figure is one SDK worker on one core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,8 +139,12 @@ def run_beam(total: int, keys: int, case: Case, pattern: str | None = None) -> t
     elif case.source == 'blocks':
       events = p | beam.Create(range(total // CHUNK)) | 'GenerateBlocks' >> beam.FlatMap(make_event_block, CHUNK, keys)
     else:
-      events = (p | beam.Create(range(total // CHUNK)) | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys)
-                | EventTimestamps())
+      events = (
+        p
+        | beam.Create(range(total // CHUNK))
+        | 'Generate' >> beam.FlatMap(make_events, CHUNK, keys)
+        | EventTimestamps()
+      )
     case.build(events) | 'CountOutputs' >> beam.Map(lambda _: OUTPUTS.inc())
   seconds = time.perf_counter() - start
   counters = p.result.metrics().query(MetricsFilter().with_name('outputs'))['counters']
@@ -151,8 +156,12 @@ def main(argv=None):
   parser.add_argument('--events', type=int, default=200_000)
   parser.add_argument('--keys', type=int, default=100)
   parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--gate_events', type=int, default=20_000,
-                      help='events for the late-gate cases (user state is slow on the local runner)')
+  parser.add_argument(
+    '--gate_events',
+    type=int,
+    default=20_000,
+    help='events for the late-gate cases (user state is slow on the local runner)',
+  )
   parser.add_argument('--files', action='store_true', help='also read the events from JSON-lines files')
   args = parser.parse_args(argv)
   total = args.events // CHUNK * CHUNK
@@ -162,32 +171,38 @@ def main(argv=None):
     return lambda e: (e | WindowedFeatures(spec, batch_path=False, **kwargs)).records
 
   cases = {
-      'generate + count only (Beam overhead)': Case(lambda e: e),
-      'WindowedFeatures, batch path (default)': Case(lambda e: (e | WindowedFeatures(spec)).records),
-      '  same, EventBlock input (event_blocks=True)': Case(
-          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='blocks'),
-      'WindowedFeatures, streaming path, no gate': Case(streaming_path(route_late=False)),
-      'WindowedFeatures, streaming path, late gate + state': Case(streaming_path(), gate=True),
-      "  same, Beam's own state-cache sizing": Case(streaming_path(), gate=True, beam_sizing=True),
-      '  same, SDK worker in a subprocess': Case(streaming_path(), SUBPROCESS, gate=True),
-      'WindowedSequences (last 16), no gate': Case(
-          lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records),
+    'generate + count only (Beam overhead)': Case(lambda e: e),
+    'WindowedFeatures, batch path (default)': Case(lambda e: (e | WindowedFeatures(spec)).records),
+    '  same, EventBlock input (event_blocks=True)': Case(
+      lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='blocks'
+    ),
+    'WindowedFeatures, streaming path, no gate': Case(streaming_path(route_late=False)),
+    'WindowedFeatures, streaming path, late gate + state': Case(streaming_path(), gate=True),
+    "  same, Beam's own state-cache sizing": Case(streaming_path(), gate=True, beam_sizing=True),
+    '  same, SDK worker in a subprocess': Case(streaming_path(), SUBPROCESS, gate=True),
+    'WindowedSequences (last 16), no gate': Case(lambda e: (e | WindowedSequences(spec, 16, route_late=False)).records),
   }
   if args.files:
-    cases.update({
+    cases.update(
+      {
         'files: ReadEvents, batch path': Case(lambda e: (e | WindowedFeatures(spec)).records, source='jsonl'),
         'files: ReadEventBlocks, batch path (event_blocks)': Case(
-            lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='jsonl-blocks'),
+          lambda e: (e | WindowedFeatures(spec, event_blocks=True)).records, source='jsonl-blocks'
+        ),
         'files: ReadEvents, streaming path, no gate': Case(streaming_path(route_late=False), source='jsonl'),
-    })
+      }
+    )
   k, t, v = arrays(total, args.keys)
   best = min(_timed(numpy_features, k, t, v) for _ in range(args.repeats))
   n_windows = numpy_features(k, t, v)
-  print(f'{total} events, {args.keys} keys, 2 features, {WINDOW:g} s fixed windows '
-        f'({n_windows} key-windows); best of {args.repeats}')
+  print(
+    f'{total} events, {args.keys} keys, 2 features, {WINDOW:g} s fixed windows '
+    f'({n_windows} key-windows); best of {args.repeats}'
+  )
   print(f'{"pipeline":52s} {"events":>8s} {"seconds":>8s} {"events/s/core":>14s} {"outputs":>8s}')
-  print(f'{"numpy (lexsort + reduceat), same features":52s} {total:8d} {best:8.3f} {total / best:14,.0f} '
-        f'{n_windows:8d}')
+  print(
+    f'{"numpy (lexsort + reduceat), same features":52s} {total:8d} {best:8.3f} {total / best:14,.0f} {n_windows:8d}'
+  )
   rates = {}
   files = tempfile.TemporaryDirectory(prefix='bench_windowing_')
   pattern = write_jsonl(files.name, total, args.keys) if args.files else None
@@ -201,14 +216,21 @@ def main(argv=None):
   streaming = 'WindowedFeatures, streaming path, no gate'
   gate = 'WindowedFeatures, streaming path, late gate + state'
   for label, top, bottom in [
-      ('batch path / streaming path (Event input)', 'WindowedFeatures, batch path (default)', streaming),
-      ('batch path, EventBlock input / streaming path', '  same, EventBlock input (event_blocks=True)', streaming),
-      ("late gate: beam_dl's sizing / Beam's own", gate, "  same, Beam's own state-cache sizing"),
-      ('late gate: beam_dl sizing / subprocess worker', gate, '  same, SDK worker in a subprocess'),
-      ('files: ReadEvents batch / ReadEvents streaming', 'files: ReadEvents, batch path',
-       'files: ReadEvents, streaming path, no gate'),
-      ('files: ReadEventBlocks batch / ReadEvents streaming', 'files: ReadEventBlocks, batch path (event_blocks)',
-       'files: ReadEvents, streaming path, no gate')]:
+    ('batch path / streaming path (Event input)', 'WindowedFeatures, batch path (default)', streaming),
+    ('batch path, EventBlock input / streaming path', '  same, EventBlock input (event_blocks=True)', streaming),
+    ("late gate: beam_dl's sizing / Beam's own", gate, "  same, Beam's own state-cache sizing"),
+    ('late gate: beam_dl sizing / subprocess worker', gate, '  same, SDK worker in a subprocess'),
+    (
+      'files: ReadEvents batch / ReadEvents streaming',
+      'files: ReadEvents, batch path',
+      'files: ReadEvents, streaming path, no gate',
+    ),
+    (
+      'files: ReadEventBlocks batch / ReadEvents streaming',
+      'files: ReadEventBlocks, batch path (event_blocks)',
+      'files: ReadEvents, streaming path, no gate',
+    ),
+  ]:
     if top in rates and bottom in rates:
       print(f'{label:52s} {rates[top] / rates[bottom]:8.2f}x')
   files.cleanup()

@@ -17,6 +17,7 @@ files (Beam's side writes JSON lines), both in Ray's favour.
 Prints one JSON line: {"seconds", "init_seconds", "images"}; writes
 {path: label} to --labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ def run(model_dir: str, pattern: str, batch: int) -> tuple[float, float, dict]:
   """(seconds, ray.init seconds, {path: label})."""
   import ray
 
-  from beam_dl.models import checkpoints
   from beam_dl.decoding.images import ImageSpec, decode_image
+  from beam_dl.models import checkpoints
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
   image_spec = ImageSpec(height=height, width=width, channels=channels)
@@ -59,16 +60,22 @@ def run(model_dir: str, pattern: str, batch: int) -> tuple[float, float, dict]:
     return {'path': row['path'], 'image': decode_image(row['bytes'], image_spec)}
 
   start = time.perf_counter()
-  ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-           object_store_memory=1 << 30, configure_logging=False)
+  ray.init(
+    num_cpus=os.cpu_count(),
+    include_dashboard=False,
+    log_to_driver=False,
+    object_store_memory=1 << 30,
+    configure_logging=False,
+  )
   init_seconds = time.perf_counter() - start
   ray.data.DataContext.get_current().enable_progress_bars = False
   start = time.perf_counter()
   paths = sorted(glob.glob(pattern))
-  dataset = (ray.data.read_binary_files(paths, include_paths=True)
-             .map(decode)
-             .map_batches(_Classifier, fn_constructor_args=(model_dir,), batch_size=batch, concurrency=1,
-                          batch_format='numpy'))
+  dataset = (
+    ray.data.read_binary_files(paths, include_paths=True)
+    .map(decode)
+    .map_batches(_Classifier, fn_constructor_args=(model_dir,), batch_size=batch, concurrency=1, batch_format='numpy')
+  )
   labels = {}
   for out in dataset.iter_batches(batch_size=None, batch_format='numpy'):
     labels.update(zip(out['path'].tolist(), out['label'].tolist()))

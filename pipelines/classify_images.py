@@ -8,19 +8,28 @@ Writes `<output>-SSSSS-of-NNNNN.jsonl` ({"key", "label", "score", "scores"})
 and `<output>_failed-SSSSS-of-NNNNN.jsonl` ({"key", "stage", "reason"}):
 every input lands in exactly one of them.
 """
+
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import cli
+from beam_dl.cli.options import (
+  DeadLetterOptions,
+  DriftOptions,
+  InferenceOptions,
+  IOOptions,
+  MetricsOptions,
+  OptionsError,
+  ProgressOptions,
+  require,
+)
+from beam_dl.core.deadletter import FailAboveErrorRate, failed_output
 from beam_dl.io import files
 from beam_dl.models import checkpoints
 from beam_dl.operations import local_shards
 from beam_dl.operations.metrics_export import run_pipeline
-from beam_dl.core.deadletter import FailAboveErrorRate, failed_output
-from beam_dl.cli.options import (DeadLetterOptions, DriftOptions, InferenceOptions, IOOptions, MetricsOptions,
-                             OptionsError, ProgressOptions, require)
 from beam_dl.operations.progress import CountProgressFn
 from transforms.drift import classify_images_drift
 from transforms.images import ReadImageExamples, ReadImageFiles
@@ -30,8 +39,15 @@ from transforms.metrics import CountDeadLetters
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord')
 # The flags `--help` lists (every Beam option is accepted as well).
-OPTION_GROUPS = (IOOptions, InferenceOptions, DeadLetterOptions, ProgressOptions, DriftOptions, MetricsOptions,
-                 local_shards.LocalShardOptions)
+OPTION_GROUPS = (
+  IOOptions,
+  InferenceOptions,
+  DeadLetterOptions,
+  ProgressOptions,
+  DriftOptions,
+  MetricsOptions,
+  local_shards.LocalShardOptions,
+)
 
 
 def input_format(pattern: str, declared: str = 'auto') -> str:
@@ -75,8 +91,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions):
   every = options.view_as(ProgressOptions).progress_every_secs
   if every > 0:
     images = images | 'Progress' >> beam.Map(CountProgressFn('classify_images: read', every))
-  outputs = images | 'ClassifyImages' >> ClassifyImages(inference.model_dir, dispatch_ahead=inference.dispatch_ahead,
-                                                        **inference.handler_kwargs())
+  outputs = images | 'ClassifyImages' >> ClassifyImages(
+    inference.model_dir, dispatch_ahead=inference.dispatch_ahead, **inference.handler_kwargs()
+  )
   failed = (outputs.failed, *failures) | 'AllFailures' >> beam.Flatten()
   outputs.predictions | 'WritePredictions' >> WriteJsonLines(io.output)
   failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
@@ -93,8 +110,13 @@ def run(argv=None):
   options = cli.parse_options(argv, OPTION_GROUPS, prog='python -m pipelines.classify_images', description=__doc__)
   if options.view_as(local_shards.LocalShardOptions).shard_files:  # large local jobs: one run per input shard
     io = options.view_as(IOOptions)
-    return local_shards.run_in_shards(local_shards.module_runner('pipelines.classify_images'), argv, options, 'classify_images',
-                                      [f'--input_format={input_format(io.input, io.input_format)}'])
+    return local_shards.run_in_shards(
+      local_shards.module_runner('pipelines.classify_images'),
+      argv,
+      options,
+      'classify_images',
+      [f'--input_format={input_format(io.input, io.input_format)}'],
+    )
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options)
   return run_pipeline(pipeline, options, 'classify_images')

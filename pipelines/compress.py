@@ -16,6 +16,7 @@ when the name does not. Default: the training files recorded in the model
 dir's spec. Prints a JSON summary (sizes, method, calibration).
 See docs/compression.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,17 @@ def calibration_inputs(spec, pattern: str = '', examples: int = 256, fmt: str = 
     raise OptionsError(f'--calibration: {e}') from None
 
 
-def compress(model_dir: str, output: str, *, method: str = 'auto', activations: str = 'static',
-             calibration: str = '', calibration_examples: int = 256, fmt: str = 'msgpack',
-             calibration_format: str = 'auto') -> dict:
+def compress(
+  model_dir: str,
+  output: str,
+  *,
+  method: str = 'auto',
+  activations: str = 'static',
+  calibration: str = '',
+  calibration_examples: int = 256,
+  fmt: str = 'msgpack',
+  calibration_format: str = 'auto',
+) -> dict:
   """Quantizes `model_dir` to `output`; returns a summary dict."""
   from beam_dl import cli
   from beam_dl.cli.options import OptionsError
@@ -69,9 +78,15 @@ def compress(model_dir: str, output: str, *, method: str = 'auto', activations: 
   qspec, qvars = quantize.quantize(spec, variables, method=method, activations=activations, calibration=batches)
   checkpoints.save(output, qspec, qvars, fmt=fmt)
   before, after = dir_bytes(model_dir), dir_bytes(output)
-  return {'model_dir': model_dir, 'output': output, 'quantization': dict(qspec.quantization),
-          'format': fmt, 'bytes_before': before, 'bytes_after': after,
-          'size_ratio': round(after / max(before, 1), 4)}
+  return {
+    'model_dir': model_dir,
+    'output': output,
+    'quantization': dict(qspec.quantization),
+    'format': fmt,
+    'bytes_before': before,
+    'bytes_after': after,
+    'size_ratio': round(after / max(before, 1), 4),
+  }
 
 
 def parse_args(argv=None):
@@ -84,13 +99,22 @@ def parse_args(argv=None):
   parser.add_argument('--quantize', default='int8', choices=['int8'])
   parser.add_argument('--method', default='auto', choices=['auto', 'qwix_ptq', 'weight_only'])
   parser.add_argument('--activations', default='static', choices=['static', 'dynamic', 'none'])
-  parser.add_argument('--calibration', default='',
-                      help='TFRecord or image-file glob (default: the training files in spec.json)')
-  parser.add_argument('--calibration_format', default='auto', choices=CALIBRATION_FORMATS,
-                      help="auto (default): TFRecords if the pattern names .tfrecord files, else image files")
+  parser.add_argument(
+    '--calibration', default='', help='TFRecord or image-file glob (default: the training files in spec.json)'
+  )
+  parser.add_argument(
+    '--calibration_format',
+    default='auto',
+    choices=CALIBRATION_FORMATS,
+    help='auto (default): TFRecords if the pattern names .tfrecord files, else image files',
+  )
   parser.add_argument('--calibration_examples', type=positive_int, default=256)
-  parser.add_argument('--format', default='msgpack', choices=['orbax', 'msgpack'],
-                      help='msgpack (default): one file, no orbax metadata overhead on small models')
+  parser.add_argument(
+    '--format',
+    default='msgpack',
+    choices=['orbax', 'msgpack'],
+    help='msgpack (default): one file, no orbax metadata overhead on small models',
+  )
   parser.add_argument('--log_level', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
   return parser.parse_args(argv)
 
@@ -100,9 +124,14 @@ def main(argv=None):
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   summary = compress(
-      args.model_dir, args.output, method=args.method, activations=args.activations,
-      calibration=args.calibration, calibration_examples=args.calibration_examples, fmt=args.format,
-      calibration_format=args.calibration_format,
+    args.model_dir,
+    args.output,
+    method=args.method,
+    activations=args.activations,
+    calibration=args.calibration,
+    calibration_examples=args.calibration_examples,
+    fmt=args.format,
+    calibration_format=args.calibration_format,
   )
   json.dump(summary, sys.stdout, indent=2)
   print()

@@ -12,6 +12,7 @@
 4. Prints held-out accuracy, counts of inputs, predictions and dead letters,
    and images per second.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,11 +28,11 @@ from PIL import Image
 
 from beam_dl import cli
 from beam_dl.cli.options import non_negative_int, positive_int
-from beam_dl.models import checkpoints
 from beam_dl.core.deadletter import failed_output
 from beam_dl.decoding.images import ImageSpec, decode_image
-from beam_dl.training.quick import fit_arrays
 from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.models import checkpoints
+from beam_dl.training.quick import fit_arrays
 
 _log = logging.getLogger('beam_dl.demo')
 LABEL_IN_NAME = re.compile(r'_label(\d+)\.')
@@ -79,13 +80,13 @@ def train_model(train_paths: list[str], model_dir: str, steps: int, seed: int = 
   x = np.stack([decode_image(open(p, 'rb').read(), INPUT_SPEC) for p in train_paths])
   y = np.array([int(LABEL_IN_NAME.search(p).group(1)) for p in train_paths])
   spec = checkpoints.ModelSpec(
-      name='small_cnn',
-      kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': 128},
-      input_shape=INPUT_SPEC_SHAPE,
-      input_dtype='uint8',
-      input_scale=1.0 / 255.0,
-      labels=[str(d) for d in range(10)],
-      extra={'dataset': 'sklearn digits', 'train_examples': len(y), 'steps': steps},
+    name='small_cnn',
+    kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': 128},
+    input_shape=INPUT_SPEC_SHAPE,
+    input_dtype='uint8',
+    input_scale=1.0 / 255.0,
+    labels=[str(d) for d in range(10)],
+    extra={'dataset': 'sklearn digits', 'train_examples': len(y), 'steps': steps},
   )
   variables, losses = fit_arrays(spec, (x,), y, steps=steps, batch_size=64, learning_rate=2e-3, seed=seed)
   _log.info('trained %d steps: loss %.3f -> %.3f', steps, np.mean(losses[:10]), np.mean(losses[-10:]))
@@ -96,22 +97,24 @@ def summarize(predictions: list[dict], failed: list[dict], num_inputs: int, seco
   labelled = [(p, LABEL_IN_NAME.search(p['key'])) for p in predictions]
   correct = sum(int(m.group(1)) == p['label'] for p, m in labelled if m)
   return {
-      'inputs': num_inputs,
-      'predictions': len(predictions),
-      'dead_letters': len(failed),
-      'accuracy': correct / max(1, sum(1 for _, m in labelled if m)),
-      'pipeline_seconds': round(seconds, 2),
-      'images_per_second': round(num_inputs / seconds, 1),
+    'inputs': num_inputs,
+    'predictions': len(predictions),
+    'dead_letters': len(failed),
+    'accuracy': correct / max(1, sum(1 for _, m in labelled if m)),
+    'pipeline_seconds': round(seconds, 2),
+    'images_per_second': round(num_inputs / seconds, 1),
   }
 
 
 def main(argv=None) -> dict:
-  parser = cli.ArgumentParser(prog='python -m pipelines.demo', description=__doc__.splitlines()[0],
-                              epilog=cli.BEAM_OPTIONS_NOTE)
+  parser = cli.ArgumentParser(
+    prog='python -m pipelines.demo', description=__doc__.splitlines()[0], epilog=cli.BEAM_OPTIONS_NOTE
+  )
   parser.add_argument('--workdir', required=True, help='Where images, model and outputs go.')
   parser.add_argument('--train_steps', type=positive_int, default=600)
-  parser.add_argument('--limit', type=non_negative_int, default=0,
-                      help='Use only this many images per split (0 = all).')
+  parser.add_argument(
+    '--limit', type=non_negative_int, default=0, help='Use only this many images per split (0 = all).'
+  )
   parser.add_argument('--seed', type=int, default=0)
   args, beam_args = parser.parse_known_args(argv)
   cli.check_known_flags(beam_args)  # before minutes of training, not after
@@ -121,7 +124,12 @@ def main(argv=None) -> dict:
 
   x_train, x_test, y_train, y_test = digit_images(args.seed)
   if args.limit:
-    x_train, y_train, x_test, y_test = x_train[: args.limit], y_train[: args.limit], x_test[: args.limit], y_test[: args.limit]
+    x_train, y_train, x_test, y_test = (
+      x_train[: args.limit],
+      y_train[: args.limit],
+      x_test[: args.limit],
+      y_test[: args.limit],
+    )
   workdir = os.path.abspath(args.workdir)
   train_paths = write_images(os.path.join(workdir, 'images', 'train'), x_train, y_train)
   test_dir = os.path.join(workdir, 'images', 'test')
@@ -134,17 +142,17 @@ def main(argv=None) -> dict:
     os.remove(stale)
   start = time.perf_counter()
   classify_images.run(
-      [f'--input={test_dir}/*', f'--model_dir={model_dir}', f'--output={output}', '--runner=DirectRunner', *beam_args]
+    [f'--input={test_dir}/*', f'--model_dir={model_dir}', f'--output={output}', '--runner=DirectRunner', *beam_args]
   )
   seconds = time.perf_counter() - start
   summary = summarize(
-      read_jsonl(output + '-*.jsonl'), read_jsonl(failed_output(output) + '-*.jsonl'), len(test_paths), seconds
+    read_jsonl(output + '-*.jsonl'), read_jsonl(failed_output(output) + '-*.jsonl'), len(test_paths), seconds
   )
   print(
-      f"held-out accuracy {summary['accuracy']:.3f} | inputs {summary['inputs']} | "
-      f"predictions {summary['predictions']} | dead letters {summary['dead_letters']} | "
-      f"{summary['images_per_second']} images/s ({summary['pipeline_seconds']} s end to end, "
-      'incl. pipeline start-up)'
+    f'held-out accuracy {summary["accuracy"]:.3f} | inputs {summary["inputs"]} | '
+    f'predictions {summary["predictions"]} | dead letters {summary["dead_letters"]} | '
+    f'{summary["images_per_second"]} images/s ({summary["pipeline_seconds"]} s end to end, '
+    'incl. pipeline start-up)'
   )
   print(f'outputs: {output}-*.jsonl, dead letters: {failed_output(output)}-*.jsonl   model: {model_dir}')
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:

@@ -7,6 +7,7 @@ then feeds the same random inputs of the model's shape and dtype to JAX and to
 the SavedModel, at two batch sizes (the batch dimension is polymorphic), and
 fails if the outputs differ by more than --tolerance.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,14 @@ def main(argv=None) -> float:
   export.export_saved_model(args.model_dir, args.export_dir)
   spec = checkpoints.load_spec(args.model_dir)
   worst = max(
-      export.compare(args.model_dir, args.export_dir, export.example_inputs(spec, batch_size=n, seed=n))
-      for n in (1, 5)
+    export.compare(args.model_dir, args.export_dir, export.example_inputs(spec, batch_size=n, seed=n)) for n in (1, 5)
   )
   print(f'exported {args.model_dir} -> {args.export_dir}; max |SavedModel - JAX| = {worst:.3g}')
   if worst > args.tolerance:
-    print(f'export_savedmodel: error: export differs from JAX by {worst:.3g} > --tolerance {args.tolerance}',
-          file=sys.stderr)
+    print(
+      f'export_savedmodel: error: export differs from JAX by {worst:.3g} > --tolerance {args.tolerance}',
+      file=sys.stderr,
+    )
     raise SystemExit(1)
   return worst
 

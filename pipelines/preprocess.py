@@ -22,6 +22,7 @@ Writes:
   <output>-SSSSS-of-NNNNN.tfrecord                     transformed tf.Examples
   <output>_failed-SSSSS-of-NNNNN.jsonl                 dead letters
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,9 +35,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_dl import beam_fixes, cli
-from beam_dl.io.files import names_tfrecords
-from beam_dl.core.deadletter import failed_output
 from beam_dl.cli.options import IOOptions, OptionsError, require, switch
+from beam_dl.core.deadletter import failed_output
+from beam_dl.io.files import names_tfrecords
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing import preprocessing_fns, stats
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -63,8 +64,13 @@ class PreprocessOptions(PipelineOptions):
     parser.add_argument('--preprocess_time_field', default='time', help='Event time field of events.')
     parser.add_argument('--preprocess_label_field', default=None, help='Label field of events.')
     parser.add_argument(
-        '--preprocess_with_ids', type=switch, nargs='?', const=True, default=False,
-        help='SequenceExample inputs carry ids (--preprocess_with_ids or =true|false).')
+      '--preprocess_with_ids',
+      type=switch,
+      nargs='?',
+      const=True,
+      default=False,
+      help='SequenceExample inputs carry ids (--preprocess_with_ids or =true|false).',
+    )
     parser.add_argument('--preprocess_length_buckets', type=int, default=4)
     parser.add_argument('--preprocess_shards', type=int, default=0, help='Output shards (0: runner decides).')
 
@@ -87,7 +93,7 @@ def make_config(opts: PreprocessOptions, fmt: str) -> PreprocessConfig:
     num_values = len(value_fields) if fmt == 'json' else opts.preprocess_num_values
     if num_values < 1:
       raise OptionsError(
-          '--preprocess_value_fields (json events) or --preprocess_num_values (SequenceExamples) is required'
+        '--preprocess_value_fields (json events) or --preprocess_num_values (SequenceExamples) is required'
       )
   else:
     num_values = 1
@@ -95,12 +101,12 @@ def make_config(opts: PreprocessOptions, fmt: str) -> PreprocessConfig:
   try:
     shape = tuple(int(d) for d in opts.preprocess_image_shape.split(','))
     return PreprocessConfig(
-        kind=opts.preprocess_kind,
-        image_shape=shape,
-        num_values=num_values,
-        with_ids=with_ids,
-        scaling=opts.preprocess_scaling,
-        num_length_buckets=opts.preprocess_length_buckets,
+      kind=opts.preprocess_kind,
+      image_shape=shape,
+      num_values=num_values,
+      with_ids=with_ids,
+      scaling=opts.preprocess_scaling,
+      num_length_buckets=opts.preprocess_length_buckets,
     )
   except ValueError as e:
     raise OptionsError(str(e)) from None
@@ -126,11 +132,11 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
     from beam_dl.formats.events import EventSpec
 
     spec = EventSpec(
-        value_fields=tuple(f for f in opts.preprocess_value_fields.split(',') if f),
-        key_field=opts.preprocess_key_field,
-        time_field=opts.preprocess_time_field,
-        id_field=opts.preprocess_id_field,
-        label_field=opts.preprocess_label_field,
+      value_fields=tuple(f for f in opts.preprocess_value_fields.split(',') if f),
+      key_field=opts.preprocess_key_field,
+      time_field=opts.preprocess_time_field,
+      id_field=opts.preprocess_id_field,
+      label_field=opts.preprocess_label_field,
     )
     events = pipeline | 'ReadEvents' >> seq.ReadEvents(pattern, spec)
     assembled = events.events | 'AssembleSequences' >> seq.AssembleSequences()
@@ -139,7 +145,7 @@ def read_raw(pipeline, config: PreprocessConfig, fmt: str, pattern: str, opts: P
     from beam_dl.formats.sequence_example import SequenceSpec
 
     read = pipeline | 'ReadSequenceExamples' >> seq.ReadSequenceExamples(
-        pattern, SequenceSpec(num_features=config.num_values)
+      pattern, SequenceSpec(num_features=config.num_values)
     )
     sequences, failures = read.parsed, [read.failed]
   raw = sequences | 'Canonical' >> pp.CanonicalSequences(config.num_values, config.with_ids)
@@ -154,8 +160,9 @@ def write_raw_metadata(transform_dir: str, config: PreprocessConfig) -> None:
   from beam_dl.preprocessing import schemas
 
   metadata = dataset_metadata.DatasetMetadata(schemas.schema_from_feature_spec(config.feature_spec()))
-  metadata_io.write_metadata(metadata, beam.io.filesystems.FileSystems.join(
-      transform_dir, TFTransformOutput.RAW_METADATA_DIR))
+  metadata_io.write_metadata(
+    metadata, beam.io.filesystems.FileSystems.join(transform_dir, TFTransformOutput.RAW_METADATA_DIR)
+  )
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig:
@@ -178,15 +185,14 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions) -> PreprocessConfig
   transformed = raw | 'AnalyzeAndTransform' >> pp.AnalyzeAndTransform(config, temp_dir)
   transformed.transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(transform_dir)
   transformed.instances | 'WriteTransformed' >> pp.WriteTransformedExamples(
-      io.output, transformed.metadata, opts.preprocess_shards
+    io.output, transformed.metadata, opts.preprocess_shards
   )
   (
-      transformed.instances
-      | 'ExtractStats' >> pp.ExtractStats()
-      | 'WriteStats' >> beam.Map(lambda s: stats.write(transform_dir, s))
+    transformed.instances
+    | 'ExtractStats' >> pp.ExtractStats()
+    | 'WriteStats' >> beam.Map(lambda s: stats.write(transform_dir, s))
   )
-  failed = (failures | 'AllFailures' >> beam.Flatten()
-            | 'CountDeadLetters' >> beam.Map(_count_dead_letter))
+  failed = failures | 'AllFailures' >> beam.Flatten() | 'CountDeadLetters' >> beam.Map(_count_dead_letter)
   failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
   return config
 
@@ -203,8 +209,10 @@ def report(transform_dir: str, config: PreprocessConfig) -> dict:
 
   analysed = stats.load(transform_dir)
   if config.kind == 'sequences' and config.with_ids:
-    vocab = [t.decode('utf-8', 'replace') for t in tft.TFTransformOutput(transform_dir).vocabulary_by_name(
-        preprocessing_fns.ITEM_VOCABULARY)]
+    vocab = [
+      t.decode('utf-8', 'replace')
+      for t in tft.TFTransformOutput(transform_dir).vocabulary_by_name(preprocessing_fns.ITEM_VOCABULARY)
+    ]
     analysed['vocabulary/item/size'] = [len(vocab)]
     analysed['vocabulary/item/top'] = vocab[:10]
     stats.write(transform_dir, analysed)
@@ -215,8 +223,9 @@ def report(transform_dir: str, config: PreprocessConfig) -> dict:
 
 def run(argv=None):
   """Runs the pipeline to completion; returns (PipelineResult, analysed stats)."""
-  options = cli.parse_options(argv, (IOOptions, PreprocessOptions), prog='python -m pipelines.preprocess',
-                              description=__doc__)
+  options = cli.parse_options(
+    argv, (IOOptions, PreprocessOptions), prog='python -m pipelines.preprocess', description=__doc__
+  )
   pipeline = beam.Pipeline(options=options)
   config = build(pipeline, options)
   beam_fixes.log_active()
@@ -233,8 +242,11 @@ def run(argv=None):
   for name, value in sorted(totals.items()):
     _log.info('%s = %d', name, value)
   _log.info(
-      'preprocessed %d examples (%d dead letters) in %.1f s: %.1f examples/s',
-      totals['transformed_examples'], totals['dead_letters'], seconds, totals['transformed_examples'] / seconds,
+    'preprocessed %d examples (%d dead letters) in %.1f s: %.1f examples/s',
+    totals['transformed_examples'],
+    totals['dead_letters'],
+    seconds,
+    totals['transformed_examples'] / seconds,
   )
   transform_dir = options.view_as(PreprocessOptions).transform_dir
   temp_dir = beam.io.filesystems.FileSystems.join(transform_dir, 'tmp')

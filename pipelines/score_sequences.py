@@ -39,6 +39,7 @@ Timestamps: batch takes event times from the data (the "time" field);
 streaming keeps the source's (file read time, Pub/Sub publish time or
 `--timestamp_attribute`, Kafka record time), so windows follow the watermark.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,23 +49,37 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_dl.models import checkpoints
 from beam_dl import cli
+from beam_dl.cli.options import (
+  DriftOptions,
+  InferenceOptions,
+  IOOptions,
+  MetricsOptions,
+  OptionsError,
+  positive_int,
+  require,
+  switch,
+)
 from beam_dl.core.deadletter import failed_output
 from beam_dl.features.windows import WindowSpec
-from beam_dl.serving.handler import JaxModelHandler
-from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.formats.events import EventSpec
+from beam_dl.io.kafka import WriteKafkaJson
+from beam_dl.models import checkpoints
 from beam_dl.operations.metrics_export import run_pipeline
-from beam_dl.cli.options import (DriftOptions, InferenceOptions, IOOptions, MetricsOptions, OptionsError, positive_int,
-                                 require, switch)
+from beam_dl.serving.handler import JaxModelHandler
 from transforms.drift import drift_enabled, score_sequences_drift
 from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines, WriteWindowedJsonLines
 from transforms.metrics import CountDeadLetters
-from transforms.sequence_scoring import (NAMESPACE, FormatScoreFn, LateDeadLetterFn, ToModelInputFn,
-                                         latency_summary, restore_key)
+from transforms.sequence_scoring import (
+  NAMESPACE,
+  FormatScoreFn,
+  LateDeadLetterFn,
+  ToModelInputFn,
+  latency_summary,
+  restore_key,
+)
 from transforms.sequences import ParseEvents
 from transforms.windowing import EventTimestamps, WindowedSequences
 
@@ -81,49 +96,101 @@ class ScoreSequencesOptions(PipelineOptions):
     add('--event_key_field', default='key', help='JSON field holding the key (default key).')
     add('--event_time_field', default='time', help='JSON field holding event time, seconds (default time).')
     add('--event_value_fields', default='value', help='Comma-separated numeric fields: the F features.')
-    add('--window', choices=['fixed', 'sliding', 'session', 'global'], default='sliding',
-        help='Event-time window kind (default sliding).')
+    add(
+      '--window',
+      choices=['fixed', 'sliding', 'session', 'global'],
+      default='sliding',
+      help='Event-time window kind (default sliding).',
+    )
     add('--window_size', type=float, default=600.0, help='Window length, seconds (fixed, sliding).')
     add('--window_period', type=float, default=60.0, help='Sliding window step, seconds.')
     add('--session_gap', type=float, default=300.0, help='Session gap, seconds.')
     add('--allowed_lateness', type=float, default=0.0, help='Late events within this many seconds update windows.')
     add('--early_after_secs', type=float, default=None, help='EARLY panes every N seconds of processing time.')
-    add('--early_after_count', type=positive_int, default=None,
-        help='EARLY panes every N events (streaming default 1: a score per event).')
-    add('--accumulation', choices=['accumulating', 'discarding'], default='accumulating',
-        help='Whether later panes of a window include earlier events (default accumulating).')
+    add(
+      '--early_after_count',
+      type=positive_int,
+      default=None,
+      help='EARLY panes every N events (streaming default 1: a score per event).',
+    )
+    add(
+      '--accumulation',
+      choices=['accumulating', 'discarding'],
+      default='accumulating',
+      help='Whether later panes of a window include earlier events (default accumulating).',
+    )
     add('--seq_len', type=positive_int, default=32, help='Events per sequence: the last N of the window.')
-    add('--min_length', type=positive_int, default=None,
-        help='Windows with fewer events are dead letters, not scored (default 1; 2 with --forecast).')
-    add('--forecast', type=switch, nargs='?', const=True, default=False,
-        help='Model predicts the last event from the ones before; score = mean |error| '
-             '(--forecast or --forecast=true|false).')
+    add(
+      '--min_length',
+      type=positive_int,
+      default=None,
+      help='Windows with fewer events are dead letters, not scored (default 1; 2 with --forecast).',
+    )
+    add(
+      '--forecast',
+      type=switch,
+      nargs='?',
+      const=True,
+      default=False,
+      help='Model predicts the last event from the ones before; score = mean |error| '
+      '(--forecast or --forecast=true|false).',
+    )
     add('--poll_interval_secs', type=float, default=1.0, help='Streaming from files: seconds between matches.')
-    add('--stop_after_secs', type=float, default=None,
-        help='Streaming from files: stop watching after this many seconds (bounded runs, tests).')
+    add(
+      '--stop_after_secs',
+      type=float,
+      default=None,
+      help='Streaming from files: stop watching after this many seconds (bounded runs, tests).',
+    )
     add('--write_frequency_secs', type=float, default=5.0, help='Streaming: seconds between output file windows.')
     add('--input_topic', default=None, help='Pub/Sub topic to read events from (streaming).')
     add('--input_subscription', default=None, help='Pub/Sub subscription to read events from (streaming).')
     add('--timestamp_attribute', default=None, help='Pub/Sub attribute holding event timestamps.')
-    add('--kafka_bootstrap_servers', '--kafka_bootstrap', dest='kafka_bootstrap_servers', default=None,
-        help='Kafka bootstrap servers, host:port[,host:port] (streaming).')
+    add(
+      '--kafka_bootstrap_servers',
+      '--kafka_bootstrap',
+      dest='kafka_bootstrap_servers',
+      default=None,
+      help='Kafka bootstrap servers, host:port[,host:port] (streaming).',
+    )
     add('--kafka_topic', default=None, help='Kafka topic to read events from (record time = event time).')
-    add('--kafka_output_topic', default=None,
-        help='Kafka topic to write score records to (JSON, keyed by event key); dead letters go to '
-             '--kafka_failed_topic. With it, --output is optional.')
-    add('--kafka_failed_topic', default=None,
-        help='Kafka topic for dead letters and late events (default <kafka_output_topic>-failed).')
-    add('--kafka_reader', choices=KAFKA_READERS, default='python',
-        help='python: beam_dl.io.kafka (confluent-kafka, runs on any runner that runs Python SDFs); '
-             "xlang: Beam's cross-language KafkaIO (Java; needs --kafka_expansion_service).")
-    add('--kafka_expansion_service', default=None,
-        help='xlang Kafka reader: host:port of a Java expansion service with KafkaIO '
-             '(python -m beam_dl.services.kafka_io runs one beside a local Flink).')
-    add('--kafka_max_records', type=int, default=None,
-        help='xlang Kafka reader: end the read after this many records (bounded runs: tests, benchmarks).')
-    add('--kafka_stop_after_idle_secs', type=float, default=None,
-        help='Kafka (python reader): end the read once a partition has had no record for this long '
-             '(bounded runs: tests, benchmarks).')
+    add(
+      '--kafka_output_topic',
+      default=None,
+      help='Kafka topic to write score records to (JSON, keyed by event key); dead letters go to '
+      '--kafka_failed_topic. With it, --output is optional.',
+    )
+    add(
+      '--kafka_failed_topic',
+      default=None,
+      help='Kafka topic for dead letters and late events (default <kafka_output_topic>-failed).',
+    )
+    add(
+      '--kafka_reader',
+      choices=KAFKA_READERS,
+      default='python',
+      help='python: beam_dl.io.kafka (confluent-kafka, runs on any runner that runs Python SDFs); '
+      "xlang: Beam's cross-language KafkaIO (Java; needs --kafka_expansion_service).",
+    )
+    add(
+      '--kafka_expansion_service',
+      default=None,
+      help='xlang Kafka reader: host:port of a Java expansion service with KafkaIO '
+      '(python -m beam_dl.services.kafka_io runs one beside a local Flink).',
+    )
+    add(
+      '--kafka_max_records',
+      type=int,
+      default=None,
+      help='xlang Kafka reader: end the read after this many records (bounded runs: tests, benchmarks).',
+    )
+    add(
+      '--kafka_stop_after_idle_secs',
+      type=float,
+      default=None,
+      help='Kafka (python reader): end the read once a partition has had no record for this long '
+      '(bounded runs: tests, benchmarks).',
+    )
 
 
 class FlinkLatencyOptions(PipelineOptions):
@@ -136,14 +203,27 @@ class FlinkLatencyOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     add = parser.add_argument
-    add('--max_bundle_size', type=int, default=None,
-        help='Flink: elements per bundle at most (Flink default 1000); a bundle\'s output leaves when it ends.')
-    add('--max_bundle_time_mills', type=int, default=None,
-        help='Flink: milliseconds a bundle stays open at most (Flink default 1000): the latency floor.')
-    add('--checkpointing_interval', type=int, default=None,
-        help='Flink: milliseconds between checkpoints (default off).')
-    add('--auto_watermark_interval', type=int, default=None,
-        help='Flink: milliseconds between watermark emissions (default 200).')
+    add(
+      '--max_bundle_size',
+      type=int,
+      default=None,
+      help="Flink: elements per bundle at most (Flink default 1000); a bundle's output leaves when it ends.",
+    )
+    add(
+      '--max_bundle_time_mills',
+      type=int,
+      default=None,
+      help='Flink: milliseconds a bundle stays open at most (Flink default 1000): the latency floor.',
+    )
+    add(
+      '--checkpointing_interval', type=int, default=None, help='Flink: milliseconds between checkpoints (default off).'
+    )
+    add(
+      '--auto_watermark_interval',
+      type=int,
+      default=None,
+      help='Flink: milliseconds between watermark emissions (default 200).',
+    )
 
 
 def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
@@ -152,21 +232,34 @@ def window_spec(opts: ScoreSequencesOptions, streaming: bool) -> WindowSpec:
   if streaming and early_count is None and opts.early_after_secs is None:
     early_count = 1
   return WindowSpec(
-      kind=opts.window, size=opts.window_size, period=opts.window_period if opts.window == 'sliding' else None,
-      gap=opts.session_gap if opts.window == 'session' else None, allowed_lateness=opts.allowed_lateness,
-      early_after_secs=opts.early_after_secs, early_after_count=early_count,
-      accumulation=opts.accumulation)
+    kind=opts.window,
+    size=opts.window_size,
+    period=opts.window_period if opts.window == 'sliding' else None,
+    gap=opts.session_gap if opts.window == 'session' else None,
+    allowed_lateness=opts.allowed_lateness,
+    early_after_secs=opts.early_after_secs,
+    early_after_count=early_count,
+    accumulation=opts.accumulation,
+  )
 
 
 def event_source(opts: ScoreSequencesOptions, io: IOOptions, streaming: bool) -> EventSource:
   """Where the events come from, from the flags."""
   return EventSource(
-      input=io.input, streaming=streaming, poll_interval_secs=opts.poll_interval_secs,
-      stop_after_secs=opts.stop_after_secs, pubsub_topic=opts.input_topic,
-      pubsub_subscription=opts.input_subscription, timestamp_attribute=opts.timestamp_attribute,
-      kafka_bootstrap=opts.kafka_bootstrap_servers, kafka_topic=opts.kafka_topic, kafka_reader=opts.kafka_reader,
-      kafka_stop_after_idle_secs=opts.kafka_stop_after_idle_secs,
-      kafka_expansion_service=opts.kafka_expansion_service, kafka_max_records=opts.kafka_max_records)
+    input=io.input,
+    streaming=streaming,
+    poll_interval_secs=opts.poll_interval_secs,
+    stop_after_secs=opts.stop_after_secs,
+    pubsub_topic=opts.input_topic,
+    pubsub_subscription=opts.input_subscription,
+    timestamp_attribute=opts.timestamp_attribute,
+    kafka_bootstrap=opts.kafka_bootstrap_servers,
+    kafka_topic=opts.kafka_topic,
+    kafka_reader=opts.kafka_reader,
+    kafka_stop_after_idle_secs=opts.kafka_stop_after_idle_secs,
+    kafka_expansion_service=opts.kafka_expansion_service,
+    kafka_max_records=opts.kafka_max_records,
+  )
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[], float] = time.time):
@@ -176,8 +269,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   streaming = options.view_as(StandardOptions).streaming
   source = event_source(opts, io, streaming)
   external = source.unbounded
-  require(options, 'model_dir', *(() if opts.kafka_output_topic else ('output',)),
-          *(() if external else ('input',)))
+  require(options, 'model_dir', *(() if opts.kafka_output_topic else ('output',)), *(() if external else ('input',)))
   if opts.kafka_topic or opts.kafka_output_topic:
     require(options, 'kafka_bootstrap_servers')
   if external and not streaming:
@@ -190,8 +282,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   spec, _ = checkpoints.load(inference.model_dir)  # a model that won't load is refused before the job starts
   fields = tuple(f.strip() for f in opts.event_value_fields.split(',') if f.strip())
   if not spec.is_sequence or tuple(spec.input_shape[1:]) != (len(fields),):
-    raise OptionsError(f'{inference.model_dir}: model input {spec.input_shape} does not take sequences '
-                       f'of the {len(fields)} --event_value_fields {fields}')
+    raise OptionsError(
+      f'{inference.model_dir}: model input {spec.input_shape} does not take sequences '
+      f'of the {len(fields)} --event_value_fields {fields}'
+    )
   event_spec = EventSpec(value_fields=fields, key_field=opts.event_key_field, time_field=opts.event_time_field)
   try:
     windows = window_spec(opts, streaming)
@@ -204,27 +298,33 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   parsed = lines | 'ParseEvents' >> ParseEvents(event_spec, with_timestamps=not streaming)
   events = parsed.events | 'Timestamps' >> EventTimestamps(from_source=True)
   sequences = events | 'Sequences' >> WindowedSequences(
-      windows, opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock)
-  examples = sequences.records | 'ToExamples' >> beam.ParDo(ToModelInputFn(opts.forecast, opts.min_length)).with_outputs(
-      'failed', main='examples')
+    windows, opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock
+  )
+  examples = sequences.records | 'ToExamples' >> beam.ParDo(
+    ToModelInputFn(opts.forecast, opts.min_length)
+  ).with_outputs('failed', main='examples')
   handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())
-  inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=inference.dispatch_ahead)
+  inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(
+    handler, dispatch_ahead=inference.dispatch_ahead
+  )
   extra = spec.extra or {}
-  scores = inferred.predictions | 'FormatScores' >> beam.ParDo(FormatScoreFn(
-      float(extra.get('target_scale', 1.0)), float(extra.get('target_offset', 0.0)), clock=clock))
+  scores = inferred.predictions | 'FormatScores' >> beam.ParDo(
+    FormatScoreFn(float(extra.get('target_scale', 1.0)), float(extra.get('target_offset', 0.0)), clock=clock)
+  )
   failures = {
-      'Parse': parsed.failed,
-      'Sequence': examples.failed,
-      'Inference': inferred.failed | 'RestoreKeys' >> beam.Map(restore_key),
-      'Late': sequences.late | 'LateToDeadLetters' >> beam.ParDo(LateDeadLetterFn(clock)),
+    'Parse': parsed.failed,
+    'Sequence': examples.failed,
+    'Inference': inferred.failed | 'RestoreKeys' >> beam.Map(restore_key),
+    'Late': sequences.late | 'LateToDeadLetters' >> beam.ParDo(LateDeadLetterFn(clock)),
   }
-  failed = ([pcoll | f'Global{name}Failures' >> beam.WindowInto(beam.window.GlobalWindows())
-             for name, pcoll in failures.items()]
-            | 'AllFailures' >> beam.Flatten())
+  failed = [
+    pcoll | f'Global{name}Failures' >> beam.WindowInto(beam.window.GlobalWindows()) for name, pcoll in failures.items()
+  ] | 'AllFailures' >> beam.Flatten()
   if opts.kafka_output_topic:
     scores | 'ScoresToKafka' >> WriteKafkaJson(opts.kafka_bootstrap_servers, opts.kafka_output_topic)
     failed | 'FailuresToKafka' >> WriteKafkaJson(
-        opts.kafka_bootstrap_servers, opts.kafka_failed_topic or f'{opts.kafka_output_topic}-failed')
+      opts.kafka_bootstrap_servers, opts.kafka_failed_topic or f'{opts.kafka_output_topic}-failed'
+    )
   if streaming and io.output:
     scores | 'WriteScores' >> WriteWindowedJsonLines(io.output, opts.write_frequency_secs)
     failed | 'WriteFailures' >> WriteWindowedJsonLines(failed_output(io.output), opts.write_frequency_secs)
@@ -245,8 +345,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
 def run(argv=None, clock: Callable[[], float] = time.time):
   """Runs the pipeline to completion; returns Beam's PipelineResult."""
   options = cli.parse_options(
-      argv, (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions, FlinkLatencyOptions),
-      prog='python -m pipelines.score_sequences', description=__doc__)
+    argv,
+    (IOOptions, ScoreSequencesOptions, InferenceOptions, DriftOptions, MetricsOptions, FlinkLatencyOptions),
+    prog='python -m pipelines.score_sequences',
+    description=__doc__,
+  )
   pipeline = beam.Pipeline(options=options)
   build(pipeline, options, clock)
   result = run_pipeline(pipeline, options, 'score_sequences')

@@ -17,6 +17,7 @@ Real data that ships with statsmodels (weekly atmospheric CO2, 1958-2001,
    and scored by the absolute error;
 4. prints counts, the top scores and whether they are the injected anomalies.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ import os
 
 import numpy as np
 
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.models import checkpoints
 from beam_dl.models.checkpoints import ModelSpec
-from beam_dl.formats.jsonl import read_jsonl
 
 WEEK = 7 * 24 * 3600.0
 SEQ_LEN = 12
@@ -70,27 +71,34 @@ def training_windows(values: np.ndarray, seed: int = 0) -> tuple[np.ndarray, ...
   windows = windows[~np.isnan(windows).any(axis=1)]
   x, y = windows[:, :-1], windows[:, -1:]
   keep = np.random.default_rng(seed).integers(MIN_LENGTH - 1, SEQ_LEN, size=len(x))
-  x = np.stack([np.roll(np.where(np.arange(SEQ_LEN - 1) >= SEQ_LEN - 1 - k, row, 0.0), k - SEQ_LEN + 1)
-                for row, k in zip(x, keep)])  # the latest k inputs first, then padding
+  x = np.stack(
+    [np.roll(np.where(np.arange(SEQ_LEN - 1) >= SEQ_LEN - 1 - k, row, 0.0), k - SEQ_LEN + 1) for row, k in zip(x, keep)]
+  )  # the latest k inputs first, then padding
   mask = np.arange(SEQ_LEN - 1)[None, :] < keep[:, None]
   return x[..., None].astype(np.float32), mask, y.astype(np.float32)
 
 
-def train_model(model_dir: str, values: np.ndarray, steps: int = 400, seed: int = 0,
-                cell: str = 'lstm', pooling: str = 'last') -> dict:
+def train_model(
+  model_dir: str, values: np.ndarray, steps: int = 400, seed: int = 0, cell: str = 'lstm', pooling: str = 'last'
+) -> dict:
   """Trains and saves the forecaster ('rnn': cell lstm|gru, pooling last|mean|attention)."""
   from beam_dl.training.quick import fit_arrays  # pylint: disable=g-import-not-at-top
 
   x, mask, y = training_windows(values, seed)
   mean, std = float(np.nanmean(values)), float(np.nanstd(values))
   spec = ModelSpec(
-      name='rnn',
-      kwargs={'cell': cell, 'hidden_size': 32, 'pooling': pooling, 'num_outputs': 1, 'head': 'regression'},
-      input_shape=(None, 1), input_dtype='float32', input_scale=1.0 / std, input_offset=-mean / std,
-      task='regression',
-      extra={'target_scale': std, 'target_offset': mean, 'series': 'statsmodels co2', 'steps': steps})
-  variables, losses = fit_arrays(spec, (x, mask), (y - mean) / std, loss='mse', steps=steps,
-                                 batch_size=128, learning_rate=3e-3, seed=seed)
+    name='rnn',
+    kwargs={'cell': cell, 'hidden_size': 32, 'pooling': pooling, 'num_outputs': 1, 'head': 'regression'},
+    input_shape=(None, 1),
+    input_dtype='float32',
+    input_scale=1.0 / std,
+    input_offset=-mean / std,
+    task='regression',
+    extra={'target_scale': std, 'target_offset': mean, 'series': 'statsmodels co2', 'steps': steps},
+  )
+  variables, losses = fit_arrays(
+    spec, (x, mask), (y - mean) / std, loss='mse', steps=steps, batch_size=128, learning_rate=3e-3, seed=seed
+  )
   checkpoints.save(model_dir, spec, variables, fmt='msgpack')
   return {'windows': len(x), 'first_loss': losses[0], 'final_loss': float(np.mean(losses[-20:]))}
 
@@ -99,8 +107,9 @@ def main(argv=None):
   from beam_dl import cli  # pylint: disable=g-import-not-at-top
   from beam_dl.cli.options import positive_int  # pylint: disable=g-import-not-at-top
 
-  parser = cli.ArgumentParser(prog='python -m pipelines.score_sequences_demo', description=__doc__.splitlines()[0],
-                              epilog=cli.BEAM_OPTIONS_NOTE)
+  parser = cli.ArgumentParser(
+    prog='python -m pipelines.score_sequences_demo', description=__doc__.splitlines()[0], epilog=cli.BEAM_OPTIONS_NOTE
+  )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--train_steps', type=positive_int, default=400)
   parser.add_argument('--cell', choices=['lstm', 'gru'], default='lstm')
@@ -111,21 +120,44 @@ def main(argv=None):
   times, values = load_series()
   events_path = os.path.join(args.workdir, 'co2_events.jsonl')
   counts = write_events(events_path, times, values)
-  print(f'wrote {counts["events"]} events ({counts["missing"]} missing readings, '
-        f'{counts["malformed"]} malformed lines) to {events_path}')
+  print(
+    f'wrote {counts["events"]} events ({counts["missing"]} missing readings, '
+    f'{counts["malformed"]} malformed lines) to {events_path}'
+  )
   model_dir = os.path.join(args.workdir, 'model')
   fit = train_model(model_dir, values, steps=args.train_steps, cell=args.cell, pooling=args.pooling)
-  print(f'trained {args.cell.upper()} forecaster ({args.pooling} pooling) on {fit["windows"]} windows: mse {fit["first_loss"]:.3f} -> '
-        f'{fit["final_loss"]:.4f} (normalised units)')
+  print(
+    f'trained {args.cell.upper()} forecaster ({args.pooling} pooling) on {fit["windows"]} windows: mse {fit["first_loss"]:.3f} -> '
+    f'{fit["final_loss"]:.4f} (normalised units)'
+  )
 
   from pipelines import score_sequences  # pylint: disable=g-import-not-at-top
 
   output = os.path.join(args.workdir, 'scores')
-  score_sequences.run([
-      '--input', events_path, '--model_dir', model_dir, '--output', output,
-      '--event_value_fields', 'co2', '--window', 'sliding', '--window_size', str(SEQ_LEN * WEEK),
-      '--window_period', str(WEEK), '--seq_len', str(SEQ_LEN), '--min_length', str(MIN_LENGTH),
-      '--forecast', *beam_args])
+  score_sequences.run(
+    [
+      '--input',
+      events_path,
+      '--model_dir',
+      model_dir,
+      '--output',
+      output,
+      '--event_value_fields',
+      'co2',
+      '--window',
+      'sliding',
+      '--window_size',
+      str(SEQ_LEN * WEEK),
+      '--window_period',
+      str(WEEK),
+      '--seq_len',
+      str(SEQ_LEN),
+      '--min_length',
+      str(MIN_LENGTH),
+      '--forecast',
+      *beam_args,
+    ]
+  )
   scores = read_jsonl(f'{output}-0*.jsonl')
   failed = read_jsonl(f'{output}_failed-*.jsonl')
   by_stage: dict[str, int] = {}
@@ -139,8 +171,10 @@ def main(argv=None):
   for s in top:
     when = np.datetime64(int(s['last_time']), 's').astype('datetime64[D]')
     flag = '  <- injected anomaly' if s['last_time'] in anomaly_times else ''
-    print(f'  score {s["score"]:6.2f} ppm  week of {when}  window end '
-          f'{np.datetime64(int(s["window_end"]), "s").astype("datetime64[D]")}{flag}')
+    print(
+      f'  score {s["score"]:6.2f} ppm  week of {when}  window end '
+      f'{np.datetime64(int(s["window_end"]), "s").astype("datetime64[D]")}{flag}'
+    )
   ranked = [s['last_time'] for s in sorted(scores, key=lambda s: -s['score'])]
   ranks = sorted(ranked.index(t) + 1 for t in anomaly_times if t in ranked)
   found = ranks == list(range(1, len(ANOMALY_INDICES) + 1))

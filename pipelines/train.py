@@ -32,6 +32,7 @@ this machine. Every log line names its process; process 0 alone writes the
 summary, TensorBoard, the exported model and the MLflow run; checkpoints
 are written by all. See docs/training.md.
 """
+
 from __future__ import annotations
 
 import ast
@@ -125,21 +126,31 @@ def parse_args(argv=None):
   parser.add_argument('--workdir', required=True, help='checkpoints, exported model, summary')
   parser.add_argument('--data_dir', default=None, help='where prepare() writes data (default WORKDIR/data)')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
-  parser.add_argument('--tensorboard_dir', default='tensorboard',
-                      help="TensorBoard summaries, relative to WORKDIR (default tensorboard; 'none': off)")
+  parser.add_argument(
+    '--tensorboard_dir',
+    default='tensorboard',
+    help="TensorBoard summaries, relative to WORKDIR (default tensorboard; 'none': off)",
+  )
   parser.add_argument('--plot', default=None, metavar='PNG', help='write a PNG of the training curves at the end')
   parser.add_argument('--log_level', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
   parser.add_argument(
-      '--cpu_devices', type=positive_int, default=None, metavar='N',
-      help='on CPU, split the host into N XLA devices (for model-parallel configs such as digits_cnn.py:tensor)',
+    '--cpu_devices',
+    type=positive_int,
+    default=None,
+    metavar='N',
+    help='on CPU, split the host into N XLA devices (for model-parallel configs such as digits_cnn.py:tensor)',
   )
   parser.add_argument(
-      '--processes', type=positive_int, default=1, metavar='N',
-      help='run as N JAX processes on this machine (a local multi-host run; see docs/training.md)',
+    '--processes',
+    type=positive_int,
+    default=1,
+    metavar='N',
+    help='run as N JAX processes on this machine (a local multi-host run; see docs/training.md)',
   )
   parser.add_argument(
-      '--mlflow_tracking_uri', default=None,
-      help='log the run to MLflow here (http://host:port, sqlite:///mlflow.db; default MLFLOW_TRACKING_URI)',
+    '--mlflow_tracking_uri',
+    default=None,
+    help='log the run to MLflow here (http://host:port, sqlite:///mlflow.db; default MLFLOW_TRACKING_URI)',
   )
   parser.add_argument('--mlflow_model_name', default=None, help='register the exported model under this name')
   parser.add_argument('--mlflow_alias', action='append', default=[], help='point this alias at the new version')
@@ -152,15 +163,15 @@ def log_to_mlflow(args, config, summary) -> dict:
   from beam_dl.operations import registry_mlflow
 
   registered = registry_mlflow.log_training_run(
-      summary['model_dir'],
-      params={'config': dataclasses.asdict(config), 'config_file': args.config},
-      history=summary.get('history', ()),
-      eval_history=summary.get('eval_history', ()),
-      summary={k: v for k, v in summary.items() if k in ('wall_s', 'compile_s', 'steps_per_s', 'examples_per_s')},
-      model_name=args.mlflow_model_name,
-      aliases=args.mlflow_alias,
-      experiment=args.mlflow_experiment,
-      tracking_uri=args.mlflow_tracking_uri,
+    summary['model_dir'],
+    params={'config': dataclasses.asdict(config), 'config_file': args.config},
+    history=summary.get('history', ()),
+    eval_history=summary.get('eval_history', ()),
+    summary={k: v for k, v in summary.items() if k in ('wall_s', 'compile_s', 'steps_per_s', 'examples_per_s')},
+    model_name=args.mlflow_model_name,
+    aliases=args.mlflow_alias,
+    experiment=args.mlflow_experiment,
+    tracking_uri=args.mlflow_tracking_uri,
   )
   logging.info('MLflow run %s; model %s', registered.run_id, registered.uri)
   return {'run_id': registered.run_id, 'model_uri': registered.uri}
@@ -185,7 +196,8 @@ def launch(args, argv) -> int:
 
   logging.info('launching %d processes', args.processes)
   return launch_lib.launch_local(
-      launch_lib.main_module_command('pipelines.train', _without_processes(argv)), args.processes)
+    launch_lib.main_module_command('pipelines.train', _without_processes(argv)), args.processes
+  )
 
 
 def setup_logging(level: str) -> None:
@@ -219,8 +231,9 @@ def main(argv=None):
   if args.processes > 1 and 'JAX_PROCESS_ID' not in os.environ:
     raise SystemExit(launch(args, argv))
   if args.cpu_devices:  # read by XLA when jax initialises its backends: before the import
-    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f'--xla_force_host_platform_device_count={args.cpu_devices}').strip()
+    os.environ['XLA_FLAGS'] = (
+      f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={args.cpu_devices}'
+    ).strip()
   import jax  # heavy imports after arg parsing
 
   from beam_dl import cli

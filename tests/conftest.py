@@ -3,6 +3,7 @@
 Eight fake CPU devices so sharding tests (mesh, NamedSharding, shard_map, pmap)
 run on a laptop or CI; set before anything imports jax, as Flax's own tests do.
 """
+
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -19,19 +20,18 @@ def digits_model_dir(tmp_path_factory):
   Good enough (>90% held-out) that predictions are meaningful, small enough
   that every pipeline test can share it.
   """
-  from pipelines import demo
-
   from beam_dl.models import checkpoints
   from beam_dl.training.quick import fit_arrays
+  from pipelines import demo
 
   x_train, _, y_train, _ = demo.digit_images()
   spec = checkpoints.ModelSpec(
-      name='small_cnn',
-      kwargs={'num_classes': 10, 'features': [16, 32], 'hidden': 64},
-      input_shape=demo.INPUT_SPEC_SHAPE,
-      input_dtype='uint8',
-      input_scale=1 / 255,
-      labels=[str(d) for d in range(10)],
+    name='small_cnn',
+    kwargs={'num_classes': 10, 'features': [16, 32], 'hidden': 64},
+    input_shape=demo.INPUT_SPEC_SHAPE,
+    input_dtype='uint8',
+    input_scale=1 / 255,
+    labels=[str(d) for d in range(10)],
   )
   variables, _ = fit_arrays(spec, (x_train[..., None],), y_train, steps=250, learning_rate=3e-3)
   return checkpoints.save(str(tmp_path_factory.mktemp('digits') / 'model'), spec, variables)

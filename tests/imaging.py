@@ -1,4 +1,5 @@
 """Real encoded image bytes for tests, made with Pillow from real digits."""
+
 from __future__ import annotations
 
 import io

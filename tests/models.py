@@ -5,6 +5,7 @@ on `spec.example_inputs()` and saved through `checkpoints.save`,
 the model-directory format the handler serves. Tests keep their own specs
 (the shapes they feed); a test that needs hand-set weights saves them itself.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ gathers it back to every host, and process 0 writes the example numbers of
 each global step, in row order, to OUT as JSON, with what the pmap strategy
 said in a multi-process run.
 """
+
 import json
 import sys
 

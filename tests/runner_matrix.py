@@ -18,6 +18,7 @@ a fresh worker process that unpickles and runs DoFns. Shared by
 tests/test_runners.py, test_portability.py, test_templates.py and
 benchmarks/bench_runners.py; plain functions, no pytest in here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,14 @@ def subprocess_env() -> dict[str, str]:
 def background_process(command: Sequence[str], port: int, log_path: str, timeout_s: float = 60) -> Iterator[int]:
   """Runs `command` (env and cwd of the project) until the block exits;
   yields `port` once it is served (`beam_dl.services.process.service_process`)."""
-  with service_process(command, log_path=log_path, ready=lambda: port_open(port, 'localhost'),
-                       timeout_s=timeout_s, cwd=REPO, env=subprocess_env()):
+  with service_process(
+    command,
+    log_path=log_path,
+    ready=lambda: port_open(port, 'localhost'),
+    timeout_s=timeout_s,
+    cwd=REPO,
+    env=subprocess_env(),
+  ):
     yield port
 
 
@@ -108,8 +115,12 @@ def run_pipeline(module: str, argv: Sequence[str], log_path: str, timeout_s: flo
   start = time.monotonic()
   with open(log_path, 'wb') as log:
     process = subprocess.Popen(
-        [PYTHON, '-m', module, *argv], env=subprocess_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+      [PYTHON, '-m', module, *argv],
+      env=subprocess_env(),
+      cwd=REPO,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
     )
     try:
       returncode = process.wait(timeout_s)
@@ -185,8 +196,20 @@ def job_server_command(kind: str, jar: str, port: int, work_dir: str, master: st
 
     java += [*SPARK_JAR_JOB_SERVER_JVM_ARGS, '-Dspark.ui.enabled=false']  # no web UI on 0.0.0.0:4040
     master_flags = ['--spark-master-url', master or 'local[2]']
-  return [*java, '-jar', jar, *master_flags, '--artifacts-dir', os.path.join(work_dir, f'{kind}_artifacts'),
-          '--job-port', str(port), '--artifact-port', '0', '--expansion-port', '0']
+  return [
+    *java,
+    '-jar',
+    jar,
+    *master_flags,
+    '--artifacts-dir',
+    os.path.join(work_dir, f'{kind}_artifacts'),
+    '--job-port',
+    str(port),
+    '--artifact-port',
+    '0',
+    '--expansion-port',
+    '0',
+  ]
 
 
 @contextlib.contextmanager
@@ -227,16 +250,22 @@ def _job_server_runner(kind: str) -> RunnerCase:
       master_flag = f'--flink_master={master or "[local]"}'
     else:
       master_flag = f'--spark_master_url={master or "local[2]"}'
-    return [f'--runner={kind.capitalize()}Runner', master_flag, f'--job_endpoint={endpoint}',
-            '--environment_type=LOOPBACK']
+    return [
+      f'--runner={kind.capitalize()}Runner',
+      master_flag,
+      f'--job_endpoint={endpoint}',
+      '--environment_type=LOOPBACK',
+    ]
 
   def unavailable():
     if os.environ.get(endpoint_var):
       return None
     jar = job_server_jar(kind)
     if not jar:
-      return (f'{kind.capitalize()}Runner needs Beam\'s {kind} job server: run `make runners` (builds '
-              f'{RUNNERS_DIR}/{JOB_SERVER_JARS[kind]}), or set BEAM_{upper}_JOB_SERVER_JAR or {endpoint_var}')
+      return (
+        f"{kind.capitalize()}Runner needs Beam's {kind} job server: run `make runners` (builds "
+        f'{RUNNERS_DIR}/{JOB_SERVER_JARS[kind]}), or set BEAM_{upper}_JOB_SERVER_JAR or {endpoint_var}'
+      )
     if not os.path.exists(jar):
       return f'{jar} does not exist'
     return None
@@ -247,33 +276,36 @@ def _job_server_runner(kind: str) -> RunnerCase:
 def _prism_unavailable() -> str | None:
   if prism_binary():
     return None
-  return f'PrismRunner needs Beam\'s prism binary: run `make runners` (builds {RUNNERS_DIR}/prism) or set BEAM_PRISM_LOCATION'
+  return (
+    f"PrismRunner needs Beam's prism binary: run `make runners` (builds {RUNNERS_DIR}/prism) or set BEAM_PRISM_LOCATION"
+  )
 
 
 RUNNERS: dict[str, RunnerCase] = {
-    'direct': RunnerCase(lambda s: ['--runner=DirectRunner']),
-    'fnapi_multiprocess': RunnerCase(
-        lambda s: ['--runner=DirectRunner', '--direct_num_workers=2', '--direct_running_mode=multi_processing']
-    ),
-    'portable_loopback': RunnerCase(
-        lambda s: ['--runner=PortableRunner', f'--job_endpoint={s["job_endpoint"]}', '--environment_type=LOOPBACK'],
-        needs=('job_service',),
-    ),
-    'portable_external': RunnerCase(
-        lambda s: [
-            '--runner=PortableRunner',
-            f'--job_endpoint={s["job_endpoint"]}',
-            '--environment_type=EXTERNAL',
-            f'--environment_config={s["worker_pool"]}',
-        ],
-        needs=('job_service', 'worker_pool'),
-    ),
-    'flink': _job_server_runner('flink'),
-    'spark': _job_server_runner('spark'),
-    'prism': RunnerCase(
-        lambda s: ['--runner=PrismRunner', f'--prism_location={prism_binary()}', '--environment_type=LOOPBACK'],
-        unavailable=_prism_unavailable, local=False,
-    ),
+  'direct': RunnerCase(lambda s: ['--runner=DirectRunner']),
+  'fnapi_multiprocess': RunnerCase(
+    lambda s: ['--runner=DirectRunner', '--direct_num_workers=2', '--direct_running_mode=multi_processing']
+  ),
+  'portable_loopback': RunnerCase(
+    lambda s: ['--runner=PortableRunner', f'--job_endpoint={s["job_endpoint"]}', '--environment_type=LOOPBACK'],
+    needs=('job_service',),
+  ),
+  'portable_external': RunnerCase(
+    lambda s: [
+      '--runner=PortableRunner',
+      f'--job_endpoint={s["job_endpoint"]}',
+      '--environment_type=EXTERNAL',
+      f'--environment_config={s["worker_pool"]}',
+    ],
+    needs=('job_service', 'worker_pool'),
+  ),
+  'flink': _job_server_runner('flink'),
+  'spark': _job_server_runner('spark'),
+  'prism': RunnerCase(
+    lambda s: ['--runner=PrismRunner', f'--prism_location={prism_binary()}', '--environment_type=LOOPBACK'],
+    unavailable=_prism_unavailable,
+    local=False,
+  ),
 }
 REFERENCE_RUNNER = 'direct'
 
@@ -384,9 +416,9 @@ def prepare_classify_images(data_dir: str) -> None:
 
 def classify_images_argv(data_dir: str, out_dir: str) -> list[str]:
   return [
-      f'--input={os.path.join(data_dir, "images", "*")}',
-      f'--model_dir={os.path.join(data_dir, "model")}',
-      f'--output={os.path.join(out_dir, "predictions")}',
+    f'--input={os.path.join(data_dir, "images", "*")}',
+    f'--model_dir={os.path.join(data_dir, "model")}',
+    f'--output={os.path.join(out_dir, "predictions")}',
   ]
 
 
@@ -394,12 +426,11 @@ def read_classify_images(out_dir: str) -> dict:
   """{'predictions': {file: (label, scores)}, 'failed': sorted [(file, stage, reason)]}."""
   prefix = os.path.join(out_dir, 'predictions')
   predictions = {
-      os.path.basename(r['key']): (r['label'], tuple(r['scores']))
-      for r in read_jsonl(prefix + '-[0-9]*.jsonl')
+    os.path.basename(r['key']): (r['label'], tuple(r['scores'])) for r in read_jsonl(prefix + '-[0-9]*.jsonl')
   }
   failed = sorted(
-      (os.path.basename(r['key']) if r['key'] else None, r['stage'], r['reason'])
-      for r in read_jsonl(prefix + '_failed-*.jsonl')
+    (os.path.basename(r['key']) if r['key'] else None, r['stage'], r['reason'])
+    for r in read_jsonl(prefix + '_failed-*.jsonl')
   )
   return {'predictions': predictions, 'failed': failed}
 
@@ -408,7 +439,8 @@ def check_classify_images(canonical: dict) -> None:
   predictions, failed = canonical['predictions'], canonical['failed']
   assert len(predictions) == CLASSIFY_IMAGES, sorted(predictions)
   assert [(f, stage) for f, stage, _ in failed] == [
-      ('broken_not_an_image.jpg', 'decode'), ('broken_truncated.jpg', 'decode')
+    ('broken_not_an_image.jpg', 'decode'),
+    ('broken_truncated.jpg', 'decode'),
   ], failed
   labelled = {f: int(f.split('_label')[1].split('.')[0]) for f in predictions}
   correct = sum(predictions[f][0] == y for f, y in labelled.items())
@@ -456,10 +488,16 @@ def score_sequences_argv(data_dir: str, out_dir: str) -> list[str]:
   from pipelines import score_sequences_demo as demo
 
   return [
-      f'--input={os.path.join(data_dir, "events.jsonl")}', f'--model_dir={os.path.join(data_dir, "model")}',
-      f'--output={os.path.join(out_dir, "scores")}', '--event_value_fields=co2', '--window=sliding',
-      f'--window_size={demo.SEQ_LEN * WEEK}', f'--window_period={WEEK}', f'--seq_len={demo.SEQ_LEN}',
-      f'--min_length={demo.MIN_LENGTH}', '--forecast',
+    f'--input={os.path.join(data_dir, "events.jsonl")}',
+    f'--model_dir={os.path.join(data_dir, "model")}',
+    f'--output={os.path.join(out_dir, "scores")}',
+    '--event_value_fields=co2',
+    '--window=sliding',
+    f'--window_size={demo.SEQ_LEN * WEEK}',
+    f'--window_period={WEEK}',
+    f'--seq_len={demo.SEQ_LEN}',
+    f'--min_length={demo.MIN_LENGTH}',
+    '--forecast',
   ]
 
 
@@ -479,7 +517,10 @@ def read_score_sequences(out_dir: str) -> dict:
       value = r.get(field)
       numbers.extend(value if isinstance(value, list) else [value])
     scores[(r['key'], r['window_start'], r['window_end'], r['pane'], r['pane_index'])] = (
-        r['length'], r['last_time'], tuple(numbers))
+      r['length'],
+      r['last_time'],
+      tuple(numbers),
+    )
   failed = sorted((str(r.get('key')), r['stage'], r['reason']) for r in read_jsonl(prefix + '_failed-*.jsonl'))
   return {'scores': scores, 'failed': failed}
 
@@ -513,8 +554,9 @@ def compare_score_sequences(canonical: dict, reference: dict) -> None:
   for window, (length, last_time, numbers) in reference['scores'].items():
     got_length, got_last, got_numbers = scores[window]
     assert (got_length, got_last) == (length, last_time), window
-    np.testing.assert_allclose(np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4,
-                               err_msg=str(window))
+    np.testing.assert_allclose(
+      np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4, err_msg=str(window)
+    )
 
 
 # score_sequences in streaming mode: a bounded watched directory (2 files,
@@ -540,11 +582,18 @@ def prepare_score_sequences_streaming(data_dir: str) -> None:
 
 def score_sequences_streaming_argv(data_dir: str, out_dir: str) -> list[str]:
   return [
-      '--streaming', f'--input={os.path.join(data_dir, "incoming", "*.jsonl")}',
-      f'--model_dir={os.path.join(os.path.dirname(data_dir), "score_sequences", "model")}',
-      f'--output={os.path.join(out_dir, "scores")}', '--event_value_fields=co2', '--window=fixed',
-      '--window_size=1000000000', '--seq_len=8', '--forecast', '--stop_after_secs=4', '--poll_interval_secs=1',
-      '--write_frequency_secs=2',
+    '--streaming',
+    f'--input={os.path.join(data_dir, "incoming", "*.jsonl")}',
+    f'--model_dir={os.path.join(os.path.dirname(data_dir), "score_sequences", "model")}',
+    f'--output={os.path.join(out_dir, "scores")}',
+    '--event_value_fields=co2',
+    '--window=fixed',
+    '--window_size=1000000000',
+    '--seq_len=8',
+    '--forecast',
+    '--stop_after_secs=4',
+    '--poll_interval_secs=1',
+    '--write_frequency_secs=2',
   ]
 
 
@@ -568,8 +617,13 @@ def read_score_sequences_streaming(out_dir: str) -> dict:
   failed, short = [], []
   for r in read_jsonl(prefix + '_failed-*.jsonl'):
     (short if r['stage'] == 'sequence' else failed).append((str(r.get('key')), r['stage'], r['reason']))
-  return {'final': final, 'panes': sorted(panes), 'early': {k: sorted(v) for k, v in early.items()},
-          'failed': sorted(failed), 'short': sorted(short)}
+  return {
+    'final': final,
+    'panes': sorted(panes),
+    'early': {k: sorted(v) for k, v in early.items()},
+    'failed': sorted(failed),
+    'short': sorted(short),
+  }
 
 
 def check_score_sequences_streaming(canonical: dict) -> None:
@@ -597,8 +651,9 @@ def compare_score_sequences_streaming(canonical: dict, reference: dict) -> None:
   for key, (length, numbers) in reference['final'].items():
     got_length, got_numbers = canonical['final'][key]
     assert got_length == length, key
-    np.testing.assert_allclose(np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      np.array(got_numbers, float), np.array(numbers, float), rtol=1e-4, atol=1e-4, err_msg=key
+    )
 
 
 # preprocess: tf.Transform over 30 real digit images + the 2 broken files.
@@ -617,8 +672,10 @@ def prepare_preprocess(data_dir: str) -> None:
 
 def preprocess_argv(data_dir: str, out_dir: str) -> list[str]:
   return [
-      f'--input={os.path.join(data_dir, "images", "*")}', f'--transform_dir={os.path.join(out_dir, "transform")}',
-      f'--output={os.path.join(out_dir, "train")}', '--preprocess_image_shape=8,8,1',
+    f'--input={os.path.join(data_dir, "images", "*")}',
+    f'--transform_dir={os.path.join(out_dir, "transform")}',
+    f'--output={os.path.join(out_dir, "train")}',
+    '--preprocess_image_shape=8,8,1',
   ]
 
 
@@ -631,10 +688,12 @@ def read_preprocess(out_dir: str) -> dict:
   transform_dir = os.path.join(out_dir, 'transform')
   records = input_pipeline.transformed_examples(transform_dir, os.path.join(out_dir, 'train') + '-*.tfrecord')
   return {
-      'records': {os.path.basename(k): {n: _plain(v) for n, v in r.items()} for k, r in records.items()},
-      'stats': stats.load(transform_dir),
-      'failed': sorted((os.path.basename(r['key'] or ''), r['stage'], r['reason'])
-                       for r in read_jsonl(os.path.join(out_dir, 'train') + '_failed-*.jsonl')),
+    'records': {os.path.basename(k): {n: _plain(v) for n, v in r.items()} for k, r in records.items()},
+    'stats': stats.load(transform_dir),
+    'failed': sorted(
+      (os.path.basename(r['key'] or ''), r['stage'], r['reason'])
+      for r in read_jsonl(os.path.join(out_dir, 'train') + '_failed-*.jsonl')
+    ),
   }
 
 
@@ -654,14 +713,17 @@ def _assert_close(got, want, message: str) -> None:
   if want and all(isinstance(v, str) for v in want):
     assert got == want, message
   else:
-    np.testing.assert_allclose(np.ravel(np.asarray(got, float)), np.ravel(np.asarray(want, float)),
-                               rtol=1e-5, atol=1e-5, err_msg=message)
+    np.testing.assert_allclose(
+      np.ravel(np.asarray(got, float)), np.ravel(np.asarray(want, float)), rtol=1e-5, atol=1e-5, err_msg=message
+    )
 
 
 def check_preprocess(canonical: dict) -> None:
   assert len(canonical['records']) == PREPROCESS_IMAGES, sorted(canonical['records'])
   assert [(f, stage) for f, stage, _ in canonical['failed']] == [
-      ('broken_not_an_image.jpg', 'decode'), ('broken_truncated.jpg', 'decode')], canonical['failed']
+    ('broken_not_an_image.jpg', 'decode'),
+    ('broken_truncated.jpg', 'decode'),
+  ], canonical['failed']
   assert canonical['stats'], 'no analysed statistics'
 
 
@@ -678,70 +740,86 @@ def compare_preprocess(canonical: dict, reference: dict) -> None:
 
 
 METRICS_TEMPLATE_OMIT = {
-    name: 'a Prometheus endpoint or Pushgateway for local runs; Dataflow reports metrics to Cloud Monitoring'
-    for name in ('metrics_port', 'metrics_address', 'metrics_poll_secs', 'metrics_linger_secs',
-                 'metrics_pushgateway', 'metrics_job')
+  name: 'a Prometheus endpoint or Pushgateway for local runs; Dataflow reports metrics to Cloud Monitoring'
+  for name in (
+    'metrics_port',
+    'metrics_address',
+    'metrics_poll_secs',
+    'metrics_linger_secs',
+    'metrics_pushgateway',
+    'metrics_job',
+  )
 }
 
 
 PIPELINES: dict[str, PipelineCase] = {
-    'classify_images': PipelineCase(
-        module='pipelines.classify_images',
-        prepare=prepare_classify_images,
-        argv=classify_images_argv,
-        read=read_classify_images,
-        check=check_classify_images,
-        compare=compare_classify_images,
-        template='classify_images.json',
-        template_omit=METRICS_TEMPLATE_OMIT,
+  'classify_images': PipelineCase(
+    module='pipelines.classify_images',
+    prepare=prepare_classify_images,
+    argv=classify_images_argv,
+    read=read_classify_images,
+    check=check_classify_images,
+    compare=compare_classify_images,
+    template='classify_images.json',
+    template_omit=METRICS_TEMPLATE_OMIT,
+  ),
+  'score_sequences': PipelineCase(
+    module='pipelines.score_sequences',
+    prepare=prepare_score_sequences,
+    argv=score_sequences_argv,
+    read=read_score_sequences,
+    check=check_score_sequences,
+    compare=compare_score_sequences,
+    template='score_sequences.json',
+    xfail={
+      'prism': (
+        'Prism v2.77.0 panics in batch mode: "assignment to entry in nil map" in '
+        'aggregateStageKind.buildEventTimeBundle (engine/elementmanager.go:2107) at watermark +inf '
+        '(a Prism bug; the streaming case runs on Prism)'
+      )
+    },
+    ci_runners=('direct', 'portable_loopback', 'portable_external'),
+    ci_skip_reason=(
+      'BEAM_DL_QUICK_MATRIX=1: the multi-process FnApiRunner is covered by classify_images; unset it to run this cell'
     ),
-    'score_sequences': PipelineCase(
-        module='pipelines.score_sequences',
-        prepare=prepare_score_sequences,
-        argv=score_sequences_argv,
-        read=read_score_sequences,
-        check=check_score_sequences,
-        compare=compare_score_sequences,
-        template='score_sequences.json',
-        xfail={'prism': ('Prism v2.77.0 panics in batch mode: "assignment to entry in nil map" in '
-                         'aggregateStageKind.buildEventTimeBundle (engine/elementmanager.go:2107) at watermark +inf '
-                         '(a Prism bug; the streaming case runs on Prism)')},
-        ci_runners=('direct', 'portable_loopback', 'portable_external'),
-        ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: the multi-process FnApiRunner is covered by classify_images; '
-                        'unset it to run this cell'),
-        template_optional={'input': 'not needed when reading Pub/Sub or Kafka (--streaming)'},
-        template_omit={
-            'input_format': 'score_sequences reads JSON lines only and ignores it',
-            **METRICS_TEMPLATE_OMIT,
-            **{name: "Flink's bundle and checkpoint settings; Dataflow has its own"
-               for name in ('max_bundle_size', 'max_bundle_time_mills', 'checkpointing_interval',
-                            'auto_watermark_interval')},
-        },
+    template_optional={'input': 'not needed when reading Pub/Sub or Kafka (--streaming)'},
+    template_omit={
+      'input_format': 'score_sequences reads JSON lines only and ignores it',
+      **METRICS_TEMPLATE_OMIT,
+      **{
+        name: "Flink's bundle and checkpoint settings; Dataflow has its own"
+        for name in ('max_bundle_size', 'max_bundle_time_mills', 'checkpointing_interval', 'auto_watermark_interval')
+      },
+    },
+  ),
+  'score_sequences_streaming': PipelineCase(
+    module='pipelines.score_sequences',
+    prepare=prepare_score_sequences_streaming,
+    argv=score_sequences_streaming_argv,
+    read=read_score_sequences_streaming,
+    check=check_score_sequences_streaming,
+    compare=compare_score_sequences_streaming,
+    runners=('direct', 'flink', 'prism'),
+    runners_skip_reason=(
+      "streaming runs on Direct, Flink and Prism; Beam's local job service and the "
+      "multi-process FnApiRunner are batch runners, and the portable Spark runner's "
+      'streaming is limited (docs/runners.md)'
     ),
-    'score_sequences_streaming': PipelineCase(
-        module='pipelines.score_sequences',
-        prepare=prepare_score_sequences_streaming,
-        argv=score_sequences_streaming_argv,
-        read=read_score_sequences_streaming,
-        check=check_score_sequences_streaming,
-        compare=compare_score_sequences_streaming,
-        runners=('direct', 'flink', 'prism'),
-        runners_skip_reason=('streaming runs on Direct, Flink and Prism; Beam\'s local job service and the '
-                             'multi-process FnApiRunner are batch runners, and the portable Spark runner\'s '
-                             'streaming is limited (docs/runners.md)'),
+  ),
+  'preprocess': PipelineCase(
+    module='pipelines.preprocess',
+    prepare=prepare_preprocess,
+    argv=preprocess_argv,
+    read=read_preprocess,
+    check=check_preprocess,
+    compare=compare_preprocess,
+    template='preprocess.json',
+    ci_runners=('direct', 'portable_external'),
+    ci_skip_reason=(
+      'BEAM_DL_QUICK_MATRIX=1: tf.Transform takes 25-55 s per runner on 2 cores, so a quick '
+      'run covers Direct and the portable EXTERNAL worker pool; unset it for every runner'
     ),
-    'preprocess': PipelineCase(
-        module='pipelines.preprocess',
-        prepare=prepare_preprocess,
-        argv=preprocess_argv,
-        read=read_preprocess,
-        check=check_preprocess,
-        compare=compare_preprocess,
-        template='preprocess.json',
-        ci_runners=('direct', 'portable_external'),
-        ci_skip_reason=('BEAM_DL_QUICK_MATRIX=1: tf.Transform takes 25-55 s per runner on 2 cores, so a quick '
-                        'run covers Direct and the portable EXTERNAL worker pool; unset it for every runner'),
-    ),
+  ),
 }
 
 
@@ -786,7 +864,6 @@ def applied_transforms(graph) -> list:
   nodes = []
 
   class _Collect(beam.pipeline.PipelineVisitor):
-
     def visit_transform(self, node):
       nodes.append(node)
 
@@ -800,7 +877,9 @@ def applied_transforms(graph) -> list:
 
 def graph_fns(graph) -> list[tuple[str, Any]]:
   """(label, DoFn or CombineFn) of every ParDo/Combine in `graph`."""
-  return [(n.full_label, n.transform.fn) for n in applied_transforms(graph) if getattr(n.transform, 'fn', None) is not None]
+  return [
+    (n.full_label, n.transform.fn) for n in applied_transforms(graph) if getattr(n.transform, 'fn', None) is not None
+  ]
 
 
 def is_project_object(obj: Any) -> bool:
@@ -822,8 +901,14 @@ def _pickler(library: str):
   return {'cloudpickle': cloudpickle_pickler, 'dill': dill_pickler}[library]
 
 
-def run_in_fresh_process(library: str, fns: Sequence[tuple[str, Any]], probes: Mapping[str, Sequence[Any]],
-                         handlers: Sequence[tuple[Any, Sequence[Any]]], work_dir: str, timeout_s: float = 180) -> dict:
+def run_in_fresh_process(
+  library: str,
+  fns: Sequence[tuple[str, Any]],
+  probes: Mapping[str, Sequence[Any]],
+  handlers: Sequence[tuple[Any, Sequence[Any]]],
+  work_dir: str,
+  timeout_s: float = 180,
+) -> dict:
   """Pickles `fns` and `handlers` with Beam's `library` pickler here, and in a
   new interpreter (as an SDK worker would) unpickles them, runs setup() and
   teardown() of every fn, feeds `probes[label]` to the fn as one bundle,
@@ -836,17 +921,18 @@ def run_in_fresh_process(library: str, fns: Sequence[tuple[str, Any]], probes: M
 
   pickler = _pickler(library)
   request = {
-      'library': library,
-      'fns': [(label, pickler.dumps(fn)) for label, fn in fns],
-      'probes': dict(probes),
-      'handlers': [(pickler.dumps(handler), list(examples)) for handler, examples in handlers],
+    'library': library,
+    'fns': [(label, pickler.dumps(fn)) for label, fn in fns],
+    'probes': dict(probes),
+    'handlers': [(pickler.dumps(handler), list(examples)) for handler, examples in handlers],
   }
   request_path, response_path = os.path.join(work_dir, 'request.pkl'), os.path.join(work_dir, 'response.pkl')
   with open(request_path, 'wb') as f:
     pickle.dump(request, f)
   code = f'from tests.runner_matrix import fresh_worker_main; fresh_worker_main({request_path!r}, {response_path!r})'
-  done = subprocess.run([PYTHON, '-c', code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout_s)
+  done = subprocess.run(
+    [PYTHON, '-c', code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+  )
   assert done.returncode == 0, f'fresh worker failed:\n{done.stderr[-4000:]}'
   with open(response_path, 'rb') as f:
     return pickle.load(f)
@@ -872,8 +958,11 @@ def run_bundle(fn, elements: Sequence[Any]) -> list[tuple[Any, Any]]:
   params = inspect.signature(fn.process).parameters
 
   def context(element):
-    values = {beam.DoFn.WindowParam: GlobalWindow(), beam.DoFn.TimestampParam: MIN_TIMESTAMP,
-              beam.DoFn.WindowedValueParam: WindowedValue(element, MIN_TIMESTAMP, [GlobalWindow()])}
+    values = {
+      beam.DoFn.WindowParam: GlobalWindow(),
+      beam.DoFn.TimestampParam: MIN_TIMESTAMP,
+      beam.DoFn.WindowedValueParam: WindowedValue(element, MIN_TIMESTAMP, [GlobalWindow()]),
+    }
     return {name: value for name, p in params.items() for param, value in values.items() if p.default == param}
 
   outputs = []

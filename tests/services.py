@@ -6,6 +6,7 @@ its own process group on 127.0.0.1 with free ports, polled ready with a
 deadline (raising with the log tail if it dies or never answers), the whole
 group killed on exit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,8 @@ import sys
 
 from beam_dl.services.hdfs import Hdfs, hadoop_jars, hdfs_cluster, http_ok  # noqa: F401  (the project's own)
 from beam_dl.services.process import free_port, service_process
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
@@ -58,6 +61,7 @@ def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1):
   """`beam_dl.services.flink_cluster.FlinkCluster` (the code behind `python -m
   beam_dl.services.flink_cluster`) with its config and logs under workdir."""
   from beam_dl.services.flink_cluster import FlinkCluster  # pylint: disable=g-import-not-at-top
+
   os.makedirs(workdir, exist_ok=True)
   with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env()) as cluster:
     yield cluster
@@ -68,6 +72,7 @@ def spark_cluster(workdir: str, workers: int = 2):
   """`beam_dl.services.spark_cluster.SparkCluster` (the code behind `python -m
   beam_dl.services.spark_cluster`) with its SPARK_HOME, work dirs and logs under workdir."""
   from beam_dl.services.spark_cluster import SparkCluster  # pylint: disable=g-import-not-at-top
+
   os.makedirs(workdir, exist_ok=True)
   with SparkCluster(workers, workdir=workdir, env=cluster_env()) as cluster:
     yield cluster

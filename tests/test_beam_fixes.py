@@ -5,6 +5,7 @@ it was not written for, can be turned off, and is logged once.
 The data-plane flush is shown in test_threads.py, the state-cache sizing in
 test_state_cache_sizing.py; the other bugs, and the machinery, here.
 """
+
 import json
 import logging
 import os
@@ -14,26 +15,32 @@ import sys
 import apache_beam as beam
 import pytest
 from apache_beam.ml.inference import base
+from apache_beam.runners import pipeline_context
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms import window
+from apache_beam.transforms import trigger, window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import Timestamp
-from apache_beam.runners import pipeline_context
-from apache_beam.transforms import trigger
 
 import beam_dl  # noqa: F401  (applies the fixes)
 from beam_dl import beam_fixes
 from beam_dl.beam_fixes import batch_trigger_clock, inference_resource, processing_time_delay, side_input_commit
 
-ALL = ['output_flush', 'state_cache_sizing', 'processing_time_delay', 'inference_resource', 'side_input_commit',
-       'batch_trigger_clock']
+ALL = [
+  'output_flush',
+  'state_cache_sizing',
+  'processing_time_delay',
+  'inference_resource',
+  'side_input_commit',
+  'batch_trigger_clock',
+]
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
-                        env={**os.environ, **env}, check=True)
+  return subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}, check=True
+  )
 
 
 def test_every_fix_is_in_place_on_the_targeted_beam():
@@ -57,11 +64,14 @@ def test_beams_sub_second_processing_time_delay_fails_to_translate():
     processing_time_delay.apply()
 
 
-@pytest.mark.skipif('torch' in sys.modules or __import__('importlib').util.find_spec('torch') is not None,
-                    reason='with PyTorch installed Beam imports resource itself')
+@pytest.mark.skipif(
+  'torch' in sys.modules or __import__('importlib').util.find_spec('torch') is not None,
+  reason='with PyTorch installed Beam imports resource itself',
+)
 def test_beams_inference_base_has_no_resource_module_without_torch():
-  out = run_python('import beam_dl; from apache_beam.ml.inference import base; print(base.resource)',
-                   BEAM_DL_BEAM_FIXES='off')
+  out = run_python(
+    'import beam_dl; from apache_beam.ml.inference import base; print(base.resource)', BEAM_DL_BEAM_FIXES='off'
+  )
   assert out.stdout.strip() == 'None'
   assert inference_resource.apply() and base.resource is not None
 
@@ -73,7 +83,7 @@ def test_inference_memory_reading_works_without_torch(caplog):
   assert not [r for r in caplog.records if 'Resource module is not available' in r.getMessage()]
 
 
-CHECK = '''
+CHECK = """
 import json, beam_dl
 from beam_dl import beam_fixes
 from apache_beam.runners.worker import data_plane, statecache
@@ -82,7 +92,7 @@ print(json.dumps({"active": beam_fixes.active(),
   "flush": bool(data_plane.TimeBasedBufferingClosableOutputStream.__dict__.get("_beam_dl_fixed")),
   "sizing": statecache.get_deep_size.__module__,
   "trigger": bool(trigger.AfterProcessingTime.__dict__.get("_beam_dl_fixed"))}))
-'''
+"""
 
 
 def test_off_leaves_beam_as_it_is():
@@ -92,13 +102,12 @@ def test_off_leaves_beam_as_it_is():
 
 def test_named_fixes_can_be_turned_off():
   got = json.loads(run_python(CHECK, BEAM_DL_BEAM_FIXES='-output_flush,-processing_time_delay').stdout)
-  assert got['active'] == ['state_cache_sizing', 'inference_resource', 'side_input_commit',
-       'batch_trigger_clock']
+  assert got['active'] == ['state_cache_sizing', 'inference_resource', 'side_input_commit', 'batch_trigger_clock']
   assert not got['flush'] and not got['trigger'] and got['sizing'] == 'beam_dl.beam_fixes.state_cache_sizing'
 
 
 def test_refuses_a_beam_version_it_was_not_written_for():
-  code = '''
+  code = """
 import logging; logging.basicConfig(level=logging.INFO)
 import beam_dl
 from beam_dl import beam_fixes
@@ -106,7 +115,7 @@ from apache_beam.runners.worker import data_plane
 print(beam_fixes.apply_all(beam_version="2.80.0", environ={}))
 beam_fixes.log_active(force=True)
 print(bool(data_plane.TimeBasedBufferingClosableOutputStream.__dict__.get("_beam_dl_fixed")))
-'''
+"""
   out = run_python(code, BEAM_DL_BEAM_FIXES='off')
   assert out.stdout.split() == ['[]', 'False']
   refused = [line for line in out.stderr.splitlines() if 'this is 2.80.0' in line]
@@ -114,12 +123,12 @@ print(bool(data_plane.TimeBasedBufferingClosableOutputStream.__dict__.get("_beam
 
 
 def test_the_fixes_in_place_are_logged_once():
-  code = '''
+  code = """
 import logging; logging.basicConfig(level=logging.INFO)
 import beam_dl, beam_dl.serving.handler
 from beam_dl import beam_fixes, cli
 cli.configure_logging(); beam_fixes.log_active()
-'''
+"""
   lines = [line for line in run_python(code).stderr.splitlines() if 'fixes in place' in line]
   assert len(lines) == 1 and ', '.join(ALL) in lines[0] and 'BEAM_DL_BEAM_FIXES=off' in lines[0]
 
@@ -143,12 +152,16 @@ def side_input_seen_by_a_consumer() -> list:
   start = Timestamp.now() + 2
   with TestPipeline('FnApiRunner') as p:
     once = (
-        p
-        | PeriodicImpulse(start_timestamp=start, stop_timestamp=start + 1, fire_interval=0.25)
-        | beam.Map(lambda tick: ('alias', float(tick)))
-        | beam.ParDo(_EmitOnce())
-        | beam.WindowInto(window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
-                          accumulation_mode=trigger.AccumulationMode.DISCARDING))
+      p
+      | PeriodicImpulse(start_timestamp=start, stop_timestamp=start + 1, fire_interval=0.25)
+      | beam.Map(lambda tick: ('alias', float(tick)))
+      | beam.ParDo(_EmitOnce())
+      | beam.WindowInto(
+        window.GlobalWindows(),
+        trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING,
+      )
+    )
     seen = p | beam.Create([None]) | beam.Map(lambda _, side: sorted(side), side=beam.pvalue.AsList(once))
     assert_that(seen, equal_to([['model-v2']]))
 
@@ -167,13 +180,16 @@ def sum_per_window_with_early_firings() -> None:
   """A batch GroupByKey whose windowing fires early on processing time."""
   with TestPipeline('FnApiRunner') as p:
     sums = (
-        p
-        | beam.Create(list(range(10)))
-        | beam.Map(lambda n: window.TimestampedValue(('k', n), n))
-        | beam.WindowInto(window.FixedWindows(5), trigger=trigger.AfterWatermark(early=trigger.AfterProcessingTime(10)),
-                          accumulation_mode=trigger.AccumulationMode.DISCARDING)
-        | beam.CombinePerKey(sum)
-        | beam.MapTuple(lambda key, total: total)
+      p
+      | beam.Create(list(range(10)))
+      | beam.Map(lambda n: window.TimestampedValue(('k', n), n))
+      | beam.WindowInto(
+        window.FixedWindows(5),
+        trigger=trigger.AfterWatermark(early=trigger.AfterProcessingTime(10)),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING,
+      )
+      | beam.CombinePerKey(sum)
+      | beam.MapTuple(lambda key, total: total)
     )
     assert_that(sums, equal_to([0 + 1 + 2 + 3 + 4, 5 + 6 + 7 + 8 + 9]))  # once per window, nothing early
 

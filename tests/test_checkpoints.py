@@ -1,4 +1,5 @@
 """The model directory format: round trips and clear errors."""
+
 import json
 import os
 
@@ -47,10 +48,13 @@ def test_corrupt_msgpack_and_unknown_spec_fields(tmp_path):
     checkpoints.load_spec(str(tmp_path / 'm'))
 
 
-@pytest.mark.parametrize('leaf, says', [
+@pytest.mark.parametrize(
+  'leaf, says',
+  [
     (lambda kernel: [[str(x) for x in row] for row in kernel.tolist()], r"\['kernel'\]\[0\]\[0\] has dtype <U"),
     (lambda kernel: b'weights', r"\['kernel'\] has dtype \|S7"),
-])
+  ],
+)
 def test_variables_that_are_not_numbers_are_refused_at_load(tmp_path, leaf, says):
   """msgpack restores what was written: strings where numbers belong load,
   then fail every batch that reaches the model; load refuses them."""
@@ -81,7 +85,9 @@ def spec_json(**changes):
   return json.dumps(json.loads(SPEC.to_json()) | changes)
 
 
-@pytest.mark.parametrize('changes, field', [
+@pytest.mark.parametrize(
+  'changes, field',
+  [
     ({'name': 'no_such_model'}, 'name'),
     ({'input_shape': [8, 0, 1]}, 'input_shape'),
     ({'input_shape': [8, '8', 1]}, 'input_shape'),
@@ -94,7 +100,8 @@ def spec_json(**changes):
     ({'labels': [1, 2, 3, 4]}, 'labels'),
     ({'kwargs': {'num_classes': 4, 'no_such_argument': 1}}, 'kwargs'),
     ({'kwargs': [4]}, 'kwargs'),
-])
+  ],
+)
 def test_bad_spec_fields_are_named(tmp_path, changes, field):
   (tmp_path / 'spec.json').write_text(spec_json(**changes))
   with pytest.raises(CheckpointError) as error:
@@ -128,9 +135,9 @@ def test_variables_that_do_not_match_the_spec_fail_to_load(tmp_path, fmt):
   missing = {'params': {k: v for k, v in good['params'].items() if k != 'Dense_1'}}
   extra = {'params': {**good['params'], 'Surplus': {'kernel': np.zeros((2, 2), np.float32)}}}
   for name, variables, says in (
-      ('wrong_shape', wrong_shape, r"\['params'\]\['Dense_0'\]\['kernel'\] has shape \(\d+, 16\), expected \(\d+, 8\)"),
-      ('missing', missing, r"missing \['params'\]\['Dense_1'\]\['kernel'\]"),
-      ('extra', extra, r"unexpected \['params'\]\['Surplus'\]\['kernel'\] \(2, 2\)"),
+    ('wrong_shape', wrong_shape, r"\['params'\]\['Dense_0'\]\['kernel'\] has shape \(\d+, 16\), expected \(\d+, 8\)"),
+    ('missing', missing, r"missing \['params'\]\['Dense_1'\]\['kernel'\]"),
+    ('extra', extra, r"unexpected \['params'\]\['Surplus'\]\['kernel'\] \(2, 2\)"),
   ):
     model_dir = str(tmp_path / name)
     checkpoints.save(model_dir, SPEC, variables, fmt=fmt)
@@ -149,8 +156,9 @@ def test_saving_over_a_model_of_the_other_format_replaces_it(tmp_path, first, se
   model_dir = str(tmp_path / 'm')
   checkpoints.save(model_dir, SPEC, old, fmt=first)
   checkpoints.save(model_dir, SPEC, new, fmt=second)
-  assert sorted(os.listdir(model_dir)) == sorted([checkpoints.SPEC_FILE, {
-      'orbax': checkpoints.ORBAX_DIR, 'msgpack': checkpoints.MSGPACK_FILE}[second]])
+  assert sorted(os.listdir(model_dir)) == sorted(
+    [checkpoints.SPEC_FILE, {'orbax': checkpoints.ORBAX_DIR, 'msgpack': checkpoints.MSGPACK_FILE}[second]]
+  )
   _, restored = checkpoints.load(model_dir)
   x = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
   np.testing.assert_allclose(module.apply(nn.meta.unbox(new), x), module.apply(restored, x), rtol=1e-6)

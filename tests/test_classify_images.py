@@ -8,10 +8,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_dl import cli
+from beam_dl.decoding.images import ImageSpec, decode_image
 from beam_dl.formats import image_example
 from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.serving.handler import JaxModelHandler
-from beam_dl.decoding.images import ImageSpec, decode_image
 from pipelines import classify_images
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
 from transforms import ClassifyImages
@@ -26,12 +26,12 @@ def inputs():
   picks = images[-6:]
   rgba = np.dstack([np.stack([picks[3]] * 3, -1), np.full((8, 8), 255, np.uint8)])
   good = {
-      'png_gray': encode(picks[0], 'PNG'),
-      'jpeg_gray': encode(picks[1], 'JPEG', quality=95),
-      'png_rgb': encode(np.stack([picks[2]] * 3, -1), 'PNG'),
-      'png_rgba': encode(rgba, 'PNG'),
-      'jpeg_rgb': encode(np.stack([picks[4]] * 3, -1), 'JPEG', quality=95),
-      'bmp_gray': encode(picks[5], 'BMP'),
+    'png_gray': encode(picks[0], 'PNG'),
+    'jpeg_gray': encode(picks[1], 'JPEG', quality=95),
+    'png_rgb': encode(np.stack([picks[2]] * 3, -1), 'PNG'),
+    'png_rgba': encode(rgba, 'PNG'),
+    'jpeg_rgb': encode(np.stack([picks[4]] * 3, -1), 'JPEG', quality=95),
+    'bmp_gray': encode(picks[5], 'BMP'),
   }
   bad = {'truncated.jpg': truncated_jpeg(), 'text.jpg': TEXT_NAMED_JPG, 'empty.png': b''}
   return good, bad
@@ -46,36 +46,44 @@ def direct_labels(model_dir, good):
   return {k: int(np.argmax(o)) for k, o in zip(keys, outputs)}
 
 
-@pytest.mark.parametrize('dispatch_ahead', [True, False])  # records made in the inference step, or in Beam's Map after it
+@pytest.mark.parametrize(
+  'dispatch_ahead', [True, False]
+)  # records made in the inference step, or in Beam's Map after it
 def test_classify_images_predictions_and_dead_letters(digits_model_dir, inputs, dispatch_ahead):
   good, bad = inputs
   expected = direct_labels(digits_model_dir, good)
   with TestPipeline() as p:
     outputs = (
-        p
-        | beam.Create(sorted({**good, **bad}.items()))
-        | ClassifyImages(digits_model_dir, max_batch_size=4, dispatch_ahead=dispatch_ahead)
+      p
+      | beam.Create(sorted({**good, **bad}.items()))
+      | ClassifyImages(digits_model_dir, max_batch_size=4, dispatch_ahead=dispatch_ahead)
     )
     assert_that(
-        outputs.predictions | 'KeyLabel' >> beam.Map(lambda r: (r['key'], r['label'])),
-        equal_to(sorted(expected.items())),
-        label='Predictions',
+      outputs.predictions | 'KeyLabel' >> beam.Map(lambda r: (r['key'], r['label'])),
+      equal_to(sorted(expected.items())),
+      label='Predictions',
     )
     assert_that(
-        outputs.predictions | 'ScoresValid' >> beam.Map(
-            lambda r: abs(sum(r['scores']) - 1) < 1e-4 and abs(r['score'] - max(r['scores'])) < 1e-5 and len(r['scores']) == 10
-        ),
-        equal_to([True] * len(good)),
-        label='Scores',
+      outputs.predictions
+      | 'ScoresValid'
+      >> beam.Map(
+        lambda r: (
+          abs(sum(r['scores']) - 1) < 1e-4 and abs(r['score'] - max(r['scores'])) < 1e-5 and len(r['scores']) == 10
+        )
+      ),
+      equal_to([True] * len(good)),
+      label='Scores',
     )
     assert_that(
-        outputs.failed | 'KeyStageKind' >> beam.Map(lambda r: (r['key'], r['stage'], r['reason'].split(' ')[0])),
-        equal_to([
-            ('empty.png', 'decode', 'empty'),
-            ('text.jpg', 'decode', 'not'),
-            ('truncated.jpg', 'decode', 'corrupt'),
-        ]),
-        label='DeadLetters',
+      outputs.failed | 'KeyStageKind' >> beam.Map(lambda r: (r['key'], r['stage'], r['reason'].split(' ')[0])),
+      equal_to(
+        [
+          ('empty.png', 'decode', 'empty'),
+          ('text.jpg', 'decode', 'not'),
+          ('truncated.jpg', 'decode', 'corrupt'),
+        ]
+      ),
+      label='DeadLetters',
     )
 
 
@@ -143,9 +151,20 @@ def test_bad_spec_fails_the_command_before_it_starts(digits_model_dir, tmp_path,
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
   done = subprocess.run(
-      [sys.executable, '-m', 'pipelines.classify_images', f'--input={tmp_path}/in/*',
-       f'--model_dir={model_dir}', f'--output={tmp_path}/out/pred'],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'pipelines.classify_images',
+      f'--input={tmp_path}/in/*',
+      f'--model_dir={model_dir}',
+      f'--output={tmp_path}/out/pred',
+    ],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 2
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith(f'classify_images: error: {model_dir}/spec.json: field {field!r}')
@@ -177,12 +196,14 @@ def test_pipeline_reads_both_image_record_layouts_the_project_writes(digits_mode
   with tf.io.TFRecordWriter(str(records / 'encoded.tfrecord')) as writer:
     for name, data in sorted(good.items()):
       writer.write(image_example.encode_file_example(f'encoded/{name}', data))
-  classify_images.run([f'--input={records}/*.tfrecord', f'--model_dir={digits_model_dir}',
-                       f'--output={tmp_path}/out/records'])
+  classify_images.run(
+    [f'--input={records}/*.tfrecord', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/records']
+  )
   predictions = read_jsonl(f'{tmp_path}/out/records-[0-9]*.jsonl')
   failed = read_jsonl(f'{tmp_path}/out/records_failed-*.jsonl')
   assert sorted(r['key'] for r in predictions) == sorted(
-      f'{kind}/{name}' for kind in ('rgb', 'gray', 'encoded') for name in good)
+    f'{kind}/{name}' for kind in ('rgb', 'gray', 'encoded') for name in good
+  )
   for record in predictions:
     want = from_files[record['key'].split('/', 1)[1]]
     assert record['label'] == want['label'], record['key']
@@ -201,22 +222,28 @@ def test_max_error_rate_fails_a_mostly_corrupt_job_with_one_line(digits_model_di
   one line on stderr saying how many failed (Beam's threshold rule)."""
   good, bad = inputs
   _write_inputs(tmp_path / 'in', {'png_gray.png': good['png_gray'], **bad})
-  argv = [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={tmp_path}/out/pred',
-          '--max_error_rate=0.5']
+  argv = [
+    f'--input={tmp_path}/in/*',
+    f'--model_dir={digits_model_dir}',
+    f'--output={tmp_path}/out/pred',
+    '--max_error_rate=0.5',
+  ]
   with pytest.raises(SystemExit) as exit_info:
     cli.main(classify_images.run, 'classify_images', argv)
   assert exit_info.value.code == 1
   lines = capsys.readouterr().err.strip().splitlines()
-  assert lines[-1] == ('classify_images: error: 3 of 4 inputs failed (75.0%), '
-                       'above the error threshold of 50.0%'), lines
+  assert lines[-1] == ('classify_images: error: 3 of 4 inputs failed (75.0%), above the error threshold of 50.0%'), (
+    lines
+  )
 
 
 def test_max_error_rate_under_the_threshold_succeeds_with_dead_letters(digits_model_dir, inputs, tmp_path):
   good, bad = inputs
   _write_inputs(tmp_path / 'in', {**{f'{k}.img': v for k, v in good.items()}, **bad})
   out = str(tmp_path / 'out' / 'pred')
-  classify_images.run([f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}',
-                       '--max_error_rate=0.5'])  # 3 of 9 failed: 33% <= 50%
+  classify_images.run(
+    [f'--input={tmp_path}/in/*', f'--model_dir={digits_model_dir}', f'--output={out}', '--max_error_rate=0.5']
+  )  # 3 of 9 failed: 33% <= 50%
   failed = read_jsonl(out + '_failed-*.jsonl')
   assert sorted(r['key'].rsplit('/', 1)[1] for r in failed) == sorted(bad)
   assert len(read_jsonl(out + '-[0-9]*.jsonl')) == len(good)

@@ -1,4 +1,5 @@
 """The pipelines' command-line contract: --help, unknown flags, empty globs, exit codes."""
+
 import contextlib
 import io
 
@@ -22,14 +23,17 @@ def test_help_lists_the_pipelines_own_flags_and_exits_0():
 
 
 def test_misspelled_flag_is_refused_with_a_suggestion():
-  with pytest.raises(OptionsError, match=r"--modle_dir \(did you mean --model_dir\?\)"):
+  with pytest.raises(OptionsError, match=r'--modle_dir \(did you mean --model_dir\?\)'):
     cli.parse_options(['--input', 'x', '--modle_dir', 'm'], GROUPS, prog='p', description='d')
 
 
 def test_beam_flags_and_own_flags_parse():
   options = cli.parse_options(
-      ['--input=x', '--model_dir', 'm', '--runner', 'DirectRunner', '--direct_num_workers=2'],
-      GROUPS, prog='p', description='d')
+    ['--input=x', '--model_dir', 'm', '--runner', 'DirectRunner', '--direct_num_workers=2'],
+    GROUPS,
+    prog='p',
+    description='d',
+  )
   values = options.get_all_options()
   assert (values['input'], values['model_dir'], values['direct_num_workers']) == ('x', 'm', 2)
 
@@ -56,8 +60,11 @@ def test_main_turns_an_options_error_into_one_line_and_exit_2(capsys):
 def test_main_reports_registry_errors_and_missing_files_on_one_line(capsys):
   from beam_dl.operations.registry_mlflow import RegistryError
 
-  for error in (RegistryError('models:/digits@nope: API request failed\n  Caused by: refused'),
-                FileNotFoundError(2, 'No such file or directory', '/no/config.py')):
+  for error in (
+    RegistryError('models:/digits@nope: API request failed\n  Caused by: refused'),
+    FileNotFoundError(2, 'No such file or directory', '/no/config.py'),
+  ):
+
     def run(argv, error=error):
       raise error
 
@@ -91,7 +98,7 @@ def test_require_writable_makes_the_directory_and_refuses_a_file_in_the_way(tmp_
   cli.require_writable(str(tmp_path / 'workdir'), 'workdir', directory=True)
   assert (tmp_path / 'workdir').is_dir()
   (tmp_path / 'a_file').write_text('x')
-  with pytest.raises(OptionsError, match="--output .*cannot make the directory"):
+  with pytest.raises(OptionsError, match='--output .*cannot make the directory'):
     cli.require_writable(str(tmp_path / 'a_file' / 'pred'))
   cli.require_writable('gs://bucket/out/pred')  # other filesystems: the job's to check
 
@@ -104,11 +111,34 @@ def _train(tmp_path, *extra):
   import sys
 
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # conftest sets 8 devices
-  cmd = [sys.executable, '-m', 'pipelines.train', '--config', 'pipelines/configs/digits_cnn.py:tensor',
-         '--workdir', str(tmp_path / 'work'), '--tensorboard_dir', 'none',
-         '--set', 'num_steps=3', '--set', 'eval_every=0', '--set', 'checkpoint_every=0', '--set', 'log_every=1', *extra]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cmd = [
+    sys.executable,
+    '-m',
+    'pipelines.train',
+    '--config',
+    'pipelines/configs/digits_cnn.py:tensor',
+    '--workdir',
+    str(tmp_path / 'work'),
+    '--tensorboard_dir',
+    'none',
+    '--set',
+    'num_steps=3',
+    '--set',
+    'eval_every=0',
+    '--set',
+    'checkpoint_every=0',
+    '--set',
+    'log_every=1',
+    *extra,
+  ]
+  return subprocess.run(
+    cmd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
 
 
 @pytest.mark.slow
@@ -122,6 +152,7 @@ def test_model_parallel_config_on_one_cpu_says_how_to_run_it_and_runs_with_cpu_d
   ran = _train(tmp_path, '--cpu_devices', '2')
   assert ran.returncode == 0, ran.stderr[-2000:]
   import json
-  summary = json.loads(ran.stdout[ran.stdout.index('{'):])
+
+  summary = json.loads(ran.stdout[ran.stdout.index('{') :])
   # 2 devices: a data axis of 1 ('devices' counts data-parallel replicas) x a model axis of 2
   assert (summary['devices'], summary['sharding']['model_parallelism'], summary['steps']) == (1, 2, 3)

@@ -16,6 +16,7 @@ then again with one executor killed with SIGKILL mid-job: every input once.
 Each test starts JVMs (one cluster at a time): marked slow, with hard timeouts.
 Skipped with the reason where `make runners` (job server, boot binary) has not run.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,8 +59,14 @@ def _run(data_dir: str, out_dir: str, flags: list[str], timeout_s: float = 420) 
   os.makedirs(out_dir, exist_ok=True)
   log = open(os.path.join(out_dir, 'run.log'), 'wb')  # pylint: disable=consider-using-with
   argv = rm.PIPELINES[PIPELINE].argv(data_dir, out_dir) + flags
-  return subprocess.Popen([rm.PYTHON, '-m', rm.PIPELINES[PIPELINE].module, *argv], env=rm.subprocess_env(),
-                          cwd=rm.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  return subprocess.Popen(
+    [rm.PYTHON, '-m', rm.PIPELINES[PIPELINE].module, *argv],
+    env=rm.subprocess_env(),
+    cwd=rm.REPO,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
 
 
 def _finish(process: subprocess.Popen, out_dir: str, timeout_s: float = 420) -> None:
@@ -98,11 +105,21 @@ def reference(data_dir, tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
   workdir = str(tmp_path / 'cluster')
-  command = [sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '2', '--slots', '1',
-             '--workdir', workdir]
+  command = [
+    sys.executable,
+    '-m',
+    'beam_dl.services.flink_cluster',
+    '--taskmanagers',
+    '2',
+    '--slots',
+    '1',
+    '--workdir',
+    workdir,
+  ]
   stderr = open(tmp_path / 'service.log', 'wb')  # pylint: disable=consider-using-with
-  process = subprocess.Popen(command, env=services.cluster_env(), cwd=rm.REPO, stdout=subprocess.PIPE, stderr=stderr,
-                             text=True)
+  process = subprocess.Popen(
+    command, env=services.cluster_env(), cwd=rm.REPO, stdout=subprocess.PIPE, stderr=stderr, text=True
+  )
   try:
     line = process.stdout.readline()
     flags = shlex.split(line)
@@ -122,8 +139,14 @@ def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_bad_flags_fail_with_one_line_and_exit_code_2():
-  result = subprocess.run([sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '0'],
-                          env=services.cluster_env(), cwd=rm.REPO, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [sys.executable, '-m', 'beam_dl.services.flink_cluster', '--taskmanagers', '0'],
+    env=services.cluster_env(),
+    cwd=rm.REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().count('\n') == 0 and '--taskmanagers' in result.stderr, result.stderr
 
@@ -135,20 +158,9 @@ def cluster(tmp_path_factory):
 
 
 class TestFlinkCluster:
-  """One Flink cluster (stopped before any other starts) for a clean run and a run with a fault."""
-
-  @pytest.mark.slow
-  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
-  @pytest.mark.timeout(600)
-  def test_classify_images_on_the_flink_cluster_equals_direct(self, cluster, data_dir, reference, tmp_path):
-    out_dir = str(tmp_path / 'out')
-    before = [_harness_starts(cluster, i) for i in range(2)]
-    _finish(_run(data_dir, out_dir, cluster.runner_flags), out_dir)
-    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
-    assert set(_records_per_input(out_dir).values()) == {1}
-    # Parallelism 2 over two one-slot TaskManagers: both ran Python workers for this job.
-    after = [_harness_starts(cluster, i) for i in range(2)]
-    assert all(a > b for a, b in zip(after, before)), (before, after)
+  """One Flink cluster (stopped before any other starts). One job, parallelism 2, with a fault: its
+  output equals Direct's, each input exactly once, and both TaskManagers ran Python workers for it
+  (one job is what the CI budget allows: each costs ~40-60 s of job-server staging here)."""
 
   @pytest.mark.slow
   @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
@@ -158,6 +170,7 @@ class TestFlinkCluster:
     victim = cluster.processes.tag('taskmanager-0')
     generation = cluster.processes.member('taskmanager-0').generation
     restarts = cluster.processes.member('taskmanager-0').restarts
+    survivor_starts = _harness_starts(cluster, 1)
     job = _run(data_dir, out_dir, cluster.runner_flags)
     # Kill once the TaskManager runs Python workers for this job (its boot binary started one).
     deadline = time.monotonic() + 300
@@ -175,6 +188,8 @@ class TestFlinkCluster:
     assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
     rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
     assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+    # Parallelism 2 over two one-slot TaskManagers: the other one ran Python workers for this job too.
+    assert _harness_starts(cluster, 1) > survivor_starts
     # The supervisor ended what the killed TaskManager started and brought up a new one.
     assert orphans and not processes_tagged(f'{victim}{generation}')
     assert cluster.processes.member('taskmanager-0').restarts == restarts + 1
@@ -202,23 +217,14 @@ def _executor_logs(cluster, i: int) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(bool(sc.unavailable()), reason=sc.unavailable() or '')
 class TestSparkCluster:
-  """One Spark cluster, started after the Flink cluster has stopped."""
-
-  @pytest.mark.timeout(600)
-  def test_classify_images_on_the_spark_cluster_equals_direct(self, spark, data_dir, reference, tmp_path):
-    out_dir = str(tmp_path / 'out')
-    before = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
-    _finish(_run(data_dir, out_dir, spark.runner_flags), out_dir)
-    rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
-    assert set(_records_per_input(out_dir).values()) == {1}
-    # Both Workers' executors ran Python workers for this job.
-    after = [_executor_logs(spark, i).count('Python sdk harness starting') for i in range(2)]
-    assert all(a > b for a, b in zip(after, before)), (before, after)
+  """One Spark cluster, started after the Flink cluster has stopped; one job with a fault, checked
+  as the Flink one is."""
 
   @pytest.mark.timeout(600)
   def test_an_executor_killed_mid_job_loses_and_doubles_nothing(self, spark, data_dir, reference, tmp_path):
     out_dir = str(tmp_path / 'out')
     worker = spark.processes.tag('worker-0')
+    survivor_starts = _executor_logs(spark, 1).count('Python sdk harness starting')
     job = _run(data_dir, out_dir, spark.runner_flags)
     # Kill worker-0's executor JVM once it runs Python workers for this job.
     deadline = time.monotonic() + 300
@@ -236,3 +242,5 @@ class TestSparkCluster:
     assert set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
     rm.PIPELINES[PIPELINE].compare(rm.PIPELINES[PIPELINE].read(out_dir), reference)
     assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+    # Both Workers' executors ran Python workers for this job.
+    assert _executor_logs(spark, 1).count('Python sdk harness starting') > survivor_starts

@@ -1,6 +1,7 @@
 """Compression on real digits and the real CO2 record: int8 model dirs served
 by the unchanged pipeline, inconsistent quantization refused, pruning to a
 target sparsity, distillation from a teacher, quantization-aware training."""
+
 import json
 import os
 
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from beam_dl.models import checkpoints
 from beam_dl.compression import pruning, quantize
 from beam_dl.formats.image_example import encode_image_example
-from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.training import datasets
 from pipelines import classify_images, compress, demo
 from pipelines.train import resolve_config
@@ -34,20 +35,38 @@ def digits_int8_dir(digits_model_dir, digits, tmp_path_factory):
   its training images written as TFRecords."""
   x_train, _, y_train, _ = digits
   tmp = tmp_path_factory.mktemp('calib')
-  records = [encode_image_example(f'train/{i}', x[..., None], int(y))
-             for i, (x, y) in enumerate(zip(x_train[:256], y_train[:256]))]
+  records = [
+    encode_image_example(f'train/{i}', x[..., None], int(y))
+    for i, (x, y) in enumerate(zip(x_train[:256], y_train[:256]))
+  ]
   pattern = datasets.write_shards(records, str(tmp / 'train'), 2)
   out = str(tmp / 'model_int8')
-  summary = compress.main(['--model_dir', digits_model_dir, '--quantize', 'int8', '--output', out,
-                           '--calibration', pattern, '--calibration_examples', '200'])
+  summary = compress.main(
+    [
+      '--model_dir',
+      digits_model_dir,
+      '--quantize',
+      'int8',
+      '--output',
+      out,
+      '--calibration',
+      pattern,
+      '--calibration_examples',
+      '200',
+    ]
+  )
   assert summary['quantization']['calibration_examples'] == 200
   return out
 
 
 def _classify(model_dir, image_dir, out):
   classify_images.run([f'--input={image_dir}/*', f'--model_dir={model_dir}', f'--output={out}'])
-  rows = [r for f in sorted(os.listdir(os.path.dirname(out)))
-          if f.startswith(os.path.basename(out) + '-0') for r in read_jsonl(os.path.join(os.path.dirname(out), f))]
+  rows = [
+    r
+    for f in sorted(os.listdir(os.path.dirname(out)))
+    if f.startswith(os.path.basename(out) + '-0')
+    for r in read_jsonl(os.path.join(os.path.dirname(out), f))
+  ]
   return {r['key'].rsplit('/', 1)[-1]: r for r in rows}
 
 
@@ -87,15 +106,26 @@ def test_int8_model_serves_in_classify_images_close_to_float(digits_model_dir, d
 
 
 def test_calibration_from_image_files_serves_as_well_as_from_tfrecords(
-    digits_model_dir, digits, digits_int8_dir, test_images, tmp_path):
+  digits_model_dir, digits, digits_int8_dir, test_images, tmp_path
+):
   """`--calibration` takes the image files classify_images reads (here the
   training digits as PNG and JPEG files), decoded as served."""
   x_train, _, y_train, _ = digits
   demo.write_images(str(tmp_path / 'train'), x_train[:256], y_train[:256])
   (tmp_path / 'train' / 'notes.png').write_text('not an image: skipped and counted\n')
   out = str(tmp_path / 'model_int8')
-  summary = compress.main(['--model_dir', digits_model_dir, '--output', out,
-                           '--calibration', str(tmp_path / 'train' / '*'), '--calibration_examples', '200'])
+  summary = compress.main(
+    [
+      '--model_dir',
+      digits_model_dir,
+      '--output',
+      out,
+      '--calibration',
+      str(tmp_path / 'train' / '*'),
+      '--calibration_examples',
+      '200',
+    ]
+  )
   assert summary['quantization']['calibration_examples'] == 200
   assert checkpoints.load_spec(out).quantization['activations'] == 'static'
   image_dir, labels = test_images
@@ -126,21 +156,44 @@ def _kernel(stored):
   return stored['params']['Dense_0']['kernel']['array']
 
 
-@pytest.mark.parametrize('case, edit_vars, edit_spec, message', [
-    ('float_weights',
-     lambda s: _kernel(s).update(qvalue=_kernel(s)['qvalue'].astype(np.float32)), None,
-     r'variables\.msgpack: field "params/Dense_0/kernel/array/qvalue" is float32, expected int8'),
-    ('missing_scale', lambda s: _kernel(s).pop('scale'), None,
-     r'variables\.msgpack: field "params/Dense_0/kernel/array/scale" is missing'),
-    ('scale_shape', lambda s: _kernel(s).update(scale=_kernel(s)['scale'][:, :3]), None,
-     r'variables\.msgpack: field "params/Dense_0/kernel/array/scale" has shape \(1, 3\), expected \(1, 64\)'),
-    ('unknown_method', None, lambda raw: raw['quantization'].update(method='int3_magic'),
-     r'spec\.json: field "quantization\.method" is \'int3_magic\''),
-    ('float_dir_declared_int8', None, None,
-     r'float_dir_declared_int8/variables\.msgpack: field "params/Conv_0/kernel" is a plain float32 array'),
-])
-def test_handler_refuses_inconsistent_quantization(digits_int8_dir, digits_model_dir, tmp_path, case,
-                                                   edit_vars, edit_spec, message):
+@pytest.mark.parametrize(
+  'case, edit_vars, edit_spec, message',
+  [
+    (
+      'float_weights',
+      lambda s: _kernel(s).update(qvalue=_kernel(s)['qvalue'].astype(np.float32)),
+      None,
+      r'variables\.msgpack: field "params/Dense_0/kernel/array/qvalue" is float32, expected int8',
+    ),
+    (
+      'missing_scale',
+      lambda s: _kernel(s).pop('scale'),
+      None,
+      r'variables\.msgpack: field "params/Dense_0/kernel/array/scale" is missing',
+    ),
+    (
+      'scale_shape',
+      lambda s: _kernel(s).update(scale=_kernel(s)['scale'][:, :3]),
+      None,
+      r'variables\.msgpack: field "params/Dense_0/kernel/array/scale" has shape \(1, 3\), expected \(1, 64\)',
+    ),
+    (
+      'unknown_method',
+      None,
+      lambda raw: raw['quantization'].update(method='int3_magic'),
+      r'spec\.json: field "quantization\.method" is \'int3_magic\'',
+    ),
+    (
+      'float_dir_declared_int8',
+      None,
+      None,
+      r'float_dir_declared_int8/variables\.msgpack: field "params/Conv_0/kernel" is a plain float32 array',
+    ),
+  ],
+)
+def test_handler_refuses_inconsistent_quantization(
+  digits_int8_dir, digits_model_dir, tmp_path, case, edit_vars, edit_spec, message
+):
   if case == 'float_dir_declared_int8':
     # A float model's variables under a spec that declares int8.
     spec, variables = checkpoints.load(digits_model_dir)
@@ -171,14 +224,16 @@ def digits_teacher(tmp_path_factory):
 def _first_batch_loss(cfg, variables):
   """Mean cross-entropy of `variables` on the first training batch `cfg`'s
   trainer draws (batch k depends only on the files and the seed)."""
-  import jax
   import optax
 
   from beam_dl.models import build
   from beam_dl.training import input_pipeline
 
-  batch = next(input_pipeline.make_dataset(cfg.data, cfg.data.train_files, cfg.batch_size, train=True,
-                                           seed=cfg.seed).as_numpy_iterator())
+  batch = next(
+    input_pipeline.make_dataset(
+      cfg.data, cfg.data.train_files, cfg.batch_size, train=True, seed=cfg.seed
+    ).as_numpy_iterator()
+  )
   x = batch['inputs'].astype(np.float32) * cfg.input_scale + cfg.input_offset
   logits = build(cfg.model, **cfg.model_kwargs).apply(variables, x)
   return float(optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean())
@@ -192,8 +247,18 @@ def test_fine_tuning_starts_from_the_saved_params_and_lowers_the_loss(digits_tea
   from beam_dl.training.state import example_inputs
 
   teacher_dir = digits_teacher['model_dir']
-  summary = _train(DIGITS_CONFIG, tmp_path, 'finetune', 'num_steps=40', 'log_every=1', 'checkpoint_every=0',
-                   'eval_every=0', 'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{teacher_dir}"')
+  summary = _train(
+    DIGITS_CONFIG,
+    tmp_path,
+    'finetune',
+    'num_steps=40',
+    'log_every=1',
+    'checkpoint_every=0',
+    'eval_every=0',
+    'learning_rate=1e-3',
+    'warmup_steps=0',
+    f'init_dir="{teacher_dir}"',
+  )
   cfg = resolve_config(DIGITS_CONFIG, str(tmp_path / 'data'))
   _, saved = checkpoints.load(teacher_dir)
   fresh = build(cfg.model, **cfg.model_kwargs).init(jax.random.key(cfg.seed), *example_inputs(cfg))
@@ -211,7 +276,9 @@ def test_init_dir_that_does_not_fit_is_refused(digits_model_dir, tmp_path):
   start = ('num_steps=1', f'init_dir="{digits_model_dir}"')
   with pytest.raises(ValueError, match=r'trained on inputs \* 0\.0039.*this config feeds inputs \* 0\.0625'):
     _train(DIGITS_CONFIG, tmp_path, 'scale', *start)
-  with pytest.raises(ValueError, match=r"does not fit small_cnn.*\['Conv_0'\]\['bias'\] has shape \(16,\), expected \(8,\)"):
+  with pytest.raises(
+    ValueError, match=r"does not fit small_cnn.*\['Conv_0'\]\['bias'\] has shape \(16,\), expected \(8,\)"
+  ):
     _train(DIGITS_CONFIG, tmp_path, 'shape', *start, f'input_scale={1 / 255!r}', 'model_kwargs.features=[8, 16]')
 
 
@@ -220,10 +287,22 @@ def test_pruning_a_trained_model_keeps_its_accuracy_and_serves(digits_teacher, t
   """Gradual magnitude pruning from the trained float model (init_dir): 80%
   of every kernel but the first convolution and the head (kept dense) gone by
   step 40 of 80, within a few points of the teacher."""
-  summary = _train(DIGITS_CONFIG, tmp_path, 'pruned', 'num_steps=80', 'log_every=20', 'checkpoint_every=0',
-                   'eval_every=0', 'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{digits_teacher["model_dir"]}"',
-                   'compression.prune_sparsity=0.8', 'compression.prune_end_step=40', 'compression.prune_every=5',
-                   "compression.prune_exclude=('^Conv_0/', '^Dense_1/')")
+  summary = _train(
+    DIGITS_CONFIG,
+    tmp_path,
+    'pruned',
+    'num_steps=80',
+    'log_every=20',
+    'checkpoint_every=0',
+    'eval_every=0',
+    'learning_rate=1e-3',
+    'warmup_steps=0',
+    f'init_dir="{digits_teacher["model_dir"]}"',
+    'compression.prune_sparsity=0.8',
+    'compression.prune_end_step=40',
+    'compression.prune_every=5',
+    "compression.prune_exclude=('^Conv_0/', '^Dense_1/')",
+  )
   report = summary['pruning']
   assert report['dense'] == ['Conv_0/kernel', 'Dense_1/kernel']
   assert min(report['layers'].values()) >= 0.79  # every pruned kernel, not just on average
@@ -244,9 +323,18 @@ def test_distillation_student_learns_from_teacher_outputs(digits_teacher, tmp_pa
   """weight=1: the labels are ignored, so every bit the student learns about
   the digits comes through the teacher's softened outputs."""
   student = ('model_kwargs={"num_classes": 10, "features": [8, 16], "hidden": 32}',)
-  summary = _train(DIGITS_CONFIG, tmp_path, 'student', 'num_steps=120', 'log_every=20', 'checkpoint_every=0',
-                   *student, f'compression.teacher_dir={digits_teacher["model_dir"]}',
-                   'compression.distill_weight=1.0', 'compression.distill_temperature=4.0')
+  summary = _train(
+    DIGITS_CONFIG,
+    tmp_path,
+    'student',
+    'num_steps=120',
+    'log_every=20',
+    'checkpoint_every=0',
+    *student,
+    f'compression.teacher_dir={digits_teacher["model_dir"]}',
+    'compression.distill_weight=1.0',
+    'compression.distill_temperature=4.0',
+  )
   losses = [h['loss'] for h in summary['history']]
   assert losses[-1] < 0.5 * losses[0]
   assert summary['eval']['accuracy'] >= 0.7
@@ -257,9 +345,18 @@ def test_distillation_student_learns_from_teacher_outputs(digits_teacher, tmp_pa
 @pytest.mark.slow
 def test_quantization_aware_training_exports_int8_dir(digits_teacher, tmp_path):
   """QAT fine-tunes the trained float model (init_dir) under fake int8."""
-  summary = _train(DIGITS_CONFIG, tmp_path, 'qat', 'num_steps=30', 'log_every=1', 'checkpoint_every=0',
-                   'learning_rate=1e-3', 'warmup_steps=0', f'init_dir="{digits_teacher["model_dir"]}"',
-                   'compression.qat="int8"')
+  summary = _train(
+    DIGITS_CONFIG,
+    tmp_path,
+    'qat',
+    'num_steps=30',
+    'log_every=1',
+    'checkpoint_every=0',
+    'learning_rate=1e-3',
+    'warmup_steps=0',
+    f'init_dir="{digits_teacher["model_dir"]}"',
+    'compression.qat="int8"',
+  )
   assert summary['history'][0]['loss'] < 0.5  # started trained: a fresh init's is ~2.3
   assert summary['eval']['accuracy'] >= digits_teacher['eval']['accuracy'] - 0.03
   qdir = summary['quantized_model_dir']
@@ -284,7 +381,7 @@ def test_lstm_int8_weights_serve_close_to_float(co2_float, tmp_path):
   assert summary['quantization']['method'] == 'weight_only'  # qwix PTQ cannot wrap nn.scan
   spec, _ = checkpoints.load(out)
   cfg, pattern, _ = calibration.data_config(spec)
-  (x, mask), = calibration.calibration_batches(cfg, cfg.eval_files, 64)
+  ((x, mask),) = calibration.calibration_batches(cfg, cfg.eval_files, 64)
   examples = [xi[m] for xi, m in zip(x, mask)]
   f = JaxModelHandler(co2_float['model_dir']).load_model().predict(examples)
   q = JaxModelHandler(out).load_model().predict(examples)
@@ -293,12 +390,29 @@ def test_lstm_int8_weights_serve_close_to_float(co2_float, tmp_path):
 
 @pytest.mark.slow
 def test_lstm_pruning_and_distillation(co2_float, tmp_path):
-  pruned = _train(CO2_CONFIG, tmp_path, 'pruned', 'num_steps=80', 'log_every=40', 'checkpoint_every=0',
-                  'compression.prune_sparsity=0.5', 'compression.prune_end_step=60', 'compression.prune_every=5')
+  pruned = _train(
+    CO2_CONFIG,
+    tmp_path,
+    'pruned',
+    'num_steps=80',
+    'log_every=40',
+    'checkpoint_every=0',
+    'compression.prune_sparsity=0.5',
+    'compression.prune_end_step=60',
+    'compression.prune_every=5',
+  )
   assert pruned['pruning']['sparsity'] >= 0.49
-  student = _train(CO2_CONFIG, tmp_path, 'student', 'num_steps=80', 'log_every=10', 'checkpoint_every=0',
-                   'model_kwargs.hidden_size=8', f'compression.teacher_dir={co2_float["model_dir"]}',
-                   'compression.distill_weight=0.7')
+  student = _train(
+    CO2_CONFIG,
+    tmp_path,
+    'student',
+    'num_steps=80',
+    'log_every=10',
+    'checkpoint_every=0',
+    'model_kwargs.hidden_size=8',
+    f'compression.teacher_dir={co2_float["model_dir"]}',
+    'compression.distill_weight=0.7',
+  )
   losses = [h['loss'] for h in student['history']]
   assert losses[-1] < losses[0]
   assert student['eval']['skill_vs_zero'] > 0.0
@@ -368,5 +482,12 @@ def test_mixup_blends_pairs_and_keeps_sequences_with_other_masks_whole():
 
 def test_distill_mixup_needs_the_soft_loss_only(digits_model_dir, tmp_path):
   with pytest.raises(ValueError, match='distill_mixup needs distill_weight=1'):
-    _train(DIGITS_CONFIG, tmp_path, 'mix', 'num_steps=1', f'compression.teacher_dir="{digits_model_dir}"',
-           'compression.distill_mixup=1.0', 'compression.distill_weight=0.5')
+    _train(
+      DIGITS_CONFIG,
+      tmp_path,
+      'mix',
+      'num_steps=1',
+      f'compression.teacher_dir="{digits_model_dir}"',
+      'compression.distill_mixup=1.0',
+      'compression.distill_weight=0.5',
+    )

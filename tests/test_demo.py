@@ -1,4 +1,5 @@
 """The flagship demo end to end, through its command line, as a user runs it."""
+
 import json
 import os
 import re
@@ -16,14 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_command_line(tmp_path):
   workdir = tmp_path / 'demo'
   completed = subprocess.run(
-      [sys.executable, '-m', 'pipelines.demo', f'--workdir={workdir}', '--train_steps=400'],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
+    [sys.executable, '-m', 'pipelines.demo', f'--workdir={workdir}', '--train_steps=400'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert completed.returncode == 0, completed.stderr[-3000:]
-  line = re.search(r'held-out accuracy ([\d.]+) \| inputs (\d+) \| predictions (\d+) \| dead letters (\d+)', completed.stdout)
+  line = re.search(
+    r'held-out accuracy ([\d.]+) \| inputs (\d+) \| predictions (\d+) \| dead letters (\d+)', completed.stdout
+  )
   assert line, completed.stdout
   accuracy, inputs, predictions, dead = float(line[1]), int(line[2]), int(line[3]), int(line[4])
   assert accuracy >= 0.95

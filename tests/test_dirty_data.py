@@ -9,6 +9,7 @@ tifffile, event lines with bad UTF-8 and microsecond times. Each case goes
 through the real pipeline (`classify_images.run`, `preprocess.run`,
 `score_sequences.run`) on a local runner.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,10 +25,10 @@ import tifffile
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl.formats.image_example import encode_file_example, encode_image_example
-from beam_dl.io import tfrecord
 from beam_dl.formats.events import EventSpec
+from beam_dl.formats.image_example import encode_file_example, encode_image_example
 from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.io import tfrecord
 from tests.imaging import digits_uint8, encode
 from transforms import sequences as seq_transforms
 from transforms.tfrecords import ReadTFRecords
@@ -36,6 +37,7 @@ AS_ROOT = os.geteuid() == 0
 
 
 # -- TFRecord files, written by TensorFlow, then damaged ----------------------
+
 
 def write_tfrecord(path: str, records: list[bytes]) -> list[int]:
   """Writes `records` with TF's writer; returns each frame's byte offset."""
@@ -91,7 +93,7 @@ def test_framing_matches_tensorflow_and_reports_each_damage(tmp_path):
   assert got[-1].offset == offsets[4] and not got[-1].recoverable
   assert 'truncated' in got[-1].reason
 
-  header_cut = io.BytesIO(whole[:offsets[2] + 5])
+  header_cut = io.BytesIO(whole[: offsets[2] + 5])
   *good, last = tfrecord.read_records(header_cut)
   assert good == records[:2] and last.offset == offsets[2] and 'mid-header' in last.reason
 
@@ -113,17 +115,33 @@ def test_read_tfrecords_reads_gzip_and_reports_a_cut_stream(tmp_path):
     f.write(blob[: len(blob) - 20])  # a gzip stream that ends early
   with TestPipeline(runner='FnApiRunner') as p:
     read = p | ReadTFRecords(str(tmp_path / '*.tfrecord.gz'))
-    assert_that(read.records | beam.Map(lambda fr: (os.path.basename(fr[0]), len(fr[1]))),
-                equal_to([('good.tfrecord.gz', 100), ('good.tfrecord.gz', 200), ('good.tfrecord.gz', 300),
-                          ('cut.tfrecord.gz', 100), ('cut.tfrecord.gz', 200)]), label='records')
+    assert_that(
+      read.records | beam.Map(lambda fr: (os.path.basename(fr[0]), len(fr[1]))),
+      equal_to(
+        [
+          ('good.tfrecord.gz', 100),
+          ('good.tfrecord.gz', 200),
+          ('good.tfrecord.gz', 300),
+          ('cut.tfrecord.gz', 100),
+          ('cut.tfrecord.gz', 200),
+        ]
+      ),
+      label='records',
+    )
     # The stream decompresses up to the cut: the third frame is short, at its
     # offset in the decompressed stream.
-    assert_that(read.failed | beam.Map(lambda d: (
-        os.path.basename(d['key']), d['stage'], 'gzip-decompressed byte 332: truncated' in d['reason'])),
-                equal_to([('cut.tfrecord.gz@332', 'read', True)]), label='failed')
+    assert_that(
+      read.failed
+      | beam.Map(
+        lambda d: (os.path.basename(d['key']), d['stage'], 'gzip-decompressed byte 332: truncated' in d['reason'])
+      ),
+      equal_to([('cut.tfrecord.gz@332', 'read', True)]),
+      label='failed',
+    )
 
 
 # -- classify_images ------------------------------------------------------------
+
 
 def test_classify_images_keeps_good_records_around_damaged_tfrecords(digits_model_dir, tmp_path):
   from pipelines import classify_images
@@ -138,13 +156,15 @@ def test_classify_images_keeps_good_records_around_damaged_tfrecords(digits_mode
   b_offsets = write_tfrecord(b, [encode_file_example(k, blobs[k]) for k in keys[5:]])
   cut_mid_record(b, b_offsets[2])  # b2 cut short; b3 beyond it cannot be framed
   out = str(tmp_path / 'pred')
-  classify_images.run([f'--input={tmp_path}/*.tfrecord', f'--model_dir={digits_model_dir}',
-                       f'--output={out}', '--runner=FnApiRunner'])
+  classify_images.run(
+    [f'--input={tmp_path}/*.tfrecord', f'--model_dir={digits_model_dir}', f'--output={out}', '--runner=FnApiRunner']
+  )
   predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   assert sorted(r['key'] for r in predictions) == ['a0', 'a1', 'a3', 'a4', 'b0', 'b1']
   assert sorted((f['key'], f['stage'], f['file'], f['offset']) for f in failed) == [
-      (f'{a}@{a_offsets[2]}', 'read', a, a_offsets[2]),
-      (f'{b}@{b_offsets[2]}', 'read', b, b_offsets[2])]
+    (f'{a}@{a_offsets[2]}', 'read', a, a_offsets[2]),
+    (f'{b}@{b_offsets[2]}', 'read', b, b_offsets[2]),
+  ]
   reasons = {f['file']: f['reason'] for f in failed}
   assert 'data CRC mismatch' in reasons[a] and f'byte {a_offsets[2]}' in reasons[a]
   assert 'truncated' in reasons[b] and f'byte {b_offsets[2]}' in reasons[b]
@@ -161,7 +181,7 @@ def unsupported_compression_tiff() -> bytes:
   blob = bytearray(tiff(np.zeros((8, 8), np.uint16)))
   with tifffile.TiffFile(io.BytesIO(bytes(blob))) as t:
     at = t.pages.first.tags['Compression'].valueoffset
-  blob[at:at + 2] = (34712).to_bytes(2, 'little')
+  blob[at : at + 2] = (34712).to_bytes(2, 'little')
   return bytes(blob)
 
 
@@ -177,10 +197,10 @@ def test_classify_images_reports_every_unreadable_match_and_decodes_tiffs(digits
   inputs = tmp_path / 'in'
   inputs.mkdir()
   good = {
-      'digit.png': encode(digit, 'PNG'),
-      'digit16.tif': tiff(digit.astype(np.uint16) * 257),  # 0..65535: the dtype range
-      'digit_float.tif': tiff(digit.astype(np.float32) / 255),  # float in [0, 1]
-      'digit_pages.tif': tiff(np.stack([digit, 255 - digit, digit // 2]), photometric='minisblack'),
+    'digit.png': encode(digit, 'PNG'),
+    'digit16.tif': tiff(digit.astype(np.uint16) * 257),  # 0..65535: the dtype range
+    'digit_float.tif': tiff(digit.astype(np.float32) / 255),  # float in [0, 1]
+    'digit_pages.tif': tiff(np.stack([digit, 255 - digit, digit // 2]), photometric='minisblack'),
   }
   for name, blob in good.items():
     (inputs / name).write_bytes(blob)
@@ -189,15 +209,20 @@ def test_classify_images_reports_every_unreadable_match_and_decodes_tiffs(digits
   (inputs / 'dangling.png').symlink_to(tmp_path / 'gone.png')
   os.mkfifo(inputs / 'pipe.png')
   (inputs / 'eio.png').symlink_to('/proc/self/mem')  # read() at offset 0 raises EIO
-  unreadable = {'folder.png': 'directory', 'dangling.png': 'dangling symlink',
-                'pipe.png': 'FIFO', 'eio.png': 'Input/output error'}
+  unreadable = {
+    'folder.png': 'directory',
+    'dangling.png': 'dangling symlink',
+    'pipe.png': 'FIFO',
+    'eio.png': 'Input/output error',
+  }
   if not AS_ROOT:  # root reads through chmod 000
     (inputs / 'locked.png').write_bytes(good['digit.png'])
     os.chmod(inputs / 'locked.png', 0)
     unreadable['locked.png'] = 'Permission denied'
   out = str(tmp_path / 'pred')
-  classify_images.run([f'--input={inputs}/*', f'--model_dir={digits_model_dir}', f'--output={out}',
-                       '--runner=FnApiRunner'])
+  classify_images.run(
+    [f'--input={inputs}/*', f'--model_dir={digits_model_dir}', f'--output={out}', '--runner=FnApiRunner']
+  )
   predictions, failed = read_jsonl(out + '-[0-9]*.jsonl'), read_jsonl(out + '_failed-*.jsonl')
   label = direct_labels(digits_model_dir, {'digit': good['digit.png']})['digit']
   assert {os.path.basename(r['key']): r['label'] for r in predictions} == {n: label for n in good}
@@ -211,6 +236,7 @@ def test_classify_images_reports_every_unreadable_match_and_decodes_tiffs(digits
 
 
 # -- preprocess -----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_path, caplog):
@@ -229,12 +255,19 @@ def test_preprocess_tfrecords_and_files_dead_letters_are_counted_and_keyed(tmp_p
   cut_mid_record(cut, cut_offsets[1])  # img0 again (same key, second file), img1 cut
   transform_dir, output = str(tmp_path / 'transform'), str(tmp_path / 'out' / 'train')
   with caplog.at_level(logging.INFO, logger='beam_dl.preprocess'):
-    preprocess.run([f'--input={tmp_path}/in/*.tfrecord', f'--transform_dir={transform_dir}',
-                    f'--output={output}', '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner'])
+    preprocess.run(
+      [
+        f'--input={tmp_path}/in/*.tfrecord',
+        f'--transform_dir={transform_dir}',
+        f'--output={output}',
+        '--preprocess_image_shape=8,8,1',
+        '--runner=FnApiRunner',
+      ]
+    )
   failed = read_jsonl(output + '_failed-*.jsonl')
-  assert sorted((f['key'], f['stage']) for f in failed) == sorted([
-      (f'{path}@{offsets[3]}', 'read'), (f'{cut}@{cut_offsets[1]}', 'read'),
-      ('img-wrong-shape', 'parse')])
+  assert sorted((f['key'], f['stage']) for f in failed) == sorted(
+    [(f'{path}@{offsets[3]}', 'read'), (f'{cut}@{cut_offsets[1]}', 'read'), ('img-wrong-shape', 'parse')]
+  )
   records = input_pipeline.transformed_examples(transform_dir, output + '-0*.tfrecord')
   assert sorted(records) == sorted({f'img{i}' for i in range(12)} - {'img3'})
   assert any('(3 dead letters)' in m for m in caplog.messages), caplog.messages
@@ -254,8 +287,15 @@ def test_preprocess_files_label_beyond_int64_and_unreadable_matches(tmp_path, ca
   (inputs / 'gone.png').symlink_to(tmp_path / 'nowhere.png')
   transform_dir, output = str(tmp_path / 'transform'), str(tmp_path / 'out' / 'train')
   with caplog.at_level(logging.INFO, logger='beam_dl.preprocess'):
-    preprocess.run([f'--input={inputs}/*.png', f'--transform_dir={transform_dir}', f'--output={output}',
-                    '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner'])
+    preprocess.run(
+      [
+        f'--input={inputs}/*.png',
+        f'--transform_dir={transform_dir}',
+        f'--output={output}',
+        '--preprocess_image_shape=8,8,1',
+        '--runner=FnApiRunner',
+      ]
+    )
   failed = {os.path.basename(f['key']): f for f in read_jsonl(output + '_failed-*.jsonl')}
   assert sorted(failed) == sorted([f'digit_big_label{2**64}.png', 'sub.png', 'gone.png'])
   assert failed[f'digit_big_label{2**64}.png']['stage'] == 'canonical'
@@ -266,23 +306,29 @@ def test_preprocess_files_label_beyond_int64_and_unreadable_matches(tmp_path, ca
 
 # -- events -----------------------------------------------------------------------
 
+
 def test_event_labels_beyond_int64_are_dead_letters_with_their_key():
   spec = EventSpec(value_fields=('v',), label_field='label')
-  lines = [json.dumps({'key': 'ok', 'time': 1, 'v': 1.0, 'label': 3}),
-           json.dumps({'key': 'huge', 'time': 1, 'v': 1.0, 'label': 2**63}),
-           json.dumps({'key': 'frac', 'time': 1, 'v': 1.0, 'label': 2.5})]
+  lines = [
+    json.dumps({'key': 'ok', 'time': 1, 'v': 1.0, 'label': 3}),
+    json.dumps({'key': 'huge', 'time': 1, 'v': 1.0, 'label': 2**63}),
+    json.dumps({'key': 'frac', 'time': 1, 'v': 1.0, 'label': 2.5}),
+  ]
   with TestPipeline(runner='FnApiRunner') as p:
     events = p | beam.Create(lines) | seq_transforms.ParseEvents(spec)
     seqs = events.events | seq_transforms.AssembleSequences()
-    assert_that(seqs.sequences | beam.Map(lambda r: (r.key, r.label)), equal_to([('ok', 3)]),
-                label='sequences')
-    assert_that(seqs.failed | beam.Map(lambda d: (d['key'], d['stage'], 'int' in d['reason'])),
-                equal_to([('huge', 'assemble', True), ('frac', 'assemble', True)]), label='failed')
+    assert_that(seqs.sequences | beam.Map(lambda r: (r.key, r.label)), equal_to([('ok', 3)]), label='sequences')
+    assert_that(
+      seqs.failed | beam.Map(lambda d: (d['key'], d['stage'], 'int' in d['reason'])),
+      equal_to([('huge', 'assemble', True), ('frac', 'assemble', True)]),
+      label='failed',
+    )
 
 
 @pytest.mark.slow
 def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
-  from pipelines import score_sequences, score_sequences_demo as demo
+  from pipelines import score_sequences
+  from pipelines import score_sequences_demo as demo
 
   model_dir = str(tmp_path / 'model')
   demo.train_model(model_dir, demo.load_series()[1][:120], steps=2, cell='gru')
@@ -294,23 +340,52 @@ def test_score_sequences_survives_microsecond_times_and_bad_utf8(tmp_path):
   events = tmp_path / 'events.jsonl'
   events.write_bytes(b'\n'.join(lines) + b'\n')
   out = str(tmp_path / 'scores')
-  score_sequences.run([
-      '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
-      '--event_value_fields', 'v', '--window', 'fixed', '--window_size', '3600', '--seq_len', '64'])
+  score_sequences.run(
+    [
+      '--runner',
+      'FnApiRunner',
+      '--input',
+      str(events),
+      '--model_dir',
+      model_dir,
+      '--output',
+      out,
+      '--event_value_fields',
+      'v',
+      '--window',
+      'fixed',
+      '--window_size',
+      '3600',
+      '--seq_len',
+      '64',
+    ]
+  )
   scores, failed = read_jsonl(f'{out}-0*.jsonl'), read_jsonl(f'{out}_failed-*.jsonl')
   assert [(s['key'], s['length']) for s in scores] == [('k', 20)]  # every good event scored
   bad = [(f['key'], f['stage'], f['reason'].split(':')[0]) for f in failed]
-  assert sorted(bad, key=repr) == sorted([
-      ('k', 'parse_event', "field 'time' = 1700000000000000.0 is outside Beam's timestamp range "
-       '[-9.22337e+12, 9.22337e+12] seconds (milli- or microseconds sent as seconds?)'),
+  assert sorted(bad, key=repr) == sorted(
+    [
+      (
+        'k',
+        'parse_event',
+        "field 'time' = 1700000000000000.0 is outside Beam's timestamp range "
+        '[-9.22337e+12, 9.22337e+12] seconds (milli- or microseconds sent as seconds?)',
+      ),
       (None, 'parse_event', 'not valid UTF-8'),
-      ('other', 'parse_event', "field 'time' = -1e+300 is outside Beam's timestamp range "
-       '[-9.22337e+12, 9.22337e+12] seconds (milli- or microseconds sent as seconds?)')], key=repr)
+      (
+        'other',
+        'parse_event',
+        "field 'time' = -1e+300 is outside Beam's timestamp range "
+        '[-9.22337e+12, 9.22337e+12] seconds (milli- or microseconds sent as seconds?)',
+      ),
+    ],
+    key=repr,
+  )
 
 
 def test_read_sequence_examples_keeps_records_around_damage_and_keys_bad_ones(tmp_path):
-  from beam_dl.formats.sequence_example import SequenceSpec, encode_sequence_example
   from beam_dl.decoding.sequences import SequenceRecord
+  from beam_dl.formats.sequence_example import SequenceSpec, encode_sequence_example
 
   spec = SequenceSpec(num_features=2)
   records = [SequenceRecord(f'r{i}', np.full((i + 1, 2), i, np.float32), np.arange(i + 1)) for i in range(4)]
@@ -321,5 +396,8 @@ def test_read_sequence_examples_keeps_records_around_damage_and_keys_bad_ones(tm
   with TestPipeline(runner='FnApiRunner') as p:
     read = p | seq_transforms.ReadSequenceExamples(path, spec)
     assert_that(read.parsed | beam.Map(lambda r: r.key), equal_to(['r0', 'r2', 'r3']), label='parsed')
-    assert_that(read.failed | beam.Map(lambda d: (d['key'], d['stage'])),
-                equal_to([(f'{path}@{offsets[1]}', 'read'), ('wide', 'parse')]), label='failed')
+    assert_that(
+      read.failed | beam.Map(lambda d: (d['key'], d['stage'])),
+      equal_to([(f'{path}@{offsets[1]}', 'read'), ('wide', 'parse')]),
+      label='failed',
+    )

@@ -8,6 +8,7 @@ when read (after the next batch was dispatched) dead-letters exactly its own
 bad elements, never the next batch's; each output keeps its own batch's
 window; a streaming bundle ends with nothing held.
 """
+
 import dataclasses
 import threading
 import time
@@ -23,9 +24,9 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
+from beam_dl.decoding.images import ImageSpec, decode_image
 from beam_dl.serving import handler as handler_lib
 from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, LoadedModel, deferred_reads
-from beam_dl.decoding.images import ImageSpec, decode_image
 from tests.imaging import digits_uint8, encode, truncated_jpeg
 from transforms import ClassifyImages
 from transforms.inference import RunInferenceWithDeadLetters
@@ -47,8 +48,10 @@ class _LateFailingModel(LoadedModel):
   def predict_counted(self, examples):
     outputs, counts = super().predict_counted(examples)
     if any((np.asarray(e) == 255).all() for e in examples):
+
       def fail():
         raise RuntimeError('INTERNAL: all-white example')
+
       if not handler_lib._defer(fail):  # pylint: disable=protected-access
         fail()
     return outputs, counts
@@ -102,8 +105,9 @@ def test_deferred_reads_fill_outputs_only_when_read(digits_model_dir, digits):
 
 def test_outputs_equal_beams_step_on_real_images(digits_model_dir):
   images, _ = digits_uint8()
-  inputs = {f'{i:03d}.{"png" if i % 2 else "jpg"}': encode(images[i], 'PNG' if i % 2 else 'JPEG', quality=95)
-            for i in range(60)}
+  inputs = {
+    f'{i:03d}.{"png" if i % 2 else "jpg"}': encode(images[i], 'PNG' if i % 2 else 'JPEG', quality=95) for i in range(60)
+  }
   inputs['bad.jpg'] = truncated_jpeg()
   model = JaxModelHandler(digits_model_dir).load_model()
   good = sorted(k for k in inputs if k != 'bad.jpg')
@@ -125,9 +129,12 @@ def test_outputs_equal_beams_step_on_real_images(digits_model_dir):
     assert_that(failed(ahead, 'Ahead'), equal_to([('bad.jpg', 'decode')]), label='ahead_failed')
     assert_that(failed(plain, 'Plain'), equal_to([('bad.jpg', 'decode')]), label='plain_failed')
     scores = (
-        (ahead.predictions, plain.predictions)
-        | 'Both' >> beam.Flatten() | beam.Map(lambda r: (r['key'], tuple(r['scores'])))
-        | beam.GroupByKey() | beam.MapTuple(lambda k, s: (k, len(s), len(set(s)))))
+      (ahead.predictions, plain.predictions)
+      | 'Both' >> beam.Flatten()
+      | beam.Map(lambda r: (r['key'], tuple(r['scores'])))
+      | beam.GroupByKey()
+      | beam.MapTuple(lambda k, s: (k, len(s), len(set(s))))
+    )
     assert_that(scores, equal_to([(k, 2, 1) for k in good]), label='same_scores')
 
 
@@ -144,6 +151,7 @@ class _SlowToFinishModel(LoadedModel):
 
     def wait():
       time.sleep(max(0.0, ready_at - time.perf_counter()))
+
     if not handler_lib._defer(wait):  # pylint: disable=protected-access
       wait()
     return outputs, counts
@@ -181,7 +189,9 @@ def test_a_batch_that_fails_when_read_dead_letters_its_own_elements(digits_model
   p = TestPipeline('FnApiRunner')
   outputs = p | beam.Create(inputs) | RunInferenceWithDeadLetters(handler, isolate_elements=isolate)
   predicted = outputs.predictions | 'Keys' >> beam.MapTuple(lambda key, result: key)
-  failed = outputs.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason'] == 'RuntimeError: INTERNAL: all-white example'))
+  failed = outputs.failed | beam.Map(
+    lambda d: (d['key'], d['stage'], d['reason'] == 'RuntimeError: INTERNAL: all-white example')
+  )
 
   def logits_match(actual):
     for key, result in actual:
@@ -200,7 +210,7 @@ def test_a_batch_that_fails_when_read_dead_letters_its_own_elements(digits_model
       assert all(stage == 'inference' and poisoned for _, stage, poisoned in actual), actual
 
     assert_that(failed, one_batch_failed, label='failed')
-    every = ((predicted, failed | beam.MapTuple(lambda k, *_: k)) | beam.Flatten())
+    every = (predicted, failed | beam.MapTuple(lambda k, *_: k)) | beam.Flatten()
     assert_that(every, equal_to(every_key), label='every_input_once')
   result = p.run()
   result.wait_until_finish()
@@ -266,9 +276,11 @@ def test_post_processing_fns_run_per_element_with_their_own_dead_letters(digits_
   batch's other elements go on. Same as Beam's step."""
   model = JaxModelHandler(digits_model_dir).load_model()
   labels = dict(zip([k for k, _ in digits], np.argmax(model.predict([x for _, x in digits]), axis=-1).tolist()))
-  handler = (KeyedModelHandler(JaxModelHandler(digits_model_dir, max_batch_size=BATCH))
-             .with_postprocess_fn(_LabelUnlessThirteen())
-             .with_postprocess_fn(lambda key_label: (key_label[0], key_label[1] + 100)))
+  handler = (
+    KeyedModelHandler(JaxModelHandler(digits_model_dir, max_batch_size=BATCH))
+    .with_postprocess_fn(_LabelUnlessThirteen())
+    .with_postprocess_fn(lambda key_label: (key_label[0], key_label[1] + 100))
+  )
   with TestPipeline('FnApiRunner') as p:
     keyed = p | beam.Create(digits)
     outputs = keyed | RunInferenceWithDeadLetters(handler, dispatch_ahead=dispatch_ahead)

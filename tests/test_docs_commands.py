@@ -22,6 +22,7 @@ is the scratch directory's own `tmp/`, so runs never meet. `NOT_YET` lists
 the blocks not run yet, each with why: a gap, listed so that it shows; a
 block found in neither place fails.
 """
+
 import glob
 import json
 import os
@@ -41,29 +42,56 @@ DOCS = ['README.md', *sorted(os.path.relpath(p, rm.REPO) for p in glob.glob(os.p
 FENCE = re.compile(r'^(?P<indent>[ ]*)```(?P<tag>[a-z]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$', re.M | re.S)
 MARK = re.compile(r'<!--\s*docs-test:\s*(?P<mark>[^>]*?)\s*-->\s*$')
 SHELL_TAGS = ('', 'sh', 'bash', 'shell')
-LINKED = ('beam_dl', 'pipelines', 'transforms', 'tests', 'docs', 'docker', 'third_party', 'benchmarks', 'Makefile',
-          'setup.py', 'constraints.txt', 'pytest.ini', '.cache', '.runners', '.venv')
+LINKED = (
+  'beam_dl',
+  'pipelines',
+  'transforms',
+  'tests',
+  'docs',
+  'docker',
+  'third_party',
+  'benchmarks',
+  'Makefile',
+  'setup.py',
+  'constraints.txt',
+  'pytest.ini',
+  '.cache',
+  '.runners',
+  '.venv',
+)
 
 # Blocks not run yet, each with why: (doc, a string of the block) -> reason.
 NOT_YET = {
-    ('docs/library.md', '--model_dir M --quantize int8'): 'placeholders M, Q, C, W: a summary of docs/compression.md',
-    ('docs/library.md', "--input 'imgs/*'"): 'placeholder inputs imgs/*, model; the second command needs Dataflow',
-    ('docs/large_local_jobs.md', "'photos/*/*.jpg'"): 'placeholder inputs photos/*',
-    ('docs/streaming.md', "--model_dir MODEL --output out/scores"): 'placeholders MODEL, events/*',
-    ('docs/preprocessing.md', '--preprocess_kind sequences'): 'placeholder events/* with your field names',
-    ('docs/streaming.md', 'python -m beam_dl.services.kafka_io > /tmp/kafka_io.out &'):
-        'needs a producer of the events; the same sequence runs in tests/test_kafka.py',
-    ('docs/streaming.md', "pip install 'beam_dl[kafka]'"): 'your own Kafka and Flink cluster',
-    ('docs/registry_and_hdfs.md', "--input 'hdfs://data/images/*.png'"): 'needs images on HDFS first',
-    ('docs/operations.md', 'tensorboard --logdir'): 'tensorboard serves until stopped and prints nothing first',
-    ('docs/compression.md', '--workdir /tmp/compress_pruned'): 'three trainings of the full digits config (minutes)',
+  ('docs/library.md', '--model_dir M --quantize int8'): 'placeholders M, Q, C, W: a summary of docs/compression.md',
+  ('docs/library.md', "--input 'imgs/*'"): 'placeholder inputs imgs/*, model; the second command needs Dataflow',
+  ('docs/large_local_jobs.md', "'photos/*/*.jpg'"): 'placeholder inputs photos/*',
+  ('docs/streaming.md', '--model_dir MODEL --output out/scores'): 'placeholders MODEL, events/*',
+  ('docs/preprocessing.md', '--preprocess_kind sequences'): 'placeholder events/* with your field names',
+  (
+    'docs/streaming.md',
+    'python -m beam_dl.services.kafka_io > /tmp/kafka_io.out &',
+  ): 'needs a producer of the events; the same sequence runs in tests/test_kafka.py',
+  ('docs/streaming.md', "pip install 'beam_dl[kafka]'"): 'your own Kafka and Flink cluster',
+  ('docs/registry_and_hdfs.md', "--input 'hdfs://data/images/*.png'"): 'needs images on HDFS first',
+  ('docs/operations.md', 'tensorboard --logdir'): 'tensorboard serves until stopped and prints nothing first',
+  ('docs/compression.md', '--workdir /tmp/compress_pruned'): 'three trainings of the full digits config (minutes)',
 }
 # docs/runners.md's running example is `PIPELINE_FLAGS` on gs://; tests/test_runners.py runs these runners locally.
-NOT_YET.update({('docs/runners.md', text): 'PIPELINE_FLAGS is the doc\'s gs:// example' for text in (
-    '# DirectRunner', 'local_job_service_main --port 8099', 'worker_pool_main --service_port=50000',
-    '$PIPELINE_FLAGS \\\n    --runner=FlinkRunner --flink_master=[local] --environment_type', "--job-port=8099 --artifact-port=0",
-    '--runner=SparkRunner --spark_master_url=local[2] --environment_type=LOOPBACK',
-    '--spark-master-url=local[2] --job-port=8099', '--runner=PrismRunner')})
+NOT_YET.update(
+  {
+    ('docs/runners.md', text): "PIPELINE_FLAGS is the doc's gs:// example"
+    for text in (
+      '# DirectRunner',
+      'local_job_service_main --port 8099',
+      'worker_pool_main --service_port=50000',
+      '$PIPELINE_FLAGS \\\n    --runner=FlinkRunner --flink_master=[local] --environment_type',
+      '--job-port=8099 --artifact-port=0',
+      '--runner=SparkRunner --spark_master_url=local[2] --environment_type=LOOPBACK',
+      '--spark-master-url=local[2] --job-port=8099',
+      '--runner=PrismRunner',
+    )
+  }
+)
 NOT_YET[('docs/runners.md', "--input 'incoming/*.jsonl'")] = 'placeholders incoming/*, model'
 
 
@@ -90,11 +118,11 @@ def shell_blocks() -> list[Block]:
     for m in FENCE.finditer(text):
       if m.group('tag') not in SHELL_TAGS:
         continue
-      before = text[:m.start()].rstrip('\n').rsplit('\n', 1)[-1]
+      before = text[: m.start()].rstrip('\n').rsplit('\n', 1)[-1]
       mark = MARK.search(before)
       indent = len(m.group('indent'))
       body = '\n'.join(line[indent:] for line in m.group('body').splitlines()) + '\n'
-      blocks.append(Block(doc, text[:m.start()].count('\n') + 1, body, mark.group('mark') if mark else ''))
+      blocks.append(Block(doc, text[: m.start()].count('\n') + 1, body, mark.group('mark') if mark else ''))
   return blocks
 
 
@@ -137,15 +165,24 @@ def sandbox(tmp_path_factory):
   for name in LINKED:
     if os.path.exists(os.path.join(rm.REPO, name)):
       os.symlink(os.path.join(rm.REPO, name), root / name)
-  done = subprocess.run([sys.executable, '-m', 'pipelines.demo', '--workdir', str(root / 'demo_out')], cwd=root,
-                        env=_env(), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    [sys.executable, '-m', 'pipelines.demo', '--workdir', str(root / 'demo_out')],
+    cwd=root,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return root
 
 
 def _env() -> dict:
-  return {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
-          'PYTHONPATH': rm.REPO}
+  return {
+    **os.environ,
+    'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+    'PYTHONPATH': rm.REPO,
+  }
 
 
 def _wait_for_line(process, text: str, out, timeout_s: float) -> bool:
@@ -183,11 +220,18 @@ def run_in_sandbox(block: Block, root, timeout_s: float = 600) -> tuple[int, str
   log = os.path.join(root, f'{block.doc.replace("/", "_")}_{block.line}.log')
   with open(log, 'w') as out:
     service = block.mark.startswith('service')
-    process = subprocess.Popen(['bash', '-euo', 'pipefail', '-c', script], cwd=root, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT if service else out, text=True, start_new_session=True)
+    process = subprocess.Popen(
+      ['bash', '-euo', 'pipefail', '-c', script],
+      cwd=root,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT if service else out,
+      text=True,
+      start_new_session=True,
+    )
     try:
       if block.mark.startswith('service'):
-        ready = _wait_for_line(process, block.mark[len('service'):].strip(), out, timeout_s)
+        ready = _wait_for_line(process, block.mark[len('service') :].strip(), out, timeout_s)
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)
         rc = 0 if ready and _group_ends(process.pid, 60) else 1
@@ -218,11 +262,16 @@ def run_block(block: str, demo: str, log: str) -> subprocess.CompletedProcess:
   """Runs the block with bash from the repository root, `DEMO` set to `demo`
   (the block's own `DEMO=` line is the one thing replaced)."""
   script = re.sub(r'^DEMO=.*$', f'DEMO={demo}', block, count=1, flags=re.M)
-  env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
-         'PYTHONPATH': rm.REPO}
+  env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'], 'PYTHONPATH': rm.REPO}
   with open(log, 'w') as out:
-    done = subprocess.run(['bash', '-euo', 'pipefail', '-c', script], cwd=rm.REPO, env=env,
-                          stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    done = subprocess.run(
+      ['bash', '-euo', 'pipefail', '-c', script],
+      cwd=rm.REPO,
+      env=env,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      timeout=300,
+    )
   with open(log) as f:
     done.log = f.read()
   return done
@@ -257,6 +306,6 @@ def test_classic_template_command_writes_the_template(demo, tmp_path):
   assert done.returncode == 0, done.log[-3000:]
   with open(os.path.join(demo, 'dataflow', 'template.json')) as f:
     job = json.load(f)
-  pool, = job['environment']['workerPools']
+  (pool,) = job['environment']['workerPools']
   assert 'workflow.tar.gz' in {p['name'] for p in pool['packages']}  # --setup_file staged the project
   assert os.path.exists(os.path.join(demo, 'dataflow', 'staging', 'workflow.tar.gz'))

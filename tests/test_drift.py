@@ -3,6 +3,7 @@
 Real data: scikit-learn's digits (64 pixel features and the class) and the
 Mauna Loa CO2 record (statsmodels), with a shift injected into one feature.
 """
+
 import json
 import os
 
@@ -14,10 +15,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
-from beam_dl.operations import drift
 from beam_dl.formats.jsonl import read_jsonl
-from transforms.drift import BuildDriftProfile, ComputeDrift, HistogramsCombineFn
+from beam_dl.operations import drift
 from tests.waiting import wait_for, was_read
+from transforms.drift import BuildDriftProfile, ComputeDrift, HistogramsCombineFn
 from transforms.io import WriteJsonLines
 
 SHIFTED = 'pixel_20'
@@ -57,10 +58,17 @@ def test_psi_and_js_match_their_definitions():
   assert drift.psi(expected, expected) == pytest.approx(0.0, abs=1e-12)
   mixture = (expected + actual) / 2
   kl = lambda p, q: np.sum(p * np.log2(p / q))
-  assert drift.js_distance(expected, actual) == pytest.approx(np.sqrt((kl(expected, mixture) + kl(actual, mixture)) / 2))
+  assert drift.js_distance(expected, actual) == pytest.approx(
+    np.sqrt((kl(expected, mixture) + kl(actual, mixture)) / 2)
+  )
   assert drift.js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
   assert [drift.level(v) for v in (0.05, 0.1, 0.2, 0.25, 3)] == [
-      'stable', 'moderate', 'moderate', 'significant', 'significant']
+    'stable',
+    'moderate',
+    'moderate',
+    'significant',
+    'significant',
+  ]
 
 
 def test_profile_bins_quantiles_classes_and_missing(digits_profile, tmp_path):
@@ -77,8 +85,13 @@ def test_profile_bins_quantiles_classes_and_missing(digits_profile, tmp_path):
 
 
 def test_profile_from_tf_transform_stats():
-  stats = {'length/boundaries': [3.0, 7.0, 12.0], 'co2/mean': [350.0], 'co2/var': [100.0],
-           'co2/min': [310.0], 'co2/max': [380.0]}
+  stats = {
+    'length/boundaries': [3.0, 7.0, 12.0],
+    'co2/mean': [350.0],
+    'co2/var': [100.0],
+    'co2/min': [310.0],
+    'co2/max': [380.0],
+  }
   profile = drift.profile_from_stats(stats, num_bins=4)
   assert profile.features['length'].edges == (3.0, 7.0, 12.0)
   assert profile.features['length'].probabilities == (0.25, 0.25, 0.25, 0.25, 0.0)
@@ -135,8 +148,7 @@ def co2_events():
   cut = int(len(values) * 0.6)
   shifted = values.copy()
   shifted[cut:] += 0.5
-  events = [({'co2_change': float(v), 'co2_raw_change': float(r)}, float(t))
-            for v, r, t in zip(shifted, values, times)]
+  events = [({'co2_change': float(v), 'co2_raw_change': float(r)}, float(t)) for v, r, t in zip(shifted, values, times)]
   return events, drift.build_profile({'co2_change': values[:cut], 'co2_raw_change': values[:cut]})
 
 
@@ -144,6 +156,7 @@ def _only(value):
   def check(got):
     if not got or set(got) != {value}:
       raise BeamAssertException(f'expected only {value!r}, got {sorted(set(got))}')
+
   return check
 
 
@@ -159,14 +172,14 @@ def test_batch_and_teststream_give_the_same_numbers_in_sliding_windows(tmp_path)
   transform = lambda: ComputeDrift(profile, window_size=size, window_period=period, min_count=250)
 
   with TestPipeline(options=PipelineOptions(['--runner=FnApiRunner'])) as p:
-    batch = (p | beam.Create(events) | beam.MapTuple(beam.window.TimestampedValue) | transform())
+    batch = p | beam.Create(events) | beam.MapTuple(beam.window.TimestampedValue) | transform()
     batch.reports | WriteJsonLines(str(tmp_path / 'batch'))
   expected = [_report_key(r) for r in read_jsonl(str(tmp_path / 'batch-*'))]
   assert len(expected) > 30
 
   stream = TestStream()
   for start in range(0, len(events), 200):
-    chunk = events[start:start + 200]
+    chunk = events[start : start + 200]
     stream = stream.add_elements([beam.window.TimestampedValue(e, t) for e, t in chunk])
     stream = stream.advance_watermark_to(chunk[-1][1])
   stream = stream.advance_watermark_to_infinity()
@@ -208,15 +221,29 @@ def test_classify_images_drift_flags_on_real_digits(digits_model_dir, tmp_path):
   x_train, x_test, _, _ = demo.digit_images()
   profile = str(tmp_path / 'drift_profile.json')
   common = ['--model_dir', digits_model_dir, '--runner', 'FnApiRunner']
-  classify_images.run(['--input', _write_pngs(tmp_path / 'train', x_train[:600]), '--output',
-                       str(tmp_path / 'ref' / 'pred'), '--write_drift_profile', profile, *common])
+  classify_images.run(
+    [
+      '--input',
+      _write_pngs(tmp_path / 'train', x_train[:600]),
+      '--output',
+      str(tmp_path / 'ref' / 'pred'),
+      '--write_drift_profile',
+      profile,
+      *common,
+    ]
+  )
   assert set(drift.load_profile(profile).features) == {
-      'image/brightness', 'image/contrast', 'prediction/label', 'prediction/score'}
+    'image/brightness',
+    'image/contrast',
+    'prediction/label',
+    'prediction/score',
+  }
 
   for name, brighten in (('same', 0), ('bright', 60)):
     out = str(tmp_path / name / 'pred')
-    classify_images.run(['--input', _write_pngs(tmp_path / name, x_test, brighten), '--output', out,
-                         '--drift_profile', profile, *common])
+    classify_images.run(
+      ['--input', _write_pngs(tmp_path / name, x_test, brighten), '--output', out, '--drift_profile', profile, *common]
+    )
     (report,) = read_jsonl(f'{out}_drift-0*.jsonl')
     alerts = read_jsonl(f'{out}_alerts-*.jsonl')
     assert report['features']['image/brightness']['count'] == len(x_test)
@@ -264,11 +291,36 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
   writer = threading.Thread(target=land_second_file)
   writer.start()
   out = str(tmp_path / 'out' / 'scores')
-  score_sequences.run([
-      '--streaming', '--input', str(watched / '*.jsonl'), '--model_dir', model, '--output', out,
-      '--event_value_fields', 'co2', '--window', 'fixed', '--window_size', '3600', '--seq_len', '8',
-      '--forecast', '--stop_after_secs', '8', '--poll_interval_secs', '0.5', '--write_frequency_secs', '2',
-      '--drift_profile', profile, '--drift_min_count', '20'])
+  score_sequences.run(
+    [
+      '--streaming',
+      '--input',
+      str(watched / '*.jsonl'),
+      '--model_dir',
+      model,
+      '--output',
+      out,
+      '--event_value_fields',
+      'co2',
+      '--window',
+      'fixed',
+      '--window_size',
+      '3600',
+      '--seq_len',
+      '8',
+      '--forecast',
+      '--stop_after_secs',
+      '8',
+      '--poll_interval_secs',
+      '0.5',
+      '--write_frequency_secs',
+      '2',
+      '--drift_profile',
+      profile,
+      '--drift_min_count',
+      '20',
+    ]
+  )
   writer.join()
   assert read['first'], 'the pipeline never read the first file'
   reports = read_jsonl(f'{out}_drift-*.jsonl')
@@ -292,6 +344,7 @@ def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(di
   import shutil
 
   from apache_beam.metrics.metric import MetricsFilter
+
   from pipelines import classify_images, demo
 
   x_train, x_test, _, _ = demo.digit_images()
@@ -303,11 +356,24 @@ def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(di
   for name, images, extra in (('same', x_test, []), ('small', small, []), ('off', small, ['--drift_profile', 'none'])):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger='beam_dl'):
-      result = classify_images.run(['--input', _write_pngs(tmp_path / name, images), '--model_dir', model_dir,
-                                    '--output', str(tmp_path / name / 'pred'), '--runner', 'FnApiRunner', *extra])
+      result = classify_images.run(
+        [
+          '--input',
+          _write_pngs(tmp_path / name, images),
+          '--model_dir',
+          model_dir,
+          '--output',
+          str(tmp_path / name / 'pred'),
+          '--runner',
+          'FnApiRunner',
+          *extra,
+        ]
+      )
     gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
-    runs[name] = ([r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
-                  {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name})
+    runs[name] = (
+      [r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
+      {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name},
+    )
     assert len(read_jsonl(str(tmp_path / name / 'pred-0*.jsonl'))) == len(x_test)  # predictions unaffected
   warnings, gauges = runs['small']
   assert len(warnings) == 1 and 'image/brightness PSI' in warnings[0], warnings

@@ -5,9 +5,9 @@ Each test builds the transform in a pipeline (construction only: Beam's
 output PCollection; two tests apply transforms to the wrong elements and
 expect Beam's construction-time TypeCheckError.
 """
+
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Tuple
 
 import apache_beam as beam
@@ -17,13 +17,20 @@ from apache_beam.ml.inference.base import ModelMetadata
 from apache_beam.typehints.decorators import TypeCheckError
 from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 
-from beam_dl.core.element_types import (DeadLetter, DecodedImage, EncodedImage, KeyedArray, KeyedBytes,
-                                   KeyedFeatures, Record, TextLine)
+from beam_dl.core.element_types import (
+  DeadLetter,
+  DecodedImage,
+  EncodedImage,
+  KeyedArray,
+  KeyedBytes,
+  KeyedFeatures,
+  Record,
+)
+from beam_dl.decoding.padding import PaddedBatch
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.features.spectrogram import SpectrogramSpec
 from beam_dl.features.windows import WindowSpec
 from beam_dl.formats.events import Event, EventSpec
-from beam_dl.decoding.padding import PaddedBatch
-from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.preprocessing import config as config_lib
 from transforms import drift as drift_t
 from transforms import images, io, metrics, preprocessing, sequences, tfrecords, windowing
@@ -100,11 +107,11 @@ def test_windowing(p):
   _is(stamped, Event)
   spec = WindowSpec(kind='fixed', size=10.0)
   for label, transform in [
-      ('Features', windowing.WindowedFeatures(spec, batch_path=False)),
-      ('FeaturesBatch', windowing.WindowedFeatures(spec, batch_path=True)),
-      ('FeaturesNoGate', windowing.WindowedFeatures(spec, route_late=False, batch_path=False)),
-      ('Sequences', windowing.WindowedSequences(spec, 4)),
-      ('Spectrograms', windowing.WindowedSpectrograms(spec, SpectrogramSpec(sample_rate=1.0, nperseg=4))),
+    ('Features', windowing.WindowedFeatures(spec, batch_path=False)),
+    ('FeaturesBatch', windowing.WindowedFeatures(spec, batch_path=True)),
+    ('FeaturesNoGate', windowing.WindowedFeatures(spec, route_late=False, batch_path=False)),
+    ('Sequences', windowing.WindowedSequences(spec, 4)),
+    ('Spectrograms', windowing.WindowedSpectrograms(spec, SpectrogramSpec(sample_rate=1.0, nperseg=4))),
   ]:
     out = stamped | label >> transform
     _is(out.records, Record)
@@ -132,7 +139,8 @@ def test_preprocessing(p, tmp_path):
   _is(inputs.failed, DeadLetter)
   config_lib.save(str(tmp_path / 'seq'), config_lib.PreprocessConfig(kind='sequences'))
   seq_inputs = _records(p, 'Records2') | 'SeqForInference' >> preprocessing.TransformSequencesForInference(
-      str(tmp_path / 'seq'), ['values'])
+    str(tmp_path / 'seq'), ['values']
+  )
   _is(seq_inputs.inputs, KeyedArray)
 
 
@@ -141,6 +149,7 @@ def test_writers_drift_and_metrics(p, tmp_path):
   _is(features | io.WriteJsonLines(str(tmp_path / 'out')), str)
   _is(features | drift_t.BuildDriftProfile(str(tmp_path / 'profile.json')), str)
   from beam_dl.operations import drift
+
   profile = drift.build_profile({'x': [1.0, 2.0, 3.0]}, 4, 'test')
   out = features | drift_t.ComputeDrift(profile)
   _is(out.reports, Record)
@@ -152,6 +161,7 @@ def test_writers_drift_and_metrics(p, tmp_path):
 def test_beam_dl_transforms(p):
   from beam_dl.features.batch_windows import FeaturesByKeyBlock
   from beam_dl.operations.registry_mlflow import WatchModelAlias
+
   _is(_events(p) | FeaturesByKeyBlock(WindowSpec(kind='fixed', size=10.0)), Record)
   _is(p | WatchModelAlias('m', 'champion', stop_timestamp=1.0), ModelMetadata)
 

@@ -1,4 +1,5 @@
 """jax2tf SavedModel export: same predictions as the JAX model, in TF and in Beam."""
+
 from __future__ import annotations
 
 import apache_beam as beam
@@ -9,7 +10,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from beam_dl.models import checkpoints
-from beam_dl.serving import savedmodel_export as export, savedmodel_handler
+from beam_dl.serving import savedmodel_export as export
+from beam_dl.serving import savedmodel_handler
 from pipelines import demo, export_savedmodel
 from tests.models import save_seeded_model
 
@@ -56,10 +58,10 @@ def _serve_in_pipeline(handler, x, want):
 
   with TestPipeline(runner='FnApiRunner') as p:
     results = (
-        p
-        | beam.Create([(str(i), image) for i, image in enumerate(x)])
-        | RunInference(KeyedModelHandler(handler))
-        | beam.MapTuple(lambda key, result: (int(key), np.asarray(result.inference)))
+      p
+      | beam.Create([(str(i), image) for i, image in enumerate(x)])
+      | RunInference(KeyedModelHandler(handler))
+      | beam.MapTuple(lambda key, result: (int(key), np.asarray(result.inference)))
     )
     assert_that(results, matches)
 
@@ -94,8 +96,10 @@ def test_polymorphic_shapes_and_refusals():
 def test_sequence_model_exports_with_polymorphic_batch_and_length(tmp_path):
   """A GRU sequence classifier: any batch, any length, padded steps ignored."""
   spec = checkpoints.ModelSpec(
-      name='rnn', kwargs={'cell': 'gru', 'hidden_size': 8, 'num_outputs': 3, 'pooling': 'mean'},
-      input_shape=(None, 2), task='sequence_classification',
+    name='rnn',
+    kwargs={'cell': 'gru', 'hidden_size': 8, 'num_outputs': 3, 'pooling': 'mean'},
+    input_shape=(None, 2),
+    task='sequence_classification',
   )
   model_dir, _ = save_seeded_model(tmp_path / 'rnn', spec, fmt='msgpack')
   export_dir = export.export_saved_model(model_dir, str(tmp_path / 'rnn_saved_model'))

@@ -1,4 +1,5 @@
 """Unit tests of the windowed-feature maths (no pipeline): beam_dl.features."""
+
 import math
 import random
 
@@ -7,9 +8,19 @@ import pytest
 from apache_beam.transforms import trigger as tr
 from apache_beam.transforms.window import IntervalWindow
 
-from beam_dl.features import (LastNFn, Sequence, SpectrogramSpec, WindowSpec, WindowStats,
-                              WindowStatsFn, features_record, pad_events, place_samples,
-                              spectrogram, stats_of_arrays)
+from beam_dl.features import (
+  LastNFn,
+  Sequence,
+  SpectrogramSpec,
+  WindowSpec,
+  WindowStats,
+  WindowStatsFn,
+  features_record,
+  pad_events,
+  place_samples,
+  spectrogram,
+  stats_of_arrays,
+)
 
 EVENTS = [(1.0, (1.0, 10.0)), (3.0, (2.0, 20.0)), (2.0, (6.0, -5.0))]
 
@@ -20,9 +31,15 @@ def _hand_features():
   mean1 = 25 / 3
   var1 = ((10 - mean1) ** 2 + (20 - mean1) ** 2 + (-5 - mean1) ** 2) / 3
   return {
-      'count': 3, 'sum': [9.0, 25.0], 'mean': [3.0, mean1],
-      'std': [math.sqrt(14 / 3), math.sqrt(var1)], 'min': [1.0, -5.0], 'max': [6.0, 20.0],
-      'last': [2.0, 20.0], 'first_time': 1.0, 'last_time': 3.0,
+    'count': 3,
+    'sum': [9.0, 25.0],
+    'mean': [3.0, mean1],
+    'std': [math.sqrt(14 / 3), math.sqrt(var1)],
+    'min': [1.0, -5.0],
+    'max': [6.0, 20.0],
+    'last': [2.0, 20.0],
+    'first_time': 1.0,
+    'last_time': 3.0,
   }
 
 
@@ -92,8 +109,15 @@ def test_stats_reject_mismatched_widths():
 
 def test_features_record_adds_window_and_rate():
   record = features_record('k', 10.0, 40.0, {'count': 6}, 'ON_TIME', 0)
-  assert record == {'key': 'k', 'window_start': 10.0, 'window_end': 40.0, 'pane': 'ON_TIME',
-                    'pane_index': 0, 'count': 6, 'rate': 0.2}
+  assert record == {
+    'key': 'k',
+    'window_start': 10.0,
+    'window_end': 40.0,
+    'pane': 'ON_TIME',
+    'pane_index': 0,
+    'count': 6,
+    'rate': 0.2,
+  }
 
 
 def test_last_n_keeps_latest_oldest_first_and_pads():

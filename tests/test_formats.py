@@ -1,5 +1,6 @@
 """beam_dl.formats: the record formats' encoders and parsers, against records
 written before the formats had one home (tests/data/formats) and each other."""
+
 import io
 import os
 
@@ -8,10 +9,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from beam_dl.formats import image_example, sequence_example
-from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image, fit_image
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.formats import image_example, sequence_example
+from beam_dl.formats.sequence_example import SequenceSpec
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'formats')
 
@@ -43,11 +44,11 @@ def golden():
   """
   rng = np.random.default_rng(12)
   return {
-      'rgb': rng.integers(0, 256, (3, 4, 3), dtype=np.uint8),
-      'gray2d': rng.integers(0, 256, (2, 5), dtype=np.uint8),
-      'digits/0': rng.integers(0, 17, (8, 8, 1), dtype=np.uint8),
-      'png_rgb': rng.integers(0, 256, (3, 4, 3), dtype=np.uint8),
-      'png_gray': rng.integers(0, 256, (5, 2), dtype=np.uint8),
+    'rgb': rng.integers(0, 256, (3, 4, 3), dtype=np.uint8),
+    'gray2d': rng.integers(0, 256, (2, 5), dtype=np.uint8),
+    'digits/0': rng.integers(0, 17, (8, 8, 1), dtype=np.uint8),
+    'png_rgb': rng.integers(0, 256, (3, 4, 3), dtype=np.uint8),
+    'png_gray': rng.integers(0, 256, (5, 2), dtype=np.uint8),
   }
 
 
@@ -82,10 +83,10 @@ def test_encoded_records_written_before_still_read_and_encode_the_same(golden):
 def test_sequence_records_written_before_still_read_and_encode_the_same():
   records = _records('sequence.tfrecord')
   want = [
-      SequenceRecord('labelled', np.arange(6, dtype=np.float32).reshape(3, 2) / 4, np.array([3, 1, 4]), label=2),
-      SequenceRecord('regress', np.ones((2, 1), np.float32), target=np.array([0.5, -1.25], np.float32)),
-      SequenceRecord('co2/0', np.arange(4, dtype=np.float32).reshape(2, 2), target=0.75),
-      SequenceRecord('ids', np.ones((3, 2), np.float32), np.array([9, 8, 7]), label=1),
+    SequenceRecord('labelled', np.arange(6, dtype=np.float32).reshape(3, 2) / 4, np.array([3, 1, 4]), label=2),
+    SequenceRecord('regress', np.ones((2, 1), np.float32), target=np.array([0.5, -1.25], np.float32)),
+    SequenceRecord('co2/0', np.arange(4, dtype=np.float32).reshape(2, 2), target=0.75),
+    SequenceRecord('ids', np.ones((3, 2), np.float32), np.array([9, 8, 7]), label=1),
   ]
   assert sequence_example.parse_sequence_examples(records, SequenceSpec()) == want
   for record, expected in zip(records, want):
@@ -108,10 +109,10 @@ def test_parse_image_example_reasons_and_keys():
   example.features.feature[image_example.SHAPE].int64_list.value.append(1)
   four_dims = example.SerializeToString()
   cases = {
-      b'\xff\x00garbage': ('not a tf.train.Example', None),
-      tf.train.Example().SerializeToString(): ("1 bytes value in feature 'image/encoded', found 0", None),
-      cut: ('image/raw has 5 bytes, image/shape (2, 2, 3) needs 12', 'k'),
-      four_dims: ('image/shape (2, 2, 3, 1) is not [H, W, C]', 'k'),
+    b'\xff\x00garbage': ('not a tf.train.Example', None),
+    tf.train.Example().SerializeToString(): ("1 bytes value in feature 'image/encoded', found 0", None),
+    cut: ('image/raw has 5 bytes, image/shape (2, 2, 3) needs 12', 'k'),
+    four_dims: ('image/shape (2, 2, 3, 1) is not [H, W, C]', 'k'),
   }
   for record, (reason, key) in cases.items():
     with pytest.raises(image_example.ImageExampleError) as e:
@@ -130,9 +131,16 @@ def test_parse_image_example_reasons_and_keys():
 
 
 @pytest.mark.parametrize('channels', [1, 2, 3, 4])
-@pytest.mark.parametrize('spec', [ImageSpec(), ImageSpec(5, 7, channels=1), ImageSpec(6, 6, fit='cover'),
-                                  ImageSpec(4, 9, fit='contain', background=(255, 0, 0)),
-                                  ImageSpec(3, 3, channels=1, fit='cover', crop='random', seed=4)])
+@pytest.mark.parametrize(
+  'spec',
+  [
+    ImageSpec(),
+    ImageSpec(5, 7, channels=1),
+    ImageSpec(6, 6, fit='cover'),
+    ImageSpec(4, 9, fit='contain', background=(255, 0, 0)),
+    ImageSpec(3, 3, channels=1, fit='cover', crop='random', seed=4),
+  ],
+)
 def test_fit_image_equals_decoding_a_lossless_file_of_the_same_pixels(channels, spec):
   rng = np.random.default_rng(channels)
   pixels = rng.integers(0, 256, (9, 11, channels), dtype=np.uint8)
@@ -144,8 +152,12 @@ def test_fit_image_equals_decoding_a_lossless_file_of_the_same_pixels(channels, 
 
 
 def test_fit_image_refuses_what_is_not_uint8_pixels():
-  for bad, kind in ((np.zeros((2, 2, 3), np.float32), 'unsupported'), (np.zeros((2, 2, 5), np.uint8), 'unsupported'),
-                    (np.zeros((0, 4, 3), np.uint8), 'empty'), (np.zeros((9, 9, 3), np.uint8), 'too_many_pixels')):
+  for bad, kind in (
+    (np.zeros((2, 2, 3), np.float32), 'unsupported'),
+    (np.zeros((2, 2, 5), np.uint8), 'unsupported'),
+    (np.zeros((0, 4, 3), np.uint8), 'empty'),
+    (np.zeros((9, 9, 3), np.uint8), 'too_many_pixels'),
+  ):
     with pytest.raises(ImageDecodeError) as e:
       fit_image(bad, ImageSpec(max_pixels=80))
     assert e.value.kind == kind

@@ -5,6 +5,7 @@ Models are tiny Flax modules: a linear model with hand-set weights whose
 outputs are computed by hand, and seeded models from tests.models whose
 expected outputs come from `module.apply` directly.
 """
+
 import os
 import pickle
 
@@ -14,32 +15,32 @@ import pytest
 
 from beam_dl.models import checkpoints
 from beam_dl.serving.handler import (
-    JaxModelHandler,
-    bucket_for,
-    default_inference_fn,
-    model_dir_for,
-    power_of_two_buckets,
+  JaxModelHandler,
+  bucket_for,
+  default_inference_fn,
+  model_dir_for,
+  power_of_two_buckets,
 )
 from beam_dl.serving.oom import call_with_oom_split, is_resource_exhausted
 from tests.models import save_broken_model, save_seeded_model
 
 CNN_SPEC = checkpoints.ModelSpec(
-    name='small_cnn',
-    kwargs={'num_classes': 10, 'features': [8, 16], 'hidden': 32},
-    input_shape=(8, 8, 1),
-    input_dtype='uint8',
-    input_scale=1 / 255,
+  name='small_cnn',
+  kwargs={'num_classes': 10, 'features': [8, 16], 'hidden': 32},
+  input_shape=(8, 8, 1),
+  input_dtype='uint8',
+  input_scale=1 / 255,
 )
 RNN_SPEC = checkpoints.ModelSpec(
-    name='rnn',
-    kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3, 'pooling': 'mean'},
-    input_shape=(None, 4),
-    input_dtype='float32',
-    task='sequence_classification',
+  name='rnn',
+  kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3, 'pooling': 'mean'},
+  input_shape=(None, 4),
+  input_dtype='float32',
+  task='sequence_classification',
 )
 # y = (x / 255) W + b for 2x2x1 uint8 images, 3 outputs.
 LINEAR_SPEC = checkpoints.ModelSpec(
-    name='linear', kwargs={'num_outputs': 3}, input_shape=(2, 2, 1), input_dtype='uint8', input_scale=1 / 255
+  name='linear', kwargs={'num_outputs': 3}, input_shape=(2, 2, 1), input_dtype='uint8', input_scale=1 / 255
 )
 KERNEL = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, -1.0]], np.float32)
 BIAS = np.array([0.5, -0.5, 0.0], np.float32)
@@ -115,7 +116,14 @@ def test_a_new_batch_size_runs_in_a_compiled_bucket_until_it_comes_back(linear_d
   served = [model.predict_counted(images) for _, images in calls]
   assert [c.compiles for _, c in served] == [1, 0, 1, 0, 1, 0, 1]
   assert [(c.padded_slots, c.total_slots) for _, c in served] == [
-      (0, 16), (8, 16), (0, 8), (5, 8), (1, 4), (1, 4), (0, 1)]
+    (0, 16),
+    (8, 16),
+    (0, 8),
+    (5, 8),
+    (1, 4),
+    (1, 4),
+    (0, 1),
+  ]
   for (n, images), (outputs, _) in zip(calls, served):  # padding never shows in the outputs
     np.testing.assert_allclose(outputs, by_hand(images), rtol=1e-5, atol=1e-6)
     assert len(outputs) == n
@@ -144,7 +152,9 @@ def test_loads_orbax_and_msgpack_and_matches_apply(tmp_path, fmt):
   examples = images(11)
   results = handler.run_inference(examples, model)
   assert [r.model_id for r in results] == [model_dir] * 11
-  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  np.testing.assert_allclose(
+    np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5
+  )
   assert all(r.example is e for r, e in zip(results, examples))
 
 
@@ -187,7 +197,9 @@ def test_data_parallel_over_eight_devices(tmp_path):
   assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
   examples = images(21)
   results = handler.run_inference(examples, model)
-  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  np.testing.assert_allclose(
+    np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5
+  )
   # the batch really is split: the compiled forward's input is sharded over 'data'
   batch = model.placement.put_batch(model._assemble(examples[:16])[0])[0]
   assert batch.sharding.spec[0] == 'data' and batch.addressable_shards[0].data.shape[0] == 2
@@ -202,7 +214,9 @@ def test_model_parallel_shards_wide_params(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2)
   examples = images(5)
   results = handler.run_inference(examples, model)
-  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  np.testing.assert_allclose(
+    np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5
+  )
 
 
 def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
@@ -227,9 +241,7 @@ def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
 
 
 def resource_exhausted(n):
-  return jax.errors.JaxRuntimeError(
-      f'RESOURCE_EXHAUSTED: Out of memory while trying to allocate {n * 1 << 20} bytes.'
-  )
+  return jax.errors.JaxRuntimeError(f'RESOURCE_EXHAUSTED: Out of memory while trying to allocate {n * 1 << 20} bytes.')
 
 
 def test_oom_splits_batch_in_halves_down_to_one(tmp_path):
@@ -245,7 +257,9 @@ def test_oom_splits_batch_in_halves_down_to_one(tmp_path):
   handler = JaxModelHandler(model_dir, max_batch_size=16, inference_fn=fits_four)
   examples = images(13)
   results = handler.run_inference(examples, handler.load_model())
-  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5)
+  np.testing.assert_allclose(
+    np.stack([r.inference for r in results]), reference(CNN_SPEC, variables, examples), atol=1e-5
+  )
   assert calls == [13, 6, 3, 3, 7, 3, 4]
 
 
@@ -284,7 +298,9 @@ def test_refresh_to_broken_checkpoint_keeps_serving_last_good_model(tmp_path):
   examples = images(3)
   results = handler.run_inference(examples, refreshed)
   assert {r.model_id for r in results} == {other}
-  np.testing.assert_allclose(np.stack([r.inference for r in results]), reference(CNN_SPEC, other_vars, examples), atol=1e-5)
+  np.testing.assert_allclose(
+    np.stack([r.inference for r in results]), reference(CNN_SPEC, other_vars, examples), atol=1e-5
+  )
 
 
 def test_initial_load_failure_raises(tmp_path):
@@ -324,10 +340,17 @@ def test_constructor_validates_arguments():
   with pytest.raises(ValueError, match='inference_args'):
     JaxModelHandler('m').validate_inference_args({'temperature': 2.0})
   handler = JaxModelHandler(
-      'm', max_batch_size=32, min_batch_size=4, max_batch_duration_secs=5,
-      batch_length_fn=len, batch_bucket_boundaries=[16, 64],
+    'm',
+    max_batch_size=32,
+    min_batch_size=4,
+    max_batch_duration_secs=5,
+    batch_length_fn=len,
+    batch_bucket_boundaries=[16, 64],
   )
   assert handler.batch_elements_kwargs() == {
-      'min_batch_size': 4, 'max_batch_size': 32, 'max_batch_duration_secs': 5,
-      'length_fn': len, 'bucket_boundaries': [16, 64],
+    'min_batch_size': 4,
+    'max_batch_size': 32,
+    'max_batch_duration_secs': 5,
+    'length_fn': len,
+    'bucket_boundaries': [16, 64],
   }

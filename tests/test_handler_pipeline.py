@@ -4,6 +4,7 @@ Each test runs RunInference (or RunInferenceWithDeadLetters) on the
 FnApiRunner with TestPipeline + assert_that; expected outputs come from the
 Flax module applied directly. Metrics are read from the PipelineResult.
 """
+
 import os
 import shutil
 
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import (
-    KeyedModelHandler,
-    MaybeKeyedModelHandler,
-    RunInference,
+  KeyedModelHandler,
+  MaybeKeyedModelHandler,
+  RunInference,
 )
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -26,11 +27,11 @@ from tests.models import save_seeded_model
 from transforms.inference import RunInferenceWithDeadLetters
 
 SPEC = checkpoints.ModelSpec(
-    name='small_cnn',
-    kwargs={'num_classes': 10, 'features': [8, 16], 'hidden': 32},
-    input_shape=(8, 8, 1),
-    input_dtype='uint8',
-    input_scale=1 / 255,
+  name='small_cnn',
+  kwargs={'num_classes': 10, 'features': [8, 16], 'hidden': 32},
+  input_shape=(8, 8, 1),
+  input_dtype='uint8',
+  input_scale=1 / 255,
 )
 N = 20
 
@@ -74,10 +75,10 @@ def test_run_inference_unchanged_with_metrics(model):
   by_bytes = {images[k].tobytes(): v for k, v in expected.items()}
   pipeline = TestPipeline('FnApiRunner')
   results = (
-      pipeline
-      | beam.Create(list(images.values()))
-      | RunInference(JaxModelHandler(model_dir, max_batch_size=8))
-      | beam.Map(lambda r: (r.example.tobytes(), r))
+    pipeline
+    | beam.Create(list(images.values()))
+    | RunInference(JaxModelHandler(model_dir, max_batch_size=8))
+    | beam.Map(lambda r: (r.example.tobytes(), r))
   )
   assert_that(results, close_to(by_bytes, model_dir))
   result = run(pipeline)
@@ -97,10 +98,10 @@ def test_keyed_and_maybe_keyed(model):
     out1 = keyed | 'Keyed' >> RunInference(KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)))
     out2 = keyed | 'MaybeKeyed' >> RunInference(MaybeKeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)))
     unkeyed = (
-        pipeline
-        | 'Unkeyed' >> beam.Create(list(images.values())[:3])
-        | 'MaybeUnkeyed' >> RunInference(MaybeKeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)))
-        | beam.Map(lambda r: int(np.argmax(r.inference)))
+      pipeline
+      | 'Unkeyed' >> beam.Create(list(images.values())[:3])
+      | 'MaybeUnkeyed' >> RunInference(MaybeKeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)))
+      | beam.Map(lambda r: int(np.argmax(r.inference)))
     )
     assert_that(out1, close_to(expected, model_dir), label='keyed')
     assert_that(out2, close_to(expected, model_dir), label='maybe_keyed')
@@ -111,15 +112,15 @@ def test_keyed_and_maybe_keyed(model):
 def test_pre_and_post_processing_fns(model):
   model_dir, expected, images = model
   handler = (
-      KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8))
-      .with_preprocess_fn(lambda kv: (kv[0], np.asarray(kv[1], np.uint8).reshape(8, 8, 1)))
-      .with_postprocess_fn(lambda kv: (kv[0], int(np.argmax(kv[1].inference))))
+    KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8))
+    .with_preprocess_fn(lambda kv: (kv[0], np.asarray(kv[1], np.uint8).reshape(8, 8, 1)))
+    .with_postprocess_fn(lambda kv: (kv[0], int(np.argmax(kv[1].inference))))
   )
   with TestPipeline('FnApiRunner') as pipeline:
     labels = (
-        pipeline
-        | beam.Create([(k, v.ravel().tolist()) for k, v in images.items()])  # plain lists in
-        | RunInference(handler)
+      pipeline
+      | beam.Create([(k, v.ravel().tolist()) for k, v in images.items()])  # plain lists in
+      | RunInference(handler)
     )
     assert_that(labels, equal_to([(k, int(np.argmax(v))) for k, v in expected.items()]))
 
@@ -135,8 +136,8 @@ def _oom_over_four_and_on_poison(model, batch, inference_args):
 def test_dead_letters_isolate_bad_elements_and_oom_splits(model):
   model_dir, expected, images = model
   inputs = list(images.items()) + [
-      ('wrong_shape', np.zeros((4, 4, 1), np.uint8)),
-      ('poison', np.full((8, 8, 1), 255, np.uint8)),
+    ('wrong_shape', np.zeros((4, 4, 1), np.uint8)),
+    ('poison', np.full((8, 8, 1), 255, np.uint8)),
   ]
   handler = JaxModelHandler(model_dir, max_batch_size=8, min_batch_size=8, inference_fn=_oom_over_four_and_on_poison)
   pipeline = TestPipeline('FnApiRunner')
@@ -144,12 +145,14 @@ def test_dead_letters_isolate_bad_elements_and_oom_splits(model):
   assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
   failed = outputs.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason']))
   assert_that(
-      failed,
-      equal_to([
-          ('wrong_shape', 'inference', 'ValueError: example 0 has shape (4, 4, 1), model expects (8, 8, 1)'),
-          ('poison', 'inference', 'JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating batch of 1'),
-      ]),
-      label='failed',
+    failed,
+    equal_to(
+      [
+        ('wrong_shape', 'inference', 'ValueError: example 0 has shape (4, 4, 1), model expects (8, 8, 1)'),
+        ('poison', 'inference', 'JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating batch of 1'),
+      ]
+    ),
+    label='failed',
   )
   result = run(pipeline)
   assert counter(result, 'oom_splits') >= 1
@@ -158,16 +161,18 @@ def test_dead_letters_isolate_bad_elements_and_oom_splits(model):
 def test_preprocess_failures_are_dead_letters(model):
   model_dir, expected, images = model
   handler = KeyedModelHandler(JaxModelHandler(model_dir, max_batch_size=8)).with_preprocess_fn(
-      lambda kv: (kv[0], np.asarray(kv[1], np.uint8).reshape(8, 8, 1))
+    lambda kv: (kv[0], np.asarray(kv[1], np.uint8).reshape(8, 8, 1))
   )
   with TestPipeline('FnApiRunner') as pipeline:
     outputs = (
-        pipeline
-        | beam.Create([(k, v.ravel().tolist()) for k, v in images.items()] + [('short', [1, 2, 3])])
-        | RunInferenceWithDeadLetters(handler)
+      pipeline
+      | beam.Create([(k, v.ravel().tolist()) for k, v in images.items()] + [('short', [1, 2, 3])])
+      | RunInferenceWithDeadLetters(handler)
     )
     assert_that(outputs.predictions, close_to(expected), label='predictions')
-    assert_that(outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('short', 'preprocess')]), label='failed')
+    assert_that(
+      outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('short', 'preprocess')]), label='failed'
+    )
 
 
 def _softmax_with_temperature(model, batch, inference_args):
@@ -188,7 +193,7 @@ def test_env_vars_and_resource_hints(model, monkeypatch):
   model_dir, expected, images = model
   monkeypatch.delenv('BEAM_DL_HANDLER_TEST', raising=False)
   handler = JaxModelHandler(
-      model_dir, max_batch_size=8, env_vars={'BEAM_DL_HANDLER_TEST': 'on'}, resource_hints={'min_ram': '1GB'}
+    model_dir, max_batch_size=8, env_vars={'BEAM_DL_HANDLER_TEST': 'on'}, resource_hints={'min_ram': '1GB'}
   )
   pipeline = TestPipeline('FnApiRunner')
   out = pipeline | beam.Create(list(images.items())) | RunInference(KeyedModelHandler(handler))
@@ -196,9 +201,9 @@ def test_env_vars_and_resource_hints(model, monkeypatch):
   proto = pipeline.to_runner_api()
   envs = proto.components.environments
   hinted = {
-      t.unique_name
-      for t in proto.components.transforms.values()
-      if t.environment_id and any('min_ram' in urn for urn in envs[t.environment_id].resource_hints)
+    t.unique_name
+    for t in proto.components.transforms.values()
+    if t.environment_id and any('min_ram' in urn for urn in envs[t.environment_id].resource_hints)
   }
   assert any(name.endswith('BeamML_RunInference') for name in hinted), hinted
   run(pipeline)
@@ -215,13 +220,16 @@ def test_failed_batches_are_isolated_inside_the_one_inference_step(model, tmp_pa
   inputs = list(images.items()) + [('wrong_shape', np.zeros((4, 4, 1), np.uint8))]
   pipeline = TestPipeline('FnApiRunner')
   outputs = (
-      pipeline
-      | beam.Create(inputs)
-      | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=8, min_batch_size=8))
+    pipeline
+    | beam.Create(inputs)
+    | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=8, min_batch_size=8))
   )
   assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
-  assert_that(outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('wrong_shape', 'inference')]),
-              label='failed')
+  assert_that(
+    outputs.failed | beam.Map(lambda d: (d['key'], d['stage'])),
+    equal_to([('wrong_shape', 'inference')]),
+    label='failed',
+  )
   steps = [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
   assert sum(name.endswith('/BeamML_RunInference') for name in steps) == 1, steps
   result = run(pipeline)
@@ -247,10 +255,10 @@ def test_batching_knobs_pass_through(model):
 
 
 RNN_SPEC = checkpoints.ModelSpec(
-    name='rnn',
-    kwargs={'cell': 'lstm', 'hidden_size': 8, 'num_outputs': 2, 'pooling': 'last'},
-    input_shape=(None, 3),
-    task='sequence_classification',
+  name='rnn',
+  kwargs={'cell': 'lstm', 'hidden_size': 8, 'num_outputs': 2, 'pooling': 'last'},
+  input_shape=(None, 3),
+  task='sequence_classification',
 )
 
 
@@ -262,8 +270,12 @@ def test_rnn_with_length_aware_batching(tmp_path):
   apply = jax.jit(RNN_SPEC.build().apply)
   expected = {k: np.asarray(apply(variables, s[None], np.ones((1, len(s)), bool)))[0] for k, s in seqs.items()}
   handler = JaxModelHandler(
-      model_dir, max_batch_size=4, length_buckets=(8, 32),
-      batch_length_fn=len, batch_bucket_boundaries=[8], max_batch_duration_secs=1,
+    model_dir,
+    max_batch_size=4,
+    length_buckets=(8, 32),
+    batch_length_fn=len,
+    batch_bucket_boundaries=[8],
+    max_batch_duration_secs=1,
   )
   pipeline = TestPipeline('FnApiRunner')
   out = pipeline | beam.Create(list(seqs.items())) | RunInference(KeyedModelHandler(handler))
@@ -297,8 +309,11 @@ def test_error_handler_and_threshold_on_inference(model):
   handler = JaxModelHandler(model_dir, max_batch_size=8)
   pipeline = TestPipeline('FnApiRunner')
   with ErrorHandler(beam.Map(lambda d: (d['key'], d['stage']))) as errors:
-    outputs = (pipeline | beam.Create(inputs)
-               | RunInferenceWithDeadLetters(handler, error_threshold=0.1).with_error_handler(errors))
+    outputs = (
+      pipeline
+      | beam.Create(inputs)
+      | RunInferenceWithDeadLetters(handler, error_threshold=0.1).with_error_handler(errors)
+    )
   assert_that(outputs.predictions, close_to(expected, model_dir), label='predictions')
   assert_that(errors.output(), equal_to([('bad0', 'inference'), ('bad1', 'inference')]), label='handled')
   run(pipeline)  # 2 of 22 = 9.1% <= 10%

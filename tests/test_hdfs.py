@@ -8,6 +8,7 @@ them from hdfs:// and writes predictions and dead letters back, and the
 test reads those back from HDFS and compares them with the model's own
 predictions on the same bytes.
 """
+
 import json
 
 import numpy as np
@@ -16,17 +17,17 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_dl.models import checkpoints
-from beam_dl.formats.image_example import encode_file_example
-from beam_dl.serving.handler import JaxModelHandler
 from beam_dl.decoding.images import ImageSpec, decode_image
+from beam_dl.formats.image_example import encode_file_example
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import JaxModelHandler
 from pipelines import classify_images
 from tests import services
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode
 
 pytestmark = [
-    pytest.mark.slow,  # a JVM cluster start
-    pytest.mark.skipif(not services.hadoop_jars(), reason='no Hadoop jars in .cache/hadoop/lib: run `make hdfs`'),
+  pytest.mark.slow,  # a JVM cluster start
+  pytest.mark.skipif(not services.hadoop_jars(), reason='no Hadoop jars in .cache/hadoop/lib: run `make hdfs`'),
 ]
 GRAY = ImageSpec(8, 8, channels=1)
 

@@ -1,4 +1,5 @@
 """transforms.io.WriteJsonLines: replacing old shards never deletes a neighbour's files."""
+
 import json
 
 import apache_beam as beam

@@ -5,6 +5,7 @@ bad text fails the whole parse, as a bad record fails TensorFlow's batch
 parser), and does arithmetic on numpy rows (a row of the wrong width fails
 np.stack for the whole batch).
 """
+
 import json
 
 import numpy as np

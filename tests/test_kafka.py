@@ -13,6 +13,7 @@ events and checks run through Beam's Java KafkaIO on the real FlinkRunner
 (`beam_dl.services.kafka_io`; `make runners kafka-io`), and late events on
 Prism.
 """
+
 import json
 import os
 import signal
@@ -31,8 +32,9 @@ from pipelines import score_sequences
 from tests import runner_matrix
 
 pytestmark = pytest.mark.skipif(
-    not kafka_service.jars_available(),
-    reason=f'no Kafka jars in {kafka_service.kafka_lib()}: run `make kafka-jars` (CI does)')
+  not kafka_service.jars_available(),
+  reason=f'no Kafka jars in {kafka_service.kafka_lib()}: run `make kafka-jars` (CI does)',
+)
 
 PRISM = runner_matrix.prism_binary() or os.path.join(runner_matrix.RUNNERS_DIR, 'prism')
 WINDOW = 60.0
@@ -40,8 +42,12 @@ KEYS = ('k0', 'k1', 'k2')
 # Not UTF-8: a valid event once its bad byte is "replaced" (key 'k\ufffd0'), so
 # a reader that decodes with errors='replace' would score it under a corrupted key.
 NOT_UTF8 = b'{"key": "k\xff0", "time": 1230.0, "co2": 331.0}'
-MALFORMED = [b'{"key": "k0", "time": ', b'{"key": "k1", "co2": 331.0}', b'{"key": "k2", "time": 1000, "co2": "high"}',
-             NOT_UTF8]
+MALFORMED = [
+  b'{"key": "k0", "time": ',
+  b'{"key": "k1", "co2": 331.0}',
+  b'{"key": "k2", "time": 1000, "co2": "high"}',
+  NOT_UTF8,
+]
 
 
 def _events():
@@ -49,9 +55,14 @@ def _events():
   rng = np.random.default_rng(7)
   events = []
   for k, key in enumerate(KEYS):
-    for i in range(10 + 3 * k):
-      events.append({'key': key, 'time': 1200.0 + round(float(rng.uniform(0, 2 * WINDOW)), 3),
-                     'co2': round(330.0 + k + float(rng.normal()), 3)})
+    for _i in range(10 + 3 * k):
+      events.append(
+        {
+          'key': key,
+          'time': 1200.0 + round(float(rng.uniform(0, 2 * WINDOW)), 3),
+          'co2': round(330.0 + k + float(rng.normal()), 3),
+        }
+      )
   events.append({'key': 'lonely', 'time': 1250.0, 'co2': 340.0})
   order = rng.permutation(len(events))
   return [events[i] for i in order]
@@ -65,10 +76,12 @@ def broker():
 
 def _produce(broker, topic, events, malformed):
   from confluent_kafka import Producer
+
   producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 5})
   for event in events:
-    producer.produce(topic, json.dumps(event).encode(), key=event['key'].encode(),
-                     timestamp=int(round(event['time'] * 1000)))
+    producer.produce(
+      topic, json.dumps(event).encode(), key=event['key'].encode(), timestamp=int(round(event['time'] * 1000))
+    )
   for line in malformed:
     producer.produce(topic, line, timestamp=1_230_000)
   assert producer.flush(30) == 0
@@ -81,8 +94,15 @@ def _consume_all(broker, topic, deadline_s=120.0):
   loaded machine cannot cut the read short.
   """
   from confluent_kafka import Consumer, TopicPartition
-  consumer = Consumer({'bootstrap.servers': broker.bootstrap, 'group.id': f'check-{topic}-{time.time()}',
-                       'enable.auto.commit': False, 'log_level': 0})
+
+  consumer = Consumer(
+    {
+      'bootstrap.servers': broker.bootstrap,
+      'group.id': f'check-{topic}-{time.time()}',
+      'enable.auto.commit': False,
+      'log_level': 0,
+    }
+  )
   records, deadline = [], time.monotonic() + deadline_s
   try:
     partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
@@ -103,8 +123,21 @@ def _consume_all(broker, topic, deadline_s=120.0):
 
 
 def _flags(model_dir):
-  return ['--model_dir', model_dir, '--event_value_fields', 'co2', '--window', 'fixed',
-          '--window_size', str(WINDOW), '--seq_len', '64', '--min_length', '2', '--forecast']
+  return [
+    '--model_dir',
+    model_dir,
+    '--event_value_fields',
+    'co2',
+    '--window',
+    'fixed',
+    '--window_size',
+    str(WINDOW),
+    '--seq_len',
+    '64',
+    '--min_length',
+    '2',
+    '--forecast',
+  ]
 
 
 @pytest.mark.slow
@@ -116,9 +149,20 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
   broker.create_topic('scores-failed')
   _produce(broker, 'events', events, MALFORMED)
 
-  score_sequences.run([
-      '--streaming', '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'events',
-      '--kafka_output_topic', 'scores', '--kafka_stop_after_idle_secs', '3', *_flags(model_dir)])
+  score_sequences.run(
+    [
+      '--streaming',
+      '--kafka_bootstrap',
+      broker.bootstrap,
+      '--kafka_topic',
+      'events',
+      '--kafka_output_topic',
+      'scores',
+      '--kafka_stop_after_idle_secs',
+      '3',
+      *_flags(model_dir),
+    ]
+  )
   scores, failed = _consume_all(broker, 'scores'), _consume_all(broker, 'scores-failed')
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path)
 
@@ -137,11 +181,30 @@ def test_kafkaio_on_flink_accounts_for_every_event(broker, co2_lstm_dir, tmp_pat
     broker.create_topic(topic)
   _produce(broker, 'xevents', events, MALFORMED)
   with kafka_io.flink_with_kafka_io(str(tmp_path)) as (job_endpoint, expansion_service):
-    score_sequences.run([
-        '--streaming', '--runner', 'FlinkRunner', '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK',
-        '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'xevents', '--kafka_output_topic', 'xscores',
-        '--kafka_reader', 'xlang', '--kafka_expansion_service', expansion_service,
-        '--kafka_max_records', str(len(events) + len(MALFORMED)), *_flags(co2_lstm_dir)])
+    score_sequences.run(
+      [
+        '--streaming',
+        '--runner',
+        'FlinkRunner',
+        '--job_endpoint',
+        job_endpoint,
+        '--environment_type',
+        'LOOPBACK',
+        '--kafka_bootstrap',
+        broker.bootstrap,
+        '--kafka_topic',
+        'xevents',
+        '--kafka_output_topic',
+        'xscores',
+        '--kafka_reader',
+        'xlang',
+        '--kafka_expansion_service',
+        expansion_service,
+        '--kafka_max_records',
+        str(len(events) + len(MALFORMED)),
+        *_flags(co2_lstm_dir),
+      ]
+    )
   scores, failed = _consume_all(broker, 'xscores'), _consume_all(broker, 'xscores-failed')
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, co2_lstm_dir, tmp_path)
 
@@ -163,6 +226,7 @@ def test_kafkaio_on_flink_scores_while_events_keep_arriving(broker, co2_lstm_dir
 
   def produce_steadily():
     from confluent_kafka import Producer
+
     producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 1, 'log_level': 0})
     rng, start, sent = np.random.default_rng(3), time.time(), 0
     producing.set()
@@ -178,14 +242,42 @@ def test_kafkaio_on_flink_scores_while_events_keep_arriving(broker, co2_lstm_dir
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
   sender = threading.Thread(target=produce_steadily, daemon=True)
-  with kafka_io.flink_with_kafka_io(str(tmp_path)) as (job_endpoint, expansion_service), \
-       open(tmp_path / 'pipeline.log', 'wb') as log:
-    pipeline = subprocess.Popen([
-        sys.executable, '-m', 'pipelines.score_sequences', '--streaming', '--runner', 'FlinkRunner',
-        '--job_endpoint', job_endpoint, '--environment_type', 'LOOPBACK', '--kafka_bootstrap', broker.bootstrap,
-        '--kafka_topic', 'sevents', '--kafka_output_topic', 'sscores', '--kafka_reader', 'xlang',
-        '--kafka_expansion_service', expansion_service, '--max_bundle_time_mills', '10', *_flags(co2_lstm_dir)],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  with (
+    kafka_io.flink_with_kafka_io(str(tmp_path)) as (job_endpoint, expansion_service),
+    open(tmp_path / 'pipeline.log', 'wb') as log,
+  ):
+    pipeline = subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'pipelines.score_sequences',
+        '--streaming',
+        '--runner',
+        'FlinkRunner',
+        '--job_endpoint',
+        job_endpoint,
+        '--environment_type',
+        'LOOPBACK',
+        '--kafka_bootstrap',
+        broker.bootstrap,
+        '--kafka_topic',
+        'sevents',
+        '--kafka_output_topic',
+        'sscores',
+        '--kafka_reader',
+        'xlang',
+        '--kafka_expansion_service',
+        expansion_service,
+        '--max_bundle_time_mills',
+        '10',
+        *_flags(co2_lstm_dir),
+      ],
+      cwd=root,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     try:
       sender.start()
       producing.wait(30)
@@ -218,8 +310,9 @@ def _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_
   assert set(final) | short == set(per_window)
   for (key, start), window_events in per_window.items():
     if (key, start) in short:
-      assert len(window_events) < 2, sorted((s['pane_index'], s['pane'], s['length']) for s in scores
-                                            if (s['key'], s['window_start']) == (key, start))
+      assert len(window_events) < 2, sorted(
+        (s['pane_index'], s['pane'], s['length']) for s in scores if (s['key'], s['window_start']) == (key, start)
+      )
       continue
     record = final[(key, start)]
     assert record['length'] == len(window_events)
@@ -248,8 +341,15 @@ def _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_
 def _wait_for(broker, topic, predicate, deadline_s=180.0):
   """Polls `topic` until a record satisfies `predicate` (bounded); returns it or None."""
   from confluent_kafka import Consumer
-  consumer = Consumer({'bootstrap.servers': broker.bootstrap, 'group.id': f'wait-{topic}-{time.time()}',
-                       'auto.offset.reset': 'earliest', 'log_level': 0})
+
+  consumer = Consumer(
+    {
+      'bootstrap.servers': broker.bootstrap,
+      'group.id': f'wait-{topic}-{time.time()}',
+      'auto.offset.reset': 'earliest',
+      'log_level': 0,
+    }
+  )
   consumer.subscribe([topic])
   deadline = time.monotonic() + deadline_s
   try:
@@ -282,21 +382,35 @@ def test_kafka_late_events_on_prism_go_to_late(broker, co2_lstm_dir):
   closed = {}
 
   def send_late_once_closed():  # beside the pipeline: Prism's job server must start on the main thread
-    closed['pane'] = _wait_for(broker, 'live-scores', lambda r: r['key'] == 'k1' and r['window_start'] == 1200.0
-                               and r['pane'] == 'ON_TIME')
+    closed['pane'] = _wait_for(
+      broker, 'live-scores', lambda r: r['key'] == 'k1' and r['window_start'] == 1200.0 and r['pane'] == 'ON_TIME'
+    )
     _produce(broker, 'live', late, [])
 
   sender = threading.Thread(target=send_late_once_closed)
   sender.start()
-  score_sequences.run([
-      '--streaming', '--runner', 'PrismRunner', '--prism_location', PRISM,
-      '--kafka_bootstrap', broker.bootstrap, '--kafka_topic', 'live', '--kafka_output_topic', 'live-scores',
-      '--kafka_stop_after_idle_secs', '20', *_flags(co2_lstm_dir)])
+  score_sequences.run(
+    [
+      '--streaming',
+      '--runner',
+      'PrismRunner',
+      '--prism_location',
+      PRISM,
+      '--kafka_bootstrap',
+      broker.bootstrap,
+      '--kafka_topic',
+      'live',
+      '--kafka_output_topic',
+      'live-scores',
+      '--kafka_stop_after_idle_secs',
+      '20',
+      *_flags(co2_lstm_dir),
+    ]
+  )
   sender.join()
   assert closed['pane'] is not None, 'window [1200, 1260) never closed'
   scores, failed = _consume_all(broker, 'live-scores'), _consume_all(broker, 'live-scores-failed')
-  assert sorted((f['key'], f['event_time']) for f in failed if f['stage'] == 'late') == [
-      ('k0', 1210.5), ('k1', 1255.0)]
+  assert sorted((f['key'], f['event_time']) for f in failed if f['stage'] == 'late') == [('k0', 1210.5), ('k1', 1255.0)]
   final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
   assert final[('k0', 1200.0)]['length'] == 4 and final[('k1', 1200.0)]['length'] == 4  # late ones not in
   assert not [s for s in scores if s['window_start'] == 1200.0 and s['length'] > 4]

@@ -1,6 +1,7 @@
 """`beam_dl.training.launch`: N processes started together, given their JAX
 environment, and stopped together when one fails or the launcher is
 signalled (plain Python children: no JAX needed to check the process handling)."""
+
 import os
 import signal
 import subprocess
@@ -26,8 +27,10 @@ def alive(pid: int) -> bool:
 
 
 def test_every_process_gets_its_index_and_one_coordinator(tmp_path):
-  code = ("import os; e = os.environ; open(os.path.join(%r, e['JAX_PROCESS_ID']), 'w').write("
-          "e['JAX_COORDINATOR_ADDRESS'] + ' ' + e['JAX_NUM_PROCESSES'])" % str(tmp_path))
+  code = (
+    "import os; e = os.environ; open(os.path.join(%r, e['JAX_PROCESS_ID']), 'w').write("
+    "e['JAX_COORDINATOR_ADDRESS'] + ' ' + e['JAX_NUM_PROCESSES'])" % str(tmp_path)
+  )
   assert launch.launch_local(python(code), 3) == 0
   written = {name: (tmp_path / name).read_text() for name in os.listdir(tmp_path)}
   assert sorted(written) == ['0', '1', '2']
@@ -35,9 +38,10 @@ def test_every_process_gets_its_index_and_one_coordinator(tmp_path):
 
 
 def test_one_failure_stops_the_others_and_is_the_exit_code(tmp_path):
-  code = ("import os, time; i = os.environ['JAX_PROCESS_ID']; open(os.path.join(%r, 'pid' + i), 'w')"
-          ".write(str(os.getpid())); time.sleep(0.5) if i == '1' else time.sleep(600); raise SystemExit(3)"
-          % str(tmp_path))
+  code = (
+    "import os, time; i = os.environ['JAX_PROCESS_ID']; open(os.path.join(%r, 'pid' + i), 'w')"
+    ".write(str(os.getpid())); time.sleep(0.5) if i == '1' else time.sleep(600); raise SystemExit(3)" % str(tmp_path)
+  )
   t0 = time.monotonic()
   assert launch.launch_local(python(code), 3, grace_s=1) == 3
   assert time.monotonic() - t0 < 60  # the sleepers were stopped, not waited for
@@ -47,8 +51,10 @@ def test_one_failure_stops_the_others_and_is_the_exit_code(tmp_path):
 def test_sigterm_to_the_launcher_stops_every_process(tmp_path):
   child = "import os, time; open(os.path.join(%r, os.environ['JAX_PROCESS_ID']), 'w').write(str(os.getpid())); time.sleep(600)"
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'beam_dl.training.launch', '--processes', '2', '--', *python(child % str(tmp_path))],
-      cwd=ROOT, start_new_session=True)
+    [sys.executable, '-m', 'beam_dl.training.launch', '--processes', '2', '--', *python(child % str(tmp_path))],
+    cwd=ROOT,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + 60
     while len(os.listdir(tmp_path)) < 2 or any((tmp_path / n).stat().st_size == 0 for n in os.listdir(tmp_path)):

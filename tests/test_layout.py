@@ -9,6 +9,7 @@
   other, even lazily.
 - Library code speaks of behaviour, not of the issue that asked for it.
 """
+
 import ast
 import os
 import re
@@ -17,8 +18,20 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROLES = {
-    'beam_fixes', 'cli', 'compression', 'core', 'decoding', 'features', 'formats', 'io', 'models', 'operations',
-    'preprocessing', 'services', 'serving', 'training',
+  'beam_fixes',
+  'cli',
+  'compression',
+  'core',
+  'decoding',
+  'features',
+  'formats',
+  'io',
+  'models',
+  'operations',
+  'preprocessing',
+  'services',
+  'serving',
+  'training',
 }
 
 
@@ -38,13 +51,17 @@ def imported_modules(path: str) -> set[str]:
 
 
 def python_files(folder: str) -> list[str]:
-  return sorted(os.path.join(root, name) for root, _, files in os.walk(os.path.join(REPO, folder))
-                for name in files if name.endswith('.py'))
+  return sorted(
+    os.path.join(root, name)
+    for root, _, files in os.walk(os.path.join(REPO, folder))
+    for name in files
+    if name.endswith('.py')
+  )
 
 
 def module_name(path: str) -> str:
-  rel = os.path.relpath(path, REPO)[:-len('.py')].replace(os.sep, '.')
-  return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+  rel = os.path.relpath(path, REPO)[: -len('.py')].replace(os.sep, '.')
+  return rel[: -len('.__init__')] if rel.endswith('.__init__') else rel
 
 
 BEAM_DL = {module_name(p): p for p in python_files('beam_dl')}
@@ -102,7 +119,7 @@ def _cycle(graph):
     stack.append(node)
     for dep in sorted(graph.get(node, ())):
       if state.get(dep) == 'open':
-        return stack[stack.index(dep):] + [dep]
+        return stack[stack.index(dep) :] + [dep]
       if dep not in state:
         found = visit(dep)
         if found:
@@ -133,8 +150,9 @@ def test_io_holds_io_only():
   assert names == ['__init__.py', 'files.py', 'kafka.py', 'tfrecord.py']
 
 
-ISSUE_REFERENCE = re.compile(r'\b(?:issue|stop|pass) ?#?\d+\b|\bissue #\d+|\b(?:first|second|third|fourth|fifth) pass\b',
-                             re.IGNORECASE)
+ISSUE_REFERENCE = re.compile(
+  r'\b(?:issue|stop|pass) ?#?\d+\b|\bissue #\d+|\b(?:first|second|third|fourth|fifth) pass\b', re.IGNORECASE
+)
 
 UPSTREAM = re.compile(r'Beam issue|apache/beam|BEAM-\d+|Beam PR', re.IGNORECASE)
 

@@ -1,6 +1,7 @@
 """Large local jobs in input shards (beam_dl.operations.local_shards): the plan, and a
 real classify_images job that fails in a shard, is rerun, and ends with the
 outputs of one unsharded run, every input once."""
+
 import json
 import os
 import shutil
@@ -10,10 +11,10 @@ import time
 
 import pytest
 
-from beam_dl.operations import local_shards
-from beam_dl.io import files as files_lib
-from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.cli.options import OptionsError
+from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.io import files as files_lib
+from beam_dl.operations import local_shards
 from pipelines import classify_images
 from tests.imaging import TEXT_NAMED_JPG, digits_uint8, encode, truncated_jpeg
 
@@ -26,11 +27,29 @@ def test_plan_is_consecutive_in_input_order_and_covers_every_path_once():
 
 
 def test_shard_argv_replaces_input_and_output_keeps_the_rest():
-  argv = ['--input', 'a/*', '--shard_files=5', '--model_dir=m', '--output=o/p', '--input_format', 'files',
-          '--shard_files', '7', '--max_batch_size', '4']
+  argv = [
+    '--input',
+    'a/*',
+    '--shard_files=5',
+    '--model_dir=m',
+    '--output=o/p',
+    '--input_format',
+    'files',
+    '--shard_files',
+    '7',
+    '--max_batch_size',
+    '4',
+  ]
   assert local_shards.shard_argv(argv, '@list.txt', 'o/p/shard-00000.partial/p', ['--x=1']) == [
-      '--model_dir=m', '--input_format', 'files', '--max_batch_size', '4', '--x=1', '--input=@list.txt',
-      '--output=o/p/shard-00000.partial/p']
+    '--model_dir=m',
+    '--input_format',
+    'files',
+    '--max_batch_size',
+    '4',
+    '--x=1',
+    '--input=@list.txt',
+    '--output=o/p/shard-00000.partial/p',
+  ]
 
 
 def test_inputs_are_what_the_match_lists_and_skips_in_a_fixed_order(tmp_path):
@@ -49,7 +68,9 @@ def test_inputs_are_what_the_match_lists_and_skips_in_a_fixed_order(tmp_path):
   assert list(files_lib.iter_inputs(pattern)) == listed  # the same order every time
   file_list = files_lib.write_file_list(str(tmp_path / 'list.txt'), listed)
   assert file_list == f'@{tmp_path}/list.txt' and list(files_lib.iter_inputs(file_list)) == listed
-  assert files_lib.listed_metadata(listed[0]).path == listed[0] and files_lib.listed_metadata(listed[0]).size_in_bytes == 1
+  assert (
+    files_lib.listed_metadata(listed[0]).path == listed[0] and files_lib.listed_metadata(listed[0]).size_in_bytes == 1
+  )
   assert 'a directory' in files_lib.listed_metadata(listed[1])
   assert 'dangling symlink' in files_lib.listed_metadata(listed[4])
 
@@ -73,8 +94,10 @@ def _write_inputs(folder) -> list[str]:
 
 def _records(prefix_glob: str) -> tuple[list, list]:
   key = lambda r: json.dumps(r, sort_keys=True)
-  return (sorted(read_jsonl(f'{prefix_glob}-[0-9]*-of-*.jsonl'), key=key),
-          sorted(read_jsonl(f'{prefix_glob}_failed-*.jsonl'), key=key))
+  return (
+    sorted(read_jsonl(f'{prefix_glob}-[0-9]*-of-*.jsonl'), key=key),
+    sorted(read_jsonl(f'{prefix_glob}_failed-*.jsonl'), key=key),
+  )
 
 
 class _ShardFails(Exception):
@@ -83,8 +106,9 @@ class _ShardFails(Exception):
 
 def _kill_when_shard_1_runs(argv: list[str], job) -> None:
   """Runs the sharded job as a command and SIGKILLs it while shard 1 runs."""
-  proc = subprocess.Popen([sys.executable, '-m', 'pipelines.classify_images', *argv],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'pipelines.classify_images', *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   try:
     deadline = time.monotonic() + 600
     while not (job / 'shard-00001.partial').exists():
@@ -133,8 +157,14 @@ def test_killed_job_rerun_gives_the_unsharded_outputs_every_input_once(digits_mo
   summary = classify_images.run(argv)
   assert (summary.shards, summary.ran, summary.skipped) == (3, 2, 1)
   assert (summary.inputs, summary.outputs, summary.dead_letters) == (22, 16, 6)
-  assert sorted(os.listdir(job)) == ['inputs', 'shard-00000', 'shard-00001', 'shard-00002', 'shards.json',
-                                     'summary.json']
+  assert sorted(os.listdir(job)) == [
+    'inputs',
+    'shard-00000',
+    'shard-00001',
+    'shard-00002',
+    'shards.json',
+    'summary.json',
+  ]
   predictions, failed = _records(f'{job}/shard-*/pred')
   keys = [r['key'] for r in predictions + failed]
   assert sorted(keys) == paths  # every input once, over all shards

@@ -1,4 +1,5 @@
 """beam_dl.core.lookahead and DecodeImages' decode-ahead: same outputs, order, windows."""
+
 import io
 
 import apache_beam as beam
@@ -9,8 +10,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from PIL import Image
 
-from beam_dl.decoding.images import ImageSpec
 from beam_dl.core.lookahead import Lookahead
+from beam_dl.decoding.images import ImageSpec
 from transforms.images import DecodeImages
 
 
@@ -69,16 +70,17 @@ def test_decode_ahead_keeps_windows_and_dead_letters(ahead):
   inputs = [(f'k{i}', b'not an image' if i % 4 == 3 else _png(i), i * 10) for i in range(9)]
   with TestPipeline() as p:
     decoded = (
-        p
-        | beam.Create(inputs)
-        | beam.Map(lambda e: window.TimestampedValue((e[0], e[1]), e[2]))
-        | beam.WindowInto(window.FixedWindows(25))
-        | DecodeImages(spec, ahead=ahead)
+      p
+      | beam.Create(inputs)
+      | beam.Map(lambda e: window.TimestampedValue((e[0], e[1]), e[2]))
+      | beam.WindowInto(window.FixedWindows(25))
+      | DecodeImages(spec, ahead=ahead)
     )
     images = decoded.decoded | 'Pixel' >> beam.Map(
-        lambda kv, w=beam.DoFn.WindowParam: (kv[0], int(kv[1][0, 0, 0]), kv[1].shape, int(w.start)))
-    failed = decoded.failed | 'Key' >> beam.Map(
-        lambda d, w=beam.DoFn.WindowParam: (d['key'], d['stage'], int(w.start)))
-    assert_that(images, equal_to([(f'k{i}', i, (4, 4, 3), i * 10 // 25 * 25) for i in range(9) if i % 4 != 3]),
-                label='images')
+      lambda kv, w=beam.DoFn.WindowParam: (kv[0], int(kv[1][0, 0, 0]), kv[1].shape, int(w.start))
+    )
+    failed = decoded.failed | 'Key' >> beam.Map(lambda d, w=beam.DoFn.WindowParam: (d['key'], d['stage'], int(w.start)))
+    assert_that(
+      images, equal_to([(f'k{i}', i, (4, 4, 3), i * 10 // 25 * 25) for i in range(9) if i % 4 != 3]), label='images'
+    )
     assert_that(failed, equal_to([(f'k{i}', 'decode', i * 10 // 25 * 25) for i in (3, 7)]), label='failed')

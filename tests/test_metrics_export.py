@@ -3,6 +3,7 @@
 The Grafana dashboard shipped in docs/grafana is checked against the names
 the exporter really emits.
 """
+
 import json
 import os
 import re
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beam_dl.operations import drift
 from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.operations import drift
 from beam_dl.operations.metrics_export import family_name, labelled, parse_labelled
 from beam_dl.services.process import free_port, service_process
 from tests.services import http_ok
@@ -113,14 +114,30 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
 
   x_train, x_test, _, _ = demo.digit_images()
   pixels = x_train.astype(np.float32) / 255.0
-  profile = drift.save_profile(drift.build_profile({
-      'image/brightness': pixels.mean(axis=(1, 2)), 'image/contrast': pixels.std(axis=(1, 2))}),
-      str(tmp_path / 'drift_profile.json'))
+  profile = drift.save_profile(
+    drift.build_profile({'image/brightness': pixels.mean(axis=(1, 2)), 'image/contrast': pixels.std(axis=(1, 2))}),
+    str(tmp_path / 'drift_profile.json'),
+  )
   out = str(tmp_path / 'out' / 'pred')
   port = free_port()
-  argv = ['--input', _write_inputs(tmp_path / 'in', x_test[:N_IMAGES]), '--output', out,
-          '--model_dir', digits_model_dir, '--runner', 'FnApiRunner', '--drift_profile', profile,
-          '--metrics_port', str(port), '--metrics_poll_secs', '0.5', '--metrics_linger_secs', '600']
+  argv = [
+    '--input',
+    _write_inputs(tmp_path / 'in', x_test[:N_IMAGES]),
+    '--output',
+    out,
+    '--model_dir',
+    digits_model_dir,
+    '--runner',
+    'FnApiRunner',
+    '--drift_profile',
+    profile,
+    '--metrics_port',
+    str(port),
+    '--metrics_poll_secs',
+    '0.5',
+    '--metrics_linger_secs',
+    '600',
+  ]
   text, errors, job = _run_and_scrape_final(classify_images.run, argv, port)
   assert not errors and not job.is_alive() and text, (errors, text)
   with pytest.raises((urllib.error.URLError, ConnectionError)):
@@ -142,35 +159,64 @@ def test_classify_images_serves_beam_metrics_to_prometheus(digits_model_dir, tmp
 
   # Every metric the dashboard charts is one the exporter emits (score_sequences' ones below).
   emitted = set(samples) | {f.name for f in text_string_to_metric_families(text)}
-  sequences_only = {'beam_dl_score_sequences_scored_total', 'beam_dl_score_sequences_latency_p50_ms',
-                    'beam_dl_score_sequences_latency_p99_ms', 'beam_dl_score_sequences_latency_ms_max',
-                    'beam_dl_drift_alerts_total'}
+  sequences_only = {
+    'beam_dl_score_sequences_scored_total',
+    'beam_dl_score_sequences_latency_p50_ms',
+    'beam_dl_score_sequences_latency_p99_ms',
+    'beam_dl_score_sequences_latency_ms_max',
+    'beam_dl_drift_alerts_total',
+  }
   assert _dashboard_metric_names() - emitted == sequences_only
-
-
 
 
 @pytest.mark.slow
 def test_score_sequences_serves_latency_drift_and_alerts(tmp_path):
   """The streaming-side metrics of the dashboard, from a batch score_sequences run on CO2."""
-  from pipelines import score_sequences, score_sequences_demo as demo
+  from pipelines import score_sequences
+  from pipelines import score_sequences_demo as demo
 
   times, values = demo.load_series()
   n = 600
   model = str(tmp_path / 'model')
   demo.train_model(model, values[:n], steps=20, cell='gru', pooling='last')
-  profile = drift.save_profile(drift.build_profile({'co2': values[:n][np.isfinite(values[:n])]}),
-                               str(tmp_path / 'drift_profile.json'))
+  profile = drift.save_profile(
+    drift.build_profile({'co2': values[:n][np.isfinite(values[:n])]}), str(tmp_path / 'drift_profile.json')
+  )
   events = tmp_path / 'events.jsonl'
   with open(events, 'w') as f:  # the next 300 weeks: CO2 has risen past the reference range
-    for t, v in zip(times[n:n + 300], values[n:n + 300]):
+    for t, v in zip(times[n : n + 300], values[n : n + 300]):
       f.write(json.dumps({'key': 'mauna_loa', 'time': float(t), 'co2': None if np.isnan(v) else float(v)}) + '\n')
   out = str(tmp_path / 'scores')
   port = free_port()
-  argv = ['--input', str(events), '--output', out, '--model_dir', model, '--event_value_fields', 'co2',
-          '--window', 'sliding', '--window_size', str(12 * demo.WEEK), '--window_period', str(demo.WEEK),
-          '--seq_len', '12', '--forecast', '--min_length', '8', '--runner', 'FnApiRunner',
-          '--drift_profile', profile, '--metrics_port', str(port), '--metrics_linger_secs', '600']
+  argv = [
+    '--input',
+    str(events),
+    '--output',
+    out,
+    '--model_dir',
+    model,
+    '--event_value_fields',
+    'co2',
+    '--window',
+    'sliding',
+    '--window_size',
+    str(12 * demo.WEEK),
+    '--window_period',
+    str(demo.WEEK),
+    '--seq_len',
+    '12',
+    '--forecast',
+    '--min_length',
+    '8',
+    '--runner',
+    'FnApiRunner',
+    '--drift_profile',
+    profile,
+    '--metrics_port',
+    str(port),
+    '--metrics_linger_secs',
+    '600',
+  ]
   text, errors, _ = _run_and_scrape_final(score_sequences.run, argv, port)
   assert not errors and text, errors
   samples = _samples(text)
@@ -191,8 +237,12 @@ def pushgateway(tmp_path):
   if not os.path.exists(PUSHGATEWAY):
     pytest.skip(f'no Pushgateway at {PUSHGATEWAY}: run `make pushgateway` (or set BEAM_DL_PUSHGATEWAY)')
   address = f'127.0.0.1:{free_port()}'
-  with service_process([PUSHGATEWAY, f'--web.listen-address={address}'], log_path=str(tmp_path / 'pushgateway.log'),
-                       ready=lambda: http_ok(f'http://{address}/-/ready'), timeout_s=60):
+  with service_process(
+    [PUSHGATEWAY, f'--web.listen-address={address}'],
+    log_path=str(tmp_path / 'pushgateway.log'),
+    ready=lambda: http_ok(f'http://{address}/-/ready'),
+    timeout_s=60,
+  ):
     yield address
 
 
@@ -201,9 +251,22 @@ def test_classify_images_pushes_final_metrics_to_a_pushgateway(pushgateway, digi
   from pipelines import classify_images, demo
 
   _, x_test, _, _ = demo.digit_images()
-  classify_images.run(['--input', _write_inputs(tmp_path / 'in', x_test[:20]), '--output', str(tmp_path / 'pred'),
-                       '--model_dir', digits_model_dir, '--runner', 'FnApiRunner',
-                       '--metrics_pushgateway', pushgateway, '--metrics_job', 'digits_test'])
+  classify_images.run(
+    [
+      '--input',
+      _write_inputs(tmp_path / 'in', x_test[:20]),
+      '--output',
+      str(tmp_path / 'pred'),
+      '--model_dir',
+      digits_model_dir,
+      '--runner',
+      'FnApiRunner',
+      '--metrics_pushgateway',
+      pushgateway,
+      '--metrics_job',
+      'digits_test',
+    ]
+  )
   with urllib.request.urlopen(f'http://{pushgateway}/metrics', timeout=10) as response:
     samples = _samples(response.read().decode('utf-8'))
   decoded = [(l, v) for l, v in samples['beam_dl_images_decoded_total'] if l.get('job') == 'digits_test']

@@ -8,6 +8,7 @@ exactly like the local directories they came from, downloaded once per
 process; and the alias watcher turns alias moves into ModelMetadata that
 RunInference follows.
 """
+
 import os
 
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
@@ -24,11 +25,11 @@ from apache_beam.transforms.window import TimestampedValue  # noqa: E402
 from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
 from beam_dl.beam_fixes import side_input_commit  # noqa: E402
+from beam_dl.decoding.images import ImageSpec, decode_image  # noqa: E402
+from beam_dl.formats.jsonl import read_jsonl  # noqa: E402
 from beam_dl.models import checkpoints  # noqa: E402
 from beam_dl.operations import registry_mlflow
 from beam_dl.serving.handler import JaxModelHandler  # noqa: E402
-from beam_dl.decoding.images import ImageSpec, decode_image  # noqa: E402
-from beam_dl.formats.jsonl import read_jsonl  # noqa: E402
 from pipelines import classify_images  # noqa: E402
 from pipelines import train as train_cli  # noqa: E402
 from tests import services  # noqa: E402
@@ -56,7 +57,7 @@ def registered(server, tmp_path_factory, digits_model_dir):
       '--mlflow_experiment', 'beam_dl_tests',
   ])  # fmt: skip
   v2 = registry_mlflow.log_training_run(
-      digits_model_dir, params={'source': 'conftest'}, model_name='digits', tracking_uri=server
+    digits_model_dir, params={'source': 'conftest'}, model_name='digits', tracking_uri=server
   )
   assert v2.uri == 'models:/digits/2'
   return {'workdir': workdir, 'summary': summary, 'v2_dir': digits_model_dir}
@@ -96,7 +97,9 @@ def test_registry_uris_load_the_registered_bytes_once_per_process(server, regist
   for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(local_vars)):
     np.testing.assert_array_equal(a, b)
   # The alias and its version share one download; the handler serves it.
-  assert registry_mlflow.local_model_dir('models:/digits@champion') == registry_mlflow.local_model_dir('models:/digits/1')
+  assert registry_mlflow.local_model_dir('models:/digits@champion') == registry_mlflow.local_model_dir(
+    'models:/digits/1'
+  )
   model = JaxModelHandler('models:/digits/2').load_model()
   assert model.spec == checkpoints.load_spec(registered['v2_dir'])
 
@@ -158,17 +161,19 @@ def test_alias_moves_become_model_metadata(server, registered):
 
   with TestPipeline('FnApiRunner') as p:
     moves = (
-        p
-        | beam.Create([0, 1, 2, 3], reshuffle=False)
-        | 'Promote' >> beam.Map(promote)
-        | registry_mlflow.AliasMoves('digits', 'canary', tracking_uri=server)
+      p
+      | beam.Create([0, 1, 2, 3], reshuffle=False)
+      | 'Promote' >> beam.Map(promote)
+      | registry_mlflow.AliasMoves('digits', 'canary', tracking_uri=server)
     )
     assert_that(
-        moves,
-        equal_to([
-            ModelMetadata('models:/digits/1', 'models:/digits@canary'),
-            ModelMetadata('models:/digits/2', 'models:/digits@canary'),
-        ]),
+      moves,
+      equal_to(
+        [
+          ModelMetadata('models:/digits/1', 'models:/digits@canary'),
+          ModelMetadata('models:/digits/2', 'models:/digits@canary'),
+        ]
+      ),
     )
 
 
@@ -178,11 +183,14 @@ def test_newest_per_firing_keeps_one_element_the_newest():
   stamped = [TimestampedValue(v1, 10), TimestampedValue(v2, 20), TimestampedValue(v2, 20), TimestampedValue(v1, 5)]
   with TestPipeline('FnApiRunner') as p:
     newest = (
-        p
-        | beam.Create(stamped)
-        | beam.WindowInto(window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
-                          accumulation_mode=trigger.AccumulationMode.DISCARDING)
-        | registry_mlflow.NewestPerFiring()
+      p
+      | beam.Create(stamped)
+      | beam.WindowInto(
+        window.GlobalWindows(),
+        trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING,
+      )
+      | registry_mlflow.NewestPerFiring()
     )
     assert_that(newest, equal_to([v2]))
 
@@ -216,12 +224,12 @@ def test_run_inference_follows_the_alias_watcher(server, registered, monkeypatch
 def run_following_the_alias(server, examples, want, start):
   with TestPipeline('FnApiRunner') as p:
     watch = p | registry_mlflow.WatchModelAlias(
-        'digits', 'production', interval=0.5, tracking_uri=server, start_timestamp=start, stop_timestamp=start + 1
+      'digits', 'production', interval=0.5, tracking_uri=server, start_timestamp=start, stop_timestamp=start + 1
     )
     served = (
-        p
-        | beam.Create(examples)
-        | RunInference(KeyedModelHandler(JaxModelHandler('models:/digits/1')), model_metadata_pcoll=watch)
-        | beam.Map(lambda kv: (kv[0], kv[1].model_id, int(np.argmax(kv[1].inference))))
+      p
+      | beam.Create(examples)
+      | RunInference(KeyedModelHandler(JaxModelHandler('models:/digits/1')), model_metadata_pcoll=watch)
+      | beam.Map(lambda kv: (kv[0], kv[1].model_id, int(np.argmax(kv[1].inference))))
     )
     assert_that(served, equal_to([(k, 'models:/digits/2', want[k]) for k in want]))

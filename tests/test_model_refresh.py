@@ -6,6 +6,7 @@ the FnApiRunner): default model A, then B, then a broken checkpoint, then A
 again named by a file path as WatchFilePattern reports it. The broken
 refresh must keep a good model serving (nothing lost) and count the failure.
 """
+
 import math
 import os
 import time
@@ -15,10 +16,10 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelMetadata, RunInference
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import trigger, window
 
 from beam_dl.models import checkpoints
@@ -27,11 +28,11 @@ from tests.models import save_broken_model, save_seeded_model, seeded_variables
 from transforms.inference import RunInferenceWithDeadLetters
 
 SPEC = checkpoints.ModelSpec(
-    name='small_cnn',
-    kwargs={'num_classes': 4, 'features': [4], 'hidden': 8},
-    input_shape=(4, 4, 1),
-    input_dtype='uint8',
-    input_scale=1 / 255,
+  name='small_cnn',
+  kwargs={'num_classes': 4, 'features': [4], 'hidden': 8},
+  input_shape=(4, 4, 1),
+  input_dtype='uint8',
+  input_scale=1 / 255,
 )
 INTERVAL = 10
 
@@ -67,9 +68,9 @@ def served_by(weights):
 
 
 def failures(result):
-  found = result.metrics().query(
-      MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name('model_load_failures')
-  )['counters']
+  found = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name('model_load_failures'))[
+    'counters'
+  ]
   return sum(c.committed for c in found)
 
 
@@ -82,30 +83,31 @@ def test_side_input_refresh_survives_a_broken_checkpoint(models):
   dirs, weights = models
   t0 = INTERVAL * math.floor((time.time() - 100) / INTERVAL)  # window-aligned
   side = [
-      (t0 + 1, ModelMetadata(model_id='', model_name='default')),
-      (t0 + 11, ModelMetadata(model_id=dirs['b'], model_name='b')),
-      (t0 + 21, ModelMetadata(model_id=dirs['broken'], model_name='broken')),
-      (t0 + 31, ModelMetadata(model_id=os.path.join(dirs['a'], checkpoints.SPEC_FILE), model_name='a_again')),
+    (t0 + 1, ModelMetadata(model_id='', model_name='default')),
+    (t0 + 11, ModelMetadata(model_id=dirs['b'], model_name='b')),
+    (t0 + 21, ModelMetadata(model_id=dirs['broken'], model_name='broken')),
+    (t0 + 31, ModelMetadata(model_id=os.path.join(dirs['a'], checkpoints.SPEC_FILE), model_name='a_again')),
   ]
   main = [(f'w{w}e{e}', t0 + 10 * w + 2 + e) for w in range(4) for e in range(3)]
   pipeline = TestPipeline('FnApiRunner')
   metadata = (
-      pipeline
-      | 'Side' >> beam.Create(side)
-      | 'SideTimestamps' >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
-      | 'SideWindows' >> beam.WindowInto(window.FixedWindows(INTERVAL), accumulation_mode=trigger.AccumulationMode.DISCARDING)
-      | 'SideKey' >> beam.Map(lambda m: ('k', m))
-      | 'SideGroup' >> beam.GroupByKey()
-      | 'SideEmit' >> beam.ParDo(_Emit())
+    pipeline
+    | 'Side' >> beam.Create(side)
+    | 'SideTimestamps' >> beam.Map(lambda x: window.TimestampedValue(x[1], x[0]))
+    | 'SideWindows'
+    >> beam.WindowInto(window.FixedWindows(INTERVAL), accumulation_mode=trigger.AccumulationMode.DISCARDING)
+    | 'SideKey' >> beam.Map(lambda m: ('k', m))
+    | 'SideGroup' >> beam.GroupByKey()
+    | 'SideEmit' >> beam.ParDo(_Emit())
   )
   examples = (
-      pipeline
-      | 'Main' >> beam.Create(main)
-      | 'MainTimestamps' >> beam.Map(lambda kt: window.TimestampedValue((kt[0], image(kt[1] - t0)), kt[1]))
-      | 'MainWindows' >> beam.WindowInto(window.FixedWindows(INTERVAL))
-      | 'MainKey' >> beam.Map(lambda kv: ('k', kv))
-      | 'MainGroup' >> beam.GroupByKey()
-      | 'MainEmit' >> beam.ParDo(_Emit())
+    pipeline
+    | 'Main' >> beam.Create(main)
+    | 'MainTimestamps' >> beam.Map(lambda kt: window.TimestampedValue((kt[0], image(kt[1] - t0)), kt[1]))
+    | 'MainWindows' >> beam.WindowInto(window.FixedWindows(INTERVAL))
+    | 'MainKey' >> beam.Map(lambda kv: ('k', kv))
+    | 'MainGroup' >> beam.GroupByKey()
+    | 'MainEmit' >> beam.ParDo(_Emit())
   )
   handler = JaxModelHandler(dirs['a'], max_batch_size=8)
   outputs = examples | RunInferenceWithDeadLetters(handler, model_metadata_pcoll=metadata)
@@ -133,26 +135,24 @@ def test_streaming_refresh_with_test_stream(models):
   options = TestPipeline().get_pipeline_options()
   options.view_as(StandardOptions).streaming = True
   stream = (
-      TestStream(output_tags=['side', 'main'])
-      .add_elements([window.TimestampedValue(ModelMetadata(dirs['b'], 'b'), 1)], tag='side')
-      .add_elements([window.TimestampedValue(('first', image(1)), 5)], tag='main')
-      .advance_watermark_to(10, tag='side')
-      .advance_watermark_to(10, tag='main')
-      .add_elements([window.TimestampedValue(ModelMetadata(dirs['broken'], 'broken'), 11)], tag='side')
-      .add_elements([window.TimestampedValue(('second', image(2)), 15)], tag='main')
-      .advance_watermark_to_infinity(tag='side')
-      .advance_watermark_to_infinity(tag='main')
+    TestStream(output_tags=['side', 'main'])
+    .add_elements([window.TimestampedValue(ModelMetadata(dirs['b'], 'b'), 1)], tag='side')
+    .add_elements([window.TimestampedValue(('first', image(1)), 5)], tag='main')
+    .advance_watermark_to(10, tag='side')
+    .advance_watermark_to(10, tag='main')
+    .add_elements([window.TimestampedValue(ModelMetadata(dirs['broken'], 'broken'), 11)], tag='side')
+    .add_elements([window.TimestampedValue(('second', image(2)), 15)], tag='main')
+    .advance_watermark_to_infinity(tag='side')
+    .advance_watermark_to_infinity(tag='main')
   )
   with beam.Pipeline(runner='DirectRunner', options=options) as pipeline:
     streams = pipeline | stream
     metadata = streams['side'] | 'SideWindows' >> beam.WindowInto(window.FixedWindows(10))
     served = (
-        streams['main']
-        | 'MainWindows' >> beam.WindowInto(window.FixedWindows(10))
-        | RunInference(
-            KeyedModelHandler(JaxModelHandler(dirs['a'], max_batch_size=4)), model_metadata_pcoll=metadata
-        )
-        | beam.Map(served_by(weights))
+      streams['main']
+      | 'MainWindows' >> beam.WindowInto(window.FixedWindows(10))
+      | RunInference(KeyedModelHandler(JaxModelHandler(dirs['a'], max_batch_size=4)), model_metadata_pcoll=metadata)
+      | beam.Map(served_by(weights))
     )
     assert_that(served, equal_to([('first', 'b'), ('second', 'b')]))
 
@@ -166,31 +166,31 @@ def test_streaming_refresh_with_dead_letters(models):
   options = TestPipeline().get_pipeline_options()
   options.view_as(StandardOptions).streaming = True
   stream = (
-      TestStream(output_tags=['side', 'main'])
-      .add_elements([window.TimestampedValue(ModelMetadata(dirs['b'], 'b'), 1)], tag='side')
-      .add_elements([window.TimestampedValue(('first', image(1)), 5)], tag='main')
-      .add_elements([window.TimestampedValue(('bad', np.zeros((3, 3, 1), np.uint8)), 6)], tag='main')
-      .advance_watermark_to(10, tag='side')
-      .advance_watermark_to(10, tag='main')
-      .add_elements([window.TimestampedValue(ModelMetadata(dirs['a'], 'a'), 11)], tag='side')
-      .add_elements([window.TimestampedValue(('second', image(2)), 15)], tag='main')
-      .advance_watermark_to_infinity(tag='side')
-      .advance_watermark_to_infinity(tag='main')
+    TestStream(output_tags=['side', 'main'])
+    .add_elements([window.TimestampedValue(ModelMetadata(dirs['b'], 'b'), 1)], tag='side')
+    .add_elements([window.TimestampedValue(('first', image(1)), 5)], tag='main')
+    .add_elements([window.TimestampedValue(('bad', np.zeros((3, 3, 1), np.uint8)), 6)], tag='main')
+    .advance_watermark_to(10, tag='side')
+    .advance_watermark_to(10, tag='main')
+    .add_elements([window.TimestampedValue(ModelMetadata(dirs['a'], 'a'), 11)], tag='side')
+    .add_elements([window.TimestampedValue(('second', image(2)), 15)], tag='main')
+    .advance_watermark_to_infinity(tag='side')
+    .advance_watermark_to_infinity(tag='main')
   )
   with beam.Pipeline(runner='DirectRunner', options=options) as pipeline:
     streams = pipeline | stream
     metadata = streams['side'] | 'SideWindows' >> beam.WindowInto(window.FixedWindows(10))
     outputs = (
-        streams['main']
-        | 'MainWindows' >> beam.WindowInto(window.FixedWindows(10))
-        | RunInferenceWithDeadLetters(JaxModelHandler(dirs['a'], max_batch_size=4), model_metadata_pcoll=metadata)
+      streams['main']
+      | 'MainWindows' >> beam.WindowInto(window.FixedWindows(10))
+      | RunInferenceWithDeadLetters(JaxModelHandler(dirs['a'], max_batch_size=4), model_metadata_pcoll=metadata)
     )
     served = outputs.predictions | beam.Map(served_by(weights))
     assert_that(served, equal_to([('first', 'b'), ('second', 'a')]), label='served')
     assert_that(
-        outputs.failed | beam.Map(lambda r: (r['key'], r['stage'], 'shape' in r['reason'])),
-        equal_to([('bad', 'inference', True)]),
-        label='dead_letters',
+      outputs.failed | beam.Map(lambda r: (r['key'], r['stage'], 'shape' in r['reason'])),
+      equal_to([('bad', 'inference', True)]),
+      label='dead_letters',
     )
 
 
@@ -211,8 +211,10 @@ def test_refresh_to_mismatched_variables_keeps_the_last_good_model(models, tmp_p
     assert served.model_dir == dirs['b']
     results = handler.run_inference([image(1)], served)
     np.testing.assert_allclose(
-        results[0].inference, np.asarray(SPEC.build().apply(weights[dirs['b']], SPEC.normalize(image(1)[None]))[0]),
-        atol=1e-5)
+      results[0].inference,
+      np.asarray(SPEC.build().apply(weights[dirs['b']], SPEC.normalize(image(1)[None]))[0]),
+      atol=1e-5,
+    )
   assert handler._unreported_load_failures == 0  # reported with the batches above
   with pytest.raises(checkpoints.CheckpointError, match='variables do not match'):
     JaxModelHandler(mismatched).load_model()  # nothing to fall back to: a clear error

@@ -1,4 +1,5 @@
 """ResNet and RNN models: shapes, dtypes, batch norm, remat, masking contract."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ def _count(tree):
 
 
 # --- ResNet -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet50', 25_557_032)])
 def test_resnet_parameter_counts_match_the_reference_architectures(name, expected):
@@ -47,6 +49,7 @@ def test_resnet_tiny_batch_stats_and_remat():
     def loss(p):
       out, updates = model.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats'])
       return jnp.sum(out**2), updates['batch_stats']
+
     return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
 
   plain_grads, stats = grads(plain)
@@ -70,6 +73,7 @@ def test_resnet_params_carry_logical_axis_names():
 
 # --- RNN --------------------------------------------------------------------
 
+
 def _sequences(seed=0, batch=3, steps=6, features=2):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch, steps, features)).astype(np.float32)
@@ -78,15 +82,19 @@ def _sequences(seed=0, batch=3, steps=6, features=2):
   return x, mask
 
 
-@pytest.mark.parametrize('cell,bidirectional,pooling,layers', [
+@pytest.mark.parametrize(
+  'cell,bidirectional,pooling,layers',
+  [
     ('lstm', False, 'last', 1),
     ('gru', True, 'last', 2),
     ('lstm', True, 'mean', 1),
     ('gru', False, 'attention', 1),
-])
+  ],
+)
 def test_rnn_padded_steps_never_change_the_output(cell, bidirectional, pooling, layers):
-  model = models.build('rnn', cell=cell, hidden_size=8, num_layers=layers, bidirectional=bidirectional,
-                       pooling=pooling, num_outputs=3)
+  model = models.build(
+    'rnn', cell=cell, hidden_size=8, num_layers=layers, bidirectional=bidirectional, pooling=pooling, num_outputs=3
+  )
   x, mask = _sequences()
   variables = model.init(jax.random.key(0), x, mask)
   apply = jax.jit(model.apply)
@@ -113,8 +121,16 @@ def test_rnn_last_pooling_equals_running_only_the_valid_prefix():
 
 
 def test_rnn_next_item_head_embeds_item_ids_from_feature_zero():
-  model = models.build('rnn', cell='gru', hidden_size=8, head='next_item', vocab_size=20,
-                       num_outputs=20, pooling='attention', dtype='bfloat16')
+  model = models.build(
+    'rnn',
+    cell='gru',
+    hidden_size=8,
+    head='next_item',
+    vocab_size=20,
+    num_outputs=20,
+    pooling='attention',
+    dtype='bfloat16',
+  )
   ids = np.array([[3, 5, 7, 0], [1, 2, 0, 0]], np.float32)[..., None]
   mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
   variables = model.init(jax.random.key(0), ids, mask)
@@ -137,12 +153,15 @@ def test_rnn_dropout_only_in_training():
   np.testing.assert_array_equal(infer(variables, x, mask), infer(variables, x, mask))
 
 
-@pytest.mark.parametrize('kwargs,message', [
+@pytest.mark.parametrize(
+  'kwargs,message',
+  [
     ({'cell': 'rnn'}, 'cell'),
     ({'pooling': 'max'}, 'pooling'),
     ({'head': 'ranking'}, 'head'),
     ({'head': 'next_item'}, 'vocab_size'),
-])
+  ],
+)
 def test_rnn_rejects_bad_arguments(kwargs, message):
   x, mask = _sequences()
   with pytest.raises(ValueError, match=message):

@@ -14,6 +14,7 @@ refused in a multi-process run.
 Every process started here runs in its own process group with a hard
 timeout; a hang kills the group and fails the test.
 """
+
 import json
 import os
 import re
@@ -31,18 +32,40 @@ from beam_dl.training import datasets, summaries
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 STEPS = 150  # the runlocal config's own length
-TRAIN = ['-m', 'pipelines.train', '--config', 'pipelines/configs/digits_cnn.py:runlocal', '--tensorboard_dir',
-         'tensorboard', '--set', f'num_steps={STEPS}', '--set', 'log_every=10', '--set', 'checkpoint_every=20']
+TRAIN = [
+  '-m',
+  'pipelines.train',
+  '--config',
+  'pipelines/configs/digits_cnn.py:runlocal',
+  '--tensorboard_dir',
+  'tensorboard',
+  '--set',
+  f'num_steps={STEPS}',
+  '--set',
+  'log_every=10',
+  '--set',
+  'checkpoint_every=20',
+]
 
 
 def env(devices: int) -> dict:
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISTRIBUTED_TIMEOUT_S': '20',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_DISTRIBUTED_TIMEOUT_S': '20',
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  }
 
 
 def start(args, log_path, devices=2):
-  return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(devices), stdout=open(log_path, 'w'),
-                          stderr=subprocess.STDOUT, start_new_session=True)
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env(devices),
+    stdout=open(log_path, 'w'),
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
 
 
 def finish(proc, log_path, timeout=TIMEOUT_S) -> tuple[int, str]:
@@ -155,16 +178,34 @@ def test_each_example_once_per_epoch_across_processes(tmp_path):
   out, log_path = tmp_path / 'seen.json', tmp_path / 'data.log'
   epoch_steps, global_batch = 6, 16  # 96 examples
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'beam_dl.training.launch', '--processes', '2', '--', sys.executable, '-m',
-       'tests.multihost_data', str(out), pattern, str(2 * epoch_steps), str(global_batch)],
-      cwd=ROOT, env=env(2), stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, start_new_session=True)
+    [
+      sys.executable,
+      '-m',
+      'beam_dl.training.launch',
+      '--processes',
+      '2',
+      '--',
+      sys.executable,
+      '-m',
+      'tests.multihost_data',
+      str(out),
+      pattern,
+      str(2 * epoch_steps),
+      str(global_batch),
+    ],
+    cwd=ROOT,
+    env=env(2),
+    stdout=open(log_path, 'w'),
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   code, log = finish(proc, log_path, timeout=180)
   assert code == 0, log[-3000:]
   seen = json.loads(out.read_text())
   assert (seen['processes'], seen['devices']) == (2, 4)
   assert seen['pmap'].startswith('sharding.mode=pmap runs in one process, this run has 2'), seen['pmap']
   for epoch in range(2):
-    steps = seen['steps'][epoch * epoch_steps:(epoch + 1) * epoch_steps]
+    steps = seen['steps'][epoch * epoch_steps : (epoch + 1) * epoch_steps]
     assert sorted(n for step in steps for n in step) == list(range(96)), f'epoch {epoch}: not each example once'
   # Process 0 reads shards 0 and 2 and fills rows 0..7 of each global batch; process 1 shards 1, 3 and rows 8..15.
   for step in seen['steps']:

@@ -17,6 +17,7 @@ shares nothing with it. So:
 The EXTERNAL-worker-pool cell of tests/test_runners.py runs every fn of every
 pipeline in separate worker processes end to end.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,13 @@ from tests import runner_matrix as rm
 # Module-level mutable containers that are not state: filled at import, the
 # same in every process, never changed while a pipeline runs.
 ALLOWED_MODULE_CONTAINERS = {
-    'beam_dl.models.registry._FACTORIES': 'model registry, filled by @register at import on every worker',
+  'beam_dl.models.registry._FACTORIES': 'model registry, filled by @register at import on every worker',
 }
 # Per-process caches that running a pipeline may fill: each worker process
 # starts empty and behaves correctly without them.
 ALLOWED_PROCESS_CACHES = {
-    'beam_dl.serving.handler._LAST_GOOD': 'the model dir each handler last loaded in this process: a refresh that '
-                                  'fails falls back to it; a new worker falls back to the constructor\'s dir',
+  'beam_dl.serving.handler._LAST_GOOD': 'the model dir each handler last loaded in this process: a refresh that '
+  "fails falls back to it; a new worker falls back to the constructor's dir",
 }
 MUTABLE = (dict, list, set, bytearray)
 
@@ -60,9 +61,14 @@ def project_modules() -> list:
 
 def project_classes(base: type) -> list[type]:
   return sorted(
-      {obj for m in project_modules() for _, obj in inspect.getmembers(m, inspect.isclass)
-       if issubclass(obj, base) and obj.__module__.split('.')[0] in rm.PROJECT_PACKAGES},
-      key=lambda c: f'{c.__module__}.{c.__qualname__}')
+    {
+      obj
+      for m in project_modules()
+      for _, obj in inspect.getmembers(m, inspect.isclass)
+      if issubclass(obj, base) and obj.__module__.split('.')[0] in rm.PROJECT_PACKAGES
+    },
+    key=lambda c: f'{c.__module__}.{c.__qualname__}',
+  )
 
 
 @pytest.fixture(scope='module')
@@ -116,7 +122,7 @@ def test_fn_classes_are_importable_by_reference():
 
 
 def _decode_fn(graph):
-  (label, fn), = [(l, f) for l, f in rm.graph_fns(graph) if type(f).__name__ == '_DecodeImageFn']
+  ((label, fn),) = [(l, f) for l, f in rm.graph_fns(graph) if type(f).__name__ == '_DecodeImageFn']
   return label, fn
 
 
@@ -124,8 +130,12 @@ def _decode_fn(graph):
 def test_fns_run_in_a_fresh_worker_process(graphs, library, tmp_path):
   """Every fn of ours, from every pipeline, unpickles and sets up in a new
   interpreter; classify_images' decode and model give the same results there."""
-  ours = [(f'{name}:{label}', fn) for name, (_, graph) in graphs.items()
-          for label, fn in rm.graph_fns(graph) if rm.is_project_object(fn)]
+  ours = [
+    (f'{name}:{label}', fn)
+    for name, (_, graph) in graphs.items()
+    for label, fn in rm.graph_fns(graph)
+    if rm.is_project_object(fn)
+  ]
   assert len({label.split(':')[0] for label, _ in ours}) == len(graphs)
   data_dir, graph = graphs['classify_images']
   decode_label, decode_fn = _decode_fn(graph)
@@ -133,8 +143,9 @@ def test_fns_run_in_a_fresh_worker_process(graphs, library, tmp_path):
   images = os.path.join(data_dir, 'images')
   files = ['digit_0000_label7.png', 'digit_0001_label6.jpg', 'broken_truncated.jpg', 'broken_not_an_image.jpg']
   elements = [(f, open(os.path.join(images, f), 'rb').read()) for f in files]
-  (handler,) = {id(h): h for _, fn in rm.graph_fns(graph) for h in _model_handlers(fn)
-                if type(h).__name__ == 'JaxModelHandler'}.values()
+  (handler,) = {
+    id(h): h for _, fn in rm.graph_fns(graph) for h in _model_handlers(fn) if type(h).__name__ == 'JaxModelHandler'
+  }.values()
 
   decode_fn.setup()
   here = rm.run_bundle(decode_fn, elements)
@@ -156,8 +167,11 @@ def test_fns_run_in_a_fresh_worker_process(graphs, library, tmp_path):
 
 
 def _mutable_globals(module) -> dict[str, object]:
-  return {f'{module.__name__}.{name}': value for name, value in vars(module).items()
-          if isinstance(value, MUTABLE) and not (name.startswith('__') and name.endswith('__'))}
+  return {
+    f'{module.__name__}.{name}': value
+    for name, value in vars(module).items()
+    if isinstance(value, MUTABLE) and not (name.startswith('__') and name.endswith('__'))
+  }
 
 
 def test_no_module_level_mutable_state():
@@ -196,8 +210,11 @@ def test_running_a_pipeline_changes_no_module_state(graphs, tmp_path):
   graph.run().wait_until_finish()
   assert rm.read_classify_images(str(tmp_path))['predictions']
   after = _module_state()
-  changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
-             if before.get(k) != after.get(k) and k not in ALLOWED_PROCESS_CACHES}
+  changed = {
+    k: (before.get(k), after.get(k))
+    for k in set(before) | set(after)
+    if before.get(k) != after.get(k) and k not in ALLOWED_PROCESS_CACHES
+  }
   assert not changed, changed
 
 
@@ -227,8 +244,11 @@ def test_our_classes_that_cross_pcollections_have_coders(graphs):
         for cls in _leaf_types(pcoll.element_type):
           if cls.__module__.split('.')[0] in rm.PROJECT_PACKAGES:
             crossing.setdefault(cls, []).append(f'{name}:{node.full_label}')
-  missing = {f'{c.__module__}.{c.__qualname__}': where[:3] for c, where in crossing.items()
-             if isinstance(beam.coders.registry.get_coder(c), fallback)}
+  missing = {
+    f'{c.__module__}.{c.__qualname__}': where[:3]
+    for c, where in crossing.items()
+    if isinstance(beam.coders.registry.get_coder(c), fallback)
+  }
   assert not missing, f'register a coder (beam.coders.registry.register_coder) for: {missing}'
 
 

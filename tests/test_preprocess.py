@@ -4,6 +4,7 @@ One preprocessing pipeline per kind (real digit images with two broken
 files; JSON-lines events with bad lines), shared by the tests of that kind:
 tf.Transform pipelines take ~15 s each on 2 cores.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,9 +17,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl.formats.jsonl import read_jsonl
-from beam_dl.formats import image_example
 from beam_dl.decoding.images import decode_image
+from beam_dl.formats import image_example
+from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.preprocessing import canonical, schemas
 from beam_dl.preprocessing import stats as stats_lib
 from beam_dl.training import input_pipeline
@@ -37,10 +38,15 @@ def images_run(tmp_path_factory):
   paths = demo.write_images(str(root / 'images'), x[:NUM_IMAGES], y[:NUM_IMAGES])
   demo.write_broken_inputs(str(root / 'images'))
   transform_dir, output = str(root / 'transform'), str(root / 'out' / 'train')
-  _, analysed = preprocess.run([
-      f'--input={root}/images/*', f'--transform_dir={transform_dir}', f'--output={output}',
-      '--preprocess_image_shape=8,8,1', '--runner=FnApiRunner',
-  ])
+  _, analysed = preprocess.run(
+    [
+      f'--input={root}/images/*',
+      f'--transform_dir={transform_dir}',
+      f'--output={output}',
+      '--preprocess_image_shape=8,8,1',
+      '--runner=FnApiRunner',
+    ]
+  )
   pixels = {p: decode_image(open(p, 'rb').read(), canonical.image_spec_for((8, 8, 1))) for p in paths}
   return dict(root=root, paths=paths, transform_dir=transform_dir, output=output, analysed=analysed, pixels=pixels)
 
@@ -73,7 +79,9 @@ def test_image_training_records_are_z_scores_with_labels(images_run):
     assert records[path]['label'] == canonical.label_from_name(path)
   # The trainer's input pipeline reads the same records (DataConfig kind 'transformed').
   cfg = DataConfig(kind='transformed', transform_dir=images_run['transform_dir'], features=('image',), shape=(8, 8, 1))
-  (batch,) = input_pipeline.make_dataset(cfg, images_run['output'] + '-*.tfrecord', 1000, train=False).as_numpy_iterator()
+  (batch,) = input_pipeline.make_dataset(
+    cfg, images_run['output'] + '-*.tfrecord', 1000, train=False
+  ).as_numpy_iterator()
   assert batch['inputs'].shape == (NUM_IMAGES, 8, 8, 1) and batch['inputs'].dtype == np.float32
   np.testing.assert_array_equal(batch['inputs'], np.stack([r['image'].reshape(8, 8, 1) for r in records.values()]))
   np.testing.assert_array_equal(batch['label'], [r['label'] for r in records.values()])
@@ -98,7 +106,9 @@ def test_serving_pipeline_gives_the_training_features(images_run):
     files = (files, p | 'Broken' >> beam.Create([('bad.png', b'not an image')])) | beam.Flatten()
     out = files | pp.TransformImagesForInference(images_run['transform_dir'], batch_size=32)
     assert_that(out.inputs, matches)
-    assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('bad.png', 'decode')]), label='Failed')
+    assert_that(
+      out.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('bad.png', 'decode')]), label='Failed'
+    )
 
   # The JAX equivalent from the analysed statistics, and the folded ModelSpec.
   raw = np.stack([images_run['pixels'][p] for p, _ in expected])
@@ -114,11 +124,17 @@ def test_apply_saved_transform_dead_letters_bad_records(images_run):
   good = image_example.encode_image_example('ok', images_run['pixels'][images_run['paths'][0]], 3)
   wrong_size = image_example.encode_image_example('small', np.zeros((4, 4, 1), np.uint8), 1)
   with TestPipeline(runner='FnApiRunner') as p:
-    out = p | beam.Create([('ok', good), ('small', wrong_size), ('junk', b'\x00junk')]) | pp.ApplySavedTransform(
-        images_run['transform_dir'])
+    out = (
+      p
+      | beam.Create([('ok', good), ('small', wrong_size), ('junk', b'\x00junk')])
+      | pp.ApplySavedTransform(images_run['transform_dir'])
+    )
     assert_that(out.transformed | beam.Map(lambda kv: (kv[0], int(kv[1]['label']))), equal_to([('ok', 3)]))
-    assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])),
-                equal_to([('small', 'transform'), ('junk', 'transform')]), label='Failed')
+    assert_that(
+      out.failed | beam.Map(lambda f: (f['key'], f['stage'])),
+      equal_to([('small', 'transform'), ('junk', 'transform')]),
+      label='Failed',
+    )
 
 
 def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
@@ -134,15 +150,17 @@ def test_canonical_image_records_accept_both_formats_and_reject_bad_ones():
   encoded = image_example.encode_file_example('k7', png.getvalue(), 7)
   decoded = image_example.encode_image_example('k7', image, 7)
   for record in (encoded, decoded):
-    parsed = tf.io.parse_example([canonical.image_record_to_raw(record, spec, 'fallback')], schemas.image_feature_spec())
+    parsed = tf.io.parse_example(
+      [canonical.image_record_to_raw(record, spec, 'fallback')], schemas.image_feature_spec()
+    )
     assert parsed['key'].numpy()[0] == b'k7' and parsed['label'].numpy()[0] == 7
     assert np.array_equal(np.frombuffer(parsed['image/raw'].numpy()[0], np.uint8).reshape(8, 8, 1), image)
   bad = {
-      'wrong shape': image_example.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
-      'not an example': b'\xff\x00garbage',
-      'no image': tf.train.Example().SerializeToString(),
+    'wrong shape': image_example.encode_image_example('k', np.zeros((4, 4, 1), np.uint8)),
+    'not an example': b'\xff\x00garbage',
+    'no image': tf.train.Example().SerializeToString(),
   }
-  for name, record in bad.items():
+  for _name, record in bad.items():
     with pytest.raises(canonical.CanonicalError):
       canonical.image_record_to_raw(record, spec, 'fallback')
 
@@ -166,10 +184,15 @@ def write_events(path: str, seed: int = 0) -> dict:
     n = int(rng.integers(1, 13))
     times = np.sort(rng.choice(1000, n, replace=False)).astype(float)
     events = [
-        {'user': f'u{u:02d}', 'ts': t, 'amount': float(np.round(rng.gamma(2.0, 10.0), 3)),
-         'duration': float(np.round(rng.normal(5, 2), 3)), 'item': str(rng.choice(ITEMS, p=weights / weights.sum())),
-         'label': int(u % 3)}
-        for t in times
+      {
+        'user': f'u{u:02d}',
+        'ts': t,
+        'amount': float(np.round(rng.gamma(2.0, 10.0), 3)),
+        'duration': float(np.round(rng.normal(5, 2), 3)),
+        'item': str(rng.choice(ITEMS, p=weights / weights.sum())),
+        'label': int(u % 3),
+      }
+      for t in times
     ]
     users[f'u{u:02d}'] = events
     lines.extend(json.dumps(e) for e in events)
@@ -188,12 +211,21 @@ def sequences_run(tmp_path_factory):
   counts = collections.Counter(e['item'] for events in users.values() for e in events)
   assert len(set(counts.values())) == len(counts), counts
   transform_dir, output = str(root / 'transform'), str(root / 'out' / 'train')
-  _, analysed = preprocess.run([
-      f'--input={root}/events.jsonl', f'--transform_dir={transform_dir}', f'--output={output}',
-      '--preprocess_kind=sequences', '--preprocess_value_fields=amount,duration', '--preprocess_key_field=user',
-      '--preprocess_time_field=ts', '--preprocess_id_field=item', '--preprocess_label_field=label',
-      '--preprocess_length_buckets=3', '--runner=FnApiRunner',
-  ])
+  _, analysed = preprocess.run(
+    [
+      f'--input={root}/events.jsonl',
+      f'--transform_dir={transform_dir}',
+      f'--output={output}',
+      '--preprocess_kind=sequences',
+      '--preprocess_value_fields=amount,duration',
+      '--preprocess_key_field=user',
+      '--preprocess_time_field=ts',
+      '--preprocess_id_field=item',
+      '--preprocess_label_field=label',
+      '--preprocess_length_buckets=3',
+      '--runner=FnApiRunner',
+    ]
+  )
   return dict(users=users, counts=counts, transform_dir=transform_dir, output=output, analysed=analysed)
 
 
@@ -236,9 +268,13 @@ def test_sequence_records_and_serving_agree(sequences_run):
 
   # Serving: the same events -> canonical raw example -> saved graph.
   raw = [
-      (user, schemas.sequence_raw_example(
-          user, [[e['amount'], e['duration']] for e in events], [e['item'] for e in events], events[-1]['label']))
-      for user, events in users.items()
+    (
+      user,
+      schemas.sequence_raw_example(
+        user, [[e['amount'], e['duration']] for e in events], [e['item'] for e in events], events[-1]['label']
+      ),
+    )
+    for user, events in users.items()
   ]
   served = {}
 
@@ -252,9 +288,12 @@ def test_sequence_records_and_serving_agree(sequences_run):
   # The trainer's input pipeline: per-step features stacked (ids first), the
   # most recent max_len steps kept, padded and masked.
   features = ('ids', 'values_0', 'values_1')
-  cfg = DataConfig(kind='transformed', transform_dir=sequences_run['transform_dir'],
-                   features=features, shape=(None, 3), max_len=8)
-  (batch,) = input_pipeline.make_dataset(cfg, sequences_run['output'] + '-*.tfrecord', 100, train=False).as_numpy_iterator()
+  cfg = DataConfig(
+    kind='transformed', transform_dir=sequences_run['transform_dir'], features=features, shape=(None, 3), max_len=8
+  )
+  (batch,) = input_pipeline.make_dataset(
+    cfg, sequences_run['output'] + '-*.tfrecord', 100, train=False
+  ).as_numpy_iterator()
   assert batch['inputs'].shape == (len(users), 8, 3)
   trainer_inputs = {}
   for i, (user, row) in enumerate(records.items()):
@@ -274,9 +313,13 @@ def test_sequence_records_and_serving_agree(sequences_run):
   vocabulary = tft.TFTransformOutput(sequences_run['transform_dir']).vocabulary_by_name('item')
   assert [t.decode() for t in vocabulary] == analysed['vocabulary/item/top']
   sequences = [
-      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
-                     label=events[-1]['label'], meta={'raw_ids': np.array([e['item'] for e in events], object)})
-      for user, events in users.items()
+    SequenceRecord(
+      user,
+      np.array([[e['amount'], e['duration']] for e in events], np.float32),
+      label=events[-1]['label'],
+      meta={'raw_ids': np.array([e['item'] for e in events], object)},
+    )
+    for user, events in users.items()
   ] + [SequenceRecord('new', np.ones((2, 2), np.float32), meta={'raw_ids': np.array(['banana', 'zucchini'], object)})]
 
   def as_trainer(actual):
@@ -290,7 +333,8 @@ def test_sequence_records_and_serving_agree(sequences_run):
     out = p | beam.Create(raw) | pp.ApplySavedTransform(sequences_run['transform_dir'], batch_size=8)
     assert_that(out.transformed, matches)
     for_model = (p | 'Sequences' >> beam.Create(sequences)) | pp.TransformSequencesForInference(
-        sequences_run['transform_dir'], features, max_len=8)
+      sequences_run['transform_dir'], features, max_len=8
+    )
     assert_that(for_model.inputs, as_trainer, label='AsTrainer')
 
 
@@ -302,20 +346,33 @@ def test_sequence_model_trained_on_records_serves_through_transform(sequences_ru
   import jax
   import tensorflow_transform as tft
 
+  from beam_dl.decoding.sequences import SequenceRecord
   from beam_dl.models import checkpoints
   from beam_dl.serving.handler import JaxModelHandler
-  from beam_dl.decoding.sequences import SequenceRecord
   from beam_dl.training import TrainConfig, train_and_evaluate
   from beam_dl.training.summaries import read_scalars
   from transforms.inference import RunInferenceWithDeadLetters
 
   users, transform_dir = sequences_run['users'], sequences_run['transform_dir']
   num_ids = len(tft.TFTransformOutput(transform_dir).vocabulary_by_name('item')) + 1  # + the OOV id
-  data = DataConfig(kind='transformed', transform_dir=transform_dir, train_files=sequences_run['output'] + '-*.tfrecord',
-                    features=('ids', 'values_0', 'values_1'), shape=(None, 3), max_len=8, shuffle_buffer=64)
-  cfg = TrainConfig(model='rnn', model_kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3,
-                                               'vocab_size': num_ids, 'embed_size': 4},
-                    data=data, batch_size=10, num_steps=40, learning_rate=1e-2, log_every=10)
+  data = DataConfig(
+    kind='transformed',
+    transform_dir=transform_dir,
+    train_files=sequences_run['output'] + '-*.tfrecord',
+    features=('ids', 'values_0', 'values_1'),
+    shape=(None, 3),
+    max_len=8,
+    shuffle_buffer=64,
+  )
+  cfg = TrainConfig(
+    model='rnn',
+    model_kwargs={'cell': 'gru', 'hidden_size': 16, 'num_outputs': 3, 'vocab_size': num_ids, 'embed_size': 4},
+    data=data,
+    batch_size=10,
+    num_steps=40,
+    learning_rate=1e-2,
+    log_every=10,
+  )
   summary = train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   losses = [loss for _, loss in read_scalars(summary['tensorboard_dir'])['train']['loss']]
   assert len(losses) == 4 and losses[-1] < losses[0], losses
@@ -327,9 +384,12 @@ def test_sequence_model_trained_on_records_serves_through_transform(sequences_ru
   logits = jax.jit(lambda v, x, m: spec.build().apply(v, x, m))(variables, batch['inputs'], batch['mask'])
   want = dict(zip(records, np.asarray(logits)))
   sequences = [
-      SequenceRecord(user, np.array([[e['amount'], e['duration']] for e in events], np.float32),
-                     meta={'raw_ids': np.array([e['item'] for e in events], object)})
-      for user, events in users.items()
+    SequenceRecord(
+      user,
+      np.array([[e['amount'], e['duration']] for e in events], np.float32),
+      meta={'raw_ids': np.array([e['item'] for e in events], object)},
+    )
+    for user, events in users.items()
   ]
 
   def close_to_trainer(actual):
@@ -339,7 +399,9 @@ def test_sequence_model_trained_on_records_serves_through_transform(sequences_ru
       np.testing.assert_allclose(actual[user], expected, rtol=1e-4, atol=1e-4, err_msg=user)
 
   with TestPipeline(runner='FnApiRunner') as p:
-    inputs = (p | beam.Create(sequences)) | pp.TransformSequencesForInference(transform_dir, data.features, data.max_len)
+    inputs = (p | beam.Create(sequences)) | pp.TransformSequencesForInference(
+      transform_dir, data.features, data.max_len
+    )
     scored = inputs.inputs | RunInferenceWithDeadLetters(JaxModelHandler(summary['model_dir'], max_batch_size=16))
     assert_that(scored.predictions | beam.Map(lambda kv: (kv[0], np.asarray(kv[1].inference))), close_to_trainer)
 
@@ -348,9 +410,9 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
   """TFRecords of SequenceExample -> scale_to_0_1 values, matching numpy and JAX."""
   import tensorflow as tf
 
-  from beam_dl.preprocessing import tft_jax
-  from beam_dl.formats.sequence_example import encode_sequence_example
   from beam_dl.decoding.sequences import SequenceRecord
+  from beam_dl.formats.sequence_example import encode_sequence_example
+  from beam_dl.preprocessing import tft_jax
 
   rng = np.random.default_rng(1)
   sequences = {}
@@ -358,17 +420,27 @@ def test_sequence_examples_with_min_max_scaling(tmp_path):
     for s in range(12):
       length = int(rng.integers(2, 9))
       record = SequenceRecord(
-          key=f's{s}', values=rng.normal(size=(length, 2)).astype(np.float32) * [1, 50],
-          ids=rng.integers(0, 4, size=length).astype(np.int64), label=s % 2)
+        key=f's{s}',
+        values=rng.normal(size=(length, 2)).astype(np.float32) * [1, 50],
+        ids=rng.integers(0, 4, size=length).astype(np.int64),
+        label=s % 2,
+      )
       sequences[record.key] = record
       writer.write(encode_sequence_example(record))
     writer.write(b'not a sequence example')
   transform_dir, output = str(tmp_path / 'transform'), str(tmp_path / 'out' / 'seq')
-  _, analysed = preprocess.run([
-      f'--input={tmp_path}/seq.tfrecord', f'--transform_dir={transform_dir}', f'--output={output}',
-      '--preprocess_kind=sequences', '--preprocess_num_values=2', '--preprocess_with_ids',
-      '--preprocess_scaling=0_1', '--runner=FnApiRunner',
-  ])
+  _, analysed = preprocess.run(
+    [
+      f'--input={tmp_path}/seq.tfrecord',
+      f'--transform_dir={transform_dir}',
+      f'--output={output}',
+      '--preprocess_kind=sequences',
+      '--preprocess_num_values=2',
+      '--preprocess_with_ids',
+      '--preprocess_scaling=0_1',
+      '--runner=FnApiRunner',
+    ]
+  )
   records = input_pipeline.transformed_examples(transform_dir, output + '-*.tfrecord')
   assert sorted(records) == sorted(sequences)
   assert len(read_jsonl(output + '_failed-*.jsonl')) == 1

@@ -1,4 +1,5 @@
 """Progress lines: rate and ETA leave out the first step (a compile, a start-up)."""
+
 from beam_dl.operations.progress import Progress
 
 
@@ -41,6 +42,7 @@ def test_an_unknown_total_is_never_reached():
 
 def test_count_progress_logs_every_interval_not_every_element(capsys):
   from beam_dl.operations.progress import CountProgressFn
+
   fn = CountProgressFn('read', every_secs=60)
   for x in range(900):
     fn(x)

@@ -15,6 +15,7 @@ Inputs (and a small trained model) are written once per session; the job
 service, worker pool and job servers are started once, on first use, and
 killed at the end. `-m 'not runner'` leaves the whole matrix out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,8 +90,12 @@ def _cells():
         marks.append(pytest.mark.skip(reason=case.runners_skip_reason))
       elif not rm.pipeline_exists(case.module):
         marks.append(pytest.mark.skip(reason=f'{case.module} is not in this tree'))
-      elif (case.ci_runners is not None and runner not in case.ci_runners and rm.RUNNERS[runner].local
-            and os.environ.get('BEAM_DL_QUICK_MATRIX')):
+      elif (
+        case.ci_runners is not None
+        and runner not in case.ci_runners
+        and rm.RUNNERS[runner].local
+        and os.environ.get('BEAM_DL_QUICK_MATRIX')
+      ):
         marks.append(pytest.mark.skip(reason=case.ci_skip_reason))
       yield pytest.param(pipeline, runner, id=f'{pipeline}-{runner}', marks=marks)
 
@@ -125,9 +130,18 @@ def test_flink_spark_and_prism_come_from_make_runners_or_the_environment(monkeyp
   assert rm.RUNNERS['prism'].unavailable() is None
   assert rm.service_plan(rm.RUNNERS['flink'].needs) == ['flink_job_server']
   assert rm.RUNNERS['flink'].flags({'flink_job_server': 'localhost:1234'}) == [
-      '--runner=FlinkRunner', '--flink_master=[local]', '--job_endpoint=localhost:1234', '--environment_type=LOOPBACK',
+    '--runner=FlinkRunner',
+    '--flink_master=[local]',
+    '--job_endpoint=localhost:1234',
+    '--environment_type=LOOPBACK',
   ]
-  assert rm.job_server_command('flink', str(jar), 1234, '/w')[:5] == ['java', '-jar', str(jar), '--flink-master', '[local]']
+  assert rm.job_server_command('flink', str(jar), 1234, '/w')[:5] == [
+    'java',
+    '-jar',
+    str(jar),
+    '--flink-master',
+    '[local]',
+  ]
   monkeypatch.setenv('BEAM_SPARK_JOB_SERVER_JAR', '/nonexistent/spark.jar')
   assert 'does not exist' in rm.RUNNERS['spark'].unavailable()
   monkeypatch.setenv('BEAM_SPARK_JOB_ENDPOINT', 'cluster:8099')
@@ -135,8 +149,10 @@ def test_flink_spark_and_prism_come_from_make_runners_or_the_environment(monkeyp
   assert rm.RUNNERS['spark'].unavailable() is None
   assert rm.service_plan(rm.RUNNERS['spark'].needs) == []
   assert rm.RUNNERS['spark'].flags({}) == [
-      '--runner=SparkRunner', '--spark_master_url=spark://cluster:7077', '--job_endpoint=cluster:8099',
-      '--environment_type=LOOPBACK',
+    '--runner=SparkRunner',
+    '--spark_master_url=spark://cluster:7077',
+    '--job_endpoint=cluster:8099',
+    '--environment_type=LOOPBACK',
   ]
 
 
@@ -146,11 +162,17 @@ def test_a_dead_worker_pool_fails_within_the_timeout(tmp_path):
   (tmp_path / 'words.txt').write_text('to be or not to be\n')
   with rm.job_service(str(tmp_path)) as endpoint:
     outcome = rm.run_pipeline(
-        'apache_beam.examples.wordcount',
-        [f'--input={tmp_path}/words.txt', f'--output={tmp_path}/out', '--runner=PortableRunner', f'--job_endpoint={endpoint}',
-         '--environment_type=EXTERNAL', f'--environment_config=localhost:{rm.free_port()}'],
-        str(tmp_path / 'run.log'),
-        timeout_s=20,
+      'apache_beam.examples.wordcount',
+      [
+        f'--input={tmp_path}/words.txt',
+        f'--output={tmp_path}/out',
+        '--runner=PortableRunner',
+        f'--job_endpoint={endpoint}',
+        '--environment_type=EXTERNAL',
+        f'--environment_config=localhost:{rm.free_port()}',
+      ],
+      str(tmp_path / 'run.log'),
+      timeout_s=20,
     )
   assert outcome.returncode != 0
 

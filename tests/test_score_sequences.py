@@ -4,6 +4,7 @@ The model is a small LSTM trained here (a few dozen steps) on the real Mauna
 Loa CO2 series from statsmodels; outputs are checked against the model
 applied directly to the hand-built window sequences.
 """
+
 import glob
 import json
 import logging
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 from beam_dl.models import checkpoints
-from pipelines import score_sequences, score_sequences_demo as demo
+from pipelines import score_sequences
+from pipelines import score_sequences_demo as demo
 
 WEEK = demo.WEEK
 N_EVENTS = 160
@@ -62,14 +64,37 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir, ca
     f.write(json.dumps({'key': 'mlo', 'time': 'soon', 'co2': 1.0}) + '\n')
   out = str(tmp_path / 'scores')
   with caplog.at_level(logging.INFO, logger='beam_dl'):
-    score_sequences.run([
-        '--runner', 'FnApiRunner', '--input', str(events), '--model_dir', model_dir, '--output', out,
-        '--event_value_fields', 'co2', '--window', 'sliding', '--window_size', str(12 * WEEK),
-        '--window_period', str(WEEK), '--seq_len', '12', '--min_length', '8', '--forecast'])
+    score_sequences.run(
+      [
+        '--runner',
+        'FnApiRunner',
+        '--input',
+        str(events),
+        '--model_dir',
+        model_dir,
+        '--output',
+        out,
+        '--event_value_fields',
+        'co2',
+        '--window',
+        'sliding',
+        '--window_size',
+        str(12 * WEEK),
+        '--window_period',
+        str(WEEK),
+        '--seq_len',
+        '12',
+        '--min_length',
+        '8',
+        '--forecast',
+      ]
+    )
   scores, failed = _read(f'{out}-0*.jsonl'), _read(f'{out}_failed-*.jsonl')
   # The documented log line, even in a run shorter than the 10 s log interval.
-  assert any(re.match(r'score_sequences latency over last \d+ outputs: p50 [\d.]+ ms, p99 [\d.]+ ms', r.getMessage())
-             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert any(
+    re.match(r'score_sequences latency over last \d+ outputs: p50 [\d.]+ ms, p99 [\d.]+ ms', r.getMessage())
+    for r in caplog.records
+  ), [r.getMessage() for r in caplog.records]
 
   valid = ~np.isnan(values)
   stages = [f['stage'] for f in failed]
@@ -119,10 +144,32 @@ def test_streaming_watched_directory_picks_up_new_files(tmp_path, model_dir):
   writer = threading.Thread(target=land_files)
   writer.start()
   out = str(tmp_path / 'out' / 'scores')
-  result = score_sequences.run([
-      '--streaming', '--input', str(watched / '*.jsonl'), '--model_dir', model_dir, '--output', out,
-      '--event_value_fields', 'co2', '--window', 'fixed', '--window_size', '3600', '--seq_len', '8',
-      '--forecast', '--stop_after_secs', '6', '--poll_interval_secs', '0.5', '--write_frequency_secs', '2'])
+  result = score_sequences.run(
+    [
+      '--streaming',
+      '--input',
+      str(watched / '*.jsonl'),
+      '--model_dir',
+      model_dir,
+      '--output',
+      out,
+      '--event_value_fields',
+      'co2',
+      '--window',
+      'fixed',
+      '--window_size',
+      '3600',
+      '--seq_len',
+      '8',
+      '--forecast',
+      '--stop_after_secs',
+      '6',
+      '--poll_interval_secs',
+      '0.5',
+      '--write_frequency_secs',
+      '2',
+    ]
+  )
   writer.join()
   scores, failed = _read(f'{out}-2*.jsonl'), _read(f'{out}_failed-*.jsonl')
   final = {s['key']: s for s in scores if s['pane'] == 'ON_TIME'}
@@ -143,15 +190,19 @@ def test_pubsub_source_turns_streaming_on(model_dir, tmp_path):
   """An unbounded source implies streaming: no --streaming needed (Flex Templates can't pass it)."""
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-  options = PipelineOptions([
-      f'--model_dir={model_dir}', f'--output={tmp_path}/scores', '--event_value_fields=co2',
-      '--input_subscription=projects/my-project/subscriptions/events'])
+  options = PipelineOptions(
+    [
+      f'--model_dir={model_dir}',
+      f'--output={tmp_path}/scores',
+      '--event_value_fields=co2',
+      '--input_subscription=projects/my-project/subscriptions/events',
+    ]
+  )
   pipeline = beam.Pipeline(options=options)
   score_sequences.build(pipeline, options)
   assert options.view_as(StandardOptions).streaming
   labels = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
   assert any('ReadFromPubSub' in label for label in labels), sorted(labels)
-
 
 
 def test_files_in_kafka_out_reads_the_files(model_dir, tmp_path):
@@ -160,9 +211,15 @@ def test_files_in_kafka_out_reads_the_files(model_dir, tmp_path):
 
   events = tmp_path / 'events.jsonl'
   events.write_text('{"key": "a", "time": 1.0, "co2": 330.0}\n')
-  options = PipelineOptions([
-      f'--model_dir={model_dir}', f'--input={events}', '--event_value_fields=co2',
-      '--kafka_bootstrap=127.0.0.1:9', '--kafka_output_topic=scores'])
+  options = PipelineOptions(
+    [
+      f'--model_dir={model_dir}',
+      f'--input={events}',
+      '--event_value_fields=co2',
+      '--kafka_bootstrap=127.0.0.1:9',
+      '--kafka_output_topic=scores',
+    ]
+  )
   pipeline = beam.Pipeline(options=options)
   score_sequences.build(pipeline, options)
   assert not options.view_as(StandardOptions).streaming  # files are bounded: batch

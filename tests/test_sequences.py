@@ -1,4 +1,5 @@
 """Sequence parsing, assembly, ids, padding/bucketing and chunking, on real records."""
+
 import json
 import os
 
@@ -9,13 +10,13 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_dl.formats import events as events_lib
 from beam_dl.decoding import padding
-from beam_dl.features import hashing
-from beam_dl.formats.events import EventSpec
-from beam_dl.formats import sequence_example as seq_format
-from beam_dl.formats.sequence_example import SequenceSpec
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.features import hashing
+from beam_dl.formats import events as events_lib
+from beam_dl.formats import sequence_example as seq_format
+from beam_dl.formats.events import EventSpec
+from beam_dl.formats.sequence_example import SequenceSpec
 from transforms import sequences as T
 
 SPEC = SequenceSpec(num_features=2)
@@ -48,13 +49,13 @@ def _seq_example(key, steps, label=None, ids=None, step_type='float'):
 def _bad_records():
   """(serialized, expected reason fragment) for each kind of malformed record."""
   return [
-      (_seq_example('ragged', [[1, 2], [3, 4, 5]]), 'step 1 has 3 values, expected 2'),
-      (_seq_example('ints', [[1, 2]], step_type='int'), "Data types don't match"),
-      (_seq_example(None, [[1, 2]]), "missing feature 'key'"),
-      (_seq_example('noval', []), "'values' is missing or empty"),
-      (_seq_example('misaligned', [[1, 2], [3, 4]], ids=[7]), "has 1 ids but 'values' has 2"),
-      (b'\x0a\xff\xffnot a proto', 'Invalid protocol message'),
-      (_seq_example('KEY', [[1, 2]]).replace(b'KEY', b'\xff\xfe\xfd'), "'key' has a bad value"),
+    (_seq_example('ragged', [[1, 2], [3, 4, 5]]), 'step 1 has 3 values, expected 2'),
+    (_seq_example('ints', [[1, 2]], step_type='int'), "Data types don't match"),
+    (_seq_example(None, [[1, 2]]), "missing feature 'key'"),
+    (_seq_example('noval', []), "'values' is missing or empty"),
+    (_seq_example('misaligned', [[1, 2], [3, 4]], ids=[7]), "has 1 ids but 'values' has 2"),
+    (b'\x0a\xff\xffnot a proto', 'Invalid protocol message'),
+    (_seq_example('KEY', [[1, 2]]).replace(b'KEY', b'\xff\xfe\xfd'), "'key' has a bad value"),
   ]
 
 
@@ -65,8 +66,7 @@ def test_parse_sequence_examples_isolates_each_bad_record():
   records = [good_a] + [b for b, _ in bad] + [good_b]
   results = seq_format.parse_sequence_examples(records, SPEC)
   assert len(results) == len(records)
-  assert results[0] == SequenceRecord('a', np.array([[1, 2], [3, 4]], np.float32),
-                                      np.array([10, 11]), label=1)
+  assert results[0] == SequenceRecord('a', np.array([[1, 2], [3, 4]], np.float32), np.array([10, 11]), label=1)
   assert results[-1] == SequenceRecord('b', np.array([[5, 6]], np.float32))
   for result, (_, reason) in zip(results[1:-1], bad):
     assert isinstance(result, seq_format.SequenceParseError)
@@ -80,15 +80,17 @@ def test_parse_sequence_examples_width_from_record_when_not_declared():
 
 def test_parse_list_examples_flat_values():
   def example(key, values, ids=None):
-    feats = {'key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
-             'values': tf.train.Feature(float_list=tf.train.FloatList(value=values))}
+    feats = {
+      'key': tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+      'values': tf.train.Feature(float_list=tf.train.FloatList(value=values)),
+    }
     if ids is not None:
       feats['ids'] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
   good, odd, misaligned = seq_format.parse_list_examples(
-      [example('g', [1, 2, 3, 4], ids=[1, 2]), example('o', [1, 2, 3]),
-       example('m', [1, 2], ids=[1, 2])], SPEC)
+    [example('g', [1, 2, 3, 4], ids=[1, 2]), example('o', [1, 2, 3]), example('m', [1, 2], ids=[1, 2])], SPEC
+  )
   np.testing.assert_array_equal(good.values, [[1, 2], [3, 4]])
   np.testing.assert_array_equal(good.ids, [1, 2])
   assert 'not a multiple of num_features=2' in str(odd)
@@ -96,13 +98,12 @@ def test_parse_list_examples_flat_values():
 
 
 def test_encode_sequence_example_round_trips_through_tf_parser():
-  rec = SequenceRecord('k', np.array([[0.5, 1.5], [2, 3], [4, 5]], np.float32),
-                       np.array([3, 1, 2]), label=4)
+  rec = SequenceRecord('k', np.array([[0.5, 1.5], [2, 3], [4, 5]], np.float32), np.array([3, 1, 2]), label=4)
   ctx, seq = tf.io.parse_single_sequence_example(
-      seq_format.encode_sequence_example(rec),
-      {'key': tf.io.FixedLenFeature([], tf.string), 'label': tf.io.FixedLenFeature([], tf.int64)},
-      {'values': tf.io.FixedLenSequenceFeature([2], tf.float32),
-       'ids': tf.io.FixedLenSequenceFeature([1], tf.int64)})
+    seq_format.encode_sequence_example(rec),
+    {'key': tf.io.FixedLenFeature([], tf.string), 'label': tf.io.FixedLenFeature([], tf.int64)},
+    {'values': tf.io.FixedLenSequenceFeature([2], tf.float32), 'ids': tf.io.FixedLenSequenceFeature([1], tf.int64)},
+  )
   assert ctx['key'].numpy() == b'k' and ctx['label'].numpy() == 4
   np.testing.assert_array_equal(seq['values'].numpy(), rec.values)
   np.testing.assert_array_equal(seq['ids'].numpy()[:, 0], rec.ids)
@@ -151,23 +152,30 @@ def test_hashing():
 
 
 def test_events_json_and_csv_parsing_and_assembly():
-  spec = EventSpec(value_fields=('x', 'y'), id_field='item', label_field='label',
-                   csv_columns=('key', 'time', 'x', 'y', 'item', 'label'))
-  later = events_lib.parse_json_event(
-      '{"key": "u", "time": 5, "x": 1, "y": 2, "item": "b", "label": 1}', spec)
+  spec = EventSpec(
+    value_fields=('x', 'y'),
+    id_field='item',
+    label_field='label',
+    csv_columns=('key', 'time', 'x', 'y', 'item', 'label'),
+  )
+  later = events_lib.parse_json_event('{"key": "u", "time": 5, "x": 1, "y": 2, "item": "b", "label": 1}', spec)
   earlier = events_lib.parse_csv_event('u,2.5,3,4,a,', spec)
   rec = events_lib.assemble_sequence('u', [later, earlier])
   np.testing.assert_array_equal(rec.values, [[3, 4], [1, 2]])
   assert rec.meta['raw_ids'].tolist() == ['a', 'b'] and rec.label == 1
-  for line, reason in [('{"key": "u", "time": 1', 'bad JSON'),
-                       ('[1, 2]', 'expected an object'),
-                       ('{"time": 1, "x": 1, "y": 1, "item": "a"}', "missing field 'key'"),
-                       ('{"key": "u", "time": "soon", "x": 1, "y": 1, "item": "a"}',
-                        "field 'time' must be a number")]:
+  for line, reason in [
+    ('{"key": "u", "time": 1', 'bad JSON'),
+    ('[1, 2]', 'expected an object'),
+    ('{"time": 1, "x": 1, "y": 1, "item": "a"}', "missing field 'key'"),
+    ('{"key": "u", "time": "soon", "x": 1, "y": 1, "item": "a"}', "field 'time' must be a number"),
+  ]:
     with pytest.raises(events_lib.EventParseError, match=reason):
       events_lib.parse_json_event(line, spec)
-  for line, reason in [('u,1,2', '3 columns, expected 6'), ('u,1,nan,2,a,', 'not finite'),
-                       ('u,1,"2,3,a,', 'bad CSV row')]:
+  for line, reason in [
+    ('u,1,2', '3 columns, expected 6'),
+    ('u,1,nan,2,a,', 'not finite'),
+    ('u,1,"2,3,a,', 'bad CSV row'),
+  ]:
     with pytest.raises(events_lib.EventParseError, match=reason):
       events_lib.parse_csv_event(line, spec)
 
@@ -186,19 +194,25 @@ def test_read_sequence_examples_pipeline_with_dead_letters(tmp_path):
     writer.write(_seq_example('b', [[5, 6]], label=1))
   with _pipeline() as p:
     out = p | T.ReadSequenceExamples(path, SPEC)
-    assert_that(out.parsed | beam.Map(_plain), equal_to([
-        ('a', [[1, 2], [3, 4]], [5, 6], 0), ('b', [[5, 6]], None, 1)]), label='parsed')
     assert_that(
-        out.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason'])),
-        lambda got: _match_reasons(got, [r for _, r in bad]), label='failed')
+      out.parsed | beam.Map(_plain),
+      equal_to([('a', [[1, 2], [3, 4]], [5, 6], 0), ('b', [[5, 6]], None, 1)]),
+      label='parsed',
+    )
+    assert_that(
+      out.failed | beam.Map(lambda d: (d['key'], d['stage'], d['reason'])),
+      lambda got: _match_reasons(got, [r for _, r in bad]),
+      label='failed',
+    )
 
 
 def _match_reasons(got, fragments):
   assert len(got) == len(fragments), got
   # Each dead letter keeps the record's own key when the record has a readable one.
   assert sorted(str(key) for key, _, _ in got) == sorted(
-      ['ragged', 'ints', 'None', 'noval', 'misaligned', 'None', '\\xff\\xfe\\xfd'])
-  for key, stage, reason in got:
+    ['ragged', 'ints', 'None', 'noval', 'misaligned', 'None', '\\xff\\xfe\\xfd']
+  )
+  for _key, stage, _reason in got:
     assert stage == 'parse'
   reasons = sorted(r for _, _, r in got)
   for fragment in fragments:
@@ -217,18 +231,28 @@ def test_events_to_hashed_bucketed_batches_pipeline():
     seqs = events.events | T.AssembleSequences(min_length=1)
     hashed = seqs.sequences | T.HashIds(num_buckets=1000)
     batches = hashed.sequences | T.BucketByLength((4, 8, 16), batch_size=4)
-    assert_that(batches | beam.Map(
-        lambda b: (b.values.shape, b.keys, b.mask.sum(axis=1).tolist(),
-                   b.values[0, :, 0].tolist())),
-        equal_to([((1, 4, 1), ['short'], [3], [0, 1, 2, 0]),
-                  ((1, 8, 1), ['mid'], [6], [0, 1, 2, 3, 4, 5, 0, 0]),
-                  ((1, 16, 1), ['long'], [16], [float(t) for t in range(4, 20)])]),
-        label='batches')
+    assert_that(
+      batches | beam.Map(lambda b: (b.values.shape, b.keys, b.mask.sum(axis=1).tolist(), b.values[0, :, 0].tolist())),
+      equal_to(
+        [
+          ((1, 4, 1), ['short'], [3], [0, 1, 2, 0]),
+          ((1, 8, 1), ['mid'], [6], [0, 1, 2, 3, 4, 5, 0, 0]),
+          ((1, 16, 1), ['long'], [16], [float(t) for t in range(4, 20)]),
+        ]
+      ),
+      label='batches',
+    )
     expected_ids = hashing.hash_ids([f'i{t}' for t in range(3)], 1000).tolist()
-    assert_that(hashed.sequences | beam.Filter(lambda r: r.key == 'short')
-                | beam.Map(lambda r: r.ids.tolist()), equal_to([expected_ids]), label='ids')
-    assert_that(events.failed | beam.Map(lambda d: d['reason'].split(':')[0]),
-                equal_to(['bad JSON', "missing field 'item'"]), label='failed')
+    assert_that(
+      hashed.sequences | beam.Filter(lambda r: r.key == 'short') | beam.Map(lambda r: r.ids.tolist()),
+      equal_to([expected_ids]),
+      label='ids',
+    )
+    assert_that(
+      events.failed | beam.Map(lambda d: d['reason'].split(':')[0]),
+      equal_to(['bad JSON', "missing field 'item'"]),
+      label='failed',
+    )
 
 
 def test_csv_events_hashing_and_chunking_pipeline(tmp_path):
@@ -244,22 +268,31 @@ def test_csv_events_hashing_and_chunking_pipeline(tmp_path):
     seqs = (seqs.sequences, p | beam.Create([no_raw_ids])) | beam.Flatten()
     hashed = seqs | T.HashIds(num_buckets=100)
     chunks = hashed.sequences | T.ChunkSequences(window=2)
-    assert_that(chunks | beam.Map(lambda r: (r.key, r.ids.tolist(), r.meta['chunk'])),
-                equal_to([('u1/0', [apple, pear], 0), ('u1/1', [apple], 1)]), label='chunks')
-    assert_that(hashed.failed | beam.Map(lambda d: (d['key'], d['stage'])),
-                equal_to([('bare', 'ids')]), label='ids_failed')
-    assert_that(events.failed | beam.Map(lambda d: (d['stage'], d['record'])),
-                equal_to([('parse_event', 'u3,1,1')]), label='events_failed')
+    assert_that(
+      chunks | beam.Map(lambda r: (r.key, r.ids.tolist(), r.meta['chunk'])),
+      equal_to([('u1/0', [apple, pear], 0), ('u1/1', [apple], 1)]),
+      label='chunks',
+    )
+    assert_that(
+      hashed.failed | beam.Map(lambda d: (d['key'], d['stage'])), equal_to([('bare', 'ids')]), label='ids_failed'
+    )
+    assert_that(
+      events.failed | beam.Map(lambda d: (d['stage'], d['record'])),
+      equal_to([('parse_event', 'u3,1,1')]),
+      label='events_failed',
+    )
 
 
 def test_pad_sequences_fixed_length_pipeline():
   recs = [SequenceRecord(f'k{n}', np.full((n, 1), n, np.float32)) for n in (1, 3, 9)]
   with _pipeline() as p:
     batches = p | beam.Create(recs) | T.PadSequences(length=4, batch_size=8, padding='pre')
-    assert_that(batches | beam.FlatMap(
-        lambda b: [(k, m.tolist()) for k, m in zip(b.keys, b.mask)]),
-        equal_to([('k1', [False, False, False, True]), ('k3', [False, True, True, True]),
-                  ('k9', [True, True, True, True])]))
+    assert_that(
+      batches | beam.FlatMap(lambda b: [(k, m.tolist()) for k, m in zip(b.keys, b.mask)]),
+      equal_to(
+        [('k1', [False, False, False, True]), ('k3', [False, True, True, True]), ('k9', [True, True, True, True])]
+      ),
+    )
 
 
 def test_assemble_sequences_per_session_window():
@@ -268,10 +301,8 @@ def test_assemble_sequences_per_session_window():
   lines = [json.dumps({'key': 'u', 'time': t, 'x': t}) for t in times]
   with _pipeline() as p:
     events = p | beam.Create(lines) | T.ParseEvents(spec, with_timestamps=True)
-    seqs = (events.events | beam.WindowInto(beam.window.Sessions(10))
-            | T.AssembleSequences())
-    assert_that(seqs.sequences | beam.Map(lambda r: r.values[:, 0].tolist()),
-                equal_to([[0, 2, 4], [100, 103]]))
+    seqs = events.events | beam.WindowInto(beam.window.Sessions(10)) | T.AssembleSequences()
+    assert_that(seqs.sequences | beam.Map(lambda r: r.values[:, 0].tolist()), equal_to([[0, 2, 4], [100, 103]]))
 
 
 def test_parse_sequence_examples_error_handler_and_threshold():
@@ -284,8 +315,7 @@ def test_parse_sequence_examples_error_handler_and_threshold():
   good = [_seq_example(f'g{i}', [[i, i]]) for i in range(13)]
   p = _pipeline()
   with ErrorHandler(beam.Map(lambda d: d['stage'])) as handler:
-    out = (p | beam.Create(good + bad)
-           | T.ParseSequenceExamples(SPEC, error_threshold=0.4).with_error_handler(handler))
+    out = p | beam.Create(good + bad) | T.ParseSequenceExamples(SPEC, error_threshold=0.4).with_error_handler(handler)
   assert_that(out.parsed | beam.Map(lambda r: r.key), equal_to([f'g{i}' for i in range(13)]), label='parsed')
   assert_that(handler.output(), equal_to(['parse'] * 7), label='handled')
   p.run().wait_until_finish()  # 7 of 20 = 35% <= 40%

@@ -6,6 +6,7 @@ broker (`python -m beam_dl.services.kafka`, when its jars are there). The
 wrapper alone gets the signal, as `kill -TERM %1` sends it; afterwards none
 of its children may remain.
 """
+
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from beam_dl.services import kafka_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A service entry: a child in its own group (never signalled by the shell), ready after `READY_S` seconds.
-ENTRY = '''
+ENTRY = """
 import subprocess, sys, time
 from beam_dl.services.process import serve_until_stopped, service_process, stopped_by_signals
 start = time.monotonic()
@@ -29,7 +30,7 @@ with stopped_by_signals(), service_process(['sleep', '300'], log_path=sys.argv[1
   print(child.pid, flush=True)
   serve_until_stopped()
 print('stopped', flush=True)
-'''
+"""
 
 
 def _children(pid: int) -> list[int]:
@@ -56,8 +57,14 @@ def _alive(pid: int) -> bool:
 
 def _start(args, tmp_path):
   env = {**os.environ, 'PYTHONPATH': REPO}
-  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=open(tmp_path / 'stderr', 'wb'), text=True)
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=open(tmp_path / 'stderr', 'wb'),
+    text=True,
+  )
 
 
 def _stop_and_check(wrapper, children, tmp_path, timeout_s=60):
@@ -97,6 +104,7 @@ def test_sigterm_during_start_up_stops_the_children(tmp_path):
 @pytest.mark.skipif(not kafka_service.jars_available(), reason='no Kafka jars: run `make kafka-jars` (CI does)')
 def test_sigterm_stops_the_kafka_broker_and_topics_were_made(tmp_path):
   from confluent_kafka.admin import AdminClient
+
   wrapper = _start(['-m', 'beam_dl.services.kafka', '--topics', 'events,scores'], tmp_path)
   try:
     bootstrap = wrapper.stdout.readline().strip()
@@ -115,8 +123,14 @@ def test_sigterm_stops_the_kafka_broker_and_topics_were_made(tmp_path):
 def test_sigterm_stops_hdfs_and_it_leaves_nothing_in_the_current_directory(tmp_path):
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
-  wrapper = subprocess.Popen([sys.executable, '-m', 'beam_dl.services.hdfs'], cwd=cwd, stdout=subprocess.PIPE,
-                             stderr=open(tmp_path / 'stderr', 'wb'), text=True, env={**os.environ, 'PYTHONPATH': REPO})
+  wrapper = subprocess.Popen(
+    [sys.executable, '-m', 'beam_dl.services.hdfs'],
+    cwd=cwd,
+    stdout=subprocess.PIPE,
+    stderr=open(tmp_path / 'stderr', 'wb'),
+    text=True,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  )
   try:
     flags = wrapper.stdout.readline().split()
     assert flags[0] == '--hdfs_host=127.0.0.1', (tmp_path / 'stderr').read_text()[-3000:]

@@ -1,4 +1,5 @@
 """Parameter and optimizer-state shard shapes for each sharding mode (8 fake CPUs)."""
+
 import numpy as np
 import pytest
 
@@ -10,20 +11,24 @@ CNN = dict(num_classes=10, features=[16, 32], hidden=64)
 
 # Full shapes: Conv_0 (3,3,1,16), Conv_1 (3,3,16,32), Dense_0 (128,64), Dense_1 (64,10).
 EXPECTED = {
-    'dp': {'Conv_0': (3, 3, 1, 16), 'Conv_1': (3, 3, 16, 32), 'Dense_0': (128, 64), 'Dense_1': (64, 10)},
-    # conv_out and mlp over 'data' (8); 10 classes do not divide by 8: replicated.
-    'fsdp': {'Conv_0': (3, 3, 1, 2), 'Conv_1': (3, 3, 16, 4), 'Dense_0': (128, 8), 'Dense_1': (8, 10)},
-    # data=4 x model=2: conv_out and mlp over 'model'.
-    'tensor': {'Conv_0': (3, 3, 1, 8), 'Conv_1': (3, 3, 16, 16), 'Dense_0': (128, 32), 'Dense_1': (32, 10)},
-    # both: conv_in / embed over 'data' where it divides, conv_out / mlp over 'model'.
-    'fsdp_tensor': {'Conv_0': (3, 3, 1, 8), 'Conv_1': (3, 3, 4, 16), 'Dense_0': (32, 32), 'Dense_1': (32, 10)},
+  'dp': {'Conv_0': (3, 3, 1, 16), 'Conv_1': (3, 3, 16, 32), 'Dense_0': (128, 64), 'Dense_1': (64, 10)},
+  # conv_out and mlp over 'data' (8); 10 classes do not divide by 8: replicated.
+  'fsdp': {'Conv_0': (3, 3, 1, 2), 'Conv_1': (3, 3, 16, 4), 'Dense_0': (128, 8), 'Dense_1': (8, 10)},
+  # data=4 x model=2: conv_out and mlp over 'model'.
+  'tensor': {'Conv_0': (3, 3, 1, 8), 'Conv_1': (3, 3, 16, 16), 'Dense_0': (128, 32), 'Dense_1': (32, 10)},
+  # both: conv_in / embed over 'data' where it divides, conv_out / mlp over 'model'.
+  'fsdp_tensor': {'Conv_0': (3, 3, 1, 8), 'Conv_1': (3, 3, 4, 16), 'Dense_0': (32, 32), 'Dense_1': (32, 10)},
 }
 
 
 def _config(mode, **kwargs):
   return TrainConfig(
-      model='small_cnn', model_kwargs=CNN, data=DataConfig(kind='images', shape=(8, 8, 1)),
-      sharding=ShardingConfig(mode=mode, model_parallelism=2 if 'tensor' in mode else 1), **kwargs)
+    model='small_cnn',
+    model_kwargs=CNN,
+    data=DataConfig(kind='images', shape=(8, 8, 1)),
+    sharding=ShardingConfig(mode=mode, model_parallelism=2 if 'tensor' in mode else 1),
+    **kwargs,
+  )
 
 
 def _kernel_shards(shapes, prefix):
@@ -34,10 +39,10 @@ def _kernel_shards(shapes, prefix):
 def test_param_and_adam_state_shard_shapes(mode):
   strategy = MeshStrategy(_config(mode))
   shapes = strategy.shard_shapes()
-  assert _kernel_shards(shapes, ".params") == EXPECTED[mode]
+  assert _kernel_shards(shapes, '.params') == EXPECTED[mode]
   # Adam's first and second moments are laid out exactly like the params.
-  assert _kernel_shards(shapes, ".opt_state[0].mu") == EXPECTED[mode]
-  assert _kernel_shards(shapes, ".opt_state[0].nu") == EXPECTED[mode]
+  assert _kernel_shards(shapes, '.opt_state[0].mu') == EXPECTED[mode]
+  assert _kernel_shards(shapes, '.opt_state[0].nu') == EXPECTED[mode]
   assert shapes['.step'] == ()
   # The created state really lives in that layout on the 8 devices.
   state = strategy.create_state()
@@ -63,9 +68,12 @@ def test_rules_in_config_override_the_mode_defaults():
 
 def test_rnn_fsdp_shards_recurrent_kernels():
   cfg = TrainConfig(
-      model='rnn', model_kwargs=dict(cell='gru', hidden_size=32, num_outputs=1, head='regression'),
-      task='regression', data=DataConfig(kind='sequences', shape=(None, 3), max_len=5, target='target'),
-      sharding=ShardingConfig(mode='fsdp'))
+    model='rnn',
+    model_kwargs=dict(cell='gru', hidden_size=32, num_outputs=1, head='regression'),
+    task='regression',
+    data=DataConfig(kind='sequences', shape=(None, 3), max_len=5, target='target'),
+    sharding=ShardingConfig(mode='fsdp'),
+  )
   shapes = MeshStrategy(cfg).shard_shapes()
   assert shapes[".params['layer0_fwd']['scan']['cell']['hr']['kernel']"] == (32, 4)
   assert shapes[".params['layer0_fwd']['scan']['cell']['ir']['kernel']"] == (3, 4)

@@ -1,4 +1,5 @@
 """beam_fixes.state_cache_sizing: Beam's state-cache weights, without the per-call module walk."""
+
 import sys
 
 import pytest
@@ -21,10 +22,10 @@ class _Walked(list):
 
 
 VALUES = [
-    (None, 1_000_000, frozenset({1, 2, 3})),  # the late-data gate's state cell
-    [b'x' * 1000, b'y' * 10],
-    WindowStats().add(1.0, (1.0, 2.0)),
-    {'key': 'a', 'times': [Timestamp(micros=5), Timestamp(micros=7)], 'values': list(range(100))},
+  (None, 1_000_000, frozenset({1, 2, 3})),  # the late-data gate's state cell
+  [b'x' * 1000, b'y' * 10],
+  WindowStats().add(1.0, (1.0, 2.0)),
+  {'key': 'a', 'times': [Timestamp(micros=5), Timestamp(micros=7)], 'values': list(range(100))},
 ]
 
 

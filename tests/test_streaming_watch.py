@@ -8,6 +8,7 @@ after the pipeline has read the first (its access time moves), and the watch
 stops by itself (`--stop_after_secs`). With timestamps from the watch (poll time),
 no event can be behind the watermark: every one must be scored, none late.
 """
+
 import json
 import os
 import threading
@@ -29,8 +30,9 @@ def _write_events(path, file_index, keys):
   with open(tmp, 'w', encoding='utf-8') as f:
     for key in keys:
       for step in range(PER_FILE):
-        f.write(json.dumps({'key': key, 'time': 1000.0 + 10 * file_index + step,
-                            'co2': 330.0 + file_index + step / 4}) + '\n')
+        f.write(
+          json.dumps({'key': key, 'time': 1000.0 + 10 * file_index + step, 'co2': 330.0 + file_index + step / 4}) + '\n'
+        )
     f.write('{"key": "a", "time": \n')
   os.rename(tmp, path)
 
@@ -64,10 +66,28 @@ def test_second_file_for_known_keys_is_scored_not_late(tmp_path, co2_lstm_dir):
   writer = threading.Thread(target=land_second_file)
   writer.start()
   out = str(tmp_path / 'out' / 'scores')
-  result = score_sequences.run([
-      '--streaming', '--input', str(watched / '*.jsonl'), '--model_dir', model_dir, '--output', out,
-      '--event_value_fields', 'co2', '--seq_len', '16', '--stop_after_secs', '30',
-      '--poll_interval_secs', '0.5', '--write_frequency_secs', '2', *window_flags])
+  result = score_sequences.run(
+    [
+      '--streaming',
+      '--input',
+      str(watched / '*.jsonl'),
+      '--model_dir',
+      model_dir,
+      '--output',
+      out,
+      '--event_value_fields',
+      'co2',
+      '--seq_len',
+      '16',
+      '--stop_after_secs',
+      '30',
+      '--poll_interval_secs',
+      '0.5',
+      '--write_frequency_secs',
+      '2',
+      *window_flags,
+    ]
+  )
   writer.join()
   assert opened['first'], 'the pipeline never read the first file'
   scores, failed = read_jsonl(f'{out}-2*.jsonl'), read_jsonl(f'{out}_failed-*.jsonl')

@@ -13,6 +13,7 @@
 - docker/ files pin Beam's SDK image at the installed Beam version and
   install with constraints.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,11 @@ def own_option_actions(pipeline: str) -> dict[str, argparse.Action]:
   module = importlib.import_module(rm.PIPELINES[pipeline].module)
   parser = argparse.ArgumentParser()
   for value in vars(module).values():
-    if inspect.isclass(value) and issubclass(value, PipelineOptions) and value.__module__.split('.')[0] in rm.PROJECT_PACKAGES:
+    if (
+      inspect.isclass(value)
+      and issubclass(value, PipelineOptions)
+      and value.__module__.split('.')[0] in rm.PROJECT_PACKAGES
+    ):
       value._add_argparse_args(parser)
   return {a.dest: a for a in parser._actions if a.dest != 'help'}
 
@@ -125,7 +130,7 @@ def test_template_regexes_agree_with_the_pipeline(pipeline):
 def test_classify_images_enumerates_its_input_formats():
   from pipelines import classify_images
 
-  parameter, = [p for p in metadata('classify_images')['parameters'] if p['name'] == 'input_format']
+  (parameter,) = [p for p in metadata('classify_images')['parameters'] if p['name'] == 'input_format']
   assert [o['value'] for o in parameter['enumOptions']] == list(classify_images.INPUT_FORMATS)
 
 
@@ -137,8 +142,10 @@ def test_classify_images_validation_errors_are_clear(capsys):
     classify_images.build(beam.Pipeline(options=options), options)
   with pytest.raises(options_lib.OptionsError, match=r"--input_format must be one of .*'zip'"):
     classify_images.input_format('x/*', 'zip')
-  for bad, message in (('--max_batch_size=0', "expected a positive integer, got '0'"),
-                       ('--precision=fp8', "invalid choice: 'fp8'")):
+  for bad, message in (
+    ('--max_batch_size=0', "expected a positive integer, got '0'"),
+    ('--precision=fp8', "invalid choice: 'fp8'"),
+  ):
     with pytest.raises(SystemExit):
       PipelineOptions([bad]).view_as(options_lib.InferenceOptions).handler_kwargs()
     assert message in capsys.readouterr().err
@@ -165,7 +172,11 @@ def test_on_off_flags_take_the_values_a_flex_template_passes():
     return PipelineOptions(list(argv)).get_all_options()['forecast']
 
   assert (forecast(), forecast('--forecast'), forecast('--forecast=true'), forecast('--forecast=false')) == (
-      False, True, True, False)
+    False,
+    True,
+    True,
+    False,
+  )
   with pytest.raises(argparse.ArgumentTypeError, match="expected true or false, got 'maybe'"):
     options_lib.switch('maybe')
 
@@ -180,8 +191,11 @@ def classify_data(tmp_path_factory):
 
 
 def test_dataflow_dry_run_builds_the_job_offline(classify_data, tmp_path):
-  argv = rm.classify_images_argv(classify_data, str(tmp_path)) + DATAFLOW_FLAGS + [
-      '--dry_run=True', '--temp_location=gs://beam-dl-bucket/tmp', f'--sdk_container_image={IMAGE}']
+  argv = (
+    rm.classify_images_argv(classify_data, str(tmp_path))
+    + DATAFLOW_FLAGS
+    + ['--dry_run=True', '--temp_location=gs://beam-dl-bucket/tmp', f'--sdk_container_image={IMAGE}']
+  )
   result = rm.build_graph('classify_images', argv).run()
   result.wait_until_finish()
   proto = result.job.proto_pipeline
@@ -189,8 +203,11 @@ def test_dataflow_dry_run_builds_the_job_offline(classify_data, tmp_path):
   for step in ('ReadImageFiles', 'ClassifyImages/DecodeImages', 'WritePredictions', 'WriteFailures'):
     assert step in steps, sorted(steps)
   assert any('RunInference' in s for s in steps)
-  images = [beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
-            for env in proto.components.environments.values() if env.urn == 'beam:env:docker:v1']
+  images = [
+    beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
+    for env in proto.components.environments.values()
+    if env.urn == 'beam:env:docker:v1'
+  ]
   assert IMAGE in images
 
 
@@ -200,10 +217,19 @@ def test_classic_template_is_written_offline(classify_data, tmp_path):
   staging, temp = tmp_path / 'staging', tmp_path / 'temp'
   staging.mkdir(), temp.mkdir()
   template = tmp_path / 'classify_images_template.json'
-  argv = rm.classify_images_argv(classify_data, str(tmp_path / 'out')) + DATAFLOW_FLAGS + [
-      '--dataflow_endpoint=http://localhost:1', '--no_auth', f'--temp_location={temp}',
-      f'--staging_location={staging}', f'--template_location={template}', f'--setup_file={rm.REPO}/setup.py',
-      f'--sdk_container_image={IMAGE}']
+  argv = (
+    rm.classify_images_argv(classify_data, str(tmp_path / 'out'))
+    + DATAFLOW_FLAGS
+    + [
+      '--dataflow_endpoint=http://localhost:1',
+      '--no_auth',
+      f'--temp_location={temp}',
+      f'--staging_location={staging}',
+      f'--template_location={template}',
+      f'--setup_file={rm.REPO}/setup.py',
+      f'--sdk_container_image={IMAGE}',
+    ]
+  )
   egg_info = os.path.join(rm.REPO, 'beam_dl.egg-info')
   had_egg_info = os.path.exists(egg_info)
   try:
@@ -214,7 +240,7 @@ def test_classic_template_is_written_offline(classify_data, tmp_path):
   assert outcome.returncode == 0, outcome.log[-3000:]
   job = json.loads(template.read_text())
   assert job['type'] == 'JOB_TYPE_BATCH'
-  pool, = job['environment']['workerPools']
+  (pool,) = job['environment']['workerPools']
   assert IMAGE in json.dumps(pool)
   staged = {p['name'] for p in pool['packages']}
   assert 'workflow.tar.gz' in staged
@@ -224,8 +250,12 @@ def test_classic_template_is_written_offline(classify_data, tmp_path):
   assert {'ReadImageFiles', 'ClassifyImages/DecodeImages', 'WritePredictions'} <= steps
   with tarfile.open(staging / 'workflow.tar.gz') as sdist:
     names = sdist.getnames()
-  for module in ('beam_dl/serving/handler.py', 'transforms/images.py', 'pipelines/classify_images.py',
-                 'pipelines/templates/classify_images.json'):
+  for module in (
+    'beam_dl/serving/handler.py',
+    'transforms/images.py',
+    'pipelines/classify_images.py',
+    'pipelines/templates/classify_images.json',
+  ):
     assert any(n.endswith(module) for n in names), module
 
 

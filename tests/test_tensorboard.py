@@ -1,4 +1,5 @@
 """Training writes TensorBoard summaries that read back; pipelines.train draws them to a PNG."""
+
 import os
 
 import pytest
@@ -34,9 +35,24 @@ def test_pipelines_train_writes_event_files_and_a_png(tmp_path):
   from pipelines import train
 
   workdir = str(tmp_path / 'run')
-  summary = train.main(['--config', 'pipelines/configs/digits_cnn.py:runlocal', '--workdir', workdir,
-                        '--set', 'num_steps=40', '--set', 'log_every=10', '--set', 'eval_every=20', '--set', 'warmup_steps=0',
-                        '--plot', str(tmp_path / 'curves.png')])
+  summary = train.main(
+    [
+      '--config',
+      'pipelines/configs/digits_cnn.py:runlocal',
+      '--workdir',
+      workdir,
+      '--set',
+      'num_steps=40',
+      '--set',
+      'log_every=10',
+      '--set',
+      'eval_every=20',
+      '--set',
+      'warmup_steps=0',
+      '--plot',
+      str(tmp_path / 'curves.png'),
+    ]
+  )
   scalars = read_scalars(os.path.join(workdir, 'tensorboard'))
   train_tags = scalars['train']
   assert {'loss', 'learning_rate', 'steps_per_sec', 'examples_per_sec', 'input_wait_fraction'} <= set(train_tags)
@@ -48,7 +64,8 @@ def test_pipelines_train_writes_event_files_and_a_png(tmp_path):
   eval_steps = {s for points in scalars['eval'].values() for s, _ in points}
   assert eval_steps == {20, 40}
   assert scalars['eval'][next(iter(scalars['eval']))][-1][1] == pytest.approx(
-      summary['eval'][next(iter(scalars['eval']))], rel=1e-5)
+    summary['eval'][next(iter(scalars['eval']))], rel=1e-5
+  )
   with Image.open(summary['plot']) as image:
     image.load()
     assert image.format == 'PNG' and image.size[0] > 400

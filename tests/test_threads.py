@@ -1,6 +1,7 @@
 """Many threads, nothing lost: Beam's time-based output flush, the flagship
 pipeline on several worker threads, and one model called from many threads.
 """
+
 import concurrent.futures
 import glob
 import json
@@ -18,7 +19,7 @@ from apache_beam.runners.worker import data_plane
 
 from beam_dl.beam_fixes import output_flush
 from beam_dl.models import checkpoints
-from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, ServeCounts
+from beam_dl.serving.handler import JaxModelHandler, ServeCounts
 from tests.models import save_broken_model, save_seeded_model
 
 STREAM = data_plane.TimeBasedBufferingClosableOutputStream
@@ -81,11 +82,11 @@ def test_fixed_timer_flush_sends_every_byte_in_order():
 
 
 SPEC = checkpoints.ModelSpec(
-    name='small_cnn',
-    kwargs={'num_classes': 5, 'features': [4], 'hidden': 8},
-    input_shape=(6, 6, 1),
-    input_dtype='uint8',
-    input_scale=1 / 255,
+  name='small_cnn',
+  kwargs={'num_classes': 5, 'features': [4], 'hidden': 8},
+  input_shape=(6, 6, 1),
+  input_dtype='uint8',
+  input_scale=1 / 255,
 )
 
 
@@ -160,11 +161,14 @@ def classify_folders(tmp_path, model_dir, name, beam_args):
   """Runs the flagship pipeline (classify_images.build) with SlowHandler;
   returns ({key: prediction record}, [dead letters])."""
   from apache_beam.options.pipeline_options import PipelineOptions
+
   from pipelines import classify_images
   from transforms import inference
 
   out = str(tmp_path / name / 'pred')
-  options = PipelineOptions([f'--input={tmp_path}/images/*/*.png', f'--model_dir={model_dir}', f'--output={out}', *beam_args])
+  options = PipelineOptions(
+    [f'--input={tmp_path}/images/*/*.png', f'--model_dir={model_dir}', f'--output={out}', *beam_args]
+  )
   real = inference.JaxModelHandler
   inference.JaxModelHandler = lambda *args, **kwargs: SlowHandler()
   try:
@@ -201,14 +205,16 @@ def test_flagship_pipeline_on_many_threads_matches_one_thread(tmp_path, monkeypa
   between that flush and the bundle's own writes (it lost, tore and garbled
   elements before beam_dl's fix) shows up in every run rather than now and
   then."""
-  from PIL import Image
   from apache_beam.runners.portability.fn_api_runner import worker_handlers
+  from PIL import Image
 
   rng = np.random.default_rng(0)
   for folder in range(12):
     os.makedirs(tmp_path / 'images' / f'f{folder:02d}')
     for i in range(200):
-      Image.fromarray(rng.integers(0, 256, (6, 6), np.uint8)).save(tmp_path / 'images' / f'f{folder:02d}' / f'{i:03d}.png')
+      Image.fromarray(rng.integers(0, 256, (6, 6), np.uint8)).save(
+        tmp_path / 'images' / f'f{folder:02d}' / f'{i:03d}.png'
+      )
   spec_dir = tmp_path / 'model'
   spec_dir.mkdir()
   (spec_dir / checkpoints.SPEC_FILE).write_text(SPEC.to_json())  # ClassifyImages reads the input size from it
@@ -223,7 +229,8 @@ def test_flagship_pipeline_on_many_threads_matches_one_thread(tmp_path, monkeypa
   resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + (4 << 30), data_limit[1]))
   try:
     many, many_failed = classify_folders(
-        tmp_path, str(spec_dir), 'many', ['--direct_num_workers=4', '--direct_running_mode=multi_threading'])
+      tmp_path, str(spec_dir), 'many', ['--direct_num_workers=4', '--direct_running_mode=multi_threading']
+    )
   finally:
     resource.setrlimit(resource.RLIMIT_DATA, data_limit)
     sys.setswitchinterval(switch_interval)
@@ -238,8 +245,10 @@ def test_importing_beam_dl_applies_the_fix():
   import subprocess
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = ('import transforms.io; from apache_beam.runners.worker import data_plane; '
-          'print(getattr(data_plane.TimeBasedBufferingClosableOutputStream, "_beam_dl_fixed", False))')
+  code = (
+    'import transforms.io; from apache_beam.runners.worker import data_plane; '
+    'print(getattr(data_plane.TimeBasedBufferingClosableOutputStream, "_beam_dl_fixed", False))'
+  )
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
   done = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
   assert done.stdout.strip() == 'True', done.stderr

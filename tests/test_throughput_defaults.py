@@ -1,8 +1,9 @@
 """Defaults behind the flagship's throughput and flat memory (issues 15, 18)."""
+
 import pickle
 
-from beam_dl.serving.handler import JaxModelHandler, full_batches_by_default
 from beam_dl.operations.progress import CountProgressFn
+from beam_dl.serving.handler import JaxModelHandler, full_batches_by_default
 
 
 def test_full_batches_unless_told_otherwise():

@@ -8,6 +8,7 @@ the raw files through the saved transform graph and JaxModelHandler in
 RunInference, and raw uint8 pixels through the scaler folded into the spec:
 both give the trainer's logits on the same examples.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,25 +29,39 @@ IMAGES = 400  # training digits preprocessed, trained on and served
 def test_preprocess_train_serve_with_the_saved_transform(tmp_path):
   import jax
 
-  from beam_dl.models import checkpoints
-  from beam_dl.preprocessing import tft_jax
-  from beam_dl.serving.handler import JaxModelHandler
   from beam_dl.decoding.images import decode_image
-  from beam_dl.preprocessing import canonical
+  from beam_dl.models import checkpoints
+  from beam_dl.preprocessing import canonical, tft_jax
+  from beam_dl.serving.handler import JaxModelHandler
   from beam_dl.training import input_pipeline
   from beam_dl.training.summaries import read_scalars
+  from pipelines import demo
   from transforms.inference import RunInferenceWithDeadLetters
   from transforms.preprocessing import TransformImagesForInference
-
-  from pipelines import demo
 
   workdir = str(tmp_path / 'run')
   x_train, _, y_train, _ = demo.digit_images()  # a part of the training digits keeps the test short
   demo.write_images(os.path.join(workdir, 'data', 'images', 'train'), x_train[:IMAGES], y_train[:IMAGES])
-  summary = train_cli.main(['--config', CONFIG, '--workdir', workdir,
-                            '--set', 'num_steps=30', '--set', 'log_every=10', '--set', 'checkpoint_every=30',
-                            '--set', 'warmup_steps=5', '--set', 'model_kwargs.features=[8, 16]',
-                            '--set', 'model_kwargs.hidden=32'])
+  summary = train_cli.main(
+    [
+      '--config',
+      CONFIG,
+      '--workdir',
+      workdir,
+      '--set',
+      'num_steps=30',
+      '--set',
+      'log_every=10',
+      '--set',
+      'checkpoint_every=30',
+      '--set',
+      'warmup_steps=5',
+      '--set',
+      'model_kwargs.features=[8, 16]',
+      '--set',
+      'model_kwargs.hidden=32',
+    ]
+  )
   losses = [loss for _, loss in read_scalars(summary['tensorboard_dir'])['train']['loss']]
   assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.8 * losses[0], losses
 
@@ -66,8 +81,9 @@ def test_preprocess_train_serve_with_the_saved_transform(tmp_path):
   assert all(os.path.exists(p) for p in paths)  # keys are the raw files' paths
 
   # The same weights with the transform's scaler folded into the spec: raw uint8 in.
-  folded_dir = checkpoints.save(str(tmp_path / 'folded'), tft_jax.fold_into_spec(spec, cfg.data.transform_dir),
-                                variables, fmt='msgpack')
+  folded_dir = checkpoints.save(
+    str(tmp_path / 'folded'), tft_jax.fold_into_spec(spec, cfg.data.transform_dir), variables, fmt='msgpack'
+  )
   image_spec = canonical.image_spec_for((8, 8, 1))
   raw = [(p, decode_image(open(p, 'rb').read(), image_spec)) for p in paths]
 
@@ -82,9 +98,11 @@ def test_preprocess_train_serve_with_the_saved_transform(tmp_path):
     inputs = files | TransformImagesForInference(cfg.data.transform_dir)
     graph = inputs.inputs | 'ViaGraph' >> RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=64))
     folded = (p | 'Raw' >> beam.Create(raw)) | 'ViaFolded' >> RunInferenceWithDeadLetters(
-        JaxModelHandler(folded_dir, max_batch_size=64))
+      JaxModelHandler(folded_dir, max_batch_size=64)
+    )
     to_logits = lambda kv: (kv[0], np.asarray(kv[1].inference))
     assert_that(graph.predictions | 'GraphLogits' >> beam.Map(to_logits), close_to_trainer, label='Graph')
     assert_that(folded.predictions | 'FoldedLogits' >> beam.Map(to_logits), close_to_trainer, label='Folded')
-    assert_that(inputs.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('bad.png', 'decode')]),
-                label='Failed')
+    assert_that(
+      inputs.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('bad.png', 'decode')]), label='Failed'
+    )

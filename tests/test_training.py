@@ -5,6 +5,7 @@
 - a run killed after a checkpoint resumes to exactly the uninterrupted result;
 - real training reaches a stated quality, and the exported model serves it.
 """
+
 import json
 import os
 
@@ -31,10 +32,16 @@ def co2(tmp_path_factory):
 def _cnn_config(files, mode='dp', **kwargs):
   train, eval_ = files
   defaults = dict(
-      model='small_cnn', model_kwargs=dict(num_classes=10, features=[8, 16], hidden=32),
-      data=DataConfig(kind='images', train_files=train, eval_files=eval_, shape=(8, 8, 1), shuffle_buffer=512),
-      input_scale=1 / 16, batch_size=32, eval_batch_size=64, num_steps=8, learning_rate=3e-3,
-      log_every=1, sharding=ShardingConfig(mode=mode, model_parallelism=2 if mode == 'tensor' else 1),
+    model='small_cnn',
+    model_kwargs=dict(num_classes=10, features=[8, 16], hidden=32),
+    data=DataConfig(kind='images', train_files=train, eval_files=eval_, shape=(8, 8, 1), shuffle_buffer=512),
+    input_scale=1 / 16,
+    batch_size=32,
+    eval_batch_size=64,
+    num_steps=8,
+    learning_rate=3e-3,
+    log_every=1,
+    sharding=ShardingConfig(mode=mode, model_parallelism=2 if mode == 'tensor' else 1),
   )
   return TrainConfig(**{**defaults, **kwargs})
 
@@ -42,11 +49,25 @@ def _cnn_config(files, mode='dp', **kwargs):
 def _rnn_config(files, **kwargs):
   train, eval_ = files
   defaults = dict(
-      model='rnn', model_kwargs=dict(cell='lstm', hidden_size=32, num_outputs=1, head='regression'),
-      task='regression', input_dtype='float32',
-      data=DataConfig(kind='sequences', train_files=train, eval_files=eval_, shape=(None, 1),
-                      max_len=24, target='target', shuffle_buffer=512),
-      batch_size=32, eval_batch_size=64, num_steps=300, learning_rate=1e-2, warmup_steps=20, log_every=50,
+    model='rnn',
+    model_kwargs=dict(cell='lstm', hidden_size=32, num_outputs=1, head='regression'),
+    task='regression',
+    input_dtype='float32',
+    data=DataConfig(
+      kind='sequences',
+      train_files=train,
+      eval_files=eval_,
+      shape=(None, 1),
+      max_len=24,
+      target='target',
+      shuffle_buffer=512,
+    ),
+    batch_size=32,
+    eval_batch_size=64,
+    num_steps=300,
+    learning_rate=1e-2,
+    warmup_steps=20,
+    log_every=50,
   )
   return TrainConfig(**{**defaults, **kwargs})
 
@@ -78,9 +99,14 @@ def test_sharded_modes_follow_the_single_device_loss_trajectory(digits, tmp_path
 def test_killed_run_resumes_to_the_uninterrupted_result(co2, tmp_path):
   # Dropout, gradient accumulation and FSDP: everything that could drift.
   cfg = _rnn_config(
-      co2, model_kwargs=dict(cell='gru', hidden_size=16, num_outputs=1, head='regression', dropout_rate=0.2),
-      num_steps=12, checkpoint_every=4, grad_accum_steps=2, log_every=2,
-      sharding=ShardingConfig(mode='fsdp'))
+    co2,
+    model_kwargs=dict(cell='gru', hidden_size=16, num_outputs=1, head='regression', dropout_rate=0.2),
+    num_steps=12,
+    checkpoint_every=4,
+    grad_accum_steps=2,
+    log_every=2,
+    sharding=ShardingConfig(mode='fsdp'),
+  )
 
   class Killed(Exception):
     pass
@@ -104,10 +130,20 @@ def test_killed_run_resumes_to_the_uninterrupted_result(co2, tmp_path):
 
 def test_digits_cnn_cli_reaches_97_percent_and_the_export_serves_it(tmp_path):
   workdir = str(tmp_path / 'run')
-  summary = train_cli.main([
-      '--config', 'pipelines/configs/digits_cnn.py:runlocal', '--workdir', workdir,
-      '--set', 'num_steps=120', '--set', 'sharding.mode=fsdp', '--log_level', 'WARNING',
-  ])
+  summary = train_cli.main(
+    [
+      '--config',
+      'pipelines/configs/digits_cnn.py:runlocal',
+      '--workdir',
+      workdir,
+      '--set',
+      'num_steps=120',
+      '--set',
+      'sharding.mode=fsdp',
+      '--log_level',
+      'WARNING',
+    ]
+  )
   assert summary['eval']['accuracy'] >= 0.97
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert json.load(f)['sharding']['mode'] == 'fsdp'
@@ -126,6 +162,7 @@ def test_digits_cnn_cli_reaches_97_percent_and_the_export_serves_it(tmp_path):
   assert correct / total == pytest.approx(summary['eval']['accuracy'], abs=1e-9)
   # The export carries the profile of its training inputs (pixels 0..16: brightness near 0.02 of 255).
   from beam_dl.operations import drift
+
   profile = drift.load_profile(os.path.join(workdir, 'model'))
   assert set(profile.features) == set(drift.IMAGE_FEATURES)
   assert profile.features['image/brightness'].count == 1438  # every training example (< PROFILE_EXAMPLES)

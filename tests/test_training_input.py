@@ -1,10 +1,11 @@
 """Training input pipeline (tf.data over the shared TFRecord formats), losses, CLI config."""
+
 import numpy as np
 import optax
 import pytest
 
-from beam_dl.formats.sequence_example import encode_sequence_example
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.formats.sequence_example import encode_sequence_example
 from beam_dl.training import datasets, input_pipeline, losses
 from beam_dl.training.config import DataConfig, TrainConfig
 from pipelines import train as train_cli
@@ -66,8 +67,9 @@ def test_batch_split_slices_the_one_process_batches(digits):
   cfg = DataConfig(kind='images', shape=(8, 8, 1), shuffle_buffer=64, process_split='batch')
 
   def batches(pi, pc, n=3, skip=0):
-    ds = input_pipeline.make_dataset(cfg, digits[0], 32 // pc, train=True, seed=5, skip_batches=skip,
-                                     process_index=pi, process_count=pc)
+    ds = input_pipeline.make_dataset(
+      cfg, digits[0], 32 // pc, train=True, seed=5, skip_batches=skip, process_index=pi, process_count=pc
+    )
     return _batches(ds, n)
 
   whole = batches(0, 1, n=4)
@@ -82,8 +84,10 @@ def test_batch_split_slices_the_one_process_batches(digits):
 
 def test_sequences_keep_recent_steps_pad_mask_and_put_ids_first(tmp_path):
   records = [
-      encode_sequence_example(SequenceRecord('a', np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(4, 9), label=1)),
-      encode_sequence_example(SequenceRecord('b', np.ones((2, 2), np.float32), np.array([9, 3]), label=0)),
+    encode_sequence_example(
+      SequenceRecord('a', np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(4, 9), label=1)
+    ),
+    encode_sequence_example(SequenceRecord('b', np.ones((2, 2), np.float32), np.array([9, 3]), label=0)),
   ]
   pattern = datasets.write_shards(records, str(tmp_path / 'seq'), 1)
   cfg = DataConfig(kind='sequences', shape=(None, 3), max_len=4, target='label')

@@ -4,6 +4,7 @@ The newest checkpoint is cut short (as a killed upload leaves it): resume
 falls back to the newest good step and says which step it skipped and why;
 with every step damaged the error names the directory and the steps.
 """
+
 import logging
 import os
 
@@ -23,10 +24,17 @@ def digits(tmp_path_factory):
 def config(files):
   train, _ = files
   return TrainConfig(
-      model='small_cnn', model_kwargs=dict(num_classes=10, features=[4], hidden=8),
-      data=DataConfig(kind='images', train_files=train, eval_files='', shape=(8, 8, 1), shuffle_buffer=64),
-      input_scale=1 / 16, batch_size=16, num_steps=4, checkpoint_every=2, keep_checkpoints=3,
-      learning_rate=3e-3, log_every=1, sharding=ShardingConfig(mode='dp'),
+    model='small_cnn',
+    model_kwargs=dict(num_classes=10, features=[4], hidden=8),
+    data=DataConfig(kind='images', train_files=train, eval_files='', shape=(8, 8, 1), shuffle_buffer=64),
+    input_scale=1 / 16,
+    batch_size=16,
+    num_steps=4,
+    checkpoint_every=2,
+    keep_checkpoints=3,
+    learning_rate=3e-3,
+    log_every=1,
+    sharding=ShardingConfig(mode='dp'),
   )
 
 

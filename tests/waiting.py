@@ -1,4 +1,5 @@
 """Bounded waits for tests: poll a condition until a deadline, never sleep for a guess."""
+
 from __future__ import annotations
 
 import os

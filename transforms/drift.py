@@ -11,6 +11,7 @@ image's brightness, an event's value fields) and `prediction/...` fields of
 the model's outputs, in any mix; a name the profile lacks is ignored. The
 maths lives in `beam_dl.operations.drift`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,9 +21,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from beam_dl.operations import drift
 from beam_dl.core.deadletter import side_output
 from beam_dl.core.element_types import EncodedImage, Record
+from beam_dl.operations import drift
 from beam_dl.operations.metrics_export import labelled
 
 NAMESPACE = 'beam_dl.drift'
@@ -87,12 +88,15 @@ class _DriftReportFn(beam.DoFn):
       Metrics.gauge(NAMESPACE, labelled('js_e6', feature=name)).set(int(round(values['js'] * 1e6)))
     self._reports.inc()
     drifted = sorted(name for name, values in features.items() if values['psi'] >= self._alert)
-    yield {**bounds, 'features': features, 'drifted': drifted,
-           'max_psi': max((v['psi'] for v in features.values()), default=0.0)}
+    yield {
+      **bounds,
+      'features': features,
+      'drifted': drifted,
+      'max_psi': max((v['psi'] for v in features.values()), default=0.0),
+    }
     for name in drifted:
       Metrics.counter(NAMESPACE, labelled('alerts', feature=name)).inc()
-      yield beam.pvalue.TaggedOutput(ALERTS, {**bounds, 'feature': name, **features[name],
-                                              'threshold': self._alert})
+      yield beam.pvalue.TaggedOutput(ALERTS, {**bounds, 'feature': name, **features[name], 'threshold': self._alert})
 
 
 def _window_bounds(window) -> dict:
@@ -123,9 +127,15 @@ class ComputeDrift(beam.PTransform):
     min_count: features with fewer values in a window are not judged.
   """
 
-  def __init__(self, profile: drift.DriftProfile | str, window_size: Optional[float] = None,
-               window_period: Optional[float] = None, warn_psi: float = drift.WARN_PSI,
-               alert_psi: float = drift.ALERT_PSI, min_count: int = 1):
+  def __init__(
+    self,
+    profile: drift.DriftProfile | str,
+    window_size: Optional[float] = None,
+    window_period: Optional[float] = None,
+    warn_psi: float = drift.WARN_PSI,
+    alert_psi: float = drift.ALERT_PSI,
+    min_count: int = 1,
+  ):
     super().__init__()
     self._profile = drift.load_profile(profile) if isinstance(profile, str) else profile
     if window_period is not None and window_size is None:
@@ -137,14 +147,14 @@ class ComputeDrift(beam.PTransform):
 
   def expand(self, features):
     if self._size is not None:
-      windows = (beam.window.SlidingWindows(self._size, self._period) if self._period
-                 else beam.window.FixedWindows(self._size))
+      windows = (
+        beam.window.SlidingWindows(self._size, self._period) if self._period else beam.window.FixedWindows(self._size)
+      )
       features = features | 'DriftWindows' >> beam.WindowInto(windows)
-    histograms = features | 'Histograms' >> beam.CombineGlobally(
-        HistogramsCombineFn(self._profile)).without_defaults()
+    histograms = features | 'Histograms' >> beam.CombineGlobally(HistogramsCombineFn(self._profile)).without_defaults()
     out = histograms | 'Compare' >> beam.ParDo(
-        _DriftReportFn(self._profile, self._warn, self._alert, self._min_count)).with_output_types(
-            Record, **{ALERTS: Record}).with_outputs(ALERTS, main='reports')
+      _DriftReportFn(self._profile, self._warn, self._alert, self._min_count)
+    ).with_output_types(Record, **{ALERTS: Record}).with_outputs(ALERTS, main='reports')
     return DriftOutputs(out.reports, out[ALERTS])
 
 
@@ -158,19 +168,22 @@ class BuildDriftProfile(beam.PTransform):
   bounded on a large reference set. Returns the PCollection of the path.
   """
 
-  def __init__(self, path: str, num_bins: int = drift.DEFAULT_BINS, sample_size: int = 100_000,
-               source: str = ''):
+  def __init__(self, path: str, num_bins: int = drift.DEFAULT_BINS, sample_size: int = 100_000, source: str = ''):
     super().__init__()
     self._path, self._bins, self._sample, self._source = path, num_bins, sample_size, source
 
   def expand(self, features):
-    sample = (features
-              | 'GlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
-              | 'FeatureValues' >> beam.FlatMap(_feature_values)
-              | 'SamplePerFeature' >> beam.combiners.Sample.FixedSizePerKey(self._sample))
-    return (sample
-            | 'AllFeatures' >> beam.combiners.ToDict()
-            | 'WriteProfile' >> beam.Map(_write_profile, self._path, self._bins, self._source))
+    sample = (
+      features
+      | 'GlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
+      | 'FeatureValues' >> beam.FlatMap(_feature_values)
+      | 'SamplePerFeature' >> beam.combiners.Sample.FixedSizePerKey(self._sample)
+    )
+    return (
+      sample
+      | 'AllFeatures' >> beam.combiners.ToDict()
+      | 'WriteProfile' >> beam.Map(_write_profile, self._path, self._bins, self._source)
+    )
 
 
 def _feature_values(record: FeatureDict):
@@ -197,6 +210,7 @@ def drift_enabled(options) -> bool:
 def training_profile(model_dir: str) -> str | None:
   """The input profile training saved in `model_dir` (also `models:/...`), or None."""
   from apache_beam.io.filesystems import FileSystems
+
   from beam_dl.models import checkpoints
 
   path = FileSystems.join(checkpoints.resolve(model_dir), drift.PROFILE_FILE)
@@ -212,11 +226,17 @@ class _WarnOnDriftFn(beam.DoFn):
   def process(self, report):
     if report['drifted']:
       features = report['features']
-      worst = ', '.join(f"{name} PSI {features[name]['psi']:.2f}" for name in report['drifted'])
+      worst = ', '.join(f'{name} PSI {features[name]["psi"]:.2f}' for name in report['drifted'])
       count = max(v['count'] for v in features.values())
-      _log.warning('inputs differ from the model\'s training inputs (%s >= %g over %d sampled inputs): are they on '
-                   'the scale and preprocessing it was trained on? (profile %s; --drift_profile none turns the '
-                   'check off)', worst, self._alert, count, self._path)
+      _log.warning(
+        "inputs differ from the model's training inputs (%s >= %g over %d sampled inputs): are they on "
+        'the scale and preprocessing it was trained on? (profile %s; --drift_profile none turns the '
+        'check off)',
+        worst,
+        self._alert,
+        count,
+        self._path,
+      )
     yield report
 
 
@@ -233,22 +253,41 @@ class CheckAgainstTraining(beam.PTransform):
   model served on data of another scale is noticed at once.
   """
 
-  def __init__(self, profile_path: str, spec, alert_psi: float = drift.ALERT_PSI, min_count: int = 20,
-               sample: int = TRAINING_SAMPLE):
+  def __init__(
+    self,
+    profile_path: str,
+    spec,
+    alert_psi: float = drift.ALERT_PSI,
+    min_count: int = 20,
+    sample: int = TRAINING_SAMPLE,
+  ):
     super().__init__()
-    self._path, self._spec, self._alert, self._min_count, self._sample = profile_path, spec, alert_psi, min_count, sample
+    self._path, self._spec, self._alert, self._min_count, self._sample = (
+      profile_path,
+      spec,
+      alert_psi,
+      min_count,
+      sample,
+    )
 
   def expand(self, images):
-    reports = (images
-               | 'SampleImages' >> beam.combiners.Sample.FixedSizeGlobally(self._sample)
-               | 'Unlist' >> beam.FlatMap(lambda sample: sample)
-               | 'ImageDriftFeatures' >> beam.FlatMap(image_features, self._spec)
-               | 'ComputeDrift' >> ComputeDrift(self._path, alert_psi=self._alert, min_count=self._min_count))
+    reports = (
+      images
+      | 'SampleImages' >> beam.combiners.Sample.FixedSizeGlobally(self._sample)
+      | 'Unlist' >> beam.FlatMap(lambda sample: sample)
+      | 'ImageDriftFeatures' >> beam.FlatMap(image_features, self._spec)
+      | 'ComputeDrift' >> ComputeDrift(self._path, alert_psi=self._alert, min_count=self._min_count)
+    )
     return reports.reports | 'WarnOnDrift' >> beam.ParDo(_WarnOnDriftFn(self._path, self._alert))
 
 
-def attach_drift(options, features: dict[str, beam.PCollection], output: str,
-                 default_window: tuple[float, float | None] | None = None, writer=None):
+def attach_drift(
+  options,
+  features: dict[str, beam.PCollection],
+  output: str,
+  default_window: tuple[float, float | None] | None = None,
+  writer=None,
+):
   """Adds drift steps to a pipeline over the named feature PCollections.
 
   --write_drift_profile PATH: the features build a reference profile
@@ -268,9 +307,10 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
   opts = options.view_as(DriftOptions)
   # One windowing for the Flatten (inputs and predictions may come windowed
   # differently); timestamps are kept, and ComputeDrift windows them again.
-  merged = ([pcoll | f'{name}DriftGlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
-             for name, pcoll in features.items()]
-            | 'DriftFeatures' >> beam.Flatten())
+  merged = [
+    pcoll | f'{name}DriftGlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
+    for name, pcoll in features.items()
+  ] | 'DriftFeatures' >> beam.Flatten()
   if opts.write_drift_profile:
     merged | 'BuildDriftProfile' >> BuildDriftProfile(opts.write_drift_profile, opts.drift_bins, source=output)
   if not opts.drift_profile:
@@ -279,7 +319,8 @@ def attach_drift(options, features: dict[str, beam.PCollection], output: str,
   if size is None and default_window is not None:
     size, period = default_window
   outputs = merged | 'ComputeDrift' >> ComputeDrift(
-      opts.drift_profile, size, period, opts.drift_warn_psi, opts.drift_alert_psi, opts.drift_min_count)
+    opts.drift_profile, size, period, opts.drift_warn_psi, opts.drift_alert_psi, opts.drift_min_count
+  )
   _write(outputs.reports, 'WriteDriftReports', side_output(output, DRIFT), writer)
   _write(outputs.alerts, 'WriteDriftAlerts', side_output(output, ALERTS), writer)
   return outputs
@@ -298,8 +339,8 @@ def _write(pcoll, label: str, prefix: str, writer):
 
 
 def _model_image_spec(model_dir: str):
-  from beam_dl.models import checkpoints
   from beam_dl.decoding.images import ImageSpec
+  from beam_dl.models import checkpoints
 
   height, width, channels = checkpoints.load_spec(model_dir).input_shape
   return ImageSpec(height=height, width=width, channels=channels)
@@ -321,20 +362,31 @@ def classify_images_drift(options, images, predictions, model_dir: str, output: 
     if path is None:
       return None
     return images | 'CheckAgainstTraining' >> CheckAgainstTraining(
-        path, _model_image_spec(model_dir), opts.drift_alert_psi, opts.drift_min_count)
+      path, _model_image_spec(model_dir), opts.drift_alert_psi, opts.drift_min_count
+    )
   spec = _model_image_spec(model_dir)
-  return attach_drift(options, {
+  return attach_drift(
+    options,
+    {
       'Images': images | 'ImageDriftFeatures' >> beam.FlatMap(image_features, spec),
       'Predictions': predictions | 'PredictionDriftFeatures' >> beam.Map(classification_features),
-  }, output)
+    },
+    output,
+  )
 
 
 def score_sequences_drift(options, events, scores, fields, output: str, streaming_window=None, writer=None):
   """score_sequences' drift: each event's value fields and each window's score or outputs."""
-  return attach_drift(options, {
+  return attach_drift(
+    options,
+    {
       'Events': events | 'EventDriftFeatures' >> beam.Map(event_features, tuple(fields)),
       'Scores': scores | 'ScoreDriftFeatures' >> beam.Map(score_features),
-  }, output, streaming_window, writer)
+    },
+    output,
+    streaming_window,
+    writer,
+  )
 
 
 def image_features(element, spec) -> list[dict]:
@@ -344,8 +396,8 @@ def image_features(element, spec) -> list[dict]:
   Decoded at the model's input size; an image that does not read or decode
   yields nothing here (it is already a dead letter of the classification path).
   """
-  from beam_dl.io import files
   from beam_dl.decoding.images import ImageDecodeError, decode_image
+  from beam_dl.io import files
 
   try:
     pixels = element[1] if isinstance(element[1], np.ndarray) else decode_image(files.content(element[1]), spec)

@@ -11,6 +11,7 @@ says so (never silently repaired). Element timestamps are the source's:
 the file's match time when watching, Pub/Sub publish time (or
 `timestamp_attribute`), the Kafka record time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,10 @@ class EventSource:
     if self.kafka_reader not in KAFKA_READERS:
       raise ValueError(f'kafka_reader must be one of {KAFKA_READERS}, got {self.kafka_reader!r}')
     if self.kafka_reader == 'xlang' and self.kafka_topic and not self.kafka_expansion_service:
-      raise ValueError('the xlang Kafka reader needs kafka_expansion_service (host:port of a Java expansion '
-                       'service with KafkaIO: python -m beam_dl.services.kafka_io runs one)')
+      raise ValueError(
+        'the xlang Kafka reader needs kafka_expansion_service (host:port of a Java expansion '
+        'service with KafkaIO: python -m beam_dl.services.kafka_io runs one)'
+      )
 
   @property
   def kind(self) -> str:
@@ -111,10 +114,15 @@ class FirstSightingFn(beam.DoFn):
 def read_kafka(source: EventSource) -> beam.PTransform:
   """Kafka record values (bytes), stamped with the record time (the producer's event time)."""
   if source.kafka_reader == 'xlang':
-    return ReadKafkaXlang(source.kafka_bootstrap, source.kafka_topic, source.kafka_expansion_service,
-                          max_num_records=source.kafka_max_records)
-  return ReadKafkaValues(source.kafka_bootstrap, source.kafka_topic,
-                         stop_after_idle_s=source.kafka_stop_after_idle_secs)
+    return ReadKafkaXlang(
+      source.kafka_bootstrap,
+      source.kafka_topic,
+      source.kafka_expansion_service,
+      max_num_records=source.kafka_max_records,
+    )
+  return ReadKafkaValues(
+    source.kafka_bootstrap, source.kafka_topic, stop_after_idle_s=source.kafka_stop_after_idle_secs
+  )
 
 
 @beam.typehints.with_output_types(TextLine)
@@ -137,8 +145,7 @@ class ReadEventLines(beam.PTransform):
   New files are counted as `files_matched` in `metrics_namespace`.
   """
 
-  def __init__(self, source: EventSource, clock: Callable[[], float] = time.time,
-               metrics_namespace: str = NAMESPACE):
+  def __init__(self, source: EventSource, clock: Callable[[], float] = time.time, metrics_namespace: str = NAMESPACE):
     super().__init__()
     self._source, self._clock, self._namespace = source, clock, metrics_namespace
 
@@ -147,20 +154,28 @@ class ReadEventLines(beam.PTransform):
     kind = source.kind
     if kind == 'pubsub':
       return pbegin | 'ReadFromPubSub' >> beam.io.ReadFromPubSub(
-          topic=source.pubsub_topic, subscription=source.pubsub_subscription,
-          timestamp_attribute=source.timestamp_attribute)
+        topic=source.pubsub_topic,
+        subscription=source.pubsub_subscription,
+        timestamp_attribute=source.timestamp_attribute,
+      )
     if kind == 'kafka':
       return pbegin | 'ReadFromKafka' >> read_kafka(source) | 'EndSourceStage' >> beam.Reshuffle()
     if kind == 'files':
       return pbegin | 'ReadText' >> beam.io.ReadFromText(source.input, coder=BytesCoder())
-    stop = (Timestamp.of(self._clock() + source.stop_after_secs) if source.stop_after_secs
-            else MAX_TIMESTAMP)
-    return (pbegin
-            | 'WatchFiles' >> fileio.MatchContinuously(
-                source.input, interval=source.poll_interval_secs, has_deduplication=False,
-                start_timestamp=Timestamp.of(self._clock()), stop_timestamp=stop)
-            | 'KeyByPath' >> beam.Map(lambda m: (m.path, m))
-            | 'NewFilesOnly' >> beam.ParDo(FirstSightingFn(self._namespace))
-            | 'ReadMatches' >> fileio.ReadMatches()
-            | 'SplitLines' >> beam.FlatMap(lines_of)
-            | 'EndSourceStage' >> beam.Reshuffle())
+    stop = Timestamp.of(self._clock() + source.stop_after_secs) if source.stop_after_secs else MAX_TIMESTAMP
+    return (
+      pbegin
+      | 'WatchFiles'
+      >> fileio.MatchContinuously(
+        source.input,
+        interval=source.poll_interval_secs,
+        has_deduplication=False,
+        start_timestamp=Timestamp.of(self._clock()),
+        stop_timestamp=stop,
+      )
+      | 'KeyByPath' >> beam.Map(lambda m: (m.path, m))
+      | 'NewFilesOnly' >> beam.ParDo(FirstSightingFn(self._namespace))
+      | 'ReadMatches' >> fileio.ReadMatches()
+      | 'SplitLines' >> beam.FlatMap(lines_of)
+      | 'EndSourceStage' >> beam.Reshuffle()
+    )

@@ -19,6 +19,7 @@ each shard one) is read on a worker and each listed path is taken literally:
 a regular file is read, anything else is one dead letter with the same
 reason a glob match would give it.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -57,8 +58,7 @@ def unreadable_dead_letter(path: str, reason: str) -> dict:
 
 
 def _unlisted(pattern: str):
-  return [unreadable_dead_letter(path, reason)
-          for path, reason in files_lib.unlisted_entries(pattern)]
+  return [unreadable_dead_letter(path, reason) for path, reason in files_lib.unlisted_entries(pattern)]
 
 
 def in_chunks(items: list, max_chunk: int = MAX_CHUNK, min_chunks: int = MIN_CHUNKS) -> list[list]:
@@ -78,7 +78,8 @@ def match_in_chunks(pattern: str) -> list[list[tuple[str, int, float]]]:
   (bench_flagship: ~49,000 pickle calls for 24,000 images)."""
   metadata = FileSystems.match([pattern])[0].metadata_list
   if not metadata and not fileio.EmptyMatchTreatment.allow_empty_match(
-      pattern, fileio.EmptyMatchTreatment.ALLOW_IF_WILDCARD):
+    pattern, fileio.EmptyMatchTreatment.ALLOW_IF_WILDCARD
+  ):
     raise BeamIOError(f'Empty match for pattern {pattern}. Disallowed.')
   return in_chunks([_as_tuple(m) for m in metadata])
 
@@ -87,8 +88,9 @@ def _as_tuple(metadata: FileMetadata) -> tuple[str, int, float]:
   return metadata.path, metadata.size_in_bytes, metadata.last_updated_in_seconds
 
 
-def readable_files(chunk: list[tuple[str, int, float]],
-                   compression_type: str = CompressionTypes.AUTO) -> list[fileio.ReadableFile]:
+def readable_files(
+  chunk: list[tuple[str, int, float]], compression_type: str = CompressionTypes.AUTO
+) -> list[fileio.ReadableFile]:
   """One chunk of (path, size, mtime) -> each file's `fileio.ReadableFile`
   (what `fileio.ReadMatches` makes of its FileMetadata), in order."""
   return [fileio.ReadableFile(FileMetadata(path, size, mtime), compression_type) for path, size, mtime in chunk]
@@ -127,9 +129,11 @@ class MatchFileChunks(beam.PTransform):
 
   def expand(self, pbegin) -> FileChunks:
     if files_lib.is_file_list(self._pattern):
-      listed = (pbegin
-                | 'FileList' >> beam.Create([self._pattern])
-                | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files'))
+      listed = (
+        pbegin
+        | 'FileList' >> beam.Create([self._pattern])
+        | 'ListedFiles' >> beam.ParDo(_ListedFilesFn()).with_outputs('failed', main='files')
+      )
       chunks, failed = listed.files, listed.failed
     else:
       pattern = pbegin | 'Pattern' >> beam.Create([self._pattern])

@@ -12,6 +12,7 @@ Elements may carry metadata after the bytes, (key, bytes, meta); every step
 keeps it: (key, array, meta). `with_metadata=True` on the readers produces
 such triples with the source path/file and label.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,11 +25,10 @@ from apache_beam.metrics import Metrics
 
 from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter
 from beam_dl.core.element_types import DeadLetter, DecodedImage, EncodedImage
+from beam_dl.core.lookahead import Lookahead
+from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
 from beam_dl.formats import image_example
 from beam_dl.io import files as files_lib
-from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image, fit_image, normalize, rng_for_key
-from beam_dl.core.lookahead import Lookahead
-
 from transforms.files import MatchFileChunks, readable_files, unreadable_dead_letter
 from transforms.tfrecords import ReadTFRecords
 
@@ -94,8 +94,13 @@ class ReadImageFiles(beam.PTransform):
   dead letter, with the same key, stage 'read' and reason.
   """
 
-  def __init__(self, file_pattern: str, with_metadata: bool = False,
-               label_fn: Callable[[str], Any] | None = None, defer_read: bool = False):
+  def __init__(
+    self,
+    file_pattern: str,
+    with_metadata: bool = False,
+    label_fn: Callable[[str], Any] | None = None,
+    defer_read: bool = False,
+  ):
     super().__init__()
     self._file_pattern = file_pattern
     self._with_metadata = with_metadata or label_fn is not None
@@ -107,8 +112,8 @@ class ReadImageFiles(beam.PTransform):
     content = fileio.ReadableFile if self._defer_read else bytes
     keyed = tuple[str, content, dict] if self._with_metadata else tuple[str, content]
     read = matched.chunks | 'ReadFiles' >> beam.ParDo(
-        _ReadImageFilesFn(self._with_metadata, self._label_fn, self._defer_read)).with_output_types(
-            keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
+      _ReadImageFilesFn(self._with_metadata, self._label_fn, self._defer_read)
+    ).with_output_types(keyed, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(read.images, failed)
 
@@ -117,8 +122,9 @@ class _ParseImageExampleFn(beam.DoFn):
   """(filename, serialized image tf.train.Example) -> (key, encoded bytes or uint8 pixels[, meta])."""
 
   def __init__(self, image_feature: str, key_feature: str, label_feature: str | None = None):
-    self._features = dict(encoded_feature=image_feature, key_feature=key_feature,
-                          label_feature=label_feature or image_example.ENCODED_LABEL)
+    self._features = dict(
+      encoded_feature=image_feature, key_feature=key_feature, label_feature=label_feature or image_example.ENCODED_LABEL
+    )
     self._with_metadata = label_feature is not None
     self._failed = Metrics.counter(_NAMESPACE, 'examples_failed')
 
@@ -155,12 +161,12 @@ class ReadImageExamples(beam.PTransform):
   """
 
   def __init__(
-      self,
-      file_pattern: str,
-      image_feature: str = image_example.ENCODED,
-      key_feature: str = image_example.ENCODED_KEY,
-      with_metadata: bool = False,
-      label_feature: str = image_example.ENCODED_LABEL,
+    self,
+    file_pattern: str,
+    image_feature: str = image_example.ENCODED,
+    key_feature: str = image_example.ENCODED_KEY,
+    with_metadata: bool = False,
+    label_feature: str = image_example.ENCODED_LABEL,
   ):
     super().__init__()
     self._file_pattern = file_pattern
@@ -171,9 +177,8 @@ class ReadImageExamples(beam.PTransform):
   def expand(self, pbegin) -> ImageInputs:
     read = pbegin | 'ReadRecords' >> ReadTFRecords(self._file_pattern)
     parsed = read.records | 'ParseExamples' >> beam.ParDo(
-        _ParseImageExampleFn(self._image_feature, self._key_feature,
-                             self._label_feature)).with_output_types(
-                                 EncodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
+      _ParseImageExampleFn(self._image_feature, self._key_feature, self._label_feature)
+    ).with_output_types(EncodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='images')
     failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
     return ImageInputs(parsed.images, failed)
 
@@ -206,8 +211,12 @@ class _DecodeImageFn(beam.DoFn):
 
   def setup(self):
     spec = self._spec
-    self._lookahead = Lookahead(lambda data_rng: read_and_decode(data_rng[0], spec, data_rng[1]), self._ahead,
-                                max_cost=DECODE_AHEAD_BYTES, group=DECODE_GROUP)
+    self._lookahead = Lookahead(
+      lambda data_rng: read_and_decode(data_rng[0], spec, data_rng[1]),
+      self._ahead,
+      max_cost=DECODE_AHEAD_BYTES,
+      group=DECODE_GROUP,
+    )
 
   def teardown(self):
     self._lookahead.close()
@@ -280,7 +289,8 @@ class DecodeImages(ErrorHandling, beam.PTransform):
 
   def expand(self, pcoll):
     outputs = pcoll | 'Decode' >> beam.ParDo(_DecodeImageFn(self._spec, self._ahead)).with_output_types(
-        DecodedImage, **{FAILED: DeadLetter}).with_outputs(FAILED, main='decoded')
+      DecodedImage, **{FAILED: DeadLetter}
+    ).with_outputs(FAILED, main='decoded')
     self._report_failures(pcoll, outputs.failed)
     return outputs
 
@@ -294,8 +304,7 @@ class NormalizeImages(beam.PTransform):
   spec's input_scale/input_offset, which apply inside jit.
   """
 
-  def __init__(self, mean: Sequence[float] | float = 0.0, std: Sequence[float] | float = 1.0,
-               scale: float = 1 / 255):
+  def __init__(self, mean: Sequence[float] | float = 0.0, std: Sequence[float] | float = 1.0, scale: float = 1 / 255):
     super().__init__()
     normalize(np.zeros((1, 1, 1), np.uint8), mean, std, scale)  # validate early
     self._args = (mean, std, scale)
@@ -303,7 +312,8 @@ class NormalizeImages(beam.PTransform):
   def expand(self, pcoll):
     mean, std, scale = self._args
     return pcoll | 'Normalize' >> beam.Map(
-        lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:])).with_output_types(DecodedImage)
+      lambda e: (e[0], normalize(e[1], mean, std, scale), *e[2:])
+    ).with_output_types(DecodedImage)
 
 
 __all__ = ['DecodeImages', 'ImageSpec', 'NormalizeImages', 'ReadImageExamples', 'ReadImageFiles']

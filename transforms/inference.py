@@ -1,10 +1,11 @@
 """RunInference wiring with per-element dead letters, and image classification.
 
-  RunInferenceWithDeadLetters(handler)  keyed examples -> (key, PredictionResult);
-                                         a failed batch is split in place until its
-                                         bad elements stand alone, each one dead letter
-  ClassifyImages(model_dir)             (key, encoded image) -> prediction records
+RunInferenceWithDeadLetters(handler)  keyed examples -> (key, PredictionResult);
+                                       a failed batch is split in place until its
+                                       bad elements stand alone, each one dead letter
+ClassifyImages(model_dir)             (key, encoded image) -> prediction records
 """
+
 from __future__ import annotations
 
 import traceback
@@ -15,12 +16,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, RunInference
 
-from beam_dl.models import checkpoints
 from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter, describe
 from beam_dl.core.element_types import DeadLetter, EncodedImage
-from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
-from beam_dl.decoding.images import ImageSpec
 from beam_dl.core.isolate import Failed, isolate
+from beam_dl.decoding.images import ImageSpec
+from beam_dl.models import checkpoints
+from beam_dl.serving.handler import METRICS_NAMESPACE, JaxModelHandler, deferred_reads
 from beam_dl.serving.postprocess import classification_record
 from transforms.images import DecodeImages
 
@@ -44,7 +45,7 @@ def failed_batch_to_dead_letters(failure: tuple[Any, Any], stage: str = 'inferen
   """
   failed, error = failure
   reason = _error_reason(error)
-  for key, _ in (failed if stage == 'inference' else [failed]):
+  for key, _ in failed if stage == 'inference' else [failed]:
     yield dead_letter(key, stage, reason)
 
 
@@ -78,8 +79,10 @@ def _keyed(handler: ModelHandler) -> ModelHandler:
   input: a MaybeKeyedModelHandler (keys optional) is refused.
   """
   if isinstance(_unwrap(handler), MaybeKeyedModelHandler):
-    raise ValueError('RunInferenceWithDeadLetters takes (key, example) elements: pass the handler '
-                     'itself or a KeyedModelHandler, not a MaybeKeyedModelHandler')
+    raise ValueError(
+      'RunInferenceWithDeadLetters takes (key, example) elements: pass the handler '
+      'itself or a KeyedModelHandler, not a MaybeKeyedModelHandler'
+    )
   if isinstance(_unwrap(handler), KeyedModelHandler):
     return handler
   return KeyedModelHandler(handler)
@@ -110,8 +113,8 @@ class _IsolatingModelHandler(ModelHandler):
   def run_inference(self, batch, model, inference_args=None):
     outcomes = isolate(lambda part: list(self._base.run_inference(part, model, inference_args)), batch)
     return [
-        _Isolated(key, describe(outcome.error)) if isinstance(outcome, Failed) else outcome
-        for (key, _), outcome in zip(batch, outcomes)  # keyed by construction: (key, example)
+      _Isolated(key, describe(outcome.error)) if isinstance(outcome, Failed) else outcome
+      for (key, _), outcome in zip(batch, outcomes)  # keyed by construction: (key, example)
     ]
 
   def get_postprocess_fns(self):
@@ -247,8 +250,7 @@ class _DispatchAheadDoFn(beam_inference._RunInferenceDoFn):  # pylint: disable=p
   FAILED_BATCHES = 'failed_batches'
   FAILED_POSTPROCESS = 'failed_postprocess'
 
-  def __init__(self, model_handler, clock, metrics_namespace, enable_side_input_loading, model_tag,
-               postprocess_fns=()):
+  def __init__(self, model_handler, clock, metrics_namespace, enable_side_input_loading, model_tag, postprocess_fns=()):
     super().__init__(model_handler, clock, metrics_namespace, enable_side_input_loading, model_tag)
     self._postprocess_fns = tuple(postprocess_fns)
 
@@ -352,15 +354,18 @@ class _DispatchAheadRunInference(RunInference):
       pcoll = pcoll | beam.BatchElements(**handler.batch_elements_kwargs())
     metadata = self._model_metadata_pcoll
     postprocess_fns = handler.get_postprocess_fns()
-    dofn = _DispatchAheadDoFn(handler, self._clock, self._metrics_namespace, metadata is not None, self._model_tag,
-                              postprocess_fns)
+    dofn = _DispatchAheadDoFn(
+      handler, self._clock, self._metrics_namespace, metadata is not None, self._model_tag, postprocess_fns
+    )
     inferred = pcoll | 'BeamML_RunInference' >> beam.ParDo(
-        dofn, self._inference_args, beam.pvalue.AsSingleton(metadata) if metadata else None).with_resource_hints(
-            **handler.get_resource_hints()).with_outputs(
-                _DispatchAheadDoFn.FAILED_BATCHES, _DispatchAheadDoFn.FAILED_POSTPROCESS, main='results')
+      dofn, self._inference_args, beam.pvalue.AsSingleton(metadata) if metadata else None
+    ).with_resource_hints(**handler.get_resource_hints()).with_outputs(
+      _DispatchAheadDoFn.FAILED_BATCHES, _DispatchAheadDoFn.FAILED_POSTPROCESS, main='results'
+    )
     bad_postprocessed = [inferred[_DispatchAheadDoFn.FAILED_POSTPROCESS]] if postprocess_fns else []
     return inferred.results, beam_inference.RunInferenceDLQ(
-        inferred[_DispatchAheadDoFn.FAILED_BATCHES], bad_preprocessed, bad_postprocessed)
+      inferred[_DispatchAheadDoFn.FAILED_BATCHES], bad_preprocessed, bad_postprocessed
+    )
 
 
 def _isolated_to_dead_letters(result) -> Iterable:
@@ -403,15 +408,15 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   """
 
   def __init__(
-      self,
-      model_handler: ModelHandler,
-      model_metadata_pcoll=None,
-      *,
-      inference_args: Optional[dict] = None,
-      model_identifier: Optional[str] = None,
-      isolate_elements: bool = True,
-      dispatch_ahead: bool = True,
-      error_threshold: float = 1.0,
+    self,
+    model_handler: ModelHandler,
+    model_metadata_pcoll=None,
+    *,
+    inference_args: Optional[dict] = None,
+    model_identifier: Optional[str] = None,
+    isolate_elements: bool = True,
+    dispatch_ahead: bool = True,
+    error_threshold: float = 1.0,
   ):
     super().__init__()
     self._handler = _keyed(model_handler)
@@ -425,31 +430,39 @@ class RunInferenceWithDeadLetters(ErrorHandling, beam.PTransform):
   def expand(self, keyed_examples):
     handler = _IsolatingModelHandler(self._handler) if self._isolate else self._handler
     run_inference = _DispatchAheadRunInference if self._dispatch_ahead else RunInference
-    main, dlq = keyed_examples | 'RunInference' >> run_inference(
+    main, dlq = (
+      keyed_examples
+      | 'RunInference'
+      >> run_inference(
         handler,
         model_metadata_pcoll=self._metadata,
         inference_args=self._inference_args,
         model_identifier=self._model_identifier,
-    ).with_exception_handling()
+      ).with_exception_handling()
+    )
     failures = [
-        failed | f'PreprocessDeadLetters{i}' >> beam.FlatMap(
-            failed_batch_to_dead_letters, 'preprocess').with_output_types(DeadLetter)
-        for i, failed in enumerate(dlq.failed_preprocessing)
+      failed
+      | f'PreprocessDeadLetters{i}'
+      >> beam.FlatMap(failed_batch_to_dead_letters, 'preprocess').with_output_types(DeadLetter)
+      for i, failed in enumerate(dlq.failed_preprocessing)
     ]
     failures += [
-        failed | f'PostprocessDeadLetters{i}' >> beam.FlatMap(
-            failed_batch_to_dead_letters, 'postprocess').with_output_types(DeadLetter)
-        for i, failed in enumerate(dlq.failed_postprocessing)
+      failed
+      | f'PostprocessDeadLetters{i}'
+      >> beam.FlatMap(failed_batch_to_dead_letters, 'postprocess').with_output_types(DeadLetter)
+      for i, failed in enumerate(dlq.failed_postprocessing)
     ]
     # A batch fails as a whole only when isolation is off or the error is
     # not the elements' (e.g. the model cannot be loaded).
-    failures.append(dlq.failed_inferences | 'PerElementDeadLetters' >> beam.FlatMap(
-        failed_batch_to_dead_letters).with_output_types(DeadLetter))
+    failures.append(
+      dlq.failed_inferences
+      | 'PerElementDeadLetters' >> beam.FlatMap(failed_batch_to_dead_letters).with_output_types(DeadLetter)
+    )
     if not self._isolate or self._dispatch_ahead:  # the dispatch-ahead step fails isolated elements itself
       predictions = main
     else:
       separated = main | 'IsolatedDeadLetters' >> beam.FlatMap(_isolated_to_dead_letters).with_outputs(
-          FAILED, main='predictions'
+        FAILED, main='predictions'
       )
       predictions = separated.predictions
       failures.append(separated[FAILED])
@@ -484,8 +497,15 @@ class ClassifyImages(ErrorHandling, beam.PTransform):
   `dispatch_ahead` (default on): see RunInferenceWithDeadLetters.
   """
 
-  def __init__(self, model_dir: str, handler: Optional[JaxModelHandler] = None, *,
-               error_threshold: float = 1.0, dispatch_ahead: bool = True, **handler_kwargs):
+  def __init__(
+    self,
+    model_dir: str,
+    handler: Optional[JaxModelHandler] = None,
+    *,
+    error_threshold: float = 1.0,
+    dispatch_ahead: bool = True,
+    **handler_kwargs,
+  ):
     super().__init__()
     spec = checkpoints.load_spec(model_dir)
     if len(spec.input_shape) != 3:

@@ -1,4 +1,5 @@
 """Writers for pipeline outputs."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ from apache_beam.io import fileio
 import beam_dl  # noqa: F401  (its import fixes Beam's time-based flush: beam_dl/beam_fixes/output_flush.py)
 from beam_dl.core.element_types import Record
 from beam_dl.formats.jsonl import JsonLineCoder, json_line
-
 
 # What Beam's pre_finalize deletes as stale output of an earlier run. Beam
 # derives `<prefix>-*-of-NNNNN.jsonl` from the shard template, and that glob
@@ -35,8 +35,12 @@ class WriteJsonLines(beam.PTransform):
 
   def expand(self, records):
     write = beam.io.WriteToText(
-        self._prefix, file_name_suffix='.jsonl', num_shards=self._num_shards, shard_name_template='-SSSSS-of-NNNNN',
-        coder=JsonLineCoder())
+      self._prefix,
+      file_name_suffix='.jsonl',
+      num_shards=self._num_shards,
+      shard_name_template='-SSSSS-of-NNNNN',
+      coder=JsonLineCoder(),
+    )
     write._sink.shard_name_glob_format = EXACT_SHARD_GLOB  # as WriteToText.expand itself sets it when unbounded
     return records | 'WriteText' >> write
 
@@ -55,8 +59,10 @@ class WriteWindowedJsonLines(beam.PTransform):
 
   def expand(self, records):
     directory, name = os.path.split(self._prefix)
-    return (records
-            | 'WriteWindows' >> beam.WindowInto(beam.window.FixedWindows(self._frequency))
-            | 'ToJson' >> beam.Map(json_line)
-            | 'WriteFiles' >> fileio.WriteToFiles(
-                directory or '.', file_naming=fileio.default_file_naming(name, '.jsonl'), shards=1))
+    return (
+      records
+      | 'WriteWindows' >> beam.WindowInto(beam.window.FixedWindows(self._frequency))
+      | 'ToJson' >> beam.Map(json_line)
+      | 'WriteFiles'
+      >> fileio.WriteToFiles(directory or '.', file_naming=fileio.default_file_naming(name, '.jsonl'), shards=1)
+    )

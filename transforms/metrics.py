@@ -5,6 +5,7 @@
 `beam_dl.operations.metrics_export` turns the labelled counter into
 `beam_dl_deadletters_dead_letters_total{stage="decode", reason="ImageDecodeError"}`.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,6 @@ def reason_kind(reason: str, max_words: int = 4) -> str:
 
 
 class _CountFn(beam.DoFn):
-
   def process(self, record):
     stage = str(record.get('stage') or 'unknown')
     Metrics.counter(NAMESPACE, labelled('dead_letters', stage=stage, reason=reason_kind(record.get('reason')))).inc()

@@ -16,6 +16,7 @@ Serving side (inference pipelines, before RunInference):
 
 Every Canonical*/Apply* transform returns `.<main>` and `.failed` (dead letters).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, NamedTuple
@@ -27,8 +28,8 @@ from apache_beam.utils import shared
 
 from beam_dl.core.deadletter import FAILED, dead_letter, describe
 from beam_dl.core.element_types import DeadLetter, EncodedImage, KeyedArray, KeyedBytes, KeyedFeatures, Record
-from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.core.isolate import Failed, failures, isolate
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.preprocessing import canonical, schemas, stats
 from beam_dl.preprocessing import config as config_lib
 from beam_dl.preprocessing.config import PreprocessConfig
@@ -79,7 +80,7 @@ class CanonicalImageFiles(beam.PTransform):
 
   def expand(self, files):
     return files | 'ToRawExample' >> beam.ParDo(
-        _CanonicalFn(_image_file_to_raw(self._spec), lambda e: e[0])
+      _CanonicalFn(_image_file_to_raw(self._spec), lambda e: e[0])
     ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
@@ -97,7 +98,7 @@ class CanonicalImageRecords(beam.PTransform):
 
   def expand(self, records):
     return records | 'ToRawExample' >> beam.ParDo(
-        _CanonicalFn(_image_record_to_raw(self._spec), lambda e: canonical.record_key(*e))
+      _CanonicalFn(_image_record_to_raw(self._spec), lambda e: canonical.record_key(*e))
     ).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
@@ -112,9 +113,8 @@ class CanonicalSequences(beam.PTransform):
   def expand(self, sequences):
     num_values, with_ids = self._num_values, self._with_ids
     return sequences | 'ToRawExample' >> beam.ParDo(
-        _CanonicalFn(lambda r: canonical.sequence_to_raw(r, num_values, with_ids), lambda r: r.key)
-    ).with_input_types(SequenceRecord).with_output_types(
-        bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
+      _CanonicalFn(lambda r: canonical.sequence_to_raw(r, num_values, with_ids), lambda r: r.key)
+    ).with_input_types(SequenceRecord).with_output_types(bytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='raw')
 
 
 class Transformed(NamedTuple):
@@ -147,15 +147,15 @@ class AnalyzeAndTransform(beam.PTransform):
     from beam_dl.preprocessing import schemas
 
     source = tfxio.TFExampleBeamRecord(
-        physical_format='tfrecord',
-        schema=schemas.schema_from_feature_spec(self._config.feature_spec()),
-        telemetry_descriptors=['beam_dl', 'preprocess'],
+      physical_format='tfrecord',
+      schema=schemas.schema_from_feature_spec(self._config.feature_spec()),
+      telemetry_descriptors=['beam_dl', 'preprocess'],
     )
     record_batches = raw_examples | 'ToRecordBatches' >> source.BeamSource()
     with tft_beam.Context(temp_dir=self._temp_dir):
       (instances, metadata), transform_fn = (
-          record_batches,
-          source.TensorAdapterConfig(),
+        record_batches,
+        source.TensorAdapterConfig(),
       ) | 'AnalyzeAndTransform' >> tft_beam.AnalyzeAndTransformDataset(self._config.preprocessing_fn())
     return Transformed(instances, metadata, transform_fn)
 
@@ -194,10 +194,10 @@ class WriteTransformedExamples(beam.PTransform):
       return coder.encode(stats.drop(instance))
 
     return (
-        instances
-        | 'Encode' >> beam.Map(encode)
-        | 'WriteTFRecords'
-        >> beam.io.WriteToTFRecord(self._prefix, file_name_suffix='.tfrecord', num_shards=self._num_shards)
+      instances
+      | 'Encode' >> beam.Map(encode)
+      | 'WriteTFRecords'
+      >> beam.io.WriteToTFRecord(self._prefix, file_name_suffix='.tfrecord', num_shards=self._num_shards)
     )
 
 
@@ -207,9 +207,9 @@ class ExtractStats(beam.PTransform):
 
   def expand(self, instances):
     return (
-        instances
-        | 'OneRow' >> beam.combiners.Sample.FixedSizeGlobally(1)
-        | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {}).with_output_types(Record)
+      instances
+      | 'OneRow' >> beam.combiners.Sample.FixedSizeGlobally(1)
+      | 'ToStats' >> beam.Map(lambda rows: stats.from_row(rows[0]) if rows else {}).with_output_types(Record)
     )
 
 
@@ -296,11 +296,12 @@ class ApplySavedTransform(beam.PTransform):
 
   def expand(self, keyed_raw):
     return (
-        keyed_raw
-        | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-        | 'Transform'
-        >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared)).with_output_types(
-            KeyedFeatures, **{FAILED: DeadLetter}).with_outputs(FAILED, main='transformed')
+      keyed_raw
+      | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+      | 'Transform'
+      >> beam.ParDo(_ApplyTransformFn(self._transform_dir, self._shared))
+      .with_output_types(KeyedFeatures, **{FAILED: DeadLetter})
+      .with_outputs(FAILED, main='transformed')
     )
 
 
@@ -325,8 +326,11 @@ class TransformImagesForInference(beam.PTransform):
     shape = self._config.image_shape
     raw = keyed_bytes | 'Canonical' >> CanonicalImageFiles(shape)
     return _apply_for_inference(
-        raw, self._transform_dir, self._batch_size,
-        lambda features: np.asarray(features['image'], np.float32).reshape(shape))
+      raw,
+      self._transform_dir,
+      self._batch_size,
+      lambda features: np.asarray(features['image'], np.float32).reshape(shape),
+    )
 
 
 @beam.typehints.with_input_types(SequenceRecord)
@@ -357,8 +361,7 @@ class TransformSequencesForInference(beam.PTransform):
   def expand(self, records):
     raw = records | 'Canonical' >> CanonicalSequences(self._config.num_values, self._config.with_ids)
     features, max_len = self._features, self._max_len
-    return _apply_for_inference(
-        raw, self._transform_dir, self._batch_size, lambda f: step_inputs(f, features, max_len))
+    return _apply_for_inference(raw, self._transform_dir, self._batch_size, lambda f: step_inputs(f, features, max_len))
 
 
 def step_inputs(features: dict, names, max_len: int = 0) -> np.ndarray:
@@ -373,7 +376,8 @@ def _apply_for_inference(raw, transform_dir: str, batch_size: int, to_input: Cal
   keyed = raw.raw | 'KeyByExampleKey' >> beam.Map(_keyed_raw)
   applied = keyed | 'ApplySavedTransform' >> ApplySavedTransform(transform_dir, batch_size)
   inputs = applied.transformed | 'ToModelInput' >> beam.MapTuple(
-      lambda key, features: (key, to_input(features))).with_output_types(KeyedArray)
+    lambda key, features: (key, to_input(features))
+  ).with_output_types(KeyedArray)
   failed = (raw.failed, applied.failed) | 'MergeFailures' >> beam.Flatten()
   return InferenceInputs(inputs, failed)
 

@@ -12,6 +12,7 @@ forecast target) travels as the RunInference key, so nothing is joined back
 afterwards. `pipelines.score_sequences` wires these; metrics are in the
 'beam_dl.score_sequences' namespace (`latency_summary` reads them).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def model_input(record: dict[str, Any], forecast: bool) -> tuple[str, np.ndarray
   return json.dumps(context), np.ascontiguousarray(steps, np.float32)
 
 
-def score_record(context_json: str, inference, target_scale: float = 1.0,
-                 target_offset: float = 0.0) -> tuple[dict[str, Any], float | None]:
+def score_record(
+  context_json: str, inference, target_scale: float = 1.0, target_offset: float = 0.0
+) -> tuple[dict[str, Any], float | None]:
   """(context JSON, model output) -> (score record without latency, arrival time or None).
 
   `outputs` is the raw output vector; with a forecast target, `prediction`
@@ -75,8 +77,12 @@ def restore_key(failure: dict) -> dict:
   """Inference dead letters carry the context JSON as key; keep the user key."""
   try:
     context = json.loads(failure['key'])
-    return {**failure, 'key': context['key'], 'window_start': context['window_start'],
-            'window_end': context['window_end']}
+    return {
+      **failure,
+      'key': context['key'],
+      'window_start': context['window_start'],
+      'window_end': context['window_end'],
+    }
   except (TypeError, ValueError, KeyError):
     return failure
 
@@ -93,11 +99,17 @@ class ToModelInputFn(beam.DoFn):
     length = len(record['sequence'].valid())
     if length < self._min_length:
       self._short.inc()
-      yield beam.pvalue.TaggedOutput('failed', dead_letter(
-          record['key'], 'sequence',
+      yield beam.pvalue.TaggedOutput(
+        'failed',
+        dead_letter(
+          record['key'],
+          'sequence',
           f'window [{record["window_start"]:g}, {record["window_end"]:g}) has {length} event(s); '
           f'scoring needs at least {self._min_length} (--min_length)',
-          window_start=record['window_start'], window_end=record['window_end']))
+          window_start=record['window_start'],
+          window_end=record['window_end'],
+        ),
+      )
       return
     yield model_input(record, self._forecast)
 
@@ -112,8 +124,14 @@ class FormatScoreFn(beam.DoFn):
   since (so a short batch run logs them too).
   """
 
-  def __init__(self, target_scale: float = 1.0, target_offset: float = 0.0,
-               clock: Callable[[], float] = time.time, window: int = 10_000, log_every_secs: float = 10.0):
+  def __init__(
+    self,
+    target_scale: float = 1.0,
+    target_offset: float = 0.0,
+    clock: Callable[[], float] = time.time,
+    window: int = 10_000,
+    log_every_secs: float = 10.0,
+  ):
     self._scale, self._offset = target_scale, target_offset
     self._clock = clock
     self._window = window
@@ -158,8 +176,12 @@ class FormatScoreFn(beam.DoFn):
 
   def _log_latency(self, p50: float, p99: float) -> None:
     self._unlogged = 0
-    _log.info('score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
-              len(self._latencies), p50 * 1000, p99 * 1000)
+    _log.info(
+      'score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
+      len(self._latencies),
+      p50 * 1000,
+      p99 * 1000,
+    )
 
 
 class LateDeadLetterFn(beam.DoFn):
@@ -173,9 +195,17 @@ class LateDeadLetterFn(beam.DoFn):
     self._clock = clock
 
   def process(self, late: dict):
-    yield beam.window.TimestampedValue(dead_letter(
-        late['key'], 'late', late['reason'], event_time=late['event_time'],
-        window_start=late['window_start'], window_end=late['window_end']), self._clock())
+    yield beam.window.TimestampedValue(
+      dead_letter(
+        late['key'],
+        'late',
+        late['reason'],
+        event_time=late['event_time'],
+        window_start=late['window_start'],
+        window_end=late['window_end'],
+      ),
+      self._clock(),
+    )
 
 
 def latency_summary(result) -> dict:

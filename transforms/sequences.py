@@ -16,6 +16,7 @@ under its main tag and dead letters under `.failed`, as
 `{'key', 'stage', 'reason'}` dicts; nothing is dropped silently. Counters live
 in the 'beam_dl.sequences' namespace.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence, Tuple
@@ -27,15 +28,15 @@ from apache_beam.metrics import Metrics
 
 from beam_dl.core.deadletter import FAILED, ErrorHandling, dead_letter
 from beam_dl.core.element_types import DeadLetter, TextLine
-from beam_dl.formats import sequence_example
-from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.features.batch_windows import events_block
-from beam_dl.formats import events as events_lib
 from beam_dl.decoding import padding as padding_lib
-from beam_dl.features import hashing
-from beam_dl.formats.events import Event, EventSpec
 from beam_dl.decoding.padding import PaddedBatch
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.features import hashing
+from beam_dl.features.batch_windows import events_block
+from beam_dl.formats import events as events_lib
+from beam_dl.formats import sequence_example
+from beam_dl.formats.events import Event, EventSpec
+from beam_dl.formats.sequence_example import SequenceSpec
 from transforms.tfrecords import ReadTFRecords
 
 NAMESPACE = 'beam_dl.sequences'
@@ -52,8 +53,11 @@ class _ParseRecordsFn(beam.DoFn):
     self._failed = Metrics.counter(NAMESPACE, 'parse_failed')
 
   def setup(self):
-    self._parse = (sequence_example.parse_sequence_examples if self._fmt == 'sequence_example'
-                   else sequence_example.parse_list_examples)
+    self._parse = (
+      sequence_example.parse_sequence_examples
+      if self._fmt == 'sequence_example'
+      else sequence_example.parse_list_examples
+    )
 
   def process(self, batch: list[bytes]):
     results = self._parse(batch, self._spec)
@@ -62,8 +66,9 @@ class _ParseRecordsFn(beam.DoFn):
       if isinstance(result, sequence_example.SequenceParseError):
         failed += 1
         Metrics.counter(NAMESPACE, 'parse_failed_' + _reason_kind(str(result))).inc()
-        yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            sequence_example.own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw)))
+        yield beam.pvalue.TaggedOutput(
+          FAILED, dead_letter(sequence_example.own_key(raw, self._spec, self._fmt), 'parse', str(result), size=len(raw))
+        )
       else:
         yield result
     self._parsed.inc(len(results) - failed)
@@ -73,9 +78,13 @@ class _ParseRecordsFn(beam.DoFn):
 
 def _reason_kind(reason: str) -> str:
   """A short counter suffix for a failure reason."""
-  for needle, kind in (('missing', 'missing'), ('ragged', 'ragged'),
-                       ("don't match", 'wrong_type'), ('Invalid protocol', 'bad_bytes'),
-                       ('ids but', 'misaligned')):
+  for needle, kind in (
+    ('missing', 'missing'),
+    ('ragged', 'ragged'),
+    ("don't match", 'wrong_type'),
+    ('Invalid protocol', 'bad_bytes'),
+    ('ids but', 'misaligned'),
+  ):
     if needle in reason:
       return kind
   return 'other'
@@ -97,8 +106,14 @@ class ParseSequenceExamples(ErrorHandling, beam.PTransform):
   Returns a tuple with `.parsed` (SequenceRecord) and `.failed` (dead letters).
   """
 
-  def __init__(self, spec: SequenceSpec = SequenceSpec(), fmt: str = 'sequence_example',
-               max_batch_size: int = 512, *, error_threshold: float = 1.0):
+  def __init__(
+    self,
+    spec: SequenceSpec = SequenceSpec(),
+    fmt: str = 'sequence_example',
+    max_batch_size: int = 512,
+    *,
+    error_threshold: float = 1.0,
+  ):
     super().__init__()
     self._set_error_threshold(error_threshold)
     if fmt not in ('sequence_example', 'example'):
@@ -108,11 +123,14 @@ class ParseSequenceExamples(ErrorHandling, beam.PTransform):
     self._spec, self._fmt, self._max_batch_size = spec, fmt, max_batch_size
 
   def expand(self, records):
-    outputs = (records
-               | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size),
-                                               max_batch_size=self._max_batch_size)
-               | 'Parse' >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt)).with_output_types(
-                   SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='parsed'))
+    outputs = (
+      records
+      | 'Batch' >> beam.BatchElements(min_batch_size=min(32, self._max_batch_size), max_batch_size=self._max_batch_size)
+      | 'Parse'
+      >> beam.ParDo(_ParseRecordsFn(self._spec, self._fmt))
+      .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
+      .with_outputs(FAILED, main='parsed')
+    )
     self._report_failures(records, outputs.failed)
     return outputs
 
@@ -124,8 +142,13 @@ class ReadSequenceExamples(beam.PTransform):
   also holds damaged TFRecord frames and unreadable files (`ReadTFRecords`).
   """
 
-  def __init__(self, file_pattern: str, spec: SequenceSpec = SequenceSpec(),
-               fmt: str = 'sequence_example', compression_type: str = 'auto'):
+  def __init__(
+    self,
+    file_pattern: str,
+    spec: SequenceSpec = SequenceSpec(),
+    fmt: str = 'sequence_example',
+    compression_type: str = 'auto',
+  ):
     super().__init__()
     self._pattern = file_pattern
     self._parse = ParseSequenceExamples(spec, fmt)
@@ -133,9 +156,7 @@ class ReadSequenceExamples(beam.PTransform):
 
   def expand(self, pbegin):
     read = pbegin | 'ReadTFRecord' >> ReadTFRecords(self._pattern, self._compression)
-    parsed = (read.records
-              | 'DropFilenames' >> beam.Values()
-              | 'ParseSequenceExamples' >> self._parse)
+    parsed = read.records | 'DropFilenames' >> beam.Values() | 'ParseSequenceExamples' >> self._parse
     failed = (read.failed, parsed.failed) | 'MergeFailures' >> beam.Flatten()
     return ParsedSequences(parsed.parsed, failed)
 
@@ -148,15 +169,13 @@ class ParsedSequences(NamedTuple):
 
 
 class _ParseEventFn(beam.DoFn):
-
   def __init__(self, spec: EventSpec, fmt: str, with_timestamps: bool = False):
     self._spec, self._fmt, self._with_timestamps = spec, fmt, with_timestamps
     self._ok = Metrics.counter(NAMESPACE, 'events_parsed')
     self._bad = Metrics.counter(NAMESPACE, 'events_failed')
 
   def setup(self):
-    self._parse = (events_lib.parse_json_event if self._fmt == 'json'
-                   else events_lib.parse_csv_event)
+    self._parse = events_lib.parse_json_event if self._fmt == 'json' else events_lib.parse_csv_event
 
   def process(self, line):
     try:
@@ -172,8 +191,9 @@ class _ParseEventFn(beam.DoFn):
 def _parse_event_failure(err: events_lib.EventParseError, line) -> beam.pvalue.TaggedOutput:
   """The dead letter of a line that is not an event, with a preview of it."""
   preview = line if isinstance(line, str) else line.decode('utf-8', 'backslashreplace')
-  return beam.pvalue.TaggedOutput(FAILED, dead_letter(
-      err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW]))
+  return beam.pvalue.TaggedOutput(
+    FAILED, dead_letter(err.key, 'parse_event', str(err), record=preview[:_RECORD_PREVIEW])
+  )
 
 
 @beam.typehints.with_input_types(TextLine)
@@ -200,8 +220,8 @@ class ParseEvents(beam.PTransform):
 
   def expand(self, lines):
     return lines | 'ParseEvent' >> beam.ParDo(
-        _ParseEventFn(self._spec, self._fmt, self._with_timestamps)).with_output_types(
-            Event, **{FAILED: DeadLetter}).with_outputs(FAILED, main='events')
+      _ParseEventFn(self._spec, self._fmt, self._with_timestamps)
+    ).with_output_types(Event, **{FAILED: DeadLetter}).with_outputs(FAILED, main='events')
 
 
 class ReadEvents(beam.PTransform):
@@ -211,17 +231,24 @@ class ReadEvents(beam.PTransform):
   `ParseEvents`; returns `.events` and `.failed`.
   """
 
-  def __init__(self, file_pattern: str, spec: EventSpec, fmt: str = 'json',
-               skip_header_lines: int = 0, with_timestamps: bool = False):
+  def __init__(
+    self,
+    file_pattern: str,
+    spec: EventSpec,
+    fmt: str = 'json',
+    skip_header_lines: int = 0,
+    with_timestamps: bool = False,
+  ):
     super().__init__()
     self._pattern, self._skip = file_pattern, skip_header_lines
     self._parse = ParseEvents(spec, fmt, with_timestamps)
 
   def expand(self, pbegin):
-    return (pbegin
-            | 'ReadText' >> beam.io.ReadFromText(self._pattern, skip_header_lines=self._skip,
-                                                 coder=coders.BytesCoder())
-            | 'ParseEvents' >> self._parse)
+    return (
+      pbegin
+      | 'ReadText' >> beam.io.ReadFromText(self._pattern, skip_header_lines=self._skip, coder=coders.BytesCoder())
+      | 'ParseEvents' >> self._parse
+    )
 
 
 class _ParseEventBlocksFn(_ParseEventFn):
@@ -267,8 +294,9 @@ class ReadEventBlocks(beam.PTransform):
   inputs into several files for parallelism.
   """
 
-  def __init__(self, file_pattern: str, spec: EventSpec, fmt: str = 'json',
-               skip_header_lines: int = 0, block_size: int = 10_000):
+  def __init__(
+    self, file_pattern: str, spec: EventSpec, fmt: str = 'json', skip_header_lines: int = 0, block_size: int = 10_000
+  ):
     super().__init__()
     ParseEvents(spec, fmt)  # validates spec and fmt
     if block_size < 1:
@@ -277,14 +305,15 @@ class ReadEventBlocks(beam.PTransform):
     self._parse = _ParseEventBlocksFn(spec, fmt, skip_header_lines, block_size)
 
   def expand(self, pbegin):
-    return (pbegin
-            | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
-            | 'ReadMatches' >> fileio.ReadMatches()
-            | 'ParseEventBlocks' >> beam.ParDo(self._parse).with_outputs(FAILED, main='events'))
+    return (
+      pbegin
+      | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
+      | 'ReadMatches' >> fileio.ReadMatches()
+      | 'ParseEventBlocks' >> beam.ParDo(self._parse).with_outputs(FAILED, main='events')
+    )
 
 
 class _AssembleFn(beam.DoFn):
-
   def __init__(self, label_map, min_length: int):
     self._label_map, self._min_length = label_map, min_length
     self._ok = Metrics.counter(NAMESPACE, 'sequences_assembled')
@@ -296,15 +325,15 @@ class _AssembleFn(beam.DoFn):
     events = list(events)
     if len(events) < self._min_length:
       self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          key, 'assemble', f'{len(events)} events, fewer than min_length={self._min_length}'))
+      yield beam.pvalue.TaggedOutput(
+        FAILED, dead_letter(key, 'assemble', f'{len(events)} events, fewer than min_length={self._min_length}')
+      )
       return
     try:
       record = events_lib.assemble_sequence(key, events, self._label_map)
     except (KeyError, ValueError, TypeError) as err:
       self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          key, 'assemble', f'bad label: {err!r}'))
+      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(key, 'assemble', f'bad label: {err!r}'))
       return
     self._ok.inc()
     self._steps.update(record.length)
@@ -331,13 +360,15 @@ class AssembleSequences(beam.PTransform):
     self._min_length = min_length
 
   def expand(self, events):
-    return (events
-            | 'KeyByEventKey' >> beam.Map(lambda e: (e.key, e)).with_input_types(Event)
-            .with_output_types(Tuple[str, Event])
-            | 'GroupByKey' >> beam.GroupByKey()
-            | 'Assemble' >> beam.ParDo(_AssembleFn(self._label_map, self._min_length))
-            .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
-            .with_outputs(FAILED, main='sequences'))
+    return (
+      events
+      | 'KeyByEventKey' >> beam.Map(lambda e: (e.key, e)).with_input_types(Event).with_output_types(Tuple[str, Event])
+      | 'GroupByKey' >> beam.GroupByKey()
+      | 'Assemble'
+      >> beam.ParDo(_AssembleFn(self._label_map, self._min_length))
+      .with_output_types(SequenceRecord, **{FAILED: DeadLetter})
+      .with_outputs(FAILED, main='sequences')
+    )
 
 
 class _HashIdsFn(beam.DoFn):
@@ -354,8 +385,9 @@ class _HashIdsFn(beam.DoFn):
       raw = record.ids  # integer ids re-hashed into a smaller space
     if raw is None:
       self._bad.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          record.key, 'ids', 'record has no raw ids to map (meta["raw_ids"])'))
+      yield beam.pvalue.TaggedOutput(
+        FAILED, dead_letter(record.key, 'ids', 'record has no raw ids to map (meta["raw_ids"])')
+      )
       return
     self._ok.inc()
     meta = {k: v for k, v in record.meta.items() if k != 'raw_ids'}
@@ -380,11 +412,11 @@ class HashIds(beam.PTransform):
 
   def expand(self, records):
     return records | 'HashIds' >> beam.ParDo(_HashIdsFn(self._buckets)).with_output_types(
-        SequenceRecord, **{FAILED: DeadLetter}).with_outputs(FAILED, main='sequences')
+      SequenceRecord, **{FAILED: DeadLetter}
+    ).with_outputs(FAILED, main='sequences')
 
 
 class _PadFn(beam.DoFn):
-
   def __init__(self, boundaries, padding: str, truncating: str):
     self._boundaries, self._padding, self._truncating = boundaries, padding, truncating
     self._real = Metrics.counter(NAMESPACE, 'real_steps')
@@ -393,8 +425,7 @@ class _PadFn(beam.DoFn):
 
   def process(self, bucket_and_records):
     bucket, records = bucket_and_records
-    batch = padding_lib.pad_batch(list(records), self._boundaries[bucket],
-                                  self._padding, self._truncating)
+    batch = padding_lib.pad_batch(list(records), self._boundaries[bucket], self._padding, self._truncating)
     real = int(batch.mask.sum())
     self._real.inc(real)
     self._padded.inc(int(batch.mask.size) - real)
@@ -421,9 +452,14 @@ class BucketByLength(beam.PTransform):
       this long (GroupIntoBatches' own option).
   """
 
-  def __init__(self, boundaries: Sequence[int], batch_size: int,
-               padding: str = 'post', truncating: str = 'pre',
-               max_buffering_duration_secs: float | None = None):
+  def __init__(
+    self,
+    boundaries: Sequence[int],
+    batch_size: int,
+    padding: str = 'post',
+    truncating: str = 'pre',
+    max_buffering_duration_secs: float | None = None,
+  ):
     super().__init__()
     self._max_buffering = max_buffering_duration_secs
     self._boundaries = padding_lib.check_boundaries(boundaries)
@@ -435,14 +471,15 @@ class BucketByLength(beam.PTransform):
 
   def expand(self, records):
     boundaries = self._boundaries
-    return (records
-            | 'KeyByBucket' >> beam.Map(
-                lambda r: (padding_lib.bucket_index(r.length, boundaries), r))
-            .with_input_types(SequenceRecord).with_output_types(Tuple[int, SequenceRecord])
-            | 'GroupIntoBatches' >> beam.GroupIntoBatches(
-                self._batch_size, max_buffering_duration_secs=self._max_buffering)
-            | 'Pad' >> beam.ParDo(_PadFn(boundaries, self._padding, self._truncating))
-            .with_output_types(PaddedBatch))
+    return (
+      records
+      | 'KeyByBucket'
+      >> beam.Map(lambda r: (padding_lib.bucket_index(r.length, boundaries), r))
+      .with_input_types(SequenceRecord)
+      .with_output_types(Tuple[int, SequenceRecord])
+      | 'GroupIntoBatches' >> beam.GroupIntoBatches(self._batch_size, max_buffering_duration_secs=self._max_buffering)
+      | 'Pad' >> beam.ParDo(_PadFn(boundaries, self._padding, self._truncating)).with_output_types(PaddedBatch)
+    )
 
 
 @beam.typehints.with_input_types(SequenceRecord)
@@ -454,8 +491,7 @@ class PadSequences(beam.PTransform):
   ones; use `BucketByLength` when lengths vary a lot.
   """
 
-  def __init__(self, length: int, batch_size: int, padding: str = 'post',
-               truncating: str = 'pre'):
+  def __init__(self, length: int, batch_size: int, padding: str = 'post', truncating: str = 'pre'):
     super().__init__()
     self._bucket = BucketByLength((length,), batch_size, padding, truncating)
 
@@ -480,6 +516,6 @@ class ChunkSequences(beam.PTransform):
 
   def expand(self, records):
     window, stride, drop = self._window, self._stride, self._drop
-    return records | 'Chunk' >> beam.FlatMap(
-        lambda r: padding_lib.chunk(r, window, stride, drop)).with_input_types(
-            SequenceRecord).with_output_types(SequenceRecord)
+    return records | 'Chunk' >> beam.FlatMap(lambda r: padding_lib.chunk(r, window, stride, drop)).with_input_types(
+      SequenceRecord
+    ).with_output_types(SequenceRecord)

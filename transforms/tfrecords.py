@@ -17,6 +17,7 @@ tf.train.SequenceExample (context `key`/`label`/`target`, feature lists
 `values`/`ids`). Both transforms return the written file names (what
 `WriteToTFRecord` returns).
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, NamedTuple, Union
@@ -26,12 +27,12 @@ from apache_beam.io.filesystems import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from beam_dl.core.deadletter import FAILED, dead_letter, describe
+from beam_dl.core.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.formats import image_example, sequence_example
 from beam_dl.formats.sequence_example import SequenceSpec
-from beam_dl.core.element_types import DeadLetter, DecodedImage, KeyedBytes, Record
 from beam_dl.io import files as files_lib
 from beam_dl.io import tfrecord as tfrecord_lib
-from beam_dl.decoding.sequences import SequenceRecord
 from transforms.files import MatchReadableFiles, unreadable_dead_letter
 
 NAMESPACE = 'beam_dl.tfrecords'
@@ -48,8 +49,11 @@ class _ReadRecordsFn(beam.DoFn):
 
   def process(self, readable) -> Iterable:
     path = readable.metadata.path
-    compression = (CompressionTypes.detect_compression_type(path)
-                   if self._compression == CompressionTypes.AUTO else self._compression)
+    compression = (
+      CompressionTypes.detect_compression_type(path)
+      if self._compression == CompressionTypes.AUTO
+      else self._compression
+    )
     where = 'byte' if compression == CompressionTypes.UNCOMPRESSED else f'{compression}-decompressed byte'
     read = 0
     try:
@@ -57,10 +61,16 @@ class _ReadRecordsFn(beam.DoFn):
         for item in tfrecord_lib.read_records(stream):
           if isinstance(item, tfrecord_lib.Damage):
             self._damaged.inc()
-            yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-                f'{path}@{item.offset}', 'read',
+            yield beam.pvalue.TaggedOutput(
+              FAILED,
+              dead_letter(
+                f'{path}@{item.offset}',
+                'read',
                 f'TFRecord {path} at {where} {item.offset}: {item.reason}',
-                file=path, offset=item.offset))
+                file=path,
+                offset=item.offset,
+              ),
+            )
           else:
             read += 1
             yield path, item
@@ -68,9 +78,10 @@ class _ReadRecordsFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(FAILED, unreadable_dead_letter(path, str(e)))
     except files_lib.READ_ERRORS as e:  # the stream itself broke (EIO, bad gzip)
       self._damaged.inc()
-      yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
-          path, 'read', f'TFRecord {path}: read failed after {read} records: {describe(e)}',
-          file=path))
+      yield beam.pvalue.TaggedOutput(
+        FAILED,
+        dead_letter(path, 'read', f'TFRecord {path}: read failed after {read} records: {describe(e)}', file=path),
+      )
     finally:
       self._records.inc(read)
 
@@ -102,7 +113,8 @@ class ReadTFRecords(beam.PTransform):
   def expand(self, pbegin) -> TFRecords:
     matched = pbegin | 'Match' >> MatchReadableFiles(self._pattern, self._compression)
     read = matched.files | 'ReadFrames' >> beam.ParDo(_ReadRecordsFn(self._compression)).with_output_types(
-        KeyedBytes, **{FAILED: DeadLetter}).with_outputs(FAILED, main='records')
+      KeyedBytes, **{FAILED: DeadLetter}
+    ).with_outputs(FAILED, main='records')
     failed = (matched.failed, read.failed) | 'MergeFailures' >> beam.Flatten()
     return TFRecords(read.records, failed)
 
@@ -124,7 +136,6 @@ def _image_parts(element: Any) -> tuple[str, Any, int | None]:
 
 
 class _EncodeImageFn(beam.DoFn):
-
   def __init__(self):
     self._written = Metrics.counter(NAMESPACE, 'image_examples')
 
@@ -135,8 +146,7 @@ class _EncodeImageFn(beam.DoFn):
 
 
 def _sink_args(num_shards: int, compression_type: str) -> dict:
-  return dict(file_name_suffix=SUFFIX, num_shards=num_shards,
-              compression_type=compression_type)
+  return dict(file_name_suffix=SUFFIX, num_shards=num_shards, compression_type=compression_type)
 
 
 @beam.typehints.with_input_types(Union[DecodedImage, Record])
@@ -148,16 +158,17 @@ class WriteImageExamples(beam.PTransform):
   or {'key', 'image', 'label'} dicts. num_shards=0 lets the runner choose.
   """
 
-  def __init__(self, file_path_prefix: str, num_shards: int = 0,
-               compression_type: str = 'auto'):
+  def __init__(self, file_path_prefix: str, num_shards: int = 0, compression_type: str = 'auto'):
     super().__init__()
     self._prefix = file_path_prefix
     self._sink = _sink_args(num_shards, compression_type)
 
   def expand(self, images):
-    return (images
-            | 'EncodeImageExample' >> beam.ParDo(_EncodeImageFn()).with_output_types(bytes)
-            | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink))
+    return (
+      images
+      | 'EncodeImageExample' >> beam.ParDo(_EncodeImageFn()).with_output_types(bytes)
+      | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink)
+    )
 
 
 @beam.typehints.with_input_types(SequenceRecord)
@@ -165,16 +176,24 @@ class WriteImageExamples(beam.PTransform):
 class WriteSequenceExamples(beam.PTransform):
   """`SequenceRecord`s -> sharded TFRecord of tf.train.SequenceExample."""
 
-  def __init__(self, file_path_prefix: str, spec: SequenceSpec = SequenceSpec(),
-               num_shards: int = 0, compression_type: str = 'auto'):
+  def __init__(
+    self,
+    file_path_prefix: str,
+    spec: SequenceSpec = SequenceSpec(),
+    num_shards: int = 0,
+    compression_type: str = 'auto',
+  ):
     super().__init__()
     self._prefix, self._spec = file_path_prefix, spec
     self._sink = _sink_args(num_shards, compression_type)
 
   def expand(self, records):
     spec = self._spec
-    return (records
-            | 'EncodeSequenceExample' >> beam.Map(
-                lambda r: sequence_example.encode_sequence_example(r, spec))
-            .with_input_types(SequenceRecord).with_output_types(bytes)
-            | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink))
+    return (
+      records
+      | 'EncodeSequenceExample'
+      >> beam.Map(lambda r: sequence_example.encode_sequence_example(r, spec))
+      .with_input_types(SequenceRecord)
+      .with_output_types(bytes)
+      | 'WriteTFRecord' >> beam.io.WriteToTFRecord(self._prefix, **self._sink)
+    )

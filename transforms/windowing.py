@@ -19,6 +19,7 @@ arrived after their window closed (see `beam_dl.features.late`), rather than
 letting GroupByKey drop them. Record schemas are in docs/streaming.md.
 Windows use the element timestamps: apply `EventTimestamps` first.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,12 +28,12 @@ from typing import Callable, NamedTuple, Union
 import apache_beam as beam
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
+from beam_dl.core.element_types import Record
 from beam_dl.features import batch_windows
 from beam_dl.features.aggregates import WindowStatsFn, features_record
 from beam_dl.features.lastn import LastNFn
 from beam_dl.features.late import LATE, LateDataGate
 from beam_dl.features.spectrogram import SpectrogramSpec, place_samples, spectrogram
-from beam_dl.core.element_types import Record
 from beam_dl.features.windows import WindowSpec
 from beam_dl.formats.events import Event
 
@@ -51,10 +52,10 @@ def _seconds(timestamp) -> float:
 def window_fields(window, pane_info) -> dict:
   """key-independent record fields: window bounds (seconds) and pane."""
   return {
-      'window_start': _seconds(window.start),
-      'window_end': _seconds(window.end),
-      'pane': PaneInfoTiming.to_string(pane_info.timing),
-      'pane_index': pane_info.index,
+    'window_start': _seconds(window.start),
+    'window_end': _seconds(window.end),
+    'pane': PaneInfoTiming.to_string(pane_info.timing),
+    'pane_index': pane_info.index,
   }
 
 
@@ -86,8 +87,9 @@ class EventTimestamps(beam.PTransform):
   def expand(self, events):
     if self._from_source:
       return events
-    return events | 'StampEventTime' >> beam.Map(
-        lambda e: beam.window.TimestampedValue(e, e.time)).with_output_types(Event)
+    return events | 'StampEventTime' >> beam.Map(lambda e: beam.window.TimestampedValue(e, e.time)).with_output_types(
+      Event
+    )
 
 
 class _KeyGateAndWindow(beam.PTransform):
@@ -103,7 +105,8 @@ class _KeyGateAndWindow(beam.PTransform):
     keyed = events | 'KeyEvents' >> beam.ParDo(_KeyEventFn(self._clock)).with_output_types(Keyed)
     if self._route_late:
       gated = keyed | 'RouteLateData' >> beam.ParDo(LateDataGate(self._spec)).with_output_types(
-          Keyed, **{LATE: Record}).with_outputs(LATE, main='on_time')
+        Keyed, **{LATE: Record}
+      ).with_outputs(LATE, main='on_time')
       keyed, late = gated.on_time, gated[LATE]
     else:
       late = keyed.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record)
@@ -115,8 +118,9 @@ class _FeaturesRecordFn(beam.DoFn):
   def process(self, element, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
     key, features = element
     fields = window_fields(window, pane)
-    yield features_record(key, fields['window_start'], fields['window_end'], features,
-                          fields['pane'], fields['pane_index'])
+    yield features_record(
+      key, fields['window_start'], fields['window_end'], features, fields['pane'], fields['pane_index']
+    )
 
 
 @beam.typehints.with_input_types(Union[Event, batch_windows.EventBlock])
@@ -139,9 +143,15 @@ class WindowedFeatures(beam.PTransform):
       it does not apply, blocks are unpacked into timestamped `Event`s.
   """
 
-  def __init__(self, spec: WindowSpec, *, route_late: bool = True,
-               clock: Callable[[], float] = time.time, batch_path: bool | None = None,
-               event_blocks: bool = False):
+  def __init__(
+    self,
+    spec: WindowSpec,
+    *,
+    route_late: bool = True,
+    clock: Callable[[], float] = time.time,
+    batch_path: bool | None = None,
+    event_blocks: bool = False,
+  ):
     super().__init__()
     self._spec = spec
     self._route_late = route_late
@@ -152,15 +162,17 @@ class WindowedFeatures(beam.PTransform):
   def expand(self, events) -> WindowedOutputs:
     if self._batch_path or (self._batch_path is None and batch_windows.applies(self._spec, events)):
       records = events | 'FeaturesByKeyBlock' >> batch_windows.FeaturesByKeyBlock(
-          self._spec.as_run_on(events), event_blocks=self._event_blocks)
+        self._spec.as_run_on(events), event_blocks=self._event_blocks
+      )
       return WindowedOutputs(records, events.pipeline | 'NoLateData' >> beam.Create([]).with_output_types(Record))
     if self._event_blocks:
       events = events | 'Unblock' >> beam.FlatMap(batch_windows.unblock)
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
-        windowed
-        | 'Aggregate' >> beam.CombinePerKey(WindowStatsFn())
-        | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()).with_output_types(Record))
+      windowed
+      | 'Aggregate' >> beam.CombinePerKey(WindowStatsFn())
+      | 'ToRecords' >> beam.ParDo(_FeaturesRecordFn()).with_output_types(Record)
+    )
     return WindowedOutputs(records, late)
 
 
@@ -179,8 +191,15 @@ class WindowedSequences(beam.PTransform):
   (values float32 [n, F], mask bool [n], times [n], arrival).
   """
 
-  def __init__(self, spec: WindowSpec, n: int, *, num_features: int | None = None,
-               route_late: bool = True, clock: Callable[[], float] = time.time):
+  def __init__(
+    self,
+    spec: WindowSpec,
+    n: int,
+    *,
+    num_features: int | None = None,
+    route_late: bool = True,
+    clock: Callable[[], float] = time.time,
+  ):
     super().__init__()
     self._spec = spec
     self._combine = LastNFn(n, num_features)
@@ -190,9 +209,10 @@ class WindowedSequences(beam.PTransform):
   def expand(self, events) -> WindowedOutputs:
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
-        windowed
-        | 'LastN' >> beam.CombinePerKey(self._combine)
-        | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()).with_output_types(Record))
+      windowed
+      | 'LastN' >> beam.CombinePerKey(self._combine)
+      | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()).with_output_types(Record)
+    )
     return WindowedOutputs(records, late)
 
 
@@ -205,11 +225,16 @@ class _SpectrogramRecordFn(beam.DoFn):
     key, events = element
     fields = window_fields(window, pane)
     samples = ((t, values[self._feature]) for t, values, *_ in events)
-    signal, missing = place_samples(samples, fields['window_start'], fields['window_end'],
-                                    self._stft.sample_rate)
+    signal, missing = place_samples(samples, fields['window_start'], fields['window_end'], self._stft.sample_rate)
     freqs, frames, image = spectrogram(signal, self._stft)
-    yield {'key': key, **fields, 'missing_samples': missing, 'frequencies': freqs,
-           'frame_times': frames + fields['window_start'], 'spectrogram': image}
+    yield {
+      'key': key,
+      **fields,
+      'missing_samples': missing,
+      'frequencies': freqs,
+      'frame_times': frames + fields['window_start'],
+      'spectrogram': image,
+    }
 
 
 @beam.typehints.with_input_types(Event)
@@ -221,8 +246,15 @@ class WindowedSpectrograms(beam.PTransform):
   [frequencies, frames], ready to be an image for a CNN.
   """
 
-  def __init__(self, spec: WindowSpec, stft: SpectrogramSpec, *, feature: int = 0,
-               route_late: bool = True, clock: Callable[[], float] = time.time):
+  def __init__(
+    self,
+    spec: WindowSpec,
+    stft: SpectrogramSpec,
+    *,
+    feature: int = 0,
+    route_late: bool = True,
+    clock: Callable[[], float] = time.time,
+  ):
     super().__init__()
     if spec.kind not in ('fixed', 'sliding'):
       raise ValueError('spectrograms need fixed or sliding windows (a fixed-length signal)')
@@ -235,7 +267,8 @@ class WindowedSpectrograms(beam.PTransform):
   def expand(self, events) -> WindowedOutputs:
     windowed, late = events | 'KeyAndWindow' >> _KeyGateAndWindow(self._spec, self._route_late, self._clock)
     records = (
-        windowed
-        | 'CollectSamples' >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-        | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)).with_output_types(Record))
+      windowed
+      | 'CollectSamples' >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+      | 'Spectrogram' >> beam.ParDo(_SpectrogramRecordFn(self._stft, self._feature)).with_output_types(Record)
+    )
     return WindowedOutputs(records, late)

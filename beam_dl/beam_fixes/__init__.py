@@ -21,6 +21,7 @@ once per process (`log_active`). `BEAM_DL_BEAM_FIXES=off` turns them all
 off; `BEAM_DL_BEAM_FIXES=-output_flush,-state_cache_sizing` turns off the
 ones named.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,16 +56,22 @@ class BeamFix:
 
 def _all_fixes() -> list[BeamFix]:
   from beam_dl.beam_fixes import (
-      batch_trigger_clock,
-      inference_resource,
-      output_flush,
-      processing_time_delay,
-      side_input_commit,
-      state_cache_sizing,
+    batch_trigger_clock,
+    inference_resource,
+    output_flush,
+    processing_time_delay,
+    side_input_commit,
+    state_cache_sizing,
   )
 
-  return [output_flush.FIX, state_cache_sizing.FIX, processing_time_delay.FIX, inference_resource.FIX,
-          side_input_commit.FIX, batch_trigger_clock.FIX]
+  return [
+    output_flush.FIX,
+    state_cache_sizing.FIX,
+    processing_time_delay.FIX,
+    inference_resource.FIX,
+    side_input_commit.FIX,
+    batch_trigger_clock.FIX,
+  ]
 
 
 def disabled_by_env(environ=os.environ) -> set[str] | None:
@@ -111,8 +118,12 @@ def log_active(force: bool = False) -> None:
     return
   _logged = True
   if _ACTIVE:
-    _log.info('beam_dl: Beam %s fixes in place: %s (%s=off turns them off)', apache_beam.__version__,
-              ', '.join(_ACTIVE), ENV_VAR)
+    _log.info(
+      'beam_dl: Beam %s fixes in place: %s (%s=off turns them off)',
+      apache_beam.__version__,
+      ', '.join(_ACTIVE),
+      ENV_VAR,
+    )
   for line in _SKIPPED:
     _log.warning('beam_dl: Beam fix not applied: %s', line)
 

@@ -21,6 +21,7 @@ streaming DirectRunner does (`RealClock`), and ends a key's batch input with
 every timer due, processing-time ones included: a key's input is complete,
 so no later element can join a pane. Each element is in exactly one pane.
 """
+
 from __future__ import annotations
 
 from apache_beam.runners.direct.clock import RealClock
@@ -54,5 +55,10 @@ def revert() -> None:
   STATE.get_and_clear_timers = BEAM_GET_AND_CLEAR_TIMERS
 
 
-FIX = BeamFix('batch_trigger_clock', 'a processing-time trigger fails a batch GroupByKey on the FnApiRunner',
-              '>=2.77,<2.78', apply, revert)
+FIX = BeamFix(
+  'batch_trigger_clock',
+  'a processing-time trigger fails a batch GroupByKey on the FnApiRunner',
+  '>=2.77,<2.78',
+  apply,
+  revert,
+)

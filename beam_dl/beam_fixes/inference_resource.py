@@ -6,6 +6,7 @@ torch-only `ModelManager`, so on a machine without torch the ImportError sets
 `resource = None`: each memory reading logs "Resource module is not available
 for current platform" and reports 0. The fix puts the standard module back.
 """
+
 from __future__ import annotations
 
 from beam_dl.beam_fixes import BeamFix

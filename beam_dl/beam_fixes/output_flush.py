@@ -19,6 +19,7 @@ the SDK calls after writing each element (and timer), sends the buffer.
 Output is still flushed at least every time limit while elements are being
 written, and on close; nothing is cleared that was not sent.
 """
+
 from __future__ import annotations
 
 from apache_beam.runners.worker import data_plane
@@ -48,7 +49,9 @@ def _maybe_flush(self) -> None:
 
 
 # Beam's own methods, and the fixed ones (tests run the stream with each).
-BEAM_METHODS = {name: STREAM.__dict__[name] for name in ('_schedule_periodic_flush', 'maybe_flush') if name in STREAM.__dict__}
+BEAM_METHODS = {
+  name: STREAM.__dict__[name] for name in ('_schedule_periodic_flush', 'maybe_flush') if name in STREAM.__dict__
+}
 if 'maybe_flush' not in BEAM_METHODS:
   BEAM_METHODS['maybe_flush'] = data_plane.SizeBasedBufferingClosableOutputStream.maybe_flush
 FIXED_METHODS = {'_schedule_periodic_flush': _schedule_periodic_flush, 'maybe_flush': _maybe_flush}

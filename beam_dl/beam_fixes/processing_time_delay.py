@@ -8,6 +8,7 @@ to whole seconds (`// 1000`), so the Python runners would fire a 0.5 s
 trigger at once. The fix writes rounded milliseconds and reads them back as
 float seconds (whole seconds still come back as ints, as Beam returns them).
 """
+
 from __future__ import annotations
 
 from apache_beam.portability.api import beam_runner_api_pb2
@@ -23,9 +24,11 @@ BEAM_FROM_RUNNER_API = CLS.__dict__['from_runner_api']
 def _to_runner_api(self, context):
   del context
   delay = beam_runner_api_pb2.TimestampTransform(
-      delay=beam_runner_api_pb2.TimestampTransform.Delay(delay_millis=int(round(self.delay * 1000))))
+    delay=beam_runner_api_pb2.TimestampTransform.Delay(delay_millis=int(round(self.delay * 1000)))
+  )
   return beam_runner_api_pb2.Trigger(
-      after_processing_time=beam_runner_api_pb2.Trigger.AfterProcessingTime(timestamp_transforms=[delay]))
+    after_processing_time=beam_runner_api_pb2.Trigger.AfterProcessingTime(timestamp_transforms=[delay])
+  )
 
 
 def _from_runner_api(proto, context):
@@ -50,5 +53,6 @@ def revert() -> None:
   CLS._beam_dl_fixed = False
 
 
-FIX = BeamFix('processing_time_delay', 'sub-second AfterProcessingTime fails to translate', '>=2.77,<2.78', apply,
-              revert)
+FIX = BeamFix(
+  'processing_time_delay', 'sub-second AfterProcessingTime fails to translate', '>=2.77,<2.78', apply, revert
+)

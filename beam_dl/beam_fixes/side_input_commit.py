@@ -18,6 +18,7 @@ The fix makes each commit replace the side input's state instead of
 appending to it: the first write to a state key in a commit clears it, and
 the buffer (every element once) is written after.
 """
+
 from __future__ import annotations
 
 import threading
@@ -78,5 +79,6 @@ def revert() -> None:
   CONTEXT._beam_dl_fixed = False
 
 
-FIX = BeamFix('side_input_commit', 'FnApiRunner repeats side-input elements per producer bundle', '>=2.77,<2.78',
-              apply, revert)
+FIX = BeamFix(
+  'side_input_commit', 'FnApiRunner repeats side-input elements per producer bundle', '>=2.77,<2.78', apply, revert
+)

@@ -12,6 +12,7 @@ stops the walk at modules, types and functions, the ways to reach module
 globals from a value, so the weight stays the same without the per-call
 listing.
 """
+
 from __future__ import annotations
 
 import objsize
@@ -26,11 +27,12 @@ _HELPERS = ('_size_func', '_get_referents_func', '_filter_func')
 def state_cache_deep_size(*objs) -> int:
   """Beam's `statecache.get_deep_size` without objsize's per-call module walk."""
   return objsize.get_deep_size(
-      *objs,
-      get_size_func=statecache._size_func,  # pylint: disable=protected-access
-      get_referents_func=statecache._get_referents_func,  # pylint: disable=protected-access
-      filter_func=statecache._filter_func,  # pylint: disable=protected-access
-      exclude_modules_globals=False)
+    *objs,
+    get_size_func=statecache._size_func,  # pylint: disable=protected-access
+    get_referents_func=statecache._get_referents_func,  # pylint: disable=protected-access
+    filter_func=statecache._filter_func,  # pylint: disable=protected-access
+    exclude_modules_globals=False,
+  )
 
 
 def apply() -> bool:

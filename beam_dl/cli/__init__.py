@@ -19,6 +19,7 @@ through `parse_options()` and `main()` here instead, so that:
   URI that won't load, a file that is missing or can't be written) ends the
   process with one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,17 @@ from beam_dl.core.deadletter import ERROR_RATE_MARKER, error_rate_message
 
 _log = logging.getLogger('beam_dl')
 BEAM_OPTIONS_NOTE = (
-    'Every Apache Beam pipeline option is accepted as well (--runner, --direct_num_workers, '
-    '--temp_location, ...): see '
-    'https://beam.apache.org/documentation/programming-guide/#configuring-pipeline-options'
+  'Every Apache Beam pipeline option is accepted as well (--runner, --direct_num_workers, '
+  '--temp_location, ...): see '
+  'https://beam.apache.org/documentation/programming-guide/#configuring-pipeline-options'
 )
 
 
 def help_parser(prog: str, description: str, groups: Sequence[type]) -> argparse.ArgumentParser:
   """An argparse parser holding only `groups`' flags, for --help."""
   parser = argparse.ArgumentParser(
-      prog=prog, description=description, epilog=BEAM_OPTIONS_NOTE,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog=prog, description=description, epilog=BEAM_OPTIONS_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   seen = set()
   for group in groups:
     section = parser.add_argument_group(group.__name__, (group.__doc__ or '').strip().splitlines()[0])
@@ -108,16 +109,16 @@ def check_known_flags(argv: Sequence[str]) -> None:
   hints = []
   for flag in flags:
     close = difflib.get_close_matches(flag, known, n=1)
-    hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
-  raise OptionsError(f"unknown option(s): {', '.join(hints)}; see --help")
+    hints.append(f'{flag} (did you mean {close[0]}?)' if close else flag)
+  raise OptionsError(f'unknown option(s): {", ".join(hints)}; see --help')
 
 
 def parse_options(
-    argv: Optional[Sequence[str]],
-    groups: Sequence[type],
-    *,
-    prog: str,
-    description: str,
+  argv: Optional[Sequence[str]],
+  groups: Sequence[type],
+  *,
+  prog: str,
+  description: str,
 ) -> PipelineOptions:
   """PipelineOptions for `argv`, after --help and the unknown-flag check."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -160,7 +161,7 @@ def require_writable(path: str, flag: str = 'output', *, directory: bool = False
   filesystems (gs://, hdfs://) are left to the job."""
   if FileSystems.get_scheme(path) not in (None, 'file'):
     return
-  local = os.path.abspath(path[len('file://'):] if path.startswith('file://') else path)
+  local = os.path.abspath(path[len('file://') :] if path.startswith('file://') else path)
   folder = local if directory else os.path.dirname(local)
   try:
     os.makedirs(folder, exist_ok=True)
@@ -215,8 +216,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from beam_dl.models.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   from beam_dl.operations.registry_mlflow import RegistryError  # pylint: disable=import-outside-toplevel
 
-  return (OptionsError, CheckpointError, RegistryError, FileNotFoundError, PermissionError, NotADirectoryError,
-          IsADirectoryError, FileExistsError)
+  return (
+    OptionsError,
+    CheckpointError,
+    RegistryError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+  )
 
 
 def one_line(error: BaseException) -> str:
@@ -224,8 +233,9 @@ def one_line(error: BaseException) -> str:
   return ' '.join(str(error).split()) or type(error).__name__
 
 
-def main(run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None, *,
-         logs: bool = True) -> None:
+def main(
+  run: Callable[[Sequence[str]], object], name: str, argv: Optional[Sequence[str]] = None, *, logs: bool = True
+) -> None:
   """Runs `run(argv)` as the command `name`: INFO logs from beam_dl, Beam's
   chatter at WARNING (`logs=False`: the command sets up logging itself), and
   a user error (`user_errors()`) as one line `name: error: ...` on stderr

@@ -7,6 +7,7 @@ subclass `PipelineOptions` directly; and no flag is `required=True` (that
 would make every Beam job need it). Pipelines call `require()` instead,
 which fails before the job starts with a clear message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,9 @@ class IOOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     parser.add_argument('--input', default=None, help='Input file pattern (format depends on the pipeline).')
     parser.add_argument(
-        '--input_format',
-        default='auto',
-        help="Input format; 'auto' infers it from the pattern (pipelines list their formats).",
+      '--input_format',
+      default='auto',
+      help="Input format; 'auto' infers it from the pattern (pipelines list their formats).",
     )
     parser.add_argument('--output', default=None, help='Output path prefix for JSON-lines results and dead letters.')
 
@@ -95,9 +96,12 @@ class DeadLetterOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument(
-        '--max_error_rate', type=error_rate, default=None,
-        help='Fail the job, with one line saying how many inputs failed, when more than this '
-        'fraction of inputs (0-1) become dead letters (default: never fail for bad inputs).')
+      '--max_error_rate',
+      type=error_rate,
+      default=None,
+      help='Fail the job, with one line saying how many inputs failed, when more than this '
+      'fraction of inputs (0-1) become dead letters (default: never fail for bad inputs).',
+    )
 
 
 class ProgressOptions(PipelineOptions):
@@ -106,8 +110,11 @@ class ProgressOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument(
-        '--progress_every_secs', type=float, default=0,
-        help='Log inputs read so far and their rate every this many seconds (0: off).')
+      '--progress_every_secs',
+      type=float,
+      default=0,
+      help='Log inputs read so far and their rate every this many seconds (0: off).',
+    )
 
 
 class InferenceOptions(PipelineOptions):
@@ -115,32 +122,42 @@ class InferenceOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument('--model_dir', default=None, help='A model directory written by beam_dl (spec.json + variables).')
-    parser.add_argument('--max_batch_size', type=positive_int, default=256, help='Largest batch per model call (default 256).')
     parser.add_argument(
-        '--min_batch_size', type=positive_int, default=None,
-        help='Smallest batch BatchElements forms before a bundle ends (default: --max_batch_size, full '
-        "batches; Beam's adaptive sizing starts at 1 and, fooled by compile times, stays small).",
+      '--model_dir', default=None, help='A model directory written by beam_dl (spec.json + variables).'
     )
     parser.add_argument(
-        '--precision', choices=['float32', 'bfloat16'], default='float32', help='Compute precision (default float32).'
+      '--max_batch_size', type=positive_int, default=256, help='Largest batch per model call (default 256).'
     )
     parser.add_argument(
-        '--device', choices=['cpu', 'gpu', 'tpu'], default=None, help="JAX backend (default: JAX's default)."
+      '--min_batch_size',
+      type=positive_int,
+      default=None,
+      help='Smallest batch BatchElements forms before a bundle ends (default: --max_batch_size, full '
+      "batches; Beam's adaptive sizing starts at 1 and, fooled by compile times, stays small).",
     )
     parser.add_argument(
-        '--dispatch_ahead', type=switch, nargs='?', const=True, default=True,
-        help="true (default): the inference step dispatches batch k before emitting batch k-1, so the "
-        "bundle's other work overlaps the model (transforms.inference._DispatchAheadDoFn); false: read "
-        "each batch's outputs before the next batch is dispatched (Beam's own RunInference step).",
+      '--precision', choices=['float32', 'bfloat16'], default='float32', help='Compute precision (default float32).'
+    )
+    parser.add_argument(
+      '--device', choices=['cpu', 'gpu', 'tpu'], default=None, help="JAX backend (default: JAX's default)."
+    )
+    parser.add_argument(
+      '--dispatch_ahead',
+      type=switch,
+      nargs='?',
+      const=True,
+      default=True,
+      help='true (default): the inference step dispatches batch k before emitting batch k-1, so the '
+      "bundle's other work overlaps the model (transforms.inference._DispatchAheadDoFn); false: read "
+      "each batch's outputs before the next batch is dispatched (Beam's own RunInference step).",
     )
 
   def handler_kwargs(self) -> dict:
     return {
-        'max_batch_size': self.max_batch_size,
-        'min_batch_size': self.min_batch_size,  # None: the handler's default, full batches
-        'precision': self.precision,
-        'device': self.device,
+      'max_batch_size': self.max_batch_size,
+      'min_batch_size': self.min_batch_size,  # None: the handler's default, full batches
+      'precision': self.precision,
+      'device': self.device,
     }
 
 
@@ -149,7 +166,7 @@ def require(options: PipelineOptions, *names: str) -> None:
   values = options.get_all_options()
   missing = [f'--{n}' for n in names if values.get(n) in (None, '')]
   if missing:
-    raise OptionsError(f"missing required option(s): {', '.join(missing)}")
+    raise OptionsError(f'missing required option(s): {", ".join(missing)}')
 
 
 def check_choice(options: PipelineOptions, name: str, choices: Iterable[str]) -> str:
@@ -161,7 +178,7 @@ def check_choice(options: PipelineOptions, name: str, choices: Iterable[str]) ->
   value = options.get_all_options().get(name)
   allowed = tuple(choices)
   if value is not None and value not in allowed:
-    raise OptionsError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+    raise OptionsError(f'--{name} must be one of {", ".join(allowed)}; got {value!r}')
   return value
 
 
@@ -183,24 +200,41 @@ class DriftOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     add = parser.add_argument
-    add('--drift_profile', default=None,
-        help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
-             'Jensen-Shannon per feature and prediction; writes <output>_drift-*.jsonl and '
-             '<output>_alerts-*.jsonl. Default: images are checked against the input profile training '
-             'saved in the model directory (a metric and one warning line if they drift); `none`: no check.')
-    add('--write_drift_profile', default=None,
-        help='Build a reference profile from this run (e.g. over training or held-out data) and '
-             'write it to this path, from the same features the comparison uses.')
-    add('--drift_window_size', type=float, default=None,
-        help='Drift window, seconds of event time (default: the whole run in batch; the scoring '
-             'window in streaming).')
+    add(
+      '--drift_profile',
+      default=None,
+      help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
+      'Jensen-Shannon per feature and prediction; writes <output>_drift-*.jsonl and '
+      '<output>_alerts-*.jsonl. Default: images are checked against the input profile training '
+      'saved in the model directory (a metric and one warning line if they drift); `none`: no check.',
+    )
+    add(
+      '--write_drift_profile',
+      default=None,
+      help='Build a reference profile from this run (e.g. over training or held-out data) and '
+      'write it to this path, from the same features the comparison uses.',
+    )
+    add(
+      '--drift_window_size',
+      type=float,
+      default=None,
+      help='Drift window, seconds of event time (default: the whole run in batch; the scoring window in streaming).',
+    )
     add('--drift_window_period', type=float, default=None, help='Sliding drift window step, seconds.')
     add('--drift_warn_psi', type=float, default=0.1, help="PSI from which a feature is 'moderate' (default 0.1).")
-    add('--drift_alert_psi', type=float, default=0.25,
-        help="PSI from which a feature is 'significant' and alerts (default 0.25).")
+    add(
+      '--drift_alert_psi',
+      type=float,
+      default=0.25,
+      help="PSI from which a feature is 'significant' and alerts (default 0.25).",
+    )
     add('--drift_bins', type=positive_int, default=10, help='Quantile bins per feature of a written profile.')
-    add('--drift_min_count', type=positive_int, default=20,
-        help='Features with fewer values in a window are not judged (default 20).')
+    add(
+      '--drift_min_count',
+      type=positive_int,
+      default=20,
+      help='Features with fewer values in a window are not judged (default 20).',
+    )
 
 
 class MetricsOptions(PipelineOptions):
@@ -209,14 +243,23 @@ class MetricsOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     add = parser.add_argument
-    add('--metrics_port', type=int, default=None,
-        help='Serve the Beam metrics in Prometheus text format on this port (0: any free port) '
-             'while the job runs.')
+    add(
+      '--metrics_port',
+      type=int,
+      default=None,
+      help='Serve the Beam metrics in Prometheus text format on this port (0: any free port) while the job runs.',
+    )
     add('--metrics_address', default='127.0.0.1', help='Address the metrics endpoint binds (default 127.0.0.1).')
-    add('--metrics_poll_secs', type=float, default=5.0, help='Seconds between reads of the running job\'s metrics.')
-    add('--metrics_linger_secs', type=float, default=0.0,
-        help='After the job ends, keep serving until the final values were scraped once, '
-             'or this many seconds passed.')
-    add('--metrics_pushgateway', default=None,
-        help='Push the final metrics to this Prometheus Pushgateway (host:port) when the job ends.')
+    add('--metrics_poll_secs', type=float, default=5.0, help="Seconds between reads of the running job's metrics.")
+    add(
+      '--metrics_linger_secs',
+      type=float,
+      default=0.0,
+      help='After the job ends, keep serving until the final values were scraped once, or this many seconds passed.',
+    )
+    add(
+      '--metrics_pushgateway',
+      default=None,
+      help='Push the final metrics to this Prometheus Pushgateway (host:port) when the job ends.',
+    )
     add('--metrics_job', default=None, help='Pushgateway job name (default: the pipeline module).')

@@ -2,6 +2,7 @@
 a sample of TFRecords read by the training input pipeline (the training
 files a model dir records, by default), or of image files decoded as
 `ClassifyImages` decodes what it serves."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,15 @@ def data_config(spec, pattern: str = '') -> tuple[DataConfig, str, bool]:
   stored: Mapping[str, Any] = (spec.extra or {}).get('config', {}) or {}
   data = dict(stored.get('data') or {})
   known = {f.name for f in dataclasses.fields(DataConfig)}
-  cfg = DataConfig(**{k: v for k, v in data.items() if k in known}) if data else DataConfig(
-      kind='sequences' if spec.is_sequence else 'images', shape=tuple(spec.input_shape),
-      max_len=64 if spec.is_sequence else 0)
+  cfg = (
+    DataConfig(**{k: v for k, v in data.items() if k in known})
+    if data
+    else DataConfig(
+      kind='sequences' if spec.is_sequence else 'images',
+      shape=tuple(spec.input_shape),
+      max_len=64 if spec.is_sequence else 0,
+    )
+  )
   pattern = pattern or cfg.train_files
   if not pattern:
     raise CalibrationError('no calibration data: pass --calibration PATTERN (the model dir records no training files)')
@@ -36,8 +43,9 @@ def data_config(spec, pattern: str = '') -> tuple[DataConfig, str, bool]:
   return cfg, pattern, use_ids
 
 
-def calibration_batches(cfg: DataConfig, pattern: str, examples: int = 256, *,
-                        batch_size: int = 128, use_ids: bool = False) -> list[tuple[np.ndarray, ...]]:
+def calibration_batches(
+  cfg: DataConfig, pattern: str, examples: int = 256, *, batch_size: int = 128, use_ids: bool = False
+) -> list[tuple[np.ndarray, ...]]:
   """Up to `examples` examples from `pattern` as model inputs: [(x,) or (x, mask)]."""
   import tensorflow as tf
 
@@ -96,7 +104,12 @@ def image_batches(spec, pattern: str, examples: int = 256, *, batch_size: int = 
   if not images:
     raise CalibrationError(f'{pattern}: no image file to calibrate on' + (f' (skipped: {skipped})' if skipped else ''))
   if skipped:
-    _log.warning('calibration: skipped %d of %d files of %s that are not images: %s',
-                 sum(skipped.values()), len(images) + sum(skipped.values()), pattern, skipped)
+    _log.warning(
+      'calibration: skipped %d of %d files of %s that are not images: %s',
+      sum(skipped.values()),
+      len(images) + sum(skipped.values()),
+      pattern,
+      skipped,
+    )
   x = np.stack(images)
-  return [(x[i:i + batch_size],) for i in range(0, len(x), batch_size)]
+  return [(x[i : i + batch_size],) for i in range(0, len(x), batch_size)]

@@ -25,6 +25,7 @@ mixup needs weight 1. Sequences are blended only with a partner of the same
 mask. Batch k's blend depends only on (seed, k), so a resumed run sees the
 same inputs as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import jax
@@ -48,8 +49,7 @@ def soft_loss(student, teacher, *, task: str, temperature: float, kind: str = 'k
   return jnp.mean(optax.squared_error(student, teacher.reshape(student.shape)), axis=-1)
 
 
-def distillation_loss(hard, student, teacher, *, task: str, temperature: float, weight: float,
-                      kind: str = 'kl'):
+def distillation_loss(hard, student, teacher, *, task: str, temperature: float, weight: float, kind: str = 'kl'):
   """(1 - weight) * hard + weight * soft, per example."""
   if not 0.0 <= weight <= 1.0:
     raise ValueError(f'distillation weight must be in [0, 1], got {weight}')

@@ -18,15 +18,14 @@ jaxpruner would be the field library for this, but PyPI does not serve it
 here; chaining `magnitude_pruning` after any optax optimizer gives the same
 behaviour as its `MagnitudePruning` updater with a polynomial schedule.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import re
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import re
-from typing import Sequence
-
 import numpy as np
 import optax
 
@@ -52,13 +51,17 @@ def sparsity_schedule(sparsity: float, start_step: int, end_step: int) -> optax.
   if end_step <= start_step:
     raise ValueError(f'end_step {end_step} must be after start_step {start_step}')
   return optax.polynomial_schedule(
-      init_value=0.0, end_value=sparsity, power=3,
-      transition_steps=end_step - start_step, transition_begin=start_step,
+    init_value=0.0,
+    end_value=sparsity,
+    power=3,
+    transition_steps=end_step - start_step,
+    transition_begin=start_step,
   )
 
 
-def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: int = 10,
-                      exclude: Sequence[str] = ()) -> optax.GradientTransformation:
+def magnitude_pruning(
+  sparsity: float, start_step: int, end_step: int, every: int = 10, exclude: Sequence[str] = ()
+) -> optax.GradientTransformation:
   """Chain after the optimizer: params + updates are pruned to the schedule's
   sparsity every `every` updates from start_step; pruned weights stay zero.
   Kernels whose path matches an `exclude` regex stay dense."""
@@ -71,7 +74,8 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
     # Scalars (not None) for unpruned leaves keep the state tree shaped like
     # params, which the sharded strategies map their shardings over.
     masks = jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ones(jnp.shape(p) if prunable(path, p, exclude) else (), bool), params)
+      lambda path, p: jnp.ones(jnp.shape(p) if prunable(path, p, exclude) else (), bool), params
+    )
     return PruningState(count=jnp.zeros([], jnp.int32), masks=masks)
 
   def update(updates, state, params=None):
@@ -85,9 +89,9 @@ def magnitude_pruning(sparsity: float, start_step: int, end_step: int, every: in
       if m.ndim == 0:
         return m
       return jax.lax.cond(
-          due & (rate > 0),
-          lambda: get_sparsity_mask_unstructured(p + u, m, rate) & m,
-          lambda: m,
+        due & (rate > 0),
+        lambda: get_sparsity_mask_unstructured(p + u, m, rate) & m,
+        lambda: m,
       )
 
     masks = jax.tree_util.tree_map(new_mask, updates, params, state.masks)
@@ -113,5 +117,10 @@ def sparsity_report(params: Any, exclude: Sequence[str] = ()) -> dict:
       dense.append(_path(path))
     zeros += z
     total += leaf.size
-  return {'sparsity': round(zeros / max(total, 1), 4), 'pruned_weights': zeros,
-          'prunable_weights': total, 'layers': layers, 'dense': dense}
+  return {
+    'sparsity': round(zeros / max(total, 1), 4),
+    'pruned_weights': zeros,
+    'prunable_weights': total,
+    'layers': layers,
+    'dense': dense,
+  }

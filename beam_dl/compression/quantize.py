@@ -32,6 +32,7 @@ variables, so the handler, `ClassifyImages` and every pipeline serve a
 quantized directory with no special case; `restore_variables` refuses
 variables that do not match the declared quantization, naming file and field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,12 +71,10 @@ def check_metadata(quantization: Mapping[str, Any], source: str = 'spec.json') -
   for field, allowed in checks:
     if quantization.get(field) not in allowed:
       raise QuantizationError(
-          f'{source}: field "quantization.{field}" is {quantization.get(field)!r}, expected one of {list(allowed)}'
+        f'{source}: field "quantization.{field}" is {quantization.get(field)!r}, expected one of {list(allowed)}'
       )
   if quantization['method'] == 'weight_only' and quantization['activations'] != 'none':
-    raise QuantizationError(
-        f'{source}: field "quantization.activations" must be \'none\' with method \'weight_only\''
-    )
+    raise QuantizationError(f"{source}: field \"quantization.activations\" must be 'none' with method 'weight_only'")
 
 
 def _rules(quantization: Mapping[str, Any], *, training: bool = False):
@@ -86,11 +85,16 @@ def _rules(quantization: Mapping[str, Any], *, training: bool = False):
   rule = qwix.QtRule if training else qwix.QuantizationRule
   dtype = quantization.get('weight_dtype', 'int8')
   return [
-      rule(module_path='.*', op_names=('conv_general_dilated',), weight_qtype=dtype,
-           act_qtype=dtype, act_static_scale=static),
-      rule(module_path='.*', op_names=('dot_general', 'einsum'), weight_qtype=dtype,
-           act_qtype=None if act == 'none' else dtype,
-           act_static_scale=static if act != 'none' else None),
+    rule(
+      module_path='.*', op_names=('conv_general_dilated',), weight_qtype=dtype, act_qtype=dtype, act_static_scale=static
+    ),
+    rule(
+      module_path='.*',
+      op_names=('dot_general', 'einsum'),
+      weight_qtype=dtype,
+      act_qtype=None if act == 'none' else dtype,
+      act_static_scale=static if act != 'none' else None,
+    ),
   ]
 
 
@@ -131,8 +135,7 @@ def _weight_only_layout(float_tree: Any) -> Any:
   def leaf(path, x):
     if path[0] == 'params' and len(x.shape) >= 2:
       scale = (1,) * (len(x.shape) - 1) + (x.shape[-1],)
-      return {'qvalue': jax.ShapeDtypeStruct(x.shape, jnp.int8),
-              'scale': jax.ShapeDtypeStruct(scale, jnp.float32)}
+      return {'qvalue': jax.ShapeDtypeStruct(x.shape, jnp.int8), 'scale': jax.ShapeDtypeStruct(scale, jnp.float32)}
     return x
 
   flat = flax.traverse_util.flatten_dict(serialization.to_state_dict(float_tree))
@@ -163,25 +166,22 @@ def check_variables(spec, variables: Any, source: str) -> None:
     parts = sorted(k for k in expected if k.startswith(name + '/'))
     if parts:
       raise QuantizationError(
-          f'{source}: field "{name}" is a plain {np.asarray(got[name]).dtype} array, expected the '
-          f'quantized fields {parts} ({declared})'
+        f'{source}: field "{name}" is a plain {np.asarray(got[name]).dtype} array, expected the '
+        f'quantized fields {parts} ({declared})'
       )
   missing = sorted(set(expected) - set(got))
   if missing:
-    raise QuantizationError(f'{source}: field "{missing[0]}" is missing ({declared}); '
-                            f'{len(missing)} missing in all')
+    raise QuantizationError(f'{source}: field "{missing[0]}" is missing ({declared}); {len(missing)} missing in all')
   extra = sorted(set(got) - set(expected))
   if extra:
     raise QuantizationError(f'{source}: field "{extra[0]}" is not part of the quantized model ({declared})')
   for name, want in expected.items():
     have = np.asarray(got[name])
     if have.dtype != want.dtype:
-      raise QuantizationError(
-          f'{source}: field "{name}" is {have.dtype}, expected {want.dtype} ({declared})'
-      )
+      raise QuantizationError(f'{source}: field "{name}" is {have.dtype}, expected {want.dtype} ({declared})')
     if tuple(have.shape) != tuple(want.shape):
       raise QuantizationError(
-          f'{source}: field "{name}" has shape {tuple(have.shape)}, expected {tuple(want.shape)} ({declared})'
+        f'{source}: field "{name}" has shape {tuple(have.shape)}, expected {tuple(want.shape)} ({declared})'
       )
 
 
@@ -228,8 +228,9 @@ def _calibration_stats(spec, variables, batches: Iterable[Sequence[np.ndarray]])
   """qwix's running activation statistics over calibration batches."""
   import qwix
 
-  module = qwix.quantize_model(spec.build_float(), qwix.QtProvider(_rules(
-      {**spec.quantization, 'activations': 'static'}, training=False)))
+  module = qwix.quantize_model(
+    spec.build_float(), qwix.QtProvider(_rules({**spec.quantization, 'activations': 'static'}, training=False))
+  )
   # Not jitted: qwix updates its statistics inside a custom_vjp, which leaks
   # tracers under jit; calibration is a handful of batches.
   variables = jax.tree_util.tree_map(jnp.asarray, variables)  # qwix finds weights by identity
@@ -244,8 +245,14 @@ def _calibration_stats(spec, variables, batches: Iterable[Sequence[np.ndarray]])
   return stats, seen
 
 
-def quantize(spec, variables: Any, *, method: str = 'auto', activations: str = 'static',
-             calibration: Iterable[Sequence[np.ndarray]] = ()) -> tuple[Any, Any]:
+def quantize(
+  spec,
+  variables: Any,
+  *,
+  method: str = 'auto',
+  activations: str = 'static',
+  calibration: Iterable[Sequence[np.ndarray]] = (),
+) -> tuple[Any, Any]:
   """(quantized spec, variables to save) for a float model.
 
   Args:
@@ -267,8 +274,9 @@ def quantize(spec, variables: Any, *, method: str = 'auto', activations: str = '
   if method == 'auto':
     method = 'qwix_ptq' if _qwix_covers(spec, activations) else 'weight_only'
   if method == 'weight_only':
-    qspec = dataclasses.replace(spec, quantization={
-        'method': 'weight_only', 'weight_dtype': 'int8', 'activations': 'none', 'library': library})
+    qspec = dataclasses.replace(
+      spec, quantization={'method': 'weight_only', 'weight_dtype': 'int8', 'activations': 'none', 'library': library}
+    )
     float_tree = serialization.to_state_dict(variables)
 
     def store(path, x):

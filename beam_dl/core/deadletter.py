@@ -4,6 +4,7 @@ Every input of a beam_dl transform ends in exactly one place: its main output
 or the tagged output `FAILED` as a record of this shape, so a pipeline can
 write, count and replay what failed instead of crashing or dropping it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -60,8 +61,8 @@ def check_error_rate(failed: int, total: int, threshold: float, what: str = 'inp
   if failed > total * threshold:
     rate = failed / total if total else 1.0
     raise ErrorRateExceeded(
-        f'{ERROR_RATE_MARKER} {failed} of {total} {what} failed ({rate:.1%}), '
-        f'above the error threshold of {threshold:.1%}'
+      f'{ERROR_RATE_MARKER} {failed} of {total} {what} failed ({rate:.1%}), '
+      f'above the error threshold of {threshold:.1%}'
     )
 
 
@@ -73,7 +74,7 @@ def error_rate_message(error: BaseException) -> Optional[str]:
   """
   for line in str(error).splitlines():
     if ERROR_RATE_MARKER in line:
-      message = line[line.index(ERROR_RATE_MARKER) + len(ERROR_RATE_MARKER):]
+      message = line[line.index(ERROR_RATE_MARKER) + len(ERROR_RATE_MARKER) :]
       return message.split(' [while running ')[0].strip()  # the runner's step suffix
   return None
 
@@ -102,15 +103,15 @@ class FailAboveErrorRate(beam.PTransform):
 
   def expand(self, dead_letters):
     counts = [
-        pcoll | f'CountInputs{i}' >> beam.combiners.Count.Globally().without_defaults()
-        for i, pcoll in enumerate(self._inputs)
+      pcoll | f'CountInputs{i}' >> beam.combiners.Count.Globally().without_defaults()
+      for i, pcoll in enumerate(self._inputs)
     ]
     total = tuple(counts) | 'AllInputs' >> beam.Flatten(pipeline=dead_letters.pipeline)
     total = total | 'Total' >> beam.CombineGlobally(sum).as_singleton_view()
     return (
-        dead_letters
-        | 'CountFailed' >> beam.combiners.Count.Globally().without_defaults()
-        | 'Check' >> beam.Map(check_error_rate, total, self._threshold, self._what)
+      dead_letters
+      | 'CountFailed' >> beam.combiners.Count.Globally().without_defaults()
+      | 'Check' >> beam.Map(check_error_rate, total, self._threshold, self._what)
     )
 
 

@@ -6,6 +6,7 @@ elements it reads (`pipeline_type_check`, on by default) and picks coders
 from them. One name per element shape; the record classes themselves live
 with their codecs (`Event`, `SequenceRecord`, `PaddedBatch`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple, Union
@@ -20,8 +21,7 @@ Record = Dict[str, Any]
 # (key, encoded image), optionally followed by metadata (path, label). The
 # image is its bytes, or the file to read them from (ReadImageFiles with
 # defer_read=True: DecodeImages reads it on its decode thread).
-EncodedImage = Union[Tuple[str, bytes], Tuple[str, bytes, Any],
-                     Tuple[str, ReadableFile], Tuple[str, ReadableFile, Any]]
+EncodedImage = Union[Tuple[str, bytes], Tuple[str, bytes, Any], Tuple[str, ReadableFile], Tuple[str, ReadableFile, Any]]
 # (key, image array [H, W, C]), optionally followed by metadata.
 DecodedImage = Union[Tuple[str, np.ndarray], Tuple[str, np.ndarray, Any]]
 # (key, model input array): what RunInference's keyed handler reads.

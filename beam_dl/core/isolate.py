@@ -10,6 +10,7 @@ the one home of that algorithm: out-of-memory recovery in the handler,
 per-element inference dead letters, SequenceExample parsing and tf.Transform
 serving all call it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,12 @@ def any_error(error: BaseException) -> bool:
 
 
 def isolate(
-    fn: Callable[[Sequence], Sequence],
-    batch: Sequence,
-    *,
-    splits: Callable[[BaseException], bool] = any_error,
-    raise_alone: bool = False,
-    on_split: Optional[Callable[[int], None]] = None,
+  fn: Callable[[Sequence], Sequence],
+  batch: Sequence,
+  *,
+  splits: Callable[[BaseException], bool] = any_error,
+  raise_alone: bool = False,
+  on_split: Optional[Callable[[int], None]] = None,
 ) -> list[Any]:
   """fn's results for `batch`, one per element and in order, with a `Failed`
   in place of each element that fails on its own.

@@ -12,6 +12,7 @@ Only the pure function runs on the pool: the DoFn keeps metrics, dead letters
 and outputs on the bundle's thread (Beam's metrics containers are
 thread-local; updates from other threads would be dropped).
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,11 +46,13 @@ class Lookahead:
   depth=0 runs fn inline: no threads, each submit returns its own pair.
   """
 
-  def __init__(self, fn: Callable[[Any], Any], depth: int, threads: int = 1,
-               max_cost: float = float('inf'), group: int = 1):
+  def __init__(
+    self, fn: Callable[[Any], Any], depth: int, threads: int = 1, max_cost: float = float('inf'), group: int = 1
+  ):
     if depth < 0 or threads < 1 or group < 1:
-      raise ValueError(f'depth must be >= 0, threads and group >= 1, got depth={depth}, threads={threads}, '
-                       f'group={group}')
+      raise ValueError(
+        f'depth must be >= 0, threads and group >= 1, got depth={depth}, threads={threads}, group={group}'
+      )
     self._fn, self._depth, self._max_cost, self._group = fn, depth, max_cost, group
     self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix='lookahead') if depth else None
     self._pending: collections.deque = collections.deque()

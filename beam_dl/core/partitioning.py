@@ -5,10 +5,12 @@ A mesh axis that does not divide an array dimension is dropped for that array
 (the dimension is replicated), so small heads (10 classes on 8 devices) never
 fail to shard.
 """
+
 from __future__ import annotations
 
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 
 def fit_spec(spec: P, shape, mesh: Mesh) -> P:

@@ -16,6 +16,7 @@ Normalisation to float (mean/std) is a separate, optional step
 (`normalize`): pipelines that feed the JAX handler ship uint8 and let the
 handler scale inside jit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,11 @@ _HIGH_DEPTH_MODES = ('I', 'F', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 CROPS = ('center', 'random')
 ALPHA = ('composite', 'drop')
 _RESAMPLE = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
-    'box': Image.Resampling.BOX,
+  'nearest': Image.Resampling.NEAREST,
+  'bilinear': Image.Resampling.BILINEAR,
+  'bicubic': Image.Resampling.BICUBIC,
+  'lanczos': Image.Resampling.LANCZOS,
+  'box': Image.Resampling.BOX,
 }
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
@@ -112,10 +113,13 @@ class ImageSpec:
       raise ValueError(f'channels must be 1 or 3, got {self.channels}')
     if (self.height is None) != (self.width is None):
       raise ValueError('set both height and width, or neither')
-    for name, value, allowed in (('fit', self.fit, FITS), ('crop', self.crop, CROPS),
-                                 ('alpha', self.alpha, ALPHA),
-                                 ('depth_scaling', self.depth_scaling, DEPTH_SCALINGS),
-                                 ('resample', self.resample, tuple(_RESAMPLE))):
+    for name, value, allowed in (
+      ('fit', self.fit, FITS),
+      ('crop', self.crop, CROPS),
+      ('alpha', self.alpha, ALPHA),
+      ('depth_scaling', self.depth_scaling, DEPTH_SCALINGS),
+      ('resample', self.resample, tuple(_RESAMPLE)),
+    ):
       if value not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
     if self.shorter_side is not None and self.shorter_side < 1:
@@ -139,8 +143,7 @@ class ImageSpec:
     return tuple(int(c) for c in bg) if isinstance(bg, (tuple, list)) else (int(bg),) * 3
 
 
-def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
-                 rng: np.random.Generator | None = None) -> np.ndarray:
+def decode_image(data: bytes, spec: ImageSpec = ImageSpec(), rng: np.random.Generator | None = None) -> np.ndarray:
   """Decodes one encoded image to a uint8 array of shape [H, W, channels].
 
   The first frame of animations (GIF, WebP) and the first page of
@@ -197,8 +200,7 @@ def decode_image(data: bytes, spec: ImageSpec = ImageSpec(),
 _PIXEL_CHANNELS = (1, 2, 3, 4)  # as Pillow's fromarray reads them: L, LA, RGB, RGBA
 
 
-def fit_image(pixels: np.ndarray, spec: ImageSpec = ImageSpec(),
-              rng: np.random.Generator | None = None) -> np.ndarray:
+def fit_image(pixels: np.ndarray, spec: ImageSpec = ImageSpec(), rng: np.random.Generator | None = None) -> np.ndarray:
   """Already decoded uint8 pixels -> the array `decode_image` makes under `spec`.
 
   For images stored decoded (the `image/raw` records of
@@ -216,7 +218,8 @@ def fit_image(pixels: np.ndarray, spec: ImageSpec = ImageSpec(),
   channels = 1 if pixels.ndim == 2 else (pixels.shape[-1] if pixels.ndim == 3 else 0)
   if pixels.dtype != np.uint8 or channels not in _PIXEL_CHANNELS:
     raise ImageDecodeError(
-        f'pixels must be uint8 [H, W] or [H, W, 1-4], got {pixels.dtype} {pixels.shape}', 'unsupported')
+      f'pixels must be uint8 [H, W] or [H, W, 1-4], got {pixels.dtype} {pixels.shape}', 'unsupported'
+    )
   if pixels.size == 0:
     raise ImageDecodeError(f'empty image: shape {pixels.shape}', 'empty')
   _check_pixels(pixels.shape[1], pixels.shape[0], spec)
@@ -227,8 +230,7 @@ def fit_image(pixels: np.ndarray, spec: ImageSpec = ImageSpec(),
   return array[..., None] if spec.channels == 1 else array
 
 
-def _finish(img: Image.Image, data: bytes, spec: ImageSpec,
-            rng: np.random.Generator | None) -> np.ndarray:
+def _finish(img: Image.Image, data: bytes, spec: ImageSpec, rng: np.random.Generator | None) -> np.ndarray:
   """A loaded image -> spec's mode and size, as a uint8 array."""
   img = _to_mode(img, spec)
   if rng is None and spec.crop == 'random':
@@ -238,22 +240,27 @@ def _finish(img: Image.Image, data: bytes, spec: ImageSpec,
 
 def _deep_tiff(img: Image.Image) -> bool:
   """A TIFF with samples that are not 8-bit unsigned (Pillow narrows or mangles them)."""
+
   def tag(number):
     value = img.tag_v2.get(number, ())
     return value if isinstance(value, tuple) else (value,)
-  return (img.mode in _HIGH_DEPTH_MODES or any(b > 8 for b in tag(258))  # BitsPerSample
-          or any(f != 1 for f in tag(339)))  # SampleFormat: 1 = unsigned int
+
+  return (
+    img.mode in _HIGH_DEPTH_MODES
+    or any(b > 8 for b in tag(258))  # BitsPerSample
+    or any(f != 1 for f in tag(339))
+  )  # SampleFormat: 1 = unsigned int
 
 
 def _check_pixels(width: int, height: int, spec: ImageSpec) -> None:
   pixels = width * height
   if pixels > spec.max_pixels:
-    raise ImageDecodeError(
-        f'{width}x{height} = {pixels} pixels, over max_pixels={spec.max_pixels}', 'too_many_pixels')
+    raise ImageDecodeError(f'{width}x{height} = {pixels} pixels, over max_pixels={spec.max_pixels}', 'too_many_pixels')
 
 
-def _decode_tiff(data: bytes, spec: ImageSpec, fallback: Image.Image | None = None,
-                 pillow_error: OSError | None = None) -> Image.Image:
+def _decode_tiff(
+  data: bytes, spec: ImageSpec, fallback: Image.Image | None = None, pillow_error: OSError | None = None
+) -> Image.Image:
   """The first page of a TIFF, via tifffile, as an 8-bit Pillow image.
 
   For what Pillow opens only as 32-bit 'I'/'F' or 16-bit 'I;16' (whose
@@ -303,8 +310,7 @@ def _samples_last(array: np.ndarray, axes: str) -> np.ndarray:
     array = array[..., 0]
   if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (2, 3, 4)):
     return array
-  raise ImageDecodeError(f'unsupported TIFF layout: page of shape {array.shape} (axes {axes})',
-                         'unsupported')
+  raise ImageDecodeError(f'unsupported TIFF layout: page of shape {array.shape} (axes {axes})', 'unsupported')
 
 
 def to_uint8(array: np.ndarray, depth_scaling: str = 'range') -> np.ndarray:
@@ -384,9 +390,7 @@ def _draft(img: Image.Image, spec: ImageSpec) -> None:
 
 def _to_mode(img: Image.Image, spec: ImageSpec) -> Image.Image:
   """Converts any Pillow mode to L or RGB, compositing or dropping alpha."""
-  has_alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
-      img.mode == 'P' and 'transparency' in img.info
-  )
+  has_alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info)
   if has_alpha and spec.alpha == 'composite':
     rgba = img.convert('RGBA')
     canvas = Image.new('RGBA', rgba.size, spec.rgb_background + (255,))
@@ -401,8 +405,9 @@ def _to_mode(img: Image.Image, spec: ImageSpec) -> Image.Image:
   return img.convert(spec.mode)
 
 
-def _crop_box(size: tuple[int, int], target: tuple[int, int], crop: str,
-              rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+def _crop_box(
+  size: tuple[int, int], target: tuple[int, int], crop: str, rng: np.random.Generator | None
+) -> tuple[int, int, int, int]:
   (w, h), (tw, th) = size, target
   if crop == 'random':
     x = int(rng.integers(0, w - tw + 1))
@@ -442,8 +447,9 @@ def _resize(img: Image.Image, spec: ImageSpec, rng: np.random.Generator | None) 
   return canvas
 
 
-def normalize(image: np.ndarray, mean: Sequence[float] | float = 0.0,
-              std: Sequence[float] | float = 1.0, scale: float = 1 / 255) -> np.ndarray:
+def normalize(
+  image: np.ndarray, mean: Sequence[float] | float = 0.0, std: Sequence[float] | float = 1.0, scale: float = 1 / 255
+) -> np.ndarray:
   """float32 (image * scale - mean) / std, per channel (e.g. ImageNet mean/std)."""
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)

@@ -9,6 +9,7 @@ Truncation and padding follow Keras' `pad_sequences` semantics ('pre' keeps
 the end / pads in front, 'post' keeps the start / pads behind); they are done
 here in numpy because the mask and the ids must be padded the same way.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,8 +30,7 @@ def _check_side(name: str, side: str) -> None:
 
 def _slice_meta(record: SequenceRecord, sl: slice) -> dict:
   """Meta with per-step arrays (e.g. event `times`) sliced like the values."""
-  return {k: (v[sl] if isinstance(v, np.ndarray) and len(v) == record.length else v)
-          for k, v in record.meta.items()}
+  return {k: (v[sl] if isinstance(v, np.ndarray) and len(v) == record.length else v) for k, v in record.meta.items()}
 
 
 def truncate(record: SequenceRecord, max_length: int, side: str = 'pre') -> SequenceRecord:
@@ -39,9 +39,9 @@ def truncate(record: SequenceRecord, max_length: int, side: str = 'pre') -> Sequ
   if record.length <= max_length:
     return record
   sl = slice(record.length - max_length, None) if side == 'pre' else slice(0, max_length)
-  return record.replace(values=record.values[sl],
-                        ids=None if record.ids is None else record.ids[sl],
-                        meta=_slice_meta(record, sl))
+  return record.replace(
+    values=record.values[sl], ids=None if record.ids is None else record.ids[sl], meta=_slice_meta(record, sl)
+  )
 
 
 def pad_array(x: np.ndarray, length: int, side: str = 'post', value=0) -> np.ndarray:
@@ -82,8 +82,9 @@ class PaddedBatch:
     return 1.0 - float(self.mask.mean()) if self.mask.size else 0.0
 
 
-def pad_batch(records: Sequence[SequenceRecord], length: int | None = None,
-              padding: str = 'post', truncating: str = 'pre') -> PaddedBatch:
+def pad_batch(
+  records: Sequence[SequenceRecord], length: int | None = None, padding: str = 'post', truncating: str = 'pre'
+) -> PaddedBatch:
   """Stack records into a `PaddedBatch` of `length` steps (default: the longest)."""
   _check_side('padding', padding)
   if not records:
@@ -104,15 +105,21 @@ def pad_batch(records: Sequence[SequenceRecord], length: int | None = None,
   has_ids = [r.ids is not None for r in recs]
   if any(has_ids) and not all(has_ids):
     raise ValueError('some records have ids and some do not')
-  ids = (np.stack([pad_array(r.ids, length, padding) for r in recs]).astype(np.int64)
-         if all(has_ids) else None)
-  labels = (np.asarray([-1 if r.label is None else r.label for r in recs], np.int64)
-            if any(r.label is not None for r in recs) else None)
+  ids = np.stack([pad_array(r.ids, length, padding) for r in recs]).astype(np.int64) if all(has_ids) else None
+  labels = (
+    np.asarray([-1 if r.label is None else r.label for r in recs], np.int64)
+    if any(r.label is not None for r in recs)
+    else None
+  )
   targets = None
   if any(r.target is not None for r in recs):
     width = next(np.size(r.target) for r in recs if r.target is not None)
-    targets = np.stack([np.full(width, np.nan, np.float32) if r.target is None
-                        else np.atleast_1d(np.asarray(r.target, np.float32)) for r in recs])
+    targets = np.stack(
+      [
+        np.full(width, np.nan, np.float32) if r.target is None else np.atleast_1d(np.asarray(r.target, np.float32))
+        for r in recs
+      ]
+    )
     targets = targets[:, 0] if width == 1 else targets
   return PaddedBatch([r.key for r in recs], values, mask, ids, labels, targets, lengths)
 
@@ -144,8 +151,9 @@ def default_boundaries(max_length: int, min_length: int = 8, factor: float = 2.0
   return check_boundaries(sorted(set(out)))
 
 
-def chunk(record: SequenceRecord, window: int, stride: int | None = None,
-          drop_remainder: bool = False) -> list[SequenceRecord]:
+def chunk(
+  record: SequenceRecord, window: int, stride: int | None = None, drop_remainder: bool = False
+) -> list[SequenceRecord]:
   """Fixed windows of `window` steps for truncated backpropagation through time.
 
   Windows start every `stride` steps (default `window`: no overlap), in time
@@ -167,12 +175,14 @@ def chunk(record: SequenceRecord, window: int, stride: int | None = None,
   out = []
   for i, s in enumerate(starts):
     sl = slice(s, s + window)
-    out.append(record.replace(
+    out.append(
+      record.replace(
         key=f'{record.key}/{i}',
         values=record.values[sl],
         ids=None if record.ids is None else record.ids[sl],
-        meta={**_slice_meta(record, sl), 'source_key': record.key, 'chunk': i,
-              'num_chunks': len(starts), 'start': s}))
+        meta={**_slice_meta(record, sl), 'source_key': record.key, 'chunk': i, 'num_chunks': len(starts), 'start': s},
+      )
+    )
   return out
 
 

@@ -9,6 +9,7 @@ parses batches through `_isolating` here: a batch that TensorFlow rejects
 (bad bytes, wrong types) is split in halves until the bad records are
 isolated, so one bad record costs O(log n) extra parses and never the batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ def _tf():
   in sys.modules, and module state stays the same on every worker.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf
 
 
@@ -64,19 +66,27 @@ class SequenceRecord:
   def __eq__(self, other):
     if not isinstance(other, SequenceRecord):
       return NotImplemented
-    return (self.key == other.key and self.label == other.label
-            and np.array_equal(np.asarray(self.target, object if self.target is None else float),
-                               np.asarray(other.target, object if other.target is None else float))
-            and _same_meta(self.meta, other.meta)
-            and np.array_equal(self.values, other.values)
-            and ((self.ids is None and other.ids is None) or
-                 (self.ids is not None and other.ids is not None and
-                  np.array_equal(self.ids, other.ids))))
+    return (
+      self.key == other.key
+      and self.label == other.label
+      and np.array_equal(
+        np.asarray(self.target, object if self.target is None else float),
+        np.asarray(other.target, object if other.target is None else float),
+      )
+      and _same_meta(self.meta, other.meta)
+      and np.array_equal(self.values, other.values)
+      and (
+        (self.ids is None and other.ids is None)
+        or (self.ids is not None and other.ids is not None and np.array_equal(self.ids, other.ids))
+      )
+    )
 
   def __repr__(self):
-    return (f'SequenceRecord(key={self.key!r}, values={self.values.tolist()!r}, '
-            f'ids={None if self.ids is None else self.ids.tolist()!r}, '
-            f'label={self.label!r}, target={self.target!r}, meta={dict(self.meta)!r})')
+    return (
+      f'SequenceRecord(key={self.key!r}, values={self.values.tolist()!r}, '
+      f'ids={None if self.ids is None else self.ids.tolist()!r}, '
+      f'label={self.label!r}, target={self.target!r}, meta={dict(self.meta)!r})'
+    )
 
 
 def _same_meta(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -101,14 +111,15 @@ def tf_error_message(err: Exception) -> str:
   return _TF_NOISE.sub('', msg).replace('Name: <unknown>, ', '').strip()
 
 
-def _isolating(parse_batch: Callable[[list[bytes]], list],
-               records: list[bytes], what: str) -> list:
+def _isolating(parse_batch: Callable[[list[bytes]], list], records: list[bytes], what: str) -> list:
   """`parse_batch(records)`, splitting the batch until TF's errors are isolated
   (`beam_dl.core.isolate`); a record TF rejects alone gets its own parse error."""
   op_error = _tf().errors.OpError  # InvalidArgument (types, bad bytes), DataLoss, ...
   outcomes = isolate(parse_batch, records, splits=lambda e: isinstance(e, op_error))
-  return [SequenceParseError(f'cannot parse {what}: {tf_error_message(o.error)}')
-          if isinstance(o, Failed) else o for o in outcomes]
+  return [
+    SequenceParseError(f'cannot parse {what}: {tf_error_message(o.error)}') if isinstance(o, Failed) else o
+    for o in outcomes
+  ]
 
 
 def results_by_kind(results: Iterable) -> tuple[list[SequenceRecord], list[SequenceParseError]]:

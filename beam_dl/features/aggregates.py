@@ -18,6 +18,7 @@ time and last value of a stream of `(event_time, values, ...)` tuples, where
 PTransforms in `transforms.windowing` add it as `count / window seconds`
 through `features_record`.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,15 +131,15 @@ class WindowStats:
       return {'count': 0}
     n = self.count
     return {
-        'count': n,
-        'sum': [m * n for m in self.mean],
-        'mean': list(self.mean),
-        'std': [math.sqrt(max(m2, 0.0) / n) for m2 in self.m2],
-        'min': list(self.min),
-        'max': list(self.max),
-        'last': list(self.last),
-        'first_time': self.first_time,
-        'last_time': self.last_time,
+      'count': n,
+      'sum': [m * n for m in self.mean],
+      'mean': list(self.mean),
+      'std': [math.sqrt(max(m2, 0.0) / n) for m2 in self.m2],
+      'min': list(self.min),
+      'max': list(self.max),
+      'last': list(self.last),
+      'first_time': self.first_time,
+      'last_time': self.last_time,
     }
 
 
@@ -163,9 +164,9 @@ class WindowStatsFn(beam.CombineFn):
       for element in elements:
         accumulator.add(element[0], element[1])
       return accumulator
-    return accumulator.merge(stats_of_arrays(
-        np.array([e[0] for e in elements], np.float64),
-        np.array([e[1] for e in elements], np.float64)))
+    return accumulator.merge(
+      stats_of_arrays(np.array([e[0] for e in elements], np.float64), np.array([e[1] for e in elements], np.float64))
+    )
 
   def merge_accumulators(self, accumulators: Iterable[WindowStats]) -> WindowStats:
     accumulators = iter(accumulators)
@@ -200,19 +201,20 @@ def stats_of_arrays(times: np.ndarray, values: np.ndarray) -> WindowStats:
   return stats
 
 
-def features_record(key: str, window_start: float, window_end: float, features: dict,
-                    pane: str = 'UNKNOWN', pane_index: int = 0) -> dict:
+def features_record(
+  key: str, window_start: float, window_end: float, features: dict, pane: str = 'UNKNOWN', pane_index: int = 0
+) -> dict:
   """One output record: key, window bounds, pane, features and `rate`.
 
   `rate` is events per second of window length, `count / (end - start)`.
   """
   length = window_end - window_start
   record = {
-      'key': key,
-      'window_start': window_start,
-      'window_end': window_end,
-      'pane': pane,
-      'pane_index': pane_index,
+    'key': key,
+    'window_start': window_start,
+    'window_end': window_end,
+    'pane': pane,
+    'pane_index': pane_index,
   }
   record.update(features)
   record['rate'] = features.get('count', 0) / length if length > 0 else float('nan')

@@ -27,6 +27,7 @@ merge windows and early panes depend on processing time, so they stay on the
 streaming path (blocks are then unpacked into timestamped `Event`s,
 `unblock`).
 """
+
 from __future__ import annotations
 
 import typing
@@ -77,8 +78,9 @@ def event_block(keys, times, values) -> EventBlock:
   if values.ndim == 1:
     values = values.reshape(len(values), 1)  # one value per event
   if not len(keys) == len(times) == len(values):
-    raise ValueError(f'an event block needs as many keys, times and value rows; got '
-                     f'{len(keys)}, {len(times)}, {len(values)}')
+    raise ValueError(
+      f'an event block needs as many keys, times and value rows; got {len(keys)}, {len(times)}, {len(values)}'
+    )
   return EventBlock(keys, (times * 1e6).astype(np.int64), values)
 
 
@@ -99,8 +101,12 @@ def applies(spec: WindowSpec, pcoll: beam.PCollection) -> bool:
   sliding without early firings (as run on `pcoll`: processing-time ones
   are dropped in batch): then every window fires exactly once."""
   spec = spec.as_run_on(pcoll)
-  return (is_batch(pcoll) and spec.kind in ('fixed', 'sliding')
-          and spec.early_after_secs is None and spec.early_after_count is None)
+  return (
+    is_batch(pcoll)
+    and spec.kind in ('fixed', 'sliding')
+    and spec.early_after_secs is None
+    and spec.early_after_count is None
+  )
 
 
 def block_of(key, blocks: int) -> int:
@@ -123,8 +129,10 @@ def split_by_key_block(block: EventBlock, blocks: int) -> list[tuple[int, EventB
   numbers = np.fromiter((block_of(name, blocks) for name in names.tolist()), np.int64, len(names))[codes]
   order = np.argsort(numbers, kind='stable')
   cuts = np.flatnonzero(np.diff(numbers[order])) + 1
-  return [(int(numbers[rows[0]]), EventBlock(block.keys[rows], block.micros[rows], block.values[rows]))
-          for rows in np.split(order, cuts)]
+  return [
+    (int(numbers[rows[0]]), EventBlock(block.keys[rows], block.micros[rows], block.values[rows]))
+    for rows in np.split(order, cuts)
+  ]
 
 
 def window_starts(micros: np.ndarray, spec: WindowSpec) -> tuple[np.ndarray, np.ndarray, int]:
@@ -160,22 +168,45 @@ def block_features(block: EventBlock, spec: WindowSpec) -> list[WindowedValue]:
   last = first + count - 1
   # Whole columns to Python lists once; the loop below only indexes lists.
   columns = zip(
-      names[codes[first]].tolist(), starts[first].tolist(), count.tolist(),
-      (mean * count[:, None]).tolist(), mean.tolist(), np.sqrt(np.maximum(m2, 0.0) / count[:, None]).tolist(),
-      np.minimum.reduceat(values, first, axis=0).tolist(), np.maximum.reduceat(values, first, axis=0).tolist(),
-      values[last].tolist(), (micros[first] / 1e6).tolist(), (micros[last] / 1e6).tolist())
+    names[codes[first]].tolist(),
+    starts[first].tolist(),
+    count.tolist(),
+    (mean * count[:, None]).tolist(),
+    mean.tolist(),
+    np.sqrt(np.maximum(m2, 0.0) / count[:, None]).tolist(),
+    np.minimum.reduceat(values, first, axis=0).tolist(),
+    np.maximum.reduceat(values, first, axis=0).tolist(),
+    values[last].tolist(),
+    (micros[first] / 1e6).tolist(),
+    (micros[last] / 1e6).tolist(),
+  )
   pane, pane_index = BATCH_PANE
   windows = {}  # start -> (window, its max timestamp): keys share windows
   records = []
   for key, start, n, total, avg, std, lo, hi, last_values, first_time, last_time in columns:
-    features = {'count': n, 'sum': total, 'mean': avg, 'std': std, 'min': lo, 'max': hi, 'last': last_values,
-                'first_time': first_time, 'last_time': last_time}
+    features = {
+      'count': n,
+      'sum': total,
+      'mean': avg,
+      'std': std,
+      'min': lo,
+      'max': hi,
+      'last': last_values,
+      'first_time': first_time,
+      'last_time': last_time,
+    }
     window = windows.get(start)
     if window is None:
       interval = bw.IntervalWindow(Timestamp(micros=start), Timestamp(micros=start + size))
       window = windows[start] = ([interval], interval.max_timestamp())
-    records.append(WindowedValue(features_record(key, start / 1e6, (start + size) / 1e6, features, pane, pane_index),
-                                 window[1], window[0], _ON_TIME))
+    records.append(
+      WindowedValue(
+        features_record(key, start / 1e6, (start + size) / 1e6, features, pane, pane_index),
+        window[1],
+        window[0],
+        _ON_TIME,
+      )
+    )
   return records
 
 
@@ -201,8 +232,11 @@ class _BlockEventsFn(beam.DoFn):
 
   def finish_bundle(self):
     if self._keys:
-      block = EventBlock(np.asarray(self._keys, dtype=object), np.asarray(self._micros, np.int64),
-                         np.asarray(self._values, np.float64).reshape(len(self._keys), -1))
+      block = EventBlock(
+        np.asarray(self._keys, dtype=object),
+        np.asarray(self._micros, np.int64),
+        np.asarray(self._values, np.float64).reshape(len(self._keys), -1),
+      )
       for piece in split_by_key_block(block, self._blocks):
         yield bw.GlobalWindows.windowed_value(piece)
     self.start_bundle()
@@ -250,8 +284,8 @@ class FeaturesByKeyBlock(beam.PTransform):
   def expand(self, events):
     split = _SplitBlocksFn(self._blocks) if self._event_blocks else _BlockEventsFn(self._blocks)
     return (
-        events
-        | 'BlockEvents' >> beam.ParDo(split)
-        | 'GroupBlocks' >> beam.GroupByKey()
-        | 'BlockFeatures' >> beam.ParDo(_BlockFeaturesFn(self._spec))
+      events
+      | 'BlockEvents' >> beam.ParDo(split)
+      | 'GroupBlocks' >> beam.GroupByKey()
+      | 'BlockFeatures' >> beam.ParDo(_BlockFeaturesFn(self._spec))
     )

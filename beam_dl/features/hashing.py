@@ -7,6 +7,7 @@ whole sequence. Vocabularies are tf.Transform's alone
 (`tft.compute_and_apply_vocabulary` in `beam_dl.preprocessing`), applied at
 serving by the saved transform graph, so training and serving cannot skew.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -16,10 +16,12 @@ tuple of F floats. Ties in timestamp are broken by the event's own time
 (streaming sources stamp a whole file or batch with one timestamp), then by
 the value tuple, so the result does not depend on bundle order.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence as Seq
+from typing import Iterable
+from typing import Sequence as Seq
 
 import apache_beam as beam
 import numpy as np
@@ -44,13 +46,19 @@ class Sequence:
     return self.values[: self.length]
 
   def __eq__(self, other):
-    return (isinstance(other, Sequence) and np.array_equal(self.values, other.values)
-            and np.array_equal(self.mask, other.mask)
-            and np.array_equal(self.times, other.times) and self.arrival == other.arrival)
+    return (
+      isinstance(other, Sequence)
+      and np.array_equal(self.values, other.values)
+      and np.array_equal(self.mask, other.mask)
+      and np.array_equal(self.times, other.times)
+      and self.arrival == other.arrival
+    )
 
   def __repr__(self):
-    return (f'Sequence(values={self.values.tolist()}, mask={self.mask.tolist()}, '
-            f'times={self.times.tolist()}, arrival={self.arrival})')
+    return (
+      f'Sequence(values={self.values.tolist()}, mask={self.mask.tolist()}, '
+      f'times={self.times.tolist()}, arrival={self.arrival})'
+    )
 
 
 def _order(event) -> tuple:

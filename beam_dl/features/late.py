@@ -28,6 +28,7 @@ watermark passed that window's expiry has no witness; it is passed on and
 the GroupByKey drops it (counted by the runner, not routed). In batch the
 watermark only moves at the end of input, so nothing is late.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,17 +46,16 @@ _NAMESPACE = 'beam_dl.features.late'
 _EPSILON = Duration(micros=1)
 
 
-def late_record(key: Any, event_time: float, values, window_start: float, window_end: float,
-                expiry: float) -> dict:
+def late_record(key: Any, event_time: float, values, window_start: float, window_end: float, expiry: float) -> dict:
   """The `late` output: the event and the closed window it arrived for."""
   return {
-      'key': key,
-      'event_time': event_time,
-      'values': list(values),
-      'window_start': window_start,
-      'window_end': window_end,
-      'window_expiry': expiry,
-      'reason': f'arrived after the watermark passed window end + allowed lateness ({expiry:g})',
+    'key': key,
+    'event_time': event_time,
+    'values': list(values),
+    'window_start': window_start,
+    'window_end': window_end,
+    'window_expiry': expiry,
+    'reason': f'arrived after the watermark passed window end + allowed lateness ({expiry:g})',
   }
 
 
@@ -76,9 +76,7 @@ class LateDataGate(beam.DoFn):
     self._late = beam.metrics.Metrics.counter(_NAMESPACE, 'late_events')
     self._on_time = beam.metrics.Metrics.counter(_NAMESPACE, 'on_time_events')
 
-  def process(self, element,
-              gate=beam.DoFn.StateParam(GATE),
-              timer=beam.DoFn.TimerParam(EXPIRY_TIMER)):
+  def process(self, element, gate=beam.DoFn.StateParam(GATE), timer=beam.DoFn.TimerParam(EXPIRY_TIMER)):
     key, event = element
     closed_until, armed, pending = gate.read() or (None, None, frozenset())
     open_windows = 0
@@ -87,8 +85,9 @@ class LateDataGate(beam.DoFn):
       expiry = self._spec.expiry(window)
       if closed_until is not None and expiry.micros <= closed_until:
         self._late.inc()
-        yield beam.pvalue.TaggedOutput(LATE, late_record(
-            key, event[0], event[1], float(window.start), float(window.end), float(expiry)))
+        yield beam.pvalue.TaggedOutput(
+          LATE, late_record(key, event[0], event[1], float(window.start), float(window.end), float(expiry))
+        )
       else:
         open_windows += 1
         if expiry.micros not in pending:

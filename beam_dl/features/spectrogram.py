@@ -6,6 +6,7 @@ stretch of time series. The transform itself is `scipy.signal.stft`;
 this module only places the samples of one key and window on the sample
 grid and takes the (log) magnitude.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,16 +47,23 @@ def spectrogram(samples: np.ndarray, spec: SpectrogramSpec) -> tuple[np.ndarray,
   nperseg = min(spec.nperseg, len(samples))
   noverlap = spec.noverlap if spec.noverlap is not None else nperseg // 2
   freqs, times, z = sp_signal.stft(
-      samples, fs=spec.sample_rate, window=spec.window, nperseg=nperseg,
-      noverlap=min(noverlap, nperseg - 1), boundary=None, padded=False)
+    samples,
+    fs=spec.sample_rate,
+    window=spec.window,
+    nperseg=nperseg,
+    noverlap=min(noverlap, nperseg - 1),
+    boundary=None,
+    padded=False,
+  )
   magnitude = np.abs(z)
   if spec.log:
     magnitude = np.log1p(magnitude)
   return freqs, times, magnitude.astype(np.float32)
 
 
-def place_samples(samples: Iterable[tuple[float, float]], start: float, end: float,
-                  sample_rate: float, fill: float = 0.0) -> tuple[np.ndarray, int]:
+def place_samples(
+  samples: Iterable[tuple[float, float]], start: float, end: float, sample_rate: float, fill: float = 0.0
+) -> tuple[np.ndarray, int]:
   """(time, value) samples of one window -> the signal on its sample grid.
 
   Sample i of the grid is at `start + i / sample_rate`; each sample goes to

@@ -22,6 +22,7 @@ batch input with a trigger driver that has no processing-time clock, so an
 (`TriggerContext.get_current_time`: 'NoneType' object has no attribute
 'time'). Count-based EARLY panes need no clock and stay.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 KINDS = ('fixed', 'sliding', 'session', 'global')
 ACCUMULATION = {
-    'discarding': tr.AccumulationMode.DISCARDING,
-    'accumulating': tr.AccumulationMode.ACCUMULATING,
+  'discarding': tr.AccumulationMode.DISCARDING,
+  'accumulating': tr.AccumulationMode.ACCUMULATING,
 }
 
 
@@ -125,8 +126,7 @@ class WindowSpec:
     kwargs = {}
     if trigger is not None:
       kwargs = {'trigger': trigger, 'accumulation_mode': ACCUMULATION[self.accumulation]}
-    return beam.WindowInto(
-        self.window_fn(), allowed_lateness=Duration.of(self.allowed_lateness), **kwargs)
+    return beam.WindowInto(self.window_fn(), allowed_lateness=Duration.of(self.allowed_lateness), **kwargs)
 
   def assign(self, timestamp: float) -> list[bw.BoundedWindow]:
     """The windows (before session merging) an event at `timestamp` falls in."""

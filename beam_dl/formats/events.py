@@ -7,6 +7,7 @@ into an `Event` (or raise `EventParseError` with the reason), and
 Categorical ids stay strings here: tf.Transform's vocabulary maps them to
 integers (`pipelines.preprocess`), or `beam_dl.features.hashing` hashes them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,8 @@ from apache_beam import coders
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from beam_dl.formats.features import int64_label
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.formats.features import int64_label
 
 # Event times must be Beam timestamps (int64 microseconds, at most the global
 # window's end): beyond them windowing or encoding fails and takes the job down.
@@ -116,9 +117,10 @@ def _event_time(record: Mapping[str, Any], field: str) -> float:
   time = _number(record, field)
   if not MIN_EVENT_TIME <= time <= MAX_EVENT_TIME:
     raise EventParseError(
-        f'field {field!r} = {record[field]!r} is outside Beam\'s timestamp range '
-        f'[{MIN_EVENT_TIME:.6g}, {MAX_EVENT_TIME:.6g}] seconds (milli- or microseconds '
-        'sent as seconds?)')
+      f"field {field!r} = {record[field]!r} is outside Beam's timestamp range "
+      f'[{MIN_EVENT_TIME:.6g}, {MAX_EVENT_TIME:.6g}] seconds (milli- or microseconds '
+      'sent as seconds?)'
+    )
   return time
 
 
@@ -131,8 +133,11 @@ def event_from_mapping(record: Mapping[str, Any], spec: EventSpec) -> Event:
     raise EventParseError(f'expected an object, got {type(record).__name__}')
   key = record.get(spec.key_field)
   if key in (None, '') or isinstance(key, (dict, list)):
-    raise EventParseError(f'missing field {spec.key_field!r}' if key in (None, '')
-                          else f'field {spec.key_field!r} must be a scalar, got {key!r}')
+    raise EventParseError(
+      f'missing field {spec.key_field!r}'
+      if key in (None, '')
+      else f'field {spec.key_field!r} must be a scalar, got {key!r}'
+    )
   try:
     return _event(record, str(key), spec)
   except EventParseError as err:
@@ -148,11 +153,12 @@ def _event(record: Mapping[str, Any], key: str, spec: EventSpec) -> Event:
     event_id = str(event_id)
   label = record.get(spec.label_field) if spec.label_field else None
   return Event(
-      key=key,
-      time=_event_time(record, spec.time_field),
-      values=tuple(_number(record, f) for f in spec.value_fields),
-      id=event_id,
-      label=None if label == '' else label)
+    key=key,
+    time=_event_time(record, spec.time_field),
+    values=tuple(_number(record, f) for f in spec.value_fields),
+    id=event_id,
+    label=None if label == '' else label,
+  )
 
 
 def _text(line: str | bytes) -> str:
@@ -163,7 +169,7 @@ def _text(line: str | bytes) -> str:
     return line.decode('utf-8')
   except UnicodeDecodeError as err:
     raise EventParseError(
-        f'not valid UTF-8: {err.reason} at byte {err.start} ({line[err.start:err.start + 4]!r})'
+      f'not valid UTF-8: {err.reason} at byte {err.start} ({line[err.start : err.start + 4]!r})'
     ) from None
 
 
@@ -189,13 +195,12 @@ def parse_csv_event(line: str | bytes, spec: EventSpec) -> Event:
   if len(rows) != 1 or len(rows[0]) != len(spec.csv_columns):
     got = len(rows[0]) if rows else 0
     raise EventParseError(
-        f'bad CSV row: {got} columns, expected {len(spec.csv_columns)} '
-        f'({", ".join(spec.csv_columns)})')
+      f'bad CSV row: {got} columns, expected {len(spec.csv_columns)} ({", ".join(spec.csv_columns)})'
+    )
   return event_from_mapping(dict(zip(spec.csv_columns, rows[0])), spec)
 
 
-def assemble_sequence(key: str, events: Iterable[Event],
-                      label_map: Mapping[Any, int] | None = None) -> SequenceRecord:
+def assemble_sequence(key: str, events: Iterable[Event], label_map: Mapping[Any, int] | None = None) -> SequenceRecord:
   """One key's events, ordered by event time (stable), as a `SequenceRecord`.
 
   Values are [T, F] float32; ids, when the events carry them, are kept as a

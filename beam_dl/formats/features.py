@@ -1,4 +1,5 @@
 """tf.train.Feature builders and value checks shared by the record formats."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -15,6 +16,7 @@ def tensorflow():
   in sys.modules, and module state stays the same on every worker.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf
 
 
@@ -33,8 +35,7 @@ def int64_feature(values: Iterable[Any]):
 def float_feature(values: Any):
   """A tf.train.Feature holding `values` (any array-like) as a float list."""
   tf = tensorflow()
-  return tf.train.Feature(float_list=tf.train.FloatList(
-      value=np.asarray(values, np.float32).reshape(-1).tolist()))
+  return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(values, np.float32).reshape(-1).tolist()))
 
 
 def feature_values(features: Mapping[str, Any], name: str, kind: str) -> list:

@@ -22,6 +22,7 @@ per-record dead letters) and `decode_image_examples` (a batch of pixel
 records in one TensorFlow call). Training side (tf.data): `feature_spec` and
 `parse_pixels`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,10 +37,25 @@ RAW, SHAPE, LABEL, KEY = 'image/raw', 'image/shape', 'label', 'key'
 ENCODED, ENCODED_KEY, ENCODED_LABEL = 'image/encoded', 'image/key', 'image/class/label'
 UNKNOWN_LABEL = -1
 
-__all__ = ['RAW', 'SHAPE', 'LABEL', 'KEY', 'ENCODED', 'ENCODED_KEY', 'ENCODED_LABEL', 'UNKNOWN_LABEL',
-           'ImageExample', 'ImageExampleError', 'int64_label', 'encode_image_example',
-           'encode_file_example', 'parse_image_example', 'decode_image_examples', 'feature_spec',
-           'parse_pixels']
+__all__ = [
+  'RAW',
+  'SHAPE',
+  'LABEL',
+  'KEY',
+  'ENCODED',
+  'ENCODED_KEY',
+  'ENCODED_LABEL',
+  'UNKNOWN_LABEL',
+  'ImageExample',
+  'ImageExampleError',
+  'int64_label',
+  'encode_image_example',
+  'encode_file_example',
+  'parse_image_example',
+  'decode_image_examples',
+  'feature_spec',
+  'parse_pixels',
+]
 
 
 class ImageExampleError(ValueError):
@@ -75,12 +91,14 @@ def encode_image_example(key: str, image: np.ndarray, label: int | None = None) 
     image = image[:, :, None]
   if image.ndim != 3:
     raise ValueError(f'image must be HWC (or HW), got shape {image.shape}')
-  return _example({
+  return _example(
+    {
       RAW: bytes_feature([np.ascontiguousarray(image).tobytes()]),
       SHAPE: int64_feature(image.shape),
       LABEL: int64_feature([UNKNOWN_LABEL if label is None else int64_label(label)]),
       KEY: bytes_feature([str(key).encode('utf-8')]),
-  })
+    }
+  )
 
 
 def encode_file_example(key: str | None, data: bytes, label: int | None = None) -> bytes:
@@ -98,8 +116,9 @@ def _example(features: dict) -> bytes:
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def parse_image_example(record: bytes, *, encoded_feature: str = ENCODED,
-                        key_feature: str = ENCODED_KEY, label_feature: str = ENCODED_LABEL) -> ImageExample:
+def parse_image_example(
+  record: bytes, *, encoded_feature: str = ENCODED, key_feature: str = ENCODED_KEY, label_feature: str = ENCODED_LABEL
+) -> ImageExample:
   """One serialized Example of either layout -> `ImageExample`, or ImageExampleError.
 
   A record with `image/raw` is read as pixels (checked against
@@ -122,7 +141,8 @@ def parse_image_example(record: bytes, *, encoded_feature: str = ENCODED,
   encoded = feature_values(features, encoded_feature, 'bytes_list')
   if len(encoded) != 1:
     raise ImageExampleError(
-        f'expected {RAW} + {SHAPE}, or 1 bytes value in feature {encoded_feature!r}, found {len(encoded)}', key)
+      f'expected {RAW} + {SHAPE}, or 1 bytes value in feature {encoded_feature!r}, found {len(encoded)}', key
+    )
   return ImageExample(key, label, encoded=encoded[0])
 
 
@@ -142,8 +162,10 @@ def decode_image_examples(serialized: Sequence[bytes]) -> list[tuple[str, np.nda
   tf = tensorflow()
   parsed = tf.io.parse_example(list(serialized), feature_spec())
   raws, shapes = parsed[RAW].numpy(), parsed[SHAPE].numpy()
-  return [(k.decode('utf-8'), np.frombuffer(r, np.uint8).reshape(s), int(l))
-          for k, r, s, l in zip(parsed[KEY].numpy(), raws, shapes, parsed[LABEL].numpy())]
+  return [
+    (k.decode('utf-8'), np.frombuffer(r, np.uint8).reshape(s), int(l))
+    for k, r, s, l in zip(parsed[KEY].numpy(), raws, shapes, parsed[LABEL].numpy())
+  ]
 
 
 def feature_spec(*, defaults: bool = True) -> dict:
@@ -155,10 +177,10 @@ def feature_spec(*, defaults: bool = True) -> dict:
   tf = tensorflow()
   optional = ({'default_value': UNKNOWN_LABEL}, {'default_value': b''}) if defaults else ({}, {})
   return {
-      RAW: tf.io.FixedLenFeature([], tf.string),
-      SHAPE: tf.io.FixedLenFeature([3], tf.int64),
-      LABEL: tf.io.FixedLenFeature([], tf.int64, **optional[0]),
-      KEY: tf.io.FixedLenFeature([], tf.string, **optional[1]),
+    RAW: tf.io.FixedLenFeature([], tf.string),
+    SHAPE: tf.io.FixedLenFeature([3], tf.int64),
+    LABEL: tf.io.FixedLenFeature([], tf.int64, **optional[0]),
+    KEY: tf.io.FixedLenFeature([], tf.string, **optional[1]),
   }
 
 

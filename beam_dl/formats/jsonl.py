@@ -1,5 +1,6 @@
 """The JSON-lines files pipelines write (`transforms.io.WriteJsonLines`):
 one record a line, keys sorted; and reading them back."""
+
 from __future__ import annotations
 
 import glob

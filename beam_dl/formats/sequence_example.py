@@ -24,6 +24,7 @@ Every feature is parsed as a `RaggedFeature` so that the checks TF cannot make
 (a missing key, steps of the wrong width, ids out of step with values) give a
 per-record reason instead of an opaque batch error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,14 +32,26 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from beam_dl.formats.features import bytes_feature, feature_values, float_feature, int64_feature, tensorflow
 from beam_dl.decoding.sequences import SequenceParseError, SequenceRecord, _isolating
+from beam_dl.formats.features import bytes_feature, feature_values, float_feature, int64_feature, tensorflow
 
 KEY, LABEL, TARGET, VALUES, IDS = 'key', 'label', 'target', 'values', 'ids'
 
-__all__ = ['KEY', 'LABEL', 'TARGET', 'VALUES', 'IDS', 'SequenceSpec', 'SequenceParseError',
-           'encode_sequence_example', 'parse_sequence_examples', 'parse_list_examples', 'own_key',
-           'tf_feature_spec', 'parse_single']
+__all__ = [
+  'KEY',
+  'LABEL',
+  'TARGET',
+  'VALUES',
+  'IDS',
+  'SequenceSpec',
+  'SequenceParseError',
+  'encode_sequence_example',
+  'parse_sequence_examples',
+  'parse_list_examples',
+  'own_key',
+  'tf_feature_spec',
+  'parse_single',
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +118,7 @@ def _split(ragged) -> list[np.ndarray]:
   """Rows of a 2-level RaggedTensor as numpy arrays (no per-row TF calls)."""
   flat = ragged.flat_values.numpy()
   splits = ragged.row_splits.numpy()
-  return [flat[splits[i]:splits[i + 1]] for i in range(len(splits) - 1)]
+  return [flat[splits[i] : splits[i + 1]] for i in range(len(splits) - 1)]
 
 
 def _split3(ragged) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -114,8 +127,8 @@ def _split3(ragged) -> list[tuple[np.ndarray, np.ndarray]]:
   flat = ragged.flat_values.numpy()
   rows = []
   for i in range(len(outer) - 1):
-    steps = inner[outer[i]:outer[i + 1] + 1]
-    rows.append((flat[steps[0]:steps[-1]], np.diff(steps)))
+    steps = inner[outer[i] : outer[i + 1] + 1]
+    rows.append((flat[steps[0] : steps[-1]], np.diff(steps)))
   return rows
 
 
@@ -133,8 +146,7 @@ def _context(spec: SequenceSpec, ctx: Mapping[str, Any]):
       row = targets[i]
       target = float(row[0]) if len(row) == 1 else row.astype(np.float32)
     if spec.require_label and label is None and target is None:
-      raise SequenceParseError(
-          f'missing feature {spec.label_feature or spec.target_feature!r}')
+      raise SequenceParseError(f'missing feature {spec.label_feature or spec.target_feature!r}')
     return key, label, target
 
   return get
@@ -144,9 +156,7 @@ def _check_ids(spec: SequenceSpec, ids: np.ndarray, steps: int) -> np.ndarray | 
   if len(ids) == 0:
     return None
   if len(ids) != steps:
-    raise SequenceParseError(
-        f'{spec.ids_feature!r} has {len(ids)} ids but {spec.values_feature!r} has '
-        f'{steps} steps')
+    raise SequenceParseError(f'{spec.ids_feature!r} has {len(ids)} ids but {spec.values_feature!r} has {steps} steps')
   return ids.astype(np.int64)
 
 
@@ -159,8 +169,9 @@ def _values(spec: SequenceSpec, flat: np.ndarray, widths: np.ndarray) -> np.ndar
   bad = np.nonzero(widths != want)[0]
   if len(bad):
     raise SequenceParseError(
-        f'{spec.values_feature!r} step {int(bad[0])} has {int(widths[bad[0]])} values, '
-        f'expected {want} (ragged where a fixed width was declared)')
+      f'{spec.values_feature!r} step {int(bad[0])} has {int(widths[bad[0]])} values, '
+      f'expected {want} (ragged where a fixed width was declared)'
+    )
   return flat.astype(np.float32, copy=False).reshape(steps, want)
 
 
@@ -170,8 +181,9 @@ def _flat_values(spec: SequenceSpec, flat: np.ndarray) -> np.ndarray:
     raise SequenceParseError(f'feature {spec.values_feature!r} is missing or empty')
   if len(flat) % spec.num_features:
     raise SequenceParseError(
-        f'{spec.values_feature!r} has {len(flat)} floats, not a multiple of '
-        f'num_features={spec.num_features} (ragged where a fixed width was declared)')
+      f'{spec.values_feature!r} has {len(flat)} floats, not a multiple of '
+      f'num_features={spec.num_features} (ragged where a fixed width was declared)'
+    )
   return flat.astype(np.float32, copy=False).reshape(-1, spec.num_features)
 
 
@@ -184,16 +196,14 @@ def _results(spec: SequenceSpec, count: int, context, values, ids) -> list[Seque
     try:
       key, label, target = context(i)
       vals = values(i)
-      out.append(SequenceRecord(
-          key, vals, _check_ids(spec, ids[i], vals.shape[0]) if ids else None,
-          label, target))
+      out.append(SequenceRecord(key, vals, _check_ids(spec, ids[i], vals.shape[0]) if ids else None, label, target))
     except SequenceParseError as err:
       out.append(err)
   return out
 
 
 def parse_sequence_examples(
-    serialized: Sequence[bytes], spec: SequenceSpec
+  serialized: Sequence[bytes], spec: SequenceSpec
 ) -> list[SequenceRecord | SequenceParseError]:
   """Serialized tf.train.SequenceExample -> one result per record, in order.
 
@@ -208,16 +218,13 @@ def parse_sequence_examples(
     ctx, seq, _ = tf.io.parse_sequence_example(records, ctx_feats, seq_feats)
     context = _context(spec, ctx)
     values = _split3(seq[spec.values_feature])
-    ids = ([f for f, _ in _split3(seq[spec.ids_feature])]
-           if spec.ids_feature else None)
+    ids = [f for f, _ in _split3(seq[spec.ids_feature])] if spec.ids_feature else None
     return _results(spec, len(records), context, lambda i: _values(spec, *values[i]), ids)
 
   return _isolating(parse_batch, list(serialized), 'SequenceExample') if serialized else []
 
 
-def parse_list_examples(
-    serialized: Sequence[bytes], spec: SequenceSpec
-) -> list[SequenceRecord | SequenceParseError]:
+def parse_list_examples(serialized: Sequence[bytes], spec: SequenceSpec) -> list[SequenceRecord | SequenceParseError]:
   """Serialized tf.train.Example with list features -> one result per record.
 
   `values` is a flat float list of T*F floats (row-major) and `ids` an int64
@@ -252,8 +259,8 @@ def encode_sequence_example(record: SequenceRecord, spec: SequenceSpec = Sequenc
   if record.ids is not None and spec.ids_feature:
     lists[spec.ids_feature] = tf.train.FeatureList(feature=[int64_feature([i]) for i in record.ids])
   return tf.train.SequenceExample(
-      context=tf.train.Features(feature=context),
-      feature_lists=tf.train.FeatureLists(feature_list=lists)).SerializeToString()
+    context=tf.train.Features(feature=context), feature_lists=tf.train.FeatureLists(feature_list=lists)
+  ).SerializeToString()
 
 
 def own_key(record: bytes, spec: SequenceSpec = SequenceSpec(), fmt: str = 'sequence_example') -> str | None:
@@ -272,8 +279,9 @@ def own_key(record: bytes, spec: SequenceSpec = SequenceSpec(), fmt: str = 'sequ
   return keys[0].decode('utf-8', 'backslashreplace') if keys else None
 
 
-def tf_feature_spec(num_features: int, *, with_ids: bool, target: str = LABEL,
-                    num_targets: int = 1) -> tuple[dict, dict]:
+def tf_feature_spec(
+  num_features: int, *, with_ids: bool, target: str = LABEL, num_targets: int = 1
+) -> tuple[dict, dict]:
   """(context, sequence) tf.io feature specs for tf.data, fixed-width steps.
 
   `target` is 'label' (int64, -1 when absent) or 'target' (`num_targets`
@@ -293,8 +301,7 @@ def tf_feature_spec(num_features: int, *, with_ids: bool, target: str = LABEL,
   return context, steps
 
 
-def parse_single(serialized, num_features: int, *, with_ids: bool, target: str = LABEL,
-                 num_targets: int = 1) -> dict:
+def parse_single(serialized, num_features: int, *, with_ids: bool, target: str = LABEL, num_targets: int = 1) -> dict:
   """tf.data: one serialized SequenceExample -> tensors by feature name.
 
   'key', the `target` feature, 'values' float32 [T, F] (when

@@ -20,6 +20,7 @@ taken literally, never as globs:
   names_tfrecords(pattern)   -> whether it names TFRecord files (--input_format auto)
   write_file_list(path, ps)  /  read_file_list(pattern)
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,13 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from beam_dl.core.deadletter import describe
 
-_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
-          (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
-          (stat.S_ISBLK, 'a block device'))
+_KINDS = (
+  (stat.S_ISDIR, 'a directory'),
+  (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+  (stat.S_ISSOCK, 'a socket'),
+  (stat.S_ISCHR, 'a character device'),
+  (stat.S_ISBLK, 'a block device'),
+)
 
 
 # What reading an opened file can raise: I/O errors (EIO), and a damaged or
@@ -94,8 +99,9 @@ def unlisted_entries(pattern: str) -> list[tuple[str, str]]:
   if not os.path.isdir(root or '.'):
     return []
   skipped = [FileMetadata(path, 0) for path in _entries_beam_skips(root or '.')]
-  return sorted((m.path, not_regular_reason(m.path) or 'not listed by the file match')
-                for m in fs.match_files(skipped, pattern))
+  return sorted(
+    (m.path, not_regular_reason(m.path) or 'not listed by the file match') for m in fs.match_files(skipped, pattern)
+  )
 
 
 def _entries_beam_skips(root: str) -> Iterator[str]:
@@ -146,7 +152,7 @@ def is_file_list(pattern: str) -> bool:
 
 def read_file_list(pattern: str) -> list[str]:
   """The paths in the file list `@<path>`, one a line, in the list's order."""
-  with FileSystems.open(pattern[len(FILE_LIST_PREFIX):], mime_type='text/plain') as f:
+  with FileSystems.open(pattern[len(FILE_LIST_PREFIX) :], mime_type='text/plain') as f:
     return [line for line in f.read().decode('utf-8').split('\n') if line]
 
 

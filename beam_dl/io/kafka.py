@@ -19,6 +19,7 @@ DirectRunner, Prism, Flink and Dataflow through the portable framework).
 expansion service; `beam_dl.services.kafka_io` runs one on Flink here):
 record values with the record's CreateTime as timestamp.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,12 +41,22 @@ _UNBOUNDED = sys.maxsize
 
 def _consumer(servers: str, **config):
   from confluent_kafka import Consumer  # pylint: disable=g-import-not-at-top
-  return Consumer({'bootstrap.servers': servers, 'group.id': 'beam_dl', 'enable.auto.commit': False,
-                   'enable.partition.eof': False, 'log_level': 3, **config})
+
+  return Consumer(
+    {
+      'bootstrap.servers': servers,
+      'group.id': 'beam_dl',
+      'enable.auto.commit': False,
+      'enable.partition.eof': False,
+      'log_level': 3,
+      **config,
+    }
+  )
 
 
 class Partition(NamedTuple):
   """One partition to read, with where to find it: the SDF's element."""
+
   servers: str
   topic: str
   partition: int
@@ -76,10 +87,12 @@ class _OffsetsProvider(RestrictionProvider):
 
   def initial_restriction(self, element: Partition):
     from confluent_kafka import TopicPartition  # pylint: disable=g-import-not-at-top
+
     consumer = _consumer(element.servers)
     try:
-      low, high = consumer.get_watermark_offsets(TopicPartition(element.topic, element.partition),
-                                                 timeout=element.timeout_s)
+      low, high = consumer.get_watermark_offsets(
+        TopicPartition(element.topic, element.partition), timeout=element.timeout_s
+      )
     finally:
       consumer.close()
     return OffsetRange(low if element.from_beginning else high, _UNBOUNDED)
@@ -132,10 +145,14 @@ class _ReadPartitionFn(beam.DoFn):
   def teardown(self):
     self._consumer.close()
 
-  def process(self, element: Partition,
-              tracker=beam.DoFn.RestrictionParam(_OffsetsProvider()),
-              watermark=beam.DoFn.WatermarkEstimatorParam(_MonotonicFromStart())):
+  def process(
+    self,
+    element: Partition,
+    tracker=beam.DoFn.RestrictionParam(_OffsetsProvider()),
+    watermark=beam.DoFn.WatermarkEstimatorParam(_MonotonicFromStart()),
+  ):
     from confluent_kafka import TopicPartition  # pylint: disable=g-import-not-at-top
+
     del watermark  # observes each output's timestamp
     position = tracker.current_restriction().start
     self._consumer.assign([TopicPartition(element.topic, element.partition, position)])
@@ -165,18 +182,28 @@ class _ReadPartitionFn(beam.DoFn):
 class ReadKafkaValues(beam.PTransform):
   """Values (bytes) of a topic's records, stamped with their Kafka record time."""
 
-  def __init__(self, servers: str, topic: str, *, from_beginning: bool = True, poll_s: float = 0.05,
-               stop_after_idle_s: float | None = None, timeout_s: float = 30.0):
+  def __init__(
+    self,
+    servers: str,
+    topic: str,
+    *,
+    from_beginning: bool = True,
+    poll_s: float = 0.05,
+    stop_after_idle_s: float | None = None,
+    timeout_s: float = 30.0,
+  ):
     super().__init__()
     self._topic = topic
     self._partitions = _PartitionsFn(servers, from_beginning, timeout_s)
     self._read = _ReadPartitionFn(servers, poll_s, stop_after_idle_s)
 
   def expand(self, pbegin):
-    return (pbegin
-            | 'Topic' >> beam.Create([self._topic])
-            | 'Partitions' >> beam.ParDo(self._partitions)
-            | 'ReadPartitions' >> beam.ParDo(self._read))
+    return (
+      pbegin
+      | 'Topic' >> beam.Create([self._topic])
+      | 'Partitions' >> beam.ParDo(self._partitions)
+      | 'ReadPartitions' >> beam.ParDo(self._read)
+    )
 
 
 # The payload of KafkaIO's cross-language read, as Beam 2.62's Java expects it.
@@ -187,13 +214,24 @@ class ReadKafkaValues(beam.PTransform):
 # are the fields of `KafkaIO.Read.External.Configuration` in 2.62 (newer Javas
 # accept them too). Functional form: the schema is inferred from real types,
 # which this module's postponed annotations would turn into strings.
-KafkaReadConfig = NamedTuple('KafkaReadConfig', [
-    ('consumer_config', Mapping[str, str]), ('topics', list[str]),
-    ('key_deserializer', str), ('value_deserializer', str),
-    ('start_read_time', Optional[int]), ('max_num_records', Optional[int]), ('max_read_time', Optional[int]),
-    ('commit_offset_in_finalize', bool), ('timestamp_policy', str), ('consumer_polling_timeout', Optional[int]),
-    ('redistribute', Optional[bool]), ('redistribute_num_keys', Optional[np.int32]),
-    ('allow_duplicates', Optional[bool])])
+KafkaReadConfig = NamedTuple(
+  'KafkaReadConfig',
+  [
+    ('consumer_config', Mapping[str, str]),
+    ('topics', list[str]),
+    ('key_deserializer', str),
+    ('value_deserializer', str),
+    ('start_read_time', Optional[int]),
+    ('max_num_records', Optional[int]),
+    ('max_read_time', Optional[int]),
+    ('commit_offset_in_finalize', bool),
+    ('timestamp_policy', str),
+    ('consumer_polling_timeout', Optional[int]),
+    ('redistribute', Optional[bool]),
+    ('redistribute_num_keys', Optional[np.int32]),
+    ('allow_duplicates', Optional[bool]),
+  ],
+)
 
 
 @beam.typehints.with_output_types(bytes)
@@ -208,24 +246,42 @@ class ReadKafkaXlang(beam.PTransform):
   URN = 'beam:transform:org.apache.beam:kafka_read_without_metadata:v1'
   BYTES = 'org.apache.kafka.common.serialization.ByteArrayDeserializer'
 
-  def __init__(self, servers: str, topic: str, expansion_service: str, *, max_num_records: int | None = None,
-               consumer_config: Mapping[str, str] | None = None):
+  def __init__(
+    self,
+    servers: str,
+    topic: str,
+    expansion_service: str,
+    *,
+    max_num_records: int | None = None,
+    consumer_config: Mapping[str, str] | None = None,
+  ):
     super().__init__()
     self._config = KafkaReadConfig(
-        consumer_config={'bootstrap.servers': servers, 'auto.offset.reset': 'earliest', **(consumer_config or {})},
-        topics=[topic], key_deserializer=self.BYTES, value_deserializer=self.BYTES, start_read_time=None,
-        max_num_records=max_num_records, max_read_time=None, commit_offset_in_finalize=False,
-        timestamp_policy='CreateTime', consumer_polling_timeout=2, redistribute=False,
-        redistribute_num_keys=np.int32(0), allow_duplicates=False)
+      consumer_config={'bootstrap.servers': servers, 'auto.offset.reset': 'earliest', **(consumer_config or {})},
+      topics=[topic],
+      key_deserializer=self.BYTES,
+      value_deserializer=self.BYTES,
+      start_read_time=None,
+      max_num_records=max_num_records,
+      max_read_time=None,
+      commit_offset_in_finalize=False,
+      timestamp_policy='CreateTime',
+      consumer_polling_timeout=2,
+      redistribute=False,
+      redistribute_num_keys=np.int32(0),
+      allow_duplicates=False,
+    )
     self._expansion_service = expansion_service
 
   def expand(self, pbegin):
     from apache_beam.transforms.external import ExternalTransform, NamedTupleBasedPayloadBuilder  # pylint: disable=g-import-not-at-top
-    return (pbegin
-            | 'KafkaIO' >> ExternalTransform(self.URN, NamedTupleBasedPayloadBuilder(self._config),
-                                             self._expansion_service)
-            # a record without a value (a tombstone) is b'': the parse step's dead letter
-            | 'KafkaValues' >> beam.MapTuple(lambda _, value: b'' if value is None else value).with_output_types(bytes))
+
+    return (
+      pbegin
+      | 'KafkaIO' >> ExternalTransform(self.URN, NamedTupleBasedPayloadBuilder(self._config), self._expansion_service)
+      # a record without a value (a tombstone) is b'': the parse step's dead letter
+      | 'KafkaValues' >> beam.MapTuple(lambda _, value: b'' if value is None else value).with_output_types(bytes)
+    )
 
 
 class _ProduceJsonFn(beam.DoFn):
@@ -243,8 +299,10 @@ class _ProduceJsonFn(beam.DoFn):
 
   def setup(self):
     from confluent_kafka import Producer  # pylint: disable=g-import-not-at-top
-    self._producer = Producer({'bootstrap.servers': self._servers, 'linger.ms': 0, 'acks': 'all',
-                               'log_level': 0})  # delivery errors come back through `_delivered`
+
+    self._producer = Producer(
+      {'bootstrap.servers': self._servers, 'linger.ms': 0, 'acks': 'all', 'log_level': 0}
+    )  # delivery errors come back through `_delivered`
     self._failed: list[str] = []
 
   def _delivered(self, err, _message):
@@ -253,8 +311,12 @@ class _ProduceJsonFn(beam.DoFn):
 
   def process(self, record: dict[str, Any]):
     key = record.get(self._key_field) if self._key_field else None
-    self._producer.produce(self._topic, json_line(record).encode('utf-8'),
-                           key=None if key is None else str(key).encode('utf-8'), on_delivery=self._delivered)
+    self._producer.produce(
+      self._topic,
+      json_line(record).encode('utf-8'),
+      key=None if key is None else str(key).encode('utf-8'),
+      on_delivery=self._delivered,
+    )
     self._producer.poll(0)
     self._sent.inc()
 

@@ -19,6 +19,7 @@ offset and what is wrong:
 The crc32c itself is google-crc32c's (installed with apache-beam[gcp]); the
 mask is TFRecord's own rotate-and-add, defined by the format.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,7 @@ def masked_crc32c(data: bytes) -> int:
 def encode_record(data: bytes) -> bytes:
   """One framed record (what TFRecordWriter writes); for tests and tools."""
   length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', masked_crc32c(length)) + data
-          + struct.pack('<I', masked_crc32c(data)))
+  return length + struct.pack('<I', masked_crc32c(length)) + data + struct.pack('<I', masked_crc32c(data))
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
@@ -90,24 +90,28 @@ def read_records(stream: BinaryIO) -> Iterator[bytes | Damage]:
     if not header:
       return
     if len(header) < _HEADER:
-      yield Damage(offset, f'truncated: {len(header)} of the {_HEADER} header bytes '
-                   'present, file ends mid-header', False)
+      yield Damage(
+        offset, f'truncated: {len(header)} of the {_HEADER} header bytes present, file ends mid-header', False
+      )
       return
     length_bytes, (length_crc,) = header[:8], _CRC.unpack_from(header, 8)
     if masked_crc32c(length_bytes) != length_crc:
-      yield Damage(offset, 'corrupt length header (length CRC mismatch); '
-                   'the rest of the file cannot be framed', False)
+      yield Damage(offset, 'corrupt length header (length CRC mismatch); the rest of the file cannot be framed', False)
       return
     (length,) = _LENGTH.unpack(length_bytes)
     body = _read_exactly(stream, length + _FOOTER)
     if len(body) < length + _FOOTER:
-      yield Damage(offset, f'truncated: record of {length} bytes, only '
-                   f'{len(body)} of its {length + _FOOTER} data+CRC bytes present', False)
+      yield Damage(
+        offset,
+        f'truncated: record of {length} bytes, only {len(body)} of its {length + _FOOTER} data+CRC bytes present',
+        False,
+      )
       return
     data, (data_crc,) = body[:length], _CRC.unpack_from(body, length)
     if masked_crc32c(data) != data_crc:
-      yield Damage(offset, f'corrupt record of {length} bytes (data CRC mismatch); skipped, '
-                   'the records after it were read', True)
+      yield Damage(
+        offset, f'corrupt record of {length} bytes (data CRC mismatch); skipped, the records after it were read', True
+      )
     else:
       yield data
     offset += _HEADER + length + _FOOTER

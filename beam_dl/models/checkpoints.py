@@ -14,6 +14,7 @@ knows (gs://...) for spec.json; orbax handles gs:// itself. A model registry
 URI (`models:/<name>/<version>`, `models:/<name>@<alias>`) loads the
 registered version's directory (`resolve`, beam_dl.operations.registry_mlflow).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -178,7 +179,9 @@ def validate_spec(spec: ModelSpec) -> None:
   for i, size in enumerate(shape):
     variable_length = i == 0 and size is None and len(shape) > 1  # sequences [T, F...]
     if not variable_length and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-      raise _field_error('input_shape', f'expected positive integers (null only first, for sequences), got {list(shape)!r}')
+      raise _field_error(
+        'input_shape', f'expected positive integers (null only first, for sequences), got {list(shape)!r}'
+      )
   try:
     np.dtype(spec.input_dtype)
     if not isinstance(spec.input_dtype, str):
@@ -330,6 +333,7 @@ def variable_mismatches(spec: ModelSpec, variables: Any) -> list[str]:
   different config otherwise fails every batch (each input dead-lettered)
   or, worse, serves wrong outputs from broadcasting shapes.
   """
+
   def by_path(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
@@ -342,9 +346,9 @@ def variable_mismatches(spec: ModelSpec, variables: Any) -> list[str]:
   problems = [f'missing {p} {tuple(want[p].shape)}' for p in sorted(set(want) - set(have))]
   problems += [f'unexpected {p} {tuple(np.shape(have[p]))}' for p in sorted(set(have) - set(want))]
   problems += [
-      f'{p} has shape {tuple(np.shape(have[p]))}, expected {tuple(want[p].shape)}'
-      for p in sorted(set(want) & set(have))
-      if tuple(np.shape(have[p])) != tuple(want[p].shape)
+    f'{p} has shape {tuple(np.shape(have[p]))}, expected {tuple(want[p].shape)}'
+    for p in sorted(set(want) & set(have))
+    if tuple(np.shape(have[p])) != tuple(want[p].shape)
   ]
   return problems
 
@@ -357,6 +361,7 @@ def _numeric_arrays(tree: Any, model_dir: str) -> Any:
   """`tree`'s leaves as numpy arrays; CheckpointError naming the first leaf
   that is not an array of numbers (object or string dtype, a ragged list):
   such a leaf restores, but fails every batch that reaches the model."""
+
   def as_array(path, leaf):
     name = jax.tree_util.keystr(path)
     try:

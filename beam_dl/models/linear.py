@@ -1,5 +1,6 @@
 """A linear (logistic-regression) model: the baseline, and the model whose
 outputs tests can compute by hand from set weights."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,8 @@ class Linear(nn.Module):
     del train
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     return nn.Dense(
-        self.num_outputs,
-        dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed', 'vocab')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+      self.num_outputs,
+      dtype=self.dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed', 'vocab')),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
     )(x).astype(jnp.float32)

@@ -4,6 +4,7 @@ Checkpoints store a model by registry name plus constructor kwargs (see
 `beam_dl.models.checkpoints.ModelSpec`), so a worker can rebuild the module without
 unpickling code: the registry is the only place a name becomes a class.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -30,9 +31,7 @@ def build(name: str, **kwargs: Any) -> nn.Module:
   try:
     factory = _FACTORIES[name]
   except KeyError:
-    raise ValueError(
-        f'unknown model {name!r}; registered models: {sorted(_FACTORIES)}'
-    ) from None
+    raise ValueError(f'unknown model {name!r}; registered models: {sorted(_FACTORIES)}') from None
   return factory(**kwargs)
 
 

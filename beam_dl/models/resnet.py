@@ -12,6 +12,7 @@ compute dtype ('bfloat16' for mixed precision); parameters stay float32.
 Parameters carry logical axis names; the mesh rules live in the training
 config.
 """
+
 from __future__ import annotations
 
 import functools
@@ -103,21 +104,19 @@ class ResNet(nn.Module):
       raise ValueError(f'block must be one of {sorted(_BLOCKS)}, got {self.block!r}')
     dtype = jnp.dtype(self.dtype)
     conv = functools.partial(
-        nn.Conv,
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=_partitioned(
-            nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'), _CONV_AXES
-        ),
+      nn.Conv,
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=_partitioned(nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'), _CONV_AXES),
     )
     norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        scale_init=_partitioned(nn.initializers.ones, ('conv_out',)),
-        bias_init=_partitioned(nn.initializers.zeros, ('conv_out',)),
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      scale_init=_partitioned(nn.initializers.ones, ('conv_out',)),
+      bias_init=_partitioned(nn.initializers.zeros, ('conv_out',)),
     )
     x = jnp.asarray(x, dtype)
     if self.small_inputs:
@@ -135,35 +134,28 @@ class ResNet(nn.Module):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         # Explicit names keep parameter paths identical with and without remat.
         x = block_cls(
-            self.num_filters * 2**i, conv=conv, norm=norm, strides=strides,
-            name=f'stage{i + 1}_block{j + 1}',
+          self.num_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=strides,
+          name=f'stage{i + 1}_block{j + 1}',
         )(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(
-        self.num_classes,
-        dtype=dtype,
-        kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', 'vocab')),
-        bias_init=_partitioned(nn.initializers.zeros, ('vocab',)),
-        name='head',
+      self.num_classes,
+      dtype=dtype,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', 'vocab')),
+      bias_init=_partitioned(nn.initializers.zeros, ('vocab',)),
+      name='head',
     )(x)
     return jnp.asarray(x, jnp.float32)
 
 
-ResNet18 = registry.register('resnet18')(
-    functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block='basic')
-)
-ResNet34 = registry.register('resnet34')(
-    functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block='basic')
-)
-ResNet50 = registry.register('resnet50')(
-    functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block='bottleneck')
-)
-ResNet101 = registry.register('resnet101')(
-    functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block='bottleneck')
-)
+ResNet18 = registry.register('resnet18')(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block='basic'))
+ResNet34 = registry.register('resnet34')(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block='basic'))
+ResNet50 = registry.register('resnet50')(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block='bottleneck'))
+ResNet101 = registry.register('resnet101')(functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block='bottleneck'))
 # Test-only: one tiny block per stage, for 8x8 images.
 ResNetTiny = registry.register('resnet_tiny')(
-    functools.partial(
-        ResNet, stage_sizes=(1, 1), block='basic', num_filters=8, small_inputs=True
-    )
+  functools.partial(ResNet, stage_sizes=(1, 1), block='basic', num_filters=8, small_inputs=True)
 )

@@ -16,6 +16,7 @@ Parameters carry logical axis names (`nn.with_logical_partitioning`); the
 mesh and the rules that map logical axes to mesh axes live in the training
 config, never here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,22 +48,16 @@ class _MaskedStep(nn.Module):
   def __call__(self, carry, inputs):
     x, m = inputs
     cell = _CELLS[self.cell](
-        self.hidden_size,
-        dtype=self.dtype,
-        kernel_init=_partitioned(
-            nn.initializers.lecun_normal(), ('rnn_in', 'rnn_hidden')
-        ),
-        recurrent_kernel_init=_partitioned(
-            nn.initializers.orthogonal(), ('rnn_state', 'rnn_hidden')
-        ),
-        bias_init=_partitioned(nn.initializers.zeros, ('rnn_hidden',)),
-        name='cell',
+      self.hidden_size,
+      dtype=self.dtype,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(), ('rnn_in', 'rnn_hidden')),
+      recurrent_kernel_init=_partitioned(nn.initializers.orthogonal(), ('rnn_state', 'rnn_hidden')),
+      bias_init=_partitioned(nn.initializers.zeros, ('rnn_hidden',)),
+      name='cell',
     )
     new_carry, y = cell(carry, x)
     keep = m[:, None]
-    new_carry = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(keep, new, old), new_carry, carry
-    )
+    new_carry = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), new_carry, carry)
     return new_carry, jnp.where(keep, y, jnp.zeros_like(y))
 
 
@@ -80,16 +75,14 @@ class _MaskedRNN(nn.Module):
     zeros = jnp.zeros((batch, self.hidden_size), self.dtype)
     carry = (zeros, zeros) if self.cell == 'lstm' else zeros
     scan = nn.scan(
-        _MaskedStep,
-        variable_broadcast='params',
-        split_rngs={'params': False},
-        in_axes=1,
-        out_axes=1,
-        reverse=self.reverse,
+      _MaskedStep,
+      variable_broadcast='params',
+      split_rngs={'params': False},
+      in_axes=1,
+      out_axes=1,
+      reverse=self.reverse,
     )
-    carry, ys = scan(self.cell, self.hidden_size, self.dtype, name='scan')(
-        carry, (x, mask)
-    )
+    carry, ys = scan(self.cell, self.hidden_size, self.dtype, name='scan')(carry, (x, mask))
     last = carry[1] if self.cell == 'lstm' else carry  # LSTM carry is (c, h)
     return ys, last
 
@@ -148,26 +141,25 @@ class RNNModel(nn.Module):
     if self.vocab_size:
       ids = jnp.clip(x[..., 0].astype(jnp.int32), 0, self.vocab_size - 1)
       emb = nn.Embed(
-          self.vocab_size,
-          self.embed_size,
-          dtype=dtype,
-          embedding_init=_partitioned(
-              nn.initializers.normal(stddev=1.0), ('vocab', 'embed')
-          ),
-          name='item_embed',
+        self.vocab_size,
+        self.embed_size,
+        dtype=dtype,
+        embedding_init=_partitioned(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        name='item_embed',
       )(ids)
       x = jnp.concatenate([emb, x[..., 1:].astype(dtype)], axis=-1)
     h = x.astype(dtype)
     lasts = []
     for layer in range(self.num_layers):
-      fwd, fwd_last = _MaskedRNN(
-          self.cell, self.hidden_size, dtype, name=f'layer{layer}_fwd'
-      )(h, mask)
+      fwd, fwd_last = _MaskedRNN(self.cell, self.hidden_size, dtype, name=f'layer{layer}_fwd')(h, mask)
       outs, lasts = [fwd], [fwd_last]
       if self.bidirectional:
         bwd, bwd_last = _MaskedRNN(
-            self.cell, self.hidden_size, dtype, reverse=True,
-            name=f'layer{layer}_bwd',
+          self.cell,
+          self.hidden_size,
+          dtype,
+          reverse=True,
+          name=f'layer{layer}_bwd',
         )(h, mask)
         outs.append(bwd)
         lasts.append(bwd_last)
@@ -178,11 +170,11 @@ class RNNModel(nn.Module):
     if self.dropout_rate:
       pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     out = nn.Dense(
-        self.num_outputs,
-        dtype=dtype,
-        kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', 'vocab')),
-        bias_init=_partitioned(nn.initializers.zeros, ('vocab',)),
-        name='head',
+      self.num_outputs,
+      dtype=dtype,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', 'vocab')),
+      bias_init=_partitioned(nn.initializers.zeros, ('vocab',)),
+      name='head',
     )(pooled)
     return out.astype(jnp.float32)
 
@@ -194,11 +186,11 @@ class RNNModel(nn.Module):
       count = jnp.maximum(m.sum(axis=1), 1)
       return (h * m).sum(axis=1) / count
     scores = nn.Dense(
-        1,
-        dtype=dtype,
-        kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', None)),
-        use_bias=False,
-        name='attention',
+      1,
+      dtype=dtype,
+      kernel_init=_partitioned(nn.initializers.lecun_normal(), ('mlp', None)),
+      use_bias=False,
+      name='attention',
     )(nn.tanh(h))[..., 0].astype(jnp.float32)
     scores = jnp.where(mask, scores, -1e9)
     weights = jax.nn.softmax(scores, axis=1).astype(dtype)
@@ -207,10 +199,6 @@ class RNNModel(nn.Module):
 
 # Named variants (functools.partial aliases, as in the Flax examples).
 LSTMClassifier = functools.partial(RNNModel, cell='lstm', head='classification')
-GRUForecaster = functools.partial(
-    RNNModel, cell='gru', head='regression', pooling='last'
-)
-SessionRecommender = functools.partial(
-    RNNModel, cell='gru', head='next_item', pooling='attention'
-)
+GRUForecaster = functools.partial(RNNModel, cell='gru', head='regression', pooling='last')
+SessionRecommender = functools.partial(RNNModel, cell='gru', head='next_item', pooling='attention')
 TinyRNN = functools.partial(RNNModel, hidden_size=8, num_layers=1)  # tests only

@@ -25,6 +25,7 @@ The plain functions behind `transforms.drift.ComputeDrift` (no Beam here):
 Every histogram has one extra bin after the value bins, for values that are
 missing or not finite, so a feature that starts arriving empty drifts too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,10 @@ class FeatureProfile:
 
   def __post_init__(self):
     if len(self.probabilities) != len(self.edges) + 2:
-      raise ValueError(f'{len(self.edges)} edges need {len(self.edges) + 2} probabilities '
-                       f'(value bins + missing), got {len(self.probabilities)}')
+      raise ValueError(
+        f'{len(self.edges)} edges need {len(self.edges) + 2} probabilities '
+        f'(value bins + missing), got {len(self.probabilities)}'
+      )
     if list(self.edges) != sorted(self.edges):
       raise ValueError(f'bin edges must be sorted: {self.edges}')
 
@@ -84,15 +87,22 @@ class DriftProfile:
   source: str = ''
 
   def to_json(self) -> dict:
-    return {'source': self.source,
-            'features': {name: {'edges': list(f.edges), 'probabilities': list(f.probabilities), 'count': f.count}
-                         for name, f in sorted(self.features.items())}}
+    return {
+      'source': self.source,
+      'features': {
+        name: {'edges': list(f.edges), 'probabilities': list(f.probabilities), 'count': f.count}
+        for name, f in sorted(self.features.items())
+      },
+    }
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> 'DriftProfile':
-    features = {name: FeatureProfile(tuple(float(e) for e in f['edges']),
-                                     tuple(float(p) for p in f['probabilities']), int(f.get('count', 0)))
-                for name, f in data['features'].items()}
+    features = {
+      name: FeatureProfile(
+        tuple(float(e) for e in f['edges']), tuple(float(p) for p in f['probabilities']), int(f.get('count', 0))
+      )
+      for name, f in data['features'].items()
+    }
     if not features:
       raise ValueError('a drift profile needs at least one feature')
     return cls(features, data.get('source', ''))
@@ -214,6 +224,7 @@ def profile_from_stats(stats: Mapping[str, list[float]], num_bins: int = DEFAULT
       mean, var = float(np.mean(value)), float(np.mean(stats[f'{name}/var']))
       if var > 0:
         from scipy.stats import norm  # pylint: disable=import-outside-toplevel  # see the imports
+
         edges = mean + math.sqrt(var) * norm.ppf(np.linspace(0, 1, num_bins + 1)[1:-1])
         features[name] = _equal_mass(edges)
   if not features:
@@ -287,6 +298,7 @@ class Histograms:
 def psi(expected: np.ndarray, actual: np.ndarray, epsilon: float = EPSILON) -> float:
   """Population Stability Index: sum (a - e) ln(a / e) = KL(a||e) + KL(e||a)."""
   from scipy.special import rel_entr  # pylint: disable=import-outside-toplevel  # see the imports
+
   e, a = _floored(expected, epsilon), _floored(actual, epsilon)
   return float(np.sum(rel_entr(a, e) + rel_entr(e, a)))
 
@@ -294,6 +306,7 @@ def psi(expected: np.ndarray, actual: np.ndarray, epsilon: float = EPSILON) -> f
 def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
   """Jensen-Shannon distance, base 2: 0 (same) .. 1 (disjoint); finite on empty bins."""
   from scipy.spatial.distance import jensenshannon  # pylint: disable=import-outside-toplevel  # see the imports
+
   return float(jensenshannon(np.asarray(expected, np.float64), np.asarray(actual, np.float64), base=2))
 
 
@@ -309,8 +322,9 @@ def level(value: float, warn: float = WARN_PSI, alert: float = ALERT_PSI) -> str
   return 'moderate' if value >= warn else 'stable'
 
 
-def compare(profile: DriftProfile, histograms: Histograms, warn: float = WARN_PSI,
-            alert: float = ALERT_PSI, min_count: int = 1) -> dict[str, dict]:
+def compare(
+  profile: DriftProfile, histograms: Histograms, warn: float = WARN_PSI, alert: float = ALERT_PSI, min_count: int = 1
+) -> dict[str, dict]:
   """{feature: {"count", "psi", "js", "level"}} for features with >= min_count values.
 
   Counts are proportions before comparison; a feature seen fewer than
@@ -325,6 +339,10 @@ def compare(profile: DriftProfile, histograms: Histograms, warn: float = WARN_PS
     expected = np.asarray(profile.features[name].probabilities, np.float64)
     actual = counts / total
     value = psi(expected, actual)
-    report[name] = {'count': total, 'psi': round(value, 6), 'js': round(js_distance(expected, actual), 6),
-                    'level': level(value, warn, alert)}
+    report[name] = {
+      'count': total,
+      'psi': round(value, 6),
+      'js': round(js_distance(expected, actual), 6),
+      'level': level(value, warn, alert),
+    }
   return report

@@ -28,6 +28,7 @@ Progress: one line per finished shard with inputs done over all shards,
 rate and ETA; the pipeline's own --progress_every_secs lines run within each
 shard. Local output directories only (the finish is an atomic rename).
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,9 +46,9 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_dl.cli.options import IOOptions, OptionsError
 from beam_dl.core.deadletter import failed_output
 from beam_dl.io import files as files_lib
-from beam_dl.cli.options import IOOptions, OptionsError
 from beam_dl.operations.progress import Progress
 
 _log = logging.getLogger('beam_dl.operations.local_shards')
@@ -65,10 +66,13 @@ class LocalShardOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument(
-        '--shard_files', type=int, default=0,
-        help='Run the job as shards of this many input files, one complete pipeline run each, '
-        'into <output>/shard-NNNNN/; a rerun skips finished shards (0: one run, the default). '
-        'See docs/large_local_jobs.md.')
+      '--shard_files',
+      type=int,
+      default=0,
+      help='Run the job as shards of this many input files, one complete pipeline run each, '
+      'into <output>/shard-NNNNN/; a rerun skips finished shards (0: one run, the default). '
+      'See docs/large_local_jobs.md.',
+    )
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,8 @@ class ShardsSummary:
   inputs: int
   outputs: int
   dead_letters: int
-  ran: int       # shards run by this invocation
-  skipped: int   # shards finished by an earlier one
+  ran: int  # shards run by this invocation
+  skipped: int  # shards finished by an earlier one
   seconds: float  # this invocation's wall time
 
 
@@ -127,14 +131,18 @@ def shard_argv(argv: Sequence[str], input_pattern: str, output: str, extra: Sequ
 
 def count_jsonl(prefix: str) -> tuple[int, int]:
   """(records, dead letters) in the JSON-lines files WriteJsonLines wrote at `prefix`."""
+
   def lines(pattern):
     total = 0
     for path in glob.glob(pattern):
       with open(path, 'rb') as f:
         total += sum(1 for _ in f)
     return total
-  return (lines(f'{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9]-of-*.jsonl'),
-          lines(f'{glob.escape(failed_output(prefix))}-[0-9]*-of-*.jsonl'))
+
+  return (
+    lines(f'{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9]-of-*.jsonl'),
+    lines(f'{glob.escape(failed_output(prefix))}-[0-9]*-of-*.jsonl'),
+  )
 
 
 class _Layout:
@@ -182,16 +190,22 @@ def _prepare(layout: _Layout, pattern: str, shard_files: int) -> list[int]:
     sizes.append(len(shard))
   if not sizes:
     raise OptionsError(f'--input {pattern!r} matches no file')
-  plan = {'input': pattern, 'shard_files': shard_files, 'inputs': sum(sizes), 'shards': len(sizes),
-          'inputs_sha256': digest.hexdigest()}
+  plan = {
+    'input': pattern,
+    'shard_files': shard_files,
+    'inputs': sum(sizes),
+    'shards': len(sizes),
+    'inputs_sha256': digest.hexdigest(),
+  }
   if earlier is None:
     _write_json(plan_path, plan)  # last: a plan on disk means the file lists are complete
     return sizes
   changed = [k for k in ('shard_files', 'inputs', 'inputs_sha256') if earlier.get(k) != plan[k]]
   if changed:
     raise OptionsError(
-        f'{layout.job_dir} holds a sharded job planned for other inputs or another shard size '
-        f'({", ".join(changed)} differ); use a new --output, or delete it to start over')
+      f'{layout.job_dir} holds a sharded job planned for other inputs or another shard size '
+      f'({", ".join(changed)} differ); use a new --output, or delete it to start over'
+    )
   return sizes
 
 
@@ -227,6 +241,7 @@ def module_runner(module: str) -> Callable[[list[str]], None]:
   in its own process, so nothing one shard leaves in memory (Beam's runner,
   XLA, the allocator's free lists) carries into the next: run in one process,
   peak RSS crept up ~8 MB per 50,000-image shard (benchmarks/RESULTS.md)."""
+
   def run(argv: list[str]) -> None:
     proc = subprocess.Popen([sys.executable, '-m', module, *argv], preexec_fn=_parent_death_signal())
     try:
@@ -237,11 +252,13 @@ def module_runner(module: str) -> Callable[[list[str]], None]:
         proc.wait()
     if code:
       raise ShardFailed(f'python -m {module} exited with status {code}')
+
   return run
 
 
-def _run_shard(run: Callable[[list[str]], object], argv: Sequence[str], layout: _Layout, k: int,
-               size: int, extra: Sequence[str]) -> ShardCounts:
+def _run_shard(
+  run: Callable[[list[str]], object], argv: Sequence[str], layout: _Layout, k: int, size: int, extra: Sequence[str]
+) -> ShardCounts:
   """Runs shard k into its .partial directory, records its counts, renames it done."""
   partial = layout.partial_dir(k)
   if os.path.exists(partial):  # a crashed earlier attempt: redo it from nothing
@@ -258,8 +275,13 @@ def _run_shard(run: Callable[[list[str]], object], argv: Sequence[str], layout: 
   return counts
 
 
-def run_in_shards(run: Callable[[list[str]], object], argv: Optional[Sequence[str]], options: PipelineOptions,
-                  name: str, extra: Sequence[str] = ()) -> ShardsSummary:
+def run_in_shards(
+  run: Callable[[list[str]], object],
+  argv: Optional[Sequence[str]],
+  options: PipelineOptions,
+  name: str,
+  extra: Sequence[str] = (),
+) -> ShardsSummary:
   """Runs `run(argv)` once per input shard (see the module docstring); returns the summary.
 
   `run` is the pipeline's own entry point (in this process), or
@@ -284,8 +306,14 @@ def run_in_shards(run: Callable[[list[str]], object], argv: Optional[Sequence[st
   start = time.perf_counter()
   sizes = _prepare(layout, io.input, shard_files)
   total, shards = sum(sizes), len(sizes)
-  _log.info('%s: %d inputs in %d shards of up to %d, listed in %.1f s', name, total, shards, shard_files,
-            time.perf_counter() - start)
+  _log.info(
+    '%s: %d inputs in %d shards of up to %d, listed in %.1f s',
+    name,
+    total,
+    shards,
+    shard_files,
+    time.perf_counter() - start,
+  )
   finished = {k: layout.counts(k) for k in range(shards)}
   skipped = [k for k, c in finished.items() if c is not None]
   progress = Progress(total, name=f'{name}: shards', unit='inputs', every_secs=0)
@@ -299,18 +327,32 @@ def run_in_shards(run: Callable[[list[str]], object], argv: Optional[Sequence[st
     try:
       finished[k] = _run_shard(run, argv, layout, k, size, extra)
     except BaseException:
-      _log.error('%s: shard %05d of %d failed; finished shards are kept: rerun the same command to resume',
-                 name, k, shards)
+      _log.error(
+        '%s: shard %05d of %d failed; finished shards are kept: rerun the same command to resume', name, k, shards
+      )
       raise
     done += 1
     progress.update(size, shards=f'{done}/{shards}')
   counts = list(finished.values())
   summary = ShardsSummary(
-      shards=shards, inputs=total, outputs=sum(c.outputs for c in counts),
-      dead_letters=sum(c.dead_letters for c in counts), ran=shards - len(skipped), skipped=len(skipped),
-      seconds=round(time.perf_counter() - start, 3))
+    shards=shards,
+    inputs=total,
+    outputs=sum(c.outputs for c in counts),
+    dead_letters=sum(c.dead_letters for c in counts),
+    ran=shards - len(skipped),
+    skipped=len(skipped),
+    seconds=round(time.perf_counter() - start, 3),
+  )
   _write_json(os.path.join(layout.job_dir, SUMMARY), asdict(summary))
-  _log.info('%s: %d shards, %d inputs -> %d outputs + %d dead letters (%d shards run now, %d from an earlier run) '
-            'in %.1f s', name, summary.shards, summary.inputs, summary.outputs, summary.dead_letters, summary.ran,
-            summary.skipped, summary.seconds)
+  _log.info(
+    '%s: %d shards, %d inputs -> %d outputs + %d dead letters (%d shards run now, %d from an earlier run) in %.1f s',
+    name,
+    summary.shards,
+    summary.inputs,
+    summary.outputs,
+    summary.dead_letters,
+    summary.ran,
+    summary.skipped,
+    summary.seconds,
+  )
   return summary

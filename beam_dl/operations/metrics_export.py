@@ -23,6 +23,7 @@ label, plus the labels a metric name carries: `labelled('psi_e6',
 feature='co2')` is the Beam name `psi_e6{feature=co2}`, exported as
 `beam_dl_drift_psi{feature="co2", step="..."}`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -105,8 +106,11 @@ def families(metrics: dict, extra_labels: dict[str, str] | None = None) -> list:
     frozen = tuple(sorted(labels.items()))
     bucket[frozen] = bucket.get(frozen, 0.0) + value
 
-  for kind, results in (('counter', metrics.get('counters', ())), ('distribution', metrics.get('distributions', ())),
-                        ('gauge', metrics.get('gauges', ()))):
+  for kind, results in (
+    ('counter', metrics.get('counters', ())),
+    ('distribution', metrics.get('distributions', ())),
+    ('gauge', metrics.get('gauges', ())),
+  ):
     for res in results:
       value = _value(res)
       if value is None:
@@ -172,8 +176,9 @@ class BeamMetricsCollector(Collector):
   def collect(self) -> Iterable:
     with self._lock:
       metrics, state, final = self._metrics, self._state, self._final
-    info = GaugeMetricFamily('beam_dl_job_info', 'The exported job: 1, labelled with pipeline and state',
-                             labels=['pipeline', 'state'])
+    info = GaugeMetricFamily(
+      'beam_dl_job_info', 'The exported job: 1, labelled with pipeline and state', labels=['pipeline', 'state']
+    )
     info.add_metric([self._name, state], 1.0)
     yield info
     yield from families(metrics, {'pipeline': self._name})
@@ -184,8 +189,15 @@ class BeamMetricsCollector(Collector):
 class MetricsExporter:
   """Serves and/or pushes one job's metrics; see the module docstring."""
 
-  def __init__(self, pipeline_name: str, port: int | None = None, address: str = '127.0.0.1',
-               poll_secs: float = 5.0, pushgateway: str | None = None, job: str | None = None):
+  def __init__(
+    self,
+    pipeline_name: str,
+    port: int | None = None,
+    address: str = '127.0.0.1',
+    poll_secs: float = 5.0,
+    pushgateway: str | None = None,
+    job: str | None = None,
+  ):
     self.registry = CollectorRegistry(auto_describe=False)
     self.collector = BeamMetricsCollector(pipeline_name)
     self.registry.register(self.collector)
@@ -201,6 +213,7 @@ class MetricsExporter:
 
   def watch(self, result) -> None:
     """Reads `result`'s metrics every poll interval until `finish`."""
+
     def poll():
       while not self._stop.wait(self._poll_secs):
         try:
@@ -273,8 +286,14 @@ def run_pipeline(pipeline, options, name: str | None = None):
     result = pipeline.run()
     result.wait_until_finish()
     return result
-  with MetricsExporter(name or 'beam_dl', opts.metrics_port, opts.metrics_address, opts.metrics_poll_secs,
-                       opts.metrics_pushgateway, opts.metrics_job) as exporter:
+  with MetricsExporter(
+    name or 'beam_dl',
+    opts.metrics_port,
+    opts.metrics_address,
+    opts.metrics_poll_secs,
+    opts.metrics_pushgateway,
+    opts.metrics_job,
+  ) as exporter:
     started = time.monotonic()
     result = pipeline.run()
     exporter.watch(result)

@@ -1,4 +1,5 @@
 """Progress lines with rate and ETA for long loops (training, benchmarks)."""
+
 from __future__ import annotations
 
 import logging
@@ -17,14 +18,14 @@ class Progress:
   """
 
   def __init__(
-      self,
-      total: int | None,
-      *,
-      name: str = 'progress',
-      unit: str = 'steps',
-      every_secs: float = 5.0,
-      clock: Callable[[], float] = time.monotonic,
-      log: Callable[[str], None] | None = None,
+    self,
+    total: int | None,
+    *,
+    name: str = 'progress',
+    unit: str = 'steps',
+    every_secs: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] | None = None,
   ):
     self._total = total or None
     self._name = name
@@ -94,8 +95,13 @@ class CountProgressFn:
       import sys
 
       name = f'{self._name}[pid {os.getpid()}]'
-      self._progress = Progress(self._total, name=name, unit='elements', every_secs=self._every,
-                                log=lambda line: print(line, file=sys.stderr, flush=True))
+      self._progress = Progress(
+        self._total,
+        name=name,
+        unit='elements',
+        every_secs=self._every,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+      )
     self._progress.update()
     return element
 

@@ -25,6 +25,7 @@ else `MLFLOW_TRACKING_URI`, else MLflow's default local store
 (`sqlite:///mlflow.db`). Remote workers need MLFLOW_TRACKING_URI in their
 environment (e.g. `JaxModelHandler(..., env_vars={...})`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -149,9 +150,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 def numeric_metrics(record: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
   """The int/float entries of one history record (step excluded), prefixed."""
   return {
-      f'{prefix}{k}': float(v)
-      for k, v in record.items()
-      if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool)
+    f'{prefix}{k}': float(v)
+    for k, v in record.items()
+    if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool)
   }
 
 
@@ -169,16 +170,16 @@ class RegisteredRun:
 
 
 def log_training_run(
-    model_dir: str,
-    *,
-    params: Mapping[str, Any],
-    history: Iterable[Mapping[str, Any]] = (),
-    eval_history: Iterable[Mapping[str, Any]] = (),
-    summary: Mapping[str, Any] = (),
-    model_name: Optional[str] = None,
-    aliases: Iterable[str] = (),
-    experiment: Optional[str] = None,
-    tracking_uri: Optional[str] = None,
+  model_dir: str,
+  *,
+  params: Mapping[str, Any],
+  history: Iterable[Mapping[str, Any]] = (),
+  eval_history: Iterable[Mapping[str, Any]] = (),
+  summary: Mapping[str, Any] = (),
+  model_name: Optional[str] = None,
+  aliases: Iterable[str] = (),
+  experiment: Optional[str] = None,
+  tracking_uri: Optional[str] = None,
 ) -> RegisteredRun:
   """Logs one training run to MLflow and registers its model directory.
 
@@ -201,10 +202,10 @@ def log_training_run(
   try:
     params = {k: str(v)[:6000] for k, v in flatten(params).items()}  # MLflow's param value limit
     metrics = [
-        mlflow.entities.Metric(key, value, 0, int(record.get('step', 0)))
-        for prefix, records in (('', history), ('eval_', eval_history))
-        for record in records
-        for key, value in numeric_metrics(record, prefix).items()
+      mlflow.entities.Metric(key, value, 0, int(record.get('step', 0)))
+      for prefix, records in (('', history), ('eval_', eval_history))
+      for record in records
+      for key, value in numeric_metrics(record, prefix).items()
     ]
     last_step = max((m.step for m in metrics), default=0)
     metrics += [mlflow.entities.Metric(k, v, 0, last_step) for k, v in numeric_metrics(dict(summary)).items()]
@@ -226,7 +227,7 @@ def log_training_run(
       if e.error_code != 'RESOURCE_ALREADY_EXISTS':
         raise
     version = str(
-        client.create_model_version(model_name, source=f'runs:/{run_id}/{ARTIFACT_PATH}', run_id=run_id).version
+      client.create_model_version(model_name, source=f'runs:/{run_id}/{ARTIFACT_PATH}', run_id=run_id).version
     )
     for alias in aliases:
       client.set_registered_model_alias(model_name, alias, version)
@@ -285,9 +286,9 @@ class AliasMoves(beam.PTransform):
 
   def expand(self, ticks):
     return (
-        ticks
-        | 'LookupAlias' >> beam.Map(alias_lookup, self._name, self._alias, self._tracking_uri)
-        | 'EmitOnMove' >> beam.ParDo(_EmitOnMove())
+      ticks
+      | 'LookupAlias' >> beam.Map(alias_lookup, self._name, self._alias, self._tracking_uri)
+      | 'EmitOnMove' >> beam.ParDo(_EmitOnMove())
     )
 
 
@@ -305,14 +306,14 @@ class WatchModelAlias(beam.PTransform):
   """
 
   def __init__(
-      self,
-      name: str,
-      alias: str,
-      *,
-      interval: float = 60.0,
-      tracking_uri: Optional[str] = None,
-      start_timestamp: Optional[float] = None,
-      stop_timestamp: float | Timestamp = MAX_TIMESTAMP,
+    self,
+    name: str,
+    alias: str,
+    *,
+    interval: float = 60.0,
+    tracking_uri: Optional[str] = None,
+    start_timestamp: Optional[float] = None,
+    stop_timestamp: float | Timestamp = MAX_TIMESTAMP,
   ):
     super().__init__()
     self._name, self._alias, self._tracking_uri = name, alias, tracking_uri
@@ -320,19 +321,21 @@ class WatchModelAlias(beam.PTransform):
 
   def expand(self, pbegin):
     return (
-        pbegin
-        | 'Poll' >> PeriodicImpulse(
-            start_timestamp=self._start if self._start is not None else Timestamp.now(),
-            stop_timestamp=self._stop,
-            fire_interval=self._interval,
-        )
-        | 'AliasMoves' >> AliasMoves(self._name, self._alias, self._tracking_uri)
-        | 'GlobalWindow' >> beam.WindowInto(
-            window.GlobalWindows(),
-            trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
-            accumulation_mode=trigger.AccumulationMode.DISCARDING,
-        )
-        | 'NewestPerFiring' >> NewestPerFiring()
+      pbegin
+      | 'Poll'
+      >> PeriodicImpulse(
+        start_timestamp=self._start if self._start is not None else Timestamp.now(),
+        stop_timestamp=self._stop,
+        fire_interval=self._interval,
+      )
+      | 'AliasMoves' >> AliasMoves(self._name, self._alias, self._tracking_uri)
+      | 'GlobalWindow'
+      >> beam.WindowInto(
+        window.GlobalWindows(),
+        trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING,
+      )
+      | 'NewestPerFiring' >> NewestPerFiring()
     )
 
 
@@ -357,9 +360,8 @@ class NewestPerFiring(beam.PTransform):
 
   def expand(self, pcoll):
     return (
-        pcoll
-        | 'Stamp' >> beam.Map(_stamped)
-        | 'Newest' >> beam.CombineGlobally(_newest).without_defaults()
-        | 'Unstamp' >> beam.Map(lambda pair: pair[1])
+      pcoll
+      | 'Stamp' >> beam.Map(_stamped)
+      | 'Newest' >> beam.CombineGlobally(_newest).without_defaults()
+      | 'Unstamp' >> beam.Map(lambda pair: pair[1])
     )
-

@@ -3,6 +3,7 @@
 Pure functions over one record each, so the Beam DoFns in
 `transforms.preprocessing` only route their results and failures.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,9 @@ import re
 
 import numpy as np
 
-from beam_dl.formats import image_example
 from beam_dl.decoding.images import ImageDecodeError, ImageSpec, decode_image
 from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.formats import image_example
 from beam_dl.preprocessing import schemas
 
 LABEL_IN_NAME = re.compile(r'_label(\d+)\.')

@@ -4,6 +4,7 @@ Written next to the transform graph (`<transform_dir>/preprocess.json`) so the
 serving side rebuilds the same canonical raw examples (image size, number of
 value columns) from the transform directory alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ class PreprocessConfig:
     if self.kind == 'images':
       return preprocessing_fns.image_preprocessing_fn(self.image_shape, self.scaling)
     return preprocessing_fns.sequence_preprocessing_fn(
-        self.num_values, with_ids=self.with_ids, scaling=self.scaling, num_length_buckets=self.num_length_buckets
+      self.num_values, with_ids=self.with_ids, scaling=self.scaling, num_length_buckets=self.num_length_buckets
     )
 
   def to_json(self) -> str:

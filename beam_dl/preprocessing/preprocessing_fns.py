@@ -12,6 +12,7 @@ ids mapped through a vocabulary (`tft.compute_and_apply_vocabulary`, most
 frequent first, one OOV bucket), and sequence length bucketized at quantile
 boundaries (`tft.quantiles` + `tft.apply_buckets`, i.e. `tft.bucketize`).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,12 @@ def _scale(x, scaling: str, name: str, batch_size):
   else:
     scaled = tft.scale_to_0_1(x)
   # The same analysers the scaler used (tf.Transform deduplicates them).
-  values = {f'{name}/mean': tft.mean(x), f'{name}/var': tft.var(x), f'{name}/min': tft.min(x), f'{name}/max': tft.max(x)}
+  values = {
+    f'{name}/mean': tft.mean(x),
+    f'{name}/var': tft.var(x),
+    f'{name}/min': tft.min(x),
+    f'{name}/max': tft.max(x),
+  }
   return scaled, stats.broadcast(values, batch_size)
 
 
@@ -65,12 +71,12 @@ def image_preprocessing_fn(shape: Sequence[int], scaling: str = 'z_score') -> Ca
 
 
 def sequence_preprocessing_fn(
-    num_values: int,
-    *,
-    with_ids: bool = True,
-    scaling: str = 'z_score',
-    num_length_buckets: int = 4,
-    vocab_top_k: int | None = None,
+  num_values: int,
+  *,
+  with_ids: bool = True,
+  scaling: str = 'z_score',
+  num_length_buckets: int = 4,
+  vocab_top_k: int | None = None,
 ) -> Callable:
   """Raw sequence examples -> scaled `values_<i>`, vocabulary `ids`, `length_bucket`.
 
@@ -94,7 +100,7 @@ def sequence_preprocessing_fn(
       outputs.update(column_stats)
     if with_ids:
       outputs[IDS] = tft.compute_and_apply_vocabulary(
-          inputs[schemas.ITEM], top_k=vocab_top_k, num_oov_buckets=1, vocab_filename=ITEM_VOCABULARY
+        inputs[schemas.ITEM], top_k=vocab_top_k, num_oov_buckets=1, vocab_filename=ITEM_VOCABULARY
       )
     length = tf.cast(inputs[schemas.LENGTH], tf.float32)
     boundaries = tft.quantiles(length, num_length_buckets, epsilon=0.01)

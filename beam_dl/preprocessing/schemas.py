@@ -19,17 +19,19 @@ Sequences (one example per sequence, per-step columns flattened):
   values_<i>   float [T], feature i of every step (i < num_values)
   item         bytes [T], the raw categorical id of every step (optional)
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
+from beam_dl.decoding.sequences import SequenceRecord
+
 # The decoded-image Example format is defined once, in beam_dl.formats.image_example.
 from beam_dl.formats import image_example
 from beam_dl.formats.features import bytes_feature, float_feature, int64_feature
-from beam_dl.formats.image_example import KEY, LABEL, RAW as IMAGE_RAW, SHAPE as IMAGE_SHAPE
-from beam_dl.decoding.sequences import SequenceRecord
+from beam_dl.formats.image_example import KEY, LABEL
 
 LENGTH, ITEM = 'length', 'item'
 
@@ -55,9 +57,9 @@ def sequence_feature_spec(num_values: int, with_ids: bool) -> dict:
   """tf.io feature spec of canonical raw sequence examples."""
   tf = _tf()
   spec = {
-      KEY: tf.io.FixedLenFeature([], tf.string),
-      LABEL: tf.io.FixedLenFeature([], tf.int64),
-      LENGTH: tf.io.FixedLenFeature([], tf.int64),
+    KEY: tf.io.FixedLenFeature([], tf.string),
+    LABEL: tf.io.FixedLenFeature([], tf.int64),
+    LENGTH: tf.io.FixedLenFeature([], tf.int64),
   }
   spec.update({value_column(i): tf.io.VarLenFeature(tf.float32) for i in range(num_values)})
   if with_ids:
@@ -73,10 +75,10 @@ def schema_from_feature_spec(feature_spec: dict):
 
 
 def sequence_raw_example(
-    key: str,
-    values: np.ndarray,
-    items: Sequence[str] | None = None,
-    label: int | None = None,
+  key: str,
+  values: np.ndarray,
+  items: Sequence[str] | None = None,
+  label: int | None = None,
 ) -> bytes:
   """One sequence ([T, F] values, optional [T] raw ids) as a canonical raw example."""
   tf = _tf()
@@ -86,9 +88,9 @@ def sequence_raw_example(
   if items is not None and len(items) != len(values):
     raise ValueError(f'{len(items)} ids for {len(values)} steps')
   features = {
-      KEY: bytes_feature([str(key).encode('utf-8')]),
-      LABEL: int64_feature([-1 if label is None else label]),
-      LENGTH: int64_feature([len(values)]),
+    KEY: bytes_feature([str(key).encode('utf-8')]),
+    LABEL: int64_feature([-1 if label is None else label]),
+    LENGTH: int64_feature([len(values)]),
   }
   for i in range(values.shape[1]):
     features[value_column(i)] = float_feature(values[:, i])

@@ -7,6 +7,7 @@ into the transform graph as constants; it has no API to read them back. So a
 `stats.json` and drops them before writing training records, and the serving
 transform drops them too. The values are the very tensors the scaling used.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def drop(features: Mapping[str, Any]) -> dict:
 
 def from_row(row: Mapping[str, Any]) -> dict[str, list[float]]:
   """The statistics of one transformed instance dict: {name: [floats]}."""
-  return {k[len(PREFIX):]: np.asarray(v, np.float64).reshape(-1).tolist() for k, v in row.items() if is_stat(k)}
+  return {k[len(PREFIX) :]: np.asarray(v, np.float64).reshape(-1).tolist() for k, v in row.items() if is_stat(k)}
 
 
 def write(transform_dir: str, stats: Mapping[str, Any]) -> str:

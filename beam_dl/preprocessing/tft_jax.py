@@ -9,6 +9,7 @@ goes one step further: both scalers are affine, so they fold into a
 `ModelSpec`'s `input_scale`/`input_offset` and the JAX RunInference handler
 applies them inside its jitted forward pass on the raw uint8 input.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -12,6 +12,7 @@ tagged process. `LocalCluster` is the context manager around them; the
 commands and readiness checks belong to each cluster's own module
 (flink_cluster.py, spark_cluster.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,9 @@ class ClusterProcesses:
     """The MEMBER_ENV prefix of the cluster (name='') or of one member."""
     return f'{self.cluster_id}/{name}/' if name else f'{self.cluster_id}/'
 
-  def start(self, name: str, command: Sequence[str], log_path: str, *, restart: bool = False,
-            cwd: Optional[str] = None) -> Member:
+  def start(
+    self, name: str, command: Sequence[str], log_path: str, *, restart: bool = False, cwd: Optional[str] = None
+  ) -> Member:
     """Starts `command` as member `name` in the cluster's process group
     (the first member's group); restart: the supervisor restarts it when it
     exits; cwd: its working directory (default: the cluster's)."""
@@ -82,8 +84,9 @@ class ClusterProcesses:
     with open(member.log_path, 'ab') as out:
       # A new group in this session (a group of another session cannot be joined).
       group = {'process_group': 0 if self._pgid is None else self._pgid}
-      member.process = subprocess.Popen(member.command, cwd=member.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, **group)
+      member.process = subprocess.Popen(
+        member.command, cwd=member.cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **group
+      )
     if self._pgid is None:
       self._pgid = member.process.pid
 
@@ -115,8 +118,12 @@ class ClusterProcesses:
             return
           old = f'{self.tag(member.name)}{member.generation}'
           leftovers = kill_tagged(old, grace_s=2)
-          log.warning('%s exited with %s; ended %d of its processes; restarting it', member.name,
-                      member.process.returncode, len(leftovers))
+          log.warning(
+            '%s exited with %s; ended %d of its processes; restarting it',
+            member.name,
+            member.process.returncode,
+            len(leftovers),
+          )
           member.generation += 1
           member.restarts += 1
           self._launch(member)

@@ -28,6 +28,7 @@ TaskManager, and Flink restarts the job from its last checkpoint (batch:
 the failed region) under a fixed-delay restart strategy. Jobs spread over
 every TaskManager (`cluster.evenly-spread-out-slots`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,21 +42,34 @@ import sys
 import urllib.request
 
 from beam_dl.services.cluster import LocalCluster
-from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped,
-                                      stopped_by_signals)
+from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, stopped_by_signals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
 START_TIMEOUT_S = 240  # four JVMs starting on 2 loaded cores
 # Flink's default env.java.opts.all for Java 17 (its config.yaml): Kryo and Pekko reflect into java.base.
 JAVA_17_OPTS = (
-    '-XX:+IgnoreUnrecognizedVMOptions',
-    '--add-exports=java.base/sun.net.util=ALL-UNNAMED',
-    '--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED',
-    '--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED',
-    *(f'--add-opens=java.base/{p}=ALL-UNNAMED' for p in (
-        'java.lang', 'java.net', 'java.io', 'java.nio', 'sun.nio.ch', 'java.lang.reflect', 'java.text', 'java.time',
-        'java.util', 'java.util.concurrent', 'java.util.concurrent.atomic', 'java.util.concurrent.locks')),
+  '-XX:+IgnoreUnrecognizedVMOptions',
+  '--add-exports=java.base/sun.net.util=ALL-UNNAMED',
+  '--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED',
+  '--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED',
+  *(
+    f'--add-opens=java.base/{p}=ALL-UNNAMED'
+    for p in (
+      'java.lang',
+      'java.net',
+      'java.io',
+      'java.nio',
+      'sun.nio.ch',
+      'java.lang.reflect',
+      'java.text',
+      'java.time',
+      'java.util',
+      'java.util.concurrent',
+      'java.util.concurrent.atomic',
+      'java.util.concurrent.locks',
+    )
+  ),
 )
 # Flink's and Beam's logs go through slf4j-simple on this classpath: time-stamped, to read recovery times.
 LOG_OPTS = ('-Dorg.slf4j.simpleLogger.showDateTime=true', '-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS')
@@ -86,8 +100,17 @@ def unavailable() -> str | None:
   return None
 
 
-def flink_config(*, rpc_port: int, rest_port: int, blob_port: int, slots: int, bind_host: str, tm_memory_mb: int,
-                 jm_memory_mb: int, tmp_dir: str) -> dict[str, object]:
+def flink_config(
+  *,
+  rpc_port: int,
+  rest_port: int,
+  blob_port: int,
+  slots: int,
+  bind_host: str,
+  tm_memory_mb: int,
+  jm_memory_mb: int,
+  tmp_dir: str,
+) -> dict[str, object]:
   """The cluster's config.yaml (flat keys).
 
   Memory: a JobManager of jm_memory_mb, TaskManagers of tm_memory_mb with a
@@ -97,46 +120,46 @@ def flink_config(*, rpc_port: int, rest_port: int, blob_port: int, slots: int, b
   within seconds, and the fixed-delay restart strategy reruns its work.
   """
   return {
-      'jobmanager.rpc.address': '127.0.0.1',
-      'jobmanager.rpc.port': rpc_port,
-      'jobmanager.bind-host': bind_host,
-      'taskmanager.bind-host': bind_host,
-      'taskmanager.host': '127.0.0.1',
-      'taskmanager.rpc.port': '0',
-      'taskmanager.data.port': 0,
-      'rest.address': '127.0.0.1',
-      'rest.bind-address': bind_host,
-      'rest.port': rest_port,
-      'blob.server.port': str(blob_port),
-      'metrics.internal.query-service.port': '0',
-      'jobmanager.memory.process.size': f'{jm_memory_mb}m',
-      'jobmanager.memory.jvm-metaspace.size': '192m',
-      'jobmanager.memory.jvm-overhead.min': '64m',
-      'taskmanager.memory.process.size': f'{tm_memory_mb}m',
-      'taskmanager.memory.jvm-metaspace.size': '160m',
-      'taskmanager.memory.jvm-overhead.min': '48m',
-      'taskmanager.memory.framework.heap.size': '64m',
-      # Batch shuffles read through a direct-memory pool inside the framework's off-heap memory.
-      'taskmanager.memory.framework.off-heap.size': '64m',
-      'taskmanager.memory.framework.off-heap.batch-shuffle.size': '32m',
-      # Each blocking (batch) result partition holds sort-shuffle.min-buffers (512 by default)
-      # of the TaskManager's network buffers: a batch job of a dozen steps needs them smaller.
-      'taskmanager.memory.network.min': '48m',
-      'taskmanager.memory.network.max': '48m',
-      'taskmanager.memory.segment-size': '16kb',
-      'taskmanager.network.sort-shuffle.min-buffers': 64,
-      'taskmanager.memory.managed.fraction': '0.05',
-      'taskmanager.numberOfTaskSlots': slots,
-      'cluster.evenly-spread-out-slots': 'true',
-      'restart-strategy.type': 'fixed-delay',
-      'restart-strategy.fixed-delay.attempts': 20,
-      'restart-strategy.fixed-delay.delay': '2 s',
-      'heartbeat.interval': 2000,
-      'heartbeat.timeout': 10000,
-      'io.tmp.dirs': tmp_dir,
-      'web.tmpdir': tmp_dir,
-      'blob.storage.directory': tmp_dir,
-      'env.java.opts.all': ' '.join(JAVA_17_OPTS),
+    'jobmanager.rpc.address': '127.0.0.1',
+    'jobmanager.rpc.port': rpc_port,
+    'jobmanager.bind-host': bind_host,
+    'taskmanager.bind-host': bind_host,
+    'taskmanager.host': '127.0.0.1',
+    'taskmanager.rpc.port': '0',
+    'taskmanager.data.port': 0,
+    'rest.address': '127.0.0.1',
+    'rest.bind-address': bind_host,
+    'rest.port': rest_port,
+    'blob.server.port': str(blob_port),
+    'metrics.internal.query-service.port': '0',
+    'jobmanager.memory.process.size': f'{jm_memory_mb}m',
+    'jobmanager.memory.jvm-metaspace.size': '192m',
+    'jobmanager.memory.jvm-overhead.min': '64m',
+    'taskmanager.memory.process.size': f'{tm_memory_mb}m',
+    'taskmanager.memory.jvm-metaspace.size': '160m',
+    'taskmanager.memory.jvm-overhead.min': '48m',
+    'taskmanager.memory.framework.heap.size': '64m',
+    # Batch shuffles read through a direct-memory pool inside the framework's off-heap memory.
+    'taskmanager.memory.framework.off-heap.size': '64m',
+    'taskmanager.memory.framework.off-heap.batch-shuffle.size': '32m',
+    # Each blocking (batch) result partition holds sort-shuffle.min-buffers (512 by default)
+    # of the TaskManager's network buffers: a batch job of a dozen steps needs them smaller.
+    'taskmanager.memory.network.min': '48m',
+    'taskmanager.memory.network.max': '48m',
+    'taskmanager.memory.segment-size': '16kb',
+    'taskmanager.network.sort-shuffle.min-buffers': 64,
+    'taskmanager.memory.managed.fraction': '0.05',
+    'taskmanager.numberOfTaskSlots': slots,
+    'cluster.evenly-spread-out-slots': 'true',
+    'restart-strategy.type': 'fixed-delay',
+    'restart-strategy.fixed-delay.attempts': 20,
+    'restart-strategy.fixed-delay.delay': '2 s',
+    'heartbeat.interval': 2000,
+    'heartbeat.timeout': 10000,
+    'io.tmp.dirs': tmp_dir,
+    'web.tmpdir': tmp_dir,
+    'blob.storage.directory': tmp_dir,
+    'env.java.opts.all': ' '.join(JAVA_17_OPTS),
   }
 
 
@@ -151,11 +174,22 @@ def resource_params(lib: str, conf_dir: str, which: str) -> tuple[list[str], lis
   """(JVM flags, `-D key=value` dynamic properties) Flink's scripts compute
   for the JobManager ('JM') or a TaskManager ('TM') from the config."""
   result = subprocess.run(
-      ['java', '-cp', os.path.join(lib, '*'), 'org.apache.flink.runtime.util.bash.BashJavaUtils',
-       f'GET_{which}_RESOURCE_PARAMS', '--configDir', conf_dir],
-      capture_output=True, text=True, timeout=120, check=False)
+    [
+      'java',
+      '-cp',
+      os.path.join(lib, '*'),
+      'org.apache.flink.runtime.util.bash.BashJavaUtils',
+      f'GET_{which}_RESOURCE_PARAMS',
+      '--configDir',
+      conf_dir,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   marker = 'BASH_JAVA_UTILS_EXEC_RESULT:'
-  lines = [line[len(marker):] for line in result.stdout.splitlines() if line.startswith(marker)]
+  lines = [line[len(marker) :] for line in result.stdout.splitlines() if line.startswith(marker)]
   if result.returncode or len(lines) < 2:
     raise ServiceError(f'Flink could not size the {which} from {conf_dir}:\n{(result.stdout + result.stderr)[-3000:]}')
   return shlex.split(lines[-2]), shlex.split(lines[-1])
@@ -186,9 +220,19 @@ class FlinkCluster(LocalCluster):
 
   name = 'Flink'
 
-  def __init__(self, taskmanagers: int = 2, slots: int = 1, *, workdir: str | None = None,
-               bind_host: str = '127.0.0.1', tm_memory_mb: int = 512, jm_memory_mb: int = 640,
-               job_server_heap_mb: int = 512, start_timeout_s: float = START_TIMEOUT_S, env: dict | None = None):
+  def __init__(
+    self,
+    taskmanagers: int = 2,
+    slots: int = 1,
+    *,
+    workdir: str | None = None,
+    bind_host: str = '127.0.0.1',
+    tm_memory_mb: int = 512,
+    jm_memory_mb: int = 640,
+    job_server_heap_mb: int = 512,
+    start_timeout_s: float = START_TIMEOUT_S,
+    env: dict | None = None,
+  ):
     reason = unavailable()
     if reason:
       raise ServiceError(reason)
@@ -206,31 +250,85 @@ class FlinkCluster(LocalCluster):
     conf = os.path.join(self.workdir, 'conf')
     tmp = os.path.join(self.workdir, 'tmp')
     os.makedirs(tmp, exist_ok=True)
-    write_config(conf, flink_config(
-        rpc_port=free_port(), rest_port=self.rest_port, blob_port=free_port(), slots=self.slots,
-        bind_host=self.bind_host, tm_memory_mb=self._tm_mb, jm_memory_mb=self._jm_mb, tmp_dir=tmp))
+    write_config(
+      conf,
+      flink_config(
+        rpc_port=free_port(),
+        rest_port=self.rest_port,
+        blob_port=free_port(),
+        slots=self.slots,
+        bind_host=self.bind_host,
+        tm_memory_mb=self._tm_mb,
+        jm_memory_mb=self._jm_mb,
+        tmp_dir=tmp,
+      ),
+    )
     jm_jvm, jm_props = resource_params(self.lib, conf, 'JM')
     tm_jvm, tm_props = resource_params(self.lib, conf, 'TM')
     classpath = os.path.join(self.lib, '*')
     java = ['java', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath]
-    self.processes.start('jobmanager', [
-        *java[:1], *jm_jvm, *java[1:], 'org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint',
-        '--configDir', conf, *jm_props], self.log_path('jobmanager'))
+    self.processes.start(
+      'jobmanager',
+      [
+        *java[:1],
+        *jm_jvm,
+        *java[1:],
+        'org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint',
+        '--configDir',
+        conf,
+        *jm_props,
+      ],
+      self.log_path('jobmanager'),
+    )
     for i in range(self.taskmanagers):
       # Its own working directory: the boot binary writes each job's pipeline_options.json there.
       cwd = os.path.join(self.workdir, f'taskmanager-{i}')
       os.makedirs(cwd, exist_ok=True)
-      self.processes.start(f'taskmanager-{i}', [
-          *java[:1], *tm_jvm, *java[1:], 'org.apache.flink.runtime.taskexecutor.TaskManagerRunner',
-          '--configDir', conf, *tm_props], self.log_path(f'taskmanager-{i}'), restart=True, cwd=cwd)
-    self.processes.start('job_server', [
-        'java', f'-Xmx{self._js_mb}m', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath,
-        'org.apache.beam.runners.flink.FlinkJobServerDriver', '--flink-master', self.flink_master,
-        '--artifacts-dir', os.path.join(self.workdir, 'artifacts'), '--job-host', '127.0.0.1',
-        '--job-port', str(self.job_port), '--artifact-port', '0', '--expansion-port', '0'],
-        self.log_path('job_server'))
-    self.wait_until(lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
-                    ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))))
+      self.processes.start(
+        f'taskmanager-{i}',
+        [
+          *java[:1],
+          *tm_jvm,
+          *java[1:],
+          'org.apache.flink.runtime.taskexecutor.TaskManagerRunner',
+          '--configDir',
+          conf,
+          *tm_props,
+        ],
+        self.log_path(f'taskmanager-{i}'),
+        restart=True,
+        cwd=cwd,
+      )
+    self.processes.start(
+      'job_server',
+      [
+        'java',
+        f'-Xmx{self._js_mb}m',
+        *JAVA_17_OPTS,
+        *LOG_OPTS,
+        '-XX:+UseSerialGC',
+        '-cp',
+        classpath,
+        'org.apache.beam.runners.flink.FlinkJobServerDriver',
+        '--flink-master',
+        self.flink_master,
+        '--artifacts-dir',
+        os.path.join(self.workdir, 'artifacts'),
+        '--job-host',
+        '127.0.0.1',
+        '--job-port',
+        str(self.job_port),
+        '--artifact-port',
+        '0',
+        '--expansion-port',
+        '0',
+      ],
+      self.log_path('job_server'),
+    )
+    self.wait_until(
+      lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
+      ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))),
+    )
     self.processes.supervise()
 
   # ----------------------------------------------------------------- state
@@ -243,9 +341,14 @@ class FlinkCluster(LocalCluster):
   def runner_flags(self) -> list[str]:
     """The flags that run a pipeline on this cluster, at one task per slot."""
     config = json.dumps({'command': python_boot()})
-    return ['--runner=FlinkRunner', f'--flink_master={self.flink_master}', f'--job_endpoint=127.0.0.1:{self.job_port}',
-            f'--parallelism={self.taskmanagers * self.slots}', '--environment_type=PROCESS',
-            f'--environment_config={config}']
+    return [
+      '--runner=FlinkRunner',
+      f'--flink_master={self.flink_master}',
+      f'--job_endpoint=127.0.0.1:{self.job_port}',
+      f'--parallelism={self.taskmanagers * self.slots}',
+      '--environment_type=PROCESS',
+      f'--environment_config={config}',
+    ]
 
   def registered_taskmanagers(self) -> int:
     """TaskManagers the JobManager counts now (a killed one until its heartbeat times out)."""
@@ -274,8 +377,11 @@ def parse_args(argv):
   parser.add_argument('--taskmanagers', type=int, default=2)
   parser.add_argument('--slots', type=int, default=1, help='task slots per TaskManager')
   parser.add_argument('--taskmanager_memory_mb', type=int, default=512)
-  parser.add_argument('--bind_host', default='127.0.0.1',
-                      help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)')
+  parser.add_argument(
+    '--bind_host',
+    default='127.0.0.1',
+    help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)',
+  )
   parser.add_argument('--workdir', help='config and logs (default: a temp dir removed on exit)')
   args = parser.parse_args(argv)
   if args.taskmanagers < 1 or args.slots < 1:
@@ -290,13 +396,24 @@ def parse_args(argv):
 
 def main(argv=None):
   import logging  # pylint: disable=g-import-not-at-top
+
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stderr)
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  cluster = FlinkCluster(args.taskmanagers, args.slots, workdir=args.workdir, bind_host=args.bind_host,
-                         tm_memory_mb=args.taskmanager_memory_mb)
+  cluster = FlinkCluster(
+    args.taskmanagers,
+    args.slots,
+    workdir=args.workdir,
+    bind_host=args.bind_host,
+    tm_memory_mb=args.taskmanager_memory_mb,
+  )
   with stopped_by_signals(), cluster:  # SIGTERM, also while it starts, stops what it started
-    logging.info('Flink cluster up in %.1f s: %d TaskManagers x %d slots, logs in %s', cluster.started_s,
-                 args.taskmanagers, args.slots, cluster.workdir)
+    logging.info(
+      'Flink cluster up in %.1f s: %d TaskManagers x %d slots, logs in %s',
+      cluster.started_s,
+      args.taskmanagers,
+      args.slots,
+      cluster.workdir,
+    )
     print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
     serve_until_stopped()
   return 0

@@ -13,6 +13,7 @@ caller's current directory (the minicluster's default is `./target`).
 WebHDFS listens on a free port unless one is given; the JVM runs in its own
 process group, polled ready with a deadline and stopped on exit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ from beam_dl.services.process import ServiceError, free_port, serve_until_stoppe
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HADOOP_LIB = os.path.join(ROOT, '.cache', 'hadoop', 'lib')
 JAVA_OPENS = [
-    '--add-opens=java.base/java.lang=ALL-UNNAMED',
-    '--add-opens=java.base/java.nio=ALL-UNNAMED',
-    '--add-opens=java.base/sun.nio.ch=ALL-UNNAMED',
-    '--add-opens=java.base/java.util=ALL-UNNAMED',
+  '--add-opens=java.base/java.lang=ALL-UNNAMED',
+  '--add-opens=java.base/java.nio=ALL-UNNAMED',
+  '--add-opens=java.base/sun.nio.ch=ALL-UNNAMED',
+  '--add-opens=java.base/java.util=ALL-UNNAMED',
 ]
 
 
@@ -100,9 +101,10 @@ def hdfs_cluster(workdir: str, timeout_s: float = 240, http_port: int | None = N
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m beam_dl.services.hdfs',
-      description='A local one-node HDFS: prints the --hdfs_* flags that reach it once ready, runs until Ctrl-C '
-                  'or SIGTERM, then stops its JVM and removes its storage.')
+    prog='python -m beam_dl.services.hdfs',
+    description='A local one-node HDFS: prints the --hdfs_* flags that reach it once ready, runs until Ctrl-C '
+    'or SIGTERM, then stops its JVM and removes its storage.',
+  )
   parser.add_argument('--http_port', type=int, default=None, help='WebHDFS port (default: a free one)')
   args = parser.parse_args(argv)
   workdir = tempfile.mkdtemp(prefix='hdfs_')

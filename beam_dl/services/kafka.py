@@ -15,6 +15,7 @@ deadline (raising with the log tail if it exits or never answers) and kills
 the whole group on exit. Jars come from `third_party/kafka/pom.xml`
 (org.apache.kafka:kafka_2.13); `KAFKA_LIB` overrides their folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ import tempfile
 import time
 import uuid
 
-from beam_dl.services.process import (ServiceError, free_port, log_tail, port_open, serve_until_stopped,
-                                      stop_process_group, stopped_by_signals)
+from beam_dl.services.process import (
+  ServiceError,
+  free_port,
+  log_tail,
+  port_open,
+  serve_until_stopped,
+  stop_process_group,
+  stopped_by_signals,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LIB = os.path.join(ROOT, '.cache', 'kafka', 'lib')
@@ -49,7 +57,8 @@ def jars_available() -> bool:
 
 def server_properties(port: int, controller_port: int, log_dir: str) -> str:
   """KRaft settings for one node that is both broker and controller, replication 1."""
-  return '\n'.join([
+  return '\n'.join(
+    [
       'process.roles=broker,controller',
       'node.id=1',
       f'controller.quorum.voters=1@127.0.0.1:{controller_port}',
@@ -71,7 +80,8 @@ def server_properties(port: int, controller_port: int, log_dir: str) -> str:
       # (7 days by record time, checked every 5 min) would delete mid-run.
       'log.retention.ms=-1',
       '',
-  ])
+    ]
+  )
 
 
 class KafkaBroker:
@@ -90,21 +100,41 @@ class KafkaBroker:
     self._proc: subprocess.Popen | None = None
 
   def _java(self, main: str, *args: str) -> list[str]:
-    return ['java', f'-Xmx{self._heap_mb}m', '-Xms128m', '-XX:+UseSerialGC', '-XX:TieredStopAtLevel=1',
-            '-cp', os.path.join(kafka_lib(), '*'), main, *args]
+    return [
+      'java',
+      f'-Xmx{self._heap_mb}m',
+      '-Xms128m',
+      '-XX:+UseSerialGC',
+      '-XX:TieredStopAtLevel=1',
+      '-cp',
+      os.path.join(kafka_lib(), '*'),
+      main,
+      *args,
+    ]
 
   def start(self) -> 'KafkaBroker':
     config = os.path.join(self.workdir, 'server.properties')
     with open(config, 'w', encoding='utf-8') as f:
       f.write(server_properties(self.port, free_port(), os.path.join(self.workdir, 'data')))
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b'=').decode()
-    fmt = subprocess.run(self._java('kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', config),
-                         capture_output=True, text=True, timeout=120, check=False)
+    fmt = subprocess.run(
+      self._java('kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', config),
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
     if fmt.returncode:
       raise BrokerError(f'formatting Kafka storage failed: {fmt.stdout[-2000:]}{fmt.stderr[-2000:]}')
     with open(self.log_path, 'ab') as log:
-      self._proc = subprocess.Popen(self._java('kafka.Kafka', config), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
+      self._proc = subprocess.Popen(
+        self._java('kafka.Kafka', config),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=self.workdir,
+      )
     try:
       self._wait_ready()
     except BaseException:
@@ -114,6 +144,7 @@ class KafkaBroker:
 
   def _wait_ready(self):
     from confluent_kafka.admin import AdminClient  # pylint: disable=g-import-not-at-top
+
     deadline = time.monotonic() + self._timeout
     admin = None
     while time.monotonic() < deadline:
@@ -128,18 +159,25 @@ class KafkaBroker:
         except Exception:  # KafkaException until the broker has registered with its controller
           pass
       time.sleep(0.2)
-    raise BrokerError(f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{log_tail(self.log_path)}')
+    raise BrokerError(
+      f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{log_tail(self.log_path)}'
+    )
 
   def create_topic(self, name: str, partitions: int = 1, timeout_s: float = 30.0):
     """Creates `name` and waits (bounded) until its partitions have leaders."""
     from confluent_kafka.admin import AdminClient, NewTopic  # pylint: disable=g-import-not-at-top
+
     admin = AdminClient({'bootstrap.servers': self.bootstrap})
     admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
       topic = admin.list_topics(name, timeout=2).topics.get(name)
-      if topic and not topic.error and len(topic.partitions) == partitions and all(
-          p.leader >= 0 for p in topic.partitions.values()):
+      if (
+        topic
+        and not topic.error
+        and len(topic.partitions) == partitions
+        and all(p.leader >= 0 for p in topic.partitions.values())
+      ):
         return
       time.sleep(0.1)
     raise BrokerError(f'topic {name} has no leader after {timeout_s:g} s')
@@ -161,11 +199,16 @@ class KafkaBroker:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m beam_dl.services.kafka',
-      description='A local single-node Kafka broker: prints its bootstrap address once ready (and its topics made), '
-                  'runs until Ctrl-C or SIGTERM, and stops its JVM either way.')
-  parser.add_argument('--topics', default='', help='comma-separated topics to create before the address is printed '
-                      '(the broker does not create topics on first use)')
+    prog='python -m beam_dl.services.kafka',
+    description='A local single-node Kafka broker: prints its bootstrap address once ready (and its topics made), '
+    'runs until Ctrl-C or SIGTERM, and stops its JVM either way.',
+  )
+  parser.add_argument(
+    '--topics',
+    default='',
+    help='comma-separated topics to create before the address is printed '
+    '(the broker does not create topics on first use)',
+  )
   parser.add_argument('--partitions', type=int, default=1, help='partitions per created topic')
   args = parser.parse_args(argv)
   topics = list(dict.fromkeys(t.strip() for t in args.topics.split(',') if t.strip()))

@@ -26,6 +26,7 @@ classes from non-shaded Beam 2.62 artifacts (beam-sdks-java-io-kafka,
 Python steps run LOOPBACK (in the submitting process). Each process is its
 own group, polled ready with a deadline and killed on exit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,29 @@ import sys
 import tempfile
 from typing import Iterator
 
-from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped, service_process,
-                                      stopped_by_signals)
+from beam_dl.services.process import (
+  ServiceError,
+  free_port,
+  port_open,
+  serve_until_stopped,
+  service_process,
+  stopped_by_signals,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
 START_TIMEOUT_S = 240  # JVMs starting Flink on 2 loaded cores
 # Flink's Kryo serializers reflect into java.base on Java 17 (as runners/flink/pom.xml's manifest says).
-ADD_OPENS = ('java.base/java.lang', 'java.base/java.util', 'java.base/java.lang.reflect', 'java.base/java.io',
-             'java.base/java.net', 'java.base/java.nio', 'java.base/sun.nio.ch', 'java.base/java.util.concurrent')
+ADD_OPENS = (
+  'java.base/java.lang',
+  'java.base/java.util',
+  'java.base/java.lang.reflect',
+  'java.base/java.io',
+  'java.base/java.net',
+  'java.base/java.nio',
+  'java.base/sun.nio.ch',
+  'java.base/java.util.concurrent',
+)
 
 
 def kafka_io_lib() -> str:
@@ -75,17 +90,39 @@ KAFKA_READ_EXPERIMENT = 'use_deprecated_read'
 
 
 def expansion_service_command(port: int, heap_mb: int = 384) -> list[str]:
-  return ['java', f'-Xmx{heap_mb}m', '-XX:+UseSerialGC', '-cp', os.path.join(kafka_io_lib(), '*'),
-          'org.apache.beam.sdk.expansion.service.ExpansionService', str(port), '--defaultEnvironmentType=EMBEDDED',
-          f'--experiments={KAFKA_READ_EXPERIMENT}']
+  return [
+    'java',
+    f'-Xmx{heap_mb}m',
+    '-XX:+UseSerialGC',
+    '-cp',
+    os.path.join(kafka_io_lib(), '*'),
+    'org.apache.beam.sdk.expansion.service.ExpansionService',
+    str(port),
+    '--defaultEnvironmentType=EMBEDDED',
+    f'--experiments={KAFKA_READ_EXPERIMENT}',
+  ]
 
 
 def flink_job_server_command(port: int, work_dir: str, heap_mb: int = 1536, master: str = '[local]') -> list[str]:
   classpath = os.pathsep.join([flink_job_server_jar(), os.path.join(kafka_io_lib(), '*')])
-  return ['java', f'-Xmx{heap_mb}m', *[f'--add-opens={m}=ALL-UNNAMED' for m in ADD_OPENS], '-cp', classpath,
-          'org.apache.beam.runners.flink.FlinkJobServerDriver', '--flink-master', master,
-          '--artifacts-dir', os.path.join(work_dir, 'flink_artifacts'), '--job-port', str(port),
-          '--artifact-port', '0', '--expansion-port', '0']
+  return [
+    'java',
+    f'-Xmx{heap_mb}m',
+    *[f'--add-opens={m}=ALL-UNNAMED' for m in ADD_OPENS],
+    '-cp',
+    classpath,
+    'org.apache.beam.runners.flink.FlinkJobServerDriver',
+    '--flink-master',
+    master,
+    '--artifacts-dir',
+    os.path.join(work_dir, 'flink_artifacts'),
+    '--job-port',
+    str(port),
+    '--artifact-port',
+    '0',
+    '--expansion-port',
+    '0',
+  ]
 
 
 @contextlib.contextmanager
@@ -97,10 +134,22 @@ def flink_with_kafka_io(log_dir: str | None = None) -> Iterator[tuple[str, str]]
     raise ServiceError(reason)
   log_dir = log_dir or tempfile.mkdtemp(prefix='flink_kafka_io_')
   expansion, job = free_port(), free_port()
-  with service_process(expansion_service_command(expansion), log_path=os.path.join(log_dir, 'expansion_service.log'),
-                       ready=lambda: port_open(expansion, 'localhost'), timeout_s=START_TIMEOUT_S, cwd=ROOT), \
-       service_process(flink_job_server_command(job, log_dir), log_path=os.path.join(log_dir, 'flink_job_server.log'),
-                       ready=lambda: port_open(job, 'localhost'), timeout_s=START_TIMEOUT_S, cwd=ROOT):
+  with (
+    service_process(
+      expansion_service_command(expansion),
+      log_path=os.path.join(log_dir, 'expansion_service.log'),
+      ready=lambda: port_open(expansion, 'localhost'),
+      timeout_s=START_TIMEOUT_S,
+      cwd=ROOT,
+    ),
+    service_process(
+      flink_job_server_command(job, log_dir),
+      log_path=os.path.join(log_dir, 'flink_job_server.log'),
+      ready=lambda: port_open(job, 'localhost'),
+      timeout_s=START_TIMEOUT_S,
+      cwd=ROOT,
+    ),
+  ):
     yield f'localhost:{job}', f'localhost:{expansion}'
 
 
@@ -108,8 +157,14 @@ def cancel_running_jobs(job_endpoint: str, timeout_s: float = 30.0) -> list[str]
   """Cancels every job of the job server that has not ended (an unbounded read never does); returns their ids."""
   import grpc  # pylint: disable=g-import-not-at-top
   from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc  # pylint: disable=g-import-not-at-top
-  ended = {beam_job_api_pb2.JobState.DONE, beam_job_api_pb2.JobState.FAILED, beam_job_api_pb2.JobState.CANCELLED,
-           beam_job_api_pb2.JobState.DRAINED, beam_job_api_pb2.JobState.UPDATED}
+
+  ended = {
+    beam_job_api_pb2.JobState.DONE,
+    beam_job_api_pb2.JobState.FAILED,
+    beam_job_api_pb2.JobState.CANCELLED,
+    beam_job_api_pb2.JobState.DRAINED,
+    beam_job_api_pb2.JobState.UPDATED,
+  }
   cancelled = []
   with grpc.insecure_channel(job_endpoint) as channel:
     stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
@@ -122,8 +177,11 @@ def cancel_running_jobs(job_endpoint: str, timeout_s: float = 30.0) -> list[str]
 
 def main():
   with stopped_by_signals(), flink_with_kafka_io() as (job, expansion):
-    print(f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
-          f'--kafka_reader xlang --kafka_expansion_service {expansion}', flush=True)
+    print(
+      f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
+      f'--kafka_reader xlang --kafka_expansion_service {expansion}',
+      flush=True,
+    )
     serve_until_stopped()
 
 

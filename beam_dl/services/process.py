@@ -10,6 +10,7 @@ runs inside `stopped_by_signals()`: SIGTERM (`kill`, a supervisor) then
 unwinds its `with` blocks exactly as Ctrl-C does, so the JVMs it started in
 their own groups stop with it instead of outliving it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,9 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:
     process.wait(grace_s)
 
 
-def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, log_path: str,
-               poll_s: float = 0.2) -> None:
+def wait_ready(
+  process: subprocess.Popen, ready: Callable[[], bool], timeout_s: float, log_path: str, poll_s: float = 0.2
+) -> None:
   """Returns once ready() is true; ServiceError if the process exits first or
   the deadline passes (with the log's tail)."""
   name = os.path.basename(str(process.args[0] if isinstance(process.args, (list, tuple)) else process.args))
@@ -80,20 +82,27 @@ def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout_s: 
 
 @contextlib.contextmanager
 def service_process(
-    command: Sequence[str],
-    *,
-    log_path: str,
-    ready: Callable[[], bool],
-    timeout_s: float,
-    cwd: Optional[str] = None,
-    env: Optional[Mapping[str, str]] = None,
-    grace_s: float = 10,
+  command: Sequence[str],
+  *,
+  log_path: str,
+  ready: Callable[[], bool],
+  timeout_s: float,
+  cwd: Optional[str] = None,
+  env: Optional[Mapping[str, str]] = None,
+  grace_s: float = 10,
 ) -> Iterator[subprocess.Popen]:
   """Runs `command` (output appended to log_path) in its own process group,
   yields the Popen once ready() holds, and stops the group on exit."""
   with open(log_path, 'ab') as log:
-    process = subprocess.Popen(list(command), cwd=cwd, env=None if env is None else dict(env), stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+      list(command),
+      cwd=cwd,
+      env=None if env is None else dict(env),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL,
+      start_new_session=True,
+    )
   try:
     wait_ready(process, ready, timeout_s, log_path)
     yield process

@@ -25,6 +25,7 @@ boot binary, `make boot`). The processes are supervised as in
 `beam_dl.services.cluster`: a Worker that dies is restarted after its
 executors and their Python workers are ended.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,7 @@ import urllib.request
 
 from beam_dl.services.cluster import ClusterProcesses, LocalCluster
 from beam_dl.services.flink_cluster import python_boot, worker_env
-from beam_dl.services.process import (ServiceError, free_port, port_open, serve_until_stopped,
-                                      stopped_by_signals)
+from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, stopped_by_signals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
@@ -69,6 +69,7 @@ def unavailable() -> str | None:
 def java_17_options() -> str:
   """Beam's SparkRunner's JVM flags for Java 17 (the --add-opens Spark needs)."""
   from apache_beam.runners.portability import spark_runner  # pylint: disable=g-import-not-at-top
+
   return ' '.join(spark_runner.SPARK_JAR_JOB_SERVER_JVM_ARGS)
 
 
@@ -101,8 +102,17 @@ class SparkCluster(LocalCluster):
 
   name = 'Spark'
 
-  def __init__(self, workers: int = 2, *, cores: int = 1, workdir: str | None = None, bind_host: str = '127.0.0.1',
-               executor_memory_mb: int = 512, start_timeout_s: float = START_TIMEOUT_S, env: dict | None = None):
+  def __init__(
+    self,
+    workers: int = 2,
+    *,
+    cores: int = 1,
+    workdir: str | None = None,
+    bind_host: str = '127.0.0.1',
+    executor_memory_mb: int = 512,
+    start_timeout_s: float = START_TIMEOUT_S,
+    env: dict | None = None,
+  ):
     reason = unavailable()
     if reason:
       raise ServiceError(reason)
@@ -129,8 +139,13 @@ class SparkCluster(LocalCluster):
   @property
   def runner_flags(self) -> list[str]:
     config = json.dumps({'command': python_boot()})
-    return ['--runner=SparkRunner', f'--spark_master_url={self.master_url}',
-            f'--job_endpoint=127.0.0.1:{self.job_port}', '--environment_type=PROCESS', f'--environment_config={config}']
+    return [
+      '--runner=SparkRunner',
+      f'--spark_master_url={self.master_url}',
+      f'--job_endpoint=127.0.0.1:{self.job_port}',
+      '--environment_type=PROCESS',
+      f'--environment_config={config}',
+    ]
 
   def alive_workers(self) -> int:
     state = master_state(self.web_port)
@@ -139,26 +154,84 @@ class SparkCluster(LocalCluster):
   def _start(self) -> None:
     make_spark_home(self.spark_home, self.lib)
     classpath = os.path.join(self.spark_home, 'jars', '*')
-    self.processes.start('master', [
-        'java', '-Xmx256m', '-XX:+UseSerialGC', '-cp', classpath, 'org.apache.spark.deploy.master.Master',
-        '--host', '127.0.0.1', '--port', str(self.master_port), '--webui-port', str(self.web_port)],
-        self.log_path('master'))
+    self.processes.start(
+      'master',
+      [
+        'java',
+        '-Xmx256m',
+        '-XX:+UseSerialGC',
+        '-cp',
+        classpath,
+        'org.apache.spark.deploy.master.Master',
+        '--host',
+        '127.0.0.1',
+        '--port',
+        str(self.master_port),
+        '--webui-port',
+        str(self.web_port),
+      ],
+      self.log_path('master'),
+    )
     self.wait_until(lambda: master_state(self.web_port) is not None, ['master'])
     for i in range(self.workers):
       work = os.path.join(self.workdir, f'worker-{i}')
       os.makedirs(work, exist_ok=True)
-      self.processes.start(f'worker-{i}', [
-          'java', '-Xmx256m', '-XX:+UseSerialGC', '-cp', classpath, 'org.apache.spark.deploy.worker.Worker',
-          '--host', '127.0.0.1', '--port', '0', '--webui-port', str(free_port()), '--cores', str(self.cores),
-          '--memory', f'{self._executor_mb + 128}m', '--work-dir', work, self.master_url],
-          self.log_path(f'worker-{i}'), restart=True, cwd=work)
-    self.processes.start('job_server', [
-        'java', '-Xmx768m', '-XX:+UseSerialGC', '-Dspark.ui.enabled=false', '-Dspark.driver.host=127.0.0.1',
-        f'-Dspark.driver.bindAddress={self.bind_host}', f'-Dspark.executor.memory={self._executor_mb}m',
-        f'-Dspark.default.parallelism={self.workers * self.cores}', '-cp', classpath,
-        'org.apache.beam.runners.spark.SparkJobServerDriver', '--spark-master-url', self.master_url,
-        '--artifacts-dir', os.path.join(self.workdir, 'artifacts'), '--job-host', '127.0.0.1',
-        '--job-port', str(self.job_port), '--artifact-port', '0', '--expansion-port', '0'], self.log_path('job_server'))
+      self.processes.start(
+        f'worker-{i}',
+        [
+          'java',
+          '-Xmx256m',
+          '-XX:+UseSerialGC',
+          '-cp',
+          classpath,
+          'org.apache.spark.deploy.worker.Worker',
+          '--host',
+          '127.0.0.1',
+          '--port',
+          '0',
+          '--webui-port',
+          str(free_port()),
+          '--cores',
+          str(self.cores),
+          '--memory',
+          f'{self._executor_mb + 128}m',
+          '--work-dir',
+          work,
+          self.master_url,
+        ],
+        self.log_path(f'worker-{i}'),
+        restart=True,
+        cwd=work,
+      )
+    self.processes.start(
+      'job_server',
+      [
+        'java',
+        '-Xmx768m',
+        '-XX:+UseSerialGC',
+        '-Dspark.ui.enabled=false',
+        '-Dspark.driver.host=127.0.0.1',
+        f'-Dspark.driver.bindAddress={self.bind_host}',
+        f'-Dspark.executor.memory={self._executor_mb}m',
+        f'-Dspark.default.parallelism={self.workers * self.cores}',
+        '-cp',
+        classpath,
+        'org.apache.beam.runners.spark.SparkJobServerDriver',
+        '--spark-master-url',
+        self.master_url,
+        '--artifacts-dir',
+        os.path.join(self.workdir, 'artifacts'),
+        '--job-host',
+        '127.0.0.1',
+        '--job-port',
+        str(self.job_port),
+        '--artifact-port',
+        '0',
+        '--expansion-port',
+        '0',
+      ],
+      self.log_path('job_server'),
+    )
     names = ['master', 'job_server', *(f'worker-{i}' for i in range(self.workers))]
     self.wait_until(lambda: self.alive_workers() >= self.workers and port_open(self.job_port), names)
     self.processes.supervise()
@@ -176,8 +249,11 @@ def parse_args(argv):
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--cores', type=int, default=1, help='cores per Worker')
   parser.add_argument('--executor_memory_mb', type=int, default=512)
-  parser.add_argument('--bind_host', default='127.0.0.1',
-                      help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)')
+  parser.add_argument(
+    '--bind_host',
+    default='127.0.0.1',
+    help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)',
+  )
   parser.add_argument('--workdir', help='SPARK_HOME, work dirs and logs (default: a temp dir removed on exit)')
   args = parser.parse_args(argv)
   if args.workers < 1 or args.cores < 1:
@@ -190,13 +266,24 @@ def parse_args(argv):
 
 def main(argv=None):
   import logging  # pylint: disable=g-import-not-at-top
+
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', stream=sys.stderr)
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  cluster = SparkCluster(args.workers, cores=args.cores, workdir=args.workdir, bind_host=args.bind_host,
-                         executor_memory_mb=args.executor_memory_mb)
+  cluster = SparkCluster(
+    args.workers,
+    cores=args.cores,
+    workdir=args.workdir,
+    bind_host=args.bind_host,
+    executor_memory_mb=args.executor_memory_mb,
+  )
   with stopped_by_signals(), cluster:  # SIGTERM, also while it starts, stops what it started
-    logging.info('Spark cluster up in %.1f s: %d Workers x %d cores, logs in %s', cluster.started_s, args.workers,
-                 args.cores, cluster.workdir)
+    logging.info(
+      'Spark cluster up in %.1f s: %d Workers x %d cores, logs in %s',
+      cluster.started_s,
+      args.workers,
+      args.cores,
+      cluster.workdir,
+    )
     print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
     serve_until_stopped()
   return 0

@@ -17,6 +17,7 @@ how arrays go there:
 jit then compiles one SPMD program per padded shape; XLA inserts the
 collectives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from beam_dl.core.partitioning import fit_spec
 
@@ -49,7 +51,7 @@ class Placement:
 
   @classmethod
   def create(
-      cls, backend: Optional[str] = None, data_parallel: bool = False, model_parallelism: int = 1
+    cls, backend: Optional[str] = None, data_parallel: bool = False, model_parallelism: int = 1
   ) -> 'Placement':
     devices = tuple(jax.devices(backend) if backend else jax.devices())
     if not data_parallel and model_parallelism == 1:
@@ -86,9 +88,7 @@ class Placement:
       mesh_spec = nn.logical_to_mesh_axes(spec, SERVING_TENSOR_RULES) if spec is not None else P()
       return NamedSharding(self.mesh, fit_spec(mesh_spec, np.shape(leaf), self.mesh))
 
-    shardings = jax.tree_util.tree_map(
-        sharding, logical, variables, is_leaf=lambda x: isinstance(x, P) or x is None
-    )
+    shardings = jax.tree_util.tree_map(sharding, logical, variables, is_leaf=lambda x: isinstance(x, P) or x is None)
     return jax.device_put(variables, shardings)
 
   def put_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple:

@@ -13,6 +13,7 @@ good model serving when a refresh points at a checkpoint that won't load.
     handler = KeyedModelHandler(JaxModelHandler('gs://bucket/model'))
     predictions = keyed_arrays | RunInference(handler)
 """
+
 from __future__ import annotations
 
 import bisect
@@ -71,8 +72,9 @@ def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
   return tuple(sizes) + (max_batch_size,)
 
 
-def full_batches_by_default(min_batch_size: Optional[int], max_batch_size: int,
-                            max_batch_duration_secs: Optional[int]) -> Optional[int]:
+def full_batches_by_default(
+  min_batch_size: Optional[int], max_batch_size: int, max_batch_duration_secs: Optional[int]
+) -> Optional[int]:
   """The min_batch_size handed to BatchElements: as given, else max_batch_size.
 
   Beam's adaptive sizing starts at 1 and fits batch time against size; the
@@ -329,18 +331,16 @@ class LoadedModel:
     mask = np.zeros((rows, length), bool)
     for i, example in enumerate(chunk):
       if example.shape[1:] != feature_shape:
-        raise ValueError(
-            f'example {i} has step shape {example.shape[1:]}, model expects {feature_shape}'
-        )
+        raise ValueError(f'example {i} has step shape {example.shape[1:]}, model expects {feature_shape}')
       batch[i, : len(example)] = example
       mask[i, : len(example)] = True
     return (batch, mask), rows * length - int(sum(len(e) for e in chunk)), rows * length
 
 
 def default_inference_fn(
-    model: LoadedModel,
-    batch: Sequence[np.ndarray],
-    inference_args: Optional[Mapping[str, Any]] = None,
+  model: LoadedModel,
+  batch: Sequence[np.ndarray],
+  inference_args: Optional[Mapping[str, Any]] = None,
 ) -> np.ndarray:
   """The model's outputs for a batch, one row per example."""
   del inference_args
@@ -384,25 +384,25 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
   """
 
   def __init__(
-      self,
-      model_dir: str,
-      *,
-      max_batch_size: int = 256,
-      min_batch_size: Optional[int] = None,
-      max_batch_duration_secs: Optional[int] = None,
-      batch_buckets: Optional[Sequence[int]] = None,
-      length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-      precision: str = 'float32',
-      device: Optional[str] = None,
-      data_parallel: bool = False,
-      model_parallelism: int = 1,
-      split_on_oom: bool = True,
-      memory_fraction: Optional[float] = None,
-      resource_hints: Optional[Mapping[str, Any]] = None,
-      inference_fn: Callable[..., np.ndarray] = default_inference_fn,
-      large_model: bool = False,
-      model_copies: Optional[int] = None,
-      **kwargs,
+    self,
+    model_dir: str,
+    *,
+    max_batch_size: int = 256,
+    min_batch_size: Optional[int] = None,
+    max_batch_duration_secs: Optional[int] = None,
+    batch_buckets: Optional[Sequence[int]] = None,
+    length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    precision: str = 'float32',
+    device: Optional[str] = None,
+    data_parallel: bool = False,
+    model_parallelism: int = 1,
+    split_on_oom: bool = True,
+    memory_fraction: Optional[float] = None,
+    resource_hints: Optional[Mapping[str, Any]] = None,
+    inference_fn: Callable[..., np.ndarray] = default_inference_fn,
+    large_model: bool = False,
+    model_copies: Optional[int] = None,
+    **kwargs,
   ):
     if precision not in ('float32', 'bfloat16'):
       raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
@@ -419,13 +419,13 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       raise ValueError(f'largest batch bucket {buckets[-1]} must equal max_batch_size {max_batch_size}')
     user_env = dict(kwargs.pop('env_vars', None) or {})
     super().__init__(
-        min_batch_size=full_batches_by_default(min_batch_size, max_batch_size, max_batch_duration_secs),
-        max_batch_size=max_batch_size,
-        max_batch_duration_secs=max_batch_duration_secs,
-        large_model=large_model,
-        model_copies=model_copies,
-        env_vars=user_env,
-        **kwargs,
+      min_batch_size=full_batches_by_default(min_batch_size, max_batch_size, max_batch_duration_secs),
+      max_batch_size=max_batch_size,
+      max_batch_duration_secs=max_batch_duration_secs,
+      large_model=large_model,
+      model_copies=model_copies,
+      env_vars=user_env,
+      **kwargs,
     )
     self._default_env = dict(DEFAULT_ENV_VARS)
     if memory_fraction is not None:
@@ -533,23 +533,23 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       return module.apply(variables, spec.normalize(x), *rest)
 
     model = LoadedModel(
-        spec=spec,
-        model_dir=model_dir,
-        variables=variables,
-        forward=jax.jit(forward),  # runs where its committed inputs live
-        batch_buckets=round_buckets(self._batch_buckets, placement.data_size),
-        length_buckets=self._length_buckets,
-        num_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(variables)),
-        placement=placement if placement.mesh is not None else None,
+      spec=spec,
+      model_dir=model_dir,
+      variables=variables,
+      forward=jax.jit(forward),  # runs where its committed inputs live
+      batch_buckets=round_buckets(self._batch_buckets, placement.data_size),
+      length_buckets=self._length_buckets,
+      num_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(variables)),
+      placement=placement if placement.mesh is not None else None,
     )
     _log.info('loaded %s (%s, %.1f MB) on %s', model_dir, spec.name, model.num_bytes / 1e6, placement.describe())
     return model
 
   def run_inference(
-      self,
-      batch: Sequence[np.ndarray],
-      model: LoadedModel,
-      inference_args: Optional[Mapping[str, Any]] = None,
+    self,
+    batch: Sequence[np.ndarray],
+    model: LoadedModel,
+    inference_args: Optional[Mapping[str, Any]] = None,
   ) -> Iterable[PredictionResult]:
     """One PredictionResult per example, in order. Metrics count exactly
     this call's compiles and padding (returned by the model, not read from
@@ -606,8 +606,8 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     passing some without a custom inference_fn is a mistake caught here."""
     if inference_args and self._inference_fn is default_inference_fn:
       raise ValueError(
-          f'inference_args {sorted(inference_args)} given, but the default inference_fn takes none; '
-          'pass inference_fn=fn(model, batch, inference_args)'
+        f'inference_args {sorted(inference_args)} given, but the default inference_fn takes none; '
+        'pass inference_fn=fn(model, batch, inference_args)'
       )
 
   def update_model_path(self, model_path: Optional[str] = None):

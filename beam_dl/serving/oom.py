@@ -8,6 +8,7 @@ examples (`beam_dl.core.isolate`, split only on out-of-memory); an example that
 fails alone re-raises, so only it becomes a dead letter (see
 transforms.inference.RunInferenceWithDeadLetters).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,9 @@ def is_resource_exhausted(error: BaseException) -> bool:
 
 
 def call_with_oom_split(
-    fn: Callable[[Sequence], Sequence],
-    batch: Sequence,
-    on_split: Callable[[int], None] = lambda size: None,
+  fn: Callable[[Sequence], Sequence],
+  batch: Sequence,
+  on_split: Callable[[int], None] = lambda size: None,
 ) -> list:
   """fn(batch) as a list of per-example outputs, or on RESOURCE_EXHAUSTED fn
   on each half, joined in order.

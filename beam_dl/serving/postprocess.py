@@ -1,4 +1,5 @@
 """Model outputs -> JSON-serialisable records (pure functions, no Beam)."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -14,9 +15,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return exp
 
 
-def classification_record(
-    key: Any, result: PredictionResult, labels: Sequence[str] | None = None
-) -> dict[str, Any]:
+def classification_record(key: Any, result: PredictionResult, labels: Sequence[str] | None = None) -> dict[str, Any]:
   """{"key", "label", "score", "scores"} from one classifier's logits.
 
   `label` is the class index; `label_name` is added when the model has labels.
@@ -24,10 +23,10 @@ def classification_record(
   scores = softmax(result.inference).tolist()  # Python floats: cheaper to index, round and encode
   label = max(range(len(scores)), key=scores.__getitem__)  # the first maximum, as np.argmax
   record = {
-      'key': key,
-      'label': label,
-      'score': scores[label],
-      'scores': [round(s, 6) for s in scores],
+    'key': key,
+    'label': label,
+    'score': scores[label],
+    'scores': [round(s, 6) for s in scores],
   }
   if labels:
     record['label_name'] = labels[label]

@@ -14,6 +14,7 @@ StableHLO (jax2tf native serialization), so TF Serving, tfx-bsl's RunInference
 and Beam's `TFModelHandlerTensor` serve the very function JAX runs
 (`beam_dl.serving.savedmodel_handler` holds the RunInference handlers for it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,14 +60,14 @@ def export_saved_model(model_dir: str, export_dir: str) -> str:
   spec, variables = checkpoints.load(model_dir)
   shapes = polymorphic_shapes(spec)
   converted = jax2tf.convert(
-      jax_predict_fn(spec), polymorphic_shapes=[None, *shapes], with_gradient=False, native_serialization=True
+    jax_predict_fn(spec), polymorphic_shapes=[None, *shapes], with_gradient=False, native_serialization=True
   )
   module = tf.Module()
   module.variables_tree = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), variables)
   if spec.is_sequence:
     signature = [
-        tf.TensorSpec((None, None, *spec.input_shape[1:]), spec.input_dtype, name='inputs'),
-        tf.TensorSpec((None, None), tf.bool, name='mask'),
+      tf.TensorSpec((None, None, *spec.input_shape[1:]), spec.input_dtype, name='inputs'),
+      tf.TensorSpec((None, None), tf.bool, name='mask'),
     ]
   else:
     signature = [tf.TensorSpec((None, *spec.input_shape), spec.input_dtype, name='inputs')]

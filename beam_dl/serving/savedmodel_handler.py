@@ -6,6 +6,7 @@ The export is JAX's own function (jax2tf), so these serve exactly what
     from beam_dl.serving.savedmodel_handler import SavedModelHandler
     predictions = images | RunInference(SavedModelHandler('saved_model'))
 """
+
 from __future__ import annotations
 
 from typing import Any

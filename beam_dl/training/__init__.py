@@ -6,13 +6,14 @@
 Names are imported lazily so `beam_dl.training.quick` stays free of
 TensorFlow. See docs/training.md.
 """
+
 import importlib
 
 _EXPORTS = {
-    'DataConfig': 'beam_dl.training.config',
-    'ShardingConfig': 'beam_dl.training.config',
-    'TrainConfig': 'beam_dl.training.config',
-    'train_and_evaluate': 'beam_dl.training.trainer',
+  'DataConfig': 'beam_dl.training.config',
+  'ShardingConfig': 'beam_dl.training.config',
+  'TrainConfig': 'beam_dl.training.config',
+  'train_and_evaluate': 'beam_dl.training.trainer',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ on the devices -- sharded arrays stay sharded, every host writes its own
 shards -- and restored straight into the sharded layout of the current run.
 The served model is exported separately (`beam_dl.models.checkpoints.save`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,18 +21,16 @@ _log = logging.getLogger(__name__)
 def manager(directory: str, *, every: int, keep: int) -> ocp.CheckpointManager:
   """A CheckpointManager saving at multiples of `every` (plus forced saves)."""
   directory = directory if '://' in directory else os.path.abspath(directory)
-  options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(every, 1), max_to_keep=keep, create=True
-  )
+  options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep, create=True)
   return ocp.CheckpointManager(directory, options=options)
 
 
 def _as_tree(state):
   return {
-      'step': state.step,
-      'params': state.params,
-      'opt_state': state.opt_state,
-      'batch_stats': state.batch_stats,
+    'step': state.step,
+    'params': state.params,
+    'opt_state': state.opt_state,
+    'batch_stats': state.batch_stats,
   }
 
 
@@ -71,10 +70,15 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state):
       continue
     if skipped:
       _set_aside(mngr, [s for s, _ in skipped])
-      _log.warning('resuming from step %d in %s; skipped damaged step(s) %s (kept as <step>.damaged)',
-                   step, mngr.directory, [s for s, _ in skipped])
+      _log.warning(
+        'resuming from step %d in %s; skipped damaged step(s) %s (kept as <step>.damaged)',
+        step,
+        mngr.directory,
+        [s for s, _ in skipped],
+      )
     return target_state.replace(**tree)
   if skipped:
-    raise CheckpointError(f'{mngr.directory}: no checkpoint can be restored: '
-                          + '; '.join(f'step {s}: {r}' for s, r in skipped))
+    raise CheckpointError(
+      f'{mngr.directory}: no checkpoint can be restored: ' + '; '.join(f'step {s}: {r}' for s, r in skipped)
+    )
   return None

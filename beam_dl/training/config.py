@@ -5,6 +5,7 @@ returning a `TrainConfig`; nothing here knows about a particular model or
 data set. The mesh shape and the rules mapping the models' logical axis
 names to mesh axes live here (`ShardingConfig`), never in the models.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,36 +17,36 @@ from typing import Any, Sequence
 # model. 'batch' is the activation/batch axis.
 _DP_RULES = (('batch', 'data'),)
 _FSDP_RULES = (
-    ('batch', 'data'),
-    ('conv_out', 'data'),
-    ('mlp', 'data'),
-    ('embed', 'data'),
-    ('rnn_hidden', 'data'),
-    ('vocab', 'data'),
+  ('batch', 'data'),
+  ('conv_out', 'data'),
+  ('mlp', 'data'),
+  ('embed', 'data'),
+  ('rnn_hidden', 'data'),
+  ('vocab', 'data'),
 )
 _TENSOR_RULES = (
-    ('batch', 'data'),
-    ('conv_out', 'model'),
-    ('mlp', 'model'),
-    ('rnn_hidden', 'model'),
+  ('batch', 'data'),
+  ('conv_out', 'model'),
+  ('mlp', 'model'),
+  ('rnn_hidden', 'model'),
 )
 _FSDP_TENSOR_RULES = (
-    ('batch', 'data'),
-    ('conv_out', 'model'),
-    ('mlp', 'model'),
-    ('rnn_hidden', 'model'),
-    ('conv_in', 'data'),
-    ('embed', 'data'),
-    ('rnn_in', 'data'),
-    ('rnn_state', 'data'),
-    ('vocab', 'data'),
+  ('batch', 'data'),
+  ('conv_out', 'model'),
+  ('mlp', 'model'),
+  ('rnn_hidden', 'model'),
+  ('conv_in', 'data'),
+  ('embed', 'data'),
+  ('rnn_in', 'data'),
+  ('rnn_state', 'data'),
+  ('vocab', 'data'),
 )
 DEFAULT_RULES = {
-    'dp': _DP_RULES,
-    'fsdp': _FSDP_RULES,
-    'tensor': _TENSOR_RULES,
-    'fsdp_tensor': _FSDP_TENSOR_RULES,
-    'pmap': _DP_RULES,
+  'dp': _DP_RULES,
+  'fsdp': _FSDP_RULES,
+  'tensor': _TENSOR_RULES,
+  'fsdp_tensor': _FSDP_TENSOR_RULES,
+  'pmap': _DP_RULES,
 }
 
 

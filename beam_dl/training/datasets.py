@@ -12,6 +12,7 @@ through the real input pipeline.
   month's level minus the window's last level and whose `target` is next
   month's change: a seasonal forecasting task. Split by time.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.formats.image_example import encode_image_example
 from beam_dl.formats.sequence_example import encode_sequence_example
-from beam_dl.decoding.sequences import SequenceRecord
 
 
 def write_shards(records: list[bytes], prefix: str, num_shards: int) -> str:
@@ -34,8 +35,7 @@ def write_shards(records: list[bytes], prefix: str, num_shards: int) -> str:
   return f'{prefix}-*-of-{num_shards:05d}.tfrecord'
 
 
-def write_digits(out_dir: str, *, eval_fraction: float = 0.2, num_shards: int = 4,
-                 seed: int = 0) -> tuple[str, str]:
+def write_digits(out_dir: str, *, eval_fraction: float = 0.2, num_shards: int = 4, seed: int = 0) -> tuple[str, str]:
   """Writes digits train/eval shards; returns (train glob, eval glob)."""
   from sklearn.datasets import load_digits
 
@@ -64,14 +64,13 @@ def co2_windows(window: int = 24):
   series = co2_monthly()
   xs, ys = [], []
   for end in range(window, len(series)):
-    w = series[end - window:end]
+    w = series[end - window : end]
     xs.append((w - w[-1])[:, None])
     ys.append([series[end] - w[-1]])
   return np.asarray(xs, np.float32), np.asarray(ys, np.float32)
 
 
-def write_co2(out_dir: str, *, window: int = 24, eval_fraction: float = 0.2,
-              num_shards: int = 2) -> tuple[str, str]:
+def write_co2(out_dir: str, *, window: int = 24, eval_fraction: float = 0.2, num_shards: int = 2) -> tuple[str, str]:
   """Writes co2 forecasting windows, the last `eval_fraction` in time for eval."""
   xs, ys = co2_windows(window)
   n_train = int(len(xs) * (1 - eval_fraction))

@@ -16,6 +16,7 @@ batch (`DataConfig.process_split`): from its own subset of the files, or its
 slice of a global batch that every process reads alike;
 `sharding.shard_batch` assembles the global arrays.
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,9 +58,7 @@ def _files(pattern: str, process_index: int, process_count: int) -> list[str]:
     raise FileNotFoundError(f'no TFRecord files match {pattern!r}')
   if process_count > 1:
     if len(files) < process_count:
-      raise ValueError(
-          f'{len(files)} files for {process_count} processes: write at least one shard per process'
-      )
+      raise ValueError(f'{len(files)} files for {process_count} processes: write at least one shard per process')
     files = files[process_index::process_count]
   return files
 
@@ -70,9 +69,9 @@ def _image_parser(cfg: DataConfig):
   def parse(serialized):
     f = image_example.parse_pixels(serialized, shape)
     return {
-        'inputs': f['image'],
-        'label': tf.cast(f['label'], tf.int32),
-        'weight': tf.ones_like(f['label'], tf.float32),
+      'inputs': f['image'],
+      'label': tf.cast(f['label'], tf.int32),
+      'weight': tf.ones_like(f['label'], tf.float32),
     }
 
   return parse
@@ -83,8 +82,9 @@ def _sequence_parser(cfg: DataConfig, use_ids: bool):
   max_len = int(cfg.max_len)
 
   def parse(serialized):
-    f = sequence_example.parse_single(serialized, num_features, with_ids=use_ids,
-                                      target=cfg.target, num_targets=cfg.num_targets)
+    f = sequence_example.parse_single(
+      serialized, num_features, with_ids=use_ids, target=cfg.target, num_targets=cfg.num_targets
+    )
     parts = []
     if use_ids:
       parts.append(tf.cast(f[sequence_example.IDS], tf.float32))
@@ -94,9 +94,9 @@ def _sequence_parser(cfg: DataConfig, use_ids: bool):
     length = tf.shape(x)[0]
     x = tf.pad(x, [[0, max_len - length], [0, 0]])
     out = {
-        'inputs': tf.ensure_shape(x, (max_len, int(cfg.shape[-1]))),
-        'mask': tf.sequence_mask(length, max_len),
-        'weight': tf.constant(1.0),
+      'inputs': tf.ensure_shape(x, (max_len, int(cfg.shape[-1]))),
+      'mask': tf.sequence_mask(length, max_len),
+      'weight': tf.constant(1.0),
     }
     if cfg.target == 'label':
       out['label'] = tf.cast(f[sequence_example.LABEL], tf.int32)
@@ -141,16 +141,20 @@ def _transformed_parser(cfg: DataConfig):
     shape = tuple(int(d) for d in cfg.shape)
     sizes = [int(np.prod(spec[name].shape)) if hasattr(spec[name], 'shape') else None for name in cfg.features]
     if None in sizes or sum(sizes) != int(np.prod(shape)):
-      raise ValueError(f'features {list(cfg.features)} ({sizes} values) do not fill shape {shape}; '
-                       'variable-length features need max_len > 0')
+      raise ValueError(
+        f'features {list(cfg.features)} ({sizes} values) do not fill shape {shape}; '
+        'variable-length features need max_len > 0'
+      )
 
   def parse(serialized):
     f = tf.io.parse_example(serialized, spec)
     if per_step:
       columns = [tf.cast(tf.RaggedTensor.from_sparse(f[name]), tf.float32) for name in cfg.features]
       x = tf.concat([c[..., tf.newaxis] for c in columns], axis=-1)[:, -max_len:]  # most recent steps
-      out = {'inputs': x.to_tensor(0.0, shape=[None, max_len, len(columns)]),
-             'mask': tf.sequence_mask(x.row_lengths(), max_len)}
+      out = {
+        'inputs': x.to_tensor(0.0, shape=[None, max_len, len(columns)]),
+        'mask': tf.sequence_mask(x.row_lengths(), max_len),
+      }
     else:
       flat = [tf.reshape(tf.cast(f[name], tf.float32), [tf.shape(serialized)[0], -1]) for name in cfg.features]
       out = {'inputs': tf.reshape(tf.concat(flat, axis=-1), (-1,) + shape)}
@@ -180,10 +184,18 @@ def transformed_examples(transform_dir: str, pattern: str, key: str = 'key') -> 
   return {row[key].decode('utf-8'): row for row in ds.as_numpy_iterator()}
 
 
-def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
-                 seed: int = 0, skip_batches: int = 0, use_ids: bool = False,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> tf.data.Dataset:
+def make_dataset(
+  cfg: DataConfig,
+  pattern: str,
+  batch_size: int,
+  *,
+  train: bool,
+  seed: int = 0,
+  skip_batches: int = 0,
+  use_ids: bool = False,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
   """A tf.data pipeline of this process's batches.
 
   Args:
@@ -209,7 +221,7 @@ def make_dataset(cfg: DataConfig, pattern: str, batch_size: int, *, train: bool,
     """Batches of this process's records, the first `skip_batches` skipped."""
     if by_batch:  # the global batch, of which this process keeps its slice
       ds = ds.batch(batch_size * pc, drop_remainder=train)
-      ds = ds.map(lambda records: records[pi * batch_size:(pi + 1) * batch_size])
+      ds = ds.map(lambda records: records[pi * batch_size : (pi + 1) * batch_size])
     else:
       ds = ds.batch(batch_size, drop_remainder=train)
     return ds.skip(skip_batches) if skip_batches else ds
@@ -235,10 +247,7 @@ def pad_batch(batch: dict, batch_size: int) -> dict:
   n = len(batch['weight'])
   if n == batch_size:
     return batch
-  return {
-      k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-      for k, v in batch.items()
-  }
+  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
 def prefetch_to_mesh(batches: Iterator[dict], put, size: int = 2) -> Iterator:

@@ -12,6 +12,7 @@ outlives the launch. The exit code is 0 only if every process succeeded.
 
 (`pipelines.train --processes N` launches itself this way.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def _stop(group: int, procs: Sequence[subprocess.Popen], grace_s: float) -> None
     p.wait()
 
 
-def launch_local(command: Sequence[str], num_processes: int, *, grace_s: float = 15,
-                 env: Mapping[str, str] | None = None) -> int:
+def launch_local(
+  command: Sequence[str], num_processes: int, *, grace_s: float = 15, env: Mapping[str, str] | None = None
+) -> int:
   """Runs `command` as `num_processes` JAX processes; returns the exit code.
 
   Their output goes to this process's stdout/stderr (each log line names its
@@ -75,10 +77,13 @@ def launch_local(command: Sequence[str], num_processes: int, *, grace_s: float =
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     for i in range(num_processes):
-      procs.append(subprocess.Popen(
-          list(command), env=process_env(i, num_processes, coordinator, env),
+      procs.append(
+        subprocess.Popen(
+          list(command),
+          env=process_env(i, num_processes, coordinator, env),
           process_group=0 if not procs else procs[0].pid,
-      ))
+        )
+      )
       log.info('process %d of %d: pid %d', i, num_processes, procs[-1].pid)
     group = procs[0].pid
     failed_at, first_failure = None, None
@@ -114,8 +119,9 @@ def main_module_command(module: str, argv: Sequence[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m beam_dl.training.launch',
-                                   description='Runs COMMAND as N JAX processes on this machine.')
+  parser = argparse.ArgumentParser(
+    prog='python -m beam_dl.training.launch', description='Runs COMMAND as N JAX processes on this machine.'
+  )
   parser.add_argument('--processes', type=int, required=True, metavar='N')
   parser.add_argument('command', nargs=argparse.REMAINDER, help='-- COMMAND ARGS...')
   args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ Every function returns per-example values; the train step averages them
 with the batch's `weight` (0 for padding), so padded eval batches and
 uneven last batches never bias a metric.
 """
+
 from __future__ import annotations
 
 import jax
@@ -11,8 +12,7 @@ import jax.numpy as jnp
 import optax
 
 
-def classification_loss(logits, labels, *, num_classes: int, label_smoothing: float = 0.0,
-                        focal_gamma: float = 0.0):
+def classification_loss(logits, labels, *, num_classes: int, label_smoothing: float = 0.0, focal_gamma: float = 0.0):
   """Softmax cross-entropy, optionally label-smoothed, or focal loss.
 
   Focal loss (Lin et al. 2017) down-weights easy examples by (1 - p_t)^gamma,

@@ -4,6 +4,7 @@ The flagship demo and the streaming demo use it to get a real model in
 seconds on a CPU. Sharded, checkpointed, resumable training from TFRecords is
 `beam_dl.training` proper (`pipelines.train`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -18,21 +19,21 @@ from beam_dl.models.checkpoints import ModelSpec
 from beam_dl.operations.progress import Progress
 
 LOSSES = {
-    'softmax_cross_entropy': lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y),
-    'mse': lambda out, y: jnp.mean(jnp.square(out - y.reshape(out.shape)), axis=-1),
+  'softmax_cross_entropy': lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y),
+  'mse': lambda out, y: jnp.mean(jnp.square(out - y.reshape(out.shape)), axis=-1),
 }
 
 
 def fit_arrays(
-    spec: ModelSpec,
-    inputs: Sequence[np.ndarray],
-    targets: np.ndarray,
-    *,
-    loss: str = 'softmax_cross_entropy',
-    steps: int = 500,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
+  spec: ModelSpec,
+  inputs: Sequence[np.ndarray],
+  targets: np.ndarray,
+  *,
+  loss: str = 'softmax_cross_entropy',
+  steps: int = 500,
+  batch_size: int = 64,
+  learning_rate: float = 1e-3,
+  seed: int = 0,
 ) -> tuple[Any, list[float]]:
   """Trains `spec.build()` with Adam; returns (variables, per-step losses).
 
@@ -47,9 +48,7 @@ def fit_arrays(
   n = len(targets)
   rng = np.random.default_rng(seed)
   first = tuple(a[:1] for a in inputs)
-  variables = nn.meta.unbox(
-      module.init(jax.random.key(seed), spec.normalize(jnp.asarray(first[0])), *first[1:])
-  )
+  variables = nn.meta.unbox(module.init(jax.random.key(seed), spec.normalize(jnp.asarray(first[0])), *first[1:]))
   optimizer = optax.adam(learning_rate)
   opt_state = optimizer.init(variables)
   loss_fn = LOSSES[loss]

@@ -6,6 +6,7 @@ are always float32; the model's `dtype` kwarg sets the compute dtype
 every train step consumes one micro-batch and the parameters move once every
 `grad_accum_steps` steps.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,13 +32,11 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, updates)
   if cfg.schedule == 'linear':
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, updates - warmup)],
-        [warmup],
+      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, updates - warmup)],
+      [warmup],
     )
   if cfg.schedule == 'constant':
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
-    )
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {cfg.schedule!r}")
 
 
@@ -49,8 +48,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     tx = optax.adam(schedule)
   elif cfg.optimizer == 'sgd':
     tx = optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum=0.9, nesterov=True),
+      optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity(),
+      optax.sgd(schedule, momentum=0.9, nesterov=True),
     )
   else:
     raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {cfg.optimizer!r}")
@@ -62,8 +61,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     c = cfg.compression
     updates = max(cfg.num_steps // cfg.grad_accum_steps, 1)
     end = c.prune_end_step or max(int(0.75 * updates), c.prune_start_step + 1)
-    tx = optax.chain(tx, pruning.magnitude_pruning(c.prune_sparsity, c.prune_start_step, end, c.prune_every,
-                                                    c.prune_exclude))
+    tx = optax.chain(
+      tx, pruning.magnitude_pruning(c.prune_sparsity, c.prune_start_step, end, c.prune_every, c.prune_exclude)
+    )
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return tx
@@ -85,10 +85,10 @@ def make_init_fn(cfg: TrainConfig, model: nn.Module, tx, *, boxed: bool):
     if not boxed:
       variables = nn.meta.unbox(variables)
     return TrainState.create(
-        apply_fn=model.apply,
-        params=variables['params'],
-        tx=tx,
-        batch_stats=variables.get('batch_stats', {}),
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=tx,
+      batch_stats=variables.get('batch_stats', {}),
     )
 
   return init

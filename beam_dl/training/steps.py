@@ -1,4 +1,5 @@
 """The pure train and eval steps (no sharding here: the strategy jits them)."""
+
 from __future__ import annotations
 
 import jax
@@ -16,17 +17,24 @@ def per_example_loss(cfg: TrainConfig, outputs, batch):
   carries teacher outputs (distillation; eval batches never do)."""
   if cfg.task == 'classification':
     hard = losses.classification_loss(
-        outputs, batch['label'], num_classes=outputs.shape[-1],
-        label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+      outputs,
+      batch['label'],
+      num_classes=outputs.shape[-1],
+      label_smoothing=cfg.label_smoothing,
+      focal_gamma=cfg.focal_gamma,
     )
   else:
     hard = losses.regression_loss(outputs, batch['target'])
   if distill.TEACHER_KEY not in batch:
     return hard
   return distill.distillation_loss(
-      hard, outputs, batch[distill.TEACHER_KEY], task=cfg.task,
-      temperature=cfg.compression.distill_temperature, weight=cfg.compression.distill_weight,
-      kind=cfg.compression.distill_loss,
+    hard,
+    outputs,
+    batch[distill.TEACHER_KEY],
+    task=cfg.task,
+    temperature=cfg.compression.distill_temperature,
+    weight=cfg.compression.distill_weight,
+    kind=cfg.compression.distill_loss,
   )
 
 

@@ -10,6 +10,7 @@ are reduced per device with `jax.shard_map` + `psum` over 'data'.
 `PmapStrategy` is the legacy `jax.pmap` data-parallel path for code bases
 still on pmap: replicated state, batches reshaped to [devices, per_device].
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from beam_dl.models import build as build_model
-from beam_dl.training import losses, sharding, state as state_lib, steps
+from beam_dl.training import losses, sharding, steps
+from beam_dl.training import state as state_lib
 from beam_dl.training.config import TrainConfig
 
 
@@ -51,32 +53,28 @@ class MeshStrategy:
     boxed = jax.eval_shape(init_boxed, rng)
     self.abstract_state = jax.eval_shape(self._init, rng)
     logical = nn.get_partition_spec(boxed)
-    self.state_sharding = sharding.logical_to_shardings(
-        logical, self.abstract_state, self.mesh, self.rules
-    )
+    self.state_sharding = sharding.logical_to_shardings(logical, self.abstract_state, self.mesh, self.rules)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.data_size = self.mesh.shape[sharding.DATA]
     repl = sharding.replicated(self.mesh)
     self._train_step = jax.jit(
-        functools.partial(steps.train_step, cfg),
-        in_shardings=(self.state_sharding, self.batch_sharding),
-        out_shardings=(self.state_sharding, repl),
-        donate_argnums=(0,),
+      functools.partial(steps.train_step, cfg),
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, repl),
+      donate_argnums=(0,),
     )
     reduce = jax.shard_map(
-        functools.partial(_psum_sums, task=cfg.task),
-        mesh=self.mesh,
-        in_specs=(P(sharding.DATA), P(sharding.DATA), P(sharding.DATA)),
-        out_specs=P(),
+      functools.partial(_psum_sums, task=cfg.task),
+      mesh=self.mesh,
+      in_specs=(P(sharding.DATA), P(sharding.DATA), P(sharding.DATA)),
+      out_specs=P(),
     )
 
     def eval_sums(state, batch):
       outputs, per_ex = steps.eval_outputs(cfg, state, batch)
       return reduce(outputs, per_ex, batch)
 
-    self._eval_sums = jax.jit(
-        eval_sums, in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=repl
-    )
+    self._eval_sums = jax.jit(eval_sums, in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=repl)
 
   def create_state(self):
     """The initial state, created directly in its sharded layout."""
@@ -102,8 +100,9 @@ class MeshStrategy:
 
   def restore_target(self):
     return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.abstract_state, self.state_sharding,
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.abstract_state,
+      self.state_sharding,
     )
 
   def from_checkpoint(self, restored):
@@ -141,8 +140,10 @@ class PmapStrategy:
     self._init = state_lib.make_init_fn(cfg, self.model, self.tx, boxed=False)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key(cfg.seed))
     self._train_step = jax.pmap(
-        functools.partial(steps.train_step, cfg, axis_name=self.AXIS),
-        axis_name=self.AXIS, devices=self.devices, donate_argnums=(0,),
+      functools.partial(steps.train_step, cfg, axis_name=self.AXIS),
+      axis_name=self.AXIS,
+      devices=self.devices,
+      donate_argnums=(0,),
     )
 
     def eval_sums(state, batch):
@@ -157,10 +158,8 @@ class PmapStrategy:
 
   def _replicate(self, tree):
     return jax.device_put(
-        jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.data_size), tree),
-        jax.sharding.NamedSharding(
-            jax.sharding.Mesh(np.asarray(self.devices), (self.AXIS,)), P(self.AXIS)
-        ),
+      jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.data_size), tree),
+      jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(self.devices), (self.AXIS,)), P(self.AXIS)),
     )
 
   def put(self, batch: dict):
@@ -196,7 +195,9 @@ class PmapStrategy:
 def make_strategy(cfg: TrainConfig, devices=None):
   if cfg.sharding.mode == 'pmap':
     if jax.process_count() > 1:
-      raise ValueError(f'sharding.mode=pmap runs in one process, this run has {jax.process_count()}: '
-                       'use dp, fsdp or tensor (jit over a mesh of every process\'s devices)')
+      raise ValueError(
+        f'sharding.mode=pmap runs in one process, this run has {jax.process_count()}: '
+        "use dp, fsdp or tensor (jit over a mesh of every process's devices)"
+      )
     return PmapStrategy(cfg, devices)
   return MeshStrategy(cfg, devices)

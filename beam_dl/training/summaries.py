@@ -6,6 +6,7 @@ own format: one event-file directory per split, `train/` and `eval/`), so
 and throughput while a run goes. `read_scalars` reads them back with
 TensorBoard's `EventAccumulator`; `plot_curves` draws them with matplotlib.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ def read_scalars(logdir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
       continue
     acc = EventAccumulator(path, size_guidance={TENSORS: 0})
     acc.Reload()
-    out[split] = {tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-                  for tag in acc.Tags()['tensors']}
+    out[split] = {
+      tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)] for tag in acc.Tags()['tensors']
+    }
   return out
 
 
@@ -80,7 +82,7 @@ def plot_curves(logdir: str, png_path: str) -> str:
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  for ax in list(axes.flat)[len(tags):]:
+  for ax in list(axes.flat)[len(tags) :]:
     ax.axis('off')
   fig.tight_layout()
   os.makedirs(os.path.dirname(png_path) or '.', exist_ok=True)

@@ -7,6 +7,7 @@ where an uninterrupted run ends), streams batches from the tf.data pipeline
 to the devices, logs step rate / ETA / input wait, evaluates, checkpoints,
 and finally exports the model for serving with `beam_dl.models.checkpoints.save`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,16 +56,16 @@ def model_spec(cfg: TrainConfig, metrics: dict | None = None) -> checkpoints.Mod
   sequence = cfg.data.is_sequence
   task = cfg.task if not sequence else f'sequence_{cfg.task}'
   return checkpoints.ModelSpec(
-      name=cfg.model,
-      kwargs=dict(cfg.model_kwargs),
-      input_shape=(None, int(cfg.data.shape[-1])) if sequence else tuple(int(d) for d in cfg.data.shape),
-      # Sequence values and tf.Transform outputs are float32 on disk.
-      input_dtype='float32' if sequence or cfg.data.kind == 'transformed' else cfg.input_dtype,
-      input_scale=cfg.input_scale,
-      input_offset=cfg.input_offset,
-      labels=list(cfg.labels) if cfg.labels else None,
-      task=task,
-      extra={'config': _jsonable(cfg.to_dict()), 'metrics': metrics or {}},
+    name=cfg.model,
+    kwargs=dict(cfg.model_kwargs),
+    input_shape=(None, int(cfg.data.shape[-1])) if sequence else tuple(int(d) for d in cfg.data.shape),
+    # Sequence values and tf.Transform outputs are float32 on disk.
+    input_dtype='float32' if sequence or cfg.data.kind == 'transformed' else cfg.input_dtype,
+    input_scale=cfg.input_scale,
+    input_offset=cfg.input_offset,
+    labels=list(cfg.labels) if cfg.labels else None,
+    task=task,
+    extra={'config': _jsonable(cfg.to_dict()), 'metrics': metrics or {}},
   )
 
 
@@ -75,15 +76,22 @@ def load_init_variables(cfg: TrainConfig) -> dict:
   `cfg`'s model (each difference named) -- before anything is built."""
   spec, variables = checkpoints.load(cfg.init_dir)
   if spec.quantization:
-    raise ValueError(f'init_dir {cfg.init_dir}: a quantized model dir ({dict(spec.quantization)}); '
-                     'start from the float model (QAT: compression.qat)')
+    raise ValueError(
+      f'init_dir {cfg.init_dir}: a quantized model dir ({dict(spec.quantization)}); '
+      'start from the float model (QAT: compression.qat)'
+    )
   if (spec.input_scale, spec.input_offset) != (cfg.input_scale, cfg.input_offset):
-    raise ValueError(f'init_dir {cfg.init_dir}: trained on inputs * {spec.input_scale} + {spec.input_offset}, '
-                     f'this config feeds inputs * {cfg.input_scale} + {cfg.input_offset}')
+    raise ValueError(
+      f'init_dir {cfg.init_dir}: trained on inputs * {spec.input_scale} + {spec.input_offset}, '
+      f'this config feeds inputs * {cfg.input_scale} + {cfg.input_offset}'
+    )
   problems = checkpoints.variable_mismatches(model_spec(cfg), variables)
   if problems:
-    raise ValueError(f'init_dir {cfg.init_dir} ({spec.name}) does not fit {cfg.model}{dict(cfg.model_kwargs)}: '
-                     + '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else ''))
+    raise ValueError(
+      f'init_dir {cfg.init_dir} ({spec.name}) does not fit {cfg.model}{dict(cfg.model_kwargs)}: '
+      + '; '.join(problems[:5])
+      + (f'; and {len(problems) - 5} more' if len(problems) > 5 else '')
+    )
   return variables
 
 
@@ -97,8 +105,8 @@ def start_from(state, variables: dict):
     return jax.device_put(saved, current.sharding)
 
   return state.replace(
-      params=jax.tree_util.tree_map(place, state.params, variables['params']),
-      batch_stats=jax.tree_util.tree_map(place, state.batch_stats, variables.get('batch_stats', {})),
+    params=jax.tree_util.tree_map(place, state.params, variables['params']),
+    batch_stats=jax.tree_util.tree_map(place, state.batch_stats, variables.get('batch_stats', {})),
   )
 
 
@@ -110,8 +118,11 @@ def evaluate(cfg: TrainConfig, strategy, state) -> dict:
   """One pass over the eval files; padded examples carry weight 0."""
   batch_size = _local_batch(cfg.eval_batch_size, strategy.data_size)
   ds = input_pipeline.make_dataset(
-      cfg.data, cfg.data.eval_files, batch_size, train=False,
-      use_ids=bool(cfg.model_kwargs.get('vocab_size')),
+    cfg.data,
+    cfg.data.eval_files,
+    batch_size,
+    train=False,
+    use_ids=bool(cfg.model_kwargs.get('vocab_size')),
   )
   totals = None
   for batch in _in_step(ds):
@@ -132,16 +143,19 @@ def _in_step(ds):
     return
   from jax.experimental import multihost_utils
 
-  empty = {k: np.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype.as_numpy_dtype)
-           for k, spec in ds.element_spec.items()}
+  empty = {
+    k: np.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype.as_numpy_dtype)
+    for k, spec in ds.element_spec.items()
+  }
   for batch in itertools.chain(ds.as_numpy_iterator(), itertools.repeat(None)):
     if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
       return
     yield empty if batch is None else batch
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] = (),
-                       devices=None, summary_dir: str | None = TENSORBOARD_DIR) -> dict:
+def train_and_evaluate(
+  cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] = (), devices=None, summary_dir: str | None = TENSORBOARD_DIR
+) -> dict:
   """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary.
 
   TensorBoard summaries (train loss and metrics, learning rate, steps/s,
@@ -151,18 +165,21 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
   maybe_initialize_distributed()
   c = cfg.compression
   if c.teacher_dir and c.distill_mixup and c.distill_weight != 1.0:
-    raise ValueError(f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), '
-                     f'got {c.distill_weight}')
+    raise ValueError(
+      f'compression.distill_mixup needs distill_weight=1 (blended inputs have no labels), got {c.distill_weight}'
+    )
   init_variables = load_init_variables(cfg) if cfg.init_dir else None
   os.makedirs(workdir, exist_ok=True)
-  writer = (SummaryWriter(os.path.join(workdir, summary_dir))
-            if summary_dir is not None and jax.process_index() == 0 else None)
+  writer = (
+    SummaryWriter(os.path.join(workdir, summary_dir)) if summary_dir is not None and jax.process_index() == 0 else None
+  )
   schedule = make_schedule(cfg)
   strategy = make_strategy(cfg, devices)
   local_batch = _local_batch(cfg.batch_size, strategy.data_size)
   mngr = checkpointing.manager(
-      os.path.join(workdir, CHECKPOINT_DIR),
-      every=cfg.checkpoint_every or cfg.num_steps, keep=cfg.keep_checkpoints,
+    os.path.join(workdir, CHECKPOINT_DIR),
+    every=cfg.checkpoint_every or cfg.num_steps,
+    keep=cfg.keep_checkpoints,
   )
   restored = checkpointing.restore_latest(mngr, strategy.restore_target())
   if restored is not None:
@@ -178,8 +195,13 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
     log.debug('state shard shapes: %s', strategy.shard_shapes())
 
   ds = input_pipeline.make_dataset(
-      cfg.data, cfg.data.train_files, local_batch, train=True, seed=cfg.seed,
-      skip_batches=start, use_ids=bool(cfg.model_kwargs.get('vocab_size')),
+    cfg.data,
+    cfg.data.train_files,
+    local_batch,
+    train=True,
+    seed=cfg.seed,
+    skip_batches=start,
+    use_ids=bool(cfg.model_kwargs.get('vocab_size')),
   )
   host_batches = ds.as_numpy_iterator()
   if cfg.compression.teacher_dir:
@@ -215,14 +237,26 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
         rate = (step - steady_from) / max(now - t_steady, 1e-9)
         history.append({'step': step, **host})
         if writer is not None:
-          writer.scalars('train', step, {
-              **host, 'learning_rate': float(schedule(max(step - 1, 0) // max(cfg.grad_accum_steps, 1))),
-              'steps_per_sec': rate, 'examples_per_sec': rate * cfg.batch_size,
-              'input_wait_fraction': wait / max(now - t_steady, 1e-9)})
+          writer.scalars(
+            'train',
+            step,
+            {
+              **host,
+              'learning_rate': float(schedule(max(step - 1, 0) // max(cfg.grad_accum_steps, 1))),
+              'steps_per_sec': rate,
+              'examples_per_sec': rate * cfg.batch_size,
+              'input_wait_fraction': wait / max(now - t_steady, 1e-9),
+            },
+          )
         log.info(
-            'step %d/%d  %s  %.1f steps/s  %.0f ex/s  input wait %.0f%%  ETA %.0fs',
-            step, cfg.num_steps, _fmt(host), rate, rate * cfg.batch_size,
-            100 * wait / max(now - t_steady, 1e-9), (cfg.num_steps - step) / max(rate, 1e-9),
+          'step %d/%d  %s  %.1f steps/s  %.0f ex/s  input wait %.0f%%  ETA %.0fs',
+          step,
+          cfg.num_steps,
+          _fmt(host),
+          rate,
+          rate * cfg.batch_size,
+          100 * wait / max(now - t_steady, 1e-9),
+          (cfg.num_steps - step) / max(rate, 1e-9),
         )
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         ev = evaluate(cfg, strategy, state)
@@ -256,8 +290,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
     from beam_dl.compression import pruning
 
     compressed['pruning'] = pruning.sparsity_report(variables['params'], cfg.compression.prune_exclude)
-    log.info('sparsity reached: %.4f (target %.4f)', compressed['pruning']['sparsity'],
-             cfg.compression.prune_sparsity)
+    log.info('sparsity reached: %.4f (target %.4f)', compressed['pruning']['sparsity'], cfg.compression.prune_sparsity)
   if jax.process_index() == 0:
     spec = model_spec(cfg, {**final_eval, **compressed})
     checkpoints.save(model_dir, spec, variables)
@@ -266,27 +299,33 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, hooks: Iterable[Hook] 
       compressed['quantized_model_dir'] = _export_quantized(cfg, spec, variables, workdir)
   steps_run = step - start
   summary = {
-      'steps': step,
-      'resumed_from': start,
-      'train': history[-1] if history else {},
-      'eval': final_eval,
-      'eval_history': evals,
-      'wall_s': round(wall, 3),
-      'compile_s': round(wall - steady, 3),
-      'steps_per_s': round(steady_steps / steady, 3) if steady_steps and steady else None,
-      'examples_per_s': round(steady_steps * cfg.batch_size / steady, 1) if steady_steps and steady else None,
-      'input_wait_fraction': round(wait / steady, 4) if steady else None,
-      'model_dir': model_dir,
-      'sharding': dataclasses.asdict(cfg.sharding),
-      'devices': strategy.data_size,
-      'tensorboard_dir': writer.logdir if writer is not None else None,
-      **compressed,
+    'steps': step,
+    'resumed_from': start,
+    'train': history[-1] if history else {},
+    'eval': final_eval,
+    'eval_history': evals,
+    'wall_s': round(wall, 3),
+    'compile_s': round(wall - steady, 3),
+    'steps_per_s': round(steady_steps / steady, 3) if steady_steps and steady else None,
+    'examples_per_s': round(steady_steps * cfg.batch_size / steady, 1) if steady_steps and steady else None,
+    'input_wait_fraction': round(wait / steady, 4) if steady else None,
+    'model_dir': model_dir,
+    'sharding': dataclasses.asdict(cfg.sharding),
+    'devices': strategy.data_size,
+    'tensorboard_dir': writer.logdir if writer is not None else None,
+    **compressed,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
       json.dump(_jsonable(summary), f, indent=2)
-  log.info('done: %d steps in %.1fs (%.1f steps/s after compilation); eval %s; model at %s',
-           steps_run, wall, summary['steps_per_s'] or 0, _fmt(final_eval), model_dir)
+  log.info(
+    'done: %d steps in %.1fs (%.1f steps/s after compilation); eval %s; model at %s',
+    steps_run,
+    wall,
+    summary['steps_per_s'] or 0,
+    _fmt(final_eval),
+    model_dir,
+  )
   summary['history'] = history
   return summary
 
@@ -311,10 +350,12 @@ def _save_input_profile(cfg: TrainConfig, model_dir: str) -> None:
 def _export_quantized(cfg: TrainConfig, spec, variables, workdir: str) -> str:
   """After quantization-aware training: WORKDIR/model_int8, calibrated on
   a few training batches."""
-  from beam_dl.compression import calibration as calib, quantize
+  from beam_dl.compression import calibration as calib
+  from beam_dl.compression import quantize
 
   calibration = calib.calibration_batches(
-      cfg.data, cfg.data.train_files, 256, use_ids=bool(cfg.model_kwargs.get('vocab_size')))
+    cfg.data, cfg.data.train_files, 256, use_ids=bool(cfg.model_kwargs.get('vocab_size'))
+  )
   qspec, qvars = quantize.quantize(spec, variables, calibration=calibration)
   return checkpoints.save(os.path.join(workdir, QUANTIZED_MODEL_DIR), qspec, qvars)
 

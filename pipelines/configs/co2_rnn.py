@@ -9,6 +9,7 @@ Metric `skill_vs_zero` = 1 - MSE / MSE(predict no change): expect ~0.9.
 Variants: `runlocal` (100 steps), `gru`, `bidirectional` (bi-GRU with
 attention pooling), `fsdp`.
 """
+
 import glob
 
 from beam_dl.training import datasets
@@ -19,20 +20,20 @@ WINDOW = 24
 
 def get_config(variant=None):
   config = TrainConfig(
-      model='rnn',
-      model_kwargs={'cell': 'lstm', 'hidden_size': 32, 'pooling': 'last',
-                    'num_outputs': 1, 'head': 'regression'},
-      task='regression',
-      data=DataConfig(kind='sequences', shape=(None, 1), max_len=WINDOW,
-                      target='target', num_targets=1, shuffle_buffer=1024),
-      input_dtype='float32',
-      batch_size=32,
-      eval_batch_size=128,
-      num_steps=400,
-      learning_rate=1e-2,
-      warmup_steps=20,
-      log_every=50,
-      checkpoint_every=100,
+    model='rnn',
+    model_kwargs={'cell': 'lstm', 'hidden_size': 32, 'pooling': 'last', 'num_outputs': 1, 'head': 'regression'},
+    task='regression',
+    data=DataConfig(
+      kind='sequences', shape=(None, 1), max_len=WINDOW, target='target', num_targets=1, shuffle_buffer=1024
+    ),
+    input_dtype='float32',
+    batch_size=32,
+    eval_batch_size=128,
+    num_steps=400,
+    learning_rate=1e-2,
+    warmup_steps=20,
+    log_every=50,
+    checkpoint_every=100,
   )
   if variant in (None, ''):
     return config
@@ -41,8 +42,9 @@ def get_config(variant=None):
   if variant == 'gru':
     return config.replace(model_kwargs={**config.model_kwargs, 'cell': 'gru'})
   if variant == 'bidirectional':
-    return config.replace(model_kwargs={**config.model_kwargs, 'cell': 'gru',
-                                        'bidirectional': True, 'pooling': 'attention'})
+    return config.replace(
+      model_kwargs={**config.model_kwargs, 'cell': 'gru', 'bidirectional': True, 'pooling': 'attention'}
+    )
   if variant == 'fsdp':
     return config.replace(sharding=ShardingConfig(mode='fsdp'))
   raise ValueError(f'unknown variant {variant!r}')

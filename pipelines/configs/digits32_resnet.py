@@ -22,6 +22,7 @@ parameters), 200 steps of batch 32: ~95% held-out accuracy (360 digits).
 Variants: `runlocal` (20 steps), `student` (8 filters, 400 steps, T=4,
 soft-loss weight 0.7; set compression.teacher_dir).
 """
+
 import glob
 
 import numpy as np
@@ -35,30 +36,33 @@ KWARGS = {'stage_sizes': [1, 1, 1], 'num_filters': 16, 'small_inputs': True, 'nu
 
 def get_config(variant=None):
   config = TrainConfig(
-      model='resnet',
-      model_kwargs=dict(KWARGS),
-      task='classification',
-      labels=[str(i) for i in range(10)],
-      data=DataConfig(kind='images', shape=(32, 32, 3), shuffle_buffer=2048),
-      input_dtype='uint8',
-      input_scale=1 / 16,  # digits pixels are 0..16
-      batch_size=32,
-      eval_batch_size=128,
-      num_steps=200,
-      learning_rate=3e-3,
-      warmup_steps=50,
-      weight_decay=1e-4,
-      log_every=50,
-      eval_every=0,
-      checkpoint_every=0,
+    model='resnet',
+    model_kwargs=dict(KWARGS),
+    task='classification',
+    labels=[str(i) for i in range(10)],
+    data=DataConfig(kind='images', shape=(32, 32, 3), shuffle_buffer=2048),
+    input_dtype='uint8',
+    input_scale=1 / 16,  # digits pixels are 0..16
+    batch_size=32,
+    eval_batch_size=128,
+    num_steps=200,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    weight_decay=1e-4,
+    log_every=50,
+    eval_every=0,
+    checkpoint_every=0,
   )
   if variant in (None, ''):
     return config
   if variant == 'runlocal':
     return config.replace(num_steps=20, log_every=10)
   if variant == 'student':
-    return config.replace(model_kwargs={**KWARGS, 'num_filters': 8}, num_steps=400,
-                          compression=CompressionConfig(distill_temperature=4.0, distill_weight=0.7))
+    return config.replace(
+      model_kwargs={**KWARGS, 'num_filters': 8},
+      num_steps=400,
+      compression=CompressionConfig(distill_temperature=4.0, distill_weight=0.7),
+    )
   raise ValueError(f'unknown variant {variant!r}')
 
 

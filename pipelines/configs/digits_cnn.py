@@ -9,6 +9,7 @@ model under another sharding;
 `resnet_tiny`: the tiny ResNet with batch norm; `focal`: focal loss plus
 label smoothing. Expect ~98% eval accuracy (359 held-out digits).
 """
+
 import glob
 
 from beam_dl.training import datasets
@@ -17,22 +18,22 @@ from beam_dl.training.config import DataConfig, ShardingConfig, TrainConfig
 
 def get_config(variant=None):
   config = TrainConfig(
-      model='small_cnn',
-      model_kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': 128},
-      task='classification',
-      labels=[str(i) for i in range(10)],
-      data=DataConfig(kind='images', shape=(8, 8, 1), shuffle_buffer=2048),
-      input_dtype='uint8',
-      input_scale=1 / 16,  # digits pixels are 0..16
-      batch_size=64,
-      eval_batch_size=128,
-      num_steps=1000,
-      learning_rate=3e-3,
-      warmup_steps=50,
-      weight_decay=1e-4,
-      log_every=100,
-      eval_every=500,
-      checkpoint_every=250,
+    model='small_cnn',
+    model_kwargs={'num_classes': 10, 'features': [32, 64], 'hidden': 128},
+    task='classification',
+    labels=[str(i) for i in range(10)],
+    data=DataConfig(kind='images', shape=(8, 8, 1), shuffle_buffer=2048),
+    input_dtype='uint8',
+    input_scale=1 / 16,  # digits pixels are 0..16
+    batch_size=64,
+    eval_batch_size=128,
+    num_steps=1000,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    weight_decay=1e-4,
+    log_every=100,
+    eval_every=500,
+    checkpoint_every=250,
   )
   if variant in (None, ''):
     return config
@@ -43,9 +44,7 @@ def get_config(variant=None):
   if variant == 'tensor':
     return config.replace(sharding=ShardingConfig(mode='tensor', model_parallelism=2))
   if variant == 'resnet_tiny':
-    return config.replace(
-        model='resnet_tiny', model_kwargs={'num_classes': 10}, learning_rate=1e-2
-    )
+    return config.replace(model='resnet_tiny', model_kwargs={'num_classes': 10}, learning_rate=1e-2)
   if variant == 'focal':
     return config.replace(focal_gamma=2.0, label_smoothing=0.1)
   raise ValueError(f'unknown variant {variant!r}')
@@ -61,4 +60,3 @@ def prepare(config, data_dir):
   config.data.train_files = train
   config.data.eval_files = f'{data_dir}/digits_eval-*-of-00004.tfrecord'
   return config
-

@@ -19,6 +19,7 @@ Variants: those of digits_cnn.py (`runlocal`: 150 steps, `fsdp`, `tensor`,
 ...). There is no eval split: pipelines.preprocess analyses and transforms
 one input.
 """
+
 import os
 
 from beam_dl.training.config import DataConfig
@@ -28,11 +29,12 @@ from pipelines.configs import digits_cnn
 def get_config(variant=None):
   """digits_cnn's config and variants, on the transformed records."""
   return digits_cnn.get_config(variant).replace(
-      data=DataConfig(kind='transformed', features=('image',), label_feature='label', shape=(8, 8, 1),
-                      shuffle_buffer=2048),
-      input_dtype='float32',  # already z-scored by the transform graph
-      input_scale=1.0,
-      eval_every=0,  # no eval split
+    data=DataConfig(
+      kind='transformed', features=('image',), label_feature='label', shape=(8, 8, 1), shuffle_buffer=2048
+    ),
+    input_dtype='float32',  # already z-scored by the transform graph
+    input_scale=1.0,
+    eval_every=0,  # no eval split
   )
 
 
@@ -50,8 +52,14 @@ def prepare(config, data_dir):
     if not os.path.isdir(images):  # DATA_DIR/images/train may hold other images
       x_train, _, y_train, _ = demo.digit_images()
       demo.write_images(images, x_train, y_train)
-    preprocess.run([f'--input={images}/*', f'--transform_dir={transform_dir}', f'--output={output}',
-                    '--preprocess_image_shape=8,8,1'])
+    preprocess.run(
+      [
+        f'--input={images}/*',
+        f'--transform_dir={transform_dir}',
+        f'--output={output}',
+        '--preprocess_image_shape=8,8,1',
+      ]
+    )
   config.data.transform_dir = transform_dir
   config.data.train_files = output + '-*.tfrecord'
   return config

@@ -9,6 +9,7 @@ images: this measures speed, not accuracy). `runlocal`: the tiny ResNet on
 32x32 images for a CPU smoke run. For the side-by-side input-vs-step figures
 use `benchmarks/bench_training.py`.
 """
+
 import glob
 
 import numpy as np
@@ -20,29 +21,33 @@ from beam_dl.training.config import DataConfig, TrainConfig
 
 def get_config(variant=None):
   config = TrainConfig(
-      model='resnet50',
-      model_kwargs={'num_classes': 1000, 'dtype': 'bfloat16'},
-      task='classification',
-      data=DataConfig(kind='images', shape=(224, 224, 3), shuffle_buffer=512, prefetch=4),
-      input_dtype='uint8',
-      input_scale=1 / 255,
-      batch_size=256,
-      eval_batch_size=256,
-      num_steps=300,
-      optimizer='sgd',
-      learning_rate=0.1,
-      warmup_steps=50,
-      weight_decay=5e-5,
-      label_smoothing=0.1,
-      log_every=50,
+    model='resnet50',
+    model_kwargs={'num_classes': 1000, 'dtype': 'bfloat16'},
+    task='classification',
+    data=DataConfig(kind='images', shape=(224, 224, 3), shuffle_buffer=512, prefetch=4),
+    input_dtype='uint8',
+    input_scale=1 / 255,
+    batch_size=256,
+    eval_batch_size=256,
+    num_steps=300,
+    optimizer='sgd',
+    learning_rate=0.1,
+    warmup_steps=50,
+    weight_decay=5e-5,
+    label_smoothing=0.1,
+    log_every=50,
   )
   if variant in (None, ''):
     return config
   if variant == 'runlocal':
     return config.replace(
-        model='resnet_tiny', model_kwargs={'num_classes': 10},
-        data=DataConfig(kind='images', shape=(32, 32, 3), shuffle_buffer=256),
-        batch_size=16, eval_batch_size=16, num_steps=10, log_every=5,
+      model='resnet_tiny',
+      model_kwargs={'num_classes': 10},
+      data=DataConfig(kind='images', shape=(32, 32, 3), shuffle_buffer=256),
+      batch_size=16,
+      eval_batch_size=16,
+      num_steps=10,
+      log_every=5,
     )
   if variant == 'remat':
     return config.replace(model_kwargs={**config.model_kwargs, 'remat': True})
@@ -61,8 +66,8 @@ def prepare(config, data_dir, num_examples=None):
     rng = np.random.default_rng(0)
     classes = config.model_kwargs.get('num_classes', 10)
     records = [
-        encode_image_example(f'synthetic/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(classes)))
-        for i in range(n)
+      encode_image_example(f'synthetic/{i}', rng.integers(0, 256, shape, np.uint8), int(rng.integers(classes)))
+      for i in range(n)
     ]
     datasets.write_shards(records, f'{data_dir}/synthetic_{tag}', 4)
   config.data.train_files = pattern
