@@ -15,22 +15,76 @@ commands and readiness checks belong to each cluster's own module
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import glob
+import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from typing import Callable, Mapping, Optional, Sequence
 
-from beam_dl.services.process import MEMBER_ENV, ServiceError, kill_tagged, log_tail, processes_tagged
+from beam_dl.services.process import (
+  MEMBER_ENV,
+  ServiceError,
+  kill_tagged,
+  log_tail,
+  processes_tagged,
+  serve_until_stopped,
+  stopped_by_signals,
+)
 
 log = logging.getLogger(__name__)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
+
+
+def job_server_lib(runner: str) -> str | None:
+  """A Beam job server's classpath folder from `make runners` (`flink`, `spark`;
+  BEAM_DL_FLINK_LIB / BEAM_DL_SPARK_LIB override)."""
+  override = os.environ.get(f'BEAM_DL_{runner.upper()}_LIB')
+  if override:
+    return override
+  found = sorted(glob.glob(os.path.join(RUNNERS_DIR, f'beam-runners-{runner}-*-job-server-*-lib')))
+  return found[-1] if found else None
+
+
+def python_boot() -> str:
+  """Beam's Python SDK boot binary (`make boot`); BEAM_DL_PYTHON_BOOT overrides."""
+  return os.environ.get('BEAM_DL_PYTHON_BOOT') or os.path.join(RUNNERS_DIR, 'python_boot')
+
+
+def missing(runner: str, marker_jar: str) -> str | None:
+  """None when a cluster of `runner` can start here (its job server classpath
+  holds `marker_jar`, the boot binary and java exist), else what to run."""
+  lib = job_server_lib(runner)
+  if not lib or not glob.glob(os.path.join(lib, marker_jar)):
+    return f'no {runner.capitalize()} job server classpath in {RUNNERS_DIR}: run `make runners`'
+  if not os.access(python_boot(), os.X_OK):
+    return f'no Python boot binary at {python_boot()}: run `make boot`'
+  if not shutil.which('java'):
+    return 'no `java` on PATH (Java 17)'
+  return None
+
+
+def http_json(port: int, path: str) -> dict | None:
+  """GET http://127.0.0.1:port/path as JSON; None while it does not answer."""
+  try:
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=3) as r:
+      return json.load(r)
+  except (OSError, ValueError):
+    return None
 
 
 @dataclasses.dataclass
@@ -204,3 +258,40 @@ class LocalCluster:
 
   def __exit__(self, *exc) -> None:
     self.stop()
+
+
+def kill_member(cluster: LocalCluster, name: str) -> int:
+  """SIGKILL to one member's JVM only (as the kernel or a preemption would);
+  returns its pid. The supervisor ends what it started and restarts it."""
+  process = cluster.processes.member(name).process
+  process.kill()
+  return process.pid
+
+
+def command_line(module: str, description: str, workdir_help: str) -> argparse.ArgumentParser:
+  """The flags every cluster service takes (`--bind_host`, `--workdir`)."""
+  parser = argparse.ArgumentParser(prog=f'python -m {module}', description=description)
+  parser.add_argument(
+    '--bind_host',
+    default='127.0.0.1',
+    help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)',
+  )
+  parser.add_argument('--workdir', help=f'{workdir_help} (default: a temp dir removed on exit)')
+  return parser
+
+
+def refuse_unless(parser: argparse.ArgumentParser, problems: Sequence[Optional[str]]) -> None:
+  """Exit 2 with one line for the first problem found (None: no problem)."""
+  for problem in problems:
+    if problem:
+      parser.exit(2, f'{parser.prog}: error: {problem}\n')
+
+
+def serve(cluster: LocalCluster, shape: str) -> int:
+  """A service's `python -m` entry: start `cluster`, print the runner flags on
+  one line, run until SIGINT/SIGTERM (also while it starts), stop everything."""
+  with stopped_by_signals(), cluster:
+    logging.info('%s up in %.1f s: %s, logs in %s', type(cluster).__name__, cluster.started_s, shape, cluster.workdir)
+    print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
+    serve_until_stopped()
+  return 0

@@ -31,21 +31,25 @@ every TaskManager (`cluster.evenly-spread-out-slots`).
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import urllib.request
 
-from beam_dl.services.cluster import LocalCluster
-from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, stopped_by_signals
+from beam_dl.services.cluster import (
+  LocalCluster,
+  command_line,
+  http_json,
+  job_server_lib,
+  kill_member,
+  missing,
+  python_boot,
+  refuse_unless,
+  serve,
+)
+from beam_dl.services.process import ServiceError, free_port, port_open
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
 START_TIMEOUT_S = 240  # four JVMs starting on 2 loaded cores
 # Flink's default env.java.opts.all for Java 17 (its config.yaml): Kryo and Pekko reflect into java.base.
 JAVA_17_OPTS = (
@@ -77,27 +81,12 @@ LOG_OPTS = ('-Dorg.slf4j.simpleLogger.showDateTime=true', '-Dorg.slf4j.simpleLog
 
 def flink_lib() -> str | None:
   """The Flink job server's classpath folder from `make runners` (BEAM_DL_FLINK_LIB overrides)."""
-  if os.environ.get('BEAM_DL_FLINK_LIB'):
-    return os.environ['BEAM_DL_FLINK_LIB']
-  found = sorted(glob.glob(os.path.join(RUNNERS_DIR, 'beam-runners-flink-*-job-server-*-lib')))
-  return found[-1] if found else None
-
-
-def python_boot() -> str:
-  """Beam's Python SDK boot binary (`make boot`); BEAM_DL_PYTHON_BOOT overrides."""
-  return os.environ.get('BEAM_DL_PYTHON_BOOT') or os.path.join(RUNNERS_DIR, 'python_boot')
+  return job_server_lib('flink')
 
 
 def unavailable() -> str | None:
   """None when the cluster can start here, else what to run."""
-  lib = flink_lib()
-  if not lib or not glob.glob(os.path.join(lib, 'flink-runtime-*.jar')):
-    return f'no Flink job server classpath in {RUNNERS_DIR}: run `make runners`'
-  if not os.access(python_boot(), os.X_OK):
-    return f'no Python boot binary at {python_boot()}: run `make boot`'
-  if not shutil.which('java'):
-    return 'no `java` on PATH (Java 17)'
-  return None
+  return missing('flink', 'flink-runtime-*.jar')
 
 
 def flink_config(
@@ -206,12 +195,8 @@ def worker_env(env: dict | None) -> dict[str, str]:
 
 
 def rest_json(port: int, path: str) -> dict | None:
-  """GET http://127.0.0.1:port/path as JSON; None while it does not answer."""
-  try:
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=3) as r:
-      return json.load(r)
-  except (OSError, ValueError):
-    return None
+  """Flink's REST API: GET path as JSON; None while it does not answer."""
+  return http_json(port, path)
 
 
 class FlinkCluster(LocalCluster):
@@ -365,32 +350,24 @@ class FlinkCluster(LocalCluster):
     return self.processes.pids(f'taskmanager-{i}')
 
   def kill_taskmanager(self, i: int) -> int:
-    """SIGKILL to TaskManager i's JVM only (as the kernel or a preemption
-    would); returns its pid. The supervisor ends its workers and restarts it."""
-    process = self.processes.member(f'taskmanager-{i}').process
-    process.kill()
-    return process.pid
+    """SIGKILL to TaskManager i's JVM only; the supervisor ends its workers and restarts it."""
+    return kill_member(self, f'taskmanager-{i}')
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m beam_dl.services.flink_cluster', description=__doc__.split('\n')[0])
+  parser = command_line('beam_dl.services.flink_cluster', __doc__.split('\n')[0], 'config and logs')
   parser.add_argument('--taskmanagers', type=int, default=2)
   parser.add_argument('--slots', type=int, default=1, help='task slots per TaskManager')
   parser.add_argument('--taskmanager_memory_mb', type=int, default=512)
-  parser.add_argument(
-    '--bind_host',
-    default='127.0.0.1',
-    help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)',
-  )
-  parser.add_argument('--workdir', help='config and logs (default: a temp dir removed on exit)')
   args = parser.parse_args(argv)
-  if args.taskmanagers < 1 or args.slots < 1:
-    parser.exit(2, f'{parser.prog}: error: --taskmanagers and --slots must be >= 1\n')
-  if args.taskmanager_memory_mb < 400:
-    parser.exit(2, f'{parser.prog}: error: --taskmanager_memory_mb must be >= 400 (Flink needs its metaspace)\n')
-  reason = unavailable()
-  if reason:
-    parser.exit(2, f'{parser.prog}: error: {reason}\n')
+  refuse_unless(
+    parser,
+    [
+      (args.taskmanagers < 1 or args.slots < 1) and '--taskmanagers and --slots must be >= 1',
+      args.taskmanager_memory_mb < 400 and '--taskmanager_memory_mb must be >= 400 (Flink needs its metaspace)',
+      unavailable(),
+    ],
+  )
   return args
 
 
@@ -406,17 +383,7 @@ def main(argv=None):
     bind_host=args.bind_host,
     tm_memory_mb=args.taskmanager_memory_mb,
   )
-  with stopped_by_signals(), cluster:  # SIGTERM, also while it starts, stops what it started
-    logging.info(
-      'Flink cluster up in %.1f s: %d TaskManagers x %d slots, logs in %s',
-      cluster.started_s,
-      args.taskmanagers,
-      args.slots,
-      cluster.workdir,
-    )
-    print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
-    serve_until_stopped()
-  return 0
+  return serve(cluster, f'{args.taskmanagers} TaskManagers x {args.slots} slots')
 
 
 if __name__ == '__main__':

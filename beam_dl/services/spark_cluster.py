@@ -28,42 +28,37 @@ executors and their Python workers are ended.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import shlex
-import shutil
 import sys
-import urllib.request
 
-from beam_dl.services.cluster import ClusterProcesses, LocalCluster
-from beam_dl.services.flink_cluster import python_boot, worker_env
-from beam_dl.services.process import ServiceError, free_port, port_open, serve_until_stopped, stopped_by_signals
+from beam_dl.services.cluster import (
+  ClusterProcesses,
+  LocalCluster,
+  command_line,
+  http_json,
+  job_server_lib,
+  kill_member,
+  missing,
+  python_boot,
+  refuse_unless,
+  serve,
+)
+from beam_dl.services.flink_cluster import worker_env
+from beam_dl.services.process import ServiceError, free_port, port_open
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNNERS_DIR = os.environ.get('BEAM_DL_RUNNERS_DIR', os.path.join(ROOT, '.runners'))
 START_TIMEOUT_S = 240
 
 
 def spark_lib() -> str | None:
   """The Spark job server's classpath folder from `make runners` (BEAM_DL_SPARK_LIB overrides)."""
-  if os.environ.get('BEAM_DL_SPARK_LIB'):
-    return os.environ['BEAM_DL_SPARK_LIB']
-  found = sorted(glob.glob(os.path.join(RUNNERS_DIR, 'beam-runners-spark-*-job-server-*-lib')))
-  return found[-1] if found else None
+  return job_server_lib('spark')
 
 
 def unavailable() -> str | None:
   """None when the cluster can start here, else what to run."""
-  lib = spark_lib()
-  if not lib or not glob.glob(os.path.join(lib, 'spark-core_*.jar')):
-    return f'no Spark job server classpath in {RUNNERS_DIR}: run `make runners`'
-  if not os.access(python_boot(), os.X_OK):
-    return f'no Python boot binary at {python_boot()}: run `make boot`'
-  if not shutil.which('java'):
-    return 'no `java` on PATH (Java 17)'
-  return None
+  return missing('spark', 'spark-core_*.jar')
 
 
 def java_17_options() -> str:
@@ -89,11 +84,7 @@ def make_spark_home(path: str, lib: str) -> str:
 
 def master_state(web_port: int) -> dict | None:
   """The Master's /json/ state (aliveworkers, activeapps, ...); None while it does not answer."""
-  try:
-    with urllib.request.urlopen(f'http://127.0.0.1:{web_port}/json/', timeout=3) as r:
-      return json.load(r)
-  except (OSError, ValueError):
-    return None
+  return http_json(web_port, '/json/')
 
 
 class SparkCluster(LocalCluster):
@@ -237,30 +228,18 @@ class SparkCluster(LocalCluster):
     self.processes.supervise()
 
   def kill_worker(self, i: int) -> int:
-    """SIGKILL to Worker i's JVM only; returns its pid. The supervisor ends its
-    executors and their Python workers and restarts it."""
-    process = self.processes.member(f'worker-{i}').process
-    process.kill()
-    return process.pid
+    """SIGKILL to Worker i's JVM only; the supervisor ends its executors and
+    their Python workers and restarts it."""
+    return kill_member(self, f'worker-{i}')
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m beam_dl.services.spark_cluster', description=__doc__.split('\n')[0])
+  parser = command_line('beam_dl.services.spark_cluster', __doc__.split('\n')[0], 'SPARK_HOME, work dirs and logs')
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--cores', type=int, default=1, help='cores per Worker')
   parser.add_argument('--executor_memory_mb', type=int, default=512)
-  parser.add_argument(
-    '--bind_host',
-    default='127.0.0.1',
-    help='address the JVMs listen on (0.0.0.0 opens the cluster beyond this machine)',
-  )
-  parser.add_argument('--workdir', help='SPARK_HOME, work dirs and logs (default: a temp dir removed on exit)')
   args = parser.parse_args(argv)
-  if args.workers < 1 or args.cores < 1:
-    parser.exit(2, f'{parser.prog}: error: --workers and --cores must be >= 1\n')
-  reason = unavailable()
-  if reason:
-    parser.exit(2, f'{parser.prog}: error: {reason}\n')
+  refuse_unless(parser, [(args.workers < 1 or args.cores < 1) and '--workers and --cores must be >= 1', unavailable()])
   return args
 
 
@@ -276,17 +255,7 @@ def main(argv=None):
     bind_host=args.bind_host,
     executor_memory_mb=args.executor_memory_mb,
   )
-  with stopped_by_signals(), cluster:  # SIGTERM, also while it starts, stops what it started
-    logging.info(
-      'Spark cluster up in %.1f s: %d Workers x %d cores, logs in %s',
-      cluster.started_s,
-      args.workers,
-      args.cores,
-      cluster.workdir,
-    )
-    print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
-    serve_until_stopped()
-  return 0
+  return serve(cluster, f'{args.workers} Workers x {args.cores} cores')
 
 
 if __name__ == '__main__':
