@@ -32,6 +32,8 @@ from beam_dl.decoding.sequences import SequenceRecord
 from beam_dl.formats import image_example
 from beam_dl.formats.features import bytes_feature, float_feature, int64_feature
 from beam_dl.formats.image_example import KEY, LABEL
+from beam_dl.formats.image_example import RAW as IMAGE_RAW  # noqa: F401  (schemas' name for it)
+from beam_dl.formats.image_example import SHAPE as IMAGE_SHAPE  # noqa: F401
 
 LENGTH, ITEM = 'length', 'item'
 
