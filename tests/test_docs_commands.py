@@ -26,12 +26,13 @@ block found in neither place fails.
 import glob
 import json
 import os
+import queue
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -186,13 +187,25 @@ def _env() -> dict:
 
 
 def _wait_for_line(process, text: str, out, timeout_s: float) -> bool:
-  """Reads the service's output (copied to `out`) until a line holds `text` (any line when empty)."""
+  """Reads the service's output (copied to `out`) until a line holds `text` (any line when empty).
+
+  A reader thread hands the lines over: `select` on the pipe cannot see lines
+  that a `readline` has already pulled into the file object's buffer."""
+  lines: queue.Queue = queue.Queue()
+
+  def read():
+    for line in iter(process.stdout.readline, ''):
+      lines.put(line)
+    lines.put(None)  # end of output
+
+  threading.Thread(target=read, daemon=True).start()
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    if not select.select([process.stdout], [], [], 1)[0]:
+    try:
+      line = lines.get(timeout=1)
+    except queue.Empty:
       continue
-    line = process.stdout.readline()
-    if not line:
+    if line is None:
       return False
     out.write(line)
     if text in line:
