@@ -215,9 +215,9 @@ def test_flagship_pipeline_on_many_threads_matches_one_thread(tmp_path, monkeypa
       Image.fromarray(rng.integers(0, 256, (6, 6), np.uint8)).save(
         tmp_path / 'images' / f'f{folder:02d}' / f'{i:03d}.png'
       )
-  spec_dir = tmp_path / 'model'
-  spec_dir.mkdir()
-  (spec_dir / checkpoints.SPEC_FILE).write_text(SPEC.to_json())  # ClassifyImages reads the input size from it
+  # A real model directory: the pipeline checks the model loads before the job starts (the stand-in
+  # handler then serves it; ClassifyImages reads the input size from its spec.json).
+  spec_dir = save_seeded_model(tmp_path / 'model', SPEC, fmt='msgpack')[0]
 
   one, one_failed = classify_folders(tmp_path, str(spec_dir), 'one', ['--direct_num_workers=1'])
   assert len(one) == 2400 and one_failed == []
