@@ -33,6 +33,7 @@ import pytest
 from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services import flink_cluster as fc
 from beam_dl.services import spark_cluster as sc
+from beam_dl.services.cluster import http_json
 from beam_dl.services.process import processes_tagged
 from tests import runner_matrix as rm
 from tests import services
@@ -126,7 +127,7 @@ def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
     assert flags[0] == '--runner=FlinkRunner' and '--environment_type=PROCESS' in flags, line
     master = next(f.split('=', 1)[1] for f in flags if f.startswith('--flink_master='))
     assert master.startswith('127.0.0.1:')
-    assert fc.rest_json(int(master.split(':')[1]), '/taskmanagers')['taskmanagers'].__len__() == 2
+    assert http_json(int(master.split(':')[1]), '/taskmanagers')['taskmanagers'].__len__() == 2
     tagged = [pid for pid in processes_tagged('') if workdir in _cmdline(pid)]
     assert len(tagged) == 4, [_cmdline(p)[:200] for p in tagged]  # JobManager, 2 TaskManagers, job server
     process.send_signal(signal.SIGTERM)

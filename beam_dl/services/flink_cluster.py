@@ -79,11 +79,6 @@ JAVA_17_OPTS = (
 LOG_OPTS = ('-Dorg.slf4j.simpleLogger.showDateTime=true', '-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS')
 
 
-def flink_lib() -> str | None:
-  """The Flink job server's classpath folder from `make runners` (BEAM_DL_FLINK_LIB overrides)."""
-  return job_server_lib('flink')
-
-
 def unavailable() -> str | None:
   """None when the cluster can start here, else what to run."""
   return missing('flink', 'flink-runtime-*.jar')
@@ -194,11 +189,6 @@ def worker_env(env: dict | None) -> dict[str, str]:
   return env
 
 
-def rest_json(port: int, path: str) -> dict | None:
-  """Flink's REST API: GET path as JSON; None while it does not answer."""
-  return http_json(port, path)
-
-
 class FlinkCluster(LocalCluster):
   """Context manager: a Flink session cluster, Beam's job server on it, and
   Python workers it owns; `runner_flags` are what a pipeline passes."""
@@ -227,7 +217,7 @@ class FlinkCluster(LocalCluster):
     self.taskmanagers, self.slots = taskmanagers, slots
     self.bind_host = bind_host
     self._tm_mb, self._jm_mb, self._js_mb = tm_memory_mb, jm_memory_mb, job_server_heap_mb
-    self.lib = flink_lib()
+    self.lib = job_server_lib('flink')
     self.rest_port = free_port()
     self.job_port = free_port()
 
@@ -337,12 +327,12 @@ class FlinkCluster(LocalCluster):
 
   def registered_taskmanagers(self) -> int:
     """TaskManagers the JobManager counts now (a killed one until its heartbeat times out)."""
-    overview = rest_json(self.rest_port, '/taskmanagers')
+    overview = http_json(self.rest_port, '/taskmanagers')
     return len(overview['taskmanagers']) if overview else 0
 
   def jobs(self) -> list[dict]:
     """[{'id', 'status'}] of the JobManager's jobs."""
-    overview = rest_json(self.rest_port, '/jobs')
+    overview = http_json(self.rest_port, '/jobs')
     return overview['jobs'] if overview else []
 
   def taskmanager_pids(self, i: int) -> list[int]:

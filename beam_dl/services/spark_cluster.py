@@ -51,11 +51,6 @@ from beam_dl.services.process import ServiceError, free_port, port_open
 START_TIMEOUT_S = 240
 
 
-def spark_lib() -> str | None:
-  """The Spark job server's classpath folder from `make runners` (BEAM_DL_SPARK_LIB overrides)."""
-  return job_server_lib('spark')
-
-
 def unavailable() -> str | None:
   """None when the cluster can start here, else what to run."""
   return missing('spark', 'spark-core_*.jar')
@@ -113,7 +108,7 @@ class SparkCluster(LocalCluster):
     self.workers, self.cores = workers, cores
     self.bind_host = bind_host
     self._executor_mb = executor_memory_mb
-    self.lib = spark_lib()
+    self.lib = job_server_lib('spark')
     self.master_port, self.web_port, self.job_port = free_port(), free_port(), free_port()
     self.spark_home = os.path.join(self.workdir, 'spark_home')
     env = worker_env(env)
