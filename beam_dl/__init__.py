@@ -16,10 +16,12 @@ __version__ = '0.1.0'
 # Every process that runs beam_dl code (launcher, SDK workers unpickling its
 # DoFns) gets the fixes to Beam that stop lost elements and failed
 # translations (beam_dl/beam_fixes, docs/beam_fixes.md).
+import logging as _logging  # noqa: E402
+
 from beam_dl import beam_fixes as _beam_fixes  # noqa: E402
 
 _beam_fixes.apply_all()
-if __import__('logging').getLogger().hasHandlers():  # else pipelines log them when their job starts
+if _logging.getLogger().hasHandlers():  # else pipelines log them when their job starts
   _beam_fixes.log_active()
 
 
