@@ -249,8 +249,12 @@ def run_in_sandbox(block: Block, root, timeout_s: float = 600) -> tuple[int, str
         process.wait(60)
         rc = 0 if ready and _group_ends(process.pid, 60) else 1
       else:
-        out.write(process.communicate(timeout=timeout_s)[0])
-        rc = process.returncode
+        try:
+          out.write(process.communicate(timeout=timeout_s)[0])
+          rc = process.returncode
+        except subprocess.TimeoutExpired:
+          out.write(f'\n[docs test] still running after {timeout_s:.0f}s: stopped\n')
+          rc = 124
     finally:
       if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
