@@ -4,7 +4,8 @@ Every fenced shell block of README.md and docs/*.md (a fence with no tag or
 `sh`/`bash`/`shell`; sample output and file trees are tagged `text`) is
 either run here or marked in the doc, on the line before its fence:
 
-    <!-- docs-test: cloud -->        needs a cloud account (not run)
+    <!-- docs-test: cloud -->        needs a cloud account or infrastructure of
+                                     your own: a cluster, Docker (not run)
     <!-- docs-test: gpu -->          needs a GPU (not run)
     <!-- docs-test: service TEXT --> starts a service that runs until stopped:
                                      run until a line of its output holds TEXT,
@@ -12,7 +13,9 @@ either run here or marked in the doc, on the line before its fence:
                                      of its group must end
     <!-- docs-test: by test_x.py::name -->
                                      runs here only through that test (the
-                                     test itself must exist)
+                                     test itself must exist); docs/runners.md's
+                                     blocks by the runner matrix must use the
+                                     matrix's runner flags
 
 A doc's blocks run in order (a later one may use what an earlier one made),
 with bash, from a scratch directory that looks like a checkout
@@ -23,6 +26,7 @@ the blocks not run yet, each with why: a gap, listed so that it shows; a
 block found in neither place fails.
 """
 
+import fnmatch
 import glob
 import json
 import os
@@ -62,38 +66,7 @@ LINKED = (
 )
 
 # Blocks not run yet, each with why: (doc, a string of the block) -> reason.
-NOT_YET = {
-  ('docs/library.md', '--model_dir M --quantize int8'): 'placeholders M, Q, C, W: a summary of docs/compression.md',
-  ('docs/library.md', "--input 'imgs/*'"): 'placeholder inputs imgs/*, model; the second command needs Dataflow',
-  ('docs/large_local_jobs.md', "'photos/*/*.jpg'"): 'placeholder inputs photos/*',
-  ('docs/streaming.md', '--model_dir MODEL --output out/scores'): 'placeholders MODEL, events/*',
-  ('docs/preprocessing.md', '--preprocess_kind sequences'): 'placeholder events/* with your field names',
-  (
-    'docs/streaming.md',
-    'python -m beam_dl.services.kafka_io > /tmp/kafka_io.out &',
-  ): 'needs a producer of the events; the same sequence runs in tests/test_kafka.py',
-  ('docs/streaming.md', "pip install 'beam_dl[kafka]'"): 'your own Kafka and Flink cluster',
-  ('docs/registry_and_hdfs.md', "--input 'hdfs://data/images/*.png'"): 'needs images on HDFS first',
-  ('docs/operations.md', 'tensorboard --logdir'): 'tensorboard serves until stopped and prints nothing first',
-  ('docs/compression.md', '--workdir /tmp/compress_pruned'): 'three trainings of the full digits config (minutes)',
-}
-# docs/runners.md's running example is `PIPELINE_FLAGS` on gs://; tests/test_runners.py runs these runners locally.
-NOT_YET.update(
-  {
-    ('docs/runners.md', text): "PIPELINE_FLAGS is the doc's gs:// example"
-    for text in (
-      '# DirectRunner',
-      'local_job_service_main --port 8099',
-      'worker_pool_main --service_port=50000',
-      '$PIPELINE_FLAGS \\\n    --runner=FlinkRunner --flink_master=[local] --environment_type',
-      '--job-port=8099 --artifact-port=0',
-      '--runner=SparkRunner --spark_master_url=local[2] --environment_type=LOOPBACK',
-      '--spark-master-url=local[2] --job-port=8099',
-      '--runner=PrismRunner',
-    )
-  }
-)
-NOT_YET[('docs/runners.md', "--input 'incoming/*.jsonl'")] = 'placeholders incoming/*, model'
+NOT_YET: dict[tuple[str, str], str] = {}
 
 
 class Block:
@@ -326,3 +299,67 @@ def test_classic_template_command_writes_the_template(demo, tmp_path):
   (pool,) = job['environment']['workerPools']
   assert 'workflow.tar.gz' in {p['name'] for p in pool['packages']}  # --setup_file staged the project
   assert os.path.exists(os.path.join(demo, 'dataflow', 'staging', 'workflow.tar.gz'))
+
+
+# The flags that pick a runner and its workers; the rest of a command is the pipeline's.
+RUNNER_FLAGS = (
+  '--runner',
+  '--flink_master',
+  '--spark_master_url',
+  '--job_endpoint',
+  '--environment_type',
+  '--environment_config',
+  '--prism_location',
+  '--direct_num_workers',
+  '--direct_running_mode',
+)
+# Values that name a place on the user's machine (the matrix has its own).
+PLACE_FLAGS = ('--job_endpoint', '--environment_config', '--prism_location')
+JAR_FLAGS = {'--flink_job_server_jar': 'flink', '--spark_job_server_jar': 'spark'}
+
+
+def _commands(body: str) -> list[list[str]]:
+  """The `python -m pipelines.*` commands of a block, as argv lists (continuations joined, comments dropped)."""
+  import shlex
+
+  text = body.replace('\\\n', ' ')
+  return [
+    shlex.split(line, comments=True) for line in text.splitlines() if line.strip().startswith('python -m pipelines.')
+  ]
+
+
+def _runner_flags(argv: list[str]) -> tuple[frozenset, dict]:
+  """(runner flags with place values blanked, {kind: job-server jar}) of one command."""
+  flags, jars = set(), {}
+  for arg in argv:
+    name, _, value = arg.partition('=')
+    if name in JAR_FLAGS:
+      jars[JAR_FLAGS[name]] = value
+    elif name in RUNNER_FLAGS:
+      flags.add((name, '' if name in PLACE_FLAGS else value))
+  if not any(name == '--runner' for name, _ in flags):
+    flags.add(('--runner', 'DirectRunner'))  # Beam's default
+  return frozenset(flags), jars
+
+
+def test_runner_blocks_run_by_the_matrix_use_its_flags():
+  """Each command of docs/runners.md that the runner matrix stands for picks a
+  runner exactly as one of the matrix's cells does (`--*_job_server_jar`, Beam
+  starting the job server itself, stands for the matrix's `--job_endpoint`), and
+  names the jar `make runners` builds."""
+  services = {'job_endpoint': 'e', 'worker_pool': 'w', 'flink_job_server': 'f', 'spark_job_server': 's'}
+  matrix = {name: _runner_flags(case.flags(services))[0] for name, case in rm.RUNNERS.items()}
+  checked = 0
+  for block in shell_blocks():
+    if block.doc != 'docs/runners.md' or block.mark != 'by test_runners.py::test_pipeline_on_runner':
+      continue
+    commands = _commands(block.body)
+    assert commands, f'{block}: no pipeline command'
+    for argv in commands:
+      flags, jars = _runner_flags(argv)
+      for kind, jar in jars.items():
+        assert fnmatch.fnmatch(os.path.basename(jar), rm.JOB_SERVER_JARS[kind]) and jar.startswith('.runners/'), jar
+        flags |= {('--job_endpoint', '')}
+      assert flags in matrix.values(), f'{block}: {sorted(flags)} is no cell of the matrix {sorted(matrix)}'
+      checked += 1
+  assert checked >= 9
