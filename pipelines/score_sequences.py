@@ -301,7 +301,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     windows, opts.seq_len, num_features=len(fields), route_late=streaming, clock=clock
   )
   examples = sequences.records | 'ToExamples' >> beam.ParDo(
-    ToModelInputFn(opts.forecast, opts.min_length)
+    ToModelInputFn(opts.forecast, opts.min_length, clock=clock)
   ).with_outputs('failed', main='examples')
   handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())
   inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(

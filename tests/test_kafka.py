@@ -14,6 +14,7 @@ events and checks run through Beam's Java KafkaIO on the real FlinkRunner
 Prism.
 """
 
+import collections
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 
+import apache_beam as beam
 import numpy as np
 import pytest
 
@@ -149,7 +151,7 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
   broker.create_topic('scores-failed')
   _produce(broker, 'events', events, MALFORMED)
 
-  score_sequences.run(
+  result = score_sequences.run(
     [
       '--streaming',
       '--kafka_bootstrap',
@@ -165,6 +167,12 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
   )
   scores, failed = _consume_all(broker, 'scores'), _consume_all(broker, 'scores-failed')
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path)
+  # The Kafka hops: one read lag per record read, one acknowledgement time per record written (both writers).
+  counts = collections.Counter()
+  for d in result.metrics().query(beam.metrics.MetricsFilter().with_namespace('beam_dl.io.kafka'))['distributions']:
+    counts[d.key.metric.name] += d.committed.count
+  assert counts['read_lag_ms'] == len(events) + len(MALFORMED)
+  assert counts['write_ack_ms'] == len(scores) + len(failed)
 
 
 @pytest.mark.slow

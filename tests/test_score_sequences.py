@@ -182,8 +182,13 @@ def test_streaming_watched_directory_picks_up_new_files(tmp_path, model_dir):
     assert record['latency_s'] >= 0
   assert all(s['pane'] in ('EARLY', 'ON_TIME') for s in scores)
   assert [f['stage'] for f in failed] == ['parse_event', 'parse_event']
+  assert not any({'arrival', 'emitted', 'to_model'} & set(s) for s in scores)  # stamps stay inside
   summary = score_sequences.latency_summary(result)
   assert summary['files_matched'] == 2 and summary['scored'] == len(scores)
+  # Where the time went: the hops add up to the whole path (each rounded down to a ms).
+  hops = [summary[f'hop_{name}_mean_ms'] for name in ('window', 'handoff', 'model')]
+  assert all(h >= 0 for h in hops)
+  assert summary['latency_mean_ms'] - 3 <= sum(hops) <= summary['latency_mean_ms']
 
 
 def test_pubsub_source_turns_streaming_on(model_dir, tmp_path):

@@ -7,10 +7,22 @@
     late = windowed.late | ParDo(LateDeadLetterFn(time.time))
 
 A sequence record (`transforms.windowing.WindowedSequences`) becomes
-(context JSON, float32 [T, F]): the context (key, window, pane, arrival,
-forecast target) travels as the RunInference key, so nothing is joined back
-afterwards. `pipelines.score_sequences` wires these; metrics are in the
+(context JSON, float32 [T, F]): the context (key, window, pane, forecast
+target, and the clock stamps of the newest event's way through the steps)
+travels as the RunInference key, so nothing is joined back afterwards.
+`pipelines.score_sequences` wires these; metrics are in the
 'beam_dl.score_sequences' namespace (`latency_summary` reads them).
+
+Where the time goes, per score, as Beam distributions (ms):
+
+    latency_ms           arrival -> score formatted (the whole in-pipeline path)
+    hop_window_ms        arrival -> pane emitted   (late-data gate, window, trigger)
+    hop_handoff_ms       pane emitted -> model input made (between the stages)
+    hop_model_ms         model input -> score formatted (batching, the model call)
+
+`arrival` is stamped when the parsed event enters the windowing step, so
+reading and parsing come before it; the Kafka writer adds its own
+`beam_dl.io.kafka` distribution `write_ack_ms` (produce -> broker acknowledgement).
 """
 
 from __future__ import annotations
@@ -35,17 +47,23 @@ def min_scoring_length(forecast: bool, min_length: int | None = None) -> int:
   return max(min_length or 1, 2 if forecast else 1)
 
 
-def model_input(record: dict[str, Any], forecast: bool) -> tuple[str, np.ndarray]:
+# The clock stamps a context carries, popped before the score record is written.
+STAMPS = ('arrival', 'emitted', 'to_model')
+
+
+def model_input(record: dict[str, Any], forecast: bool, now: float | None = None) -> tuple[str, np.ndarray]:
   """Sequence record -> (context JSON, float32 [T, F] steps the model sees).
 
   With `forecast` the last step is the target (kept in the context) and the
-  model sees the steps before it.
+  model sees the steps before it. `now` stamps when the input was made.
   """
   seq = record['sequence']
   steps = seq.valid()
   context = {k: record[k] for k in ('key', 'window_start', 'window_end', 'pane', 'pane_index', 'length')}
   context['last_time'] = float(seq.times[len(steps) - 1])
   context['arrival'] = seq.arrival
+  context['emitted'] = record.get('emitted')
+  context['to_model'] = now
   if forecast:
     context['target'] = steps[-1].tolist()
     steps = steps[:-1]
@@ -54,15 +72,15 @@ def model_input(record: dict[str, Any], forecast: bool) -> tuple[str, np.ndarray
 
 def score_record(
   context_json: str, inference, target_scale: float = 1.0, target_offset: float = 0.0
-) -> tuple[dict[str, Any], float | None]:
-  """(context JSON, model output) -> (score record without latency, arrival time or None).
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+  """(context JSON, model output) -> (score record without latency, its clock stamps `STAMPS`).
 
   `outputs` is the raw output vector; with a forecast target, `prediction`
   maps it back to data units (`* target_scale + target_offset`) and `score`
   is the mean absolute error against the target.
   """
   record = json.loads(context_json)
-  arrival = record.pop('arrival')
+  stamps = {name: record.pop(name, None) for name in STAMPS}
   outputs = np.asarray(inference, np.float64).reshape(-1)
   record['outputs'] = outputs.tolist()
   if 'target' in record:
@@ -70,7 +88,7 @@ def score_record(
     target = np.asarray(record['target'], np.float64)
     record['prediction'] = prediction.tolist()
     record['score'] = float(np.mean(np.abs(target - prediction[: len(target)])))
-  return record, arrival
+  return record, stamps
 
 
 def restore_key(failure: dict) -> dict:
@@ -90,9 +108,10 @@ def restore_key(failure: dict) -> dict:
 class ToModelInputFn(beam.DoFn):
   """Sequence record -> (context JSON, float32 [T, F]); short windows to 'failed'."""
 
-  def __init__(self, forecast: bool, min_length: int | None = None):
+  def __init__(self, forecast: bool, min_length: int | None = None, clock: Callable[[], float] = time.time):
     self._forecast = forecast
     self._min_length = min_scoring_length(forecast, min_length)
+    self._clock = clock
     self._short = beam.metrics.Metrics.counter(NAMESPACE, 'windows_too_short')
 
   def process(self, record):
@@ -111,7 +130,15 @@ class ToModelInputFn(beam.DoFn):
         ),
       )
       return
-    yield model_input(record, self._forecast)
+    yield model_input(record, self._forecast, self._clock())
+
+
+# (distribution, from stamp, to stamp): the hops of a score's newest event.
+HOPS = (
+  ('hop_window_ms', 'arrival', 'emitted'),
+  ('hop_handoff_ms', 'emitted', 'to_model'),
+  ('hop_model_ms', 'to_model', 'formatted'),
+)
 
 
 class FormatScoreFn(beam.DoFn):
@@ -140,6 +167,7 @@ class FormatScoreFn(beam.DoFn):
     self._p50 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p50_ms')
     self._p99 = beam.metrics.Metrics.gauge(NAMESPACE, 'latency_p99_ms')
     self._scored = beam.metrics.Metrics.counter(NAMESPACE, 'scored')
+    self._hops = {name: beam.metrics.Metrics.distribution(NAMESPACE, name) for name, *_ in HOPS}
 
   def setup(self):
     self._latencies: list[float] = []
@@ -148,10 +176,16 @@ class FormatScoreFn(beam.DoFn):
 
   def process(self, element):
     context_json, result = element
-    record, arrival = score_record(context_json, result.inference, self._scale, self._offset)
-    latency = self._clock() - arrival if arrival is not None else float('nan')
+    record, stamps = score_record(context_json, result.inference, self._scale, self._offset)
+    now = self._clock()
+    arrival = stamps['arrival']
+    latency = now - arrival if arrival is not None else float('nan')
     record['latency_s'] = latency
     self._scored.inc()
+    stamps['formatted'] = now
+    for name, start, end in HOPS:
+      if stamps[start] is not None and stamps[end] is not None:
+        self._hops[name].update(int((stamps[end] - stamps[start]) * 1000))
     if arrival is not None:
       self._dist.update(int(latency * 1000))
       self._latencies.append(latency)
@@ -225,6 +259,7 @@ def latency_summary(result) -> dict:
     summary[gauge.key.metric.name] = gauge.committed.value if gauge.committed else None
   for dist in metrics['distributions']:
     if dist.committed and dist.committed.count:
-      summary['latency_mean_ms'] = dist.committed.mean
-      summary['latency_max_ms'] = dist.committed.max
+      name = dist.key.metric.name.removesuffix('_ms')
+      summary[f'{name}_mean_ms'] = dist.committed.mean
+      summary[f'{name}_max_ms'] = dist.committed.max
   return summary

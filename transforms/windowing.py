@@ -177,9 +177,20 @@ class WindowedFeatures(beam.PTransform):
 
 
 class _SequenceRecordFn(beam.DoFn):
+  """(key, Sequence) -> record, stamped `emitted` (clock) when the pane leaves the combine."""
+
+  def __init__(self, clock: Callable[[], float]):
+    self._clock = clock
+
   def process(self, element, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
     key, sequence = element
-    yield {'key': key, **window_fields(window, pane), 'length': sequence.length, 'sequence': sequence}
+    yield {
+      'key': key,
+      **window_fields(window, pane),
+      'length': sequence.length,
+      'sequence': sequence,
+      'emitted': self._clock(),
+    }
 
 
 @beam.typehints.with_input_types(Event)
@@ -187,8 +198,10 @@ class WindowedSequences(beam.PTransform):
   """Event -> the last `n` events per key, window and pane, plus late events.
 
   Records: {"key", "window_start", "window_end", "pane", "pane_index",
-  "length", "sequence"} with `sequence` a `beam_dl.features.Sequence`
-  (values float32 [n, F], mask bool [n], times [n], arrival).
+  "length", "sequence", "emitted"} with `sequence` a `beam_dl.features.Sequence`
+  (values float32 [n, F], mask bool [n], times [n], arrival) and `emitted`
+  the clock when the pane left the windowing step (arrival -> emitted is the
+  time an event spent in the late-data gate, the window and its trigger).
   """
 
   def __init__(
@@ -211,7 +224,7 @@ class WindowedSequences(beam.PTransform):
     records = (
       windowed
       | 'LastN' >> beam.CombinePerKey(self._combine)
-      | 'ToRecords' >> beam.ParDo(_SequenceRecordFn()).with_output_types(Record)
+      | 'ToRecords' >> beam.ParDo(_SequenceRecordFn(self._clock)).with_output_types(Record)
     )
     return WindowedOutputs(records, late)
 

@@ -22,6 +22,7 @@ record values with the record's CreateTime as timestamp.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional
@@ -127,7 +128,10 @@ class _ReadPartitionFn(beam.DoFn):
   Each call reads for up to `poll_s` seconds, then hands the rest of the
   partition back to the runner (a checkpoint), so bundles stay short and
   the watermark moves. With `stop_after_idle_s`, a partition that has had
-  no record for that long is done (bounded runs: tests, benchmarks).
+  no record for that long is done (bounded runs: tests, benchmarks). The
+  distribution `read_lag_ms` is the wall clock at reading minus the record
+  time: the producer -> reader hop when the record time is the send time
+  (Kafka's CreateTime, the producer's default).
   """
 
   def __init__(self, servers: str, poll_s: float, stop_after_idle_s: float | None, max_batch: int = 500):
@@ -137,6 +141,7 @@ class _ReadPartitionFn(beam.DoFn):
     self._max_batch = max_batch
     self._records = beam.metrics.Metrics.counter(_NAMESPACE, 'records_read')
     self._errors = beam.metrics.Metrics.counter(_NAMESPACE, 'consumer_errors')
+    self._lag_ms = beam.metrics.Metrics.distribution(_NAMESPACE, 'read_lag_ms')
 
   def setup(self):
     self._consumer = _consumer(self._servers, **{'fetch.wait.max.ms': 10})
@@ -171,7 +176,9 @@ class _ReadPartitionFn(beam.DoFn):
           return
         last = self._last_record[where] = time.monotonic()
         self._records.inc()
-        yield beam.window.TimestampedValue(message.value(), message.timestamp()[1] / 1000.0)
+        record_ms = message.timestamp()[1]
+        self._lag_ms.update(max(0, int(time.time() * 1000) - record_ms))
+        yield beam.window.TimestampedValue(message.value(), record_ms / 1000.0)
     if self._idle is not None and time.monotonic() - last >= self._idle:
       tracker.try_claim(_UNBOUNDED - 1)  # claims the rest: this partition is done
       return
@@ -289,13 +296,16 @@ class _ProduceJsonFn(beam.DoFn):
 
   The producer is per DoFn instance (one thread); a bundle is done only
   when the broker has acknowledged all of its messages, so a retried
-  bundle never loses output (it may repeat it: at-least-once).
+  bundle never loses output (it may repeat it: at-least-once). The
+  distribution `write_ack_ms` is each message's produce -> acknowledgement
+  time (the bundle's end included: messages are flushed there).
   """
 
   def __init__(self, servers: str, topic: str, key_field: str | None, flush_timeout_s: float):
     self._servers, self._topic, self._key_field = servers, topic, key_field
     self._flush_timeout = flush_timeout_s
     self._sent = beam.metrics.Metrics.counter(_NAMESPACE, 'records_written')
+    self._ack_ms = beam.metrics.Metrics.distribution(_NAMESPACE, 'write_ack_ms')
 
   def setup(self):
     from confluent_kafka import Producer  # pylint: disable=g-import-not-at-top
@@ -305,9 +315,11 @@ class _ProduceJsonFn(beam.DoFn):
     )  # delivery errors come back through `_delivered`
     self._failed: list[str] = []
 
-  def _delivered(self, err, _message):
+  def _delivered(self, err, _message, produced: float):
     if err is not None:
       self._failed.append(str(err))
+    else:
+      self._ack_ms.update(int((time.monotonic() - produced) * 1000))
 
   def process(self, record: dict[str, Any]):
     key = record.get(self._key_field) if self._key_field else None
@@ -315,7 +327,7 @@ class _ProduceJsonFn(beam.DoFn):
       self._topic,
       json_line(record).encode('utf-8'),
       key=None if key is None else str(key).encode('utf-8'),
-      on_delivery=self._delivered,
+      on_delivery=functools.partial(self._delivered, produced=time.monotonic()),
     )
     self._producer.poll(0)
     self._sent.inc()
