@@ -35,6 +35,12 @@ newest event in the window; its p50/p99 are logged and exported as the
 gauges `latency_p50_ms`/`latency_p99_ms` (plus the distribution
 `latency_ms`) in the 'beam_dl.score_sequences' metrics namespace.
 
+Drift: a batch run without --drift_profile compares a sample of 256 events'
+value fields with the input profile training saved in the model directory
+(field i is the model's input channel `input/<i>`): the gauges psi_e6/js_e6
+in 'beam_dl.drift' and one warning line when they differ
+(`transforms.drift.CheckAgainstTraining`; --drift_profile none: no check).
+
 Timestamps: batch takes event times from the data (the "time" field);
 streaming keeps the source's (file read time, Pub/Sub publish time or
 `--timestamp_attribute`, Kafka record time), so windows follow the watermark.
@@ -67,7 +73,7 @@ from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.models import checkpoints
 from beam_dl.operations.metrics_export import run_pipeline
 from beam_dl.serving.handler import JaxModelHandler
-from transforms.drift import drift_enabled, score_sequences_drift
+from transforms.drift import score_sequences_drift
 from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters
 from transforms.io import WriteJsonLines, WriteWindowedJsonLines
@@ -333,12 +339,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
     scores | 'WriteScores' >> WriteJsonLines(io.output)
     failed | 'WriteFailures' >> WriteJsonLines(failed_output(io.output))
   failed | 'CountDeadLetters' >> CountDeadLetters()
-  if drift_enabled(options):
-    window = writer = None  # batch: one drift report for the run (or --drift_window_size)
-    if streaming:
-      window = (opts.window_size, opts.window_period if opts.window == 'sliding' else None)
-      writer = lambda prefix: WriteWindowedJsonLines(prefix, opts.write_frequency_secs)
-    score_sequences_drift(options, events, scores, fields, io.output, window, writer)
+  window = writer = None  # batch: one drift report for the run (or --drift_window_size)
+  if streaming:
+    window = (opts.window_size, opts.window_period if opts.window == 'sliding' else None)
+    writer = lambda prefix: WriteWindowedJsonLines(prefix, opts.write_frequency_secs)
+  # Without drift flags, a batch run checks its events against training's profile (if the model dir has one).
+  score_sequences_drift(options, events, scores, fields, io.output, inference.model_dir, window, writer)
   return scores, failed
 
 

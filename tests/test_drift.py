@@ -100,6 +100,20 @@ def test_profile_from_tf_transform_stats():
     drift.profile_from_stats({'x/min': [0.0]})
 
 
+def test_sequence_input_profile_one_feature_per_channel_without_padding():
+  x = np.zeros((2, 4, 2))
+  x[0, :3] = [[1, 10], [2, 20], [3, 30]]  # 3 real steps, 1 padded
+  x[1, :1] = [[4, 40]]  # 1 real step, 3 padded
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+  profile = drift.sequence_input_profile([(x, mask)], num_bins=4)
+  assert sorted(profile.features) == ['input/0', 'input/1']
+  assert profile.features['input/0'].count == 4  # padding left out
+  assert profile.features['input/1'].edges == (15.0, 25.0, 35.0)  # one bin per value: 10, 20, 30, 40
+  renamed = drift.fields_profile(profile, ['co2', 'temp'])
+  assert renamed.features == {'co2': profile.features['input/0'], 'temp': profile.features['input/1']}
+  assert drift.fields_profile(drift.build_profile({'image/brightness': [0.5]}), ['co2']) is None
+
+
 def test_histograms_merge_like_one_pass(digits_split, digits_profile):
   digits, _, test = digits_split
   records = digit_records(digits, test)
@@ -384,3 +398,85 @@ def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(di
   assert warnings == [] and brightness < 100_000
   assert runs['off'] == ([], {})
   assert not [p for p in os.listdir(tmp_path / 'small') if 'drift' in p or 'alerts' in p]  # no files by default
+
+
+@pytest.fixture(scope='module')
+def co2_trained_dir(tmp_path_factory):
+  """A co2 forecaster trained by `pipelines.train` on the co2_rnn config's SequenceExamples (two steps:
+  the drift check needs training's input profile, not a good model)."""
+  from pipelines import train as train_cli
+
+  workdir = str(tmp_path_factory.mktemp('co2_trained'))
+  flags = ['num_steps=2', 'log_every=1', 'checkpoint_every=0', 'eval_batch_size=512']
+  train_cli.main(
+    ['--config', 'pipelines/configs/co2_rnn.py:runlocal', '--workdir', workdir, '--tensorboard_dir', 'none']
+    + [arg for flag in flags for arg in ('--set', flag)]
+    + ['--log_level', 'WARNING']
+  )
+  return os.path.join(workdir, 'model')
+
+
+@pytest.mark.slow
+def test_score_sequences_warns_once_when_events_are_not_on_the_training_scale(co2_trained_dir, tmp_path, caplog):
+  """Training saved one feature per input channel (`input/0`, CO2 relative to a window's last month);
+  score_sequences reads it as its first value field. Events of the training windows give no warning; the
+  same events x100 give one warning line naming the field and the PSI gauge; `none` turns it off."""
+  import logging
+
+  from apache_beam.metrics.metric import MetricsFilter
+
+  from beam_dl.training import datasets
+  from pipelines import score_sequences
+
+  profile = drift.load_profile(co2_trained_dir)
+  assert list(profile.features) == ['input/0']
+  windows, _ = datasets.co2_windows(24)
+  assert profile.features['input/0'].count == int(len(windows) * 0.8) * 24  # every step of every training window
+  sample = windows[: int(len(windows) * 0.8) : 5, :, 0]  # 81 training windows across the years, 24 months each
+
+  def write_events(path, scale):
+    with open(path, 'w') as f:
+      for i, window in enumerate(sample):
+        for step, value in enumerate(window):
+          f.write(json.dumps({'key': f'w{i}', 'time': 1000.0 + step, 'co2_change': float(value) * scale}) + '\n')
+    return str(path)
+
+  runs = {}
+  for name, scale, extra in (('same', 1, []), ('scaled', 100, []), ('off', 100, ['--drift_profile', 'none'])):
+    caplog.clear()
+    out = str(tmp_path / name / 'scores')
+    with caplog.at_level(logging.WARNING, logger='beam_dl'):
+      result = score_sequences.run(
+        [
+          '--input',
+          write_events(tmp_path / f'{name}.jsonl', scale),
+          '--model_dir',
+          co2_trained_dir,
+          '--output',
+          out,
+          '--event_value_fields',
+          'co2_change',
+          '--window',
+          'global',
+          '--seq_len',
+          '24',
+          '--runner',
+          'FnApiRunner',
+          *extra,
+        ]
+      )
+    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
+    runs[name] = (
+      [r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
+      {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name},
+    )
+    assert len(read_jsonl(f'{out}-0*.jsonl')) == len(sample)  # every key scored: scores unaffected
+  warnings, gauges = runs['scaled']
+  assert len(warnings) == 1 and 'co2_change PSI' in warnings[0], warnings
+  ((name, psi),) = gauges.items()
+  assert 'co2_change' in name and psi > 250_000  # PSI in millionths: significant
+  warnings, gauges = runs['same']
+  ((name, psi),) = gauges.items()
+  assert warnings == [] and 'co2_change' in name and psi < 250_000  # a 256-event sample: not significant
+  assert runs['off'] == ([], {})
+  assert not [p for p in os.listdir(tmp_path / 'scaled') if 'drift' in p or 'alerts' in p]  # no files by default

@@ -3,8 +3,9 @@
   ComputeDrift(profile)        feature dicts -> per-window drift reports, plus alerts
   BuildDriftProfile(path)      feature dicts -> a reference profile written to `path`
   attach_drift(options, ...)   the --drift_profile / --write_drift_profile wiring of a pipeline
-  CheckAgainstTraining(dir)    images -> a drift report against the profile training saved in
-                               the model directory: a metric and one warning line when drifted
+  CheckAgainstTraining(...)    images or events -> a drift report against the profile training
+                               saved in the model directory: a metric and one warning line when
+                               drifted (the default check of classify_images and score_sequences)
 
 A feature dict is {name: number or list of numbers}: input features (an
 image's brightness, an event's value fields) and `prediction/...` fields of
@@ -14,15 +15,17 @@ maths lives in `beam_dl.operations.drift`.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_dl.core.deadletter import side_output
-from beam_dl.core.element_types import EncodedImage, Record
+from beam_dl.core.element_types import DecodedImage, EncodedImage, Record
+from beam_dl.formats.events import Event
 from beam_dl.operations import drift
 from beam_dl.operations.metrics_export import labelled
 
@@ -240,45 +243,83 @@ class _WarnOnDriftFn(beam.DoFn):
     yield report
 
 
-@beam.typehints.with_input_types(EncodedImage)
+@beam.typehints.with_input_types(Union[EncodedImage, DecodedImage, Event])
 class CheckAgainstTraining(beam.PTransform):
-  """(key, image) in batch -> drift reports of a sample of images against
-  the profile training saved in the model directory.
+  """Inputs in batch -> the drift report of a sample of them against the
+  profile training saved in the model directory.
 
-  `TRAINING_SAMPLE` images (Beam's reservoir sample, so the cost does not
-  grow with the input) are decoded at the model's input size and compared
-  by `image_statistics` with the training inputs: the gauges
-  `beam_dl.operations.drift` psi_e6/js_e6 per feature, an `alerts` counter,
-  and one warning line when a feature drifted (PSI >= alert_psi), so a
-  model served on data of another scale is noticed at once.
+  `sample` inputs (Beam's reservoir sample, so the cost does not grow with
+  the input) become feature dicts by `features(element)` (an iterable: an
+  image that does not decode gives none) and are compared with the training
+  inputs: the gauges `beam_dl.drift` psi_e6/js_e6 per feature, an `alerts`
+  counter, and one warning line when a feature drifted (PSI >= alert_psi),
+  so a model served on data of another scale is noticed at once. The one
+  home of that check: `classify_images_drift` passes image features,
+  `score_sequences_drift` event value fields.
+
+  Args:
+    profile_path: training's profile, named in the warning.
+    features: element -> feature dicts; picklable (a module function or a
+      functools.partial of one).
+    profile: the DriftProfile to compare with (default: `profile_path`'s),
+      e.g. a sequence profile renamed to serving's field names.
   """
 
   def __init__(
     self,
     profile_path: str,
-    spec,
+    features,
     alert_psi: float = drift.ALERT_PSI,
     min_count: int = 20,
     sample: int = TRAINING_SAMPLE,
+    profile: drift.DriftProfile | None = None,
   ):
     super().__init__()
-    self._path, self._spec, self._alert, self._min_count, self._sample = (
+    self._path, self._features, self._alert, self._min_count, self._sample = (
       profile_path,
-      spec,
+      features,
       alert_psi,
       min_count,
       sample,
     )
+    self._profile = profile if profile is not None else drift.load_profile(profile_path)
 
-  def expand(self, images):
+  def expand(self, inputs):
     reports = (
-      images
-      | 'SampleImages' >> beam.combiners.Sample.FixedSizeGlobally(self._sample)
+      inputs
+      | 'GlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
+      | 'SampleInputs' >> beam.combiners.Sample.FixedSizeGlobally(self._sample)
       | 'Unlist' >> beam.FlatMap(lambda sample: sample)
-      | 'ImageDriftFeatures' >> beam.FlatMap(image_features, self._spec)
-      | 'ComputeDrift' >> ComputeDrift(self._path, alert_psi=self._alert, min_count=self._min_count)
+      | 'DriftFeatures' >> beam.FlatMap(self._features)
+      | 'ComputeDrift' >> ComputeDrift(self._profile, alert_psi=self._alert, min_count=self._min_count)
     )
     return reports.reports | 'WarnOnDrift' >> beam.ParDo(_WarnOnDriftFn(self._path, self._alert))
+
+
+def _training_check(options, pcoll, model_dir: str, fields=None):
+  """The default check of a batch run against training's profile
+  (`CheckAgainstTraining`) when the run has no --drift_profile /
+  --write_drift_profile, isn't `--drift_profile none`, and the model
+  directory holds a profile (older models have none: no check, no message).
+  Images without `fields`; events with the value `fields` (channel i of
+  the sequence profile is fields[i]). Returns the reports, or None."""
+  from beam_dl.cli.options import DriftOptions
+  from beam_dl.features.windows import is_batch
+
+  opts = options.view_as(DriftOptions)
+  path = None if opts.drift_profile == OFF or not is_batch(pcoll) else training_profile(model_dir)
+  if path is None:
+    return None
+  if fields is None:
+    profile, features = None, functools.partial(image_features, spec=_model_image_spec(model_dir))
+  else:
+    profile = drift.fields_profile(drift.load_profile(path), fields)
+    if profile is None:  # a profile without input channels: nothing to compare the events with
+      return None
+    features = functools.partial(_event_feature_list, fields=tuple(fields))
+  return pcoll | 'CheckAgainstTraining' >> CheckAgainstTraining(
+    path, features, opts.drift_alert_psi, opts.drift_min_count, profile=profile
+  )
 
 
 def attach_drift(
@@ -353,17 +394,8 @@ def classify_images_drift(options, images, predictions, model_dir: str, output: 
   directory holds training's input profile is checked against it
   (`CheckAgainstTraining`); --drift_profile none turns that off.
   """
-  from beam_dl.cli.options import DriftOptions
-  from beam_dl.features.windows import is_batch
-
   if not drift_enabled(options):
-    opts = options.view_as(DriftOptions)
-    path = None if opts.drift_profile == OFF or not is_batch(images) else training_profile(model_dir)
-    if path is None:
-      return None
-    return images | 'CheckAgainstTraining' >> CheckAgainstTraining(
-      path, _model_image_spec(model_dir), opts.drift_alert_psi, opts.drift_min_count
-    )
+    return _training_check(options, images, model_dir)
   spec = _model_image_spec(model_dir)
   return attach_drift(
     options,
@@ -375,8 +407,19 @@ def classify_images_drift(options, images, predictions, model_dir: str, output: 
   )
 
 
-def score_sequences_drift(options, events, scores, fields, output: str, streaming_window=None, writer=None):
-  """score_sequences' drift: each event's value fields and each window's score or outputs."""
+def score_sequences_drift(
+  options, events, scores, fields, output: str, model_dir: str, streaming_window=None, writer=None
+):
+  """score_sequences' drift: each event's value fields and each window's score or outputs.
+
+  Without --drift_profile / --write_drift_profile, a batch run whose model
+  directory holds training's input profile checks a sample of its events'
+  value fields against it (`CheckAgainstTraining`; the profile's channel
+  `input/<i>` is `fields[i]`); --drift_profile none turns that off, and
+  streaming runs have no default check.
+  """
+  if not drift_enabled(options):
+    return _training_check(options, events, model_dir, fields)
   return attach_drift(
     options,
     {
@@ -414,6 +457,10 @@ def classification_features(record: dict) -> dict:
 def event_features(event, fields) -> dict:
   """An `Event` -> {field: value} of its value fields."""
   return dict(zip(fields, event.values))
+
+
+def _event_feature_list(event, fields) -> list[dict]:
+  return [event_features(event, fields)]
 
 
 def score_features(record: dict) -> dict:

@@ -205,8 +205,9 @@ class DriftOptions(PipelineOptions):
       default=None,
       help='Reference profile (drift_profile.json, or a directory holding one): compute PSI and '
       'Jensen-Shannon per feature and prediction; writes <output>_drift-*.jsonl and '
-      '<output>_alerts-*.jsonl. Default: images are checked against the input profile training '
-      'saved in the model directory (a metric and one warning line if they drift); `none`: no check.',
+      '<output>_alerts-*.jsonl. Default (batch): a sample of the images or events is checked against '
+      'the input profile training saved in the model directory (a metric and one warning line if they '
+      'drift); `none`: no check.',
     )
     add(
       '--write_drift_profile',

@@ -18,6 +18,10 @@ The plain functions behind `transforms.drift.ComputeDrift` (no Beam here):
   by training, which saves a profile of its own inputs in the model
   directory (`input_profile`), so a model is served against the data it
   was trained on by default.
+- `sequence_input_profile` does the same for sequence models: one feature
+  per input channel, `input/<i>` (the raw value of channel i at every
+  step). Serving builds channel i from its i-th value field, so
+  `fields_profile` renames `input/<i>` to that field's name.
 - `compare` turns a window's histograms into per-feature PSI and
   Jensen-Shannon distance, and a level by the usual PSI conventions
   (< 0.1 stable, 0.1-0.25 moderate, >= 0.25 significant; configurable).
@@ -189,6 +193,41 @@ def input_profile(batches: Iterable[np.ndarray], num_bins: int = DEFAULT_BINS, s
     for name, values in image_statistics(batch).items():
       columns[name].extend(np.asarray(values, np.float64).reshape(-1).tolist())
   return build_profile(columns, num_bins, source)
+
+
+SEQUENCE_INPUT_PREFIX = 'input/'
+
+
+def sequence_input_name(channel: int) -> str:
+  """The profile name of a sequence model's input channel: `input/<channel>`."""
+  return f'{SEQUENCE_INPUT_PREFIX}{channel}'
+
+
+def sequence_input_profile(batches: Iterable[tuple], num_bins: int = DEFAULT_BINS, source: str = '') -> DriftProfile:
+  """The profile of sequence inputs: batches of (x [B, T, F], mask [B, T]),
+  raw values (before the model's `input_scale`) -> one feature per channel,
+  `input/<i>` over the values of every real step (padding, mask False, left
+  out). SequenceExamples carry no channel names, hence the index; serving's
+  channel i is its i-th `--event_value_fields` field (`fields_profile`)."""
+  columns: dict[int, list[np.ndarray]] = {}
+  for x, mask in batches:
+    steps = np.asarray(x, np.float64)[np.asarray(mask, bool)]  # [steps, F]
+    for channel in range(steps.shape[-1]):
+      columns.setdefault(channel, []).append(steps[:, channel])
+  return build_profile(
+    {sequence_input_name(c): np.concatenate(v) for c, v in sorted(columns.items())}, num_bins, source
+  )
+
+
+def fields_profile(profile: DriftProfile, fields: Iterable[str]) -> DriftProfile | None:
+  """A sequence input profile with `input/<i>` renamed to `fields[i]`, the
+  name serving gives channel i; None when it has none of those channels."""
+  features = {
+    field: profile.features[sequence_input_name(i)]
+    for i, field in enumerate(fields)
+    if sequence_input_name(i) in profile.features
+  }
+  return DriftProfile(features, profile.source) if features else None
 
 
 def columns_of(records: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:

@@ -334,16 +334,26 @@ PROFILE_EXAMPLES = 2048
 
 
 def _save_input_profile(cfg: TrainConfig, model_dir: str) -> None:
-  """Image models: the profile of up to PROFILE_EXAMPLES training inputs
-  (raw, before `input_scale`) in the model directory, which serving compares
-  its inputs with by default (`transforms.drift`)."""
-  if cfg.data.kind != 'images':
+  """The profile of up to PROFILE_EXAMPLES training inputs (raw, before
+  `input_scale`) in the model directory, which serving compares its inputs
+  with by default (`transforms.drift`). Image models: brightness and
+  contrast (`drift.input_profile`); sequence models: one feature per input
+  channel, `input/<i>`, which score_sequences reads as its i-th
+  `--event_value_fields` field (`drift.sequence_input_profile`). Other
+  kinds (tf.Transform outputs) save none."""
+  if cfg.data.kind not in ('images', 'sequences'):
     return
   from beam_dl.compression import calibration as calib
   from beam_dl.operations import drift
 
-  batches = calib.calibration_batches(cfg.data, cfg.data.train_files, PROFILE_EXAMPLES)
-  profile = drift.input_profile((b[0] for b in batches), source=f'training inputs {cfg.data.train_files}')
+  source = f'training inputs {cfg.data.train_files}'
+  if cfg.data.kind == 'images':
+    batches = calib.calibration_batches(cfg.data, cfg.data.train_files, PROFILE_EXAMPLES)
+    profile = drift.input_profile((b[0] for b in batches), source=source)
+  else:
+    use_ids = bool(cfg.model_kwargs.get('vocab_size'))
+    batches = calib.calibration_batches(cfg.data, cfg.data.train_files, PROFILE_EXAMPLES, use_ids=use_ids)
+    profile = drift.sequence_input_profile(batches, source=source)
   drift.save_profile(profile, os.path.join(model_dir, drift.PROFILE_FILE))
 
 
