@@ -4,6 +4,7 @@ Real data: scikit-learn's digits (64 pixel features and the class) and the
 Mauna Loa CO2 record (statsmodels), with a shift injected into one feature.
 """
 
+import glob
 import json
 import os
 
@@ -243,9 +244,12 @@ def test_classify_images_drift_flags_on_real_digits(digits_model_dir, tmp_path):
       str(tmp_path / 'ref' / 'pred'),
       '--write_drift_profile',
       profile,
+      '--drift_profile',
+      'none',  # writing a profile, checking against none
       *common,
     ]
   )
+  assert not glob.glob(str(tmp_path / 'ref' / 'pred_drift-*'))
   assert set(drift.load_profile(profile).features) == {
     'image/brightness',
     'image/contrast',

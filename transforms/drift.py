@@ -354,7 +354,7 @@ def attach_drift(
   ] | 'DriftFeatures' >> beam.Flatten()
   if opts.write_drift_profile:
     merged | 'BuildDriftProfile' >> BuildDriftProfile(opts.write_drift_profile, opts.drift_bins, source=output)
-  if not opts.drift_profile:
+  if not opts.drift_profile or opts.drift_profile == OFF:
     return None
   size, period = opts.drift_window_size, opts.drift_window_period
   if size is None and default_window is not None:
