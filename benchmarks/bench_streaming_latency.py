@@ -146,8 +146,17 @@ def _consume_scores(servers: str, topic: str, stop: threading.Event, into: list)
     consumer.close()
 
 
-def _produce_steady(producer, topic: str, rate: float, seconds: float, keys: int = 100) -> tuple[int, float]:
-  """Events at `rate`/s for `seconds` (paced every 5 ms); returns (count, time of the last)."""
+def _produce_steady(
+  producer,
+  topic: str,
+  rate: float,
+  seconds: float,
+  keys: int = 100,
+  record: list | None = None,
+  key_prefix: str = 'k',
+) -> tuple[int, float]:
+  """Events at `rate`/s for `seconds` (paced every 5 ms) over keys `<key_prefix><i>`;
+  returns (count, time of the last). `record`, when given, gets each event's (key, time)."""
   rng = np.random.default_rng(0)
   start = time.time()
   sent, last = 0, start
@@ -158,13 +167,93 @@ def _produce_steady(producer, topic: str, rate: float, seconds: float, keys: int
     due = int((now - start) * rate)
     while sent < due:
       t = time.time()
-      event = {'key': f'k{sent % keys}', 'time': t, 'value': float(330 + rng.normal())}
+      event = {'key': f'{key_prefix}{sent % keys}', 'time': t, 'value': float(330 + rng.normal())}
       producer.produce(topic, json.dumps(event).encode(), timestamp=int(t * 1000))
+      if record is not None:
+        record.append((event['key'], t))
       sent, last = sent + 1, t
     producer.poll(0)
     time.sleep(0.005)
   producer.flush(30)
   return sent, last
+
+
+def pipeline_command(
+  bootstrap: str,
+  topic: str,
+  out: str,
+  model_dir: str,
+  runner_flags: list[str],
+  window_size: float = 10,
+  seq_len: int = 16,
+  idle_stop_s: float | None = None,
+) -> list[str]:
+  """`python -m pipelines.score_sequences` from Kafka `topic` to `out` (and `out`-failed), streaming."""
+  return [
+    sys.executable,
+    '-m',
+    'pipelines.score_sequences',
+    '--streaming',
+    '--kafka_bootstrap',
+    bootstrap,
+    '--kafka_topic',
+    topic,
+    '--kafka_output_topic',
+    out,
+    *(['--kafka_stop_after_idle_secs', f'{idle_stop_s:g}'] if idle_stop_s else []),
+    '--model_dir',
+    model_dir,
+    '--event_value_fields',
+    'value',
+    '--window',
+    'fixed',
+    '--window_size',
+    f'{window_size:g}',
+    '--seq_len',
+    str(seq_len),
+    '--max_batch_size',
+    '64',
+    *runner_flags,
+  ]
+
+
+def start_pipeline(command: list[str], log_prefix: str):
+  """(the pipeline's process in a session of its own, its log file)."""
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])}
+  log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix='.log', delete=False)
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  return process, log
+
+
+def wait_until_scoring(producer, topic: str, received: list, pipeline, timeout_s: float) -> float | None:
+  """Sends a probe event; seconds until its score came back (the pipeline is up and compiled), None if never."""
+  probe_t = time.time()
+  producer.produce(
+    topic, json.dumps({'key': 'probe', 'time': probe_t, 'value': 330.0}).encode(), timestamp=int(probe_t * 1000)
+  )
+  producer.flush(30)
+  deadline = time.time() + timeout_s
+  while not any(r.get('key') == 'probe' for _, r in list(received)):
+    if time.time() > deadline or pipeline.poll() is not None:
+      return None
+    time.sleep(0.1)
+  return time.time() - probe_t
+
+
+def flink_kafka_io_flags(job_endpoint: str, expansion: str) -> list[str]:
+  """score_sequences on the FlinkRunner through `job_endpoint`, reading with Beam's Java KafkaIO."""
+  return [
+    '--runner',
+    'FlinkRunner',
+    '--job_endpoint',
+    job_endpoint,
+    '--environment_type',
+    'LOOPBACK',
+    '--kafka_reader',
+    'xlang',
+    '--kafka_expansion_service',
+    expansion,
+  ]
 
 
 def run_kafka(
@@ -182,55 +271,16 @@ def run_kafka(
   topic, out = f'events-{int(rate)}', f'scores-{int(rate)}'
   for name in (topic, out, f'{out}-failed'):
     broker.create_topic(name)
-  cmd = [
-    sys.executable,
-    '-m',
-    'pipelines.score_sequences',
-    '--streaming',
-    '--kafka_bootstrap',
-    broker.bootstrap,
-    '--kafka_topic',
-    topic,
-    '--kafka_output_topic',
-    out,
-    '--kafka_stop_after_idle_secs',
-    '5',
-    '--model_dir',
-    model_dir,
-    '--event_value_fields',
-    'value',
-    '--window',
-    'fixed',
-    '--window_size',
-    '10',
-    '--seq_len',
-    '16',
-    '--max_batch_size',
-    '64',
-    *runner_flags,
-  ]
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])}
   received: list = []
   stop = threading.Event()
   consumer = threading.Thread(target=_consume_scores, args=(broker.bootstrap, out, stop, received), daemon=True)
   consumer.start()
-  log = tempfile.NamedTemporaryFile(prefix=f'bench_kafka_{int(rate)}_', suffix='.log', delete=False)
-  pipeline = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  pipeline, log = start_pipeline(
+    pipeline_command(broker.bootstrap, topic, out, model_dir, runner_flags, idle_stop_s=5), f'bench_kafka_{int(rate)}_'
+  )
   producer = Producer({'bootstrap.servers': broker.bootstrap, 'linger.ms': 1, 'log_level': 0})
   try:
-    probe_t = time.time()  # the pipeline is up once a probe event comes back scored
-    producer.produce(
-      topic, json.dumps({'key': 'probe', 'time': probe_t, 'value': 330.0}).encode(), timestamp=int(probe_t * 1000)
-    )
-    producer.flush(30)
-    deadline = time.time() + startup_timeout_s
-    while not any(r.get('key') == 'probe' for _, r in list(received)):
-      if time.time() > deadline or pipeline.poll() is not None:
-        probe = None
-        break
-      time.sleep(0.1)
-    else:
-      probe = time.time() - probe_t
+    probe = wait_until_scoring(producer, topic, received, pipeline, startup_timeout_s)
     t0 = time.time()
     sent, last_sent = _produce_steady(producer, topic, rate, seconds)
     produce_s = time.time() - t0
@@ -295,19 +345,7 @@ def main_kafka(args, runner_flags: list[str]):
       from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
 
       job_endpoint, expansion = stack.enter_context(kafka_io.flink_with_kafka_io())
-      runner_flags = [
-        '--runner',
-        'FlinkRunner',
-        '--job_endpoint',
-        job_endpoint,
-        '--environment_type',
-        'LOOPBACK',
-        '--kafka_reader',
-        'xlang',
-        '--kafka_expansion_service',
-        expansion,
-        *runner_flags,
-      ]
+      runner_flags = [*flink_kafka_io_flags(job_endpoint, expansion), *runner_flags]
       print(
         f'Flink job server {job_endpoint}, KafkaIO expansion service {expansion}; flags: {" ".join(runner_flags)}',
         flush=True,
