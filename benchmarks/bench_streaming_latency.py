@@ -240,22 +240,6 @@ def wait_until_scoring(producer, topic: str, received: list, pipeline, timeout_s
   return time.time() - probe_t
 
 
-def flink_kafka_io_flags(job_endpoint: str, expansion: str) -> list[str]:
-  """score_sequences on the FlinkRunner through `job_endpoint`, reading with Beam's Java KafkaIO."""
-  return [
-    '--runner',
-    'FlinkRunner',
-    '--job_endpoint',
-    job_endpoint,
-    '--environment_type',
-    'LOOPBACK',
-    '--kafka_reader',
-    'xlang',
-    '--kafka_expansion_service',
-    expansion,
-  ]
-
-
 def run_kafka(
   broker,
   model_dir: str,
@@ -345,7 +329,7 @@ def main_kafka(args, runner_flags: list[str]):
       from beam_dl.services import kafka_io  # pylint: disable=g-import-not-at-top
 
       job_endpoint, expansion = stack.enter_context(kafka_io.flink_with_kafka_io())
-      runner_flags = [*flink_kafka_io_flags(job_endpoint, expansion), *runner_flags]
+      runner_flags = [*kafka_io.runner_flags(job_endpoint, expansion), *runner_flags]
       print(
         f'Flink job server {job_endpoint}, KafkaIO expansion service {expansion}; flags: {" ".join(runner_flags)}',
         flush=True,

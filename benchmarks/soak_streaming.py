@@ -40,7 +40,6 @@ import numpy as np
 from benchmarks.bench_streaming_latency import (
   _consume_scores,
   _produce_steady,
-  flink_kafka_io_flags,
   pipeline_command,
   start_pipeline,
   wait_until_scoring,
@@ -146,7 +145,7 @@ def main(argv=None):
     scores, failed, stop = [], [], threading.Event()
     for name, into in ((out, scores), (f'{out}-failed', failed)):
       threading.Thread(target=_consume_scores, args=(broker.bootstrap, name, stop, into), daemon=True).start()
-    flags = [*flink_kafka_io_flags(job_endpoint, expansion), *extra]
+    flags = [*kafka_io.runner_flags(job_endpoint, expansion), *extra]
     command = pipeline_command(broker.bootstrap, topic, out, model_dir, flags, args.window_size, seq_len)
     pipeline, log = start_pipeline(command, 'soak_pipeline_')
     stack.callback(lambda: kafka_io.cancel_running_jobs(job_endpoint))

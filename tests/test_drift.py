@@ -354,14 +354,27 @@ def test_score_sequences_streaming_drift_per_window(tmp_path):
 # -- serving checks its inputs against training's profile by default ------------------------
 
 
+def _training_check(run, argv, caplog) -> tuple[list[str], dict[str, int]]:
+  """Runs a pipeline; (its 'training inputs' warning lines, its drift PSI gauges by name)."""
+  import logging
+
+  from apache_beam.metrics.metric import MetricsFilter
+
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='beam_dl'):
+    result = run(argv)
+  gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
+  return (
+    [r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
+    {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name},
+  )
+
+
 @pytest.mark.slow
 def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(digits_model_dir, tmp_path, caplog):
   """The model directory holds the profile of its training inputs (0..255 digits). Digits on the 0..16
   scale give one warning line and the PSI gauge; the same digits on 0..255 give neither; `none` turns it off."""
-  import logging
   import shutil
-
-  from apache_beam.metrics.metric import MetricsFilter
 
   from pipelines import classify_images, demo
 
@@ -372,26 +385,9 @@ def test_classify_images_warns_once_when_inputs_are_not_on_the_training_scale(di
   small = np.round(x_test.astype(np.float32) * 16 / 255).astype(np.uint8)  # what load_digits holds
   runs = {}
   for name, images, extra in (('same', x_test, []), ('small', small, []), ('off', small, ['--drift_profile', 'none'])):
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='beam_dl'):
-      result = classify_images.run(
-        [
-          '--input',
-          _write_pngs(tmp_path / name, images),
-          '--model_dir',
-          model_dir,
-          '--output',
-          str(tmp_path / name / 'pred'),
-          '--runner',
-          'FnApiRunner',
-          *extra,
-        ]
-      )
-    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
-    runs[name] = (
-      [r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
-      {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name},
-    )
+    argv = ['--input', _write_pngs(tmp_path / name, images), '--model_dir', model_dir]
+    argv += ['--output', str(tmp_path / name / 'pred'), '--runner', 'FnApiRunner', *extra]
+    runs[name] = _training_check(classify_images.run, argv, caplog)
     assert len(read_jsonl(str(tmp_path / name / 'pred-0*.jsonl'))) == len(x_test)  # predictions unaffected
   warnings, gauges = runs['small']
   assert len(warnings) == 1 and 'image/brightness PSI' in warnings[0], warnings
@@ -425,9 +421,6 @@ def test_score_sequences_warns_once_when_events_are_not_on_the_training_scale(co
   """Training saved one feature per input channel (`input/0`, CO2 relative to a window's last month);
   score_sequences reads it as its first value field. Events of the training windows give no warning; the
   same events x100 give one warning line naming the field and the PSI gauge; `none` turns it off."""
-  import logging
-
-  from apache_beam.metrics.metric import MetricsFilter
 
   from beam_dl.training import datasets
   from pipelines import score_sequences
@@ -447,33 +440,10 @@ def test_score_sequences_warns_once_when_events_are_not_on_the_training_scale(co
 
   runs = {}
   for name, scale, extra in (('same', 1, []), ('scaled', 100, []), ('off', 100, ['--drift_profile', 'none'])):
-    caplog.clear()
     out = str(tmp_path / name / 'scores')
-    with caplog.at_level(logging.WARNING, logger='beam_dl'):
-      result = score_sequences.run(
-        [
-          '--input',
-          write_events(tmp_path / f'{name}.jsonl', scale),
-          '--model_dir',
-          co2_trained_dir,
-          '--output',
-          out,
-          '--event_value_fields',
-          'co2_change',
-          '--window',
-          'global',
-          '--seq_len',
-          '24',
-          '--runner',
-          'FnApiRunner',
-          *extra,
-        ]
-      )
-    gauges = result.metrics().query(MetricsFilter().with_namespace('beam_dl.drift'))['gauges']
-    runs[name] = (
-      [r.getMessage() for r in caplog.records if 'training inputs' in r.getMessage()],
-      {g.key.metric.name: g.committed.value for g in gauges if 'psi' in g.key.metric.name},
-    )
+    argv = ['--input', write_events(tmp_path / f'{name}.jsonl', scale), '--model_dir', co2_trained_dir]
+    argv += ['--output', out, '--event_value_fields', 'co2_change', '--window', 'global', '--seq_len', '24']
+    runs[name] = _training_check(score_sequences.run, argv + ['--runner', 'FnApiRunner', *extra], caplog)
     assert len(read_jsonl(f'{out}-0*.jsonl')) == len(sample)  # every key scored: scores unaffected
   warnings, gauges = runs['scaled']
   assert len(warnings) == 1 and 'co2_change PSI' in warnings[0], warnings

@@ -175,13 +175,26 @@ def cancel_running_jobs(job_endpoint: str, timeout_s: float = 30.0) -> list[str]
   return cancelled
 
 
+def runner_flags(job_endpoint: str, expansion_service: str) -> list[str]:
+  """The flags of a pipeline on this service: the FlinkRunner through `job_endpoint`,
+  Python steps LOOPBACK, Kafka read by Beam's Java KafkaIO from `expansion_service`."""
+  return [
+    '--runner',
+    'FlinkRunner',
+    '--job_endpoint',
+    job_endpoint,
+    '--environment_type',
+    'LOOPBACK',
+    '--kafka_reader',
+    'xlang',
+    '--kafka_expansion_service',
+    expansion_service,
+  ]
+
+
 def main():
   with stopped_by_signals(), flink_with_kafka_io() as (job, expansion):
-    print(
-      f'--runner FlinkRunner --job_endpoint {job} --environment_type LOOPBACK '
-      f'--kafka_reader xlang --kafka_expansion_service {expansion}',
-      flush=True,
-    )
+    print(' '.join(runner_flags(job, expansion)), flush=True)
     serve_until_stopped()
 
 
