@@ -92,7 +92,11 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir, ca
   scores, failed = _read(f'{out}-0*.jsonl'), _read(f'{out}_failed-*.jsonl')
   # The documented log line, even in a run shorter than the 10 s log interval.
   assert any(
-    re.match(r'score_sequences latency over last \d+ outputs: p50 [\d.]+ ms, p99 [\d.]+ ms', r.getMessage())
+    re.match(
+      r'score_sequences latency over last \d+ outputs: p50 [\d.]+ ms, p99 [\d.]+ ms '
+      r'\(p50/p99 ms per hop: window [\d.]+/[\d.]+, handoff [\d.]+/[\d.]+, model [\d.]+/[\d.]+\)',
+      r.getMessage(),
+    )
     for r in caplog.records
   ), [r.getMessage() for r in caplog.records]
 

@@ -171,6 +171,7 @@ class FormatScoreFn(beam.DoFn):
 
   def setup(self):
     self._latencies: list[float] = []
+    self._recent_hops: dict[str, list[float]] = {name: [] for name, *_ in HOPS}
     self._last_log = float('-inf')
     self._unlogged = 0
 
@@ -185,7 +186,11 @@ class FormatScoreFn(beam.DoFn):
     stamps['formatted'] = now
     for name, start, end in HOPS:
       if stamps[start] is not None and stamps[end] is not None:
-        self._hops[name].update(int((stamps[end] - stamps[start]) * 1000))
+        hop = stamps[end] - stamps[start]
+        self._hops[name].update(int(hop * 1000))
+        recent = self._recent_hops[name]
+        recent.append(hop)
+        del recent[: -self._window]
     if arrival is not None:
       self._dist.update(int(latency * 1000))
       self._latencies.append(latency)
@@ -210,11 +215,17 @@ class FormatScoreFn(beam.DoFn):
 
   def _log_latency(self, p50: float, p99: float) -> None:
     self._unlogged = 0
+    hops = ', '.join(
+      f'{name.removeprefix("hop_").removesuffix("_ms")} %.1f/%.1f' % tuple(np.percentile(values, [50, 99]) * 1000)
+      for name, values in self._recent_hops.items()
+      if values
+    )
     _log.info(
-      'score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms',
+      'score_sequences latency over last %d outputs: p50 %.1f ms, p99 %.1f ms (p50/p99 ms per hop: %s)',
       len(self._latencies),
       p50 * 1000,
       p99 * 1000,
+      hops or 'none',
     )
 
 
