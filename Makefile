@@ -67,7 +67,8 @@ runners: $(RUNNERS_DIR)/.job-servers $(RUNNERS_DIR)/prism boot
 	@ls -1 $(abspath $(RUNNERS_DIR))/*job-server*.jar $(abspath $(RUNNERS_DIR))/prism $(abspath $(RUNNERS_DIR))/python_boot
 
 $(RUNNERS_DIR)/.job-servers: third_party/beam-runners/pom.xml third_party/beam-runners/flink/pom.xml \
-		third_party/beam-runners/spark/pom.xml
+		third_party/beam-runners/spark/pom.xml third_party/beam-runners/staging/pom.xml \
+		$(wildcard third_party/beam-runners/staging/src/main/java/beam_dl/runners/*.java)
 	mvn -B -q -f third_party/beam-runners/pom.xml package -Drunners.dir=$(abspath $(RUNNERS_DIR))
 	touch $@
 

@@ -264,3 +264,21 @@ class MetricsOptions(PipelineOptions):
       help='Push the final metrics to this Prometheus Pushgateway (host:port) when the job ends.',
     )
     add('--metrics_job', default=None, help='Pushgateway job name (default: the pipeline module).')
+
+
+class JobServerOptions(PipelineOptions):
+  """Options of Beam's Java job servers (Flink, Spark) that a Python pipeline passes through by name.
+
+  Declared so that every pipeline's command line accepts them (beam_dl
+  refuses unknown flags) and Beam sends them with the job.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+      '--pipeline_resources_detector_factory_class',
+      default=None,
+      help='Flink/Spark job servers: the Java PipelineResourcesDetector.Factory that picks the jars staged with '
+      'each job (Beam: the whole job-server classpath). beam_dl.runners.NoJarsToStage (built by make runners) '
+      "stages none, for clusters whose JVMs already hold Beam's classes: the clusters of beam_dl.services.",
+    )

@@ -65,6 +65,18 @@ def python_boot() -> str:
   return os.environ.get('BEAM_DL_PYTHON_BOOT') or os.path.join(RUNNERS_DIR, 'python_boot')
 
 
+NO_JARS_TO_STAGE = 'beam_dl.runners.NoJarsToStage'  # third_party/beam-runners/staging
+
+
+def staging_flags(lib: str) -> list[str]:
+  """The flag that stages no jars with each job, when the job server's classpath `lib` has
+  NoJarsToStage (`make runners`). Beam otherwise ships the job server's whole classpath (~160
+  jars, ~150 MB) with every job; this cluster's JVMs already run on that same classpath."""
+  if glob.glob(os.path.join(lib, 'job-server-staging-*.jar')):
+    return [f'--pipeline_resources_detector_factory_class={NO_JARS_TO_STAGE}']
+  return []
+
+
 def missing(runner: str, marker_jar: str) -> str | None:
   """None when a cluster of `runner` can start here (its job server classpath
   holds `marker_jar`, the boot binary and java exist), else what to run."""

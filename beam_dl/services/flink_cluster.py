@@ -47,6 +47,7 @@ from beam_dl.services.cluster import (
   python_boot,
   refuse_unless,
   serve,
+  staging_flags,
 )
 from beam_dl.services.process import ServiceError, free_port, port_open
 
@@ -323,6 +324,7 @@ class FlinkCluster(LocalCluster):
       f'--parallelism={self.taskmanagers * self.slots}',
       '--environment_type=PROCESS',
       f'--environment_config={config}',
+      *staging_flags(self.lib),
     ]
 
   def registered_taskmanagers(self) -> int:

@@ -44,6 +44,7 @@ from beam_dl.services.cluster import (
   python_boot,
   refuse_unless,
   serve,
+  staging_flags,
 )
 from beam_dl.services.flink_cluster import worker_env
 from beam_dl.services.process import ServiceError, free_port, port_open
@@ -131,6 +132,7 @@ class SparkCluster(LocalCluster):
       f'--job_endpoint=127.0.0.1:{self.job_port}',
       '--environment_type=PROCESS',
       f'--environment_config={config}',
+      *staging_flags(self.lib),
     ]
 
   def alive_workers(self) -> int:
