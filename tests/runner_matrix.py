@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from beam_dl.formats.jsonl import read_jsonl
+from beam_dl.services.flink_cluster import local_config_dir
 from beam_dl.services.process import free_port, port_open, service_process, stop_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,10 +192,14 @@ def job_server_command(kind: str, jar: str, port: int, work_dir: str, master: st
   java = ['java']
   if kind == 'flink':
     master_flags = ['--flink-master', master or '[local]']
+    if not master:  # the embedded Flink's BLOB server, REST and RPC on 127.0.0.1 (`job_server` writes the dir)
+      master_flags += ['--flink-conf-dir', os.path.join(work_dir, 'flink_conf')]
   else:
     from apache_beam.runners.portability.spark_runner import SPARK_JAR_JOB_SERVER_JVM_ARGS
 
     java += [*SPARK_JAR_JOB_SERVER_JVM_ARGS, '-Dspark.ui.enabled=false']  # no web UI on 0.0.0.0:4040
+    if not master:  # local[2]'s driver RPC and block manager on 127.0.0.1, not the host's address
+      java += ['-Dspark.driver.host=127.0.0.1', '-Dspark.driver.bindAddress=127.0.0.1']
     master_flags = ['--spark-master-url', master or 'local[2]']
   return [
     *java,
@@ -227,6 +232,8 @@ def job_server(kind: str, log_dir: str, jar: str | None = None, master: str | No
     raise FileNotFoundError(f'no {kind} job-server jar ({jar}): run `make runners`')
   port = free_port()
   command = job_server_command(kind, jar, port, log_dir, master)
+  if kind == 'flink' and not master:
+    local_config_dir(os.path.join(log_dir, 'flink_conf'))
   with background_process(command, port, os.path.join(log_dir, f'{kind}_job_server.log'), JOB_SERVER_START_S):
     yield f'localhost:{port}'
 

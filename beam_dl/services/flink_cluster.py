@@ -154,6 +154,17 @@ def write_config(conf_dir: str, config: dict[str, object]) -> None:
       f.write(f'{key}: {json.dumps(value) if isinstance(value, str) else value}\n')
 
 
+def local_config_dir(conf_dir: str, bind_host: str = '127.0.0.1') -> str:
+  """A `--flink-conf-dir` for Beam's job server with `--flink-master [local]`:
+  the Flink it embeds (a MiniCluster per job) binds its BLOB server, REST
+  endpoint and RPC to bind_host; without it they listen on all interfaces."""
+  write_config(
+    conf_dir,
+    {'jobmanager.bind-host': bind_host, 'taskmanager.bind-host': bind_host, 'rest.bind-address': bind_host},
+  )
+  return conf_dir
+
+
 def resource_params(lib: str, conf_dir: str, which: str) -> tuple[list[str], list[str]]:
   """(JVM flags, `-D key=value` dynamic properties) Flink's scripts compute
   for the JobManager ('JM') or a TaskManager ('TM') from the config."""
