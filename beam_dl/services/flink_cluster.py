@@ -17,7 +17,9 @@ pointed at the JobManager) run as separate JVMs on the job server's own
 The JVM flags and `-D` memory properties are the ones Flink's own scripts
 compute (`BashJavaUtils GET_JM_RESOURCE_PARAMS / GET_TM_RESOURCE_PARAMS`).
 Config lives in a temp dir; every port is free and bound to 127.0.0.1
-unless `bind_host` says otherwise.
+unless `bind_host` says otherwise, but those Beam 2.62's job server and Fn
+API servers bind on all interfaces whatever they are told (docs/clusters.md,
+Ports).
 
 Python SDK workers run as PROCESS environments: each TaskManager starts
 Beam's Python boot binary (built by `make boot` with Go), which runs
