@@ -157,8 +157,12 @@ def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
     assert process.wait(60) == 0
     assert not [pid for pid in tagged if os.path.exists(f'/proc/{pid}') and _cmdline(pid)], 'JVMs outlived the service'
   finally:
-    if process.poll() is None:
-      process.kill()
+    if process.poll() is None:  # a failed assertion: SIGTERM stops its JVMs too (SIGKILL would orphan them)
+      process.send_signal(signal.SIGTERM)
+      try:
+        process.wait(60)
+      except subprocess.TimeoutExpired:
+        process.kill()
 
 
 @pytest.mark.timeout(120)
