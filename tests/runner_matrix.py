@@ -27,13 +27,22 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from beam_dl.formats.jsonl import read_jsonl
-from beam_dl.services.process import free_port, port_open, service_process, stop_process_group
+from beam_dl.services.flink_cluster import local_config_dir
+from beam_dl.services.process import (
+  free_port,
+  listening_sockets,
+  port_open,
+  service_process,
+  stop_process_group,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -191,10 +200,14 @@ def job_server_command(kind: str, jar: str, port: int, work_dir: str, master: st
   java = ['java']
   if kind == 'flink':
     master_flags = ['--flink-master', master or '[local]']
+    if not master:  # the embedded Flink's BLOB server, REST and RPC on 127.0.0.1 (`job_server` writes the dir)
+      master_flags += ['--flink-conf-dir', os.path.join(work_dir, 'flink_conf')]
   else:
     from apache_beam.runners.portability.spark_runner import SPARK_JAR_JOB_SERVER_JVM_ARGS
 
     java += [*SPARK_JAR_JOB_SERVER_JVM_ARGS, '-Dspark.ui.enabled=false']  # no web UI on 0.0.0.0:4040
+    if not master:  # local[2]'s driver RPC and block manager on 127.0.0.1, not the host's address
+      java += ['-Dspark.driver.host=127.0.0.1', '-Dspark.driver.bindAddress=127.0.0.1']
     master_flags = ['--spark-master-url', master or 'local[2]']
   return [
     *java,
@@ -227,8 +240,57 @@ def job_server(kind: str, log_dir: str, jar: str | None = None, master: str | No
     raise FileNotFoundError(f'no {kind} job-server jar ({jar}): run `make runners`')
   port = free_port()
   command = job_server_command(kind, jar, port, log_dir, master)
+  if kind == 'flink' and not master:
+    local_config_dir(os.path.join(log_dir, 'flink_conf'))
   with background_process(command, port, os.path.join(log_dir, f'{kind}_job_server.log'), JOB_SERVER_START_S):
     yield f'localhost:{port}'
+
+
+# The ports the embedded Flink of a job server announces in its log (its BLOB server, REST endpoint).
+FLINK_PORTS = r'(?:Started BLOB server at|Rest endpoint listening at) \S+:(\d+)'
+
+
+def _job_server_pids(port: int) -> list[int]:
+  """Pids of this user's processes whose command line has `--job-port port`."""
+  needle = f'--job-port\0{port}\0'.encode()
+  pids = []
+  for pid in (int(e) for e in os.listdir('/proc') if e.isdigit()):
+    with contextlib.suppress(OSError):
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        if needle in f.read():
+          pids.append(pid)
+  return pids
+
+
+@contextlib.contextmanager
+def engine_sockets(kind: str, endpoint: str, log_dir: str, every_s: float = 0.5) -> Iterator[list]:
+  """While the block runs, samples the sockets the job server at endpoint listens on; at its
+  end, fills the yielded list with (address, port) of those its embedded Flink announced in
+  its log (BLOB server, REST endpoint), or, for Spark (whose log does not say), of those on
+  a specific address (the local driver's RPC and block manager; Beam's own job, artifact
+  and Fn API servers listen on the wildcard address whatever they are told)."""
+  pids = _job_server_pids(int(endpoint.rsplit(':', 1)[1]))
+  seen: set[tuple[str, int]] = set()
+  stop = threading.Event()
+
+  def sample():
+    while not stop.wait(every_s):
+      seen.update((address, port) for _, address, port in listening_sockets(pids))
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+  found: list[tuple[str, int]] = []
+  try:
+    yield found
+  finally:
+    stop.set()
+    thread.join()
+    if kind == 'flink':
+      with open(os.path.join(log_dir, f'{kind}_job_server.log'), errors='replace') as f:
+        announced = {int(p) for p in re.findall(FLINK_PORTS, f.read())}
+      found.extend(sorted(s for s in seen if s[1] in announced))
+    else:
+      found.extend(sorted(s for s in seen if s[0] not in ('::', '0.0.0.0')))
 
 
 def _job_server_runner(kind: str) -> RunnerCase:

@@ -33,8 +33,8 @@ import pytest
 from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services import flink_cluster as fc
 from beam_dl.services import spark_cluster as sc
-from beam_dl.services.cluster import http_json
-from beam_dl.services.process import processes_tagged
+from beam_dl.services.cluster import http_json, job_server_ports
+from beam_dl.services.process import is_loopback, listening_sockets, processes_tagged
 from tests import runner_matrix as rm
 from tests import services
 
@@ -87,6 +87,24 @@ def _harness_starts(cluster, i: int) -> int:
     return f.read().count('Python sdk harness starting')
 
 
+def _beam_wildcard_ports(job_server_log: str) -> set[int]:
+  """The two ports Beam 2.62's job server binds on all interfaces whatever --job-host says
+  (docs/clusters.md, Ports): its job and artifact ports."""
+  ports = job_server_ports(job_server_log)
+  return {ports['JobService'], ports['ArtifactStagingService']}
+
+
+def _assert_loopback_only(cluster, fn_api_members: tuple[str, ...] = ()) -> None:
+  """Every TCP socket the cluster's processes listen on is on loopback, but the job server's two
+  and, while a job runs, those of Beam's Fn API servers (control, data, state, logging,
+  provisioning, artifacts) in fn_api_members, which Beam 2.62 binds on all interfaces too."""
+  listening = cluster.processes.listening()
+  exposed = {(member, port) for member, address, port in listening if not is_loopback(address)}
+  expected = {('job_server', port) for port in _beam_wildcard_ports(cluster.log_path('job_server'))}
+  assert listening and expected <= exposed, listening
+  assert {member for member, _ in exposed - expected} <= set(fn_api_members), listening
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   return rm.prepared_data(str(tmp_path_factory.getbasetemp() / 'matrix_data'), PIPELINE)
@@ -130,12 +148,21 @@ def test_the_service_prints_its_flags_and_stops_everything_on_sigterm(tmp_path):
     assert http_json(int(master.split(':')[1]), '/taskmanagers')['taskmanagers'].__len__() == 2
     tagged = [pid for pid in processes_tagged('') if workdir in _cmdline(pid)]
     assert len(tagged) == 4, [_cmdline(p)[:200] for p in tagged]  # JobManager, 2 TaskManagers, job server
+    # By default nothing listens beyond this machine, but the two ports Beam's job server cannot bind otherwise.
+    listening = listening_sockets(tagged)
+    exposed = {port for _, address, port in listening if not is_loopback(address)}
+    assert exposed == _beam_wildcard_ports(os.path.join(workdir, 'job_server.log')), listening
+    assert int(next(f for f in flags if f.startswith('--job_endpoint=')).rsplit(':', 1)[1]) in exposed
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
     assert not [pid for pid in tagged if os.path.exists(f'/proc/{pid}') and _cmdline(pid)], 'JVMs outlived the service'
   finally:
-    if process.poll() is None:
-      process.kill()
+    if process.poll() is None:  # a failed assertion: SIGTERM stops its JVMs too (SIGKILL would orphan them)
+      process.send_signal(signal.SIGTERM)
+      try:
+        process.wait(60)
+      except subprocess.TimeoutExpired:
+        process.kill()
 
 
 @pytest.mark.timeout(120)
@@ -180,6 +207,8 @@ class TestFlinkCluster:
       assert time.monotonic() < deadline, 'no Python worker on taskmanager-0'
       time.sleep(0.2)
     jvm = cluster.processes.member('taskmanager-0').process.pid
+    # Mid-job, Beam's Fn API servers for the SDK workers listen in the TaskManagers on all interfaces too.
+    _assert_loopback_only(cluster, fn_api_members=('taskmanager-0', 'taskmanager-1'))
     orphans = [p for p in processes_tagged(f'{victim}{generation}') if p != jvm]  # its boot binary, SDK workers
     cluster.kill_taskmanager(0)
     _finish(job, out_dir)
@@ -198,6 +227,8 @@ class TestFlinkCluster:
     while cluster.registered_taskmanagers() < 2 and time.monotonic() < deadline:
       time.sleep(0.5)
     assert cluster.registered_taskmanagers() >= 2
+    # After a job and a restart: the cluster listens on loopback only, but Beam's job server's two ports.
+    _assert_loopback_only(cluster)
 
 
 @pytest.fixture(scope='class')
@@ -235,6 +266,8 @@ class TestSparkCluster:
       time.sleep(0.2)
     executors = [p for p in processes_tagged(worker) if 'CoarseGrainedExecutorBackend' in _cmdline(p)]
     assert len(executors) == 1, executors
+    # Mid-job, Beam's Fn API servers for the SDK workers listen in the executors on all interfaces too.
+    _assert_loopback_only(spark, fn_api_members=('worker-0', 'worker-1'))
     os.kill(executors[0], signal.SIGKILL)
     _finish(job, out_dir)
 
@@ -245,3 +278,5 @@ class TestSparkCluster:
     assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
     # Both Workers' executors ran Python workers for this job.
     assert _executor_logs(spark, 1).count('Python sdk harness starting') > survivor_starts
+    # After a job (the driver lives on in the job server): loopback only, but Beam's job server's two ports.
+    _assert_loopback_only(spark)

@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_dl.decoding.images import ImageSpec, decode_image
 from beam_dl.formats.image_example import encode_file_example
 from beam_dl.models import checkpoints
+from beam_dl.services.process import is_loopback, listening_sockets
 from beam_dl.serving.handler import JaxModelHandler
 from pipelines import classify_images
 from tests import services
@@ -66,6 +67,13 @@ def expected_labels(model_dir, images):
   names = sorted(images)
   outputs = model.predict([decode_image(images[n], GRAY) for n in names])
   return {n: int(np.argmax(o)) for n, o in zip(names, outputs)}
+
+
+def test_hdfs_listens_on_loopback_only(hdfs):
+  """NameNode RPC and HTTP, DataNode data, IPC and HTTP: every port on 127.0.0.1."""
+  listening = listening_sockets([hdfs.pid])
+  assert {hdfs.http_port, hdfs.namenode_port} <= {port for _, _, port in listening}, listening
+  assert all(is_loopback(address) for _, address, _ in listening), listening
 
 
 def test_image_files_from_hdfs_predictions_back_to_hdfs(hdfs, images, digits_model_dir):

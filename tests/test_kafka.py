@@ -30,6 +30,7 @@ import pytest
 from beam_dl.formats.jsonl import read_jsonl
 from beam_dl.services import kafka as kafka_service
 from beam_dl.services import kafka_io
+from beam_dl.services.process import is_loopback, listening_sockets
 from pipelines import score_sequences
 from tests import runner_matrix
 
@@ -140,6 +141,13 @@ def _flags(model_dir):
     '2',
     '--forecast',
   ]
+
+
+@pytest.mark.slow
+def test_the_broker_listens_on_loopback_only(broker):
+  """The broker's client and controller listeners are on 127.0.0.1: nothing beyond this machine reaches it."""
+  listening = listening_sockets([broker.pid])
+  assert len(listening) == 2 and all(is_loopback(address) for _, address, _ in listening), listening
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import os
 
 import pytest
 
+from beam_dl.services.process import is_loopback
 from tests import runner_matrix as rm
 
 pytestmark = pytest.mark.runner
@@ -57,9 +58,17 @@ class _Session:
     out_dir = os.path.join(self.root, 'out', pipeline, runner)
     os.makedirs(out_dir)
     argv = case.argv(self.data_dir(pipeline), out_dir) + runner_case.flags(self.services_for(runner_case.needs))
-    outcome = rm.run_pipeline(case.module, argv, os.path.join(out_dir, 'run.log'))
+    own_job_server = f'{runner}_job_server' in self.started
+    engine = (
+      rm.engine_sockets(runner, self.services.get(f'{runner}_job_server', ''), self.root) if own_job_server else None
+    )
+    with engine or contextlib.nullcontext() as bound:
+      outcome = rm.run_pipeline(case.module, argv, os.path.join(out_dir, 'run.log'))
     print(f'{pipeline} on {runner}: {outcome.seconds:.1f} s')  # each cell's wall time, with -s or -rA
     assert outcome.returncode == 0, f'{pipeline} on {runner} exited {outcome.returncode}:\n{outcome.log[-4000:]}'
+    if own_job_server:
+      # The embedded Flink's BLOB server and REST endpoint, the local Spark driver's ports: on loopback only.
+      assert bound and all(is_loopback(address) for address, _ in bound), bound
     # Each SDK worker process's start-up warnings are noise a user can't act on (cli._DropBeamNoise).
     assert 'Discarding unparseable args' not in outcome.log, outcome.log[-4000:]
     return case.read(out_dir)

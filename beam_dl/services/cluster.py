@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,6 +38,7 @@ from beam_dl.services.process import (
   MEMBER_ENV,
   ServiceError,
   kill_tagged,
+  listening_sockets,
   log_tail,
   processes_tagged,
   serve_until_stopped,
@@ -88,6 +90,18 @@ def missing(runner: str, marker_jar: str) -> str | None:
   if not shutil.which('java'):
     return 'no `java` on PATH (Java 17)'
   return None
+
+
+def job_server_ports(log_path: str) -> dict[str, int]:
+  """{'JobService', 'ArtifactStagingService', 'Java ExpansionService': port} as a Beam
+  job server's log announces them. Beam 2.62's job server binds its job and artifact
+  ports on all interfaces whatever `--job-host` says (its gRPC ServerFactory builds
+  servers with `forPort`), its expansion port on `--job-host`."""
+  with open(log_path, errors='replace') as f:
+    return {
+      m[1]: int(m[2])
+      for m in re.finditer(r'(JobService|ArtifactStagingService|Java ExpansionService) started on \S*:(\d+)', f.read())
+    }
 
 
 def http_json(port: int, path: str) -> dict | None:
@@ -162,6 +176,13 @@ class ClusterProcesses:
   def pids(self, name: str) -> list[int]:
     """Every live process of member `name`: the JVM and what it started."""
     return processes_tagged(self.tag(name))
+
+  def listening(self) -> list[tuple[str, str, int]]:
+    """(member, address, port) of every TCP socket the cluster's processes
+    listen on: each member's JVM and what it started (executors, SDK workers)."""
+    return sorted(
+      (name, address, port) for name in list(self._members) for _, address, port in listening_sockets(self.pids(name))
+    )
 
   def check_alive(self, name: str) -> None:
     """ServiceError with the log's tail if member `name` has exited."""

@@ -17,7 +17,9 @@ pointed at the JobManager) run as separate JVMs on the job server's own
 The JVM flags and `-D` memory properties are the ones Flink's own scripts
 compute (`BashJavaUtils GET_JM_RESOURCE_PARAMS / GET_TM_RESOURCE_PARAMS`).
 Config lives in a temp dir; every port is free and bound to 127.0.0.1
-unless `bind_host` says otherwise.
+unless `bind_host` says otherwise, but those Beam 2.62's job server and Fn
+API servers bind on all interfaces whatever they are told (docs/clusters.md,
+Ports).
 
 Python SDK workers run as PROCESS environments: each TaskManager starts
 Beam's Python boot binary (built by `make boot` with Go), which runs
@@ -153,6 +155,17 @@ def write_config(conf_dir: str, config: dict[str, object]) -> None:
   with open(os.path.join(conf_dir, 'config.yaml'), 'w', encoding='utf-8') as f:
     for key, value in config.items():
       f.write(f'{key}: {json.dumps(value) if isinstance(value, str) else value}\n')
+
+
+def local_config_dir(conf_dir: str, bind_host: str = '127.0.0.1') -> str:
+  """A `--flink-conf-dir` for Beam's job server with `--flink-master [local]`:
+  the Flink it embeds (a MiniCluster per job) binds its BLOB server, REST
+  endpoint and RPC to bind_host; without it they listen on all interfaces."""
+  write_config(
+    conf_dir,
+    {'jobmanager.bind-host': bind_host, 'taskmanager.bind-host': bind_host, 'rest.bind-address': bind_host},
+  )
+  return conf_dir
 
 
 def resource_params(lib: str, conf_dir: str, which: str) -> tuple[list[str], list[str]]:

@@ -62,6 +62,7 @@ class Hdfs:
   http_port: int
   namenode_port: int
   user: str = 'beam'
+  pid: int | None = None  # the JVM (NameNode and DataNode in one)
 
   @property
   def beam_args(self) -> list[str]:
@@ -93,10 +94,10 @@ def hdfs_cluster(workdir: str, timeout_s: float = 240, http_port: int | None = N
   with service_process(
       cmd, log_path=os.path.join(workdir, 'hdfs.log'), cwd=workdir,
       ready=lambda: os.path.exists(details) and http_ok(url), timeout_s=timeout_s,
-  ):  # fmt: skip
+  ) as process:  # fmt: skip
     with open(details) as f:
       namenode_port = json.load(f)['namenode_port']
-    yield Hdfs('127.0.0.1', http_port, namenode_port)
+    yield Hdfs('127.0.0.1', http_port, namenode_port, pid=process.pid)
 
 
 def main(argv=None):

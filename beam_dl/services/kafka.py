@@ -163,6 +163,11 @@ class KafkaBroker:
       f'Kafka did not answer on {self.bootstrap} within {self._timeout:g} s:\n{log_tail(self.log_path)}'
     )
 
+  @property
+  def pid(self) -> int | None:
+    """The broker JVM's pid while it runs."""
+    return self._proc.pid if self._proc is not None else None
+
   def create_topic(self, name: str, partitions: int = 1, timeout_s: float = 30.0):
     """Creates `name` and waits (bounded) until its partitions have leaders."""
     from confluent_kafka.admin import AdminClient, NewTopic  # pylint: disable=g-import-not-at-top

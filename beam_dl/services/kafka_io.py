@@ -36,6 +36,7 @@ import sys
 import tempfile
 from typing import Iterator
 
+from beam_dl.services.flink_cluster import local_config_dir
 from beam_dl.services.process import (
   ServiceError,
   free_port,
@@ -104,6 +105,9 @@ def expansion_service_command(port: int, heap_mb: int = 384) -> list[str]:
 
 
 def flink_job_server_command(port: int, work_dir: str, heap_mb: int = 1536, master: str = '[local]') -> list[str]:
+  """The job server's command; with master '[local]' its embedded Flink reads
+  work_dir/flink_conf (`flink_cluster.local_config_dir`: bound to 127.0.0.1)."""
+  conf = ['--flink-conf-dir', os.path.join(work_dir, 'flink_conf')] if master == '[local]' else []
   classpath = os.pathsep.join([flink_job_server_jar(), os.path.join(kafka_io_lib(), '*')])
   return [
     'java',
@@ -114,6 +118,7 @@ def flink_job_server_command(port: int, work_dir: str, heap_mb: int = 1536, mast
     'org.apache.beam.runners.flink.FlinkJobServerDriver',
     '--flink-master',
     master,
+    *conf,
     '--artifacts-dir',
     os.path.join(work_dir, 'flink_artifacts'),
     '--job-port',
@@ -134,6 +139,7 @@ def flink_with_kafka_io(log_dir: str | None = None) -> Iterator[tuple[str, str]]
     raise ServiceError(reason)
   log_dir = log_dir or tempfile.mkdtemp(prefix='flink_kafka_io_')
   expansion, job = free_port(), free_port()
+  local_config_dir(os.path.join(log_dir, 'flink_conf'))
   with (
     service_process(
       expansion_service_command(expansion),

@@ -182,3 +182,53 @@ def kill_tagged(prefix: str, grace_s: float = 5) -> list[int]:
     with contextlib.suppress(ProcessLookupError):
       os.kill(pid, signal.SIGKILL)
   return pids
+
+
+# /proc/net/tcp{,6} state 0A is LISTEN; addresses are hex, 32-bit words in host byte order (Linux, little-endian).
+_TCP_LISTEN = '0A'
+
+
+def _address(hex_address: str) -> str:
+  """'0100007F' -> '127.0.0.1'; a 32-hex-digit IPv6 address -> its usual text form."""
+  raw = bytes.fromhex(hex_address)
+  family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+  words = b''.join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+  return socket.inet_ntop(family, words)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+  inodes = set()
+  try:
+    fds = os.listdir(f'/proc/{pid}/fd')
+  except OSError:  # gone, or another user's
+    return inodes
+  for fd in fds:
+    with contextlib.suppress(OSError):
+      target = os.readlink(f'/proc/{pid}/fd/{fd}')
+      if target.startswith('socket:['):
+        inodes.add(target[8:-1])
+  return inodes
+
+
+def listening_sockets(pids: Sequence[int]) -> list[tuple[int, str, int]]:
+  """(pid, address, port) of every TCP socket the processes `pids` listen on (Linux /proc)."""
+  owners = {inode: pid for pid in pids for inode in _socket_inodes(pid)}
+  found = []
+  for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+    with open(table, encoding='ascii') as f:
+      next(f)
+      for line in f:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == _TCP_LISTEN and inode in owners:
+          address, port = local.split(':')
+          found.append((owners[inode], _address(address), int(port, 16)))
+  return sorted(found)
+
+
+def is_loopback(address: str) -> bool:
+  """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.x.y.z)."""
+  import ipaddress  # pylint: disable=g-import-not-at-top
+
+  ip = ipaddress.ip_address(address)
+  return ip.is_loopback or bool(getattr(ip, 'ipv4_mapped', None) and ip.ipv4_mapped.is_loopback)

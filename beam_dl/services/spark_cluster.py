@@ -18,7 +18,8 @@ classpath (less slf4j-simple, which would shadow Spark's log4j binding).
 On Java 17 every JVM gets Spark's `--add-opens` through JDK_JAVA_OPTIONS
 (executors inherit it; without it they die in a relaunch loop) and
 SPARK_LOCAL_IP binds everything, web UIs included, to `bind_host`
-(127.0.0.1 by default).
+(127.0.0.1 by default), but the ports Beam 2.62's job server and Fn API
+servers bind on all interfaces (docs/clusters.md, Ports).
 
 Python SDK workers run as PROCESS environments under the executors (Beam's
 boot binary, `make boot`). The processes are supervised as in
