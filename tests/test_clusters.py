@@ -220,6 +220,9 @@ class TestFlinkCluster:
     assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
     # Parallelism 2 over two one-slot TaskManagers: the other one ran Python workers for this job too.
     assert _harness_starts(cluster, 1) > survivor_starts
+    # No jars shipped with the job (NoJarsToStage): a TaskManager downloads a staged classpath as blobs.
+    with open(cluster.log_path('taskmanager-1')) as f:
+      assert 'BlobClient - Downloading' not in f.read()
     # The supervisor ended what the killed TaskManager started and brought up a new one.
     assert orphans and not processes_tagged(f'{victim}{generation}')
     assert cluster.processes.member('taskmanager-0').restarts == restarts + 1
@@ -278,5 +281,7 @@ class TestSparkCluster:
     assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
     # Both Workers' executors ran Python workers for this job.
     assert _executor_logs(spark, 1).count('Python sdk harness starting') > survivor_starts
+    # No jars shipped with the job (NoJarsToStage): an executor fetches a staged classpath into its work dir.
+    assert not glob.glob(os.path.join(spark.workdir, 'worker-*', 'app-*', '*', '*.jar'))
     # After a job (the driver lives on in the job server): loopback only, but Beam's job server's two ports.
     _assert_loopback_only(spark)
