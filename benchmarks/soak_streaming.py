@@ -182,9 +182,8 @@ def main(argv=None):
       ]
       p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float('nan'), float('nan'))
       memory.append({name: _rss_mb(pid) if pid else 0.0 for name, pid in processes.items()})
+      p99s.append(p99)
       minute = (time.time() - start) / 60
-      if minute > args.settle_minutes:
-        p99s.append(p99)
       print(
         f'{minute:5.1f} {len(sent):8d} {len(scores):8d} {p50:8.1f} {p99:8.1f} '
         + ' '.join(f'{memory[-1][n]:12.0f}' for n in processes),
@@ -211,8 +210,8 @@ def main(argv=None):
     base = memory[settle - 1] if settle else memory[0]
     growth = {n: max(m[n] for m in memory[settle:]) / base[n] - 1 for n in processes if base[n]}
     print('memory growth after settling: ' + ', '.join(f'{n} {g * 100:+.1f}%' for n, g in growth.items()))
-  if p99s:
-    print(f'p99 per period after settling: min {min(p99s):.1f} ms, max {max(p99s):.1f} ms')
+  if len(p99s) > settle:
+    print(f'p99 per period after settling: min {min(p99s[settle:]):.1f} ms, max {max(p99s[settle:]):.1f} ms')
 
 
 if __name__ == '__main__':
