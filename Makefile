@@ -30,7 +30,7 @@ services: runners kafka-jars kafka-io hdfs pushgateway
 # The whole test suite (CI runs this), real runners and services included,
 # after the linter and the formatter's check (seconds).
 test: install lint services
-	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m 'not long' --durations=25 $(PYTEST_ARGS)
 
 # ruff (ruff.toml): lint and formatting checks; `make format` rewrites in place.
 lint: install

@@ -81,6 +81,22 @@ def _finish(process: subprocess.Popen, out_dir: str, timeout_s: float = 420) -> 
   assert returncode == 0, f'exited {returncode}:\n{log[-4000:]}'
 
 
+def _cpu_ticks(pid: int) -> int:
+  """CPU time a process has used (clock ticks, user + system), 0 once it is gone."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def _log_count(cluster, member: str, text: str) -> int:
+  """How many times `text` is in the member's log so far."""
+  with open(cluster.log_path(member), errors='replace') as f:
+    return f.read().count(text)
+
+
 def _harness_starts(cluster, i: int) -> int:
   """Python SDK workers TaskManager i has started so far (their log lines reach its log)."""
   with open(os.path.join(cluster.workdir, f'taskmanager-{i}.log'), errors='replace') as f:
@@ -185,10 +201,27 @@ def cluster(tmp_path_factory):
     yield c
 
 
+@pytest.fixture(scope='module')
+def many_images(data_dir, tmp_path_factory):
+  """COPIES copies of each test image (names `cK_<name>`), so a job's Python work lasts seconds."""
+  root = tmp_path_factory.mktemp('many_images')
+  images = os.path.join(data_dir, 'images')
+  os.makedirs(root / 'images')
+  for name in os.listdir(images):
+    with open(os.path.join(images, name), 'rb') as f:
+      data = f.read()
+    for k in range(COPIES):
+      (root / 'images' / f'c{k}_{name}').write_bytes(data)
+  os.symlink(os.path.join(data_dir, 'model'), root / 'model')
+  return str(root)
+
+
+COPIES = 40
+
+
 class TestFlinkCluster:
-  """One Flink cluster (stopped before any other starts). One job, parallelism 2, with a fault: its
-  output equals Direct's, each input exactly once, and both TaskManagers ran Python workers for it
-  (one job is what the CI budget allows: each costs ~40-60 s of job-server staging here)."""
+  """One Flink cluster (stopped before any other starts). Jobs at parallelism 2, each with a fault:
+  each input exactly once, the outputs equal Direct's."""
 
   @pytest.mark.slow
   @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
@@ -232,6 +265,59 @@ class TestFlinkCluster:
     assert cluster.registered_taskmanagers() >= 2
     # After a job and a restart: the cluster listens on loopback only, but Beam's job server's two ports.
     _assert_loopback_only(cluster)
+
+  @pytest.mark.slow
+  @pytest.mark.long
+  @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
+  @pytest.mark.timeout(600)
+  def test_a_python_worker_killed_mid_bundle_loses_and_doubles_nothing(self, cluster, many_images, reference, tmp_path):
+    """kill -9 of one SDK worker process while it runs a bundle: every one of the 1,280 inputs is
+    in exactly one output record. It costs minutes (docs/clusters.md): Beam's boot binary restarts
+    the worker, the runner waits out Beam's 3-minute data-channel timeout for the dead one, the
+    task fails and Flink reruns its region."""
+    out_dir = str(tmp_path / 'out')
+    member = cluster.processes.tag('taskmanager-1')
+    failovers_before = _log_count(cluster, 'jobmanager', 'switched from RUNNING to FAILED')
+    busy_before = _log_count(cluster, 'taskmanager-1', 'fixes in place')
+    job = _run(many_images, out_dir, cluster.runner_flags)
+    # The worker imports beam_dl when it unpickles the job's DoFns (the log line "Beam ... fixes in
+    # place"), i.e. when its first bundle starts; 1,280 images then keep it busy for seconds.
+    deadline = time.monotonic() + 300
+    while _log_count(cluster, 'taskmanager-1', 'fixes in place') == busy_before:
+      assert job.poll() is None, 'the job ended before a worker ran on taskmanager-1'
+      assert time.monotonic() < deadline, 'no busy Python worker on taskmanager-1'
+      time.sleep(0.05)
+    killed = None
+    while killed is None:  # at once, the busiest worker: the one running the bundle
+      assert job.poll() is None, 'the job ended before the kill'
+      assert time.monotonic() < deadline, 'no Python worker to kill on taskmanager-1'
+      workers = [p for p in processes_tagged(member) if 'sdk_worker_main' in _cmdline(p)]
+      for pid in sorted(workers, key=_cpu_ticks, reverse=True)[:1]:
+        try:
+          os.kill(pid, signal.SIGKILL)
+          killed = pid
+        except ProcessLookupError:
+          pass
+    killed_at = time.monotonic()
+    _finish(job, out_dir)
+    print(f'job ended {time.monotonic() - killed_at:.1f} s after the kill')  # with -s: the recovery time
+
+    assert _log_count(cluster, 'jobmanager', 'switched from RUNNING to FAILED') > failovers_before  # a task failed over
+    counts = _records_per_input(out_dir)
+    inputs = sorted(os.listdir(os.path.join(many_images, 'images')))
+    assert sorted(counts) == inputs and set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+    # Each set of copies gives what the originals gave on the DirectRunner.
+    got = rm.PIPELINES[PIPELINE].read(out_dir)
+    for k in range(COPIES):
+      copy = f'c{k}_'
+      rm.PIPELINES[PIPELINE].compare(
+        {
+          'predictions': {n[len(copy) :]: r for n, r in got['predictions'].items() if n.startswith(copy)},
+          'failed': sorted((f[len(copy) :], *rest) for f, *rest in got['failed'] if f.startswith(copy)),
+        },
+        reference,
+      )
+    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
 
 
 @pytest.fixture(scope='class')
