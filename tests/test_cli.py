@@ -156,3 +156,14 @@ def test_model_parallel_config_on_one_cpu_says_how_to_run_it_and_runs_with_cpu_d
   summary = json.loads(ran.stdout[ran.stdout.index('{') :])
   # 2 devices: a data axis of 1 ('devices' counts data-parallel replicas) x a model axis of 2
   assert (summary['devices'], summary['sharding']['model_parallelism'], summary['steps']) == (1, 2, 3)
+
+
+def test_the_state_cache_is_on_unless_the_command_line_sizes_it():
+  def cache_mb(*argv):
+    return cli.parse_options(list(argv), GROUPS, prog='p', description='d').get_all_options()[
+      'max_cache_memory_usage_mb'
+    ]
+
+  assert cache_mb('--input=x') == cli.STATE_CACHE_MB > 0
+  assert cache_mb('--input=x', '--max_cache_memory_usage_mb=0') == 0
+  assert cache_mb('--input=x', '--max_cache_memory_usage_mb', '7') == 7

@@ -144,6 +144,17 @@ def _flags(model_dir):
 
 
 @pytest.mark.slow
+def test_cluster_ids_never_read_as_a_flag():
+  """1 in 64 random ids starts with '-', which StorageTool's parser takes for
+  a flag (the broker then never starts: seen once in a benchmark run)."""
+  import base64
+
+  ids = [kafka_service.new_cluster_id() for _ in range(5000)]
+  assert not [i for i in ids if i.startswith('-')]
+  assert all(len(base64.urlsafe_b64decode(i + '==')) == 16 for i in ids)
+  assert len(set(ids)) == len(ids)
+
+
 def test_the_broker_listens_on_loopback_only(broker):
   """The broker's client and controller listeners are on 127.0.0.1: nothing beyond this machine reaches it."""
   listening = listening_sockets([broker.pid])

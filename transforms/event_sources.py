@@ -140,7 +140,9 @@ class ReadEventLines(beam.PTransform):
   them to `late`. After the boundary the gate's input watermark is the
   watch's output watermark, held while the watch still polls. Runners with
   per-element watermarks (Flink, Dataflow, Prism) were not affected; for
-  them the Reshuffle is one extra shuffle of the raw lines.
+  them the Reshuffle is one extra shuffle of the raw lines. Beam's Java
+  KafkaIO (`kafka_reader='xlang'`) is a Java stage of its own on the
+  portable runners that take it, so it gets no Reshuffle.
 
   New files are counted as `files_matched` in `metrics_namespace`.
   """
@@ -158,6 +160,8 @@ class ReadEventLines(beam.PTransform):
         subscription=source.pubsub_subscription,
         timestamp_attribute=source.timestamp_attribute,
       )
+    if kind == 'kafka' and source.kafka_reader == 'xlang':
+      return pbegin | 'ReadFromKafka' >> read_kafka(source)
     if kind == 'kafka':
       return pbegin | 'ReadFromKafka' >> read_kafka(source) | 'EndSourceStage' >> beam.Reshuffle()
     if kind == 'files':

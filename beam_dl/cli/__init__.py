@@ -18,6 +18,12 @@ through `parse_options()` and `main()` here instead, so that:
 - a user error (`user_errors()`: a bad option, a model directory or registry
   URI that won't load, a file that is missing or can't be written) ends the
   process with one line on stderr and exit code 2.
+
+`parse_options()` also turns on the SDK worker's state cache
+(`STATE_CACHE_MB`) unless the command line sizes it: Beam leaves it off on
+portable runners, and then every read of user state (the streaming
+late-data gate reads its key's cell once per event) is a blocking round
+trip to the runner.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, WorkerOptions
 
 from beam_dl.cli.options import OptionsError
 from beam_dl.core.deadletter import ERROR_RATE_MARKER, error_rate_message
@@ -126,7 +132,29 @@ def parse_options(
     help_parser(prog, description, groups).print_help()
     raise SystemExit(0)
   check_known_flags(argv)
-  return PipelineOptions(argv)
+  options = PipelineOptions(argv)
+  default_state_cache(options, argv)
+  return options
+
+
+STATE_CACHE_MB = 100
+
+
+def default_state_cache(options: PipelineOptions, argv: Sequence[str]) -> None:
+  """Sizes the SDK worker's state and side-input cache at STATE_CACHE_MB
+  unless argv sizes it (`--max_cache_memory_usage_mb`, Beam's old
+  `state_cache_size` experiment).
+
+  Beam 2.77 leaves the cache off (size 0) for portable runners (Flink,
+  Spark, Prism, LOOPBACK and PROCESS workers). Without it a worker reads
+  user state from the runner on every access, even though Flink hands it a
+  cache token: measured on the FlinkRunner at 1,000 events/s, the late-data
+  gate made 19,056 blocking state reads in 30 s (a backlog that grew to
+  17 s); with the cache, 101 (one per key).
+  """
+  if any(arg.startswith('--max_cache_memory_usage_mb') or 'state_cache_size=' in arg for arg in argv):
+    return
+  options.view_as(WorkerOptions).max_cache_memory_usage_mb = STATE_CACHE_MB
 
 
 def require_matches(pattern: str, flag: str = 'input') -> None:

@@ -84,6 +84,17 @@ def server_properties(port: int, controller_port: int, log_dir: str) -> str:
   )
 
 
+def new_cluster_id() -> str:
+  """A KRaft cluster id: a random UUID in URL-safe base64, as Kafka's
+  `Uuid.randomUuid()` makes it, never starting with '-' (1 in 64 would:
+  StorageTool's parser then reads it as a flag, "--cluster-id: expected one
+  argument", and the broker never starts)."""
+  while True:
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b'=').decode()
+    if not cluster_id.startswith('-'):
+      return cluster_id
+
+
 class KafkaBroker:
   """Context manager: a fresh single-node broker; `bootstrap` is its address."""
 
@@ -116,7 +127,7 @@ class KafkaBroker:
     config = os.path.join(self.workdir, 'server.properties')
     with open(config, 'w', encoding='utf-8') as f:
       f.write(server_properties(self.port, free_port(), os.path.join(self.workdir, 'data')))
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b'=').decode()
+    cluster_id = new_cluster_id()
     fmt = subprocess.run(
       self._java('kafka.tools.StorageTool', 'format', '-t', cluster_id, '-c', config),
       capture_output=True,

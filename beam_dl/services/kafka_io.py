@@ -131,15 +131,18 @@ def flink_job_server_command(port: int, work_dir: str, heap_mb: int = 1536, mast
 
 
 @contextlib.contextmanager
-def flink_with_kafka_io(log_dir: str | None = None) -> Iterator[tuple[str, str]]:
+def flink_with_kafka_io(log_dir: str | None = None, buffer_timeout_ms: int | None = None) -> Iterator[tuple[str, str]]:
   """A Flink job server and a KafkaIO expansion service until the block exits;
-  yields ('localhost:JOB_PORT', 'localhost:EXPANSION_PORT')."""
+  yields ('localhost:JOB_PORT', 'localhost:EXPANSION_PORT').
+
+  buffer_timeout_ms: Flink's network buffer timeout for the jobs it runs
+  (`flink_cluster.local_config_dir`; None: Flink's 100 ms)."""
   reason = unavailable()
   if reason:
     raise ServiceError(reason)
   log_dir = log_dir or tempfile.mkdtemp(prefix='flink_kafka_io_')
   expansion, job = free_port(), free_port()
-  local_config_dir(os.path.join(log_dir, 'flink_conf'))
+  local_config_dir(os.path.join(log_dir, 'flink_conf'), buffer_timeout_ms=buffer_timeout_ms)
   with (
     service_process(
       expansion_service_command(expansion),
