@@ -135,6 +135,19 @@ def reference(data_dir, tmp_path_factory):
   return canonical
 
 
+def test_the_local_job_servers_flink_config_binds_loopback_and_sets_the_buffer_timeout(tmp_path):
+  """What `local_config_dir` writes is Flink's flat YAML: loopback binds always,
+  the network buffer timeout only when asked (Flink's 100 ms otherwise)."""
+  plain = (tmp_path / 'plain').as_posix()
+  fast = (tmp_path / 'fast').as_posix()
+  fc.local_config_dir(plain)
+  fc.local_config_dir(fast, buffer_timeout_ms=5)
+  read = lambda d: dict(line.split(': ', 1) for line in open(os.path.join(d, 'config.yaml')).read().splitlines())
+  assert read(plain)['rest.bind-address'] == '"127.0.0.1"'
+  assert 'execution.buffer-timeout.interval' not in read(plain)
+  assert read(fast)['execution.buffer-timeout.interval'] == '"5 ms"'
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
 @pytest.mark.timeout(300)
