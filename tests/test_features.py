@@ -138,6 +138,26 @@ def test_last_n_keeps_latest_oldest_first_and_pads():
   assert short.valid().tolist() == [[3.0, 4.0], [1.0, 2.0]] and short.arrival is None
 
 
+def test_last_n_equals_the_latest_n_of_everything_however_it_is_combined():
+  """One event at a time, a pane's worth at once, or merged from pieces: the
+  accumulator always holds the latest n (ties broken by own time, then values)."""
+  rng = np.random.default_rng(0)
+  for n in (1, 3, 16):
+    events = [(float(t), (float(v),), float(a)) for t, v, a in rng.integers(0, 20, size=(60, 3))]
+    fn = LastNFn(n)
+    one_by_one = fn.create_accumulator()
+    for event in events:
+      one_by_one = fn.add_input(one_by_one, event)
+    at_once = fn.add_inputs(fn.create_accumulator(), events)
+    pieces = [fn.add_inputs(fn.create_accumulator(), events[i : i + 7]) for i in range(0, len(events), 7)]
+    merged = fn.merge_accumulators(pieces)
+    expected = fn.extract_output(sorted(events, key=lambda e: (e[0], e[0], e[1]))[-n:])
+    for accumulator in (one_by_one, at_once, merged):
+      assert len(accumulator) <= n
+      got = fn.extract_output(accumulator)
+      assert got.times.tolist() == expected.times.tolist() and got.values.tolist() == expected.values.tolist()
+
+
 def test_last_n_with_declared_width_on_empty_window():
   seq = LastNFn(2, num_features=3).extract_output(LastNFn(2).create_accumulator())
   assert seq.values.shape == (2, 3) and not seq.mask.any()

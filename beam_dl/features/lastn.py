@@ -1,10 +1,9 @@
 """The last N events of a key and window as a padded [N, F] sequence with mask.
 
 This is the input a recurrent model needs: `LastNFn` keeps, per key and
-window, the N events with the greatest event times (Beam's own
-`TopCombineFn` does the bounded, mergeable bookkeeping, so the accumulator
-never holds more than N events and combiner lifting works), and returns
-them oldest first as a `Sequence`:
+window, the N events with the greatest event times (its accumulator is
+those events, at most N, oldest first, so combiner lifting works), and
+returns them oldest first as a `Sequence`:
 
   values  float32 [N, F]  valid steps first, zero padding after
   mask    bool    [N]     True for valid steps
@@ -19,13 +18,13 @@ the value tuple, so the result does not depend on bundle order.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Iterable
 from typing import Sequence as Seq
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.transforms.combiners import TopCombineFn
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,9 +66,14 @@ def _order(event) -> tuple:
   return (event[0], event[3] if len(event) > 3 else event[0], tuple(event[1]))
 
 
+def latest_events(events: Iterable[Seq], n: int) -> list:
+  """The latest `n` of `events` in `_order` (time, own time, values), oldest first."""
+  return sorted(events, key=_order)[-n:] if n > 0 else []
+
+
 def pad_events(events: Iterable[Seq], n: int, width: int | None = None) -> Sequence:
   """Up to `n` events (any order) -> `Sequence` of the latest `n`, oldest first."""
-  events = sorted(events, key=_order)[-n:] if n > 0 else []
+  events = latest_events(events, n)
   if width is None:
     width = len(events[0][1]) if events else 0
   values = np.zeros((n, width), np.float32)
@@ -90,6 +94,13 @@ def pad_events(events: Iterable[Seq], n: int, width: int | None = None) -> Seque
 class LastNFn(beam.CombineFn):
   """`(event_time, values[, arrival])` -> `Sequence` of the last `n` events.
 
+  The accumulator is a list of at most `n` events in `_order`, oldest
+  first. A streaming pane (accumulating, one per event) hands `add_inputs`
+  every event of its window so far: one C sort of them replaces a heap push
+  per event (with Beam's `TopCombineFn`, `add_inputs` was 12% of the Python
+  worker's GIL time at 1,000 events/s on Flink); a single event is a bisect
+  into the list.
+
   Args:
     n: sequence length N (steps kept per key and window).
     num_features: F; when None it is taken from the first event.
@@ -100,22 +111,23 @@ class LastNFn(beam.CombineFn):
       raise ValueError(f'n must be >= 1, got {n}')
     self._n = n
     self._width = num_features
-    self._top = TopCombineFn(n, key=_order)
 
-  def setup(self):
-    self._top.setup()
+  def create_accumulator(self) -> list:
+    return []
 
-  def create_accumulator(self):
-    return self._top.create_accumulator()
+  def add_input(self, accumulator: list, element) -> list:
+    if len(accumulator) >= self._n and _order(element) <= _order(accumulator[0]):
+      return accumulator  # older than every kept event
+    bisect.insort(accumulator, element, key=_order)
+    if len(accumulator) > self._n:
+      del accumulator[0]
+    return accumulator
 
-  def add_input(self, accumulator, element):
-    return self._top.add_input(accumulator, element)
+  def add_inputs(self, accumulator: list, elements) -> list:
+    return latest_events([*accumulator, *elements], self._n)
 
-  def merge_accumulators(self, accumulators):
-    return self._top.merge_accumulators(accumulators)
+  def merge_accumulators(self, accumulators) -> list:
+    return latest_events([event for accumulator in accumulators for event in accumulator], self._n)
 
-  def compact(self, accumulator):
-    return self._top.compact(accumulator)
-
-  def extract_output(self, accumulator) -> Sequence:
-    return pad_events(self._top.extract_output(accumulator), self._n, self._width)
+  def extract_output(self, accumulator: list) -> Sequence:
+    return pad_events(accumulator, self._n, self._width)
