@@ -6,7 +6,10 @@ run on a laptop or CI; set before anything imports jax, as Flax's own tests do.
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+TESTS_SET_XLA_FLAGS = 'BEAM_DL_TESTS_SET_XLA_FLAGS'
+if 'XLA_FLAGS' not in os.environ:
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  os.environ[TESTS_SET_XLA_FLAGS] = '1'  # what a user runs (docs commands) gets the user's XLA_FLAGS
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 

@@ -152,11 +152,13 @@ def sandbox(tmp_path_factory):
 
 
 def _env() -> dict:
-  return {
-    **os.environ,
-    'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
-    'PYTHONPATH': rm.REPO,
-  }
+  """The environment a user's shell would have: the venv's tools first, the
+  repository importable, and none of the test-wide eight fake CPU devices
+  (conftest's XLA_FLAGS): a doc command trains on the devices a user has."""
+  env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'], 'PYTHONPATH': rm.REPO}
+  if env.pop('BEAM_DL_TESTS_SET_XLA_FLAGS', None):
+    env.pop('XLA_FLAGS', None)
+  return env
 
 
 def _wait_for_line(process, text: str, out, timeout_s: float) -> bool:
@@ -252,7 +254,7 @@ def run_block(block: str, demo: str, log: str) -> subprocess.CompletedProcess:
   """Runs the block with bash from the repository root, `DEMO` set to `demo`
   (the block's own `DEMO=` line is the one thing replaced)."""
   script = re.sub(r'^DEMO=.*$', f'DEMO={demo}', block, count=1, flags=re.M)
-  env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'], 'PYTHONPATH': rm.REPO}
+  env = _env()
   with open(log, 'w') as out:
     done = subprocess.run(
       ['bash', '-euo', 'pipefail', '-c', script],
