@@ -152,6 +152,9 @@ def families(metrics: dict, extra_labels: dict[str, str] | None = None) -> list:
   return out
 
 
+FINAL_RESPONSE_GRACE_S = 1.0
+
+
 class BeamMetricsCollector(Collector):
   """A prometheus-client collector over the latest snapshot of a job's metrics.
 
@@ -235,8 +238,17 @@ class MetricsExporter:
       _log.info('pushed metrics to the Pushgateway at %s (job %s)', self._pushgateway, self._job)
 
   def linger(self, secs: float) -> bool:
-    """Waits until the final values were scraped once, at most `secs`; True if they were."""
-    return self.collector.final_scraped.wait(secs) if self._server is not None and secs > 0 else False
+    """Waits until the final values were scraped once, at most `secs`; True if they were.
+
+    `final_scraped` is set inside the scrape's `collect()`, before the HTTP
+    server writes that response: returning at once let the process exit
+    with the response unsent (the scraper saw an empty reply, once in a CI
+    run), so the last scrape gets `FINAL_RESPONSE_GRACE_S` to go out.
+    """
+    if self._server is None or secs <= 0 or not self.collector.final_scraped.wait(secs):
+      return False
+    time.sleep(FINAL_RESPONSE_GRACE_S)
+    return True
 
   def close(self) -> None:
     self._stop.set()
