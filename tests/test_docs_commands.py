@@ -42,6 +42,7 @@ import time
 import pytest
 
 from tests import runner_matrix as rm
+from tests.conftest import TESTS_SET_XLA_FLAGS
 
 DOCS = ['README.md', *sorted(os.path.relpath(p, rm.REPO) for p in glob.glob(os.path.join(rm.REPO, 'docs', '*.md')))]
 FENCE = re.compile(r'^(?P<indent>[ ]*)```(?P<tag>[a-z]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$', re.M | re.S)
@@ -156,7 +157,7 @@ def _env() -> dict:
   repository importable, and none of the test-wide eight fake CPU devices
   (conftest's XLA_FLAGS): a doc command trains on the devices a user has."""
   env = {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'], 'PYTHONPATH': rm.REPO}
-  if env.pop('BEAM_DL_TESTS_SET_XLA_FLAGS', None):
+  if env.pop(TESTS_SET_XLA_FLAGS, None):
     env.pop('XLA_FLAGS', None)
   return env
 

@@ -160,10 +160,9 @@ class ReadEventLines(beam.PTransform):
         subscription=source.pubsub_subscription,
         timestamp_attribute=source.timestamp_attribute,
       )
-    if kind == 'kafka' and source.kafka_reader == 'xlang':
-      return pbegin | 'ReadFromKafka' >> read_kafka(source)
     if kind == 'kafka':
-      return pbegin | 'ReadFromKafka' >> read_kafka(source) | 'EndSourceStage' >> beam.Reshuffle()
+      records = pbegin | 'ReadFromKafka' >> read_kafka(source)
+      return records if source.kafka_reader == 'xlang' else records | 'EndSourceStage' >> beam.Reshuffle()
     if kind == 'files':
       return pbegin | 'ReadText' >> beam.io.ReadFromText(source.input, coder=BytesCoder())
     stop = Timestamp.of(self._clock() + source.stop_after_secs) if source.stop_after_secs else MAX_TIMESTAMP
