@@ -207,6 +207,17 @@ def pipeline_command(
     '--kafka_output_topic',
     out,
     *(['--kafka_stop_after_idle_secs', f'{idle_stop_s:g}'] if idle_stop_s else []),
+    *scoring_flags(model_dir, window_size, seq_len),
+    '--max_batch_size',
+    '64',
+    *runner_flags,
+  ]
+
+
+def scoring_flags(model_dir: str, window_size: float, seq_len: int) -> list[str]:
+  """What the benchmark's events are scored with (batch or streaming): the model, their `value`
+  field, fixed windows of `window_size` seconds, sequences of up to `seq_len` events."""
+  return [
     '--model_dir',
     model_dir,
     '--event_value_fields',
@@ -217,9 +228,6 @@ def pipeline_command(
     f'{window_size:g}',
     '--seq_len',
     str(seq_len),
-    '--max_batch_size',
-    '64',
-    *runner_flags,
   ]
 
 

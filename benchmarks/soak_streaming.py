@@ -17,8 +17,8 @@ server's JVM, the expansion service's JVM and the pipeline's Python process
 (its SDK worker threads run there).
 
 At the end, after events of a `_flush` key have moved the watermark past
-every window, it checks each event: it is in its window's final (ON_TIME)
-pane, or it is a dead letter; a final pane seen twice is a duplicate. It
+every window, it checks each event: it is in its window's final pane (ON_TIME,
+or its last LATE pane), or it is a dead letter; a pane seen twice is a duplicate. It
 prints the events accounted for, missing and duplicated, each process's
 memory growth after the first `--settle_minutes` (the largest sample over
 the one at that time), and the spread of the per-period p99s. CI does not
@@ -82,13 +82,28 @@ def _window_start(t: float, size: float) -> float:
   return size * math.floor(t / size)
 
 
+def final_panes(scores: list) -> dict:
+  """{(key, window_start): the window's last pane that is not EARLY} (ON_TIME, or the LATE pane
+  of its latest late event: panes accumulate, so that pane holds every event the window took)."""
+  finals = {}
+  for s in scores:
+    if s.get('pane') in ('ON_TIME', 'LATE') and s['key'] != FLUSH_KEY:
+      where = (s['key'], s['window_start'])
+      if where not in finals or s['pane_index'] > finals[where]['pane_index']:
+        finals[where] = s
+  return finals
+
+
 def account(sent: list, scores: list, failed: list, window_size: float) -> dict:
-  """Each sent (key, time): in its window's final pane, or a dead letter; final panes seen twice."""
+  """Each sent (key, time): in its window's final pane (`final_panes`), or a dead letter; a
+  final or late pane seen twice (the same window and pane index) is a duplicate."""
   per_window = collections.Counter((key, _window_start(t, window_size)) for key, t in sent)
-  finals = collections.Counter(
-    (s['key'], s['window_start']) for s in scores if s.get('pane') == 'ON_TIME' and s['key'] != FLUSH_KEY
+  seen = collections.Counter(
+    (s['key'], s['window_start'], s.get('pane_index'))
+    for s in scores
+    if s.get('pane') in ('ON_TIME', 'LATE') and s['key'] != FLUSH_KEY
   )
-  final_length = {(s['key'], s['window_start']): s['length'] for s in scores if s.get('pane') == 'ON_TIME'}
+  final_length = {where: s['length'] for where, s in final_panes(scores).items()}
   dead = collections.Counter()
   for f in failed:
     if f.get('key') == FLUSH_KEY:
@@ -105,7 +120,7 @@ def account(sent: list, scores: list, failed: list, window_size: float) -> dict:
     'events': len(sent),
     'windows': len(per_window),
     'missing': missing,
-    'duplicate_panes': sum(n - 1 for n in finals.values() if n > 1),
+    'duplicate_panes': sum(n - 1 for n in seen.values() if n > 1),
     'dead_letters': sum(dead.values()),
   }
 

@@ -1,5 +1,5 @@
 """Real services the tests start and stop: an MLflow tracking server, a one-node HDFS
-(`beam_dl.services.hdfs`).
+(`beam_dl.services.hdfs`), Flink and Spark clusters; and reading a Kafka topic back whole.
 
 Each is a context manager over `beam_dl.services.process.service_process`:
 its own process group on 127.0.0.1 with free ports, polled ready with a
@@ -10,8 +10,10 @@ group killed on exit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import time
 
 from beam_dl.services.hdfs import Hdfs, hadoop_jars, hdfs_cluster, http_ok  # noqa: F401  (the project's own)
 from beam_dl.services.process import free_port, service_process
@@ -57,13 +59,13 @@ def cluster_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1):
+def flink_cluster(workdir: str, taskmanagers: int = 2, slots: int = 1, with_kafka_io: bool = False):
   """`beam_dl.services.flink_cluster.FlinkCluster` (the code behind `python -m
   beam_dl.services.flink_cluster`) with its config and logs under workdir."""
   from beam_dl.services.flink_cluster import FlinkCluster  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
-  with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env()) as cluster:
+  with FlinkCluster(taskmanagers, slots, workdir=workdir, env=cluster_env(), with_kafka_io=with_kafka_io) as cluster:
     yield cluster
 
 
@@ -76,3 +78,38 @@ def spark_cluster(workdir: str, workers: int = 2):
   os.makedirs(workdir, exist_ok=True)
   with SparkCluster(workers, workdir=workdir, env=cluster_env()) as cluster:
     yield cluster
+
+
+def consume_all(bootstrap: str, topic: str, deadline_s: float = 120.0) -> list:
+  """Every message on `topic` (JSON), from the first offset to the end offsets it has now (bounded).
+
+  Reading to the end offsets (not "until idle") so that a slow fetch on a
+  loaded machine cannot cut the read short.
+  """
+  from confluent_kafka import Consumer, TopicPartition
+
+  consumer = Consumer(
+    {
+      'bootstrap.servers': bootstrap,
+      'group.id': f'check-{topic}-{time.time()}',
+      'enable.auto.commit': False,
+      'log_level': 0,
+    }
+  )
+  records, deadline = [], time.monotonic() + deadline_s
+  try:
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in partitions}
+    left = {p: (low, high) for p, (low, high) in ends.items() if high > low}
+    consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in left.items()])
+    while left and time.monotonic() < deadline:
+      message = consumer.poll(0.2)
+      if message is None or message.error():
+        continue
+      records.append(json.loads(message.value()))
+      if message.offset() >= left.get(message.partition(), (0, 0))[1] - 1:
+        left.pop(message.partition(), None)
+    assert not left, f'{topic}: not read to its end offsets {ends} within {deadline_s:g} s'
+  finally:
+    consumer.close()
+  return records

@@ -15,6 +15,7 @@ Prism.
 """
 
 import collections
+import glob
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ from beam_dl.services import kafka as kafka_service
 from beam_dl.services import kafka_io
 from beam_dl.services.process import is_loopback, listening_sockets
 from pipelines import score_sequences
-from tests import runner_matrix
+from tests import runner_matrix, services
 
 pytestmark = pytest.mark.skipif(
   not kafka_service.jars_available(),
@@ -88,41 +89,6 @@ def _produce(broker, topic, events, malformed):
   for line in malformed:
     producer.produce(topic, line, timestamp=1_230_000)
   assert producer.flush(30) == 0
-
-
-def _consume_all(broker, topic, deadline_s=120.0):
-  """Every message on `topic` (JSON), from the first offset to the end offsets it has now (bounded).
-
-  Reading to the end offsets (not "until idle") so that a slow fetch on a
-  loaded machine cannot cut the read short.
-  """
-  from confluent_kafka import Consumer, TopicPartition
-
-  consumer = Consumer(
-    {
-      'bootstrap.servers': broker.bootstrap,
-      'group.id': f'check-{topic}-{time.time()}',
-      'enable.auto.commit': False,
-      'log_level': 0,
-    }
-  )
-  records, deadline = [], time.monotonic() + deadline_s
-  try:
-    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in partitions}
-    left = {p: (low, high) for p, (low, high) in ends.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in left.items()])
-    while left and time.monotonic() < deadline:
-      message = consumer.poll(0.2)
-      if message is None or message.error():
-        continue
-      records.append(json.loads(message.value()))
-      if message.offset() >= left.get(message.partition(), (0, 0))[1] - 1:
-        left.pop(message.partition(), None)
-    assert not left, f'{topic}: not read to its end offsets {ends} within {deadline_s:g} s'
-  finally:
-    consumer.close()
-  return records
 
 
 def _flags(model_dir):
@@ -184,7 +150,10 @@ def test_kafka_in_kafka_out_accounts_for_every_event(broker, co2_lstm_dir, tmp_p
       *_flags(model_dir),
     ]
   )
-  scores, failed = _consume_all(broker, 'scores'), _consume_all(broker, 'scores-failed')
+  scores, failed = (
+    services.consume_all(broker.bootstrap, 'scores'),
+    services.consume_all(broker.bootstrap, 'scores-failed'),
+  )
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, model_dir, tmp_path)
   # The Kafka hops: one read lag per record read, one acknowledgement time per record written (both writers).
   counts = collections.Counter()
@@ -223,7 +192,10 @@ def test_kafkaio_on_flink_accounts_for_every_event(broker, co2_lstm_dir, tmp_pat
         *_flags(co2_lstm_dir),
       ]
     )
-  scores, failed = _consume_all(broker, 'xscores'), _consume_all(broker, 'xscores-failed')
+  scores, failed = (
+    services.consume_all(broker.bootstrap, 'xscores'),
+    services.consume_all(broker.bootstrap, 'xscores-failed'),
+  )
   _assert_every_event_accounted_and_batch_equal(events, scores, failed, co2_lstm_dir, tmp_path)
 
 
@@ -418,9 +390,45 @@ def test_kafka_late_events_on_prism_go_to_late(broker, co2_lstm_dir):
   )
   sender.join()
   assert closed['pane'] is not None, 'window [1200, 1260) never closed'
-  scores, failed = _consume_all(broker, 'live-scores'), _consume_all(broker, 'live-scores-failed')
+  scores, failed = (
+    services.consume_all(broker.bootstrap, 'live-scores'),
+    services.consume_all(broker.bootstrap, 'live-scores-failed'),
+  )
   assert sorted((f['key'], f['event_time']) for f in failed if f['stage'] == 'late') == [('k0', 1210.5), ('k1', 1255.0)]
   final = {(s['key'], s['window_start']): s for s in scores if s['pane'] == 'ON_TIME'}
   assert final[('k0', 1200.0)]['length'] == 4 and final[('k1', 1200.0)]['length'] == 4  # late ones not in
   assert not [s for s in scores if s['window_start'] == 1200.0 and s['length'] > 4]
   assert {f['stage'] for f in failed} <= {'late', 'sequence'}  # the lone t=1400 events: too short to score
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(kafka_io.unavailable()), reason=str(kafka_io.unavailable()) + ' (CI does)')
+@pytest.mark.timeout(180)
+def test_an_xlang_kafka_read_ships_one_jar_with_each_job(tmp_path):
+  """The expansion service lists only the KafkaIO jar as the Java environment's dependency: by
+  default it lists its whole classpath (135 jars, 140 MB), which the Python SDK uploads to the
+  job server with every job although the EMBEDDED harness never reads them."""
+  from apache_beam.portability.api import beam_runner_api_pb2
+
+  from beam_dl.io.kafka import ReadKafkaXlang
+  from beam_dl.services.process import free_port, port_open, service_process
+
+  port = free_port()
+  with service_process(
+    kafka_io.expansion_service_command(port),
+    log_path=str(tmp_path / 'expansion.log'),
+    ready=lambda: port_open(port, 'localhost'),
+    timeout_s=120,
+  ):
+    pipeline = beam.Pipeline()
+    _ = pipeline | ReadKafkaXlang('127.0.0.1:9', 'events', f'localhost:{port}')
+    proto = pipeline.to_runner_api()
+  files = [
+    beam_runner_api_pb2.ArtifactFilePayload.FromString(dep.type_payload).path
+    for env in proto.components.environments.values()
+    for dep in env.dependencies
+    if dep.type_urn == 'beam:artifact:type:file:v1'
+  ]
+  # The SDK fetched each artifact into a local file of its own name: one, the KafkaIO jar's bytes.
+  [kafka_jar] = glob.glob(os.path.join(kafka_io.kafka_io_lib(), 'beam-sdks-java-io-kafka-*.jar'))
+  assert len(files) == 1 and open(files[0], 'rb').read() == open(kafka_jar, 'rb').read(), files

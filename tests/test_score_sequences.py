@@ -235,3 +235,38 @@ def test_files_in_kafka_out_reads_the_files(model_dir, tmp_path):
   labels = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
   assert 'ReadEvents/ReadText' in labels and not any('Kafka' in label and 'Read' in label for label in labels)
   assert 'ScoresToKafka/Produce' in labels
+
+
+def test_an_empty_pane_is_dropped_and_counted_a_short_one_is_a_dead_letter():
+  """A pane without events (how Flink closes a window after its allowed lateness) carries no
+  input: no score, no dead letter, one `empty_panes`. A pane with events below --min_length is
+  a `sequence` dead letter."""
+  from apache_beam.metrics.metric import MetricsFilter
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from beam_dl.features.lastn import Sequence
+  from transforms.sequence_scoring import NAMESPACE, ToModelInputFn
+
+  def record(key, n):
+    values = np.zeros((4, 1), np.float32)
+    values[:n, 0] = np.arange(n)
+    mask = np.arange(4) < n
+    times = np.where(mask, np.arange(4, dtype=np.float64), 0.0)
+    context = {'window_start': 0.0, 'window_end': 2.0, 'pane': 'LATE', 'pane_index': 3, 'length': n}
+    return {'key': key, 'sequence': Sequence(values, mask, times), **context}
+
+  p = beam.Pipeline('DirectRunner')
+  out = (
+    p
+    | beam.Create([record('empty', 0), record('short', 1), record('long', 3)])
+    | beam.ParDo(ToModelInputFn(forecast=False, min_length=2)).with_outputs('failed', main='examples')
+  )
+  assert_that(out.examples | beam.Map(lambda e: json.loads(e[0])['key']), equal_to(['long']), label='scored')
+  assert_that(out.failed | beam.Map(lambda f: (f['key'], f['stage'])), equal_to([('short', 'sequence')]), label='dead')
+  result = p.run()
+  result.wait_until_finish()
+  counters = {
+    c.key.metric.name: c.committed
+    for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))['counters']
+  }
+  assert counters['empty_panes'] == 1 and counters['windows_too_short'] == 1

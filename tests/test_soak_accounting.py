@@ -3,8 +3,8 @@
 from benchmarks.soak_streaming import FLUSH_KEY, account
 
 
-def _final(key, start, length):
-  return {'key': key, 'window_start': start, 'pane': 'ON_TIME', 'length': length}
+def _final(key, start, length, pane='ON_TIME', index=0):
+  return {'key': key, 'window_start': start, 'pane': pane, 'length': length, 'pane_index': index}
 
 
 def test_every_event_in_its_final_pane_or_a_dead_letter():
@@ -30,3 +30,19 @@ def test_a_lost_event_and_a_repeated_final_pane_are_counted():
   scores = [_final('k0', 0.0, 1), _final('k0', 0.0, 1)]  # one event short, twice; k1's window never came
   result = account(sent, scores, [], 2.0)
   assert result['missing'] == 2 and result['duplicate_panes'] == 1
+
+
+def test_a_late_pane_completes_its_window():
+  """With allowed lateness, an event after the watermark lands in a LATE pane that holds the
+  whole window (panes accumulate): the window is complete once that pane is out."""
+  sent = [('k0', 0.5), ('k0', 1.5), ('k0', 1.9)]
+  on_time_only = [_final('k0', 0.0, 2, 'ON_TIME', 3)]
+  assert account(sent, on_time_only, [], 2.0)['missing'] == 1
+  with_late = [*on_time_only, _final('k0', 0.0, 3, 'LATE', 4), _final('k0', 0.0, 3, 'LATE', 4)]
+  assert account(sent, with_late, [], 2.0) == {
+    'events': 3,
+    'windows': 1,
+    'missing': 0,
+    'duplicate_panes': 1,
+    'dead_letters': 0,
+  }

@@ -107,16 +107,26 @@ def restore_key(failure: dict) -> dict:
 
 
 class ToModelInputFn(beam.DoFn):
-  """Sequence record -> (context JSON, float32 [T, F]); short windows to 'failed'."""
+  """Sequence record -> (context JSON, float32 [T, F]); short windows to 'failed'.
+
+  A pane with no event at all is dropped and counted (`empty_panes`): it
+  carries no input to score or account for. With an allowed lateness, the
+  FlinkRunner closes each window with one such pane when the lateness has
+  passed.
+  """
 
   def __init__(self, forecast: bool, min_length: int | None = None, clock: Callable[[], float] = time.time):
     self._forecast = forecast
     self._min_length = min_scoring_length(forecast, min_length)
     self._clock = clock
     self._short = beam.metrics.Metrics.counter(NAMESPACE, 'windows_too_short')
+    self._empty = beam.metrics.Metrics.counter(NAMESPACE, 'empty_panes')
 
   def process(self, record):
     length = len(record['sequence'].valid())
+    if length == 0:
+      self._empty.inc()
+      return
     if length < self._min_length:
       self._short.inc()
       yield beam.pvalue.TaggedOutput(

@@ -282,3 +282,9 @@ class JobServerOptions(PipelineOptions):
       'each job (Beam: the whole job-server classpath). beam_dl.runners.NoJarsToStage (built by make runners) '
       "stages none, for clusters whose JVMs already hold Beam's classes: the clusters of beam_dl.services.",
     )
+    parser.add_argument(
+      '--savepoint_path',
+      default=None,
+      help='Flink: start the job from this savepoint (a job stopped with one: flink stop, or '
+      'FlinkCluster.stop_with_savepoint); its Kafka offsets, windows and state carry over.',
+    )

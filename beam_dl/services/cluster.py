@@ -104,11 +104,17 @@ def job_server_ports(log_path: str) -> dict[str, int]:
     }
 
 
-def http_json(port: int, path: str) -> dict | None:
-  """GET http://127.0.0.1:port/path as JSON; None while it does not answer."""
+def http_json(port: int, path: str, method: str = 'GET', body: dict | None = None) -> dict | None:
+  """`method` http://127.0.0.1:port/path (with a JSON body) -> the JSON answer; None
+  while it does not answer (or answers an error)."""
+  data = None if body is None else json.dumps(body).encode()
+  request = urllib.request.Request(
+    f'http://127.0.0.1:{port}{path}', data=data, method=method, headers={'Content-Type': 'application/json'}
+  )
   try:
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=3) as r:
-      return json.load(r)
+    with urllib.request.urlopen(request, timeout=10 if method != 'GET' else 3) as r:
+      raw = r.read()
+    return json.loads(raw) if raw.strip() else {}
   except (OSError, ValueError):
     return None
 
@@ -322,9 +328,12 @@ def refuse_unless(parser: argparse.ArgumentParser, problems: Sequence[Optional[s
 
 def serve(cluster: LocalCluster, shape: str) -> int:
   """A service's `python -m` entry: start `cluster`, print the runner flags on
-  one line, run until SIGINT/SIGTERM (also while it starts), stop everything."""
+  one line (and the flags of the sources it serves, if any, on a second),
+  run until SIGINT/SIGTERM (also while it starts), stop everything."""
   with stopped_by_signals(), cluster:
     logging.info('%s up in %.1f s: %s, logs in %s', type(cluster).__name__, cluster.started_s, shape, cluster.workdir)
-    print(' '.join(shlex.quote(f) for f in cluster.runner_flags), flush=True)
+    for flags in (cluster.runner_flags, getattr(cluster, 'source_flags', [])):
+      if flags:
+        print(' '.join(shlex.quote(f) for f in flags), flush=True)
     serve_until_stopped()
   return 0

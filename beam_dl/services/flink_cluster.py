@@ -6,6 +6,9 @@
     # --runner=FlinkRunner --flink_master=127.0.0.1:P --job_endpoint=localhost:J --parallelism=2
     #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
 
+    python -m beam_dl.services.flink_cluster --kafka_io  # + Beam's KafkaIO (make kafka-io), and
+    # a second line: --kafka_reader=xlang --kafka_expansion_service=localhost:E
+
     with FlinkCluster(taskmanagers=2) as cluster:        # tests and benchmarks
       ... cluster.runner_flags ...
       cluster.kill_taskmanager(0)                        # kill -9; the cluster restarts it
@@ -28,17 +31,23 @@ bin/). A TaskManager killed with SIGKILL leaves its boot process and workers
 behind; the supervisor (`ClusterProcesses`) ends them and starts a new
 TaskManager, and Flink restarts the job from its last checkpoint (batch:
 the failed region) under a fixed-delay restart strategy. Jobs spread over
-every TaskManager (`cluster.evenly-spread-out-slots`).
+every TaskManager (`cluster.evenly-spread-out-slots`). Checkpoints and
+savepoints are files under the work dir; `stop_with_savepoint` stops a
+streaming job the way `flink stop` does, for a restart with
+`--savepoint_path`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 
+from beam_dl.services import kafka_io  # a module object: kafka_io uses this module too
 from beam_dl.services.cluster import (
   LocalCluster,
   command_line,
@@ -97,6 +106,7 @@ def flink_config(
   tm_memory_mb: int,
   jm_memory_mb: int,
   tmp_dir: str,
+  state_dir: str,
 ) -> dict[str, object]:
   """The cluster's config.yaml (flat keys).
 
@@ -105,6 +115,9 @@ def flink_config(
   enough network buffers for a batch job's blocking shuffles.
   Heartbeats of 2 s / 10 s: a TaskManager killed mid-job is declared lost
   within seconds, and the fixed-delay restart strategy reruns its work.
+  Checkpoints (a streaming job's `--checkpointing_interval`) and savepoints
+  are files under state_dir, so a job outlives the JobManager's memory and a
+  stopped job can start again from its savepoint (`--savepoint_path`).
   """
   return {
     'jobmanager.rpc.address': '127.0.0.1',
@@ -143,6 +156,8 @@ def flink_config(
     'restart-strategy.fixed-delay.delay': '2 s',
     'heartbeat.interval': 2000,
     'heartbeat.timeout': 10000,
+    'state.checkpoints.dir': f'file://{os.path.join(state_dir, "checkpoints")}',
+    'state.savepoints.dir': f'file://{os.path.join(state_dir, "savepoints")}',
     'io.tmp.dirs': tmp_dir,
     'web.tmpdir': tmp_dir,
     'blob.storage.directory': tmp_dir,
@@ -227,8 +242,9 @@ class FlinkCluster(LocalCluster):
     job_server_heap_mb: int = 512,
     start_timeout_s: float = START_TIMEOUT_S,
     env: dict | None = None,
+    with_kafka_io: bool = False,
   ):
-    reason = unavailable()
+    reason = unavailable() or (with_kafka_io and kafka_io.unavailable())
     if reason:
       raise ServiceError(reason)
     if taskmanagers < 1 or slots < 1:
@@ -240,6 +256,8 @@ class FlinkCluster(LocalCluster):
     self.lib = job_server_lib('flink')
     self.rest_port = free_port()
     self.job_port = free_port()
+    self.with_kafka_io = with_kafka_io
+    self.expansion_port = free_port() if with_kafka_io else None
 
   def _start(self) -> None:
     conf = os.path.join(self.workdir, 'conf')
@@ -256,11 +274,16 @@ class FlinkCluster(LocalCluster):
         tm_memory_mb=self._tm_mb,
         jm_memory_mb=self._jm_mb,
         tmp_dir=tmp,
+        state_dir=self.workdir,
       ),
     )
     jm_jvm, jm_props = resource_params(self.lib, conf, 'JM')
     tm_jvm, tm_props = resource_params(self.lib, conf, 'TM')
-    classpath = os.path.join(self.lib, '*')
+    # With kafka_io, Beam's Java KafkaIO on every JVM's classpath: the job server translates the
+    # read, the TaskManagers run it (EMBEDDED Java environment), like `beam_dl.services.kafka_io`.
+    classpath = os.pathsep.join(
+      [os.path.join(self.lib, '*'), *([os.path.join(kafka_io.kafka_io_lib(), '*')] if self.with_kafka_io else [])]
+    )
     java = ['java', *JAVA_17_OPTS, *LOG_OPTS, '-XX:+UseSerialGC', '-cp', classpath]
     self.processes.start(
       'jobmanager',
@@ -320,9 +343,23 @@ class FlinkCluster(LocalCluster):
       ],
       self.log_path('job_server'),
     )
+    members = ['jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))]
+    if self.with_kafka_io:
+      self.processes.start(
+        'expansion_service',
+        kafka_io.expansion_service_command(
+          self.expansion_port, extra_classpath=tuple(glob.glob(os.path.join(self.lib, 'job-server-staging-*.jar')))
+        ),
+        self.log_path('expansion_service'),
+      )
+      members.append('expansion_service')
     self.wait_until(
-      lambda: self.registered_taskmanagers() >= self.taskmanagers and port_open(self.job_port),
-      ('jobmanager', 'job_server', *(f'taskmanager-{i}' for i in range(self.taskmanagers))),
+      lambda: (
+        self.registered_taskmanagers() >= self.taskmanagers
+        and port_open(self.job_port)
+        and (not self.with_kafka_io or port_open(self.expansion_port, 'localhost'))
+      ),
+      members,
     )
     self.processes.supervise()
 
@@ -346,6 +383,14 @@ class FlinkCluster(LocalCluster):
       *staging_flags(self.lib),
     ]
 
+  @property
+  def source_flags(self) -> list[str]:
+    """The flags that read Kafka with Beam's KafkaIO on this cluster (with_kafka_io), for the
+    pipelines that read Kafka (score_sequences); none otherwise."""
+    if not self.with_kafka_io:
+      return []
+    return ['--kafka_reader=xlang', f'--kafka_expansion_service=localhost:{self.expansion_port}']
+
   def registered_taskmanagers(self) -> int:
     """TaskManagers the JobManager counts now (a killed one until its heartbeat times out)."""
     overview = http_json(self.rest_port, '/taskmanagers')
@@ -355,6 +400,31 @@ class FlinkCluster(LocalCluster):
     """[{'id', 'status'}] of the JobManager's jobs."""
     overview = http_json(self.rest_port, '/jobs')
     return overview['jobs'] if overview else []
+
+  def running_jobs(self) -> list[str]:
+    """Ids of the jobs that run now."""
+    return [job['id'] for job in self.jobs() if job['status'] == 'RUNNING']
+
+  def stop_with_savepoint(self, job_id: str, timeout_s: float = 120) -> str:
+    """Stops a streaming job with a savepoint (Flink's `flink stop`); returns the
+    savepoint's path, for `--savepoint_path` of the job that takes over."""
+    trigger = http_json(self.rest_port, f'/jobs/{job_id}/stop', 'POST', {'drain': False})
+    if not trigger or 'request-id' not in trigger:
+      raise ServiceError(f'Flink refused to stop job {job_id} with a savepoint: {trigger}')
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      answer = http_json(self.rest_port, f'/jobs/{job_id}/savepoints/{trigger["request-id"]}') or {}
+      if answer.get('status', {}).get('id') == 'COMPLETED':
+        operation = answer.get('operation', {})
+        if 'location' not in operation:
+          raise ServiceError(f'the savepoint of job {job_id} failed: {operation.get("failure-cause", operation)}')
+        return operation['location']
+      time.sleep(0.5)
+    raise ServiceError(f'no savepoint of job {job_id} within {timeout_s:g} s')
+
+  def cancel_job(self, job_id: str) -> None:
+    """Cancels a job (an unbounded read never ends on its own)."""
+    http_json(self.rest_port, f'/jobs/{job_id}?mode=cancel', 'PATCH')
 
   def taskmanager_pids(self, i: int) -> list[int]:
     """The TaskManager JVM and every process it started (boot binary, SDK workers)."""
@@ -370,6 +440,12 @@ def parse_args(argv):
   parser.add_argument('--taskmanagers', type=int, default=2)
   parser.add_argument('--slots', type=int, default=1, help='task slots per TaskManager')
   parser.add_argument('--taskmanager_memory_mb', type=int, default=512)
+  parser.add_argument(
+    '--kafka_io',
+    action='store_true',
+    help="Beam's Java KafkaIO on the cluster and an expansion service for it (make kafka-io); "
+    'a second line of flags reads Kafka with it (score_sequences)',
+  )
   args = parser.parse_args(argv)
   refuse_unless(
     parser,
@@ -377,6 +453,7 @@ def parse_args(argv):
       (args.taskmanagers < 1 or args.slots < 1) and '--taskmanagers and --slots must be >= 1',
       args.taskmanager_memory_mb < 400 and '--taskmanager_memory_mb must be >= 400 (Flink needs its metaspace)',
       unavailable(),
+      args.kafka_io and kafka_io.unavailable(),
     ],
   )
   return args
@@ -393,6 +470,7 @@ def main(argv=None):
     workdir=args.workdir,
     bind_host=args.bind_host,
     tm_memory_mb=args.taskmanager_memory_mb,
+    with_kafka_io=args.kafka_io,
   )
   return serve(cluster, f'{args.taskmanagers} TaskManagers x {args.slots} slots')
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 from typing import Iterator
 
-from beam_dl.services.flink_cluster import local_config_dir
+from beam_dl.services import flink_cluster  # a module object: flink_cluster uses this module too
 from beam_dl.services.process import (
   ServiceError,
   free_port,
@@ -90,17 +90,29 @@ def unavailable() -> str | None:
 KAFKA_READ_EXPERIMENT = 'use_deprecated_read'
 
 
-def expansion_service_command(port: int, heap_mb: int = 384) -> list[str]:
+def expansion_service_command(port: int, heap_mb: int = 384, extra_classpath: tuple[str, ...] = ()) -> list[str]:
+  """The expansion service's command.
+
+  `--filesToStage` names the one KafkaIO jar as the Java environment's
+  dependency: by default the service lists its whole classpath (135 MB,
+  135 jars), which the Python SDK then uploads to the job server with every
+  job, although the EMBEDDED harness runs on the job server's or the
+  TaskManagers' own classpath and never reads them. extra_classpath: classes
+  the pipeline's options name, which the service parses (the clusters'
+  `--pipeline_resources_detector_factory_class`).
+  """
+  kafka_jar = sorted(glob.glob(os.path.join(kafka_io_lib(), 'beam-sdks-java-io-kafka-*.jar')))[-1]
   return [
     'java',
     f'-Xmx{heap_mb}m',
     '-XX:+UseSerialGC',
     '-cp',
-    os.path.join(kafka_io_lib(), '*'),
+    os.pathsep.join([os.path.join(kafka_io_lib(), '*'), *extra_classpath]),
     'org.apache.beam.sdk.expansion.service.ExpansionService',
     str(port),
     '--defaultEnvironmentType=EMBEDDED',
     f'--experiments={KAFKA_READ_EXPERIMENT}',
+    f'--filesToStage={kafka_jar}',
   ]
 
 
@@ -142,7 +154,7 @@ def flink_with_kafka_io(log_dir: str | None = None, buffer_timeout_ms: int | Non
     raise ServiceError(reason)
   log_dir = log_dir or tempfile.mkdtemp(prefix='flink_kafka_io_')
   expansion, job = free_port(), free_port()
-  local_config_dir(os.path.join(log_dir, 'flink_conf'), buffer_timeout_ms=buffer_timeout_ms)
+  flink_cluster.local_config_dir(os.path.join(log_dir, 'flink_conf'), buffer_timeout_ms=buffer_timeout_ms)
   with (
     service_process(
       expansion_service_command(expansion),
