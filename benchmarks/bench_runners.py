@@ -7,7 +7,8 @@ files) plus the 2 broken files, trains the small CNN once (100 steps), then
 runs `python -m pipelines.classify_images` unchanged on each runner of
 tests/runner_matrix.py that runs here, one after another on the same inputs:
 Direct, multi-process, portable, and Beam's FlinkRunner, SparkRunner and
-PrismRunner after `make runners`. Each run is a fresh process, as a user
+PrismRunner after `make runners`; with `--clusters flink_cluster,spark_cluster`
+also on the local Flink and Spark clusters of beam_dl.services (parallelism 2). Each run is a fresh process, as a user
 would start it: wall seconds include interpreter start, imports and job
 submission, which is exactly the per-job overhead a runner adds. The Flink
 and Spark job servers are started (and timed) before their run, as the tests
@@ -18,6 +19,7 @@ same predictions and dead letters as the first one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -25,6 +27,7 @@ import time
 import numpy as np
 
 from tests import runner_matrix as rm
+from tests.services import cluster_env
 
 
 def write_inputs(directory: str, count: int) -> str:
@@ -43,6 +46,36 @@ def write_inputs(directory: str, count: int) -> str:
   return folder
 
 
+def _flink_cluster():
+  from beam_dl.services import flink_cluster  # pylint: disable=g-import-not-at-top
+
+  return flink_cluster.unavailable, flink_cluster.FlinkCluster
+
+
+def _spark_cluster():
+  from beam_dl.services import spark_cluster  # pylint: disable=g-import-not-at-top
+
+  return spark_cluster.unavailable, spark_cluster.SparkCluster
+
+
+# name -> (unavailable(), cluster class): the local clusters of beam_dl.services, at their defaults.
+CLUSTERS = {'flink_cluster': _flink_cluster(), 'spark_cluster': _spark_cluster()}
+
+
+@contextlib.contextmanager
+def runner_flags(name: str, workdir: str):
+  """The flags of runner-matrix runner or local cluster `name`, with what it needs running."""
+  if name in CLUSTERS:
+    cluster_class = CLUSTERS[name][1]
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    with cluster_class(workdir=os.path.join(workdir, name), env=cluster_env()) as cluster:
+      yield cluster.runner_flags
+    return
+  runner = rm.RUNNERS[name]
+  with rm.services_for(runner.needs, workdir) as services:
+    yield runner.flags(services)
+
+
 def import_seconds() -> float:
   """Interpreter start + importing the pipeline: the floor under every run."""
   log = os.path.join(tempfile.gettempdir(), 'bench_runners_import.log')
@@ -54,6 +87,12 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--images', type=int, default=2000)
   parser.add_argument('--workdir', default=None, help='Default: a new temporary directory.')
   parser.add_argument('--runners', default=','.join(rm.RUNNERS), help='Comma-separated names from runner_matrix.')
+  parser.add_argument(
+    '--clusters',
+    default='',
+    help='Comma-separated: flink_cluster, spark_cluster. Also runs on those local clusters of '
+    'beam_dl.services (2 TaskManagers / Workers, parallelism 2; make runners), started (and timed) before their run.',
+  )
   args = parser.parse_args(argv)
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_runners_')
@@ -63,21 +102,20 @@ def main(argv=None) -> list[dict]:
   floor = import_seconds()
   print(f'interpreter start + pipeline imports: {floor:.1f} s')
 
-  names = [n for n in args.runners.split(',') if n]
+  names = [n for n in args.runners.split(',') if n] + [n for n in args.clusters.split(',') if n]
   rows, reference = [], None
   for i, name in enumerate(names):
-    runner = rm.RUNNERS[name]
-    reason = runner.unavailable()
+    reason = CLUSTERS[name][0]() if name in CLUSTERS else rm.RUNNERS[name].unavailable()
     if reason:
       print(f'[{i + 1}/{len(names)}] {name}: skipped ({reason})')
       continue
     out_dir = os.path.join(workdir, 'out', name)
     os.makedirs(out_dir, exist_ok=True)
     services_start = time.perf_counter()
-    with rm.services_for(runner.needs, workdir) as services:
+    with runner_flags(name, workdir) as flags:
       services_s = time.perf_counter() - services_start
-      argv = rm.classify_images_argv(workdir, out_dir) + runner.flags(services)
-      outcome = rm.run_pipeline('pipelines.classify_images', argv, os.path.join(out_dir, 'run.log'), timeout_s=600)
+      argv = rm.classify_images_argv(workdir, out_dir) + flags
+      outcome = rm.run_pipeline('pipelines.classify_images', argv, os.path.join(out_dir, 'run.log'), timeout_s=3600)
     if outcome.returncode != 0:
       print(f'[{i + 1}/{len(names)}] {name}: FAILED (exit {outcome.returncode}); log {out_dir}/run.log')
       continue

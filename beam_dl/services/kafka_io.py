@@ -36,7 +36,7 @@ import sys
 import tempfile
 from typing import Iterator
 
-from beam_dl.services import flink_cluster  # a module object: flink_cluster uses this module too
+from beam_dl.services.flink_config import local_config_dir
 from beam_dl.services.process import (
   ServiceError,
   free_port,
@@ -118,7 +118,7 @@ def expansion_service_command(port: int, heap_mb: int = 384, extra_classpath: tu
 
 def flink_job_server_command(port: int, work_dir: str, heap_mb: int = 1536, master: str = '[local]') -> list[str]:
   """The job server's command; with master '[local]' its embedded Flink reads
-  work_dir/flink_conf (`flink_cluster.local_config_dir`: bound to 127.0.0.1)."""
+  work_dir/flink_conf (`flink_config.local_config_dir`: bound to 127.0.0.1)."""
   conf = ['--flink-conf-dir', os.path.join(work_dir, 'flink_conf')] if master == '[local]' else []
   classpath = os.pathsep.join([flink_job_server_jar(), os.path.join(kafka_io_lib(), '*')])
   return [
@@ -148,13 +148,13 @@ def flink_with_kafka_io(log_dir: str | None = None, buffer_timeout_ms: int | Non
   yields ('localhost:JOB_PORT', 'localhost:EXPANSION_PORT').
 
   buffer_timeout_ms: Flink's network buffer timeout for the jobs it runs
-  (`flink_cluster.local_config_dir`; None: Flink's 100 ms)."""
+  (`flink_config.local_config_dir`; None: Flink's 100 ms)."""
   reason = unavailable()
   if reason:
     raise ServiceError(reason)
   log_dir = log_dir or tempfile.mkdtemp(prefix='flink_kafka_io_')
   expansion, job = free_port(), free_port()
-  flink_cluster.local_config_dir(os.path.join(log_dir, 'flink_conf'), buffer_timeout_ms=buffer_timeout_ms)
+  local_config_dir(os.path.join(log_dir, 'flink_conf'), buffer_timeout_ms=buffer_timeout_ms)
   with (
     service_process(
       expansion_service_command(expansion),
