@@ -70,11 +70,16 @@ def python_boot() -> str:
 NO_JARS_TO_STAGE = 'beam_dl.runners.NoJarsToStage'  # third_party/beam-runners/staging
 
 
+def staging_jar(lib: str) -> list[str]:
+  """The jar of NoJarsToStage in the job server's classpath `lib` (`make runners`), or none."""
+  return glob.glob(os.path.join(lib, 'job-server-staging-*.jar'))
+
+
 def staging_flags(lib: str) -> list[str]:
   """The flag that stages no jars with each job, when the job server's classpath `lib` has
   NoJarsToStage (`make runners`). Beam otherwise ships the job server's whole classpath (~160
   jars, ~150 MB) with every job; this cluster's JVMs already run on that same classpath."""
-  if glob.glob(os.path.join(lib, 'job-server-staging-*.jar')):
+  if staging_jar(lib):
     return [f'--pipeline_resources_detector_factory_class={NO_JARS_TO_STAGE}']
   return []
 

@@ -39,7 +39,6 @@ streaming job the way `flink stop` does, for a restart with
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shlex
@@ -59,6 +58,7 @@ from beam_dl.services.cluster import (
   refuse_unless,
   serve,
   staging_flags,
+  staging_jar,
 )
 from beam_dl.services.flink_config import local_config_dir, write_config  # noqa: F401  (local_config_dir: re-exported)
 from beam_dl.services.process import ServiceError, free_port, port_open
@@ -324,9 +324,7 @@ class FlinkCluster(LocalCluster):
     if self.with_kafka_io:
       self.processes.start(
         'expansion_service',
-        kafka_io.expansion_service_command(
-          self.expansion_port, extra_classpath=tuple(glob.glob(os.path.join(self.lib, 'job-server-staging-*.jar')))
-        ),
+        kafka_io.expansion_service_command(self.expansion_port, extra_classpath=tuple(staging_jar(self.lib))),
         self.log_path('expansion_service'),
       )
       members.append('expansion_service')
@@ -364,9 +362,7 @@ class FlinkCluster(LocalCluster):
   def source_flags(self) -> list[str]:
     """The flags that read Kafka with Beam's KafkaIO on this cluster (with_kafka_io), for the
     pipelines that read Kafka (score_sequences); none otherwise."""
-    if not self.with_kafka_io:
-      return []
-    return ['--kafka_reader=xlang', f'--kafka_expansion_service=localhost:{self.expansion_port}']
+    return kafka_io.reader_flags(f'localhost:{self.expansion_port}') if self.with_kafka_io else []
 
   def registered_taskmanagers(self) -> int:
     """TaskManagers the JobManager counts now (a killed one until its heartbeat times out)."""

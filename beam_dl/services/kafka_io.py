@@ -206,11 +206,13 @@ def runner_flags(job_endpoint: str, expansion_service: str) -> list[str]:
     job_endpoint,
     '--environment_type',
     'LOOPBACK',
-    '--kafka_reader',
-    'xlang',
-    '--kafka_expansion_service',
-    expansion_service,
+    *reader_flags(expansion_service),
   ]
+
+
+def reader_flags(expansion_service: str) -> list[str]:
+  """The flags that read Kafka with Beam's Java KafkaIO through `expansion_service` (host:port)."""
+  return ['--kafka_reader=xlang', f'--kafka_expansion_service={expansion_service}']
 
 
 def main():
