@@ -67,6 +67,25 @@ def python_boot() -> str:
   return os.environ.get('BEAM_DL_PYTHON_BOOT') or os.path.join(RUNNERS_DIR, 'python_boot')
 
 
+# How long a job keeps an idle Python worker for its next task (Beam's --environment_cache_millis).
+# Beam's default, 0, ends the worker with each task: a TaskManager or executor then starts a new
+# Python process (3-7 s of imports) for every task of every stage. But Beam never checks that a
+# kept worker is alive: a task rerun after its worker died gets the dead worker again, and fails,
+# for as long as the job keeps it. So the Flink cluster's restart delay is longer than this, and
+# the worker is gone before the rerun (docs/clusters.md).
+WORKER_REUSE_MS = 3000
+
+
+def process_worker_flags() -> list[str]:
+  """The flags that run a job's Python workers as processes of the cluster's TaskManagers or
+  executors, through Beam's boot binary, each kept for the job's next task."""
+  return [
+    '--environment_type=PROCESS',
+    f'--environment_config={json.dumps({"command": python_boot()})}',
+    f'--environment_cache_millis={WORKER_REUSE_MS}',
+  ]
+
+
 NO_JARS_TO_STAGE = 'beam_dl.runners.NoJarsToStage'  # third_party/beam-runners/staging
 
 

@@ -5,6 +5,7 @@
     # prints one line of runner flags, runs until Ctrl-C or SIGTERM:
     # --runner=FlinkRunner --flink_master=127.0.0.1:P --job_endpoint=localhost:J --parallelism=2
     #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
+    #   --environment_cache_millis=1000
 
     python -m beam_dl.services.flink_cluster --kafka_io  # + Beam's KafkaIO (make kafka-io), and
     # a second line: --kafka_reader=xlang --kafka_expansion_service=localhost:E
@@ -39,7 +40,6 @@ streaming job the way `flink stop` does, for a restart with
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -48,13 +48,14 @@ import time
 
 from beam_dl.services import kafka_io
 from beam_dl.services.cluster import (
+  WORKER_REUSE_MS,
   LocalCluster,
   command_line,
   http_json,
   job_server_lib,
   kill_member,
   missing,
-  python_boot,
+  process_worker_flags,
   refuse_unless,
   serve,
   staging_flags,
@@ -154,7 +155,8 @@ def flink_config(
     'cluster.evenly-spread-out-slots': 'true',
     'restart-strategy.type': 'fixed-delay',
     'restart-strategy.fixed-delay.attempts': 20,
-    'restart-strategy.fixed-delay.delay': '2 s',
+    # Longer than a job keeps an idle Python worker: a rerun never gets one that died (cluster.py).
+    'restart-strategy.fixed-delay.delay': f'{WORKER_REUSE_MS + 1000} ms',
     'heartbeat.interval': 2000,
     'heartbeat.timeout': 10000,
     'state.checkpoints.dir': f'file://{os.path.join(state_dir, "checkpoints")}',
@@ -347,14 +349,12 @@ class FlinkCluster(LocalCluster):
   @property
   def runner_flags(self) -> list[str]:
     """The flags that run a pipeline on this cluster, at one task per slot."""
-    config = json.dumps({'command': python_boot()})
     return [
       '--runner=FlinkRunner',
       f'--flink_master={self.flink_master}',
       f'--job_endpoint=127.0.0.1:{self.job_port}',
       f'--parallelism={self.taskmanagers * self.slots}',
-      '--environment_type=PROCESS',
-      f'--environment_config={config}',
+      *process_worker_flags(),
       *staging_flags(self.lib),
     ]
 

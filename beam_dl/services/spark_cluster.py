@@ -5,6 +5,7 @@
     # prints one line of runner flags, runs until Ctrl-C or SIGTERM:
     # --runner=SparkRunner --spark_master_url=spark://127.0.0.1:P --job_endpoint=127.0.0.1:J
     #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
+    #   --environment_cache_millis=1000
 
     with SparkCluster(workers=2) as cluster:             # tests and benchmarks
       ... cluster.runner_flags ...
@@ -30,7 +31,6 @@ executors and their Python workers are ended.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
@@ -42,7 +42,7 @@ from beam_dl.services.cluster import (
   job_server_lib,
   kill_member,
   missing,
-  python_boot,
+  process_worker_flags,
   refuse_unless,
   serve,
   staging_flags,
@@ -74,8 +74,9 @@ def make_spark_home(path: str, lib: str) -> str:
   with open(os.path.join(path, 'RELEASE'), 'w', encoding='utf-8') as f:
     f.write(f'Spark jars of {lib}\n')
   for jar in glob.glob(os.path.join(lib, '*.jar')):
-    if not os.path.basename(jar).startswith('slf4j-simple'):
-      os.symlink(jar, os.path.join(jars, os.path.basename(jar)))
+    link = os.path.join(jars, os.path.basename(jar))
+    if not os.path.basename(jar).startswith('slf4j-simple') and not os.path.lexists(link):  # a reused workdir has them
+      os.symlink(jar, link)
   return path
 
 
@@ -126,13 +127,11 @@ class SparkCluster(LocalCluster):
 
   @property
   def runner_flags(self) -> list[str]:
-    config = json.dumps({'command': python_boot()})
     return [
       '--runner=SparkRunner',
       f'--spark_master_url={self.master_url}',
       f'--job_endpoint=127.0.0.1:{self.job_port}',
-      '--environment_type=PROCESS',
-      f'--environment_config={config}',
+      *process_worker_flags(),
       *staging_flags(self.lib),
     ]
 
