@@ -305,6 +305,32 @@ def many_images(data_dir, tmp_path_factory):
 COPIES = 100
 
 
+def _assert_every_copy_once_as_direct(out_dir: str, many_images: str, reference) -> None:
+  """Each of many_images' inputs is in exactly one output record, each set of copies gives what
+  the originals gave on the DirectRunner, and no temporary folder is left."""
+  counts = _records_per_input(out_dir)
+  inputs = sorted(os.listdir(os.path.join(many_images, 'images')))
+  assert sorted(counts) == inputs and set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
+  got = rm.PIPELINES[PIPELINE].read(out_dir)
+  for k in range(COPIES):
+    copy = f'c{k}_'
+    rm.PIPELINES[PIPELINE].compare(
+      {
+        'predictions': {n[len(copy) :]: r for n, r in got['predictions'].items() if n.startswith(copy)},
+        'failed': sorted((f[len(copy) :], *rest) for f, *rest in got['failed'] if f.startswith(copy)),
+      },
+      reference,
+    )
+  assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+
+
+def _newest_python_worker(member_tag: str) -> int:
+  """The pid of the Python SDK worker started last among a member's processes."""
+  workers = [p for p in processes_tagged(member_tag) if 'sdk_worker_main' in _cmdline(p)]
+  assert workers, f'no Python worker under {member_tag}'
+  return max(workers, key=_start_ticks)
+
+
 class TestFlinkCluster:
   """One Flink cluster (stopped before any other starts). Jobs at parallelism 2, each with a fault:
   each input exactly once, the outputs equal Direct's."""
@@ -376,30 +402,13 @@ class TestFlinkCluster:
       assert job.poll() is None, f'the job ended before {trigger!r} on taskmanager-1'
       assert time.monotonic() < deadline, f'no {trigger!r} on taskmanager-1'
       time.sleep(0.02)
-    workers = [p for p in processes_tagged(member) if 'sdk_worker_main' in _cmdline(p)]
-    assert workers, 'no Python worker to kill on taskmanager-1'
-    killed = max(workers, key=_start_ticks)  # the one that logged the line
-    os.kill(killed, signal.SIGKILL)
+    os.kill(_newest_python_worker(member), signal.SIGKILL)  # the one that logged the line
     killed_at = time.monotonic()
     _finish(job, out_dir)
     print(f'job ended {time.monotonic() - killed_at:.1f} s after the kill')  # with -s: the recovery time
 
     assert _log_count(cluster, 'jobmanager', 'switched from RUNNING to FAILED') > failovers_before  # a task failed over
-    counts = _records_per_input(out_dir)
-    inputs = sorted(os.listdir(os.path.join(many_images, 'images')))
-    assert sorted(counts) == inputs and set(counts.values()) == {1}, {f: n for f, n in counts.items() if n != 1}
-    # Each set of copies gives what the originals gave on the DirectRunner.
-    got = rm.PIPELINES[PIPELINE].read(out_dir)
-    for k in range(COPIES):
-      copy = f'c{k}_'
-      rm.PIPELINES[PIPELINE].compare(
-        {
-          'predictions': {n[len(copy) :]: r for n, r in got['predictions'].items() if n.startswith(copy)},
-          'failed': sorted((f[len(copy) :], *rest) for f, *rest in got['failed'] if f.startswith(copy)),
-        },
-        reference,
-      )
-    assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
+    _assert_every_copy_once_as_direct(out_dir, many_images, reference)
 
   @pytest.mark.slow
   @pytest.mark.skipif(bool(fc.unavailable()), reason=fc.unavailable() or '')
@@ -578,6 +587,27 @@ class TestSparkCluster:
     assert not glob.glob(os.path.join(spark.workdir, 'worker-*', 'app-*', '*', '*.jar'))
     # After a job (the driver lives on in the job server): loopback only, but Beam's job server's two ports.
     _assert_loopback_only(spark)
+
+  @pytest.mark.timeout(600)
+  def test_a_python_worker_killed_mid_bundle_loses_and_doubles_nothing(self, spark, many_images, reference, tmp_path):
+    """kill -9 of one SDK worker process while it runs the inference stage's task: the task is
+    lost (in runs here the executor exited with it, and Spark started a new one and recomputed
+    the shuffle output it held), Spark reruns it, and every one of the 3,200 inputs is in
+    exactly one output record."""
+    out_dir = str(tmp_path / 'out')
+    lost_before = _log_count(spark, 'job_server', 'Lost task')
+    trigger = f'loaded {os.path.join(many_images, "model")} '  # the serving handler's log line
+    seen_before = _executor_logs(spark, 1).count(trigger)
+    job = _run(many_images, out_dir, spark.runner_flags)
+    deadline = time.monotonic() + 300
+    while _executor_logs(spark, 1).count(trigger) == seen_before:
+      assert job.poll() is None, f'the job ended before {trigger!r} under worker-1'
+      assert time.monotonic() < deadline, f'no {trigger!r} under worker-1'
+      time.sleep(0.05)
+    os.kill(_newest_python_worker(spark.processes.tag('worker-1')), signal.SIGKILL)
+    _finish(job, out_dir)
+    assert _log_count(spark, 'job_server', 'Lost task') > lost_before  # the kill cost Spark a task
+    _assert_every_copy_once_as_direct(out_dir, many_images, reference)
 
   @pytest.mark.timeout(600)
   @pytest.mark.parametrize('pipeline', MATRIX)
