@@ -106,6 +106,8 @@ def main(argv=None) -> list[dict]:
     'beam_dl.services (2 TaskManagers / Workers, parallelism 2; make runners), started (and timed) before their run.',
   )
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error('--repeats must be at least 1')
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_runners_')
   start = time.perf_counter()

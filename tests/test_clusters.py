@@ -94,16 +94,20 @@ def _start_ticks(pid: int) -> int:
     return 0
 
 
+def _log_text(cluster, member: str) -> str:
+  """The member's log so far."""
+  with open(cluster.log_path(member), errors='replace') as f:
+    return f.read()
+
+
 def _log_count(cluster, member: str, text: str) -> int:
   """How many times `text` is in the member's log so far."""
-  with open(cluster.log_path(member), errors='replace') as f:
-    return f.read().count(text)
+  return _log_text(cluster, member).count(text)
 
 
 def _harness_starts(cluster, i: int) -> int:
   """Python SDK workers TaskManager i has started so far (their log lines reach its log)."""
-  with open(os.path.join(cluster.workdir, f'taskmanager-{i}.log'), errors='replace') as f:
-    return f.read().count('Python sdk harness starting')
+  return _log_count(cluster, f'taskmanager-{i}', 'Python sdk harness starting')
 
 
 def _beam_wildcard_ports(job_server_log: str) -> set[int]:
@@ -324,6 +328,22 @@ def _assert_every_copy_once_as_direct(out_dir: str, many_images: str, reference)
   assert not glob.glob(os.path.join(out_dir, 'beam-temp-*')), os.listdir(out_dir)
 
 
+def _model_loaded(many_images: str) -> str:
+  """The serving handler's log line when a Python worker loads many_images' model: the inference
+  stage's first bundle has begun, its elements on their way."""
+  return f'loaded {os.path.join(many_images, "model")} '
+
+
+def _await_line(read_log, line: str, seen_before: int, job: subprocess.Popen, where: str) -> None:
+  """Waits (up to 300 s) until the text read_log() returns holds `line` more than seen_before
+  times, the job still running."""
+  deadline = time.monotonic() + 300
+  while read_log().count(line) == seen_before:
+    assert job.poll() is None, f'the job ended before {line!r} {where}'
+    assert time.monotonic() < deadline, f'no {line!r} {where}'
+    time.sleep(0.02)
+
+
 def _newest_python_worker(member_tag: str) -> int:
   """The pid of the Python SDK worker started last among a member's processes."""
   workers = [p for p in processes_tagged(member_tag) if 'sdk_worker_main' in _cmdline(p)]
@@ -391,17 +411,13 @@ class TestFlinkCluster:
     out_dir = str(tmp_path / 'out')
     member = cluster.processes.tag('taskmanager-1')
     failovers_before = _log_count(cluster, 'jobmanager', 'switched from RUNNING to FAILED')
-    if moment == 'mid_bundle':  # the serving handler's log line: the inference stage's bundle has begun
-      trigger = f'loaded {os.path.join(many_images, "model")} '
+    if moment == 'mid_bundle':
+      trigger = _model_loaded(many_images)
     else:  # a worker logs it when it unpickles a stage's DoFns, before it opens its data channel
       trigger = 'fixes in place'
     seen_before = _log_count(cluster, 'taskmanager-1', trigger)
     job = _run(many_images, out_dir, cluster.runner_flags)
-    deadline = time.monotonic() + 300
-    while _log_count(cluster, 'taskmanager-1', trigger) == seen_before:
-      assert job.poll() is None, f'the job ended before {trigger!r} on taskmanager-1'
-      assert time.monotonic() < deadline, f'no {trigger!r} on taskmanager-1'
-      time.sleep(0.02)
+    _await_line(lambda: _log_text(cluster, 'taskmanager-1'), trigger, seen_before, job, 'on taskmanager-1')
     os.kill(_newest_python_worker(member), signal.SIGKILL)  # the one that logged the line
     killed_at = time.monotonic()
     _finish(job, out_dir)
@@ -596,14 +612,10 @@ class TestSparkCluster:
     exactly one output record."""
     out_dir = str(tmp_path / 'out')
     lost_before = _log_count(spark, 'job_server', 'Lost task')
-    trigger = f'loaded {os.path.join(many_images, "model")} '  # the serving handler's log line
+    trigger = _model_loaded(many_images)
     seen_before = _executor_logs(spark, 1).count(trigger)
     job = _run(many_images, out_dir, spark.runner_flags)
-    deadline = time.monotonic() + 300
-    while _executor_logs(spark, 1).count(trigger) == seen_before:
-      assert job.poll() is None, f'the job ended before {trigger!r} under worker-1'
-      assert time.monotonic() < deadline, f'no {trigger!r} under worker-1'
-      time.sleep(0.05)
+    _await_line(lambda: _executor_logs(spark, 1), trigger, seen_before, job, 'under worker-1')
     os.kill(_newest_python_worker(spark.processes.tag('worker-1')), signal.SIGKILL)
     _finish(job, out_dir)
     assert _log_count(spark, 'job_server', 'Lost task') > lost_before  # the kill cost Spark a task

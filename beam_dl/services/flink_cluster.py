@@ -5,7 +5,7 @@
     # prints one line of runner flags, runs until Ctrl-C or SIGTERM:
     # --runner=FlinkRunner --flink_master=127.0.0.1:P --job_endpoint=localhost:J --parallelism=2
     #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
-    #   --environment_cache_millis=1000
+    #   --environment_cache_millis=3000
 
     python -m beam_dl.services.flink_cluster --kafka_io  # + Beam's KafkaIO (make kafka-io), and
     # a second line: --kafka_reader=xlang --kafka_expansion_service=localhost:E

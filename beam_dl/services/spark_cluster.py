@@ -5,7 +5,7 @@
     # prints one line of runner flags, runs until Ctrl-C or SIGTERM:
     # --runner=SparkRunner --spark_master_url=spark://127.0.0.1:P --job_endpoint=127.0.0.1:J
     #   --environment_type=PROCESS --environment_config={"command": ".../.runners/python_boot"}
-    #   --environment_cache_millis=1000
+    #   --environment_cache_millis=3000
 
     with SparkCluster(workers=2) as cluster:             # tests and benchmarks
       ... cluster.runner_flags ...
