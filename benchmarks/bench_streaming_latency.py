@@ -48,6 +48,7 @@ latency. The model is trained for a few steps on the CO2 series
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -72,6 +73,7 @@ from transforms.sequence_scoring import FormatScoreFn, ToModelInputFn
 from transforms.windowing import WindowedSequences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMELINE_S = 5.0  # the p99 timeline's period
 WARM_UP_S = 10.0  # `warm p50/p99`: events produced after the first 10 s of steady production
 LATENCIES: list[float] = []  # the DirectRunner runs in this process
 
@@ -107,7 +109,8 @@ def run(model_dir: str, ticks: int, per_tick: int) -> dict:
   with beam.Pipeline(runner='DirectRunner', options=PipelineOptions([], streaming=True)) as p:
     seqs = p | stream(ticks, per_tick) | WindowedSequences(spec, 16, num_features=1)
     examples = seqs.records | beam.ParDo(ToModelInputFn(False)).with_outputs('failed', main='ok')
-    scored = examples.ok | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=64))
+    across_windows = examples.ok | beam.WindowInto(beam.window.GlobalWindows())  # as pipelines.score_sequences
+    scored = across_windows | RunInferenceWithDeadLetters(JaxModelHandler(model_dir, max_batch_size=64))
     scored.predictions | beam.ParDo(FormatScoreFn()) | beam.Map(_collect)
   seconds = time.perf_counter() - start
   lat = np.array(shared.LATENCIES) * 1000
@@ -304,6 +307,11 @@ def run_kafka(
     [t - r['last_time'] for t, r in timed if r['last_time'] >= t0 + WARM_UP_S and r.get('pane') == 'EARLY']
   )
   event *= 1000
+  # p99 per TIMELINE_S of production: a stall shows as one bad period, a backlog as a climb.
+  periods = collections.defaultdict(list)
+  for t, r in timed:
+    periods[int((r['last_time'] - t0) // TIMELINE_S)].append((t - r['last_time']) * 1000)
+  timeline = [round(float(np.percentile(periods[i], 99))) for i in sorted(periods)]
   done = [t for t, r in timed if r['last_time'] >= last_sent - 1e-3]
   tail_ms = (min(done) - last_sent) * 1000 if done else float('inf')
   return {
@@ -323,6 +331,7 @@ def run_kafka(
     'last_event_ms': tail_ms,
     'held': tail_ms <= 2000,
     'log': log.name,
+    'timeline': timeline,
   }
 
 
@@ -368,6 +377,7 @@ def main_kafka(args, runner_flags: list[str]):
         f'   (pipeline log: {r["log"]})',
         flush=True,
       )
+      print(f'         p99 ms per {TIMELINE_S:g} s of production: {" ".join(map(str, r["timeline"]))}', flush=True)
 
 
 def main(argv=None):

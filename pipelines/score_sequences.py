@@ -72,7 +72,7 @@ from beam_dl.formats.events import EventSpec
 from beam_dl.io.kafka import WriteKafkaJson
 from beam_dl.models import checkpoints
 from beam_dl.operations.metrics_export import run_pipeline
-from beam_dl.serving.handler import JaxModelHandler
+from beam_dl.serving.handler import JaxModelHandler, length_buckets_up_to
 from transforms.drift import score_sequences_drift
 from transforms.event_sources import KAFKA_READERS, EventSource, ReadEventLines
 from transforms.inference import RunInferenceWithDeadLetters
@@ -268,6 +268,13 @@ def event_source(opts: ScoreSequencesOptions, io: IOOptions, streaming: bool) ->
   )
 
 
+def model_shapes(seq_len: int, streaming: bool) -> dict:
+  """The handler's padded lengths: those a sequence of `seq_len` steps can reach. Streaming compiles every
+  shape when the model loads (`compile_ahead`): its batches come in every size, and a compile mid-stream
+  stalls scoring for its duration."""
+  return {'length_buckets': length_buckets_up_to(seq_len), 'compile_ahead': streaming}
+
+
 def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[], float] = time.time):
   """Adds the scoring steps to `pipeline`; returns (scores, failed)."""
   opts, io = options.view_as(ScoreSequencesOptions), options.view_as(IOOptions)
@@ -309,10 +316,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   examples = sequences.records | 'ToExamples' >> beam.ParDo(
     ToModelInputFn(opts.forecast, opts.min_length, clock=clock)
   ).with_outputs('failed', main='examples')
-  handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs())
-  inferred = examples.examples | 'Score' >> RunInferenceWithDeadLetters(
-    handler, dispatch_ahead=inference.dispatch_ahead
-  )
+  handler = JaxModelHandler(inference.model_dir, **inference.handler_kwargs(), **model_shapes(opts.seq_len, streaming))
+  # RunInference batches per window, and each pane is its own window's: in the
+  # global window a bundle's panes, of every key and window, make one model call.
+  # The window and pane travel in the context.
+  to_score = examples.examples | 'OneModelCallPerBundle' >> beam.WindowInto(beam.window.GlobalWindows())
+  inferred = to_score | 'Score' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=inference.dispatch_ahead)
   extra = spec.extra or {}
   scores = inferred.predictions | 'FormatScores' >> beam.ParDo(
     FormatScoreFn(float(extra.get('target_scale', 1.0)), float(extra.get('target_offset', 0.0)), clock=clock)

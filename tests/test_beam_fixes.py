@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import apache_beam as beam
 import pytest
@@ -25,11 +26,18 @@ from apache_beam.utils.timestamp import Timestamp
 
 import beam_dl  # noqa: F401  (applies the fixes)
 from beam_dl import beam_fixes
-from beam_dl.beam_fixes import batch_trigger_clock, inference_resource, processing_time_delay, side_input_commit
+from beam_dl.beam_fixes import (
+  batch_trigger_clock,
+  bundle_end_wait,
+  inference_resource,
+  processing_time_delay,
+  side_input_commit,
+)
 
 ALL = [
   'output_flush',
   'state_cache_sizing',
+  'bundle_end_wait',
   'processing_time_delay',
   'inference_resource',
   'side_input_commit',
@@ -102,7 +110,13 @@ def test_off_leaves_beam_as_it_is():
 
 def test_named_fixes_can_be_turned_off():
   got = json.loads(run_python(CHECK, BEAM_DL_BEAM_FIXES='-output_flush,-processing_time_delay').stdout)
-  assert got['active'] == ['state_cache_sizing', 'inference_resource', 'side_input_commit', 'batch_trigger_clock']
+  assert got['active'] == [
+    'state_cache_sizing',
+    'bundle_end_wait',
+    'inference_resource',
+    'side_input_commit',
+    'batch_trigger_clock',
+  ]
   assert not got['flush'] and not got['trigger'] and got['sizing'] == 'beam_dl.beam_fixes.state_cache_sizing'
 
 
@@ -202,3 +216,30 @@ def test_beams_batch_group_by_key_has_no_clock_for_processing_time_triggers():
   finally:
     assert batch_trigger_clock.apply()
   sum_per_window_with_early_firings()
+
+
+def _bundle_end_wait_s(bundle_s: float) -> float:
+  """How long ending a bundle of `bundle_s` waits for its state sampler, made as BundleProcessor makes it."""
+  from apache_beam.runners.worker import statesampler
+  from apache_beam.utils.counters import CounterFactory
+
+  sampler = statesampler.StateSampler('fnapi-step-test', CounterFactory())
+  sampler.start()
+  time.sleep(bundle_s)
+  start = time.perf_counter()
+  sampler.stop()
+  return time.perf_counter() - start
+
+
+def test_beams_bundle_end_waits_out_the_state_samplers_sleep():
+  """Beam's sampler sleeps up to 200 ms between samples and a bundle's end joins it: after a 1 s bundle the
+  join waits tens of ms (the sleep grows 1.2x from 2 ms). With the fix the period, so the wait, is 10 ms at most."""
+  bundle_end_wait.revert()
+  try:
+    from apache_beam.runners.worker import statesampler
+
+    assert statesampler.StateSampler('s', None).sampling_period_ms == 200
+    assert max(_bundle_end_wait_s(1.0) for _ in range(5)) > 0.02
+  finally:
+    assert bundle_end_wait.apply()
+  assert statesampler.StateSampler('s', None).sampling_period_ms == bundle_end_wait.SAMPLING_PERIOD_MS == 10

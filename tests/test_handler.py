@@ -18,6 +18,7 @@ from beam_dl.serving.handler import (
   JaxModelHandler,
   bucket_for,
   default_inference_fn,
+  length_buckets_up_to,
   model_dir_for,
   power_of_two_buckets,
 )
@@ -238,6 +239,28 @@ def test_rnn_sequences_padded_to_length_buckets_with_bounded_compiles(tmp_path):
   assert sum(c.compiles for c in counts) <= 2  # two length buckets x one (full) batch bucket
   padded, total = sum(c.padded_slots for c in counts), sum(c.total_slots for c in counts)
   assert padded == total - sum(len(s) for s in sequences) > 0
+
+
+def test_compile_ahead_compiles_every_shape_at_load_and_none_while_serving(tmp_path):
+  """Streaming batches come in every size: with compile_ahead each (batch bucket x length bucket) compiles
+  when the model loads, and batches of any size and length afterwards compile nothing."""
+  model_dir, variables = save_seeded_model(tmp_path / 'rnn', RNN_SPEC, fmt='msgpack')
+  lengths = length_buckets_up_to(12, (4, 8, 16, 32))  # what sequences of up to 12 steps pad to
+  assert lengths == (4, 8, 16)
+  handler = JaxModelHandler(model_dir, max_batch_size=8, length_buckets=lengths, compile_ahead=True)
+  model = handler.load_model()
+  assert model.shapes._compiled == {(rows, length) for rows in (1, 2, 4, 8) for length in lengths}
+  rng = np.random.default_rng(1)
+  apply = jax.jit(RNN_SPEC.build().apply)
+  for size in (1, 3, 5, 8, 2, 7):
+    sequences = [rng.normal(size=(rng.integers(1, 13), 4)).astype(np.float32) for _ in range(size)]
+    out, used = model.predict_counted(sequences)
+    assert used.compiles == 0
+    for seq, row in zip(sequences, out):
+      alone = apply(variables, seq[None], np.ones((1, len(seq)), bool))
+      np.testing.assert_allclose(row, np.asarray(alone)[0], atol=1e-5)
+  cold = JaxModelHandler(model_dir, max_batch_size=8, length_buckets=(8, 16)).load_model()
+  assert cold.predict_counted([np.zeros((3, 4), np.float32)] * 3)[1].compiles == 1  # without it: compiles now
 
 
 def resource_exhausted(n):

@@ -64,7 +64,7 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir, ca
     f.write(json.dumps({'key': 'mlo', 'time': 'soon', 'co2': 1.0}) + '\n')
   out = str(tmp_path / 'scores')
   with caplog.at_level(logging.INFO, logger='beam_dl'):
-    score_sequences.run(
+    result = score_sequences.run(
       [
         '--runner',
         'FnApiRunner',
@@ -128,6 +128,18 @@ def test_batch_scores_every_window_and_dead_letters(tmp_path, co2, model_dir, ca
     assert record['latency_s'] >= 0
     checked += 1
   assert checked >= 4
+  # The panes of many windows make one model call: RunInference batches per window, so the examples
+  # cross into the global window before it (one call per window before that; max_batch_size 256).
+  calls = _model_calls(result)
+  assert 0 < calls <= -(-len(scores) // 256) + 1 < len(scored)
+
+
+def _model_calls(result) -> int:
+  """How many batches RunInference handed the model (its batch-size distribution's count)."""
+  from beam_dl.serving.handler import METRICS_NAMESPACE
+
+  query = beam.metrics.MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name('inference_request_batch_size')
+  return sum(d.committed.count for d in result.metrics().query(query)['distributions'])
 
 
 def test_streaming_watched_directory_picks_up_new_files(tmp_path, model_dir):

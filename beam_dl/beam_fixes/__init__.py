@@ -9,6 +9,7 @@ it upstream makes that test fail, and the fix can be retired):
 |---|---|
 | `output_flush` | the SDK harness's time-based output flush losing elements written during it |
 | `state_cache_sizing` | the state cache listing every loaded module on each put (~7 ms a write) |
+| `bundle_end_wait` | every bundle's end waiting out the state sampler's sleep (up to 200 ms) |
 | `processing_time_delay` | a sub-second `AfterProcessingTime` delay failing to translate, or firing at once |
 | `inference_resource` | RunInference's memory readings (and a warning per reading) without PyTorch |
 | `side_input_commit` | the FnApiRunner repeating a side input's elements once per producer bundle |
@@ -57,6 +58,7 @@ class BeamFix:
 def _all_fixes() -> list[BeamFix]:
   from beam_dl.beam_fixes import (
     batch_trigger_clock,
+    bundle_end_wait,
     inference_resource,
     output_flush,
     processing_time_delay,
@@ -67,6 +69,7 @@ def _all_fixes() -> list[BeamFix]:
   return [
     output_flush.FIX,
     state_cache_sizing.FIX,
+    bundle_end_wait.FIX,
     processing_time_delay.FIX,
     inference_resource.FIX,
     side_input_commit.FIX,

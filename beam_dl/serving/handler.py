@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -131,6 +132,11 @@ class BatchShapes:
 
   def __setstate__(self, state):
     self.__init__()
+
+
+def length_buckets_up_to(length: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS) -> tuple[int, ...]:
+  """The `buckets` a sequence of at most `length` steps can pad to: those below it and the one that holds it."""
+  return tuple(b for b in buckets if b < length) + (length_bucket_for(length, buckets),)
 
 
 def length_bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -337,6 +343,21 @@ class LoadedModel:
     return (batch, mask), rows * length - int(sum(len(e) for e in chunk)), rows * length
 
 
+def compile_every_shape(model: LoadedModel) -> int:
+  """Runs `model` once on zeros in each padded shape it can be called in (batch buckets, times length
+  buckets for sequence models), so no batch compiles later; returns how many shapes compiled."""
+  start = time.perf_counter()
+  lengths = model.length_buckets if model.spec.is_sequence else (None,)
+  compiles = 0
+  for length in lengths:
+    shape = (length, *model.spec.input_shape[1:]) if length else tuple(model.spec.input_shape)
+    example = np.zeros(shape, np.dtype(model.spec.input_dtype))
+    for rows in model.batch_buckets:
+      compiles += model.predict_counted([example] * rows)[1].compiles
+  _log.info('compiled %s for %d padded shapes in %.1f s', model.model_dir, compiles, time.perf_counter() - start)
+  return compiles
+
+
 def default_inference_fn(
   model: LoadedModel,
   batch: Sequence[np.ndarray],
@@ -377,6 +398,13 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       `inference_args`; the default takes none.
     min_batch_size: smallest batch BatchElements forms (default
       max_batch_size: full batches, see `full_batches_by_default`).
+    compile_ahead: compile the forward pass for every padded shape (each
+      batch bucket, times each length bucket for sequence models) when the
+      model loads, instead of on the first batch of each shape. For
+      streaming, where batches come in every size and a compile mid-stream
+      stalls the step for its duration (a backlog that takes seconds to
+      clear); give sequence models only the `length_buckets` their input
+      can reach.
     max_batch_duration_secs, large_model, model_copies,
       env_vars, batch_length_fn, batch_bucket_boundaries: as in Beam's
       ModelHandler (max_batch_weight is refused: it crashes Beam 2.77's
@@ -402,6 +430,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     inference_fn: Callable[..., np.ndarray] = default_inference_fn,
     large_model: bool = False,
     model_copies: Optional[int] = None,
+    compile_ahead: bool = False,
     **kwargs,
   ):
     if precision not in ('float32', 'bfloat16'):
@@ -440,6 +469,7 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
     self._split_on_oom = split_on_oom
     self._resource_hints = dict(resource_hints or {})
     self._inference_fn = inference_fn
+    self._compile_ahead = compile_ahead
     self._initial_dir = model_dir
     self._id = uuid.uuid4().hex  # pickled: every copy of this handler shares _LAST_GOOD[_id]
     self._compiles = Metrics.counter(METRICS_NAMESPACE, 'jit_compiles')
@@ -543,6 +573,8 @@ class JaxModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedModel]):
       placement=placement if placement.mesh is not None else None,
     )
     _log.info('loaded %s (%s, %.1f MB) on %s', model_dir, spec.name, model.num_bytes / 1e6, placement.describe())
+    if self._compile_ahead:
+      compile_every_shape(model)
     return model
 
   def run_inference(
