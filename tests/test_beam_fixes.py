@@ -32,11 +32,13 @@ from beam_dl.beam_fixes import (
   inference_resource,
   processing_time_delay,
   side_input_commit,
+  state_commit,
 )
 
 ALL = [
   'output_flush',
   'state_cache_sizing',
+  'state_commit',
   'bundle_end_wait',
   'processing_time_delay',
   'inference_resource',
@@ -112,6 +114,7 @@ def test_named_fixes_can_be_turned_off():
   got = json.loads(run_python(CHECK, BEAM_DL_BEAM_FIXES='-output_flush,-processing_time_delay').stdout)
   assert got['active'] == [
     'state_cache_sizing',
+    'state_commit',
     'bundle_end_wait',
     'inference_resource',
     'side_input_commit',
@@ -243,3 +246,58 @@ def test_beams_bundle_end_waits_out_the_state_samplers_sleep():
   finally:
     assert bundle_end_wait.apply()
   assert statesampler.StateSampler('s', None).sampling_period_ms == bundle_end_wait.SAMPLING_PERIOD_MS == 10
+
+
+class _RecordingStateHandler:
+  """A state handler that records the order of state writes sent and waited for (no runner behind it)."""
+
+  def __init__(self):
+    self.events: list[str] = []
+
+  def _future(self, kind: str, key) -> '_Recorded':
+    name = f'{kind} {key.bag_user_state.key!r}'
+    self.events.append(f'send {name}')
+    return _Recorded(self.events, name)
+
+  def clear(self, state_key):
+    return self._future('clear', state_key)
+
+  def extend(self, state_key, coder, elements):
+    return self._future('append', state_key)
+
+
+class _Recorded:
+  def __init__(self, events, name):
+    self._events, self._name = events, name
+
+  def get(self, timeout=None):
+    self._events.append(f'wait {self._name}')
+
+
+def _commit_three_keys() -> list[str]:
+  """Commits a ReadModifyWrite cell written for each of three keys, as a bundle's end does."""
+  from apache_beam import coders
+  from apache_beam.coders.coders import GlobalWindowCoder
+  from apache_beam.runners.worker import bundle_processor
+
+  handler = _RecordingStateHandler()
+  context = bundle_processor.FnApiUserStateContext(handler, 'gate', coders.StrUtf8Coder(), GlobalWindowCoder())
+  spec = ReadModifyWriteStateSpec('cell', coders.PickleCoder())
+  for key in ('a', 'b', 'c'):
+    context.get_state(spec, key, window.GlobalWindow()).write({'key': key})
+  context.commit()
+  return handler.events
+
+
+def test_beams_state_commit_waits_for_each_cells_write_in_turn():
+  """Beam waits for each cell's write before sending the next key's (a round trip per key at every bundle
+  end); with the fix every write is sent, clear before append as Beam sends them, then all are waited for."""
+  state_commit.revert()
+  try:
+    beams = _commit_three_keys()
+  finally:
+    assert state_commit.apply()
+  assert [e.split()[0] for e in beams] == ['send', 'send', 'wait'] * 3
+  fixed = _commit_three_keys()
+  assert [e.split()[0] for e in fixed] == ['send'] * 6 + ['wait'] * 6
+  assert [e for e in fixed if e.startswith('send')] == [e for e in beams if e.startswith('send')]

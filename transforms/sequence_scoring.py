@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.utils.timestamp import Timestamp
 
 from beam_dl.core.deadletter import dead_letter
 
@@ -48,15 +49,20 @@ def min_scoring_length(forecast: bool, min_length: int | None = None) -> int:
   return max(min_length or 1, 2 if forecast else 1)
 
 
-# The clock stamps a context carries, popped before the score record is written.
-STAMPS = ('arrival', 'emitted', 'to_model')
+# What a context carries beside the record, popped before the score record is written: the clock stamps
+# and the pane's element timestamp (us; the score gets it back: RunInference in the global window
+# emits its batches at the end of time).
+STAMPS = ('arrival', 'emitted', 'to_model', 'timestamp_us')
 
 
-def model_input(record: dict[str, Any], forecast: bool, now: float | None = None) -> tuple[str, np.ndarray]:
+def model_input(
+  record: dict[str, Any], forecast: bool, now: float | None = None, timestamp_us: int | None = None
+) -> tuple[str, np.ndarray]:
   """Sequence record -> (context JSON, float32 [T, F] steps the model sees).
 
   With `forecast` the last step is the target (kept in the context) and the
-  model sees the steps before it. `now` stamps when the input was made.
+  model sees the steps before it. `now` stamps when the input was made;
+  `timestamp_us` is the record's element timestamp.
   """
   seq = record['sequence']
   steps = seq.valid()
@@ -65,6 +71,7 @@ def model_input(record: dict[str, Any], forecast: bool, now: float | None = None
   context['arrival'] = seq.arrival
   context['emitted'] = record.get('emitted')
   context['to_model'] = now
+  context['timestamp_us'] = timestamp_us
   if forecast:
     context['target'] = steps[-1].tolist()
     steps = steps[:-1]
@@ -92,11 +99,11 @@ def score_record(
   return record, stamps
 
 
-def restore_key(failure: dict) -> dict:
-  """Inference dead letters carry the context JSON as key; keep the user key."""
+def restore_key(failure: dict):
+  """Inference dead letters carry the context JSON as key; keep the user key (and the pane's timestamp)."""
   try:
     context = json.loads(failure['key'])
-    return {
+    letter = {
       **failure,
       'key': context['key'],
       'window_start': context['window_start'],
@@ -104,6 +111,12 @@ def restore_key(failure: dict) -> dict:
     }
   except (TypeError, ValueError, KeyError):
     return failure
+  return _at_pane_time(letter, context.get('timestamp_us'))
+
+
+def _at_pane_time(element, timestamp_us: int | None):
+  """`element` at its pane's element timestamp again, when known (it is before the model step)."""
+  return element if timestamp_us is None else beam.window.TimestampedValue(element, Timestamp(micros=timestamp_us))
 
 
 class ToModelInputFn(beam.DoFn):
@@ -122,7 +135,7 @@ class ToModelInputFn(beam.DoFn):
     self._short = beam.metrics.Metrics.counter(NAMESPACE, 'windows_too_short')
     self._empty = beam.metrics.Metrics.counter(NAMESPACE, 'empty_panes')
 
-  def process(self, record):
+  def process(self, record, timestamp=beam.DoFn.TimestampParam):
     length = len(record['sequence'].valid())
     if length == 0:
       self._empty.inc()
@@ -141,7 +154,7 @@ class ToModelInputFn(beam.DoFn):
         ),
       )
       return
-    yield model_input(record, self._forecast, self._clock())
+    yield model_input(record, self._forecast, self._clock(), timestamp.micros)
 
 
 # (distribution, from stamp, to stamp): the hops of a score's newest event.
@@ -208,7 +221,7 @@ class FormatScoreFn(beam.DoFn):
       self._dist.update(int(latency * 1000))
       self._latencies.append(latency)
       self._unlogged += 1
-    yield record
+    yield _at_pane_time(record, stamps['timestamp_us'])
 
   def finish_bundle(self):
     now = self._clock()

@@ -9,6 +9,7 @@ it upstream makes that test fail, and the fix can be retired):
 |---|---|
 | `output_flush` | the SDK harness's time-based output flush losing elements written during it |
 | `state_cache_sizing` | the state cache listing every loaded module on each put (~7 ms a write) |
+| `state_commit` | a bundle's state writes waiting for the runner one round trip at a time |
 | `bundle_end_wait` | every bundle's end waiting out the state sampler's sleep (up to 200 ms) |
 | `processing_time_delay` | a sub-second `AfterProcessingTime` delay failing to translate, or firing at once |
 | `inference_resource` | RunInference's memory readings (and a warning per reading) without PyTorch |
@@ -64,11 +65,13 @@ def _all_fixes() -> list[BeamFix]:
     processing_time_delay,
     side_input_commit,
     state_cache_sizing,
+    state_commit,
   )
 
   return [
     output_flush.FIX,
     state_cache_sizing.FIX,
+    state_commit.FIX,
     bundle_end_wait.FIX,
     processing_time_delay.FIX,
     inference_resource.FIX,
