@@ -324,7 +324,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, clock: Callable[[],
   inferred = to_score | 'Score' >> RunInferenceWithDeadLetters(handler, dispatch_ahead=inference.dispatch_ahead)
   extra = spec.extra or {}
   scores = inferred.predictions | 'FormatScores' >> beam.ParDo(
-    FormatScoreFn(float(extra.get('target_scale', 1.0)), float(extra.get('target_offset', 0.0)), clock=clock)
+    FormatScoreFn(
+      float(extra.get('target_scale', 1.0)),
+      float(extra.get('target_offset', 0.0)),
+      clock=clock,
+      live_source=source.unbounded,
+    )
   )
   failures = {
     'Parse': parsed.failed,

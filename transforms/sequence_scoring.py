@@ -16,6 +16,7 @@ travels as the RunInference key, so nothing is joined back afterwards.
 Where the time goes, per score, as Beam distributions (ms):
 
     latency_ms           arrival -> score formatted (the whole in-pipeline path)
+    hop_source_ms        event time -> arrival (a live source: producer, broker, reader, parse)
     hop_window_ms        arrival -> pane emitted   (late-data gate, window, trigger)
     hop_handoff_ms       pane emitted -> model input made (between the stages)
     hop_model_ms         model input -> score formatted (batching, the model call)
@@ -157,8 +158,11 @@ class ToModelInputFn(beam.DoFn):
     yield model_input(record, self._forecast, self._clock(), timestamp.micros)
 
 
-# (distribution, from stamp, to stamp): the hops of a score's newest event.
+# (distribution, from stamp, to stamp): the hops of a score's newest event. 'event' is its own time
+# (`last_time`): only from a live source (`FormatScoreFn(live_source=True)`), whose events are stamped
+# as they happen, does event -> arrival measure the source hop (producer, broker, reader, parse).
 HOPS = (
+  ('hop_source_ms', 'event', 'arrival'),
   ('hop_window_ms', 'arrival', 'emitted'),
   ('hop_handoff_ms', 'emitted', 'to_model'),
   ('hop_model_ms', 'to_model', 'formatted'),
@@ -174,7 +178,9 @@ class FormatScoreFn(beam.DoFn):
   a percentile of 10,000 values per 10 ms bundle cost ~8% of a core) and
   the log: after the first bundle, then every `log_every_secs`, and once
   more when the worker ends if outputs came since (so a short batch run
-  logs them too).
+  logs them too). `live_source`: the events' own times are when they
+  happened (Kafka, Pub/Sub), so event -> arrival is the source hop
+  (`hop_source_ms`); not for replayed history.
   """
 
   def __init__(
@@ -185,8 +191,10 @@ class FormatScoreFn(beam.DoFn):
     window: int = 10_000,
     log_every_secs: float = 10.0,
     gauge_every_secs: float = 1.0,
+    live_source: bool = False,
   ):
     self._scale, self._offset = target_scale, target_offset
+    self._live_source = live_source
     self._clock = clock
     self._window = window
     self._log_every = log_every_secs
@@ -212,6 +220,7 @@ class FormatScoreFn(beam.DoFn):
     record['latency_s'] = latency
     self._scored.inc()
     stamps['formatted'] = now
+    stamps['event'] = record['last_time'] if self._live_source else None
     for name, start, end in HOPS:
       if stamps[start] is not None and stamps[end] is not None:
         hop = stamps[end] - stamps[start]
