@@ -282,3 +282,44 @@ def test_an_empty_pane_is_dropped_and_counted_a_short_one_is_a_dead_letter():
     for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))['counters']
   }
   assert counters['empty_panes'] == 1 and counters['windows_too_short'] == 1
+
+
+@pytest.mark.parametrize('live_source', [True, False])
+def test_a_score_keeps_its_panes_timestamp_and_a_live_source_times_its_source_hop(live_source):
+  """RunInference in the global window emits its batches at the end of time: the score is put back at its
+  pane's timestamp (the window's last instant), which file output by window needs. From a live source,
+  event time -> arrival is the source hop (`hop_source_ms`); from replayed history it is not measured."""
+  from apache_beam.metrics.metric import MetricsFilter
+  from apache_beam.ml.inference.base import PredictionResult
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from beam_dl.features.lastn import Sequence
+  from transforms.sequence_scoring import NAMESPACE, FormatScoreFn, model_input
+
+  values = np.array([[1.0], [2.0], [0.0]], np.float32)
+  sequence = Sequence(values, np.array([True, True, False]), np.array([10.0, 11.0, 0.0]), arrival=11.25)
+  pane = {'key': 'k', 'window_start': 0.0, 'window_end': 20.0, 'pane': 'EARLY', 'pane_index': 0, 'length': 2}
+  context, _ = model_input({**pane, 'sequence': sequence}, forecast=False, now=11.5, timestamp_us=19_999_999)
+  p = beam.Pipeline('FnApiRunner')
+  scores = (
+    p
+    | beam.Create([(context, PredictionResult(values[:2], np.array([0.5], np.float32)))])
+    | beam.WindowInto(beam.window.GlobalWindows())
+    | beam.Map(
+      lambda element: beam.window.TimestampedValue(element, beam.window.GlobalWindow().max_timestamp())
+    )  # as RunInference
+    | beam.ParDo(FormatScoreFn(clock=lambda: 12.0, live_source=live_source))
+  )
+  stamped = scores | beam.Map(lambda r, t=beam.DoFn.TimestampParam: (r['key'], r['outputs'], r['latency_s'], t.micros))
+  assert_that(stamped, equal_to([('k', [0.5], 0.75, 19_999_999)]))
+  result = p.run()
+  result.wait_until_finish()
+  hops = {
+    d.key.metric.name: d.committed
+    for d in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))['distributions']
+  }
+  assert hops['hop_model_ms'].sum == 500  # to_model 11.5 -> formatted 12.0
+  if live_source:
+    assert hops['hop_source_ms'].sum == 250  # last_time 11.0 -> arrival 11.25
+  else:
+    assert 'hop_source_ms' not in hops
