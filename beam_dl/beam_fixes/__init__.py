@@ -1,4 +1,4 @@
-"""Fixes for Apache Beam bugs that lose data or break pipelines, applied
+"""Fixes for Apache Beam bugs that lose data, break pipelines or stall every bundle, applied
 when `beam_dl` is imported.
 
 Each fix is a module here, written up for upstream in docs/beam_fixes.md,
