@@ -306,19 +306,12 @@ def run_kafka(
       kafka_io.cancel_running_jobs(job_endpoint)
   timed = [(t, r) for t, r in received if r.get('key') != 'probe' and r.get('last_time', 0) >= t0]
   lat = np.array([t - r['last_time'] for t, r in timed]) * 1000
-  warm = np.array([t - r['last_time'] for t, r in timed if r['last_time'] >= t0 + WARM_UP_S]) * 1000
-  event = np.array(
-    [t - r['last_time'] for t, r in timed if r['last_time'] >= t0 + WARM_UP_S and r.get('pane') == 'EARLY']
-  )
-  event *= 1000
+  warm_timed = [(t, r) for t, r in timed if r['last_time'] >= t0 + WARM_UP_S]
+  warm = np.array([t - r['last_time'] for t, r in warm_timed]) * 1000
+  event = np.array([t - r['last_time'] for t, r in warm_timed if r.get('pane') == 'EARLY']) * 1000
   # Warm scores split at the pipeline's own `latency_s` (its arrival stamp -> formatted): the rest is
   # outside the Python steps (producer -> broker -> reader -> parse, and the write -> consumer).
-  split = (
-    np.array(
-      [(r['latency_s'], t - r['last_time'] - r['latency_s']) for t, r in timed if r['last_time'] >= t0 + WARM_UP_S]
-    ).reshape(-1, 2)
-    * 1000
-  )
+  split = np.array([(r['latency_s'], t - r['last_time'] - r['latency_s']) for t, r in warm_timed]).reshape(-1, 2) * 1000
   inside = np.percentile(split[:, 0], [50, 99]) if len(split) else [float('nan')] * 2
   outside = np.percentile(split[:, 1], [50, 99]) if len(split) else [float('nan')] * 2
   # p99 per TIMELINE_S of production: a stall shows as one bad period, a backlog as a climb.
